@@ -1,0 +1,354 @@
+"""`dialogue ...`: the command line. Every command calls the dialogue service; user mistakes (an
+unknown dialogue, a bad id, a conflict) print one line to stderr and exit non-zero, never a
+traceback."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from .document import FLAGS, Kind, Message
+from .service import DialogueService
+from .store import HIT_END, HIT_START, ConflictError, StoreError
+
+EXIT_ERROR, EXIT_CONFLICT = 1, 3
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit status 1."""
+
+
+# ---------------------------------------------------------------- rendering
+
+def _when(t: float | None) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else ""
+
+
+def _flags(m: Message) -> str:
+    return " ".join(f for f in FLAGS if getattr(m, f))
+
+
+def render_message(m: Message, index: int | None = None) -> Panel:
+    """A message as a rich panel: code highlighted with its outputs, notes and answers as
+    markdown (rich renders markdown as terminal text, so no markup from a model reaches a
+    browser here)."""
+    parts: list[Any] = []
+    if m.kind == Kind.code:
+        parts.append(Syntax(m.source or " ", "python", theme="ansi_dark", word_wrap=True))
+        if m.outputs:
+            text = m.output_text()
+            errored = any(o.get("output_type") == "error" for o in m.outputs)
+            parts.append(Text(text or "[non-text output]", style="red" if errored else "dim"))
+    elif m.kind == Kind.prompt:
+        parts.append(Text(m.source, style="bold"))
+        if m.response:
+            parts.append(Markdown(m.response))
+    elif m.kind == Kind.raw:
+        parts.append(Text(m.source))
+    else:
+        parts.append(Markdown(m.source or " "))
+    from rich.console import Group
+    title = f"[b]{index}[/b] " if index is not None else ""
+    title += f"{m.kind.value} [dim]{m.id} v{m.version}[/dim]"
+    if f := _flags(m):
+        title += f" [yellow]{f}[/yellow]"
+    return Panel(Group(*parts), title=title, title_align="left",
+                 border_style="dim" if m.hidden else {"code": "blue", "prompt": "green"}.get(m.kind.value, "white"))
+
+
+def _hit_text(snippet: str) -> Text:
+    t = Text()
+    on = False
+    for chunk in snippet.replace(HIT_END, HIT_START).split(HIT_START):
+        t.append(chunk, style="bold yellow" if on else "")
+        on = not on
+    return t
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_new(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.create(a.name, model=a.model, system=a.system or "")
+    out.print(f"created dialogue [b]{d.name}[/b] ({d.id}) on model {d.model}")
+
+
+def cmd_list(svc: DialogueService, a: argparse.Namespace) -> None:
+    rows = svc.list(deleted=a.trash)
+    if a.json:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        out.print("no dialogues yet: `dialogue new NAME`" if not a.trash else "the trash is empty")
+        return
+    t = Table("name", "id", "model", "messages", "updated", box=None)
+    for r in rows:
+        t.add_row(r["name"], r["id"], r["model"], str(r["messages"]), _when(r["updated"]))
+    out.print(t)
+
+
+def cmd_show(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.open(a.name)
+    if a.json:
+        print(json.dumps({**d.settings(), "id": d.id, "version": d.version,
+                          "messages": [m.to_dict() for m in d.messages]}))
+        return
+    out.print(f"[b]{d.name}[/b] [dim]{d.id} v{d.version}[/dim] · model {d.model}")
+    if d.system:
+        out.print(Panel(d.system, title="system", title_align="left", border_style="dim"))
+    for c in d.context:
+        out.print(f"[dim]attached:[/dim] {c.name} ({len(c.content):,} characters)")
+    for i, m in enumerate(d.messages, 1):
+        out.print(render_message(m, i))
+    if not d.messages:
+        out.print("[dim](no messages: `dialogue add NAME --code ...`)[/dim]")
+
+
+def _text_arg(v: str) -> str:
+    return sys.stdin.read() if v == "-" else v
+
+
+def cmd_add(svc: DialogueService, a: argparse.Namespace) -> None:
+    kind, text = next((k, getattr(a, k)) for k in ("code", "note", "prompt") if getattr(a, k) is not None)
+    flags = {f: True for f in FLAGS if getattr(a, f, False)}
+    m = svc.add(a.name, kind, _text_arg(text), after=a.after, before=a.before,
+                index=None if a.at is None else a.at - 1, **flags)
+    out.print(f"added {m.kind.value} message {m.id}")
+
+
+def cmd_edit(svc: DialogueService, a: argparse.Namespace) -> None:
+    changes: dict[str, Any] = {}
+    if a.source is not None:
+        changes["source"] = _text_arg(a.source)
+    if a.response is not None:
+        changes["response"] = _text_arg(a.response)
+    if a.kind is not None:
+        changes["kind"] = a.kind
+    for f in FLAGS:
+        v = getattr(a, f)
+        if v is not None:
+            changes[f] = v
+    if not changes:
+        raise UserError("nothing to change: give --source, --response, --kind or a flag option")
+    m = svc.edit(a.name, a.msg, base_version=a.base_version, **changes)
+    out.print(f"message {m.id} is now at version {m.version}")
+
+
+def cmd_rm(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.msg:
+        mid = svc.message_id(a.name, a.msg)
+        svc.delete_message(a.name, mid)
+        out.print(f"message {mid} moved to the trash (`dialogue restore {a.name} {mid}`)")
+    else:
+        svc.delete(a.name)
+        out.print(f"dialogue {a.name!r} moved to the trash (`dialogue restore {a.name}`)")
+
+
+def cmd_mv(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.up:
+        m = svc.move(a.name, a.msg, by=-a.up)
+    elif a.down:
+        m = svc.move(a.name, a.msg, by=a.down)
+    else:
+        m = svc.move(a.name, a.msg, to=a.to - 1)
+    pos = [x.id for x in svc.open(a.name).messages].index(m.id) + 1
+    out.print(f"message {m.id} is now at position {pos}")
+
+
+def cmd_history(svc: DialogueService, a: argparse.Namespace) -> None:
+    vs = svc.history(a.name, a.msg)
+    if a.json:
+        print(json.dumps([v.__dict__ for v in vs]))
+        return
+    t = Table("version", "op", "when", "kind", "flags", "source", box=None)
+    for v in vs:
+        s = v.state
+        first = (s["source"].strip().splitlines() or [""])[0]
+        t.add_row(str(v.version), v.op, _when(v.at), s["kind"],
+                  " ".join(f for f in FLAGS if s.get(f)), first[:60])
+    out.print(t)
+
+
+def cmd_restore(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.msg is None:
+        d = svc.restore(a.name)
+        out.print(f"dialogue {d.name!r} restored from the trash")
+    elif a.version is None:
+        m = svc.restore_message(a.name, a.msg)
+        out.print(f"message {m.id} restored from the trash")
+    else:
+        m = svc.restore_version(a.name, a.msg, a.version)
+        out.print(f"message {m.id}: version {a.version} restored as version {m.version}")
+
+
+def cmd_fork(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.fork(a.name, a.msg, name=a.new_name)
+    out.print(f"forked into [b]{d.name}[/b] ({d.id}) with {len(d.messages)} messages")
+
+
+def cmd_rename(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.rename(a.name, a.new_name)
+    out.print(f"renamed to {d.name!r}")
+
+
+def cmd_search(svc: DialogueService, a: argparse.Namespace) -> None:
+    hits = svc.search(a.query, limit=a.limit, dialogue=a.within)
+    if a.json:
+        print(json.dumps([h.__dict__ for h in hits]))
+        return
+    if not hits:
+        out.print("no matches")
+        return
+    for h in hits:
+        line = Text(f"{h.dialogue_name} ", style="bold")
+        line.append(f"{h.message_id} {h.kind}  ", style="dim")
+        line.append_text(_hit_text(h.snippet.replace("\n", " ")))
+        out.print(line)
+
+
+def cmd_trash(svc: DialogueService, a: argparse.Namespace) -> None:
+    items = svc.trash()
+    if not items:
+        out.print("the trash is empty")
+        return
+    t = Table("type", "id", "dialogue", "what", "deleted", box=None)
+    for i in items:
+        t.add_row(i.type, i.id, i.dialogue_id, i.name, _when(i.deleted))
+    out.print(t)
+
+
+# ---------------------------------------------------------------- parser
+
+def _flag_options(p: argparse.ArgumentParser) -> None:
+    for f, on, off in (("hidden", "--hide", "--unhide"), ("pinned", "--pin", "--unpin"),
+                       ("collapsed", "--collapse", "--expand"),
+                       ("exported", "--export", "--unexport")):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument(on, dest=f, action="store_true", default=None, help=f"set {f}")
+        g.add_argument(off, dest=f, action="store_false", default=None, help=f"clear {f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dialogue", description="Dialogue engineering for Python.")
+    p.add_argument("--db", help="database file (default: $DIALOGUE_DB or the user data dir)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = cmd("new", cmd_new, "create a dialogue")
+    sp.add_argument("name")
+    sp.add_argument("--model", help="model name (default: $DIALOGUE_MODEL or local:default)")
+    sp.add_argument("--system", help="system prompt")
+
+    sp = cmd("list", cmd_list, "list dialogues")
+    sp.add_argument("--trash", action="store_true", help="list trashed dialogues instead")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("show", cmd_show, "show a dialogue in the terminal")
+    sp.add_argument("name")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("add", cmd_add, "add a message (TEXT '-' reads standard input)")
+    sp.add_argument("name")
+    g = sp.add_mutually_exclusive_group(required=True)
+    for k in ("code", "note", "prompt"):
+        g.add_argument(f"--{k}", metavar="TEXT")
+    w = sp.add_mutually_exclusive_group()
+    w.add_argument("--after", metavar="MSG")
+    w.add_argument("--before", metavar="MSG")
+    w.add_argument("--at", type=int, metavar="N", help="1-based position")
+    for f, opt in (("hidden", "--hide"), ("pinned", "--pin"), ("collapsed", "--collapse"),
+                   ("exported", "--export")):
+        sp.add_argument(opt, dest=f, action="store_true")
+
+    sp = cmd("edit", cmd_edit, "change a message (MSG: id, id prefix or 1-based position)")
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    sp.add_argument("--source", metavar="TEXT")
+    sp.add_argument("--response", metavar="TEXT", help="replace a prompt's answer")
+    sp.add_argument("--kind", choices=[k.value for k in Kind])
+    sp.add_argument("--base-version", type=int, help="refuse the edit unless the message is still "
+                    "at this version")
+    _flag_options(sp)
+
+    sp = cmd("rm", cmd_rm, "move a dialogue, or one of its messages, to the trash")
+    sp.add_argument("name")
+    sp.add_argument("msg", nargs="?")
+
+    sp = cmd("mv", cmd_mv, "move a message")
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--up", type=int, nargs="?", const=1, metavar="N")
+    g.add_argument("--down", type=int, nargs="?", const=1, metavar="N")
+    g.add_argument("--to", type=int, metavar="POS", help="1-based position")
+
+    sp = cmd("history", cmd_history, "list every version of a message")
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("restore", cmd_restore, "restore a trashed dialogue or message, or an earlier version")
+    sp.add_argument("name")
+    sp.add_argument("msg", nargs="?")
+    sp.add_argument("version", nargs="?", type=int)
+
+    sp = cmd("fork", cmd_fork, "new dialogue with the messages up to and including MSG")
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    sp.add_argument("--name", dest="new_name")
+
+    sp = cmd("rename", cmd_rename, "rename a dialogue")
+    sp.add_argument("name")
+    sp.add_argument("new_name")
+
+    sp = cmd("search", cmd_search, "full-text search across all dialogues")
+    sp.add_argument("query")
+    sp.add_argument("--in", dest="within", metavar="NAME")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+
+    cmd("trash", cmd_trash, "list what is in the trash")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        svc = DialogueService(a.db or os.environ.get("DIALOGUE_DB") or None)
+    except StoreError as e:
+        err.print(f"error: {e}", markup=False)
+        return EXIT_ERROR
+    try:
+        a.fn(svc, a)
+        return 0
+    except ConflictError as e:
+        err.print(f"error: {e}", markup=False)
+        return EXIT_CONFLICT
+    except (StoreError, UserError, ValueError) as e:
+        err.print(f"error: {e}", markup=False)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        svc.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The provider protocol: a provider-neutral request in, an async stream of events out.
+
+`context.build` makes a `Request`; a `Provider` (Anthropic, OpenAI or compatible, local llama.cpp)
+turns it into `Event`s. Providers never see the store; surfaces never see an SDK.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email.utils
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, Protocol, TypeVar, runtime_checkable
+
+__all__ = [
+    "Part", "Turn", "ToolSpec", "ToolCallReq", "Request",
+    "TextDelta", "ToolCall", "Usage", "Done", "Event",
+    "Provider", "ProviderError", "MissingKeyError", "UnknownModelError", "ContextTooLongError",
+    "ProviderNetworkError", "RateLimitError", "OverloadedError",
+    "register", "get_provider", "resolve", "known_prefixes",
+    "PRICES", "cost", "with_retries", "parse_retry_after",
+]
+
+
+# ---------------------------------------------------------------- request
+
+@dataclass
+class Part:
+    """A piece of a turn's content: text, or an image (base64 `data` with its `mime`)."""
+
+    type: Literal["text", "image"] = "text"
+    text: str = ""
+    mime: str = ""
+    data: str = ""
+
+
+@dataclass
+class ToolCallReq:
+    """A tool call the assistant made in an earlier step (so it can be replayed to the model)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class Turn:
+    """One turn of the conversation sent to a model.
+
+    role "user" / "assistant" carry `content`; an assistant turn may carry `tool_calls`; a "tool"
+    turn carries the result of one call in `content`, with `tool_call_id` and `name`. `cache`
+    marks a prompt-cache breakpoint after this turn (Anthropic `cache_control`; others ignore it,
+    their caches are automatic prefix caches)."""
+
+    role: Literal["user", "assistant", "tool"]
+    content: list[Part] | str = ""
+    tool_calls: list[ToolCallReq] = field(default_factory=list)
+    tool_call_id: str = ""
+    name: str = ""
+    cache: bool = False
+
+    def parts(self) -> list[Part]:
+        return [Part(text=self.content)] if isinstance(self.content, str) else list(self.content)
+
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts() if p.type == "text")
+
+
+@dataclass
+class ToolSpec:
+    """A tool offered to the model: a JSON schema for its parameters."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+@dataclass
+class Request:
+    """Everything a provider needs, and nothing about where it came from.
+
+    The stable prefix comes first: `system`, then `context` (the dialogue's attached context,
+    kept separate so a provider can put a cache breakpoint right after it), then `messages`.
+    `prefill` is the start of the answer the model must continue. `dropped` says how many
+    messages the context builder left out to fit the token budget."""
+
+    model: str
+    messages: list[Turn] = field(default_factory=list)
+    system: str = ""
+    context: str = ""
+    tools: list[ToolSpec] = field(default_factory=list)
+    prefill: str = ""
+    max_tokens: int = 1024
+    temperature: float | None = None
+    stop: list[str] = field(default_factory=list)
+    dropped: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- events
+
+@dataclass
+class TextDelta:
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclass
+class ToolCall:
+    """A tool call the model made. `error` is non-empty when the model's arguments could not be
+    used (not a JSON object); `arguments` is then {} and the error quotes what the model sent, so
+    the tool loop can hand it back to the model as the tool's result instead of failing the answer."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    type: Literal["tool_call"] = "tool_call"
+    error: str = ""
+
+
+@dataclass
+class Usage:
+    """Token counts for one model call. Cache fields are zero where a provider has no cache."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    type: Literal["usage"] = "usage"
+
+    def __add__(self, o: "Usage") -> "Usage":
+        return Usage(self.input + o.input, self.output + o.output,
+                     self.cache_read + o.cache_read, self.cache_write + o.cache_write)
+
+
+@dataclass
+class Done:
+    """The last event of a stream. stop_reason: end | max_tokens | stop | tool_use | cancelled |
+    refusal (the provider's safety stop: Anthropic `refusal`, OpenAI `content_filter`)."""
+
+    stop_reason: str = "end"
+    type: Literal["done"] = "done"
+
+
+Event = TextDelta | ToolCall | Usage | Done
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """Streams a request. Closing the iterator (``aclose``) or cancelling the task that drives it
+    must stop generation promptly."""
+
+    name: str
+
+    def stream(self, request: Request) -> AsyncIterator[Event]: ...
+
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens in `text` by the model's own tokenizer, or None where none is at hand."""
+        ...
+
+
+# ---------------------------------------------------------------- errors
+
+class ProviderError(Exception):
+    """A model call failed for a reason the user can act on; the message says which."""
+
+
+class MissingKeyError(ProviderError):
+    pass
+
+
+class UnknownModelError(ProviderError):
+    pass
+
+
+class ContextTooLongError(ProviderError):
+    pass
+
+
+class ProviderNetworkError(ProviderError):
+    """The server could not be reached or the connection broke."""
+
+
+class RateLimitError(ProviderError):
+    """429: retried with backoff. `retry_after`: the server's Retry-After in seconds, if it sent one."""
+
+    retry_after: float | None = None
+
+
+class OverloadedError(ProviderError):
+    """5xx / 529: retried with backoff. `retry_after` as for `RateLimitError`."""
+
+    retry_after: float | None = None
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, *, cap: float = 60.0) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date), or None.
+    Capped: a server asking for minutes should surface as an error sooner than that, not hang a
+    prompt (the caller gives up after the last attempt)."""
+    if not headers:
+        return None
+    get = headers.get
+    try:
+        ms = get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, min(cap, float(ms) / 1000))
+    except (TypeError, ValueError):
+        pass
+    ra = get("retry-after")
+    if ra is None:
+        return None
+    try:
+        return max(0.0, min(cap, float(ra)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, min(cap, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()))
+
+
+T = TypeVar("T")
+
+
+async def with_retries(fn: Callable[[], Awaitable[T]], *, attempts: int = 4, base: float = 0.5,
+                       cap: float = 8.0, retry_on: tuple[type[BaseException], ...] = (RateLimitError, OverloadedError),
+                       retry_after: Callable[[BaseException], float | None] = lambda e: getattr(e, "retry_after", None),
+                       ) -> T:
+    """Call `fn` until it succeeds, retrying rate-limit and overload errors with exponential
+    backoff and jitter (or the server's Retry-After when it gives one: by default the
+    exception's `retry_after` attribute). Only the opening of a
+    stream is retried: once text has reached the user, a retry would repeat it."""
+    for i in range(attempts):
+        try:
+            return await fn()
+        except retry_on as e:
+            if i == attempts - 1:
+                raise
+            delay = retry_after(e)
+            if delay is None:
+                delay = min(cap, base * 2 ** i) * (0.5 + random.random() / 2)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- registry
+
+# (prefix, factory). A factory gets the full model name and returns a provider.
+_REGISTRY: list[tuple[str, Callable[[str], Provider]]] = []
+
+
+def register(prefix: str, factory: Callable[[str], Provider]) -> None:
+    """Map model names starting with `prefix` to a provider factory. Longer prefixes win."""
+    _REGISTRY.append((prefix, factory))
+    _REGISTRY.sort(key=lambda pf: -len(pf[0]))
+
+
+def known_prefixes() -> list[str]:
+    _load_builtin()
+    return [p for p, _ in _REGISTRY]
+
+
+def resolve(model: str) -> Callable[[str], Provider]:
+    _load_builtin()
+    for prefix, factory in _REGISTRY:
+        if model.startswith(prefix):
+            return factory
+    raise UnknownModelError(
+        f"unknown model {model!r}: use claude-*, gpt-*/o1*/o3*/o4*, "
+        "openai-compatible:<base_url>/<model>, or local:<name or path.gguf>")
+
+
+def get_provider(model: str) -> Provider:
+    """The provider for a model name (see `resolve`)."""
+    return resolve(model)(model)
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    """Import the built-in adapters so they register themselves. Done lazily: importing an SDK
+    costs time that a CLI command that never calls a model should not pay."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    for mod in ("anthropic", "openai", "local"):
+        try:
+            importlib.import_module(f"dialogue.llm.{mod}")
+        except ImportError:  # an adapter whose SDK is not installed is simply not offered
+            pass
+
+
+# ---------------------------------------------------------------- pricing
+
+# US$ per million tokens: input, output, cache read, cache write. Local models cost nothing.
+PRICES: dict[str, tuple[float, float, float, float]] = {
+    "claude-opus-4": (15.0, 75.0, 1.5, 18.75),
+    "claude-sonnet-4": (3.0, 15.0, 0.3, 3.75),
+    "claude-haiku-4": (1.0, 5.0, 0.1, 1.25),
+    "claude-3-5-haiku": (0.8, 4.0, 0.08, 1.0),
+    "gpt-4.1-mini": (0.4, 1.6, 0.1, 0.0),
+    "gpt-4.1-nano": (0.1, 0.4, 0.025, 0.0),
+    "gpt-4.1": (2.0, 8.0, 0.5, 0.0),
+    "gpt-4o-mini": (0.15, 0.6, 0.075, 0.0),
+    "gpt-4o": (2.5, 10.0, 1.25, 0.0),
+    "gpt-5-mini": (0.25, 2.0, 0.025, 0.0),
+    "gpt-5": (1.25, 10.0, 0.125, 0.0),
+    "o4-mini": (1.1, 4.4, 0.275, 0.0),
+    "o3": (2.0, 8.0, 0.5, 0.0),
+}
+
+
+def cost(model: str, usage: Usage) -> float | None:
+    """Cost in US$ of one answer, or None when the model's price is unknown. 0 for local models.
+    The longest matching price-table prefix wins (`gpt-4.1-mini` before `gpt-4.1`)."""
+    if model.startswith("local:"):
+        return 0.0
+    best = max((k for k in PRICES if model.startswith(k)), key=len, default=None)
+    if best is None:
+        return None
+    pi, po, pr, pw = PRICES[best]
+    # Providers report cache reads/writes separately from fresh input (Anthropic) or inside it
+    # (OpenAI); adapters normalise to "input excludes cache reads and writes".
+    return (usage.input * pi + usage.output * po + usage.cache_read * pr + usage.cache_write * pw) / 1e6

@@ -1,0 +1,830 @@
+"""The store: dialogues, messages and every version of every message, in one SQLite file.
+
+This is the only module that writes the database. It is opened through fastlite (apsw), in WAL
+mode with foreign keys on, and every mutation runs in one `BEGIN IMMEDIATE` transaction that also
+appends to the `versions` table, so a state that was committed is always in the history and a
+crash (even SIGKILL) loses at most the transaction in flight.
+
+Design choices, and why:
+
+- Order is a REAL `pos` per message. Inserting or moving takes the midpoint of the neighbours, so a
+  move rewrites one row, not the dialogue; when the gap between two neighbours gets too small for
+  a float to split, that one dialogue is renumbered (rare: about 50 moves into the same gap).
+- `versions` is append-only (triggers refuse UPDATE and DELETE). A version holds the message's whole
+  state as JSON; large `outputs` are stored once in `blobs` by content hash, so toggling a flag on a
+  cell with a 5 MB image does not copy the image.
+- Concurrency is optimistic: a message and a dialogue each carry `version`; an edit names the
+  version it was based on and is refused with `ConflictError` if another writer got there first.
+  Nothing is overwritten silently.
+- Streaming (a model's answer, a long-running cell's prints) appends to the message row without a
+  version per token and marks it `streaming`; `finish_stream` writes the version. Text already
+  streamed is therefore on disk at once, and `recover_interrupted` turns a stream cut by a crash
+  into a version.
+- Full-text search is an FTS5 table keyed by the message's integer row number; it holds the source
+  and the text of the output or answer, and is kept in step in the same transaction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from fastlite import database
+
+from .document import FLAGS, STATE_FIELDS, ContextItem, Dialogue, Kind, Message, new_id, output_text
+
+__all__ = ["Store", "StoreError", "NotFoundError", "ConflictError", "NameTakenError",
+           "SchemaError", "Version", "SearchHit", "TrashItem", "default_db_path", "SCHEMA_VERSION",
+           "HIT_START", "HIT_END"]
+
+SCHEMA_VERSION = 2
+HIT_START, HIT_END = "\ue000", "\ue001"  # snippet highlight markers (private-use code points)
+_BLOB_MIN = 2048  # outputs JSON at least this long is stored once, by hash
+
+
+class StoreError(Exception):
+    """A request the store cannot honour; the message says why and nothing was changed."""
+
+
+class NotFoundError(StoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "not found"
+
+
+class ConflictError(StoreError):
+    """An edit was based on a version that is no longer current."""
+
+    def __init__(self, what: str, based_on: int | None, current: int, detail: str = ""):
+        self.based_on, self.current = based_on, current
+        msg = (f"conflict: {what} was changed elsewhere (your edit is based on version {based_on}, "
+               f"the current version is {current}); reload and apply your change again")
+        super().__init__(msg + (f" ({detail})" if detail else ""))
+
+
+class NameTakenError(StoreError):
+    pass
+
+
+class SchemaError(StoreError):
+    pass
+
+
+def default_db_path() -> Path:
+    """`DIALOGUE_DB` if set, else `dialogue.db` in the user's data directory."""
+    if env := os.environ.get("DIALOGUE_DB"):
+        return Path(env).expanduser()
+    import platformdirs
+    return Path(platformdirs.user_data_dir("dialogue", appauthor=False)) / "dialogue.db"
+
+
+@dataclass
+class Version:
+    message_id: str  # "" for the dialogue's own settings
+    version: int
+    op: str
+    at: float
+    state: dict[str, Any]
+
+
+@dataclass
+class SearchHit:
+    dialogue_id: str
+    dialogue_name: str
+    message_id: str
+    kind: str
+    snippet: str  # with HIT_START/HIT_END around each match
+    rank: float
+
+
+@dataclass
+class TrashItem:
+    type: str  # "dialogue" | "message"
+    id: str
+    dialogue_id: str
+    name: str  # dialogue name, or the first line of the message
+    deleted: float
+
+
+# ---------------------------------------------------------------- schema and migrations
+
+def _m1(db) -> None:
+    db.execute("""
+    CREATE TABLE dialogues(
+      id TEXT PRIMARY KEY,
+      name TEXT NOT NULL,
+      model TEXT NOT NULL DEFAULT '',
+      system TEXT NOT NULL DEFAULT '',
+      context TEXT NOT NULL DEFAULT '[]',
+      meta TEXT NOT NULL DEFAULT '{}',
+      version INTEGER NOT NULL DEFAULT 1,
+      created REAL NOT NULL,
+      updated REAL NOT NULL,
+      deleted REAL
+    );
+    CREATE UNIQUE INDEX dialogues_live_name ON dialogues(name) WHERE deleted IS NULL;
+    CREATE TABLE messages(
+      n INTEGER PRIMARY KEY,
+      id TEXT NOT NULL UNIQUE,
+      dialogue_id TEXT NOT NULL REFERENCES dialogues(id),
+      pos REAL NOT NULL,
+      kind TEXT NOT NULL CHECK (kind IN ('code', 'note', 'prompt', 'raw')),
+      source TEXT NOT NULL DEFAULT '',
+      outputs TEXT NOT NULL DEFAULT '[]',
+      execution_count INTEGER,
+      response TEXT NOT NULL DEFAULT '',
+      tool_calls TEXT NOT NULL DEFAULT '[]',
+      usage TEXT NOT NULL DEFAULT '{}',
+      attachments TEXT NOT NULL DEFAULT '{}',
+      meta TEXT NOT NULL DEFAULT '{}',
+      hidden INTEGER NOT NULL DEFAULT 0,
+      pinned INTEGER NOT NULL DEFAULT 0,
+      collapsed INTEGER NOT NULL DEFAULT 0,
+      exported INTEGER NOT NULL DEFAULT 0,
+      version INTEGER NOT NULL DEFAULT 1,
+      streaming INTEGER NOT NULL DEFAULT 0,
+      created REAL NOT NULL,
+      updated REAL NOT NULL,
+      deleted REAL
+    );
+    CREATE INDEX messages_order ON messages(dialogue_id, pos);
+    CREATE TABLE versions(
+      n INTEGER PRIMARY KEY,
+      dialogue_id TEXT NOT NULL,
+      message_id TEXT NOT NULL,
+      version INTEGER NOT NULL,
+      op TEXT NOT NULL,
+      at REAL NOT NULL,
+      state TEXT NOT NULL,
+      UNIQUE (dialogue_id, message_id, version)
+    );
+    CREATE TABLE blobs(hash TEXT PRIMARY KEY, data TEXT NOT NULL);
+    CREATE TRIGGER versions_no_update BEFORE UPDATE ON versions
+      BEGIN SELECT RAISE(ABORT, 'versions are append-only'); END;
+    CREATE TRIGGER versions_no_delete BEFORE DELETE ON versions
+      BEGIN SELECT RAISE(ABORT, 'versions are append-only'); END;
+    """)
+
+
+def _m2(db) -> None:
+    """Full-text search over sources and outputs, backfilled from the messages already stored."""
+    db.execute("CREATE VIRTUAL TABLE search USING fts5(source, output, "
+               "tokenize = 'unicode61 remove_diacritics 2')")
+    rows = db.execute("SELECT n, kind, source, outputs, response FROM messages").fetchall()
+    for n, kind, source, outputs, response in rows:
+        db.execute("INSERT INTO search(rowid, source, output) VALUES (?, ?, ?)",
+                   (n, source, _search_output(kind, json.loads(outputs), response)))
+
+
+MIGRATIONS: list[Callable] = [_m1, _m2]  # MIGRATIONS[i] takes the schema from version i to i+1
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+def _search_output(kind: str, outputs: list, response: str) -> str:
+    return response if kind == Kind.prompt else output_text(outputs)
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+
+
+_MSG_COLS = ("id", "dialogue_id", "kind", "source", "outputs", "execution_count", "response",
+             "tool_calls", "usage", "attachments", "meta", *FLAGS, "version", "streaming",
+             "created", "updated", "deleted", "pos")
+_JSON_COLS = {"outputs", "tool_calls", "usage", "attachments", "meta"}
+_DLG_COLS = ("id", "name", "model", "system", "context", "meta", "version", "created", "updated",
+             "deleted")
+
+
+class Store:
+    """A dialogue database. Open one per process (or per thread that needs its own connection);
+    several processes may open the same file: WAL lets readers run beside one writer, and writers
+    wait for each other (busy timeout) instead of failing."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, busy_timeout_ms: int = 10_000,
+                 migrate: bool = True):
+        self.path = Path(path) if path is not None else default_db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = database(self.path)  # fastlite: apsw connection, WAL on
+        except Exception as e:  # apsw raises its own types; say what file it was
+            raise StoreError(f"cannot open database {self.path}: {e}") from e
+        self.conn = self.db.conn
+        self._x(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        self._x("PRAGMA foreign_keys = ON")
+        # NORMAL in WAL mode is safe against process crashes (what SIGKILL is); only a power
+        # loss can roll back the last commits. FULL would fsync every edit.
+        self._x("PRAGMA synchronous = NORMAL")
+        self._depth = 0
+        if migrate:
+            self.migrate()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _x(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        return list(self.conn.execute(sql, tuple(params)))
+
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> tuple | None:
+        for row in self.conn.execute(sql, tuple(params)):
+            return row
+        return None
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        """One write transaction. Nested calls join the outer one. IMMEDIATE takes the write lock
+        up front, so two writers queue instead of deadlocking on a read-to-write upgrade."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._x("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self._x("ROLLBACK")
+            raise
+        self._depth = 0
+        self._x("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        return self._one("PRAGMA user_version")[0]
+
+    def migrate(self, to: int = SCHEMA_VERSION) -> None:
+        """Bring the schema up to `to`, one migration per transaction."""
+        v = self.schema_version
+        if v > SCHEMA_VERSION:
+            raise SchemaError(f"{self.path} has schema version {v}, newer than this dialogue "
+                              f"({SCHEMA_VERSION}); upgrade the dialogue package to open it")
+        while v < to:
+            with self.tx():
+                MIGRATIONS[v](self.conn)
+                self._x(f"PRAGMA user_version = {v + 1}")
+            v += 1
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *a: Any) -> None:
+        self.close()
+
+    def integrity_check(self) -> str:
+        return self._one("PRAGMA integrity_check")[0]
+
+    # ------------------------------------------------------------ rows <-> objects
+
+    def _msg_from_row(self, row: tuple) -> Message:
+        d = dict(zip(_MSG_COLS, row))
+        for c in _JSON_COLS:
+            d[c] = json.loads(d[c])
+        for f in FLAGS:
+            d[f] = bool(d[f])
+        for c in ("dialogue_id", "streaming", "deleted", "pos"):
+            d.pop(c)
+        return Message(**d)
+
+    def _dlg_from_row(self, row: tuple) -> Dialogue:
+        d = dict(zip(_DLG_COLS, row))
+        d["context"] = [ContextItem.from_dict(c) for c in json.loads(d["context"])]
+        d["meta"] = json.loads(d["meta"])
+        return Dialogue(**d)
+
+    def _state_json(self, state: dict[str, Any]) -> str:
+        """A version's state, with a large `outputs` list stored once in `blobs`."""
+        out = _dumps(state["outputs"]) if "outputs" in state else ""
+        if len(out) >= _BLOB_MIN:
+            h = hashlib.sha256(out.encode()).hexdigest()
+            self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, out))
+            state = {**state, "outputs": {"$blob": h}}
+        return _dumps(state)
+
+    def _state_load(self, s: str) -> dict[str, Any]:
+        state = json.loads(s)
+        if isinstance(state.get("outputs"), dict) and "$blob" in state["outputs"]:
+            state["outputs"] = json.loads(self._one("SELECT data FROM blobs WHERE hash = ?",
+                                                    (state["outputs"]["$blob"],))[0])
+        return state
+
+    def _write_version(self, dialogue_id: str, message_id: str, version: int, op: str,
+                       state: dict[str, Any], at: float) -> None:
+        self._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (dialogue_id, message_id, version, op, at, self._state_json(state)))
+
+    def _index(self, n: int, kind: str, source: str, outputs: list, response: str,
+               replace: bool = True) -> None:
+        if replace:
+            self._x("DELETE FROM search WHERE rowid = ?", (n,))
+        self._x("INSERT INTO search(rowid, source, output) VALUES (?, ?, ?)",
+                (n, source, _search_output(kind, outputs, response)))
+
+    # ------------------------------------------------------------ dialogues
+
+    def create_dialogue(self, name: str, *, model: str = "", system: str = "",
+                        context: list[ContextItem] | None = None, meta: dict | None = None,
+                        id: str | None = None) -> Dialogue:
+        name = _check_name(name)
+        now = time.time()
+        d = Dialogue(name=name, id=id or new_id(), model=model, system=system,
+                     context=list(context or []), meta=dict(meta or {}), version=1,
+                     created=now, updated=now)
+        with self.tx():
+            if self._one("SELECT 1 FROM dialogues WHERE name = ? AND deleted IS NULL", (name,)):
+                raise NameTakenError(f"a dialogue named {name!r} already exists")
+            while self._one("SELECT 1 FROM dialogues WHERE id = ?", (d.id,)):
+                if id:
+                    raise NameTakenError(f"a dialogue with id {id!r} already exists")
+                d.id = new_id()
+            self._x("INSERT INTO dialogues(id, name, model, system, context, meta, version, "
+                    "created, updated) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    (d.id, name, model, system, _dumps([c.to_dict() for c in d.context]),
+                     _dumps(d.meta), now, now))
+            self._write_version(d.id, "", 1, "create", d.settings(), now)
+        return d
+
+    def _dialogue_row(self, dialogue_id: str, *, deleted_ok: bool = False) -> tuple:
+        row = self._one(f"SELECT {', '.join(_DLG_COLS)} FROM dialogues WHERE id = ?",
+                        (dialogue_id,))
+        if row is None or (row[-1] is not None and not deleted_ok):
+            raise NotFoundError(f"no dialogue with id {dialogue_id!r}"
+                                + (" (it is in the trash)" if row else ""))
+        return row
+
+    def find_dialogue(self, ref: str) -> str:
+        """A dialogue's id from its name or id (live dialogues only)."""
+        row = (self._one("SELECT id FROM dialogues WHERE name = ? AND deleted IS NULL", (ref,))
+               or self._one("SELECT id FROM dialogues WHERE id = ? AND deleted IS NULL", (ref,)))
+        if row is None:
+            trashed = self._one("SELECT id FROM dialogues WHERE (name = ? OR id = ?) "
+                                "AND deleted IS NOT NULL", (ref, ref))
+            raise NotFoundError(f"no dialogue named {ref!r}"
+                                + (" (it is in the trash: `dialogue trash`)" if trashed else ""))
+        return row[0]
+
+    def get_dialogue(self, dialogue_id: str, *, with_messages: bool = True,
+                     deleted_ok: bool = False) -> Dialogue:
+        d = self._dlg_from_row(self._dialogue_row(dialogue_id, deleted_ok=deleted_ok))
+        if with_messages:
+            d.messages = self.messages(dialogue_id)
+        return d
+
+    def messages(self, dialogue_id: str) -> list[Message]:
+        rows = self._x(f"SELECT {', '.join(_MSG_COLS)} FROM messages WHERE dialogue_id = ? "
+                       "AND deleted IS NULL ORDER BY pos", (dialogue_id,))
+        return [self._msg_from_row(r) for r in rows]
+
+    def list_dialogues(self, *, deleted: bool = False) -> list[dict[str, Any]]:
+        """Summaries (id, name, model, counts, times), most recently updated first."""
+        rows = self._x(
+            "SELECT d.id, d.name, d.model, d.created, d.updated, d.deleted, "
+            "(SELECT count(*) FROM messages m WHERE m.dialogue_id = d.id AND m.deleted IS NULL) "
+            f"FROM dialogues d WHERE d.deleted IS {'NOT ' if deleted else ''}NULL "
+            "ORDER BY d.updated DESC")
+        keys = ("id", "name", "model", "created", "updated", "deleted", "messages")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def update_dialogue(self, dialogue_id: str, *, base_version: int | None, op: str = "edit",
+                        **changes: Any) -> Dialogue:
+        """Change name, model, system, context or meta. `base_version` None skips the conflict
+        check (for system writers, never for a user's edit)."""
+        bad = set(changes) - {"name", "model", "system", "context", "meta"}
+        if bad:
+            raise StoreError(f"cannot change {', '.join(sorted(bad))} of a dialogue")
+        if "name" in changes:
+            changes["name"] = _check_name(changes["name"])
+        with self.tx():
+            d = self._dlg_from_row(self._dialogue_row(dialogue_id))
+            if base_version is not None and base_version != d.version:
+                raise ConflictError(f"dialogue {d.name!r}", base_version, d.version)
+            if "name" in changes and changes["name"] != d.name and self._one(
+                    "SELECT 1 FROM dialogues WHERE name = ? AND deleted IS NULL",
+                    (changes["name"],)):
+                raise NameTakenError(f"a dialogue named {changes['name']!r} already exists")
+            if "context" in changes:
+                changes["context"] = [c if isinstance(c, ContextItem) else ContextItem.from_dict(c)
+                                      for c in changes["context"]]
+            new = {k: v for k, v in changes.items() if getattr(d, k) != v}
+            if not new:
+                return d
+            for k, v in new.items():
+                setattr(d, k, v)
+            d.version += 1
+            d.updated = time.time()
+            self._x("UPDATE dialogues SET name = ?, model = ?, system = ?, context = ?, meta = ?, "
+                    "version = ?, updated = ? WHERE id = ?",
+                    (d.name, d.model, d.system, _dumps([c.to_dict() for c in d.context]),
+                     _dumps(d.meta), d.version, d.updated, d.id))
+            self._write_version(d.id, "", d.version, op, d.settings(), d.updated)
+        d.messages = self.messages(dialogue_id)
+        return d
+
+    def delete_dialogue(self, dialogue_id: str) -> None:
+        """Move a dialogue to the trash; its messages and history stay."""
+        with self.tx():
+            d = self._dlg_from_row(self._dialogue_row(dialogue_id))
+            now = time.time()
+            self._x("UPDATE dialogues SET deleted = ?, version = ?, updated = ? WHERE id = ?",
+                    (now, d.version + 1, now, dialogue_id))
+            self._write_version(dialogue_id, "", d.version + 1, "delete", d.settings(), now)
+
+    def restore_dialogue(self, dialogue_id: str) -> Dialogue:
+        """Bring a dialogue back from the trash. If its name was taken meanwhile, it comes back as
+        "name (restored)" (then "(restored 2)", ...) rather than failing."""
+        with self.tx():
+            d = self._dlg_from_row(self._dialogue_row(dialogue_id, deleted_ok=True))
+            if d.deleted is None:
+                raise StoreError(f"dialogue {d.name!r} is not in the trash")
+            name, i = d.name, 1
+            while self._one("SELECT 1 FROM dialogues WHERE name = ? AND deleted IS NULL", (name,)):
+                name = f"{d.name} (restored{'' if i == 1 else f' {i}'})"
+                i += 1
+            d.name, d.deleted, d.version, d.updated = name, None, d.version + 1, time.time()
+            self._x("UPDATE dialogues SET name = ?, deleted = NULL, version = ?, updated = ? "
+                    "WHERE id = ?", (name, d.version, d.updated, d.id))
+            self._write_version(d.id, "", d.version, "restore", d.settings(), d.updated)
+        return self.get_dialogue(d.id)
+
+    def _touch(self, dialogue_id: str, now: float) -> None:
+        self._x("UPDATE dialogues SET updated = ? WHERE id = ?", (now, dialogue_id))
+
+    # ------------------------------------------------------------ messages
+
+    def _msg_row(self, msg_id: str, *, deleted_ok: bool = False) -> tuple:
+        row = self._one(f"SELECT {', '.join(_MSG_COLS)}, n FROM messages WHERE id = ?", (msg_id,))
+        if row is None:
+            raise NotFoundError(f"no message with id {msg_id!r}")
+        if row[_MSG_COLS.index("deleted")] is not None and not deleted_ok:
+            raise NotFoundError(f"message {msg_id!r} is in the trash")
+        return row
+
+    def get_message(self, msg_id: str, *, deleted_ok: bool = False) -> Message:
+        return self._msg_from_row(self._msg_row(msg_id, deleted_ok=deleted_ok)[:-1])
+
+    def message_dialogue(self, msg_id: str) -> str:
+        return self._msg_row(msg_id, deleted_ok=True)[_MSG_COLS.index("dialogue_id")]
+
+    def _positions(self, dialogue_id: str) -> list[tuple[str, float]]:
+        return self._x("SELECT id, pos FROM messages WHERE dialogue_id = ? AND deleted IS NULL "
+                       "ORDER BY pos", (dialogue_id,))
+
+    def _pos_at(self, dialogue_id: str, index: int, exclude: str | None = None) -> float:
+        """A position that puts a message at list index `index` (0 = first, len = last)."""
+        ps = [p for i, p in self._positions(dialogue_id) if i != exclude]
+        index = max(0, min(index, len(ps)))
+        if not ps:
+            return 1.0
+        if index == len(ps):
+            return ps[-1] + 1.0
+        if index == 0:
+            return ps[0] - 1.0
+        lo, hi = ps[index - 1], ps[index]
+        mid = (lo + hi) / 2
+        if not lo < mid < hi or hi - lo < 1e-9:
+            self._renumber(dialogue_id)
+            return self._pos_at(dialogue_id, index, exclude)
+        return mid
+
+    def _renumber(self, dialogue_id: str) -> None:
+        # Renumbering every live and deleted message keeps a deleted message's place meaningful
+        # for its restore.
+        rows = self._x("SELECT n FROM messages WHERE dialogue_id = ? ORDER BY pos", (dialogue_id,))
+        for i, (n,) in enumerate(rows):
+            self._x("UPDATE messages SET pos = ? WHERE n = ?", (float(i + 1), n))
+
+    def _index_of(self, dialogue_id: str, msg_id: str) -> int:
+        for i, (mid, _) in enumerate(self._positions(dialogue_id)):
+            if mid == msg_id:
+                return i
+        raise NotFoundError(f"message {msg_id!r} is not in dialogue {dialogue_id!r}")
+
+    def add_message(self, dialogue_id: str, msg: Message | None = None, *,
+                    after: str | None = None, before: str | None = None,
+                    index: int | None = None, op: str = "create", **fields: Any) -> Message:
+        """Insert a message (at the end unless `after`, `before` or `index` says where)."""
+        return self.add_messages(dialogue_id, [msg or Message(**fields)], after=after,
+                                 before=before, index=index, op=op)[0]
+
+    def add_messages(self, dialogue_id: str, msgs: list[Message], *, after: str | None = None,
+                     before: str | None = None, index: int | None = None,
+                     op: str = "create") -> list[Message]:
+        """Insert several messages in order, in one transaction (an import, a fork)."""
+        with self.tx():
+            self._dialogue_row(dialogue_id)
+            if after is not None:
+                index = self._index_of(dialogue_id, after) + 1
+            elif before is not None:
+                index = self._index_of(dialogue_id, before)
+            now = time.time()
+            out = []
+            if index is None:  # append: the common case, no need to list positions
+                last = self._one("SELECT max(pos) FROM messages WHERE dialogue_id = ?",
+                                 (dialogue_id,))[0]
+                pos = [(last or 0.0) + 1.0 + i for i in range(len(msgs))]
+            else:
+                pos = []
+                for i in range(len(msgs)):
+                    pos.append(self._pos_at(dialogue_id, index + i))
+                    # _pos_at needs the row to exist to place the next one after it
+                    self._insert(dialogue_id, msgs[i], pos[-1], now, op)
+                    out.append(msgs[i])
+            if index is None:
+                for m, p in zip(msgs, pos):
+                    self._insert(dialogue_id, m, p, now, op)
+                    out.append(m)
+            self._touch(dialogue_id, now)
+        return [m.copy() for m in out]
+
+    def _insert(self, dialogue_id: str, m: Message, pos: float, now: float, op: str) -> None:
+        while self._one("SELECT 1 FROM messages WHERE id = ?", (m.id,)):
+            m.id = new_id()
+        m.version, m.created, m.updated = 1, now, now
+        s = m.state()
+        self._x(
+            "INSERT INTO messages(id, dialogue_id, pos, kind, source, outputs, execution_count, "
+            "response, tool_calls, usage, attachments, meta, hidden, pinned, collapsed, exported, "
+            "version, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, "
+            "?, ?)",
+            (m.id, dialogue_id, pos, s["kind"], m.source, _dumps(m.outputs), m.execution_count,
+             m.response, _dumps(m.tool_calls), _dumps(m.usage), _dumps(m.attachments),
+             _dumps(m.meta), *(int(getattr(m, f)) for f in FLAGS), now, now))
+        n = self.conn.last_insert_rowid()
+        self._index(n, s["kind"], m.source, m.outputs, m.response, replace=False)
+        self._write_version(dialogue_id, m.id, 1, op, s, now)
+
+    def update_message(self, msg_id: str, *, base_version: int | None, op: str = "edit",
+                       **changes: Any) -> Message:
+        """Change any of a message's versioned fields (source, kind, outputs, response, flags, ...)
+        and write a version, in one transaction. Refused with ConflictError if `base_version` is
+        not the current version; `base_version=None` skips that check and is meant for system
+        writers (a kernel run storing outputs), never for a person's edit. A change that changes
+        nothing writes nothing."""
+        bad = set(changes) - set(STATE_FIELDS)
+        if bad:
+            raise StoreError(f"cannot change {', '.join(sorted(bad))} of a message")
+        if "kind" in changes:
+            changes["kind"] = Kind(changes["kind"]) if changes["kind"] in Kind._value2member_map_ \
+                else Message(kind=changes["kind"]).kind  # raises the clear ValueError
+        with self.tx():
+            row = self._msg_row(msg_id)
+            m = self._msg_from_row(row[:-1])
+            n, dialogue_id = row[-1], row[_MSG_COLS.index("dialogue_id")]
+            if base_version is not None:
+                if base_version != m.version:
+                    raise ConflictError(f"message {msg_id}", base_version, m.version)
+                if row[_MSG_COLS.index("streaming")]:
+                    raise ConflictError(f"message {msg_id}", base_version, m.version,
+                                        "it is being written by a running cell or model")
+            new = {k: v for k, v in changes.items() if getattr(m, k) != v}
+            if not new:
+                return m
+            for k, v in new.items():
+                setattr(m, k, v)
+            self._save_state(m, n, dialogue_id, op, streaming=False)
+        return m
+
+    def _save_state(self, m: Message, n: int, dialogue_id: str, op: str, *, streaming: bool) -> None:
+        m.version += 1
+        m.updated = time.time()
+        s = m.state()
+        self._x(
+            "UPDATE messages SET kind = ?, source = ?, outputs = ?, execution_count = ?, "
+            "response = ?, tool_calls = ?, usage = ?, attachments = ?, meta = ?, hidden = ?, "
+            "pinned = ?, collapsed = ?, exported = ?, version = ?, streaming = ?, updated = ? "
+            "WHERE n = ?",
+            (s["kind"], m.source, _dumps(m.outputs), m.execution_count, m.response,
+             _dumps(m.tool_calls), _dumps(m.usage), _dumps(m.attachments), _dumps(m.meta),
+             *(int(getattr(m, f)) for f in FLAGS), m.version, int(streaming), m.updated, n))
+        self._index(n, s["kind"], m.source, m.outputs, m.response)
+        self._write_version(dialogue_id, m.id, m.version, op, s, m.updated)
+        self._touch(dialogue_id, m.updated)
+
+    def set_flags(self, msg_id: str, *, base_version: int | None, **flags: bool) -> Message:
+        bad = set(flags) - set(FLAGS)
+        if bad:
+            raise StoreError(f"unknown flag(s) {', '.join(sorted(bad))}; flags are "
+                             f"{', '.join(FLAGS)}")
+        return self.update_message(msg_id, base_version=base_version, op="flags",
+                                   **{k: bool(v) for k, v in flags.items()})
+
+    # ------------------------------------------------------------ streaming
+
+    def begin_stream(self, msg_id: str, *, clear: bool = True, base_version: int | None = None,
+                     **changes: Any) -> Message:
+        """Mark a message as being written (a model answering, a cell running). With `clear`, the
+        previous answer or outputs are cleared first, as a version, so they stay in history."""
+        with self.tx():
+            m = self.get_message(msg_id)
+            if clear:
+                changes.setdefault("response" if m.kind == Kind.prompt else "outputs",
+                                   "" if m.kind == Kind.prompt else [])
+                if m.kind == Kind.prompt:
+                    changes.setdefault("tool_calls", [])
+                    changes.setdefault("usage", {})
+            m = self.update_message(msg_id, base_version=base_version, op="run", **changes)
+            self._x("UPDATE messages SET streaming = 1 WHERE id = ?", (msg_id,))
+        return m
+
+    def stream_append(self, msg_id: str, *, text: str = "", output: dict | None = None,
+                      outputs: list | None = None) -> None:
+        """Append streamed text to a prompt's answer, or one output (or replace all outputs) of a
+        code message. Committed at once, without a version: `finish_stream` writes that."""
+        with self.tx():
+            if text:
+                self._x("UPDATE messages SET response = response || ?, updated = ? WHERE id = ?",
+                        (text, time.time(), msg_id))
+            if output is not None:
+                self._x("UPDATE messages SET outputs = json_insert(outputs, '$[#]', json(?)), "
+                        "updated = ? WHERE id = ?", (_dumps(output), time.time(), msg_id))
+            if outputs is not None:
+                self._x("UPDATE messages SET outputs = ?, updated = ? WHERE id = ?",
+                        (_dumps(outputs), time.time(), msg_id))
+
+    def finish_stream(self, msg_id: str, *, op: str = "result", **changes: Any) -> Message:
+        """End a stream: store the final fields, write one version, clear the streaming mark."""
+        with self.tx():
+            row = self._msg_row(msg_id, deleted_ok=True)
+            m = self._msg_from_row(row[:-1])
+            for k, v in changes.items():
+                if k not in STATE_FIELDS:
+                    raise StoreError(f"cannot change {k} of a message")
+                setattr(m, k, v)
+            self._save_state(m, row[-1], row[_MSG_COLS.index("dialogue_id")], op, streaming=False)
+        return m
+
+    def recover_interrupted(self) -> list[str]:
+        """Turn streams cut by a crash into versions (marked meta.interrupted). Call it when a
+        server starts, not from every process that opens the file: a live server may be
+        streaming."""
+        ids = [r[0] for r in self._x("SELECT id FROM messages WHERE streaming = 1")]
+        for i in ids:
+            m = self.get_message(i, deleted_ok=True)
+            self.finish_stream(i, op="recovered", meta={**m.meta, "interrupted": True})
+        return ids
+
+    # ------------------------------------------------------------ order, delete, restore
+
+    def move_message(self, msg_id: str, index: int) -> Message:
+        """Move a message to list index `index` among its dialogue's live messages (negative counts
+        from the end). One row changes."""
+        with self.tx():
+            row = self._msg_row(msg_id)
+            dialogue_id = row[_MSG_COLS.index("dialogue_id")]
+            count = self._one("SELECT count(*) FROM messages WHERE dialogue_id = ? AND "
+                              "deleted IS NULL", (dialogue_id,))[0]
+            if index < 0:
+                index += count
+            index = max(0, min(index, count - 1))
+            if index == self._index_of(dialogue_id, msg_id):
+                return self.get_message(msg_id)
+            pos = self._pos_at(dialogue_id, index, exclude=msg_id)
+            self._x("UPDATE messages SET pos = ? WHERE id = ?", (pos, msg_id))
+            self._touch(dialogue_id, time.time())
+        return self.get_message(msg_id)
+
+    def move_by(self, msg_id: str, delta: int) -> Message:
+        """Move up (negative) or down (positive) by `delta` places."""
+        dialogue_id = self.message_dialogue(msg_id)
+        return self.move_message(msg_id, max(0, self._index_of(dialogue_id, msg_id) + delta))
+
+    def delete_message(self, msg_id: str, *, base_version: int | None = None) -> None:
+        """Move a message to the trash (it keeps its place for a restore)."""
+        with self.tx():
+            row = self._msg_row(msg_id)
+            m = self._msg_from_row(row[:-1])
+            if base_version is not None and base_version != m.version:
+                raise ConflictError(f"message {msg_id}", base_version, m.version)
+            now = time.time()
+            dialogue_id = row[_MSG_COLS.index("dialogue_id")]
+            self._x("UPDATE messages SET deleted = ?, version = ?, updated = ? WHERE id = ?",
+                    (now, m.version + 1, now, msg_id))
+            self._write_version(dialogue_id, msg_id, m.version + 1, "delete", m.state(), now)
+            self._touch(dialogue_id, now)
+
+    def restore_message(self, msg_id: str) -> Message:
+        with self.tx():
+            row = self._msg_row(msg_id, deleted_ok=True)
+            m = self._msg_from_row(row[:-1])
+            dialogue_id = row[_MSG_COLS.index("dialogue_id")]
+            if row[_MSG_COLS.index("deleted")] is None:
+                raise StoreError(f"message {msg_id} is not in the trash")
+            self._dialogue_row(dialogue_id)  # its dialogue must be live
+            now = time.time()
+            self._x("UPDATE messages SET deleted = NULL, version = ?, updated = ? WHERE id = ?",
+                    (m.version + 1, now, msg_id))
+            self._write_version(dialogue_id, msg_id, m.version + 1, "restore", m.state(), now)
+            self._touch(dialogue_id, now)
+        return self.get_message(msg_id)
+
+    def trash(self) -> list[TrashItem]:
+        """Deleted dialogues, and deleted messages of live dialogues, newest first."""
+        items = [TrashItem("dialogue", i, i, n, t) for i, n, t in self._x(
+            "SELECT id, name, deleted FROM dialogues WHERE deleted IS NOT NULL")]
+        items += [TrashItem("message", i, d, (src.strip().splitlines() or [""])[0][:80], t)
+                  for i, d, src, t in self._x(
+                      "SELECT m.id, m.dialogue_id, m.source, m.deleted FROM messages m JOIN "
+                      "dialogues d ON d.id = m.dialogue_id WHERE m.deleted IS NOT NULL AND "
+                      "d.deleted IS NULL")]
+        return sorted(items, key=lambda t: -t.deleted)
+
+    # ------------------------------------------------------------ history
+
+    def history(self, msg_id: str) -> list[Version]:
+        """Every version of a message, oldest first (a dialogue id lists the dialogue's own
+        settings history)."""
+        rows = self._x("SELECT message_id, version, op, at, state FROM versions WHERE "
+                       "message_id = ? ORDER BY version", (msg_id,))
+        if not rows:
+            rows = self._x("SELECT message_id, version, op, at, state FROM versions WHERE "
+                           "dialogue_id = ? AND message_id = '' ORDER BY version", (msg_id,))
+        if not rows:
+            raise NotFoundError(f"no message or dialogue with id {msg_id!r}")
+        return [Version(m, v, op, at, self._state_load(s)) for m, v, op, at, s in rows]
+
+    def restore_version(self, msg_id: str, version: int, *, base_version: int | None) -> Message:
+        """Make an earlier version current again, as a new version (history is never rewritten)."""
+        row = self._one("SELECT state FROM versions WHERE message_id = ? AND version = ?",
+                        (msg_id, version))
+        if row is None:
+            raise NotFoundError(f"message {msg_id!r} has no version {version}")
+        state = self._state_load(row[0])
+        state["kind"] = Kind(state["kind"])
+        return self.update_message(msg_id, base_version=base_version, op=f"restore:{version}",
+                                   **state)
+
+    # ------------------------------------------------------------ fork
+
+    def fork(self, dialogue_id: str, at: str, *, name: str | None = None) -> Dialogue:
+        """A new dialogue holding copies of the messages up to and including `at` (with new ids),
+        and the same settings. The copies record where they came from in meta."""
+        src = self.get_dialogue(dialogue_id)
+        upto = src.index(at) + 1
+        if name is None:  # pick a free name: "x (fork)", "x (fork) 2", ...
+            base = name = f"{src.name} (fork)"
+            i = 2
+            while self._one("SELECT 1 FROM dialogues WHERE name = ? AND deleted IS NULL", (name,)):
+                name, i = f"{base} {i}", i + 1
+        with self.tx():
+            d = self.create_dialogue(name, model=src.model, system=src.system,
+                                     context=src.context,
+                                     meta={**src.meta, "forked_from": {"dialogue": src.id,
+                                                                       "message": at}})
+            copies = [m.copy(id=new_id(), meta={**m.meta, "forked_from": m.id})
+                      for m in src.messages[:upto]]
+            self.add_messages(d.id, copies, op="fork")
+        return self.get_dialogue(d.id)
+
+    # ------------------------------------------------------------ search
+
+    def search(self, query: str, *, limit: int = 50, raw: bool = False,
+               dialogue_id: str | None = None) -> list[SearchHit]:
+        """Full-text search over live messages' sources, outputs and answers, best first.
+
+        By default every word must match (words ending in `*` match as prefixes) and FTS5's own
+        syntax is escaped, so any text a user types is a valid query; `raw=True` passes FTS5
+        syntax through (AND/OR/NEAR, column filters)."""
+        q = query if raw else _fts_query(query)
+        if not q:
+            return []
+        sql = ("SELECT m.dialogue_id, d.name, m.id, m.kind, "
+               f"snippet(search, -1, '{HIT_START}', '{HIT_END}', '…', 12), rank "
+               "FROM search JOIN messages m ON m.n = search.rowid "
+               "JOIN dialogues d ON d.id = m.dialogue_id "
+               "WHERE search MATCH ? AND m.deleted IS NULL AND d.deleted IS NULL "
+               + ("AND m.dialogue_id = ? " if dialogue_id else "")
+               + "ORDER BY rank LIMIT ?")
+        params = (q, dialogue_id, limit) if dialogue_id else (q, limit)
+        try:
+            rows = self._x(sql, params)
+        except Exception as e:  # apsw.SQLError for a malformed raw query
+            raise StoreError(f"bad search query {query!r}: {e}") from e
+        return [SearchHit(*r) for r in rows]
+
+
+def _fts_query(text: str) -> str:
+    terms = []
+    for w in text.split():
+        prefix = w.endswith("*")
+        w = w.rstrip("*").replace('"', '""')
+        if w:
+            terms.append(f'"{w}"' + ("*" if prefix else ""))
+    return " ".join(terms)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise StoreError("a dialogue needs a non-empty name")
+    if len(name) > 200:
+        raise StoreError("a dialogue name is at most 200 characters")
+    return name.strip()
