@@ -286,13 +286,16 @@ class Store:
     # ------------------------------------------------------------ rows <-> objects
 
     def _msg_from_row(self, row: tuple) -> Message:
+        # Hot path (opening a long dialogue): most JSON columns hold an empty list or dict, which
+        # are built directly instead of parsed.
         d = dict(zip(_MSG_COLS, row))
         for c in _JSON_COLS:
-            d[c] = json.loads(d[c])
+            v = d[c]
+            d[c] = [] if v == "[]" else {} if v == "{}" else json.loads(v)
         for f in FLAGS:
             d[f] = bool(d[f])
         for c in ("dialogue_id", "streaming", "deleted", "pos"):
-            d.pop(c)
+            del d[c]
         return Message(**d)
 
     def _dlg_from_row(self, row: tuple) -> Dialogue:
