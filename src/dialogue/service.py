@@ -7,14 +7,21 @@ kernel or an SDK directly.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from .document import FLAGS, ContextItem, Dialogue, Kind, Message
 from .store import NotFoundError, SearchHit, Store, StoreError, TrashItem, Version
 
-__all__ = ["DialogueService", "DEFAULT_MODEL", "default_model"]
+if TYPE_CHECKING:
+    from .kernel import Kernel, KernelPool
+
+__all__ = ["DialogueService", "RunEvent", "RunError", "DEFAULT_MODEL", "default_model"]
 
 DEFAULT_MODEL = "local:default"
 
@@ -24,12 +31,62 @@ def default_model() -> str:
     return os.environ.get("DIALOGUE_MODEL") or DEFAULT_MODEL
 
 
+class RunError(StoreError):
+    """A message cannot be run as asked (a note, an empty prompt, already running)."""
+
+
+@dataclass
+class RunEvent:
+    """What a surface hears while a message runs.
+
+    type: "output" (data: an nbformat output, or a clear_output / update_display_data control),
+    "text" (data: a piece of the model's answer), "tool_call" / "tool_result" (data: dicts),
+    "error" (data: a message for the user), and last "done" (data: the stored Message)."""
+
+    type: str
+    message_id: str
+    data: Any = None
+
+
+@dataclass
+class _Run:
+    message_id: str
+    dialogue_id: str
+    kind: Kind
+    task: asyncio.Task | None = None
+    subscribers: list[asyncio.Queue] = field(default_factory=list)
+
+    def publish(self, ev: RunEvent) -> None:
+        for q in self.subscribers:
+            q.put_nowait(ev)
+
+
 class DialogueService:
-    def __init__(self, store: Store | str | os.PathLike | None = None):
+    # Streamed text and outputs are written to the store at most this often (seconds): each write
+    # is a transaction, and a model emits tokens faster than a page needs them on disk.
+    flush_every = 0.1
+
+    def __init__(self, store: Store | str | os.PathLike | None = None, *,
+                 kernel_idle_timeout: float | None = 3600.0, run_timeout: float | None = None):
         self.store = store if isinstance(store, Store) else Store(store)
+        self.kernel_idle_timeout = kernel_idle_timeout
+        self.run_timeout = run_timeout
+        self._kernels: "KernelPool | None" = None
+        self._runs: dict[str, _Run] = {}
 
     def close(self) -> None:
         self.store.close()
+
+    async def aclose(self) -> None:
+        """Stop every run and kernel, then close the store."""
+        for r in list(self._runs.values()):
+            if r.task:
+                r.task.cancel()
+        await asyncio.gather(*(r.task for r in self._runs.values() if r.task),
+                             return_exceptions=True)
+        if self._kernels is not None:
+            await self._kernels.shutdown_all()
+        self.close()
 
     # ------------------------------------------------------------ resolving references
 
@@ -173,6 +230,254 @@ class DialogueService:
         if base_version is None:
             base_version = self.store.get_message(mid).version
         return self.store.restore_version(mid, version, base_version=base_version)
+
+
+    # ------------------------------------------------------------ kernels
+
+    @property
+    def kernels(self) -> "KernelPool":
+        if self._kernels is None:
+            from .kernel import KernelPool  # jupyter_client is slow to import: only when needed
+            self._kernels = KernelPool(idle_timeout=self.kernel_idle_timeout)
+        return self._kernels
+
+    async def kernel(self, ref: str) -> "Kernel":
+        return await self.kernels.get(self.dialogue_id(ref))
+
+    def kernel_status(self, ref: str) -> str:
+        """none (not started) | idle | busy | dead."""
+        k = self._kernels.peek(self.dialogue_id(ref)) if self._kernels else None
+        if k is None:
+            return "none"
+        if not k.is_alive:
+            return "dead"
+        return "busy" if k.busy else "idle"
+
+    async def interrupt(self, ref: str) -> None:
+        k = self._kernels.peek(self.dialogue_id(ref)) if self._kernels else None
+        if k is not None:
+            await k.interrupt()
+
+    async def restart(self, ref: str) -> None:
+        did = self.dialogue_id(ref)
+        k = self._kernels.peek(did) if self._kernels else None
+        if k is not None:
+            await k.restart()
+        else:
+            await self.kernels.get(did)
+
+    # ------------------------------------------------------------ running messages
+
+    def running(self, msg_id: str) -> bool:
+        return msg_id in self._runs
+
+    def start(self, ref: str, msg: str, *, prefill: str | None = None,
+              timeout: float | None = None) -> str:
+        """Start running a code message in the dialogue's kernel, or sending a prompt to the
+        dialogue's model, in the background; returns the message id. The run goes on if every
+        listener goes away (a closed tab): what it produces is written to the store as it
+        arrives. Listen with `subscribe`, stop with `stop`."""
+        did = self.dialogue_id(ref)
+        mid = self.message_id(did, msg)
+        if mid in self._runs:
+            raise RunError(f"message {mid} is already running")
+        m = self.store.get_message(mid)
+        if m.kind == Kind.code:
+            coro = self._run_code(did, m, timeout if timeout is not None else self.run_timeout)
+        elif m.kind == Kind.prompt:
+            if not m.source.strip():
+                raise RunError("the prompt is empty")
+            coro = self._run_prompt(did, m, prefill)
+        else:
+            raise RunError(f"a {m.kind.value} message does not run")
+        run = self._runs[mid] = _Run(mid, did, m.kind)
+        run.task = asyncio.get_running_loop().create_task(coro)
+        run.task.add_done_callback(lambda _: self._runs.pop(mid, None))
+        return mid
+
+    async def subscribe(self, msg_id: str) -> AsyncIterator[RunEvent]:
+        """Events of the run of `msg_id` from now on, ending with "done"; nothing if it is not
+        running (read the store for its state)."""
+        run = self._runs.get(msg_id)
+        if run is None:
+            return
+        q: asyncio.Queue = asyncio.Queue()
+        run.subscribers.append(q)
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev.type == "done":
+                    return
+        finally:
+            with contextlib.suppress(ValueError):
+                run.subscribers.remove(q)
+
+    async def wait(self, msg_id: str) -> Message:
+        run = self._runs.get(msg_id)
+        if run is not None and run.task is not None:
+            await asyncio.shield(run.task)
+        return self.store.get_message(msg_id)
+
+    async def run(self, ref: str, msg: str, *, prefill: str | None = None,
+                  timeout: float | None = None) -> Message:
+        """Run a message and wait for the stored result."""
+        return await self.wait(self.start(ref, msg, prefill=prefill, timeout=timeout))
+
+    async def stop(self, msg_id: str) -> None:
+        """Stop a run: interrupt a running cell, end a model's answer where it is. What was
+        produced so far is kept."""
+        run = self._runs.get(msg_id)
+        if run is None:
+            return
+        if run.kind == Kind.code:
+            await self.interrupt(run.dialogue_id)
+        elif run.task is not None:
+            run.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(run.task), 10)
+
+    async def run_all(self, ref: str, *, above: str | None = None,
+                      stop_on_error: bool = True) -> list[Message]:
+        """Run the code messages in order (only those above `above` when given)."""
+        d = self.open(ref)
+        msgs = d.above(self.message_id(d.id, above)) if above else d.messages
+        done = []
+        for m in msgs:
+            if m.kind != Kind.code or not m.source.strip():
+                continue
+            r = await self.run(d.id, m.id)
+            done.append(r)
+            if stop_on_error and r.meta.get("run", {}).get("status", "ok") != "ok":
+                break
+        return done
+
+    async def _run_code(self, did: str, m: Message, timeout: float | None) -> None:
+        run = self._runs[m.id]
+        outputs: list[dict] = []
+        res = None
+        self.store.begin_stream(m.id)
+        last = time.monotonic()
+        dirty = False
+        try:
+            kernel = await self.kernels.get(did)
+            ex = kernel.execute(m.source, timeout=timeout)
+            async for out in ex:
+                t = out.get("output_type")
+                if t == "clear_output":
+                    outputs.clear()
+                elif t == "update_display_data":
+                    did_ = out.get("display_id")
+                    for o in outputs:
+                        if o.get("transient", {}).get("display_id") == did_ or \
+                                o.get("metadata", {}).get("display_id") == did_:
+                            o["data"], o["metadata"] = out.get("data", {}), out.get("metadata", {})
+                else:
+                    outputs.append(out)
+                dirty = True
+                run.publish(RunEvent("output", m.id, out))
+                if time.monotonic() - last > self.flush_every:
+                    self.store.stream_append(m.id, outputs=outputs)
+                    last, dirty = time.monotonic(), False
+            res = await ex
+        except asyncio.CancelledError:
+            await self.interrupt(did)
+        except Exception as e:  # the kernel could not start: say so on the message
+            from .kernel import KernelError
+            if not isinstance(e, KernelError):
+                raise
+            outputs.append({"output_type": "error", "ename": type(e).__name__, "evalue": str(e),
+                            "traceback": [str(e)]})
+            run.publish(RunEvent("error", m.id, str(e)))
+        finally:
+            if res is not None:
+                outputs = res.outputs
+                meta = {**m.meta, "run": {"status": res.status, "message": res.message,
+                                          "duration": round(res.duration, 3)}}
+                final = self.store.finish_stream(m.id, outputs=outputs,
+                                                 execution_count=res.execution_count, meta=meta)
+                if res.status != "ok" and res.message:
+                    run.publish(RunEvent("error", m.id, res.message))
+            else:
+                final = self.store.finish_stream(
+                    m.id, outputs=outputs, meta={**m.meta, "run": {"status": "interrupted"}})
+            run.publish(RunEvent("done", m.id, final))
+
+    async def _run_prompt(self, did: str, m: Message, prefill: str | None) -> None:
+        from . import context
+        from .llm.base import Done, ProviderError, TextDelta, ToolCall, Usage, cost, get_provider
+        run = self._runs[m.id]
+        d = self.store.get_dialogue(did)
+        prefill = prefill or ""
+        text, pending = [prefill], ""
+        tool_calls: list[dict] = []
+        usage = Usage()
+        stop_reason, error = "end", ""
+        meta = dict(m.meta)
+        meta.pop("error", None)
+        self.store.begin_stream(m.id, response=prefill)
+        last = time.monotonic()
+        try:
+            provider = get_provider(d.model)
+            window = getattr(provider, "context_window", None)
+            max_tokens = int(d.meta.get("max_tokens", 1024))
+            kw = dict(budget=(window - max_tokens) if window else None, max_tokens=max_tokens,
+                      count_tokens=getattr(provider, "count_tokens", None))
+            needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
+            if needs_kernel:
+                kernel = await self.kernels.get(did)
+                req = await context.build_async(d, m.id, kernel=kernel, **kw)
+            else:
+                kernel, req = None, context.build(d, m.id, **kw)
+            req.prefill = prefill
+            meta["refs"] = req.meta.get("refs", "")
+            if req.dropped:
+                meta["dropped"] = req.dropped
+            if req.tools and kernel is not None:
+                from .tools import tool_loop
+                events = tool_loop(provider, req, kernel)
+            else:
+                events = provider.stream(req)
+            async with contextlib.aclosing(events) as evs:
+                async for ev in evs:
+                    if isinstance(ev, TextDelta):
+                        text.append(ev.text)
+                        pending += ev.text
+                        run.publish(RunEvent("text", m.id, ev.text))
+                        if time.monotonic() - last > self.flush_every:
+                            self.store.stream_append(m.id, text=pending)
+                            pending, last = "", time.monotonic()
+                    elif isinstance(ev, ToolCall):
+                        tool_calls.append({"id": ev.id, "name": ev.name, "arguments": ev.arguments})
+                        run.publish(RunEvent("tool_call", m.id, tool_calls[-1]))
+                    elif isinstance(ev, Usage):
+                        usage = usage + ev
+                    elif isinstance(ev, Done):
+                        stop_reason = ev.stop_reason
+                    elif getattr(ev, "type", "") == "tool_result":
+                        for c in tool_calls:
+                            if c["id"] == ev.id:
+                                c.update(result=ev.result, error=ev.error)
+                        run.publish(RunEvent("tool_result", m.id, ev.to_dict()))
+        except asyncio.CancelledError:
+            stop_reason = "cancelled"
+        except (ProviderError, context.ContextError, StoreError, ValueError) as e:
+            stop_reason, error = "error", str(e)
+        except Exception as e:  # a kernel that failed to start for references or tools
+            from .kernel import KernelError
+            if not isinstance(e, KernelError):
+                raise
+            stop_reason, error = "error", str(e)
+        finally:
+            if error:
+                meta["error"] = error
+                run.publish(RunEvent("error", m.id, error))
+            u = {"input": usage.input, "output": usage.output, "cache_read": usage.cache_read,
+                 "cache_write": usage.cache_write, "model": d.model, "stop_reason": stop_reason,
+                 "cost": cost(d.model, usage)}
+            final = self.store.finish_stream(m.id, response="".join(text), tool_calls=tool_calls,
+                                             usage=u, meta=meta)
+            run.publish(RunEvent("done", m.id, final))
 
 
 def flag_changes(**opts: bool | None) -> dict[str, bool]:
