@@ -401,6 +401,7 @@ class DialogueService:
             else:
                 final = self.store.finish_stream(
                     m.id, outputs=outputs, meta={**m.meta, "run": {"status": "interrupted"}})
+            self._runs.pop(m.id, None)  # not running any more by the time listeners hear "done"
             run.publish(RunEvent("done", m.id, final))
 
     async def _run_prompt(self, did: str, m: Message, prefill: str | None) -> None:
@@ -477,6 +478,7 @@ class DialogueService:
                  "cost": cost(d.model, usage)}
             final = self.store.finish_stream(m.id, response="".join(text), tool_calls=tool_calls,
                                              usage=u, meta=meta)
+            self._runs.pop(m.id, None)  # not running any more by the time listeners hear "done"
             run.publish(RunEvent("done", m.id, final))
 
 
