@@ -4,6 +4,7 @@ traceback."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -17,9 +18,9 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from .document import FLAGS, Kind, Message
+from .document import FLAGS, Kind, Message, output_text
 from .service import DialogueService
-from .store import HIT_END, HIT_START, ConflictError, StoreError
+from .store import HIT_END, HIT_START, ConflictError, NameTakenError, StoreError
 
 EXIT_ERROR, EXIT_CONFLICT = 1, 3
 
@@ -120,12 +121,151 @@ def _text_arg(v: str) -> str:
     return sys.stdin.read() if v == "-" else v
 
 
-def cmd_add(svc: DialogueService, a: argparse.Namespace) -> None:
+def cmd_add(svc: DialogueService, a: argparse.Namespace) -> int:
     kind, text = next((k, getattr(a, k)) for k in ("code", "note", "prompt") if getattr(a, k) is not None)
     flags = {f: True for f in FLAGS if getattr(a, f, False)}
     m = svc.add(a.name, kind, _text_arg(text), after=a.after, before=a.before,
                 index=None if a.at is None else a.at - 1, **flags)
-    out.print(f"added {m.kind.value} message {m.id}")
+    err.print(f"added {m.kind.value} message {m.id}")
+    if a.run and m.kind in (Kind.code, Kind.prompt):
+        return asyncio.run(_stream_run(svc, a.name, m.id))
+    return 0
+
+
+def cmd_ask(svc: DialogueService, a: argparse.Namespace) -> int:
+    """Add a prompt and stream the model's answer to the terminal."""
+    m = svc.add(a.name, Kind.prompt, _text_arg(a.text))
+    return asyncio.run(_stream_run(svc, a.name, m.id, prefill=a.prefill))
+
+
+def cmd_exec(svc: DialogueService, a: argparse.Namespace) -> int:
+    """Run an existing code message or prompt."""
+    return asyncio.run(_stream_run(svc, a.name, svc.message_id(a.name, a.msg), prefill=a.prefill))
+
+
+async def _stream_run(svc: DialogueService, name: str, mid: str, prefill: str | None = None) -> int:
+    """Run a message, printing what it produces as it arrives; exit status 1 if it failed."""
+    try:
+        svc.start(name, mid, prefill=prefill)
+        if prefill:
+            sys.stdout.write(prefill)
+        final = None
+        async for ev in svc.subscribe(mid):
+            if ev.type == "text":
+                sys.stdout.write(ev.data)
+                sys.stdout.flush()
+            elif ev.type == "output":
+                text = output_text([ev.data]) if ev.data.get("output_type") != "stream" else ev.data.get("text", "")
+                if text:
+                    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+                    sys.stdout.flush()
+            elif ev.type == "tool_call":
+                err.print(f"[dim]tool call: {ev.data['name']}({json.dumps(ev.data['arguments'])})[/dim]")
+            elif ev.type == "error":
+                err.print(f"error: {ev.data}", markup=False)
+            elif ev.type == "done":
+                final = ev.data
+        final = final or svc.store.get_message(mid)
+        if final.kind == Kind.prompt:
+            sys.stdout.write("\n")
+            u = final.usage
+            cost = f", ${u['cost']:.4f}" if u.get("cost") else ""
+            err.print(f"[dim]{u.get('model', '')}: {u.get('input', 0)} in "
+                      f"({u.get('cache_read', 0)} from cache), {u.get('output', 0)} out{cost}[/dim]")
+        return 0 if svc.run_status(final) == "ok" else EXIT_ERROR
+    finally:
+        await svc.aclose()
+
+
+def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
+    """Headless run of a stored dialogue, or of a notebook file (in a scratch database, so the
+    user's own is not touched), top to bottom."""
+    from pathlib import Path
+    target = Path(a.target)
+    is_file = a.target.endswith(".ipynb") or (target.exists() and target.is_file())
+    if is_file:
+        import tempfile
+        from .artifacts import read_notebook, to_ipynb_bytes
+        doc = read_notebook(target, keep_ids=True)
+        tmp = tempfile.TemporaryDirectory(prefix="dialogue-run-")
+        svc.close()
+        svc = DialogueService(Path(tmp.name) / "run.db")
+        d = svc.import_dialogue(doc)
+    else:
+        d = svc.open(a.target)
+    if a.model:
+        svc.update(d.id, model=a.model)
+    if a.timeout:
+        svc.run_timeout = a.timeout
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, transient=False)
+    task = progress.add_task(f"running {d.name}", total=None)
+
+    def on_start(i: int, n: int, m: Message) -> None:
+        first = (m.source.strip().splitlines() or [""])[0][:40]
+        progress.update(task, total=n, completed=i, description=f"{m.kind.value} {i + 1}: {first}")
+
+    def on_done(i: int, n: int, m: Message) -> None:
+        progress.update(task, completed=i + 1)
+        status = svc.run_status(m)
+        if status != "ok":
+            why = m.meta.get("error") or m.meta.get("run", {}).get("message") or status
+            progress.console.print(f"[red]message {i + 1} ({m.id}) failed:[/red] {why}", markup=True)
+
+    async def go() -> list[Message]:
+        try:
+            return await svc.run_through(d.id, allow_errors=a.allow_errors, on_start=on_start,
+                                         on_done=on_done)
+        finally:
+            await svc.shutdown_kernels()
+
+    with progress:
+        failures = asyncio.run(go())
+    if is_file:
+        out_path = Path(a.output) if a.output else target.with_name(target.stem + ".executed.ipynb")
+        out_path.write_bytes(to_ipynb_bytes(svc.open(d.id)))
+        err.print(f"wrote {out_path}")
+        svc.close()
+        tmp.cleanup()
+    if failures:
+        err.print(f"{len(failures)} message(s) failed")
+        # like `nbconvert --execute --allow-errors`: errors recorded in the outputs are the
+        # expected result then, not a failure of the run
+        return 0 if a.allow_errors else EXIT_ERROR
+    return 0
+
+
+def cmd_import(svc: DialogueService, a: argparse.Namespace) -> None:
+    from .artifacts import read_notebook
+    doc = read_notebook(a.file, keep_ids=True)
+    try:
+        d = svc.import_dialogue(doc, name=a.new_name)
+    except NameTakenError as e:
+        raise UserError(f"{e}: import it under another name with --name") from None
+    out.print(f"imported {len(d.messages)} messages into dialogue [b]{d.name}[/b] ({d.id})")
+
+
+def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
+    from pathlib import Path
+    from . import artifacts
+    d = svc.open(a.name)
+    ext = {"ipynb": ".ipynb", "py": ".py", "md": ".md", "html": ".html"}[a.to]
+    path = Path(a.output) if a.output else Path(_safe_filename(d.name) + ext)
+    if a.to == "ipynb":
+        path.write_bytes(artifacts.to_ipynb_bytes(d))
+    elif a.to == "py":
+        path.write_text(artifacts.to_module(d), encoding="utf-8")
+    elif a.to == "md":
+        artifacts.write_markdown(d, path, with_ai=a.with_ai)
+    else:
+        path.write_text(artifacts.to_html(d, with_ai=a.with_ai), encoding="utf-8")
+    out.print(f"wrote {path}")
+
+
+def _safe_filename(name: str) -> str:
+    import re
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "dialogue"
 
 
 def cmd_edit(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -275,6 +415,34 @@ def build_parser() -> argparse.ArgumentParser:
     for f, opt in (("hidden", "--hide"), ("pinned", "--pin"), ("collapsed", "--collapse"),
                    ("exported", "--export")):
         sp.add_argument(opt, dest=f, action="store_true")
+    sp.add_argument("--run", action="store_true", help="run the code or prompt once added")
+
+    sp = cmd("ask", cmd_ask, "add a prompt and stream the model's answer")
+    sp.add_argument("name")
+    sp.add_argument("text", help="the prompt ('-' reads standard input)")
+    sp.add_argument("--prefill", help="the start of the answer, for the model to continue")
+
+    sp = cmd("exec", cmd_exec, "run a code message or prompt of a dialogue")
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    sp.add_argument("--prefill")
+
+    sp = cmd("run", cmd_run, "run a dialogue or notebook top to bottom (headless)")
+    sp.add_argument("target", metavar="FILE.ipynb|NAME")
+    sp.add_argument("--model", help="answer prompts with this model")
+    sp.add_argument("-o", "--output", help="where to write the executed notebook (files only)")
+    sp.add_argument("--allow-errors", action="store_true", help="go on after a failure")
+    sp.add_argument("--timeout", type=float, help="seconds per code message")
+
+    sp = cmd("import", cmd_import, "import a notebook (.ipynb) as a new dialogue")
+    sp.add_argument("file")
+    sp.add_argument("--name", dest="new_name")
+
+    sp = cmd("export", cmd_export, "export a dialogue as a notebook, module, post or page")
+    sp.add_argument("name")
+    sp.add_argument("--to", choices=("ipynb", "py", "md", "html"), required=True)
+    sp.add_argument("-o", "--output")
+    sp.add_argument("--with-ai", action="store_true", help="include prompts and answers (md, html)")
 
     sp = cmd("edit", cmd_edit, "change a message (MSG: id, id prefix or 1-based position)")
     sp.add_argument("name")
@@ -336,12 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"error: {e}", markup=False)
         return EXIT_ERROR
     try:
-        a.fn(svc, a)
-        return 0
+        return a.fn(svc, a) or 0
     except ConflictError as e:
         err.print(f"error: {e}", markup=False)
         return EXIT_CONFLICT
-    except (StoreError, UserError, ValueError) as e:
+    except (StoreError, UserError, ValueError, OSError) as e:
         err.print(f"error: {e}", markup=False)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -77,15 +77,19 @@ class DialogueService:
     def close(self) -> None:
         self.store.close()
 
-    async def aclose(self) -> None:
-        """Stop every run and kernel, then close the store."""
+    async def shutdown_kernels(self) -> None:
+        """Stop every run and kernel; the store stays open."""
         for r in list(self._runs.values()):
             if r.task:
                 r.task.cancel()
-        await asyncio.gather(*(r.task for r in self._runs.values() if r.task),
+        await asyncio.gather(*(r.task for r in list(self._runs.values()) if r.task),
                              return_exceptions=True)
         if self._kernels is not None:
             await self._kernels.shutdown_all()
+
+    async def aclose(self) -> None:
+        """Stop every run and kernel, then close the store."""
+        await self.shutdown_kernels()
         self.close()
 
     # ------------------------------------------------------------ resolving references
@@ -152,6 +156,17 @@ class DialogueService:
         except (OSError, UnicodeDecodeError) as e:
             raise StoreError(f"cannot attach {p}: {e}") from e
         return self.attach(ref, p.name, text, kind="file", source=str(p.resolve()))
+
+    def import_dialogue(self, doc: Dialogue, *, name: str | None = None) -> Dialogue:
+        """Store a dialogue read from elsewhere (a notebook), messages and all, in one
+        transaction: either all of it is created or nothing is."""
+        with self.store.tx():
+            free = not self.store._one("SELECT 1 FROM dialogues WHERE id = ?", (doc.id,))
+            d = self.store.create_dialogue(name or doc.name, model=doc.model or default_model(),
+                                           system=doc.system, context=doc.context, meta=doc.meta,
+                                           id=doc.id if free else None)
+            self.store.add_messages(d.id, [m.copy() for m in doc.messages], op="import")
+        return self.store.get_dialogue(d.id)
 
     def delete(self, ref: str) -> None:
         self.store.delete_dialogue(self.dialogue_id(ref))
@@ -351,6 +366,35 @@ class DialogueService:
             if stop_on_error and r.meta.get("run", {}).get("status", "ok") != "ok":
                 break
         return done
+
+    @staticmethod
+    def run_status(m: Message) -> str:
+        """ok | error | died | timeout | interrupted | cancelled, for the last run of a code
+        message or prompt."""
+        if m.kind == Kind.prompt:
+            return "error" if m.meta.get("error") else (
+                "cancelled" if m.usage.get("stop_reason") == "cancelled" else "ok")
+        return m.meta.get("run", {}).get("status", "ok")
+
+    async def run_through(self, ref: str, *, allow_errors: bool = False,
+                          on_start: Any = None, on_done: Any = None) -> list[Message]:
+        """The headless run: every code message and prompt, top to bottom, like
+        `jupyter nbconvert --execute`. Stops at the first failure unless `allow_errors`; a kernel
+        that dies is then replaced by a fresh one for the next message. Returns the failures."""
+        d = self.open(ref)
+        todo = [m for m in d.messages if m.kind in (Kind.code, Kind.prompt) and m.source.strip()]
+        failures = []
+        for i, m in enumerate(todo):
+            if on_start:
+                on_start(i, len(todo), m)
+            r = await self.run(d.id, m.id)
+            if on_done:
+                on_done(i, len(todo), r)
+            if self.run_status(r) != "ok":
+                failures.append(r)
+                if not allow_errors:
+                    break
+        return failures
 
     async def _run_code(self, did: str, m: Message, timeout: float | None) -> None:
         run = self._runs[m.id]
