@@ -1,0 +1,355 @@
+"""OpenAI models and any OpenAI-compatible server, through the official `openai` SDK.
+
+Chat Completions, streamed, with ``stream_options={"include_usage": True}`` so the last chunk
+carries token counts. The same adapter serves OpenAI itself and the servers that speak its
+protocol (vLLM, llama.cpp's server, ``llama_cpp.server``, Ollama): that is how a dialogue moves
+from one machine to a cluster.
+
+Model names
+-----------
+- ``gpt-*``, ``o1*``, ``o3*``, ``o4*``, ``chatgpt-*``: OpenAI's API (``OPENAI_BASE_URL`` honoured);
+  needs ``OPENAI_API_KEY``.
+- ``openai-compatible:<base_url>/<model>``: the model id is the last path segment, the rest is
+  the base URL, e.g. ``openai-compatible:http://127.0.0.1:8000/v1/my-model`` -> base
+  ``http://127.0.0.1:8000/v1``, model ``my-model``. A model id that itself contains slashes (vLLM
+  serves Hugging Face ids) is written after a ``#`` instead:
+  ``openai-compatible:http://gpu-box:8000/v1#meta-llama/Llama-3.1-8B-Instruct``. ``#`` cannot be
+  part of a URL sent to a server (it starts a fragment), so the split is unambiguous. Compatible
+  servers often need no key: ``OPENAI_COMPATIBLE_API_KEY`` is sent if set, otherwise a
+  placeholder. The user's ``OPENAI_API_KEY`` is never sent to a server other than OpenAI's.
+
+Tool calls
+----------
+Argument deltas are assembled per call index and each call is emitted as a `ToolCall` with parsed
+JSON arguments once the model has finished. Arguments that are not a JSON object (small models
+do this) give a `ToolCall` with ``arguments={}`` and ``error`` quoting what the model sent, so the
+tool loop can return the error to the model rather than fail the whole answer.
+
+Prefill
+-------
+The prefill is sent as a trailing assistant message and the stream does not repeat it. Whether the
+model *continues* it depends on the server: llama.cpp's own ``llama-server`` continues a final
+assistant message; OpenAI's API does not (it answers afresh after it), and neither does
+``llama_cpp.server`` 0.3.36 (the Python one: checked, it renders the chat template with a new
+generation prompt after the prefill). Use the local provider where a prefill must be continued.
+
+Usage
+-----
+OpenAI's ``prompt_tokens`` include cached tokens; we report ``input = prompt_tokens -
+cached_tokens`` and ``cache_read = cached_tokens`` so costs follow the price table. A server that
+sends no usage chunk gets no `Usage` event (``llama_cpp.server`` 0.3.36 ignores ``stream_options``).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any, AsyncIterator
+
+import openai as sdk
+
+from .base import (
+    ContextTooLongError, Done, Event, MissingKeyError, OverloadedError, ProviderError,
+    ProviderNetworkError, RateLimitError, Request, TextDelta, ToolCall, Turn, UnknownModelError,
+    Usage, parse_retry_after, register, with_retries,
+)
+
+__all__ = ["OpenAIProvider", "parse_compatible"]
+
+# The SDK streams over httpx2 (SDK >= 2) or httpx (older SDKs); a connection that breaks while a
+# stream is read surfaces as the transport library's error, not the SDK's, so catch both.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = ()
+for _mod in ("httpx2", "httpx"):
+    try:
+        _TRANSPORT_ERRORS += (__import__(_mod).TransportError,)
+    except (ImportError, AttributeError):
+        pass
+
+COMPATIBLE = "openai-compatible:"
+_NO_KEY = "sk-no-key-required"
+_STOP = {"stop": "end", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+         "content_filter": "refusal"}
+_CONTEXT_PHRASES = ("context_length_exceeded", "maximum context length", "context window", "context length",
+                    "too many tokens", "prompt is too long")
+
+
+def parse_compatible(model: str) -> tuple[str, str]:
+    """``openai-compatible:<base_url>/<model>`` (or ``<base_url>#<model/with/slashes>``) ->
+    (base_url, model id). Raises UnknownModelError with the expected shape on anything else."""
+    rest = model[len(COMPATIBLE):] if model.startswith(COMPATIBLE) else model
+    if "#" in rest:
+        base, _, mid = rest.partition("#")
+    else:
+        base, _, mid = rest.rpartition("/")  # a trailing slash leaves no model id: an error
+    base = base.rstrip("/")
+    scheme_ok = base.startswith(("http://", "https://"))
+    if not scheme_ok or not mid or base.count("/") < 2 or len(base) <= len("https://"):
+        raise UnknownModelError(
+            f"cannot read {model!r}: write openai-compatible:<base_url>/<model>, e.g. "
+            "openai-compatible:http://127.0.0.1:8000/v1/my-model, or with a model id that contains "
+            "slashes openai-compatible:http://host:8000/v1#org/model")
+    return base, mid
+
+
+class OpenAIProvider:
+    """Streams OpenAI models or a model on an OpenAI-compatible server (see module docstring)."""
+
+    def __init__(self, model: str, *, api_key: str | None = None, base_url: str | None = None,
+                 attempts: int = 4, backoff: float = 0.5, timeout: float = 600.0) -> None:
+        self.full_name = model
+        self.compatible = model.startswith(COMPATIBLE)
+        if self.compatible:
+            self.base_url, self.model = parse_compatible(model)
+            self.name = "openai-compatible"
+        else:
+            self.model, self.base_url = model, base_url or os.environ.get("OPENAI_BASE_URL") or None
+            self.name = "openai"
+        if base_url:
+            self.base_url = base_url
+        self.api_key = api_key
+        self.attempts = attempts
+        self.backoff = backoff  # first retry delay in seconds; doubles per attempt
+        self.timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client_: sdk.AsyncOpenAI | None = None
+
+    def count_tokens(self, text: str) -> int | None:
+        # No tokenizer is bundled for OpenAI models (tiktoken downloads its tables at run time) and
+        # compatible servers serve arbitrary models; the context builder falls back to its estimate.
+        return None
+
+    def _key(self) -> str:
+        if self.api_key:
+            return self.api_key
+        if self.compatible:
+            return os.environ.get("OPENAI_COMPATIBLE_API_KEY") or _NO_KEY
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise MissingKeyError(f"no OpenAI API key for {self.model!r}: set OPENAI_API_KEY "
+                                  "(https://platform.openai.com/api-keys)")
+        return key
+
+    def _client(self) -> sdk.AsyncOpenAI:
+        """One client per event loop: an async HTTP pool belongs to the loop that opened it."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._client_ is None:
+            kw: dict[str, Any] = {"api_key": self._key(), "max_retries": 0, "timeout": self.timeout}
+            if self.base_url:
+                kw["base_url"] = self.base_url
+            self._loop, self._client_ = loop, sdk.AsyncOpenAI(**kw)
+        return self._client_
+
+    async def aclose(self) -> None:
+        """Close the pooled HTTP connections. Optional (a process that keeps one provider for its
+        life need not), but a test or a short script that opens its own event loop should."""
+        client, self._client_, self._loop = self._client_, None, None
+        if client is not None:
+            await client.close()
+
+    # ------------------------------------------------------------ request
+
+    def build_body(self, request: Request) -> dict[str, Any]:
+        """The Chat Completions body for `request` (public so tests can inspect it)."""
+        if request.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {request.max_tokens}")
+        messages: list[dict[str, Any]] = []
+        system = "\n\n".join(s for s in (request.system, request.context) if s)
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages += [_message(t, i) for i, t in enumerate(request.messages)]
+        if request.prefill:
+            if messages and messages[-1]["role"] == "assistant":
+                raise ValueError("a request cannot end with an assistant turn and also carry a prefill")
+            messages.append({"role": "assistant", "content": request.prefill})
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        # OpenAI's reasoning models refuse max_tokens; compatible servers know only max_tokens.
+        body["max_tokens" if self.compatible else "max_completion_tokens"] = request.max_tokens
+        if request.tools:
+            body["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.parameters}} for t in request.tools]
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.stop:
+            body["stop"] = list(request.stop)
+        return body
+
+    # ------------------------------------------------------------ stream
+
+    async def stream(self, request: Request) -> AsyncIterator[Event]:
+        """Text deltas (not repeating the prefill), tool calls, usage if the server sends it, `Done`."""
+        body = self.build_body(request)
+        client = self._client()
+
+        async def open_stream() -> Any:
+            try:
+                return await client.chat.completions.create(**body)
+            except Exception as e:  # noqa: BLE001 - every SDK error is translated
+                raise self._error(e) from e
+
+        stream = await with_retries(open_stream, attempts=self.attempts, base=self.backoff)
+        usage: Usage | None = None
+        finish: str | None = None
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments text]
+        chunks = 0
+        try:
+            async with stream:
+                async for chunk in stream:
+                    chunks += 1
+                    if chunk.usage is not None:
+                        usage = _usage(chunk.usage)
+                    for choice in chunk.choices or ():
+                        if choice.index != 0:
+                            continue
+                        d = choice.delta
+                        if d is not None and d.content:
+                            yield TextDelta(d.content)
+                        for tc in (d.tool_calls or ()) if d is not None else ():
+                            slot = calls.setdefault(tc.index, ["", "", ""])
+                            if tc.id:
+                                slot[0] = tc.id
+                            if tc.function is not None:
+                                if tc.function.name:
+                                    slot[1] += tc.function.name
+                                if tc.function.arguments:
+                                    slot[2] += tc.function.arguments
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+        except ProviderError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._error(e, streaming=True) from e
+        if finish is None and chunks == 0:
+            # llama_cpp.server answers 200 and then fails inside its generator, e.g. on a prompt
+            # longer than its context window: the body ends empty and the reason is in its log.
+            raise ProviderNetworkError(
+                f"{self._where()} ended the stream without sending anything: the server failed on this "
+                "request (a llama.cpp server does this when the prompt exceeds its context window); "
+                "see the server's log")
+        if finish is None:
+            raise ProviderNetworkError(f"{self.model}: the stream ended before the answer was complete "
+                                       "(no finish_reason); the connection was probably cut")
+        for i in sorted(calls):
+            cid, name, raw = calls[i]
+            yield _tool_call(cid or f"call_{i}", name, raw)
+        if usage is not None:
+            yield usage
+        yield Done("tool_use" if calls and finish == "stop" else _STOP.get(finish, finish))
+
+    # ------------------------------------------------------------ errors
+
+    def _where(self) -> str:
+        return self.base_url or "the OpenAI API"
+
+    def _error(self, e: BaseException, streaming: bool = False) -> ProviderError:
+        """Translate an SDK or transport error into one the user can act on. `streaming`: the
+        stream had opened, so a connection error means it broke mid-answer."""
+        if isinstance(e, ProviderError):
+            return e
+        if streaming and isinstance(e, (sdk.APIConnectionError, *_TRANSPORT_ERRORS)):
+            return ProviderNetworkError(f"{self.model}: the connection broke mid-answer: {e}")
+        if isinstance(e, sdk.APIConnectionError):
+            return ProviderNetworkError(f"could not reach {self._where()}: {e}")
+        if isinstance(e, _TRANSPORT_ERRORS):
+            return ProviderNetworkError(f"{self.model}: the connection to {self._where()} broke mid-answer: {e}")
+        if isinstance(e, sdk.APIError):
+            status = getattr(e, "status_code", None)
+            code, msg = _error_fields(e)
+            low = (msg + " " + code).lower()
+            headers = getattr(getattr(e, "response", None), "headers", None)
+            if status == 429 and code != "insufficient_quota":
+                err: ProviderError = RateLimitError(f"{self.model}: rate limited by {self._where()}: {msg}")
+                err.retry_after = parse_retry_after(headers)  # type: ignore[attr-defined]
+                return err
+            if status == 429:
+                return ProviderError(f"{self.model}: quota exceeded at {self._where()} (check billing): {msg}")
+            if status is not None and status >= 500:
+                err = OverloadedError(f"{self.model}: {self._where()} is overloaded or failing ({status}): {msg}")
+                err.retry_after = parse_retry_after(headers)  # type: ignore[attr-defined]
+                return err
+            if status == 401:
+                env = "OPENAI_COMPATIBLE_API_KEY" if self.compatible else "OPENAI_API_KEY"
+                return MissingKeyError(f"{self._where()} rejected the API key (check {env}): {msg}")
+            if status == 404 and ("model" in low or code == "model_not_found"):
+                return UnknownModelError(f"{self._where()} does not serve the model {self.model!r}: {msg}")
+            if status == 404:
+                return ProviderError(f"{self._where()} answered 404 (is the base URL right? it usually "
+                                     f"ends in /v1): {msg}")
+            if any(p in low for p in _CONTEXT_PHRASES) or "exceed context window" in low:
+                return ContextTooLongError(f"{self.model}: the prompt is too long for the model: {msg}")
+            return ProviderError(f"{self.model}: API error {status or ''} from {self._where()}: {msg}")
+        return ProviderError(f"{self.model}: {type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _error_fields(e: BaseException) -> tuple[str, str]:
+    """(error code, message) from an OpenAI-style error body; servers vary, so be lenient."""
+    body = getattr(e, "body", None)
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            pass
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    if isinstance(body, dict):
+        return str(body.get("code") or body.get("type") or ""), str(body.get("message") or e)
+    return "", str(getattr(e, "message", None) or e)
+
+
+def _usage(u: Any) -> Usage:
+    details = getattr(u, "prompt_tokens_details", None)
+    cached = int(getattr(details, "cached_tokens", None) or 0)
+    written = int(getattr(details, "cache_write_tokens", None) or 0)
+    prompt = int(u.prompt_tokens or 0)
+    return Usage(input=max(0, prompt - cached - written), output=int(u.completion_tokens or 0),
+                 cache_read=cached, cache_write=written)
+
+
+def _tool_call(id: str, name: str, raw: str) -> ToolCall:
+    try:
+        args = json.loads(raw) if raw.strip() else {}
+    except ValueError as e:
+        return ToolCall(id, name, {}, error=f"the arguments for {name} are not valid JSON ({e}): {raw[:500]}")
+    if not isinstance(args, dict):
+        return ToolCall(id, name, {}, error=f"the arguments for {name} are not a JSON object: {raw[:500]}")
+    return ToolCall(id, name, args)
+
+
+def _message(turn: Turn, index: int) -> dict[str, Any]:
+    if turn.role == "tool":
+        if not turn.tool_call_id:
+            raise ValueError(f"tool turn {index} has no tool_call_id")
+        # Chat Completions tool messages carry text only; an image in a tool result is described.
+        text = "".join(p.text if p.type == "text" else f"[image {p.mime} omitted]" for p in turn.parts())
+        return {"role": "tool", "tool_call_id": turn.tool_call_id, "content": text}
+    parts = turn.parts()
+    if any(p.type == "image" for p in parts):
+        if turn.role != "user":
+            raise ValueError(f"turn {index}: images can only be sent in user turns")
+        content: Any = []
+        for p in parts:
+            if p.type == "image":
+                if not p.mime.startswith("image/") or not p.data:
+                    raise ValueError(f"turn {index}: an image part needs an image/* mime and base64 data")
+                content.append({"type": "image_url", "image_url": {"url": f"data:{p.mime};base64,{p.data}"}})
+            elif p.text:
+                content.append({"type": "text", "text": p.text})
+    else:
+        content = turn.text()
+    msg: dict[str, Any] = {"role": turn.role, "content": content}
+    if turn.role == "assistant" and turn.tool_calls:
+        msg["content"] = content or None
+        msg["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                             for c in turn.tool_calls]
+    return msg
+
+
+def _factory(model: str) -> OpenAIProvider:
+    return OpenAIProvider(model)
+
+
+for _prefix in ("gpt-", "o1", "o3", "o4", "chatgpt-", COMPATIBLE):
+    register(_prefix, _factory)

@@ -1,0 +1,162 @@
+"""The provider protocol's shared parts: registry, prices, retries, usage arithmetic."""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+
+import pytest
+
+from dialogue.llm import base
+from dialogue.llm.base import (
+    OverloadedError, ProviderError, RateLimitError, UnknownModelError, Usage, cost, get_provider,
+    known_prefixes, parse_retry_after, register, resolve, with_retries,
+)
+
+
+class _Named:
+    def __init__(self, model: str, tag: str) -> None:
+        self.name, self.model = tag, model
+
+    async def stream(self, request):  # pragma: no cover - never streamed here
+        yield None
+
+    def count_tokens(self, text: str) -> int | None:
+        return None
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """An isolated copy of the registry, so test prefixes don't leak into other tests."""
+    base._load_builtin()
+    monkeypatch.setattr(base, "_REGISTRY", list(base._REGISTRY))
+    return base._REGISTRY
+
+
+# ---------------------------------------------------------------- registry
+
+def test_longest_prefix_wins_whatever_the_registration_order(registry):
+    register("zz-long-", lambda m: _Named(m, "long"))
+    register("zz-", lambda m: _Named(m, "short"))
+    register("zz-long-er-", lambda m: _Named(m, "longer"))
+    assert get_provider("zz-long-x").name == "long"
+    assert get_provider("zz-long-er-x").name == "longer"
+    assert get_provider("zz-other").name == "short"
+    assert get_provider("zz-long-x").model == "zz-long-x"  # the factory gets the full name
+
+
+def test_builtin_names_resolve_to_their_adapters():
+    from dialogue.llm.anthropic import AnthropicProvider
+    from dialogue.llm.openai import OpenAIProvider
+
+    assert isinstance(get_provider("claude-sonnet-4-6"), AnthropicProvider)
+    assert isinstance(get_provider("claude-sonnet-4-6"), base.Provider)
+    assert isinstance(get_provider("gpt-4.1"), base.Provider)
+    for name in ("gpt-4.1-mini", "o1-preview", "o3", "o4-mini", "chatgpt-4o-latest"):
+        p = get_provider(name)
+        assert isinstance(p, OpenAIProvider) and p.name == "openai" and p.model == name
+    p = get_provider("openai-compatible:http://127.0.0.1:8000/v1/my-model")
+    assert isinstance(p, OpenAIProvider) and p.name == "openai-compatible"
+    assert (p.base_url, p.model) == ("http://127.0.0.1:8000/v1", "my-model")
+    prefixes = known_prefixes()
+    assert {"claude-", "gpt-", "o1", "o3", "o4", "chatgpt-", "openai-compatible:"} <= set(prefixes)
+    assert [len(p) for p in prefixes] == sorted((len(p) for p in prefixes), reverse=True)
+
+
+@pytest.mark.parametrize("name", ["mistral-large", "Claude-3", "", "gemini-2.5-pro", "llama3"])
+def test_unknown_model_names_say_what_is_accepted(name):
+    with pytest.raises(UnknownModelError) as e:
+        resolve(name)
+    assert repr(name) in str(e.value) and "claude-*" in str(e.value) and "openai-compatible:" in str(e.value)
+
+
+# ---------------------------------------------------------------- prices
+
+def test_cost_uses_the_longest_price_prefix_and_all_four_counts():
+    u = Usage(input=1_000_000, output=1_000_000, cache_read=1_000_000, cache_write=1_000_000)
+    assert cost("claude-sonnet-4-5-20250929", u) == pytest.approx(3.0 + 15.0 + 0.3 + 3.75)
+    assert cost("gpt-4.1-mini-2025-04-14", Usage(input=1_000_000)) == pytest.approx(0.4)
+    assert cost("gpt-4.1-2025-04-14", Usage(input=1_000_000)) == pytest.approx(2.0)
+    assert cost("gpt-4o-mini", Usage(output=2_000_000)) == pytest.approx(1.2)
+    # a typical cached Claude answer: 14 fresh, 2,188 read, 52 written, 17 out
+    assert cost("claude-sonnet-4-5", Usage(14, 17, 2188, 52)) == pytest.approx(
+        (14 * 3 + 17 * 15 + 2188 * 0.3 + 52 * 3.75) / 1e6)
+
+
+def test_cost_is_zero_locally_and_unknown_elsewhere():
+    assert cost("local:smollm2", Usage(10_000, 10_000)) == 0.0
+    assert cost("openai-compatible:http://h:1/v1/m", Usage(10)) is None
+    assert cost("claude-unreleased-9", Usage(10)) is None
+
+
+def test_usage_adds_field_by_field():
+    total = Usage(1, 2, 3, 4) + Usage(10, 20, 30, 40) + Usage()
+    assert (total.input, total.output, total.cache_read, total.cache_write) == (11, 22, 33, 44)
+    assert total.type == "usage"
+
+
+# ---------------------------------------------------------------- retries
+
+class _Flaky:
+    """Fails with the given errors in turn, then returns 'ok'."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.calls: list[float] = []
+
+    async def __call__(self) -> str:
+        self.calls.append(time.monotonic())
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+async def test_retries_rate_limits_and_overloads_then_succeeds():
+    fn = _Flaky(RateLimitError("429"), OverloadedError("529"), OverloadedError("503"))
+    assert await with_retries(fn, attempts=4, base=0.001) == "ok"
+    assert len(fn.calls) == 4
+
+
+async def test_gives_up_after_the_last_attempt_with_the_last_error():
+    fn = _Flaky(*(OverloadedError(f"529 #{i}") for i in range(5)))
+    with pytest.raises(OverloadedError, match="#2"):
+        await with_retries(fn, attempts=3, base=0.001)
+    assert len(fn.calls) == 3
+
+
+@pytest.mark.parametrize("err", [ProviderError("bad request"), UnknownModelError("nope"), ValueError("bug")])
+async def test_other_errors_are_not_retried(err):
+    fn = _Flaky(err)
+    with pytest.raises(type(err)):
+        await with_retries(fn, attempts=4, base=0.001)
+    assert len(fn.calls) == 1
+
+
+async def test_retry_after_on_the_error_replaces_the_backoff():
+    e = RateLimitError("429")
+    e.retry_after = 0.3
+    fn = _Flaky(e)
+    # base=30 would sleep 15-30 s: finishing within 10 s shows retry_after was used instead,
+    # and the gap between the calls shows it was waited for.
+    assert await asyncio.wait_for(with_retries(fn, attempts=2, base=30.0), timeout=10) == "ok"
+    assert fn.calls[1] - fn.calls[0] >= 0.29
+
+
+async def test_backoff_grows_between_attempts():
+    fn = _Flaky(OverloadedError("1"), OverloadedError("2"), OverloadedError("3"))
+    await with_retries(fn, attempts=4, base=0.05, cap=10)
+    gaps = [b - a for a, b in zip(fn.calls, fn.calls[1:])]
+    # jitter keeps each delay within [base*2^i / 2, base*2^i]: lower bounds hold whatever the load
+    assert gaps[0] >= 0.025 and gaps[1] >= 0.05 and gaps[2] >= 0.1
+
+
+def test_parse_retry_after():
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    assert parse_retry_after({"retry-after": "1.5"}) == 1.5
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({"retry-after": "3600"}) == 60.0  # capped
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None and parse_retry_after(None) is None
+    future = email.utils.formatdate(time.time() + 20, usegmt=True)
+    assert 15 <= parse_retry_after({"retry-after": future}) <= 20
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
