@@ -1,0 +1,224 @@
+"""dialogue.render: markdown and outputs to sanitized HTML.
+
+The XSS corpus and `assert_inert` live here and are reused by test_export.py for the HTML export.
+`assert_inert` parses the HTML with the standard library's HTML parser (a real parser, the way a
+browser tokenizes) and fails on anything that could run script or leave the page: script-capable
+tags, event handler attributes, inline styles, and URLs with a scheme other than http(s)/mailto
+(data: only as an image source).
+"""
+from __future__ import annotations
+
+import html as htmlmod
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from dialogue.render import (highlight_code, highlight_css, image_data_uri, pick_mime,
+                             render_markdown, render_output, render_outputs, sanitize_html,
+                             strip_ansi)
+
+# Payloads from the usual sources of XSS tests (OWASP filter-evasion cheat sheet, known mutation
+# XSS against sanitizers, markdown-specific link tricks). Each sets window.__xss when it runs.
+XSS_PAYLOADS = [
+    "<script>window.__xss=1</script>",
+    "<SCRIPT SRC=//evil.example/x.js></SCRIPT>",
+    "<img src=x onerror=window.__xss=1>",
+    "<img src=\"x\" ONERROR=\"window.__xss=1\">",
+    "<img src=x:alert(1) onerror=eval(src)>",
+    "<svg onload=window.__xss=1>",
+    "<svg><script>window.__xss=1</script></svg>",
+    "<math><mtext><table><mglyph><style><img src=x onerror=window.__xss=1></style>",
+    "<body onload=window.__xss=1>",
+    "<iframe src=\"javascript:window.__xss=1\"></iframe>",
+    "<iframe srcdoc=\"<script>window.__xss=1</script>\"></iframe>",
+    "<object data=\"javascript:window.__xss=1\"></object>",
+    "<embed src=\"javascript:window.__xss=1\">",
+    "<form action=\"javascript:window.__xss=1\"><input type=submit></form>",
+    "<button formaction=\"javascript:window.__xss=1\">go</button>",
+    "<a href=\"javascript:window.__xss=1\">click</a>",
+    "<a href=\"JaVaScRiPt:window.__xss=1\">click</a>",
+    "<a href=\"&#106;&#97;&#118;&#97;&#115;&#99;&#114;&#105;&#112;&#116;:window.__xss=1\">c</a>",
+    "<a href=\"java\tscript:window.__xss=1\">tab</a>",
+    "<a href=\" javascript:window.__xss=1\">space</a>",
+    "<a href=\"vbscript:msgbox(1)\">vb</a>",
+    "<a href=\"data:text/html;base64,PHNjcmlwdD53aW5kb3cuX194c3M9MTwvc2NyaXB0Pg==\">data</a>",
+    "<img src=\"data:text/html,<script>window.__xss=1</script>\">",
+    "<div style=\"background:url(javascript:window.__xss=1)\">styled</div>",
+    "<div style=\"position:fixed;inset:0\">overlay</div>",
+    "<style>@import 'http://evil.example/x.css';</style>",
+    "<link rel=stylesheet href=http://evil.example/x.css>",
+    "<meta http-equiv=\"refresh\" content=\"0;url=javascript:window.__xss=1\">",
+    "<base href=\"javascript:/\">",
+    "<details open ontoggle=window.__xss=1>",
+    "<video><source onerror=\"window.__xss=1\"></video>",
+    "<audio src=x onerror=window.__xss=1>",
+    "<input autofocus onfocus=window.__xss=1>",
+    "<noscript><p title=\"</noscript><img src=x onerror=window.__xss=1>\">",
+    "<template><script>window.__xss=1</script></template>",
+    "<!--><script>window.__xss=1</script>-->",
+    "<p title=\"&quot;&gt;&lt;script&gt;window.__xss=1&lt;/script&gt;\">quoted</p>",
+    "<x onclick=window.__xss=1>custom tag</x>",
+    "<table background=\"javascript:window.__xss=1\"><tr><td>t</td></tr></table>",
+    "<a href=\"#\" onclick=\"window.__xss=1\">hash</a>",
+    "[md link](javascript:window.__xss=1)",
+    "[md link caps](JAVASCRIPT:window.__xss=1)",
+    "![md image](javascript:window.__xss=1)",
+    "[md data](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "[ref]\n\n[ref]: javascript:window.__xss=1",
+    "<javascript:window.__xss=1>",
+    "```html\n<script>window.__xss=1</script>\n```",
+    "```\"><script>window.__xss=1</script>\nx\n```",
+    "<a href=\"https://ok.example/\" target=_blank>ok</a>",
+]
+
+_FORBIDDEN_TAGS = {"script", "iframe", "object", "embed", "form", "input", "button", "textarea",
+                   "select", "style", "link", "meta", "base", "frame", "frameset", "applet",
+                   "svg", "math", "template", "noscript", "body", "html", "head", "video",
+                   "audio", "source", "x"}
+_URL_ATTRS = {"href", "src", "action", "formaction", "xlink:href", "background", "poster",
+              "cite", "data", "srcset", "lowsrc", "dynsrc"}
+
+
+class _Collect(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+    handle_startendtag = handle_starttag
+
+
+def assert_inert(fragment: str, *, allow_tags: frozenset[str] = frozenset()) -> None:
+    """Fail if `fragment` contains anything that can run script or pull in remote code."""
+    p = _Collect()
+    p.feed(fragment)
+    p.close()
+    for tag, attrs in p.tags:
+        assert tag not in _FORBIDDEN_TAGS - allow_tags, f"forbidden tag <{tag}> in {fragment!r}"
+        for name, value in attrs:
+            assert not name.startswith("on"), f"event handler {name} on <{tag}>"
+            assert name not in ("style", "srcdoc"), f"attribute {name} on <{tag}>"
+            if name in _URL_ATTRS and value:
+                v = re.sub(r"[\x00-\x20]+", "", htmlmod.unescape(value)).lower()
+                scheme = v.split(":", 1)[0] if re.match(r"^[a-z][a-z0-9+.-]*:", v) else ""
+                if scheme == "data":
+                    assert tag == "img" and name == "src" and v.startswith("data:image/"), \
+                        f"data: URL in {name} of <{tag}>"
+                else:
+                    assert scheme in ("", "http", "https", "mailto"), \
+                        f"{scheme}: URL in {name} of <{tag}>: {value!r}"
+    low = fragment.lower()
+    assert "<script" not in low and "javascript:" not in _attr_text(fragment)
+
+
+def _attr_text(fragment: str) -> str:
+    p = _Collect()
+    p.feed(fragment)
+    return " ".join(re.sub(r"\s+", "", v or "").lower() for _, a in p.tags for _, v in a)
+
+
+def test_checker_catches_what_it_must():
+    """The checker itself must fail on live payloads, or every test using it proves nothing."""
+    for bad in ["<script>x</script>", "<img src=x onerror=f()>", "<a href='javascript:f()'>a</a>",
+                "<a href='data:text/html,x'>a</a>", "<div style='x'>a</div>", "<iframe></iframe>",
+                "<a href='java&#x09;script:f()'>a</a>"]:
+        with pytest.raises(AssertionError):
+            assert_inert(bad)
+    assert_inert("<p><a href='https://x.example/'>ok</a><img src='data:image/png;base64,AA=='></p>")
+
+
+@pytest.mark.parametrize("payload", XSS_PAYLOADS)
+def test_markdown_xss_corpus_renders_inert(payload):
+    assert_inert(render_markdown(payload))
+
+
+@pytest.mark.parametrize("payload", XSS_PAYLOADS)
+def test_html_sanitizer_xss_corpus_inert(payload):
+    assert_inert(sanitize_html(payload))
+
+
+@pytest.mark.parametrize("payload", XSS_PAYLOADS)
+def test_html_output_xss_corpus_inert(payload):
+    out = {"output_type": "display_data", "data": {"text/html": payload, "text/plain": "x"},
+           "metadata": {}}
+    assert_inert(render_output(out))
+    md = {"output_type": "execute_result", "execution_count": 1, "metadata": {},
+          "data": {"text/markdown": payload}}
+    assert_inert(render_output(md))
+
+
+def test_safe_markdown_survives():
+    src = ("# Title\n\nSome **bold** and ~~gone~~ text with a [link](https://example.com/a?b=1).\n\n"
+           "| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+           "```python\ndef f(x):\n    return x + 1\n```\n\n"
+           "![plot](data:image/png;base64,iVBORw0KGgo=)\n\n"
+           "<details class='tool-usage-details'><summary>call</summary>result</details>\n\n"
+           "H<sub>2</sub>O")
+    out = render_markdown(src)
+    assert "<h1>Title</h1>" in out
+    assert "<strong>bold</strong>" in out and "<s>gone</s>" in out
+    assert 'href="https://example.com/a?b=1"' in out and 'rel="noopener noreferrer"' in out
+    assert "<table>" in out and "<td>2</td>" in out
+    assert '<pre class="highlight"><code class="language-python">' in out
+    assert '<span class="k">def</span>' in out  # Pygments token classes survive sanitizing
+    assert 'src="data:image/png;base64,iVBORw0KGgo="' in out
+    assert "<details class=\"tool-usage-details\"><summary>call</summary>" in out
+    assert "<sub>2</sub>" in out
+    assert_inert(out)
+
+
+def test_data_urls_only_for_images():
+    out = sanitize_html('<img src="data:image/svg+xml;base64,PHN2Zy8+">'
+                        '<a href="data:image/png;base64,AAAA">x</a>'
+                        '<img src="data:text/html;base64,AAAA">')
+    assert 'src="data:image/svg+xml;base64,PHN2Zy8+"' in out
+    assert "data:image/png" not in out  # not as a link target
+    assert "text/html" not in out
+
+
+def test_highlight_escapes_unknown_and_hostile_languages():
+    out = highlight_code("<b>x</b>", "no-such-language")
+    assert "&lt;b&gt;x&lt;/b&gt;" in out and "<b>" not in out
+    out = highlight_code("x", '"><script>')
+    assert "<script" not in out
+    assert ".highlight .k" in highlight_css()
+
+
+def test_strip_ansi_and_error_output():
+    tb = ["\x1b[31m---------\x1b[39m", "\x1b[31mZeroDivisionError\x1b[39m: division by zero"]
+    assert strip_ansi(tb[1]) == "ZeroDivisionError: division by zero"
+    out = render_output({"output_type": "error", "ename": "ZeroDivisionError",
+                         "evalue": "division by zero", "traceback": tb})
+    assert "\x1b" not in out and "ZeroDivisionError: division by zero" in out
+    assert out.startswith('<pre class="output error">')
+
+
+def test_render_outputs_kinds():
+    outs = [
+        {"output_type": "stream", "name": "stdout", "text": "a < b\n"},
+        {"output_type": "stream", "name": "stderr", "text": "warn\n"},
+        {"output_type": "display_data", "metadata": {},
+         "data": {"image/png": "iVBORw0KGgo=\n", "text/plain": "<Figure>"}},
+        {"output_type": "execute_result", "execution_count": 2, "metadata": {},
+         "data": {"application/json": {"k": [1, 2]}, "text/plain": "{...}"}},
+        {"output_type": "execute_result", "execution_count": 3, "metadata": {},
+         "data": {"text/plain": "42"}},
+    ]
+    out = render_outputs(outs)
+    assert '<pre class="output stdout">a &lt; b\n</pre>' in out
+    assert '<pre class="output stderr">warn' in out
+    assert 'src="data:image/png;base64,iVBORw0KGgo="' in out
+    assert "&quot;k&quot;" in out and "42" in out
+    linked = render_outputs(outs[2:3], image_src=lambda m, v: "img/1.png")
+    assert linked.count('src="img/1.png"') == 1
+
+
+def test_pick_mime_priorities():
+    data = {"text/html": "<b>", "image/png": "AA", "text/plain": "x"}
+    assert pick_mime(data) == "text/html"
+    assert pick_mime(data, prefer_images=True) == "image/png"
+    assert pick_mime({"application/x-unknown": 1}) is None
+    assert image_data_uri("image/svg+xml", "<svg/>") == "data:image/svg+xml;base64,PHN2Zy8+"
