@@ -139,7 +139,8 @@ class Usage:
 @dataclass
 class Done:
     """The last event of a stream. stop_reason: end | max_tokens | stop | tool_use | cancelled |
-    refusal (the provider's safety stop: Anthropic `refusal`, OpenAI `content_filter`)."""
+    refusal (the provider's safety stop: Anthropic `refusal`, OpenAI `content_filter`) |
+    max_steps (the tool loop's step limit was reached)."""
 
     stop_reason: str = "end"
     type: Literal["done"] = "done"

@@ -1,0 +1,265 @@
+"""Kernel functions as tools for the model, and the tool loop.
+
+A tool is a function the user defined in the dialogue's kernel. Its schema is computed *inside*
+the kernel, where the function lives, with `fastcore.funccall.get_schema` (signature, type hints,
+docstring, and parameter descriptions from `docments` comments), so nothing is pickled across
+processes and the description is exactly what the code says. Calls run there too
+(`fastcore.funccall.call_func`, which also coerces JSON arguments to the annotated types; an
+async tool's coroutine is then awaited in a second step).
+
+API::
+
+    specs = await schemas(kernel, ["search", "fetch"])          # -> list[ToolSpec]
+    text, is_error = await run_tool(kernel, "search", {"q": "x"})
+    async for ev in tool_loop(provider, request, kernel, max_steps=10, approve=ask_user):
+        ...  # TextDelta / ToolCall / Usage from the provider, ToolResult after each call,
+             # and one Done at the end
+
+Every ToolCall the model makes is answered by exactly one ToolResult (run, refused because the
+tool was not offered, denied by `approve`, or not run because the step limit was reached), so a
+surface that keeps `ToolResult.to_dict()` on the response message keeps every call and result.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Literal, Sequence
+
+from .llm.base import Done, Event, Provider, Request, TextDelta, ToolCall, ToolCallReq, ToolSpec, Turn
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+__all__ = ["ToolResult", "ToolSchemaError", "schemas", "run_tool", "tool_loop", "Approve"]
+
+
+class ToolSchemaError(ValueError):
+    """A referenced tool cannot be offered (undefined, not callable, no docstring, a parameter
+    without a type hint); the message names each problem."""
+
+
+@dataclass
+class ToolResult:
+    """The outcome of one tool call, as it went back to the model. `error` is True when the call
+    raised, was refused, denied or not run; `result` then says why."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    result: str
+    error: bool = False
+    type: Literal["tool_result"] = "tool_result"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Approve = Callable[[ToolCall], Awaitable[bool]]
+
+# Runs inside the kernel as the private module `_dialogue_tools` (see Kernel.ensure_module).
+_KERNEL_SRC = r'''
+import contextlib, inspect, io, json, traceback
+from IPython import get_ipython
+from _dialogue_kernel import Raw
+
+_last = None
+
+def _ns():
+    return get_ipython().user_ns
+
+def _schema(name):
+    ns = _ns()
+    if name not in ns:
+        raise NameError(f"{name} is not defined in the kernel (run the cell that defines it)")
+    f = ns[name]
+    if not callable(f):
+        raise TypeError(f"{name} is not a function (it is of type {type(f).__name__})")
+    if not (getattr(f, "__doc__", None) or "").strip():
+        raise ValueError(f"{name} has no docstring; the model needs one to know what the tool does")
+    try:
+        from fastcore.funccall import get_schema
+    except ImportError:
+        raise ImportError("fastcore is not installed in the kernel's Python (pip install fastcore)") from None
+    s = get_schema(f, pname="parameters", evalable=True)
+    json.dumps(s)  # fail here, with the name, if a default is not JSON
+    return s
+
+def schemas(names):
+    out = {}
+    for n in names:
+        try:
+            out[n] = {"ok": _schema(n)}
+        except Exception as e:
+            msg = str(e) or type(e).__name__
+            out[n] = {"error": msg if n in msg else f"{n}: {msg}"}
+    return Raw(json.dumps(out))
+
+def _text(r):
+    if isinstance(r, str):
+        return r
+    fmt = get_ipython().display_formatter.format(r, include=["text/plain"])[0]
+    return fmt.get("text/plain", repr(r))
+
+def _ok(r, buf):
+    out = buf.getvalue()
+    return {"ok": True, "text": out + (_text(r) if (r is not None or not out) else "")}
+
+def _err(e, buf):
+    te = traceback.TracebackException.from_exception(e)
+    te.stack = traceback.StackSummary.from_list(
+        [f for f in te.stack if not (f.filename.startswith("<_dialogue") or "fastcore" in f.filename)])
+    return {"ok": False, "text": buf.getvalue() + "".join(te.format())}
+
+_pending = None
+
+def call(name, args_json):
+    # Synchronous on purpose: ipykernel runs code containing `await` as a coroutine, and a
+    # coroutine stuck in blocking code cannot be interrupted. Async tools get a second step.
+    global _last, _pending
+    from fastcore.funccall import call_func
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            r = call_func(name, json.loads(args_json), ns=_ns())
+        if inspect.isawaitable(r):
+            _pending, _last = (r, buf), {"pending": True}
+        else:
+            _last = _ok(r, buf)
+    except Exception as e:
+        _last = _err(e, buf)
+
+async def finish():
+    global _last, _pending
+    (r, buf), _pending = _pending, None
+    try:
+        with contextlib.redirect_stdout(buf):
+            v = await r
+        _last = _ok(v, buf)
+    except Exception as e:
+        _last = _err(e, buf)
+
+def take():
+    global _last
+    r, _last = _last, None
+    return Raw(json.dumps(r))
+'''
+
+
+async def schemas(kernel: "Kernel", names: Sequence[str], *, timeout: float = 30.0) -> list[ToolSpec]:
+    """Tool specs for kernel functions `names`, computed in the kernel. Raises ToolSchemaError
+    listing every name that cannot be a tool."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return []
+    await kernel.ensure_module("_dialogue_tools", _KERNEL_SRC)
+    raw = await kernel.call("", f"__import__('_dialogue_tools').schemas({names!r})", timeout=timeout)
+    got = json.loads(raw or "{}")
+    errors = [got[n]["error"] for n in names if "error" in got.get(n, {"error": n})]
+    if errors:
+        raise ToolSchemaError("cannot offer these tools: " + "; ".join(errors))
+    return [ToolSpec(name=n, description=got[n]["ok"].get("description", ""),
+                     parameters=got[n]["ok"].get("parameters", {"type": "object", "properties": {}}))
+            for n in names]
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[result cut: {len(text) - limit:,} more characters]"
+
+
+async def run_tool(kernel: "Kernel", name: str, arguments: dict[str, Any], *, timeout: float = 60.0,
+                   limit: int = 20_000) -> tuple[str, bool]:
+    """Call kernel function `name` with `arguments`; returns (text, is_error). The text is what
+    it printed followed by its value (a str as is, anything else as the kernel displays it), or
+    the traceback when it raised. A timeout or a dead kernel is an error result, not an
+    exception: the model is told and can carry on."""
+    from .kernel import ExecutionError, KernelDied, KernelTimeout
+
+    if not isinstance(arguments, dict):
+        return f"arguments must be a JSON object, got {type(arguments).__name__}", True
+    await kernel.ensure_module("_dialogue_tools", _KERNEL_SRC)
+    take = "__import__('_dialogue_tools').take()"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        raw = await kernel.call(f"__import__('_dialogue_tools').call({name!r}, {json.dumps(arguments)!r})",
+                                take, timeout=timeout)
+        if json.loads(raw or "null") == {"pending": True}:  # an async tool: await it
+            raw = await kernel.call("await __import__('_dialogue_tools').finish()", take,
+                                    timeout=max(0.1, deadline - loop.time()))
+    except KernelTimeout as e:
+        return f"{name} did not finish: {e}", True
+    except KernelDied as e:
+        return f"the kernel died while running {name}: {e}", True
+    except ExecutionError as e:  # KeyboardInterrupt and the like, outside the function's try
+        return f"{name} was stopped: {e}", True
+    got = json.loads(raw or "null") or {"ok": False, "text": "no result came back"}
+    return _cap(got["text"], limit), not got["ok"]
+
+
+async def tool_loop(provider: Provider, request: Request, kernel: "Kernel", *, max_steps: int = 10,
+                    approve: Approve | None = None, timeout: float = 60.0, limit: int = 20_000
+                    ) -> AsyncIterator[Event | ToolResult]:
+    """Stream `request`, running the model's tool calls in `kernel` and sending their results
+    back, until the model answers without calling a tool.
+
+    Yields the provider's TextDelta, ToolCall and Usage events, a ToolResult after each call,
+    and a single Done at the end: the model's own last stop reason, or "max_steps" when the
+    model still wanted tools after `max_steps` rounds of calls (those calls are answered with an
+    error result and not run). A call to a tool the request did not offer is refused without
+    running anything; `approve(call)` returning False denies a call. `request` is not modified.
+    Closing the iterator closes the provider's stream."""
+    if max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    offered = {t.name for t in request.tools}
+    req = replace(request, messages=list(request.messages))
+    rounds = 0
+    while True:
+        text: list[str] = []
+        calls: list[ToolCall] = []
+        done = Done()
+        async with contextlib.aclosing(provider.stream(req)) as events:
+            async for ev in events:
+                if isinstance(ev, Done):
+                    done = ev
+                    continue
+                if isinstance(ev, TextDelta):
+                    text.append(ev.text)
+                elif isinstance(ev, ToolCall):
+                    calls.append(ev)
+                yield ev
+        if not calls:
+            yield done
+            return
+        req.messages.append(Turn(role="assistant", content="".join(text), tool_calls=[
+            ToolCallReq(id=c.id, name=c.name, arguments=c.arguments) for c in calls]))
+        over = rounds >= max_steps
+        for c in calls:
+            res = await _answer(c, kernel, offered, approve, over, max_steps, timeout, limit)
+            yield res
+            req.messages.append(Turn(role="tool", content=res.result, tool_call_id=c.id, name=c.name))
+        if over:
+            yield Done(stop_reason="max_steps")
+            return
+        rounds += 1
+
+
+async def _answer(c: ToolCall, kernel: "Kernel", offered: set[str], approve: Approve | None,
+                  over: bool, max_steps: int, timeout: float, limit: int) -> ToolResult:
+    def result(text: str, error: bool) -> ToolResult:
+        return ToolResult(id=c.id, name=c.name, arguments=c.arguments, result=text, error=error)
+
+    if c.name not in offered:
+        avail = ", ".join(sorted(offered)) or "none"
+        return result(f"there is no tool named {c.name!r} (tools offered: {avail}); it was not run", True)
+    if getattr(c, "error", ""):
+        return result(c.error, True)
+    if over:
+        return result(f"not run: the limit of {max_steps} rounds of tool calls was reached", True)
+    if approve is not None and not await approve(c):
+        return result("the user declined to run this call", True)
+    text, err = await run_tool(kernel, c.name, c.arguments, timeout=timeout, limit=limit)
+    return result(text, err)
