@@ -20,6 +20,7 @@ from rich.text import Text
 
 from .document import FLAGS, Kind, Message, output_text
 from .service import DialogueService
+from .llm.base import ProviderError
 from .store import HIT_END, HIT_START, ConflictError, NameTakenError, StoreError
 
 EXIT_ERROR, EXIT_CONFLICT = 1, 3
@@ -263,6 +264,68 @@ def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
     out.print(f"wrote {path}")
 
 
+def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
+    from .local import models
+    if a.action == "add":
+        if not a.target:
+            raise UserError("give a .gguf path, or a Hugging Face repo id and a file name")
+        if a.file:  # REPO FILE: download (needs network; only on this explicit request)
+            spec = models.add_from_hub(a.target, a.file, name=a.name, chat_format=a.chat_format)
+        else:
+            from pathlib import Path
+            spec = models.add(a.name or Path(a.target).stem, a.target, chat_format=a.chat_format)
+        out.print(f"added local:{spec.name} -> {spec.path}")
+        return
+    if a.action == "rm":
+        if not a.target:
+            raise UserError("give the name of the model to remove")
+        models.remove(a.target)
+        out.print(f"removed local:{a.target} (the file itself is left alone)")
+        return
+    t = Table("model", "where", "about", box=None)
+    for spec in models.list_models():
+        name = f"local:{spec.name}" + (" (local:default)" if spec.source == "bundled" else "")
+        t.add_row(name, str(spec.path), spec.description or spec.source)
+    for env, names in (("ANTHROPIC_API_KEY", "claude-* (e.g. claude-sonnet-4-6)"),
+                       ("OPENAI_API_KEY", "gpt-*, o3*, o4* (e.g. gpt-4.1-mini)")):
+        t.add_row(names, "API", "key set" if os.environ.get(env) else f"set {env} to use")
+    t.add_row("openai-compatible:<base_url>/<model>", "any server speaking the OpenAI API", "")
+    out.print(t)
+
+
+def cmd_cache(svc: DialogueService, a: argparse.Namespace) -> None:
+    from .local.kvcache import KVCache
+    cache = KVCache()
+    if a.action == "clear":
+        out.print(f"deleted {cache.clear()} cached prefix states from {cache.root}")
+        return
+    st = cache.stats()
+    out.print(f"{st.root}: {st.entries} states, {st.bytes / 1e6:.1f} MB of {st.max_bytes / 1e6:.0f} MB")
+    for ns in st.namespaces:
+        info = ns.get("info", {})
+        what = info.get("model") or info.get("model_path") or ns["namespace"]
+        out.print(f"  {what}: {ns['entries']} states, {ns['bytes'] / 1e6:.1f} MB, "
+                  f"longest prefix {ns['longest']} tokens")
+
+
+def cmd_serve(svc: DialogueService, a: argparse.Namespace) -> int:
+    svc.close()
+    from .web.app import serve
+    serve(db=a.db, host=a.host, port=a.port, open_browser=not a.no_browser, token=a.token)
+    return 0
+
+
+def cmd_train(svc: DialogueService, a: argparse.Namespace) -> int:
+    try:
+        from .train.main import train_main
+    except ImportError as e:
+        raise UserError(f"training needs the train extra: pip install 'dialogue[train]' ({e})") from None
+
+    def load(names: list[str]) -> list:
+        return [svc.open(n) for n in names]
+    return train_main(a.args, load_dialogues=load)
+
+
 def _safe_filename(name: str) -> str:
     import re
     return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "dialogue"
@@ -492,6 +555,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
 
     cmd("trash", cmd_trash, "list what is in the trash")
+
+    sp = cmd("models", cmd_models, "list local and API models; add or remove local ones")
+    sp.add_argument("action", nargs="?", choices=("list", "add", "rm"), default="list")
+    sp.add_argument("target", nargs="?", metavar="PATH.gguf|REPO|NAME")
+    sp.add_argument("file", nargs="?", metavar="FILE.gguf", help="file in the Hub repository")
+    sp.add_argument("--name")
+    sp.add_argument("--chat-format", help="llama.cpp chat format, for files without a template")
+
+    sp = cmd("cache", cmd_cache, "show or empty the local model's prefix KV cache")
+    sp.add_argument("action", nargs="?", choices=("stats", "clear"), default="stats")
+
+    sp = cmd("serve", cmd_serve, "open the web app")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=5001)
+    sp.add_argument("--no-browser", action="store_true")
+    sp.add_argument("--token", help="access token (generated when binding beyond localhost)")
+
+    sp = cmd("train", cmd_train, "fine-tune a LoRA/DoRA adapter (see `dialogue train -- --help`)")
+    sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -508,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConflictError as e:
         err.print(f"error: {e}", markup=False)
         return EXIT_CONFLICT
-    except (StoreError, UserError, ValueError, OSError) as e:
+    except (StoreError, UserError, ProviderError, ValueError, OSError) as e:
         err.print(f"error: {e}", markup=False)
         return EXIT_ERROR
     except KeyboardInterrupt:
