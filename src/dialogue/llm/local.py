@@ -1,0 +1,226 @@
+"""Local GGUF models through llama.cpp: `local:default` (the bundled SmolLM2), `local:<name>`,
+`local:/path/to/model.gguf`. No key, no network.
+
+The request becomes a chat: one system message (system prompt, then the attached context, then the
+tool descriptions), then the turns, then the prefill after the assistant header so the model
+continues it. The stream does NOT repeat the prefill (as with the Anthropic and OpenAI adapters):
+the caller already has it and appends what we emit.
+
+Caching: the end of the system message and the end of the last complete turn before the prompt
+are saved to the persistent KV cache (`dialogue.local.kvcache`), so the next prompt in the
+dialogue, in this process or after a restart, evaluates only what is new. `Usage.cache_read` is the
+number of prompt tokens that were not evaluated (restored from disk or still in memory);
+`cache_write` the newly evaluated tokens that were saved; `input` the rest.
+
+Tools. Small local models have no native tool-call format (SmolLM2's template has none), so tools
+are described in the system message with one convention, the one Qwen/Hermes models were trained
+on: a call is written as
+    <tool_call>
+    {"name": "...", "arguments": {...}}
+    </tool_call>
+Text before `<tool_call>` streams as usual; the block itself is parsed into a `ToolCall` (and
+`Done("tool_use")`), never shown as text. Results go back as a user turn holding
+`<tool_response>` blocks. A 135M model follows the convention only now and then; larger GGUFs
+trained on it do better. Images are replaced by a short note: these models read text only.
+
+`request.meta` may carry: `adapters` ({gguf lora path: scale}, issue 8), `seed` (for temperature
+> 0), `kv_cache` (False to bypass the disk cache), `n_ctx`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from typing import AsyncIterator
+
+from ..local import models as local_models
+from ..local.runtime import DEFAULT_N_CTX, GenStats, Prompt, Runtime, get_runtime
+from .base import ContextTooLongError, Done, Event, Request, TextDelta, ToolCall, ToolSpec, Turn, Usage, register
+
+__all__ = ["LocalProvider", "tools_system_text", "parse_tool_calls", "request_messages"]
+
+PREFIX = "local:"
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+IMAGE_NOTE = "[image omitted: this local model reads text only]"
+
+
+def tools_system_text(tools: list[ToolSpec]) -> str:
+    """The tool instructions appended to the system message."""
+    lines = [
+        "# Tools",
+        "You may call one of these functions. To call one, reply with exactly this and nothing after it:",
+        f"{TOOL_OPEN}\n{{\"name\": \"<function name>\", \"arguments\": {{<arguments as a JSON object>}}}}\n{TOOL_CLOSE}",
+        "The result will come back in a <tool_response> block. Functions:",
+    ]
+    for t in tools:
+        lines.append(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
+                                ensure_ascii=False))
+    return "\n".join(lines)
+
+
+def _turn_text(t: Turn) -> str:
+    out = []
+    for p in t.parts():
+        out.append(p.text if p.type == "text" else IMAGE_NOTE)
+    return "".join(out)
+
+
+def request_messages(request: Request) -> tuple[list[dict[str, str]], str]:
+    """(chat messages, prefill) for a request. A trailing assistant turn without tool calls is a
+    prefill too (as the Anthropic API treats it); having both is refused."""
+    system = "\n\n".join(s for s in (request.system, request.context,
+                                     tools_system_text(request.tools) if request.tools else "") if s)
+    msgs: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    turns = list(request.messages)
+    prefill = request.prefill
+    if turns and turns[-1].role == "assistant" and not turns[-1].tool_calls:
+        if prefill:
+            raise ValueError("a request cannot end with an assistant turn and also carry a prefill")
+        prefill = _turn_text(turns.pop())
+    for t in turns:
+        if t.role == "tool":
+            body = json.dumps({"name": t.name, "content": _turn_text(t)}, ensure_ascii=False)
+            msgs.append({"role": "user", "content": f"<tool_response>\n{body}\n</tool_response>"})
+        elif t.role == "assistant":
+            text = _turn_text(t)
+            for c in t.tool_calls:
+                call = json.dumps({"name": c.name, "arguments": c.arguments}, ensure_ascii=False)
+                text += ("\n" if text else "") + f"{TOOL_OPEN}\n{call}\n{TOOL_CLOSE}"
+            msgs.append({"role": "assistant", "content": text})
+        elif t.role == "user":
+            msgs.append({"role": "user", "content": _turn_text(t)})
+        else:
+            raise ValueError(f"unknown turn role {t.role!r}")
+    return msgs, prefill
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]] | None:
+    """Split an answer into (text before the first `<tool_call>`, calls). None when it holds no
+    tool-call block or the block is not JSON with a name (then it is ordinary text). Arguments
+    that are not a JSON object give a ToolCall with `error` set, as the OpenAI adapter does."""
+    i = text.find(TOOL_OPEN)
+    if i < 0:
+        return None
+    before, rest = text[:i], text[i:]
+    calls: list[ToolCall] = []
+    dec = json.JSONDecoder()
+    while rest.startswith(TOOL_OPEN):
+        body = rest[len(TOOL_OPEN):].lstrip()
+        try:
+            obj, end = dec.raw_decode(body)
+        except ValueError:
+            break
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+            break
+        args = obj.get("arguments", {})
+        if isinstance(args, str):  # some models write the arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        if isinstance(args, dict):
+            calls.append(ToolCall(f"call_{secrets.token_hex(6)}", obj["name"], args))
+        else:
+            calls.append(ToolCall(f"call_{secrets.token_hex(6)}", obj["name"], {},
+                                  error=f"arguments are not a JSON object: {json.dumps(args)[:200]}"))
+        rest = body[end:].lstrip()
+        if rest.startswith(TOOL_CLOSE):
+            rest = rest[len(TOOL_CLOSE):].lstrip()
+    return (before, calls) if calls else None
+
+
+class LocalProvider:
+    """The `local:` provider. Construction resolves the name (an unknown model fails here, with
+    the list of known ones); the model itself loads on first use, once per process."""
+
+    def __init__(self, model: str):
+        self.name = model
+        self.spec = local_models.resolve(model)
+        self._runtime: Runtime | None = None
+        self._n_ctx = DEFAULT_N_CTX
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = get_runtime(self.spec, n_ctx=self._n_ctx)
+        return self._runtime
+
+    def count_tokens(self, text: str) -> int | None:
+        return self.runtime.count_tokens(text)
+
+    def build(self, request: Request) -> Prompt:
+        """The exact prompt (text, tokens, cache boundaries) a request turns into."""
+        msgs, prefill = request_messages(request)
+        return self.runtime.build_prompt(msgs, prefill, chat_format=self.spec.chat_format)
+
+    async def stream(self, request: Request) -> AsyncIterator[Event]:
+        if request.meta.get("n_ctx") and self._runtime is None:
+            self._n_ctx = int(request.meta["n_ctx"])
+        msgs, prefill = request_messages(request)
+        # loading the model and rendering a long dialogue take long enough to stall a server
+        prompt = await asyncio.to_thread(
+            lambda: self.runtime.build_prompt(msgs, prefill, chat_format=self.spec.chat_format))
+        rt = self.runtime
+        if len(prompt) >= rt.n_ctx:
+            raise ContextTooLongError(
+                f"the prompt is {len(prompt)} tokens but {self.spec.name} runs with a context of "
+                f"{rt.n_ctx}: drop or shorten messages (or attached context)")
+        tools = bool(request.tools)
+        stop = list(request.stop) + ([TOOL_CLOSE] if tools else [])
+        temperature = 0.0 if request.temperature is None else float(request.temperature)
+        adapters = request.meta.get("adapters") or {}
+        answer = prefill       # prefill + generated text: where a tool-call block is looked for
+        shown = len(prefill)   # characters of `answer` already sent (the prefill is never sent)
+        block = -1             # where a tool-call block starts in `answer`, once seen
+        searched = 0
+        stats: GenStats | None = None
+        gen = rt.stream(prompt, max_tokens=request.max_tokens, temperature=temperature, stop=stop,
+                        seed=request.meta.get("seed"), adapters=adapters,
+                        use_cache=request.meta.get("kv_cache", True))
+        try:
+            async for item in gen:
+                if isinstance(item, GenStats):
+                    stats = item
+                    break
+                if not tools:
+                    yield TextDelta(item)
+                    continue
+                answer += item
+                # stream text up to a tool-call block (or what may be the start of one)
+                if block < 0:
+                    block = answer.find(TOOL_OPEN, max(0, searched - len(TOOL_OPEN)))
+                    searched = len(answer)
+                limit = block if block >= 0 else len(answer) - _partial(answer, TOOL_OPEN)
+                if limit > shown:
+                    yield TextDelta(answer[shown:limit])
+                    shown = limit
+        finally:
+            await gen.aclose()
+        assert stats is not None
+        stop_reason = stats.stop_reason
+        if tools:
+            parsed = parse_tool_calls(answer)
+            if parsed is not None:
+                for call in parsed[1]:
+                    yield call
+                stop_reason = "tool_use"
+            else:
+                tail = answer[shown:] + (stats.stop_sequence if stats.stop_sequence == TOOL_CLOSE else "")
+                if tail:
+                    yield TextDelta(tail)
+                if stats.stop_sequence == TOOL_CLOSE:
+                    stop_reason = "end"
+        write = max(0, stats.saved - stats.cached)
+        yield Usage(input=stats.prompt_tokens - stats.cached - write, output=stats.generated,
+                    cache_read=stats.cached, cache_write=write)
+        yield Done(stop_reason)
+
+
+def _partial(text: str, marker: str) -> int:
+    for j in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:j]):
+            return j
+    return 0
+
+
+register(PREFIX, LocalProvider)
