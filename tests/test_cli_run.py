@@ -109,3 +109,36 @@ def test_bad_notebook_creates_nothing(tmp_path):
     r = run(db, "run", str(tmp_path / "missing.ipynb"))
     assert r.returncode == 1 and "missing.ipynb" in r.stderr
     assert "no dialogues" in run(db, "list").stdout
+
+
+def test_headless_run_answers_prompts_with_the_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIALOGUE_CACHE_DIR", str(tmp_path / "kv"))
+    db = tmp_path / "p.db"
+    assert run(db, "new", "qa", "--model", "local:default").returncode == 0
+    run(db, "add", "qa", "--code", "capital = 'Paris'")
+    run(db, "add", "qa", "--prompt", "What is the capital of France? One word.")
+    r = run(db, "run", "qa")
+    assert r.returncode == 0, r.stderr
+    msgs = json.loads(run(db, "show", "qa", "--json").stdout)["messages"]
+    assert "Paris" in msgs[1]["response"] and msgs[1]["usage"]["output"] > 0
+    # exported and run again as a notebook file: the prompt is answered there too
+    run(db, "export", "qa", "--to", "ipynb", "-o", str(tmp_path / "qa.ipynb"))
+    r = run(db, "run", str(tmp_path / "qa.ipynb"), "-o", str(tmp_path / "qa.out.ipynb"))
+    assert r.returncode == 0, r.stderr
+    from dialogue.artifacts import read_notebook
+    done = read_notebook(tmp_path / "qa.out.ipynb")
+    assert "Paris" in done.messages[1].response
+
+
+def test_ask_streams_an_answer_with_no_key_and_no_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIALOGUE_CACHE_DIR", str(tmp_path / "kv"))
+    for k in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    db = tmp_path / "a.db"
+    run(db, "new", "ask")
+    r = run(db, "ask", "ask", "Name the largest planet in the solar system.")
+    assert r.returncode == 0, r.stderr
+    assert "Jupiter" in r.stdout and "local:default" in r.stderr
+    r = run(db, "ask", "nope", "hi")
+    assert r.returncode == 1 and "no dialogue named 'nope'" in r.stderr

@@ -104,3 +104,51 @@ async def test_prompt_on_unknown_model_is_a_stored_error_not_a_crash(svc):
     r = await svc.run("d", p.id)
     assert "unknown model" in r.meta["error"]
     assert r.usage["stop_reason"] == "error" and r.response == ""
+
+
+async def test_prompt_streams_the_bundled_models_answer_into_the_store(svc, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIALOGUE_CACHE_DIR", str(tmp_path / "kv"))
+    svc.create("chat", model="local:default", system="Answer briefly.")
+    svc.add("chat", "code", "x = 1")
+    p = svc.add("chat", "prompt", "What is the capital of France?")
+    mid = svc.start("chat", p.id)
+    texts = []
+    async for ev in svc.subscribe(mid):
+        if ev.type == "text":
+            texts.append(ev.data)
+        elif ev.type == "done":
+            final = ev.data
+    assert len(texts) > 1  # streamed token by token, not in one piece
+    assert "Paris" in final.response and final.response == "".join(texts)
+    assert final.usage["model"] == "local:default" and final.usage["output"] > 0
+    assert final.usage["cost"] == 0.0 and final.usage["stop_reason"] in ("end", "stop")
+    assert svc.store.get_message(mid).response == final.response
+    # prefill: the answer continues what the user wrote
+    q = svc.add("chat", "prompt", "And of Italy?")
+    r = await svc.run("chat", q.id, prefill="The capital of Italy is")
+    assert r.response.startswith("The capital of Italy is") and "Rome" in r.response
+    # the earlier answer was sent as context: the second request reused the cached prefix
+    assert r.usage["cache_read"] > 0
+
+
+async def test_stopping_an_answer_keeps_what_was_streamed(svc, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIALOGUE_CACHE_DIR", str(tmp_path / "kv"))
+    svc.create("long", model="local:default")
+    svc.update("long", meta={"max_tokens": 400})
+    p = svc.add("long", "prompt", "Write a long story about a lighthouse keeper, in detail.")
+    mid = svc.start("long", p.id)
+    n = 0
+    async for ev in svc.subscribe(mid):
+        if ev.type == "text":
+            n += 1
+            if n == 5:
+                await svc.stop(mid)
+                break
+    final = await svc.wait(mid)
+    assert final.usage["stop_reason"] == "cancelled"
+    assert final.response and len(final.response) < 2000
+    assert not svc.running(mid)
+    assert svc.store.get_message(mid).response == final.response
+    # the model is usable again right away
+    q = svc.add("long", "prompt", "Say hello.")
+    assert (await svc.run("long", q.id)).response
