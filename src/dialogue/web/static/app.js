@@ -1,0 +1,444 @@
+/* dialogue web app: editors, selection, Jupyter-like keyboard, and small glue around htmx.
+ *
+ * Everything that changes the dialogue is an htmx request declared in the server's HTML; this
+ * file only decides *when* to fire them (keys), where the selection is, and turns textareas
+ * into CodeMirror editors when a cell is edited (lazily: a 1,000-cell dialogue opens with no
+ * editor at all). No inline scripts: the page's CSP allows only files from /static.
+ */
+(function () {
+  "use strict";
+
+  var S = { sel: null, lastKey: "", lastKeyAt: 0 };
+
+  // ------------------------------------------------------------------ cells and selection
+
+  function cellsBox() { return document.getElementById("cells"); }
+  function allCells() {
+    var box = cellsBox();
+    return box ? Array.prototype.slice.call(box.querySelectorAll(":scope > .cell")) : [];
+  }
+  function cellOf(el) { return el && el.closest ? el.closest("#cells > .cell") : null; }
+  function selected() {
+    var c = S.sel ? document.getElementById("m-" + S.sel) : null;
+    return c && cellOf(c) === c ? c : null;
+  }
+  function editingCell() { return document.querySelector("#cells > .cell.editing"); }
+
+  function select(cell, opts) {
+    if (!cell) return;
+    opts = opts || {};
+    allCells().forEach(function (c) { if (c !== cell) c.classList.remove("selected"); });
+    cell.classList.add("selected");
+    S.sel = cell.dataset.id;
+    attachTools(cell);
+    if (opts.scroll !== false) cell.scrollIntoView({ block: "nearest" });
+    if (opts.focus !== false && !cell.classList.contains("editing")) cell.focus({ preventScroll: true });
+  }
+
+  function neighbour(cell, step) {
+    var cs = allCells();
+    var i = cs.indexOf(cell);
+    if (i < 0) return cs[0] || null;
+    return cs[i + step] || null;
+  }
+
+  // Actions on a cell wait for that cell's request in flight: its answer replaces the cell's
+  // element, and htmx drops a request queued on an element that has left the page. So an action
+  // is kept by cell id and replayed on the new element once the answer is in.
+  var inflight = {}, pending = {};
+
+  function later(cell, fn) {
+    if (!cell) return;
+    var id = cell.dataset.id;
+    if (inflight[id]) (pending[id] = pending[id] || []).push(fn);
+    else fn(cell);
+  }
+
+  function act(cell, name) {
+    later(cell, function (c) {
+      attachTools(c);
+      var el = c.querySelector('[data-act="' + name + '"]');
+      if (el) el.click();
+    });
+  }
+
+  // ------------------------------------------------------------------ the shared toolbar
+
+  function tools() { return document.getElementById("tools"); }
+
+  function attachTools(cell) {
+    var t = tools();
+    if (!t || !cell) return;
+    if (t.parentNode !== cell) {
+      var open = t.querySelector("details[open]");
+      if (open) open.open = false;
+      cell.appendChild(t);
+    }
+    var sel = t.querySelector('select[data-act="kind"]');
+    if (sel) sel.value = cell.dataset.kind;
+    t.querySelectorAll("[data-flag]").forEach(function (b) {
+      b.setAttribute("aria-pressed", cell.classList.contains("is-" + b.dataset.flag) ? "true" : "false");
+    });
+  }
+
+  function rescueTools(target) {
+    var t = tools(), home = document.getElementById("tools-home");
+    if (t && home && target && target.contains && target.contains(t)) home.appendChild(t);
+  }
+
+  function onConfigRequest(e) {
+    var d = e.detail, cell = cellOf(d.elt);
+    if (!cell) return;
+    if (d.path && d.path.charAt(0) !== "/") d.path = cell.dataset.url + "/" + d.path;
+    var where = d.elt.dataset && d.elt.dataset.where;
+    if (where) d.parameters[where] = cell.dataset.id;
+  }
+
+  function onBeforeRequest(e) {
+    var c = cellOf(e.detail.elt);
+    if (!c || !e.detail.xhr) return;
+    e.detail.xhr._cellId = c.dataset.id;
+    inflight[c.dataset.id] = (inflight[c.dataset.id] || 0) + 1;
+  }
+
+  function onAfterRequest(e) {
+    var id = e.detail.xhr && e.detail.xhr._cellId;
+    if (!id || !inflight[id]) return;
+    inflight[id] -= 1;
+    if (inflight[id] > 0) return;
+    setTimeout(function () {
+      var list = pending[id] || [];
+      pending[id] = [];
+      list.forEach(function (fn) {
+        var el = document.getElementById("m-" + id);
+        if (el) later(el, fn);
+      });
+    }, 0);
+  }
+
+  // ------------------------------------------------------------------ editors
+
+  function sourceArea(cell) { return cell.querySelector(".src textarea.editor"); }
+
+  function ensureEditor(ta, cell) {
+    if (ta._cm) return ta._cm;
+    if (!window.CodeMirror) return null; // the plain textarea still works
+    var mode = ta.dataset.mode === "python" ? "python" : ta.dataset.mode === "markdown" ? "markdown" : null;
+    var isAnswer = ta.classList.contains("answer-editor");
+    var keys = {
+      "Shift-Enter": function () { isAnswer ? act(cell, "save-answer") : run(cell, true); },
+      "Ctrl-Enter": function () { isAnswer ? act(cell, "save-answer") : run(cell, false); },
+      "Cmd-Enter": function () { isAnswer ? act(cell, "save-answer") : run(cell, false); },
+      "Esc": function () { isAnswer ? cancelAnswer(cell) : leaveEdit(cell); },
+      "Ctrl-S": function () { isAnswer ? act(cell, "save-answer") : save(cell); },
+      "Cmd-S": function () { isAnswer ? act(cell, "save-answer") : save(cell); },
+      "Tab": function (cm) {
+        if (cm.somethingSelected()) cm.indentSelection("add");
+        else cm.replaceSelection(mode === "python" ? "    " : "  ", "end");
+      },
+      "Shift-Tab": function (cm) { cm.indentSelection("subtract"); }
+    };
+    var cm = window.CodeMirror.fromTextArea(ta, {
+      mode: mode, indentUnit: 4, lineWrapping: mode !== "python", matchBrackets: true,
+      viewportMargin: Infinity, extraKeys: keys, autofocus: false
+    });
+    cm.on("change", function () { cm.save(); });
+    ta._cm = cm;
+    return cm;
+  }
+
+  function isDirty(cell) {
+    var ta = sourceArea(cell);
+    if (!ta) return false;
+    if (ta._cm) ta._cm.save();
+    return ta.value !== ta.defaultValue;
+  }
+
+  function enterEdit(cell) {
+    if (!cell) return;
+    var prev = editingCell();
+    if (prev && prev !== cell) leaveEdit(prev, { keepFocus: false });
+    select(cell, { focus: false });
+    cell.classList.add("editing");
+    var ta = sourceArea(cell);
+    if (!ta) return;
+    var cm = ensureEditor(ta, cell);
+    if (cm) {
+      cm.refresh();
+      cm.focus();
+      if (!cell._placed) { cm.setCursor(cm.lineCount(), 0); cell._placed = true; }
+    } else {
+      ta.focus();
+    }
+  }
+
+  function leaveEdit(cell, opts) {
+    opts = opts || {};
+    if (!cell || !cell.classList.contains("editing")) return;
+    if (cell.querySelector(".conflict")) { // keep the user's text on screen until they choose
+      if (opts.keepFocus !== false) cell.focus({ preventScroll: true });
+      return;
+    }
+    var dirty = isDirty(cell);
+    if (dirty) save(cell); // its answer re-renders the cell
+    cell.classList.remove("editing");
+    var ta = sourceArea(cell);
+    if (ta && ta._cm) ta._cm.getInputField().blur();
+    if (opts.keepFocus !== false) select(cell);
+  }
+
+  function save(cell) {
+    var url = cell.dataset.url;
+    if (!url) return;
+    htmx.ajax("POST", url + "/save", { source: cell, target: cell, swap: "outerHTML" });
+  }
+
+  function run(cell, thenNext) {
+    if (!cell) return;
+    var kind = cell.dataset.kind;
+    if (kind === "note" || kind === "raw") {
+      leaveEdit(cell, { keepFocus: false });
+    } else {
+      act(cell, "run");
+    }
+    if (thenNext) {
+      var next = neighbour(cell, 1);
+      if (next) select(next);
+      else act(cell, "add-code-below");
+    } else {
+      select(cell, { focus: true });
+    }
+  }
+
+  // The answer's editor arrives from the server ("Edit answer" fetches it into .answer-edit).
+  function openAnswer(body) {
+    var cell = cellOf(body);
+    var ta = body.querySelector("textarea.answer-editor");
+    if (!cell || !ta) return;
+    select(cell, { focus: false });
+    cell.classList.add("editing-answer");
+    var cm = ensureEditor(ta, cell);
+    if (cm) { cm.refresh(); cm.focus(); } else ta.focus();
+  }
+
+  function cancelAnswer(cell) {
+    if (!cell) return;
+    cell.classList.remove("editing-answer");
+    var box = cell.querySelector(".answer-edit");
+    if (box) box.innerHTML = "";
+    select(cell);
+  }
+
+  // ------------------------------------------------------------------ new content from htmx
+
+  function prepare(root) {
+    if (!root || !root.querySelectorAll) return;
+    var cells = root.matches && root.matches("#cells > .cell") ? [root] : [];
+    cells = cells.concat(Array.prototype.slice.call(root.querySelectorAll("#cells > .cell")));
+    cells.forEach(function (c) {
+      if (c.dataset.new) {
+        delete c.dataset.new;
+        select(c);
+        enterEdit(c);
+      } else if (c.classList.contains("editing")) { // a refused save: the user's text is here
+        select(c, { focus: false });
+        var cm = ensureEditor(sourceArea(c), c);
+        if (cm) cm.refresh();
+      } else if (S.sel === c.dataset.id) {
+        c.classList.add("selected");
+        attachTools(c);
+        if (!editingCell() && !isTyping(document.activeElement)) c.focus({ preventScroll: true });
+      }
+    });
+    var body = root.matches && root.matches(".answer-edit-body") ? root : root.querySelector(".answer-edit-body");
+    if (body) openAnswer(body);
+    if (root.matches && root.matches("#toast") && root.classList.contains("info")) {
+      var t = root;
+      clearTimeout(t._timer);
+      t._timer = setTimeout(function () { if (t.isConnected) { t.innerHTML = ""; t.className = "toast"; } }, 12000);
+    }
+  }
+
+  function isTyping(el) {
+    return !!(el && el.closest && el.closest("input, textarea, select, .CodeMirror, [contenteditable]"));
+  }
+
+  // ------------------------------------------------------------------ keyboard
+
+  function onKey(e) {
+    var t = e.target;
+    var help = document.getElementById("help");
+    if (e.key === "Escape") {
+      var modal = document.querySelector("#modal dialog");
+      if (modal) { e.preventDefault(); document.getElementById("modal").innerHTML = ""; return; }
+    }
+    if (isTyping(t)) {
+      var c = cellOf(t);
+      if (!c || (t.closest && t.closest(".CodeMirror"))) return; // CodeMirror has its own keys
+      if (t.classList.contains("answer-editor")) {
+        if (e.key === "Escape") { e.preventDefault(); cancelAnswer(c); }
+        return;
+      }
+      if (e.key === "Escape") { e.preventDefault(); leaveEdit(c); }
+      else if (e.key === "Enter" && (e.shiftKey || e.ctrlKey || e.metaKey)) {
+        e.preventDefault();
+        run(c, e.shiftKey);
+      } else if ((e.ctrlKey || e.metaKey) && e.key === "s") { e.preventDefault(); save(c); }
+      return;
+    }
+    if (help && help.open) return; // the dialog handles Esc itself
+    if ((e.key === "Enter" || e.key === " ") && t.closest && t.closest("button, a, summary")) return;
+    if (!cellsBox() || e.altKey) return;
+    if ((e.ctrlKey || e.metaKey) && e.key !== "Enter") return;
+    var cell = selected();
+    var k = e.key;
+    var now = Date.now();
+    var twice = S.lastKey === k && now - S.lastKeyAt < 800;
+    S.lastKey = k; S.lastKeyAt = now;
+
+    if (k === "?") { e.preventDefault(); if (help) help.showModal(); return; }
+    if (!cell) {
+      var first = allCells()[0];
+      if (["j", "k", "ArrowDown", "ArrowUp", "Enter"].indexOf(k) >= 0 && first) { e.preventDefault(); select(first); return; }
+      if (k === "a" || k === "b") { e.preventDefault(); document.querySelector('[data-act="append-code"]').click(); }
+      if (k === "z") { var u0 = document.querySelector('#toast [data-act="undo"]'); if (u0) u0.click(); }
+      return;
+    }
+    var handled = true;
+    switch (k) {
+      case "Enter":
+        if (e.shiftKey) run(cell, true);
+        else if (e.ctrlKey || e.metaKey) run(cell, false);
+        else later(cell, enterEdit);
+        break;
+      case "j": case "ArrowDown": select(neighbour(cell, 1) || cell); break;
+      case "k": case "ArrowUp": select(neighbour(cell, -1) || cell); break;
+      case "J": act(cell, "down"); break;
+      case "K": act(cell, "up"); break;
+      case "a": act(cell, "add-code-above"); break;
+      case "b": act(cell, "add-code-below"); break;
+      case "c": setKind(cell, "code"); break;
+      case "n": setKind(cell, "note"); break;
+      case "p": setKind(cell, "prompt"); break;
+      case "d":
+        if (twice) {
+          S.lastKey = "";
+          var after = neighbour(cell, 1) || neighbour(cell, -1);
+          act(cell, "delete");
+          if (after) S.sel = after.dataset.id, select(after);
+        }
+        break;
+      case "z": var u = document.querySelector('#toast [data-act="undo"]'); if (u) u.click(); break;
+      case "h": act(cell, "flag-hidden"); break;
+      case "i": act(cell, "flag-pinned"); break;
+      case "f": act(cell, "flag-collapsed"); break;
+      case "e": act(cell, "flag-exported"); break;
+      case "s": act(cell, "stop"); break;
+      default: handled = false;
+    }
+    if (handled) e.preventDefault();
+  }
+
+  function setKind(cell, kind) {
+    later(cell, function (c) {
+      var sel = c.querySelector('select[data-act="kind"]');
+      if (!sel || sel.value === kind) return;
+      sel.value = kind;
+      htmx.trigger(sel, "change");
+    });
+  }
+
+  // ------------------------------------------------------------------ mouse
+
+  function onClick(e) {
+    var t = e.target;
+    var a = t.closest && t.closest("[data-act]");
+    if (a) {
+      var cellA = cellOf(a);
+      switch (a.dataset.act) {
+        case "help": document.getElementById("help").showModal(); return;
+        case "close-help": document.getElementById("help").close(); return;
+        case "close-modal": document.getElementById("modal").innerHTML = ""; return;
+        case "close-toast": var ts = document.getElementById("toast"); ts.innerHTML = ""; ts.className = "toast"; return;
+        case "cancel-answer": cancelAnswer(cellA); return;
+      }
+      if (a.closest(".cell-menu") && a.classList.contains("menu-item")) {
+        var d = a.closest("details"); if (d) d.open = false;
+      }
+      if (cellA) select(cellA, { focus: false, scroll: false });
+      return;
+    }
+    var cell = cellOf(t);
+    if (!cell) return;
+    if (isTyping(t) || (t.closest && t.closest("a, button, summary, iframe"))) { select(cell, { focus: false, scroll: false }); return; }
+    var view = t.closest && t.closest(".view");
+    if (view && (cell.dataset.kind === "code" || view.querySelector(".placeholder"))) { enterEdit(cell); return; }
+    if (!cell.classList.contains("editing")) select(cell, { scroll: false });
+  }
+
+  function onHover(e) {
+    var cell = cellOf(e.target);
+    var t = tools();
+    if (!cell || !t || t.parentNode === cell) return;
+    if (t.querySelector("details[open]")) return; // a menu is open: leave it where it is
+    attachTools(cell);
+  }
+
+  function onDblClick(e) {
+    var cell = cellOf(e.target);
+    if (cell && e.target.closest(".view")) enterEdit(cell);
+  }
+
+  function onMouseDown(e) {
+    var ed = editingCell();
+    if (!ed) return;
+    var t = e.target;
+    if (ed.contains(t)) return;
+    if (t.closest && t.closest("#toast, #modal, dialog")) return;
+    leaveEdit(ed, { keepFocus: false });
+  }
+
+  // ------------------------------------------------------------------ moves, leaving the page
+
+  function onMoved(e) {
+    var d = e.detail || {};
+    var el = document.getElementById("m-" + d.id);
+    var box = cellsBox();
+    if (!el || !box) return;
+    if (d.after) {
+      var a = document.getElementById("m-" + d.after);
+      if (a) a.after(el);
+    } else {
+      box.prepend(el);
+    }
+    var ta = sourceArea(el);
+    if (ta && ta._cm) ta._cm.refresh();
+    if (S.sel === d.id) select(el, { focus: !el.classList.contains("editing") });
+  }
+
+  function onBeforeUnload(e) {
+    var dirty = allCells().some(function (c) { return c.classList.contains("editing") && isDirty(c); });
+    if (dirty) { e.preventDefault(); e.returnValue = ""; }
+  }
+
+  function start() {
+    document.addEventListener("keydown", onKey);
+    document.addEventListener("click", onClick);
+    document.addEventListener("dblclick", onDblClick);
+    document.addEventListener("mousedown", onMouseDown, true);
+    document.body.addEventListener("dlgMoved", onMoved);
+    document.body.addEventListener("htmx:beforeRequest", onBeforeRequest);
+    document.body.addEventListener("htmx:configRequest", onConfigRequest);
+    document.body.addEventListener("htmx:beforeSwap", function (e) { rescueTools(e.detail.target); });
+    document.body.addEventListener("htmx:oobBeforeSwap", function (e) { rescueTools(e.detail.target); });
+    document.addEventListener("mouseover", onHover);
+    document.body.addEventListener("htmx:afterRequest", onAfterRequest);
+    window.addEventListener("beforeunload", onBeforeUnload);
+    htmx.onLoad(prepare);
+    var target = location.hash && document.getElementById(location.hash.slice(1));
+    if (target && cellOf(target) === target) select(target);
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();

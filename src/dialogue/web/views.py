@@ -1,0 +1,777 @@
+"""FT components of the web app: pages, cells and the fragments HTMX swaps in.
+
+Every piece of text that came from a user, a notebook or a model reaches the page either as an FT
+text child (escaped by FastHTML) or as HTML from `dialogue.render` (sanitized by nh3); nothing
+else is wrapped in `NotStr`. HTML outputs of code are the one exception: they keep their markup
+and go into an `<iframe srcdoc>` that is sandboxed without scripts or same-origin access, so they
+can neither run code nor reach the app.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import time
+from collections import OrderedDict
+from typing import Any, Iterable
+
+from fastcore.xml import Safe
+
+from fasthtml.common import (A, Button, Code, Details, Dialog, Div, Form, H2, H3,
+                             Header, Iframe, Input, Label, Li, Link, Main, Meta, NotStr, Option, P,
+                             Pre, Script, Section, Select, Small, Span, Strong, Summary,
+                             Table, Tbody, Td, Textarea, Th, Thead, Title, Tr, Ul, to_xml)
+
+from ..artifacts.markdown import merge_streams
+from ..document import Dialogue, Kind, Message
+from ..render import highlight_code, highlight_css, pick_mime, render_markdown, render_output
+from ..store import HIT_END, HIT_START, SearchHit, TrashItem, Version
+from .relay import LiveState
+
+__all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dialogue_row_edit",
+           "search_results", "dialogue_page", "cell", "result", "outputs_html", "toast",
+           "kernel_badge", "totals", "history_modal", "settings_panel", "dialogue_title",
+           "sse", "frag", "gutter", "output_fragment", "text_chunk", "error_box", "tool_calls_html", "live_body", "version_input",
+           "dversion_input", "model_picker", "answer_editor", "toolbar", "model_input", "HTMX_CONFIG"]
+
+STATIC = "/static"
+VENDOR = f"{STATIC}/vendor"
+
+# htmx settings: no eval and no <script> from swapped HTML (defence in depth under the CSP), our
+# own indicator styles, and error answers swapped like 2xx: the server answers a refused change
+# (4xx) or a failure (5xx) with an error toast swapped out-of-band (and HX-Reswap: none), so the
+# user sees why.
+HTMX_CONFIG = {
+    "allowEval": False,
+    "allowScriptTags": False,
+    "includeIndicatorStyles": False,
+    "selfRequestsOnly": True,
+    "historyCacheSize": 0,
+    "defaultSettleDelay": 0,
+    "responseHandling": [
+        {"code": "204", "swap": False},
+        {"code": "[23]..", "swap": True},
+        {"code": "4..", "swap": True, "error": False},
+        {"code": "5..", "swap": True, "error": False},
+    ],
+}
+
+
+def page_hdrs() -> list:
+    """The <head> of every page: only files served by this app (see static/VENDORED.md)."""
+    return [
+        Meta(charset="utf-8"),
+        Meta(name="viewport", content="width=device-width, initial-scale=1"),
+        Meta(name="htmx-config", content=json.dumps(HTMX_CONFIG)),
+        Meta(name="color-scheme", content="light"),
+        Link(rel="icon", href=f"{STATIC}/favicon.svg", type="image/svg+xml"),
+        Link(rel="stylesheet", href=f"{VENDOR}/pico/pico.min.css"),
+        Link(rel="stylesheet", href=f"{VENDOR}/codemirror/codemirror.css"),
+        Link(rel="stylesheet", href=f"{STATIC}/highlight.css"),
+        Link(rel="stylesheet", href=f"{STATIC}/app.css"),
+        Script(src=f"{VENDOR}/htmx/htmx.min.js"),
+        Script(src=f"{VENDOR}/htmx-ext-sse/sse.min.js"),
+        Script(src=f"{VENDOR}/codemirror/codemirror.js", defer=True),
+        Script(src=f"{VENDOR}/codemirror/mode/python/python.js", defer=True),
+        Script(src=f"{VENDOR}/codemirror/mode/markdown/markdown.js", defer=True),
+        Script(src=f"{VENDOR}/codemirror/addon/edit/matchbrackets.js", defer=True),
+        Script(src=f"{STATIC}/app.js", defer=True),
+    ]
+
+
+def highlight_stylesheet() -> str:
+    return highlight_css("default")
+
+
+# ---------------------------------------------------------------- small pieces
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return ""
+    s = max(0, time.time() - t)
+    for n, unit in ((86400 * 365, "y"), (86400 * 30, "mo"), (86400, "d"), (3600, "h"), (60, "min")):
+        if s >= n:
+            return f"{int(s // n)} {unit} ago"
+    return "just now"
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def version_input(m: Message, oob: bool = False) -> Any:
+    return Input(type="hidden", name="version", value=str(m.version), id=f"v-{m.id}",
+                 hx_swap_oob="true" if oob else None)
+
+
+def dversion_input(d: Dialogue, oob: bool = False) -> Any:
+    return Input(type="hidden", name="dversion", value=str(d.version), id="dversion",
+                 hx_swap_oob="true" if oob else None)
+
+
+def toast(message: str, *, level: str = "error", undo: str | None = None,
+          undo_label: str = "Undo", extra: Any = None) -> Any:
+    """A message at the bottom of the page, swapped out-of-band into #toast."""
+    parts: list[Any] = [Span(message, cls="toast-text")]
+    if undo:
+        parts.append(Button(undo_label, hx_post=undo, data_act="undo", cls="secondary"))
+    if extra is not None:
+        parts.append(extra)
+    parts.append(Button("×", cls="toast-close", data_act="close-toast", aria_label="close",
+                        type="button"))
+    return Div(*parts, id="toast", cls=f"toast {level}", role="alert" if level == "error" else "status",
+               hx_swap_oob="true")
+
+
+def topbar(*left: Any, right: Iterable[Any] = ()) -> Any:
+    return Header(
+        Div(A(Span("◆", cls="logo"), "dialogue", href="/", cls="brand"), *left, cls="bar-left"),
+        Div(*right, cls="bar-right"), cls="topbar")
+
+
+# ---------------------------------------------------------------- dialogues page
+
+def dialogues_page(items: list[dict], trash: list[TrashItem], *, q: str = "",
+                   hits: list[SearchHit] | None = None) -> tuple:
+    search = Input(type="search", name="q", value=q, placeholder="Search every dialogue…",
+                   aria_label="Search every dialogue", hx_get="/search",
+                   hx_trigger="input changed delay:250ms, search", hx_target="#search-results",
+                   id="search", autocomplete="off")
+    new = Form(Input(name="name", placeholder="New dialogue name", required=True,
+                     aria_label="New dialogue name", autocomplete="off"),
+               Button("New dialogue", type="submit"),
+               hx_post="/new", cls="inline-form", id="new-form")
+    imp = Form(Label(Input(type="file", name="file", accept=".ipynb,application/x-ipynb+json",
+                           required=True), cls="file-label"),
+               Button("Import .ipynb", type="submit", cls="secondary"),
+               hx_post="/import", hx_encoding="multipart/form-data", cls="inline-form",
+               id="import-form")
+    return (Title("dialogue"),
+            topbar(right=[search]),
+            Main(Section(new, imp, cls="actions"),
+                 Div(search_results(hits, q) if hits is not None else "", id="search-results"),
+                 dialogue_list(items, trash), cls="container page-list"),
+            Div(id="toast"), Div(id="modal"))
+
+
+def dialogue_list(items: list[dict], trash: list[TrashItem]) -> Any:
+    rows = [dialogue_row(d) for d in items]
+    body = (Table(Thead(Tr(Th("Name"), Th("Model"), Th("Messages"), Th("Updated"), Th(""))),
+                  Tbody(*rows, id="dialogue-rows"), cls="dialogues")
+            if rows else P("No dialogues yet: name one above and press New dialogue, or import a "
+                           "notebook.", cls="empty"))
+    dtrash = [t for t in trash if t.type == "dialogue"]
+    trash_section = Details(
+        Summary(f"Trash ({len(dtrash)})"),
+        Ul(*[Li(Span(t.name, cls="name"), Small(f" deleted {_ago(t.deleted)}"),
+                Button("Restore", hx_post=f"/d/{t.id}/restore", hx_target="#dialogue-list",
+                       hx_swap="outerHTML", cls="secondary small"))
+             for t in dtrash]) if dtrash else P("The trash is empty.", cls="empty"),
+        cls="trash")
+    return Div(H2("Dialogues"), body, trash_section, id="dialogue-list")
+
+
+def dialogue_row(d: dict) -> Any:
+    did = d["id"]
+    return Tr(
+        Td(A(d["name"], href=f"/d/{did}", cls="dlg-link")),
+        Td(Code(d.get("model") or "")),
+        Td(str(d.get("messages", 0))),
+        Td(Span(_ago(d.get("updated")), title=_when(d.get("updated")))),
+        Td(Button("Rename", hx_get=f"/d/{did}/row?edit=1", hx_target="closest tr",
+                  hx_swap="outerHTML", cls="outline secondary small"),
+           Button("Delete", hx_post=f"/d/{did}/delete", hx_target="closest tr",
+                  hx_swap="outerHTML", cls="outline secondary small danger"), cls="row-actions"),
+        id=f"row-{did}")
+
+
+def dialogue_row_edit(d: Dialogue, *, error: str = "") -> Any:
+    return Tr(Td(Form(Input(name="name", value=d.name, aria_label="New name", autofocus=True,
+                            required=True),
+                      Input(type="hidden", name="dversion", value=str(d.version)),
+                      Button("Save", type="submit"),
+                      Button("Cancel", hx_get=f"/d/{d.id}/row", hx_target="closest tr",
+                             hx_swap="outerHTML", type="button", cls="secondary"),
+                      Small(error, cls="error") if error else "",
+                      hx_post=f"/d/{d.id}/rename", hx_target="closest tr", hx_swap="outerHTML",
+                      cls="inline-form"), colspan="5"),
+              id=f"row-{d.id}")
+
+
+def hit_snippet(snippet: str) -> Any:
+    """A search snippet with its HIT markers as <mark>; everything else escaped."""
+    out: list[str] = []
+    rest = snippet
+    while HIT_START in rest:
+        before, _, after = rest.partition(HIT_START)
+        hit, _, rest = after.partition(HIT_END)
+        out.append(html.escape(before) + "<mark>" + html.escape(hit) + "</mark>")
+    out.append(html.escape(rest))
+    return NotStr("".join(out))
+
+
+def search_results(hits: list[SearchHit] | None, q: str) -> Any:
+    if hits is None or not q.strip():
+        return ""
+    if not hits:
+        return Div(P(f"Nothing matches “{q}”.", cls="empty"), cls="search-results")
+    return Div(H3(f"{len(hits)} match{'es' if len(hits) != 1 else ''}"),
+               Ul(*[Li(A(Strong(h.dialogue_name), href=f"/d/{h.dialogue_id}#m-{h.message_id}"),
+                       Span(h.kind, cls=f"kind-chip {h.kind}"),
+                       Div(hit_snippet(h.snippet), cls="snippet"))
+                    for h in hits], cls="hits"), cls="search-results")
+
+
+# ---------------------------------------------------------------- dialogue page
+
+def dialogue_title(d: Dialogue, oob: bool = False) -> Any:
+    return Form(Input(name="name", value=d.name, aria_label="Dialogue name", cls="title-input",
+                      required=True, autocomplete="off"),
+                hx_post=f"/d/{d.id}/settings", hx_trigger="change, submit",
+                hx_include="#dversion", id="dlg-title", cls="title-form",
+                hx_swap_oob="true" if oob else None)
+
+
+def model_picker(d: Dialogue, models: list[tuple[str, str]], oob: bool = False) -> Any:
+    names = [m for m, _ in models]
+    opts = [Option(label, value=m, selected=(m == d.model)) for m, label in models]
+    if d.model not in names:
+        opts.insert(0, Option(d.model or "(none)", value=d.model, selected=True))
+    return Select(*opts, name="model", aria_label="Model", id="model",
+                  hx_post=f"/d/{d.id}/settings", hx_trigger="change", hx_include="#dversion",
+                  title="The model that answers prompts in this dialogue",
+                  hx_swap_oob="true" if oob else None)
+
+
+def model_input(d: Dialogue, oob: bool = False) -> Any:
+    """The free-text model field of the settings panel (kept in step with the picker)."""
+    return Input(name="model", value=d.model, autocomplete="off", id="model-name",
+                 hx_swap_oob="true" if oob else None)
+
+
+def kernel_badge(did: str, status: str) -> Any:
+    label = {"none": "no kernel", "idle": "kernel idle", "busy": "kernel busy",
+             "dead": "kernel dead"}.get(status, status)
+    return Div(Span(Span(cls="dot"), label, cls=f"kstatus {status}", title="Python kernel status"),
+               Button("■", title="Interrupt the kernel", hx_post=f"/d/{did}/kernel/interrupt",
+                      hx_target="#kernel", hx_swap="outerHTML", cls="icon",
+                      disabled=status in ("none", "dead")),
+               Button("⟳", title="Restart the kernel (variables are lost)",
+                      hx_post=f"/d/{did}/kernel/restart", hx_target="#kernel",
+                      hx_swap="outerHTML", cls="icon"),
+               id="kernel", cls="kernel", hx_get=f"/d/{did}/kernel", hx_trigger="every 3s",
+               hx_swap="outerHTML")
+
+
+def _usage_sum(msgs: Iterable[Message]) -> tuple[int, int, int, float, bool]:
+    tin = tout = tcache = 0
+    total, unknown = 0.0, False
+    for m in msgs:
+        u = m.usage or {}
+        if not u:
+            continue
+        tin += int(u.get("input") or 0)
+        tout += int(u.get("output") or 0)
+        tcache += int(u.get("cache_read") or 0) + int(u.get("cache_write") or 0)
+        c = u.get("cost")
+        if c is None:
+            unknown = True
+        else:
+            total += float(c)
+    return tin, tout, tcache, total, unknown
+
+
+def _money(c: float | None) -> str:
+    if c is None:
+        return "cost unknown"
+    return f"${c:.4f}" if c < 1 else f"${c:.2f}"
+
+
+def totals(d: Dialogue, oob: bool = False) -> Any:
+    tin, tout, tcache, cost, unknown = _usage_sum(d.messages)
+    return Div(Span(f"{tin + tcache:,} in", title=f"prompt tokens: {tin:,} new + {tcache:,} from cache"),
+               Span(f"{tout:,} out", title="answer tokens"),
+               Span(_money(cost) + ("+?" if unknown else ""),
+                    title="cost of every answer in this dialogue" +
+                          (" (some models have no known price)" if unknown else "")),
+               id="totals", cls="totals", hx_swap_oob="true" if oob else None)
+
+
+def export_menu(did: str) -> Any:
+    return Details(Summary("Export", role="button", cls="secondary small"),
+                   Ul(*[Li(A(label, href=f"/d/{did}/export/{path}", download=True))
+                        for path, label in (("ipynb", "Notebook (.ipynb)"),
+                                            ("py", "Python module (.py): exported code"),
+                                            ("md", "Markdown post (.md)"),
+                                            ("md?ai=1", "Markdown with prompts and answers"),
+                                            ("html", "Web page (.html)"),
+                                            ("html?ai=1", "Web page with prompts and answers"))]),
+                   cls="menu export")
+
+
+def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> Any:
+    ctx_items = [Details(Summary(Strong(c.name), Small(f" {c.kind} · {len(c.content):,} chars"
+                                                      + (f" · {c.source}" if c.source else ""))),
+                         Form(Input(type="hidden", name="action", value="save"),
+                              Input(type="hidden", name="name", value=c.name),
+                              Textarea(_ta(c.content), name="content", rows="6",
+                                       aria_label=f"Content of {c.name}"),
+                              Div(Button("Save", type="submit", cls="small"),
+                                  Button("Remove", hx_post=f"/d/{d.id}/context",
+                                         hx_vals={"action": "remove", "name": c.name},
+                                         hx_include="#dversion", type="button",
+                                         cls="secondary small danger"), cls="row"),
+                              hx_post=f"/d/{d.id}/context", hx_include="#dversion"),
+                         cls="ctx-item")
+                 for c in d.context]
+    add = Form(Input(type="hidden", name="action", value="add"),
+               Input(name="name", placeholder="Name (e.g. the library's docs)", required=True,
+                     aria_label="Name of the new context item"),
+               Textarea(name="content", rows="4", placeholder="Paste text here, or choose a file",
+                        aria_label="Content of the new context item"),
+               Div(Input(type="file", name="file", aria_label="File to attach"),
+                   Button("Attach", type="submit", cls="small"), cls="row"),
+               hx_post=f"/d/{d.id}/context", hx_include="#dversion",
+               hx_encoding="multipart/form-data", cls="ctx-add")
+    return Details(
+        Summary("Settings: system prompt, model, attached context"
+                + (f" ({len(d.context)} attached)" if d.context else "")),
+        Div(Form(Label("System prompt", Textarea(_ta(d.system), name="system", rows="3",
+                                                 placeholder="Instructions the model sees first")),
+                 Label("Model name (any provider's: claude-…, gpt-…, "
+                       "openai-compatible:URL/model, local:NAME or a .gguf path)",
+                       model_input(d)),
+                 Button("Save settings", type="submit", cls="small"),
+                 hx_post=f"/d/{d.id}/settings", hx_include="#dversion"),
+            Div(H3("Attached context"),
+                P("Sent to the model before the dialogue, as part of the stable prefix that "
+                  "caches reuse.", cls="hint"),
+                *ctx_items, add, cls="context"),
+            cls="settings-body"),
+        id="settings", cls="settings", open=open_, hx_swap_oob="true" if oob else None)
+
+
+def _ta(text: str) -> str:
+    """Textarea content: HTML parsers drop one leading newline, so give them one to drop."""
+    return "\n" + (text or "")
+
+
+HELP = [
+    ("Command mode (a cell is selected, no editor has focus)", [
+        ("Enter", "edit the selected cell"), ("Shift+Enter", "run, then select the next cell"),
+        ("Ctrl+Enter", "run in place"), ("j / k or ↓ / ↑", "select the next / previous cell"),
+        ("Shift+J / Shift+K", "move the cell down / up"), ("a / b", "add a code cell above / below"),
+        ("c / n / p", "make it code / a note / a prompt"), ("d d", "delete (to the trash)"),
+        ("z", "undo the last delete"), ("h", "hide from the model / show"),
+        ("i", "pin (never trimmed from the context)"), ("f", "fold / unfold"),
+        ("e", "mark exported / not"), ("s", "stop the cell's run"), ("?", "this help")]),
+    ("Edit mode (typing in a cell)", [
+        ("Esc", "save and go back to command mode"), ("Shift+Enter", "save, run, select the next cell"),
+        ("Ctrl+Enter", "save and run in place"), ("Ctrl+S", "save")]),
+]
+
+
+def help_dialog() -> Any:
+    return Dialog(Div(H3("Keyboard"),
+                      *[Div(H3(title, cls="small-h"),
+                            Table(*[Tr(Td(Code(k)), Td(v)) for k, v in rows], cls="keys"))
+                        for title, rows in HELP],
+                      Button("Close", data_act="close-help", type="button", cls="secondary"),
+                      cls="help-body"),
+                  id="help", aria_label="Keyboard shortcuts")
+
+
+def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str,
+                  running: set[str], live: dict[str, LiveState] | None = None) -> tuple:
+    live = live or {}
+    cells = [cell(d.id, m, running=m.id in running, live=live.get(m.id)) for m in d.messages]
+    return (Title(f"{d.name} · dialogue"),
+            topbar(dialogue_title(d),
+                   right=[model_picker(d, models), kernel_badge(d.id, kernel_status), totals(d),
+                          export_menu(d.id),
+                          Button("?", title="Keyboard shortcuts (?)", data_act="help",
+                                 cls="icon help-btn", type="button")]),
+            Main(dversion_input(d),
+                 settings_panel(d),
+                 Div(*cells, id="cells", data_dialogue=d.id, cls="cells"),
+                 Div(Span("Add", cls="add-label"),
+                     *[Button(f"+ {label}", hx_post=f"/d/{d.id}/cells",
+                              hx_vals={"kind": k}, cls="secondary small", data_act=f"append-{k}")
+                       for k, label in (("code", "Code"), ("note", "Note"), ("prompt", "Prompt"))],
+                     cls="addbar", id="addbar"),
+                 Div(P(Small("Press ? for the keyboard shortcuts.")),
+                     cls="footnote") if not d.messages else "",
+                 cls="container page-dialogue", data_dialogue=d.id),
+            Div(toolbar(d.id), id="tools-home", hidden=True),
+            help_dialog(), Div(id="toast"), Div(id="modal"))
+
+
+# ---------------------------------------------------------------- cells
+
+KIND_LABEL = {Kind.code: "Code", Kind.note: "Note", Kind.prompt: "Prompt", Kind.raw: "Raw"}
+FLAG_LABEL = {"hidden": ("hide", "Hidden from the model (h)"),
+              "pinned": ("pin", "Pinned: never trimmed from the context (i)"),
+              "collapsed": ("fold", "Folded (f)"),
+              "exported": ("export", "Exported to the module (e)")}
+
+
+def gutter(m: Message, running: bool) -> Any:
+    if m.kind == Kind.code:
+        n = "*" if running else (str(m.execution_count) if m.execution_count else " ")
+        tag = f"[{n}]"
+    else:
+        tag = KIND_LABEL[m.kind]
+    marks = [Span(FLAG_LABEL[f][0], cls=f"flag-mark {f}", title=FLAG_LABEL[f][1])
+             for f in ("hidden", "pinned", "exported") if getattr(m, f)]
+    return Div(Span(tag, cls="kind-tag"), *marks, cls="gutter", id=f"g-{m.id}")
+
+
+def toolbar(did: str) -> Any:
+    """The cell toolbar: one per page, moved by app.js into the cell under the mouse or the
+    selected one (1,000 cells with a toolbar each would be 30,000 more elements). Its requests name
+    a path relative to the cell ("run", "flag", ...), which app.js completes with the cell's URL in
+    `htmx:configRequest`; the cell's own hx-include and hx-sync apply, as for any element in it."""
+    tgt = dict(hx_target="closest .cell", hx_swap="outerHTML")
+    run = Button(Span("▶ Run", cls="for-code"), Span("▶ Send", cls="for-prompt"),
+                 Span("✓ Done", cls="for-note"), hx_post="run", data_act="run", cls="tb run",
+                 title="Run (Ctrl+Enter; Shift+Enter runs and moves on)", **tgt)
+    kind = Select(*[Option(KIND_LABEL[k], value=k.value) for k in (Kind.code, Kind.note, Kind.prompt)],
+                  Option("Raw", value="raw", disabled=True, hidden=True),
+                  name="kind", hx_post="kind", hx_trigger="change", data_act="kind",
+                  cls="tb kind", aria_label="Kind of cell", **tgt)
+    flags = [Button(FLAG_LABEL[f][0], hx_post="flag", hx_vals={"flag": f}, data_act=f"flag-{f}",
+                    data_flag=f, aria_pressed="false", title=FLAG_LABEL[f][1], cls="tb flag", **tgt)
+             for f in ("hidden", "pinned", "collapsed", "exported")]
+    move = [Button("↑", hx_post="move", hx_vals={"by": -1}, hx_swap="none", data_act="up",
+                   cls="tb", title="Move up (Shift+K)"),
+            Button("↓", hx_post="move", hx_vals={"by": 1}, hx_swap="none", data_act="down",
+                   cls="tb", title="Move down (Shift+J)")]
+    adds = []
+    for where, swap in (("above", "before"), ("below", "after")):
+        for k in ("code", "note", "prompt"):
+            # hx-include="this": only the button's values, not the cell's editor and kind
+            adds.append(Li(Button(f"Add {k} {where}", hx_post=f"/d/{did}/cells", hx_vals={"kind": k},
+                                  data_where=swap, hx_include="this", data_act=f"add-{k}-{where}",
+                                  cls="menu-item")))
+    menu = Details(Summary("⋯", cls="tb", title="More"),
+                   Ul(*adds,
+                      Li(Button("History…", hx_get="history", hx_target="#modal",
+                                data_act="history", cls="menu-item")),
+                      Li(Button("Fork from here", hx_post="fork", data_act="fork",
+                                hx_include="this", cls="menu-item",
+                                title="A new dialogue with the cells up to this one")),
+                      Li(Button("Delete", hx_post="delete", data_act="delete",
+                                cls="menu-item danger", **tgt))),
+                   cls="menu cell-menu")
+    return Div(run, kind, *flags, *move, menu, cls="tools", id="tools")
+
+
+def _source_view(m: Message) -> Any:
+    src = m.source
+    if not src.strip():
+        hint = {Kind.code: "Empty code cell", Kind.note: "Empty note",
+                Kind.prompt: "Empty prompt", Kind.raw: "Empty raw cell"}[m.kind]
+        return Div(Span(f"{hint}: press Enter or click to write.", cls="placeholder"),
+                   cls="view")
+    if m.collapsed:
+        first = src.strip().splitlines()[0]
+        more = len(src.strip().splitlines()) - 1
+        return Div(Span(first[:200], cls="folded-line"),
+                   Small(f" … {more} more line{'s' if more != 1 else ''}" if more else " …",
+                         cls="folded-more"), cls="view folded")
+    if m.kind == Kind.code:
+        body = NotStr(highlight_code(src, "python"))
+    elif m.kind == Kind.raw:
+        body = Pre(src, cls="raw")
+    else:
+        body = NotStr(render_markdown(src))
+    return Div(body, cls="view markdown" if m.kind in (Kind.note, Kind.prompt) else "view")
+
+
+EDIT_HINT = {Kind.code: "Shift+Enter run · Ctrl+Enter run in place · Esc done",
+             Kind.prompt: "Shift+Enter send · Ctrl+Enter send in place · Esc done",
+             Kind.note: "Shift+Enter or Esc: done", Kind.raw: "Esc: done"}
+
+
+def _editor(m: Message, text: str | None = None) -> Any:
+    mode = "python" if m.kind == Kind.code else "markdown" if m.kind in (Kind.note, Kind.prompt) \
+        else "text"
+    src = m.source if text is None else text
+    parts = [Textarea(_ta(src), name="source", cls="editor", data_mode=mode,
+                      rows=str(max(2, min(30, src.count("\n") + 1))),
+                      aria_label=f"{KIND_LABEL[m.kind]} source", spellcheck="false")]
+    if m.kind == Kind.prompt:
+        parts.append(Input(name="prefill", placeholder="Answer starts with… (optional prefill)",
+                           autocomplete="off", cls="prefill", aria_label="Prefill"))
+    return Div(*parts, cls="editor-wrap", data_hint=EDIT_HINT[m.kind])
+
+
+# Rendered cells by (dialogue, message, version): a version changes with every stored change of a
+# message, so an entry never goes stale, and reopening a long dialogue re-renders only what
+# changed. Cells in a transient state (running, in conflict, new) are not cached.
+_CELL_CACHE: OrderedDict[tuple, Safe] = OrderedDict()
+CELL_CACHE_SIZE = 8192
+
+
+def cell(did: str, m: Message, *, running: bool = False, live: LiveState | None = None,
+         editing: bool = False, new: bool = False, conflict: dict | None = None) -> Safe:
+    """One message, as HTML. `conflict` (keys: mine, message) shows a refused save: the user's
+    text stays in the editor, next to what is stored now."""
+    cacheable = not (running or live or editing or new or conflict)
+    key = (did, m.id, m.version, m.updated)
+    if cacheable and key in _CELL_CACHE:
+        _CELL_CACHE.move_to_end(key)
+        return _CELL_CACHE[key]
+    html_ = Safe(to_xml(_cell(did, m, running=running, live=live, editing=editing, new=new,
+                              conflict=conflict)))
+    if cacheable:
+        _CELL_CACHE[key] = html_
+        if len(_CELL_CACHE) > CELL_CACHE_SIZE:
+            _CELL_CACHE.popitem(last=False)
+    return html_
+
+
+def _cell(did: str, m: Message, *, running: bool = False, live: LiveState | None = None,
+          editing: bool = False, new: bool = False, conflict: dict | None = None) -> Any:
+    classes = ["cell", f"kind-{m.kind.value}"] + [f"is-{f}" for f in
+                                                  ("hidden", "pinned", "collapsed", "exported")
+                                                  if getattr(m, f)]
+    if editing or conflict:
+        classes.append("editing")
+    banner = ""
+    mine = None
+    if conflict:
+        mine = conflict.get("mine")
+        banner = Div(Strong("Not saved: "), conflict["message"],
+                     Details(Summary("What is stored now"), Pre(m.source, cls="theirs")),
+                     Div(Button("Save mine over it", hx_post=f"/d/{did}/m/{m.id}/save",
+                                hx_target=f"#m-{m.id}", hx_swap="outerHTML", cls="small",
+                                data_act="keep-mine"),
+                         Button("Discard mine, reload", hx_get=f"/d/{did}/m/{m.id}",
+                                hx_target=f"#m-{m.id}", hx_swap="outerHTML",
+                                cls="secondary small", data_act="reload"), cls="row"),
+                     cls="conflict", role="alert")
+    return Div(
+        gutter(m, running),
+        Div(Div(_source_view(m), _editor(m, mine), cls="src"),
+            banner,
+            result(did, m, running=running, live=live),
+            cls="cell-main"),
+        version_input(m),
+        id=f"m-{m.id}", cls=" ".join(classes), data_id=m.id, data_kind=m.kind.value,
+        data_new="1" if new else None, data_url=f"/d/{did}/m/{m.id}", tabindex="-1",
+        hx_include="this",
+        hx_sync="this:queue all")
+
+
+# ---------------------------------------------------------------- results
+
+def _iframe_output(markup: str) -> Any:
+    """An HTML output of code (a DataFrame, a widget's static view), isolated: sandbox="" gives the
+    frame a unique origin and no scripts, forms, popups or top navigation, and the page's CSP
+    (inherited by srcdoc frames) blocks any network load it tries."""
+    rows = len(re.findall(r"<(?:tr|li)\b", markup, re.I))
+    lines = len(re.findall(r"<(?:br|p|h[1-6]|div|pre)\b", markup, re.I)) + markup.count("\n") // 3 + 1
+    height = max(40, min(640, 23 * rows + 20 * lines + 16))
+    doc = ("<!doctype html><html><head><meta charset='utf-8'><style>"
+           "body{font:14px/1.4 system-ui,sans-serif;margin:6px;color:#222}"
+           "table{border-collapse:collapse;font-size:13px}"
+           "th,td{border:1px solid #ddd;padding:2px 8px;text-align:right}"
+           "th{background:#f4f6f8}</style></head><body>" + markup + "</body></html>")
+    return Iframe(srcdoc=doc, sandbox="", cls="output html-frame", style=f"height:{height}px",
+                  title="HTML output", loading="lazy")
+
+
+def output_fragment(o: dict[str, Any]) -> Any:
+    t = o.get("output_type")
+    if t in ("execute_result", "display_data") and pick_mime(o.get("data") or {}) == "text/html":
+        v = o["data"]["text/html"]
+        return _iframe_output("".join(v) if isinstance(v, list) else str(v))
+    return NotStr(render_output(o))
+
+
+def outputs_html(outputs: list[dict[str, Any]]) -> list[Any]:
+    """Consecutive writes to one stream show as one block, as in Jupyter."""
+    return [output_fragment(o) for o in merge_streams(outputs)
+            if o.get("output_type") not in ("clear_output", "update_display_data")]
+
+
+def frag(*parts: Any) -> str:
+    """HTML of FT components, NotStr and lists of them (fastcore's to_xml refuses a bare NotStr
+    in a list)."""
+    out: list[str] = []
+    for p in parts:
+        if isinstance(p, (list, tuple)):
+            out.append(frag(*p))
+        elif isinstance(p, NotStr):
+            out.append(str(p))
+        elif isinstance(p, str):
+            out.append(html.escape(p))
+        else:
+            out.append(to_xml(p))
+    return "".join(out)
+
+
+def text_chunk(text: str) -> str:
+    """A piece of a streaming answer, escaped, for an SSE swap."""
+    return f"<span>{html.escape(text)}</span>"
+
+
+def error_box(message: str) -> Any:
+    return Div(message, cls="run-error", role="alert")
+
+
+def tool_calls_html(calls: list[dict[str, Any]]) -> list[Any]:
+    out = []
+    for c in calls:
+        args = json.dumps(c.get("arguments", {}), ensure_ascii=False)
+        res = c.get("error") or c.get("result")
+        out.append(Details(Summary(Span("tool", cls="tool-chip"), Code(f"{c.get('name', '?')}({args[:120]})")),
+                           Pre(str(res) if res is not None else "(running…)",
+                               cls="tool-result" + (" error" if c.get("error") else "")),
+                           cls="tool-call"))
+    return out
+
+
+def usage_line(m: Message) -> Any:
+    u = m.usage or {}
+    if not u:
+        return ""
+    bits = [f"{int(u.get('input') or 0) + int(u.get('cache_read') or 0) + int(u.get('cache_write') or 0):,} in",
+            f"{int(u.get('output') or 0):,} out"]
+    if u.get("cache_read"):
+        bits.append(f"{int(u['cache_read']):,} cached")
+    bits.append(_money(u.get("cost")))
+    if u.get("model"):
+        bits.append(str(u["model"]))
+    stop = u.get("stop_reason")
+    if stop and stop not in ("end", "stop"):
+        bits.append({"cancelled": "stopped", "max_tokens": "cut at max tokens"}.get(stop, stop))
+    return Small(" · ".join(bits), cls="usage")
+
+
+def live_body(did: str, m: Message, live: LiveState) -> list[Any]:
+    """The inside of a running message's live area: what it produced so far."""
+    if m.kind == Kind.code:
+        return [Div(*outputs_html(live.outputs), id=f"o-{m.id}", cls="outputs"),
+                Div(*[error_box(e) for e in live.errors], id=f"e-{m.id}")]
+    return [Div(*tool_calls_html(live.tool_calls), id=f"t-{m.id}", cls="tools-calls"),
+            Div(NotStr(text_chunk(live.text)) if live.text else "", id=f"a-{m.id}",
+                cls="answer streaming"),
+            Div(*[error_box(e) for e in live.errors], id=f"e-{m.id}")]
+
+
+def result(did: str, m: Message, *, running: bool = False, live: LiveState | None = None,
+           oob_extra: Iterable[Any] = ()) -> Any:
+    """What a message produced. While it runs, this element holds the event stream: SSE
+    messages append text and outputs, and the final `done` replaces the whole element."""
+    rid = f"r-{m.id}"
+    base = f"/d/{did}/m/{m.id}"
+    if running:
+        live = live or LiveState.from_message(m)
+        sinks = [Div(sse_swap="snapshot", hx_target=f"#live-{m.id}", hx_swap="innerHTML", hidden=True),
+                 Div(sse_swap="output", hx_target=f"#o-{m.id}", hx_swap="beforeend", hidden=True),
+                 Div(sse_swap="outputs", hx_target=f"#o-{m.id}", hx_swap="innerHTML", hidden=True),
+                 Div(sse_swap="text", hx_target=f"#a-{m.id}", hx_swap="beforeend", hidden=True),
+                 Div(sse_swap="tools", hx_target=f"#t-{m.id}", hx_swap="innerHTML", hidden=True),
+                 Div(sse_swap="error", hx_target=f"#e-{m.id}", hx_swap="beforeend", hidden=True),
+                 Div(sse_swap="done", hx_target=f"#{rid}", hx_swap="outerHTML", hidden=True)]
+        return Div(Div(*live_body(did, m, live), id=f"live-{m.id}", cls="live"),
+                   Div(Span(cls="spinner"), Span("running…" if m.kind == Kind.code else "answering…"),
+                       Button("■ Stop", hx_post=f"{base}/stop", hx_swap="none", data_act="stop",
+                              cls="secondary small stop"), cls="run-status"),
+                   *sinks, *oob_extra,
+                   id=rid, cls="result running", hx_ext="sse", sse_connect=f"{base}/stream",
+                   sse_close="close")
+    parts: list[Any] = []
+    if m.kind == Kind.code:
+        if m.outputs and not m.collapsed:
+            parts.append(Div(*outputs_html(m.outputs), cls="outputs"))
+        elif m.outputs:
+            parts.append(Small(f"{len(m.outputs)} output{'s' if len(m.outputs) != 1 else ''} folded",
+                               cls="folded-more"))
+        st = m.meta.get("run", {}).get("status")
+        if st and st not in ("ok",) and not any(o.get("output_type") == "error" for o in m.outputs):
+            msg = m.meta.get("run", {}).get("message") or st
+            parts.append(error_box(f"{st}: {msg}" if msg != st else st))
+    elif m.kind == Kind.prompt:
+        if m.tool_calls and not m.collapsed:
+            parts.append(Div(*tool_calls_html(m.tool_calls), cls="tools-calls"))
+        if m.response or m.usage:
+            answer = (Div(NotStr(render_markdown(m.response)), cls="answer markdown")
+                      if not m.collapsed else
+                      Small(f"answer folded ({len(m.response):,} characters)", cls="folded-more"))
+            parts.append(Div(
+                answer,
+                Div(id=f"ae-{m.id}", cls="answer-edit"),
+                Div(usage_line(m),
+                    Button("Edit answer", hx_get=f"{base}/answer", hx_target=f"#ae-{m.id}",
+                           data_act="edit-answer", cls="link small"), cls="answer-foot"),
+                cls="answer-box"))
+        if m.meta.get("error"):
+            parts.append(error_box(str(m.meta["error"])))
+        if m.meta.get("interrupted"):
+            parts.append(Small("This answer was cut off when the server stopped.", cls="warn"))
+    return Div(*parts, *oob_extra, id=rid, cls="result")
+
+
+def answer_editor(did: str, m: Message) -> Any:
+    """The editor for a model's answer, fetched when the user asks to edit it (a long dialogue
+    would otherwise carry every answer twice)."""
+    return Div(Textarea(_ta(m.response), name="response", cls="editor answer-editor",
+                        data_mode="markdown", aria_label="Answer",
+                        rows=str(max(3, min(30, m.response.count("\n") + 2)))),
+               Div(Button("Save answer", hx_post=f"/d/{did}/m/{m.id}/save", hx_target=f"#m-{m.id}",
+                          hx_swap="outerHTML", cls="small", data_act="save-answer"),
+                   Button("Cancel", type="button", data_act="cancel-answer",
+                          cls="secondary small"), cls="row"),
+               cls="answer-edit-body")
+
+
+# ---------------------------------------------------------------- history
+
+def history_modal(did: str, m: Message, versions: list[Version]) -> Any:
+    rows = []
+    for v in reversed(versions):
+        st = v.state
+        preview = (st.get("source") or "")[:300]
+        ans = st.get("response") or ""
+        outs = st.get("outputs") or []
+        detail = []
+        if ans:
+            detail.append(Div(Small("answer: "), (ans[:300] + ("…" if len(ans) > 300 else "")),
+                              cls="hist-answer"))
+        if outs and isinstance(outs, list):
+            detail.append(Small(f"{len(outs)} output{'s' if len(outs) != 1 else ''}"))
+        flags = [f for f in ("hidden", "pinned", "collapsed", "exported") if st.get(f)]
+        current = v.version == m.version
+        rows.append(Li(
+            Div(Strong(f"v{v.version}"), Span(v.op, cls="op"), Small(_when(v.at)),
+                Span(st.get("kind", ""), cls="kind-chip"),
+                *[Span(f, cls="flag-mark") for f in flags],
+                Span("current", cls="current") if current else
+                Button("Restore", hx_post=f"/d/{did}/m/{m.id}/restore_version",
+                       hx_vals={"to": v.version, "version": m.version},
+                       hx_target=f"#m-{m.id}", hx_swap="outerHTML", cls="small",
+                       data_act="restore-version"),
+                cls="hist-head"),
+            Pre(preview + ("…" if len(st.get("source") or "") > 300 else ""), cls="hist-src"),
+            *detail, cls="hist-item"))
+    return Dialog(Div(Header(H3(f"History of this {KIND_LABEL[m.kind].lower()}"),
+                             Button("×", data_act="close-modal", cls="icon", type="button",
+                                    aria_label="Close")),
+                      P(f"{len(versions)} versions, newest first. Restoring makes an old version "
+                        "current again as a new version; nothing is erased.", cls="hint"),
+                      Ul(*rows, cls="history"), cls="modal-body"),
+                  open=True, id="history", cls="modal")
+
+
+# ---------------------------------------------------------------- SSE
+
+def sse(event: str, data: str = "") -> str:
+    """One Server-Sent Event. EventSource splits data on CR, LF and CRLF alike and joins the
+    `data:` lines with LF, so every line break becomes its own `data:` line. (FastHTML's
+    `sse_message` uses str.splitlines, which also splits on form feeds and Unicode separators and
+    drops a trailing newline, which would change a streamed answer.)"""
+    lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return f"event: {event}\n" + "".join(f"data: {ln}\n" for ln in lines) + "\n"

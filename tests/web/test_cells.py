@@ -1,0 +1,255 @@
+"""Cells: add, edit, conflicts, kind, flags, move, delete and undo, history, and the dialogue's
+settings (name, model, system prompt, attached context)."""
+from __future__ import annotations
+
+import json
+
+from webutil import HX, Tags
+
+
+def _cell_ids(client, did: str) -> list[str]:
+    t = Tags(client.get(f"/d/{did}").text)
+    return [a["data-id"] for tag, a in t.tags if tag == "div" and "cell" in (a.get("class") or "").split()]
+
+
+def test_add_cells_where_asked(client, db):
+    d = db.create("Adds")
+    r = client.post(f"/d/{d.id}/cells", data={"kind": "code"}, headers=HX)
+    assert r.status_code == 200
+    assert r.headers["hx-retarget"] == "#cells" and r.headers["hx-reswap"] == "beforeend"
+    first = db.open(d.id).messages[0]
+    assert 'data-new="1"' in r.text and "editing" in r.text and first.kind.value == "code"
+
+    r = client.post(f"/d/{d.id}/cells", data={"kind": "note", "after": first.id}, headers=HX)
+    assert (r.headers["hx-retarget"], r.headers["hx-reswap"]) == (f"#m-{first.id}", "afterend")
+    r = client.post(f"/d/{d.id}/cells", data={"kind": "prompt", "before": first.id}, headers=HX)
+    assert (r.headers["hx-retarget"], r.headers["hx-reswap"]) == (f"#m-{first.id}", "beforebegin")
+    # a cell's own inputs (its editor, its kind) never leak into the new one
+    r = client.post(f"/d/{d.id}/cells", data={"kind": "code", "after": first.id,
+                                              "source": "not mine"}, headers=HX)
+    kinds = [m.kind.value for m in db.open(d.id).messages]
+    assert kinds == ["prompt", "code", "code", "note"]
+    assert all(m.source == "" for m in db.open(d.id).messages)
+
+    bad = client.post(f"/d/{d.id}/cells", data={"kind": "video"}, headers=HX)
+    assert bad.status_code == 400 and "unknown message kind" in bad.text
+    gone = client.post(f"/d/{d.id}/cells", data={"kind": "code", "after": "ffffffff"}, headers=HX)
+    assert gone.status_code == 404 and len(db.open(d.id).messages) == 4
+
+
+def test_save_source_and_answer(client, db):
+    d = db.create("Edits")
+    m = db.add(d.id, "prompt", "Question?", response="Old answer.")
+    r = client.post(f"/d/{d.id}/m/{m.id}/save",
+                    data={"source": "Better question?\r\nTwo lines.", "version": "1"}, headers=HX)
+    assert r.status_code == 200
+    got = db.message(d.id, m.id)
+    assert got.source == "Better question?\nTwo lines." and got.version == 2
+    assert 'value="2"' in r.text
+    # editing the model's answer in place
+    r = client.post(f"/d/{d.id}/m/{m.id}/save",
+                    data={"response": "New *answer*.", "version": "2"}, headers=HX)
+    assert r.status_code == 200 and "<em>answer</em>" in r.text
+    assert db.message(d.id, m.id).response == "New *answer*."
+    # saving what is already stored is not a change, whatever version the page had
+    r = client.post(f"/d/{d.id}/m/{m.id}/save",
+                    data={"source": "Better question?\nTwo lines.", "version": "1"}, headers=HX)
+    assert r.status_code == 200 and db.message(d.id, m.id).version == 3
+
+
+def test_a_stale_edit_shows_a_conflict_keeps_the_text_and_changes_nothing(client, db):
+    d = db.create("Stale")
+    m = db.add(d.id, "code", "a = 1")
+    db.edit(d.id, m.id, base_version=1, source="a = 2  # the other tab")
+    before = db.history(d.id, m.id)
+    r = client.post(f"/d/{d.id}/m/{m.id}/save",
+                    data={"source": "a = 3  # mine", "version": "1"}, headers=HX)
+    assert r.status_code == 409
+    t = Tags(r.text)
+    assert "changed elsewhere" in r.text and "version 1" in r.text
+    assert "a = 3  # mine" in r.text  # the user's text, in the editor
+    assert "a = 2  # the other tab" in r.text  # what is stored, shown beside it
+    cell = t.find("div", id=f"m-{m.id}")[0]
+    assert "editing" in cell["class"]
+    assert t.find("input", id=f"v-{m.id}")[0]["value"] == "2"  # "save mine" overwrites v2
+    assert db.message(d.id, m.id).source == "a = 2  # the other tab"
+    assert len(db.history(d.id, m.id)) == len(before)
+    # the same conflict on run and on a flag toggle that carries the text
+    run = client.post(f"/d/{d.id}/m/{m.id}/run", data={"source": "a = 4", "version": "1"},
+                      headers=HX)
+    assert run.status_code == 409 and "a = 4" in run.text
+    flag = client.post(f"/d/{d.id}/m/{m.id}/flag",
+                       data={"flag": "pinned", "source": "a = 5", "version": "1"}, headers=HX)
+    assert flag.status_code == 409 and "a = 5" in flag.text
+    m2 = db.message(d.id, m.id)
+    assert (m2.source, m2.pinned, m2.version) == ("a = 2  # the other tab", False, 2)
+    # "save mine over it" posts the kept text with the current version
+    ok = client.post(f"/d/{d.id}/m/{m.id}/save", data={"source": "a = 3  # mine", "version": "2"},
+                     headers=HX)
+    assert ok.status_code == 200 and db.message(d.id, m.id).source == "a = 3  # mine"
+
+
+def test_kind_and_flags(client, db):
+    d = db.create("Flags")
+    m = db.add(d.id, "code", "# a heading")
+    r = client.post(f"/d/{d.id}/m/{m.id}/kind", data={"kind": "note", "version": "1"}, headers=HX)
+    assert r.status_code == 200 and "kind-note" in r.text and "<h1>a heading</h1>" in r.text
+    assert db.message(d.id, m.id).kind.value == "note"
+    bad = client.post(f"/d/{d.id}/m/{m.id}/kind", data={"kind": "gif", "version": "2"}, headers=HX)
+    assert bad.status_code == 400 and db.message(d.id, m.id).kind.value == "note"
+
+    for flag, cls in (("hidden", "is-hidden"), ("pinned", "is-pinned"),
+                      ("collapsed", "is-collapsed"), ("exported", "is-exported")):
+        v = db.message(d.id, m.id).version
+        r = client.post(f"/d/{d.id}/m/{m.id}/flag", data={"flag": flag, "version": str(v)},
+                        headers=HX)
+        assert r.status_code == 200 and cls in r.text
+        assert getattr(db.message(d.id, m.id), flag) is True
+        assert cls in Tags(r.text).find("div", id=f"m-{m.id}")[0]["class"].split()
+    v = db.message(d.id, m.id).version
+    r = client.post(f"/d/{d.id}/m/{m.id}/flag", data={"flag": "hidden", "version": str(v)},
+                    headers=HX)
+    assert "is-hidden" not in r.text and db.message(d.id, m.id).hidden is False
+    stale = client.post(f"/d/{d.id}/m/{m.id}/flag", data={"flag": "pinned", "version": str(v)},
+                        headers=HX)
+    assert stale.status_code == 409 and db.message(d.id, m.id).pinned is True
+    unknown = client.post(f"/d/{d.id}/m/{m.id}/flag", data={"flag": "starred"}, headers=HX)
+    assert unknown.status_code == 400 and "unknown flag" in unknown.text
+
+
+def test_move_delete_undo(client, db):
+    d = db.create("Order")
+    a, b, c = (db.add(d.id, "code", s) for s in ("a", "b", "c"))
+    r = client.post(f"/d/{d.id}/m/{c.id}/move", data={"by": "-1"}, headers=HX)
+    assert r.status_code == 200
+    assert json.loads(r.headers["hx-trigger"]) == {"dlgMoved": {"id": c.id, "after": a.id}}
+    assert [m.id for m in db.open(d.id).messages] == [a.id, c.id, b.id]
+    r = client.post(f"/d/{d.id}/m/{c.id}/move", data={"by": "-5"}, headers=HX)
+    assert json.loads(r.headers["hx-trigger"])["dlgMoved"] == {"id": c.id, "after": ""}
+    assert _cell_ids(client, d.id) == [c.id, a.id, b.id]
+    assert client.post(f"/d/{d.id}/m/{c.id}/move", data={"by": "up"}, headers=HX).status_code == 400
+
+    r = client.post(f"/d/{d.id}/m/{a.id}/delete", data={"version": "1"}, headers=HX)
+    assert r.status_code == 200 and "Deleted code cell" in r.text
+    assert f'hx-post="/d/{d.id}/m/{a.id}/undelete"' in r.text
+    assert [m.id for m in db.open(d.id).messages] == [c.id, b.id]
+    r = client.post(f"/d/{d.id}/m/{a.id}/undelete", headers=HX)
+    assert r.status_code == 200
+    assert (r.headers["hx-retarget"], r.headers["hx-reswap"]) == (f"#m-{c.id}", "afterend")
+    assert [m.id for m in db.open(d.id).messages] == [c.id, a.id, b.id]
+    again = client.post(f"/d/{d.id}/m/{a.id}/undelete", headers=HX)
+    assert again.status_code == 404
+    stale = client.post(f"/d/{d.id}/m/{b.id}/delete", data={"version": "0"}, headers=HX)
+    assert stale.status_code == 409 and len(db.open(d.id).messages) == 3
+
+
+def test_history_and_restore_a_version(client, db):
+    d = db.create("History")
+    m = db.add(d.id, "code", "v1 text")
+    db.edit(d.id, m.id, base_version=1, source="v2 text")
+    db.edit(d.id, m.id, base_version=2, source="v3 text")
+    h = client.get(f"/d/{d.id}/m/{m.id}/history", headers=HX)
+    assert h.status_code == 200
+    t = Tags(h.text)
+    assert t.find("dialog", id="history")
+    assert [x.strip() for x in t.text if x.strip().startswith("v") and x.strip()[1:].isdigit()] \
+        == ["v3", "v2", "v1"]
+    assert "v1 text" in h.text and "current" in h.text
+    r = client.post(f"/d/{d.id}/m/{m.id}/restore_version", data={"to": "1", "version": "3"},
+                    headers=HX)
+    assert r.status_code == 200 and 'id="modal"' in r.text and 'hx-swap-oob="true"' in r.text
+    got = db.message(d.id, m.id)
+    assert got.source == "v1 text" and got.version == 4
+    stale = client.post(f"/d/{d.id}/m/{m.id}/restore_version", data={"to": "2", "version": "3"},
+                        headers=HX)
+    assert stale.status_code == 409 and db.message(d.id, m.id).source == "v1 text"
+    missing = client.post(f"/d/{d.id}/m/{m.id}/restore_version", data={"to": "99", "version": "4"},
+                          headers=HX)
+    assert missing.status_code == 404
+
+
+def test_a_message_of_another_dialogue_is_not_found(client, db):
+    d1, d2 = db.create("One"), db.create("Two")
+    m = db.add(d1.id, "code", "secret = 1")
+    assert client.get(f"/d/{d2.id}/m/{m.id}", headers=HX).status_code == 404
+    r = client.post(f"/d/{d2.id}/m/{m.id}/save", data={"source": "x", "version": "1"}, headers=HX)
+    assert r.status_code == 404 and db.message(d1.id, m.id).source == "secret = 1"
+
+
+# ---------------------------------------------------------------- dialogue settings
+
+def test_model_picker_offers_what_is_usable(db_path, db, monkeypatch):
+    from starlette.testclient import TestClient
+    from dialogue.service import DialogueService
+    from dialogue.web import create_app
+    d = db.create("Models")
+    with TestClient(create_app(DialogueService(db_path)), base_url="http://127.0.0.1") as c:
+        opts = [a["value"] for a in Tags(c.get(f"/d/{d.id}").text).find("option")
+                if a.get("value", "").startswith(("local:", "claude", "gpt"))]
+    assert "local:default" in opts and not any(o.startswith(("claude", "gpt")) for o in opts)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with TestClient(create_app(DialogueService(db_path)), base_url="http://127.0.0.1") as c:
+        opts = [a["value"] for a in Tags(c.get(f"/d/{d.id}").text).find("option")]
+    assert any(o.startswith("claude-") for o in opts) and any(o.startswith("gpt-") for o in opts)
+
+
+def test_settings_model_system_name(client, db):
+    d = db.create("Settings")
+    v = db.open(d.id).version
+    r = client.post(f"/d/{d.id}/settings", data={"model": "no-such-model", "dversion": v},
+                    headers=HX)
+    assert r.status_code == 400 and "unknown model" in r.text
+    assert db.open(d.id).model == "local:default"
+    r = client.post(f"/d/{d.id}/settings", data={"model": "local:nope", "dversion": v}, headers=HX)
+    assert r.status_code == 400 and "unknown local model" in r.text
+    r = client.post(f"/d/{d.id}/settings",
+                    data={"system": "Be brief.\r\nUse Python.", "dversion": v}, headers=HX)
+    assert r.status_code == 200 and r.headers["hx-reswap"] == "none"
+    assert db.open(d.id).system == "Be brief.\nUse Python."
+    assert f'value="{v + 1}"' in r.text and 'id="dversion"' in r.text  # out of band
+    stale = client.post(f"/d/{d.id}/settings", data={"name": "Renamed", "dversion": v},
+                        headers=HX)
+    assert stale.status_code == 409 and db.open(d.id).name == "Settings"
+    r = client.post(f"/d/{d.id}/settings", data={"name": "Renamed", "dversion": v + 1},
+                    headers=HX)
+    assert r.status_code == 200 and db.open(d.id).name == "Renamed"
+    nothing = client.post(f"/d/{d.id}/settings", data={"name": "Renamed", "dversion": v + 2},
+                          headers=HX)
+    assert nothing.status_code == 200 and db.open(d.id).version == v + 2
+
+
+def test_attached_context_editor(client, db):
+    d = db.create("Context")
+    v = db.open(d.id).version
+    r = client.post(f"/d/{d.id}/context", data={"action": "add", "name": "docs",
+                                                "content": "How to use it.", "dversion": v},
+                    headers=HX)
+    assert r.status_code == 200
+    assert [(c.name, c.content, c.kind) for c in db.open(d.id).context] == \
+        [("docs", "How to use it.", "text")]
+    r = client.post(f"/d/{d.id}/context", data={"action": "add", "name": "file", "dversion": v + 1},
+                    files={"file": ("notes.txt", "line 1\nline 2\n".encode(), "text/plain")},
+                    headers=HX)
+    assert r.status_code == 200
+    ctx = {c.name: c for c in db.open(d.id).context}
+    assert ctx["file"].content == "line 1\nline 2\n" and ctx["file"].source == "notes.txt"
+    dup = client.post(f"/d/{d.id}/context", data={"action": "add", "name": "docs",
+                                                  "content": "x", "dversion": v + 2}, headers=HX)
+    assert dup.status_code == 409
+    binary = client.post(f"/d/{d.id}/context", data={"action": "add", "name": "bin",
+                                                     "dversion": v + 2},
+                         files={"file": ("a.bin", bytes([0xff, 0xfe, 0x00]), "x/y")}, headers=HX)
+    assert binary.status_code == 400 and "not UTF-8 text" in binary.text
+    r = client.post(f"/d/{d.id}/context", data={"action": "save", "name": "docs",
+                                                "content": "Updated.", "dversion": v + 2},
+                    headers=HX)
+    assert {c.name: c.content for c in db.open(d.id).context}["docs"] == "Updated."
+    r = client.post(f"/d/{d.id}/context", data={"action": "remove", "name": "file",
+                                                "dversion": v + 3}, headers=HX)
+    assert [c.name for c in db.open(d.id).context] == ["docs"]
+    stale = client.post(f"/d/{d.id}/context", data={"action": "remove", "name": "docs",
+                                                    "dversion": v}, headers=HX)
+    assert stale.status_code == 409 and [c.name for c in db.open(d.id).context] == ["docs"]
+    page = client.get(f"/d/{d.id}").text
+    assert "1 attached" in page and "Updated." in page
