@@ -101,9 +101,23 @@ async def test_notes_do_not_run_and_run_all_stops_at_first_error(svc):
 async def test_prompt_on_unknown_model_is_a_stored_error_not_a_crash(svc):
     svc.create("d", model="nonsense-model")
     p = svc.add("d", "prompt", "hello?")
-    r = await svc.run("d", p.id)
+    mid = svc.start("d", p.id)
+    await asyncio.sleep(0.5)  # the run fails at once, before anyone listens
+    assert not svc.running(mid)
+    assert [ev async for ev in svc.subscribe(mid)] == []  # a late listener does not hang
+    r = svc.message("d", mid)
     assert "unknown model" in r.meta["error"]
     assert r.usage["stop_reason"] == "error" and r.response == ""
+
+
+async def test_a_listener_hears_done_even_when_the_run_fails_to_begin(svc):
+    svc.create("d")
+    m = svc.add("d", "code", "1")
+    mid = svc.start("d", m.id)
+    svc.delete_message("d", m.id)  # (another tab) before the run's first step: it cannot begin
+    events = [ev async for ev in svc.subscribe(mid)]
+    assert [e.type for e in events] == ["done"] and not svc.running(mid)
+    assert events[0].data.id == mid
 
 
 async def test_prompt_streams_the_bundled_models_answer_into_the_store(svc, tmp_path, monkeypatch):
@@ -147,6 +161,8 @@ async def test_stopping_an_answer_keeps_what_was_streamed(svc, tmp_path, monkeyp
     final = await svc.wait(mid)
     assert final.usage["stop_reason"] == "cancelled"
     assert final.response and len(final.response) < 2000
+    # the provider never reported usage for a stopped stream: we counted it ourselves
+    assert final.usage["estimated"] and final.usage["output"] >= 5 and final.usage["input"] > 0
     assert not svc.running(mid)
     assert svc.store.get_message(mid).response == final.response
     # the model is usable again right away

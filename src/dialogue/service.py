@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -56,9 +55,36 @@ class _Run:
     task: asyncio.Task | None = None
     subscribers: list[asyncio.Queue] = field(default_factory=list)
 
+    finished: bool = False
+
     def publish(self, ev: RunEvent) -> None:
         for q in self.subscribers:
             q.put_nowait(ev)
+
+
+class _Pending:
+    """What a run produced since its last write to the store. A flusher task writes it every
+    `every` seconds, so a cell that prints and then computes for a minute has its print on disk
+    (and in a reopened tab) within that time, while a model's tokens cost one write per interval,
+    not one per token."""
+
+    def __init__(self, store: Store, msg_id: str, every: float):
+        self.store, self.msg_id, self.every = store, msg_id, every
+        self.text = ""
+        self.outputs: list[dict] | None = None  # the whole list, when it changed
+
+    def flush(self) -> None:
+        if self.text:
+            self.store.stream_append(self.msg_id, text=self.text)
+            self.text = ""
+        if self.outputs is not None:
+            self.store.stream_append(self.msg_id, outputs=self.outputs)
+            self.outputs = None
+
+    async def loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            self.flush()
 
 
 class DialogueService:
@@ -306,15 +332,32 @@ class DialogueService:
         else:
             raise RunError(f"a {m.kind.value} message does not run")
         run = self._runs[mid] = _Run(mid, did, m.kind)
-        run.task = asyncio.get_running_loop().create_task(coro)
-        run.task.add_done_callback(lambda _: self._runs.pop(mid, None))
+        run.task = asyncio.get_running_loop().create_task(self._guard(run, coro))
         return mid
+
+    async def _guard(self, run: _Run, coro: Any) -> None:
+        """Whatever happens inside a run, listeners hear "done" exactly once, after the run has
+        left the running set."""
+        try:
+            await coro
+        except StoreError:  # the message went away under the run (deleted in another tab)
+            pass
+        finally:
+            self._runs.pop(run.message_id, None)
+            if not run.finished:
+                with contextlib.suppress(StoreError):
+                    self._finish(run, self.store.get_message(run.message_id, deleted_ok=True))
+
+    def _finish(self, run: _Run, final: Message) -> None:
+        self._runs.pop(run.message_id, None)  # not running any more when listeners hear "done"
+        run.finished = True
+        run.publish(RunEvent("done", run.message_id, final))
 
     async def subscribe(self, msg_id: str) -> AsyncIterator[RunEvent]:
         """Events of the run of `msg_id` from now on, ending with "done"; nothing if it is not
         running (read the store for its state)."""
         run = self._runs.get(msg_id)
-        if run is None:
+        if run is None or run.finished:
             return
         q: asyncio.Queue = asyncio.Queue()
         run.subscribers.append(q)
@@ -401,8 +444,8 @@ class DialogueService:
         outputs: list[dict] = []
         res = None
         self.store.begin_stream(m.id)
-        last = time.monotonic()
-        dirty = False
+        pending = _Pending(self.store, m.id, self.flush_every)
+        flusher = asyncio.get_running_loop().create_task(pending.loop())
         try:
             kernel = await self.kernels.get(did)
             ex = kernel.execute(m.source, timeout=timeout)
@@ -411,18 +454,15 @@ class DialogueService:
                 if t == "clear_output":
                     outputs.clear()
                 elif t == "update_display_data":
-                    did_ = out.get("display_id")
+                    display = out.get("display_id")
                     for o in outputs:
-                        if o.get("transient", {}).get("display_id") == did_ or \
-                                o.get("metadata", {}).get("display_id") == did_:
+                        if o.get("transient", {}).get("display_id") == display or \
+                                o.get("metadata", {}).get("display_id") == display:
                             o["data"], o["metadata"] = out.get("data", {}), out.get("metadata", {})
                 else:
                     outputs.append(out)
-                dirty = True
+                pending.outputs = outputs
                 run.publish(RunEvent("output", m.id, out))
-                if time.monotonic() - last > self.flush_every:
-                    self.store.stream_append(m.id, outputs=outputs)
-                    last, dirty = time.monotonic(), False
             res = await ex
         except asyncio.CancelledError:
             await self.interrupt(did)
@@ -434,19 +474,18 @@ class DialogueService:
                             "traceback": [str(e)]})
             run.publish(RunEvent("error", m.id, str(e)))
         finally:
+            flusher.cancel()
             if res is not None:
-                outputs = res.outputs
                 meta = {**m.meta, "run": {"status": res.status, "message": res.message,
                                           "duration": round(res.duration, 3)}}
-                final = self.store.finish_stream(m.id, outputs=outputs,
+                final = self.store.finish_stream(m.id, outputs=res.outputs,
                                                  execution_count=res.execution_count, meta=meta)
                 if res.status != "ok" and res.message:
                     run.publish(RunEvent("error", m.id, res.message))
             else:
                 final = self.store.finish_stream(
                     m.id, outputs=outputs, meta={**m.meta, "run": {"status": "interrupted"}})
-            self._runs.pop(m.id, None)  # not running any more by the time listeners hear "done"
-            run.publish(RunEvent("done", m.id, final))
+            self._finish(run, final)
 
     async def _run_prompt(self, did: str, m: Message, prefill: str | None) -> None:
         from . import context
@@ -454,14 +493,16 @@ class DialogueService:
         run = self._runs[m.id]
         d = self.store.get_dialogue(did)
         prefill = prefill or ""
-        text, pending = [prefill], ""
+        text: list[str] = []
         tool_calls: list[dict] = []
         usage = Usage()
         stop_reason, error = "end", ""
+        provider = req = None
         meta = dict(m.meta)
         meta.pop("error", None)
         self.store.begin_stream(m.id, response=prefill)
-        last = time.monotonic()
+        pending = _Pending(self.store, m.id, self.flush_every)
+        flusher = asyncio.get_running_loop().create_task(pending.loop())
         try:
             provider = get_provider(d.model)
             window = getattr(provider, "context_window", None)
@@ -487,11 +528,8 @@ class DialogueService:
                 async for ev in evs:
                     if isinstance(ev, TextDelta):
                         text.append(ev.text)
-                        pending += ev.text
+                        pending.text += ev.text
                         run.publish(RunEvent("text", m.id, ev.text))
-                        if time.monotonic() - last > self.flush_every:
-                            self.store.stream_append(m.id, text=pending)
-                            pending, last = "", time.monotonic()
                     elif isinstance(ev, ToolCall):
                         tool_calls.append({"id": ev.id, "name": ev.name, "arguments": ev.arguments})
                         run.publish(RunEvent("tool_call", m.id, tool_calls[-1]))
@@ -514,16 +552,24 @@ class DialogueService:
                 raise
             stop_reason, error = "error", str(e)
         finally:
+            flusher.cancel()
             if error:
                 meta["error"] = error
                 run.publish(RunEvent("error", m.id, error))
             u = {"input": usage.input, "output": usage.output, "cache_read": usage.cache_read,
-                 "cache_write": usage.cache_write, "model": d.model, "stop_reason": stop_reason,
-                 "cost": cost(d.model, usage)}
-            final = self.store.finish_stream(m.id, response="".join(text), tool_calls=tool_calls,
-                                             usage=u, meta=meta)
-            self._runs.pop(m.id, None)  # not running any more by the time listeners hear "done"
-            run.publish(RunEvent("done", m.id, final))
+                 "cache_write": usage.cache_write, "model": d.model, "stop_reason": stop_reason}
+            if stop_reason == "cancelled" and req is not None and not (usage.input or usage.output):
+                # A stream stopped early never got the provider's usage report: count what was
+                # sent and received ourselves, and say it is a count of ours.
+                counted = provider.count_tokens("".join(text)) if provider else None
+                u.update(input=int(req.meta.get("tokens", 0)), estimated=True,
+                         output=counted if counted is not None else
+                         context.estimate_tokens("".join(text)))
+                usage = Usage(u["input"], u["output"])
+            u["cost"] = cost(d.model, usage)
+            final = self.store.finish_stream(m.id, response=prefill + "".join(text),
+                                             tool_calls=tool_calls, usage=u, meta=meta)
+            self._finish(run, final)
 
 
 def flag_changes(**opts: bool | None) -> dict[str, bool]:
