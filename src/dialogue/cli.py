@@ -315,6 +315,11 @@ def cmd_serve(svc: DialogueService, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters(svc: DialogueService, a: argparse.Namespace) -> int:
+    from .local.adapters_cli import adapters_main
+    return adapters_main(a.args)
+
+
 def cmd_train(svc: DialogueService, a: argparse.Namespace) -> int:
     try:
         from .train.main import train_main
@@ -572,14 +577,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-browser", action="store_true")
     sp.add_argument("--token", help="access token (generated when binding beyond localhost)")
 
+    sp = cmd("adapters", cmd_adapters, "LoRA adapters for local models: add, list, info, rm, merge")
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+
     sp = cmd("train", cmd_train, "fine-tune a LoRA/DoRA adapter (see `dialogue train -- --help`)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
+# Commands with their own argument parser: everything after the command name is theirs, so that
+# `dialogue train --help` shows the trainer's options rather than ours.
+_DELEGATED = {"adapters": cmd_adapters, "train": cmd_train}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
+        i += 2 if argv[i] == "--db" else 1
+    if i < len(argv) and argv[i] in _DELEGATED:
+        db = argv[argv.index("--db") + 1] if "--db" in argv[:i] else None
+        argv = (["--db", db] if db else []) + [argv[i], "--", *argv[i + 1:]]
     parser = build_parser()
     a = parser.parse_args(argv)
+    if getattr(a, "args", None) and a.args[0] == "--":
+        a.args = a.args[1:]
     try:
         svc = DialogueService(a.db or os.environ.get("DIALOGUE_DB") or None)
     except StoreError as e:

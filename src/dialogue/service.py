@@ -516,6 +516,11 @@ class DialogueService:
             else:
                 kernel, req = None, context.build(d, m.id, **kw)
             req.prefill = prefill
+            if d.meta.get("adapters") and d.model.startswith("local:"):
+                # the dialogue's adapter set {name or path: scale}, applied at run time on the
+                # quantized base (never merged); the provider keys its KV cache by it
+                from .local.adapters import resolve_set
+                req.meta["adapters"] = resolve_set(d.meta["adapters"], base=d.model)
             meta["refs"] = req.meta.get("refs", "")
             if req.dropped:
                 meta["dropped"] = req.dropped
