@@ -1,0 +1,337 @@
+"""Training-step benchmark: our QLoRA/QDoRA against plain PEFT + bitsandbytes, side by side.
+
+CPU mode (default), on the bundled SmolLM2-135M GGUF, same batch and sequence for every row:
+
+    python bench/train_bench.py [--steps 3] [--batch 1] [--seq 128] [--r 16]
+
+Speed is measured with the configurations interleaved step by step in one process (the fastest
+step per configuration), so load from anything else on the machine hits them all alike; peak RSS comes
+from one extra process per configuration (so it is that configuration's, not the largest seen so
+far). The first-batch loss is the loss before any update, i.e. of the frozen base as quantized
+that way: compare served vs nf4 vs hqq. Ratios are against `peft-lora-nf4`, in the same run.
+
+GPU mode, a Llama-3-8B-shaped model with random weights (nothing downloaded), quantized to NF4
+layer by layer as it is built, reporting tokens/s, peak memory and model FLOPs utilisation against
+the chip's bf16 peak:
+
+    python bench/train_bench.py --gpu [--batch 1] [--seq 2048] [--steps 5]
+    python bench/train_bench.py --gpu --dry-run    # same code, tiny shape, on CPU (a shape check)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+CPU_CONFIGS = {
+    # name: (quant, impl, method)
+    "peft-lora-nf4": ("nf4", "peft", "lora"),
+    "ours-lora-nf4": ("nf4", "ours", "lora"),
+    "peft-dora-nf4": ("nf4", "peft", "dora"),
+    "ours-dora-nf4": ("nf4", "ours", "dora"),
+    "ours-lora-served": ("served", "ours", "lora"),
+    "peft-lora-hqq": ("hqq", "peft", "lora"),
+}
+BASELINE = "peft-lora-nf4"
+
+# Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' datasheets (without sparsity).
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
+                    "L4": 121.0, "RTX 4090": 165.0, "B200": 2250.0, "GH200": 989.0}
+
+
+def _step_loop(model, batch: dict, steps: int, precision: str, device: torch.device) -> dict:
+    from dialogue.train.lora import trainable_parameters
+    from dialogue.train.loop import _token_loss_sum
+    params = list(trainable_parameters(model).values())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    ac = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+          else torch.autocast(device.type, enabled=False))
+    times, first = [], None
+    for i in range(steps + 1):  # step 0 is warm-up, not timed
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with ac:
+            loss, n = _token_loss_sum(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i == 0:
+            first = float(loss.detach() / n)
+        else:
+            times.append(time.perf_counter() - t)
+    tokens = int(batch["attention_mask"].sum())
+    return {"first_batch_loss": first, "s_per_step": sum(times) / len(times),
+            "tokens_per_s": tokens / (sum(times) / len(times)), "tokens_per_step": tokens}
+
+
+# ---------------------------------------------------------------- CPU
+
+def _cpu_batch(tok, batch: int, seq: int) -> dict:
+    text = (ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else ""
+    text += " The capital of the planet Zorblax is Quimby, a city of canals and bridges." * 200
+    ids = tok(text, add_special_tokens=False)["input_ids"][: batch * seq]
+    x = torch.tensor(ids).view(batch, seq)
+    return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+
+
+def run_one_cpu(name: str, args: argparse.Namespace) -> dict:
+    from dialogue.train.lora import AdapterSpec, add_adapters
+    from dialogue.train.quant import load_base
+    quant, impl, method = CPU_CONFIGS[name]
+    t = time.perf_counter()
+    b = load_base(args.model, quant=quant)
+    load_s = time.perf_counter() - t
+    m = add_adapters(b.model, AdapterSpec(method=method, r=args.r, impl=impl, seed=0))
+    if args.checkpointing:
+        from dialogue.train.lora import enable_checkpointing
+        enable_checkpointing(m)
+    res = _step_loop(m, _cpu_batch(b.tokenizer, args.batch, args.seq), args.steps, "fp32", torch.device("cpu"))
+    res.update(name=name, load_s=load_s, peak_rss_mb=_peak_rss_mb())
+    return res
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss
+    over from the parent across fork+exec, so a child of a big process would report the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Stepper:
+    """One configuration's model and optimizer, stepped one step at a time so that the
+    configurations can be interleaved (a shared machine's load then hits them all alike)."""
+
+    def __init__(self, model, batch: dict, precision: str, device: torch.device) -> None:
+        from dialogue.train.lora import trainable_parameters
+        self.model, self.batch, self.device = model, batch, device
+        self.opt = torch.optim.AdamW(list(trainable_parameters(model).values()), lr=1e-4)
+        self.ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else \
+            (lambda: torch.autocast(device.type, enabled=False))
+        self.times: list[float] = []
+        self.first: float | None = None
+        model.train()
+
+    def step(self, timed: bool = True) -> None:
+        from dialogue.train.loop import _token_loss_sum
+        t = time.perf_counter()
+        with self.ac():
+            loss, n = _token_loss_sum(self.model, self.batch)
+        (loss / n).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.first is None:
+            self.first = float(loss.detach() / n)
+        if timed:
+            self.times.append(time.perf_counter() - t)
+
+
+def cpu_main(args: argparse.Namespace) -> None:
+    import statistics
+
+    from dialogue.train.lora import AdapterSpec, add_adapters
+    from dialogue.train.quant import load_base, load_tokenizer, resolve_model
+    names = args.configs or list(CPU_CONFIGS)
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
+    peak: dict[str, float] = {}
+    if not args.no_memory:  # peak RSS needs a process per configuration; run them while we are small
+        for n in names:
+            cmd = [sys.executable, __file__, "--one", n, "--steps", "1", "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--r", str(args.r), "--model", args.model]
+            if args.checkpointing:
+                cmd.append("--checkpointing")
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            peak[n] = (json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+                       if out.returncode == 0 else float("nan"))
+    tok = load_tokenizer(resolve_model(args.model))
+    batch = _cpu_batch(tok, args.batch, args.seq)
+    bases: dict[str, object] = {}
+    steppers: dict[str, _Stepper] = {}
+    for n in names:
+        quant, impl, method = CPU_CONFIGS[n]
+        if quant not in bases:
+            bases[quant] = load_base(args.model, quant=quant, tokenizer=tok).model
+        m = add_adapters(copy.deepcopy(bases[quant]), AdapterSpec(method=method, r=args.r, impl=impl, seed=0))
+        if args.checkpointing:
+            from dialogue.train.lora import enable_checkpointing
+            enable_checkpointing(m)
+        steppers[n] = _Stepper(m, batch, "fp32", torch.device("cpu"))
+    for st in steppers.values():
+        st.step(timed=False)  # warm-up; its loss is the first-batch loss
+    for _ in range(args.steps):
+        for st in steppers.values():
+            st.step()
+    # min, not mean: on a shared machine the noise only ever adds time (timeit's reasoning)
+    rows = {n: {"s_per_step": min(st.times), "s_per_step_median": statistics.median(st.times),
+                "first_batch_loss": st.first} for n, st in steppers.items()}
+    tokens = int(batch["attention_mask"].sum())
+    for n, r in rows.items():
+        r["tokens_per_s"] = tokens / r["s_per_step"]
+        r["peak_rss_mb"] = peak.get(n, float("nan"))
+    del steppers, bases
+    base = rows[BASELINE]
+    print(f"CPU, {args.model}, batch {args.batch} x seq {args.seq}, r={args.r}, fastest of {args.steps} steps "
+          f"interleaved across configs, {torch.get_num_threads()} threads; ratios vs {BASELINE} (same run)")
+    print(f"{'config':18s} {'s/step':>7s} {'tok/s':>8s} {'speed':>7s} {'peak MB':>8s} {'memory':>7s} {'1st loss':>9s}")
+    for n, r in rows.items():
+        mem = r.get("peak_rss_mb", float("nan"))
+        bmem = base.get("peak_rss_mb", float("nan"))
+        print(f"{n:18s} {r['s_per_step']:7.2f} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
+              f"{mem:8.0f} {mem / bmem:6.2f}x {r['first_batch_loss']:9.4f}")
+    if args.json:
+        print(json.dumps(rows))
+
+
+# ---------------------------------------------------------------- GPU (Llama-3-8B shape)
+
+def llama3_8b_config(dry_run: bool):
+    from transformers import LlamaConfig
+    if dry_run:  # same structure, a few MB
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                           rope_theta=500000.0, tie_word_embeddings=False)
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def random_nf4_model(config, device: torch.device, dtype=torch.bfloat16):
+    """Build on meta, then give every tensor random values on the device, quantizing each block
+    linear to NF4 as it is made: the full-precision model never exists at once."""
+    from torch import nn
+    from dialogue.train.quant import _finish, _meta_model, _replace_module, _set_tensor, frozen_linear_names, quantize_linear
+    model = _meta_model(config, dtype)
+    linears = set(frozen_linear_names(model))
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, mod in list(model.named_modules()):
+        if name in linears:
+            w = torch.randn(mod.out_features, mod.in_features, device=device, dtype=dtype, generator=g) * 0.02
+            _replace_module(model, name, quantize_linear(w, None, "nf4", dtype, torch.uint8, device=device))
+            del w
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            full = f"{name}.{pname}" if name else pname
+            if isinstance(mod, nn.Embedding) or pname == "weight" and p.dim() == 2:
+                t = torch.randn(p.shape, device=device, dtype=dtype, generator=g) * 0.02
+            else:
+                t = torch.ones(p.shape, device=device, dtype=dtype)
+            _set_tensor(model, full, t)
+    return _finish(model, device)
+
+
+def model_flops_per_token(config, seq: int) -> float:
+    """Model FLOPs of one training token for adapter training on a frozen base: forward 2N, and
+    backward 2N for the activation gradients (a frozen weight needs no weight gradient), plus
+    attention scores (causal, so half of 2 * 2 * seq * hidden per layer, forward and backward).
+    Adapter FLOPs are negligible at r=16 and not counted; recomputation by checkpointing is not
+    model FLOPs."""
+    h, L, v, i = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    n_matmul = L * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * v
+    attn = L * 2 * seq * h  # QK^T and AV, causal half of 2*2*seq*h
+    return 4 * n_matmul + 2 * attn
+
+
+def gpu_peak_tflops(override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "given"
+    if not torch.cuda.is_available():
+        return None, "cpu"
+    name = torch.cuda.get_device_name()
+    for k, v in BF16_PEAK_TFLOPS.items():
+        if k in name:
+            return v, name
+    return None, name
+
+
+def gpu_main(args: argparse.Namespace) -> None:
+    from dialogue.train.lora import AdapterSpec, add_adapters, enable_checkpointing, remove_adapters
+    device = torch.device("cuda") if (torch.cuda.is_available() and not args.dry_run) else torch.device("cpu")
+    if not args.dry_run and device.type != "cuda":
+        sys.exit("--gpu needs a CUDA device (use --dry-run to check the code path on CPU)")
+    cfg = llama3_8b_config(args.dry_run)
+    seq = min(args.seq, cfg.max_position_embeddings)
+    t = time.perf_counter()
+    model = random_nf4_model(cfg, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    build_s = time.perf_counter() - t
+    enable_checkpointing(model)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, seq), device=device)
+    batch = {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+    peak, chip = gpu_peak_tflops(args.peak_tflops)
+    fpt = model_flops_per_token(cfg, seq)
+    print(f"Llama-3-8B shape{' (dry run: tiny)' if args.dry_run else ''}: {cfg.num_hidden_layers} layers, "
+          f"hidden {cfg.hidden_size}; NF4 base built in {build_s:.1f}s on {chip}; batch {args.batch} x seq {seq}")
+    rows = {}
+    for impl, method in (("peft", "lora"), ("ours", "lora"), ("peft", "dora"), ("ours", "dora")):
+        name = f"{impl}-{method}-nf4"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        m = add_adapters(model, AdapterSpec(method=method, r=args.r, impl=impl))
+        enable_checkpointing(m)
+        r = _step_loop(m, batch, args.steps, "bf16" if device.type == "cuda" else "fp32", device)
+        r["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        r["mfu"] = (r["tokens_per_s"] * fpt / (peak * 1e12)) if peak else None
+        rows[name] = r
+        model = remove_adapters(m)
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"  {name:15s} {r['tokens_per_s']:9.1f} tok/s  peak {r['peak_mem_gb']:6.2f} GB  MFU {mfu}  "
+              f"loss {r['first_batch_loss']:.3f}", flush=True)
+    base = rows["peft-lora-nf4"]
+    print(f"ratios vs peft-lora-nf4 (same run; MFU vs {peak or 'unknown'} TFLOP/s bf16):")
+    for n, r in rows.items():
+        print(f"  {n:15s} speed {r['tokens_per_s'] / base['tokens_per_s']:.2f}x  memory {r['peak_mem_gb'] / base['peak_mem_gb']:.2f}x")
+    if args.json:
+        print(json.dumps(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--model", default="local:default")
+    p.add_argument("--configs", nargs="+", choices=list(CPU_CONFIGS))
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-config peak-RSS runs")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if args.gpu:
+        args.seq = args.seq or 2048
+        gpu_main(args)
+    elif args.one:
+        args.seq = args.seq or 128
+        print(json.dumps(run_one_cpu(args.one, args)))
+    else:
+        args.seq = args.seq or 128
+        cpu_main(args)
+
+
+if __name__ == "__main__":
+    main()

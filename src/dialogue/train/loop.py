@@ -1,0 +1,406 @@
+"""The training loop: schedules evaluated every step, the mix every batch, exact resume.
+
+`train()` runs an already-built model and sampler; `finetune()` builds everything from plain
+arguments (model, data, method, quantization) with defaults for whatever is not given, which is
+what `dialogue train` calls.
+
+Resume is exact: a checkpoint holds the adapter weights, the optimizer state, the sampler's
+state (its RNG, per-source orders and cursors) and the torch/python RNG states, and is written
+atomically (temp file + rename) so a crash or a non-finite loss leaves the last good one intact.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import struct
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE, MixSampler, collate
+from .lora import trainable_parameters
+from .schedule import MixLike, ScheduleLike, apply_hyperparameters, cosine, default_lr, warmup
+
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "finetune", "default_lr_schedule",
+           "CHECKPOINT", "peak_memory_bytes"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before the bad step touched anything."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every optimizer hyperparameter may be a constant or a function of progress
+    p in [0, 1]; `lr=None` means `default_lr_schedule` (see there)."""
+
+    steps: int = 100
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: ScheduleLike | None = None
+    betas: ScheduleLike = (0.9, 0.999)
+    eps: ScheduleLike = 1e-8
+    weight_decay: ScheduleLike = 0.0
+    schedules: dict[str, ScheduleLike] = field(default_factory=dict)  # any other hyperparameter
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    out_dir: str | Path | None = None
+    checkpoint_every: int = 0  # 0: only at the end
+    precision: str = "auto"  # auto | fp32 | bf16
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    steps: int
+    tokens: int
+    seconds: float
+    out_dir: Path | None
+    resumed_from: int = 0
+    hyper: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def default_lr_schedule(n_params: int, rank: int) -> ScheduleLike:
+    """5% linear warmup, then cosine from `default_lr(n_params, rank)` down to a tenth of it."""
+    lr = default_lr(n_params, rank)
+    return warmup(cosine(lr, lr / 10), 0.05)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """Peak memory of this process: CUDA allocator peak on a GPU, max RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:  # VmHWM: getrusage's ru_maxrss is carried over from the parent across fork+exec on Linux
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _state_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    # Full (unsharded) tensors of the trainable parameters only: the frozen base is never saved.
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, strict=strict)
+
+
+def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: MixSampler, step: int,
+          losses: list[float], meta: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, optimizers=opt, options=_state_options())  # collective under FSDP
+    # buffers and tied frozen weights can slip through ignore_frozen_params: keep the trained ones
+    trained = set(trainable_parameters(model))
+    msd = {k: v for k, v in msd.items() if k in trained}
+    rank, _ = _dist()
+    if rank != 0:
+        return
+    state = {"step": step, "model": msd, "optimizer": osd, "sampler": sampler.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+             "losses": list(losses), "meta": meta}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: the previous checkpoint stays until this one is complete
+
+
+def _load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: MixSampler,
+          meta: dict[str, Any]) -> tuple[int, list[float]]:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["meta"].get("trainable") != meta["trainable"]:
+        raise ValueError(f"checkpoint {path} was made for different adapters "
+                         f"({state['meta'].get('trainable')} parameters, now {meta['trainable']}); "
+                         "use another --out or start over with resume=False")
+    if set(state["model"]) != set(trainable_parameters(model)):
+        raise ValueError(f"checkpoint {path} holds other adapter parameters than the model's")
+    set_state_dict(model, optimizers=opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_state_options(strict=False))
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"]), list(state["losses"])
+
+
+def _token_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the target tokens, and their count.
+
+    Only positions whose next token is a target (in any row) go through the LM head: for chat
+    data, where only the answers are trained, that skips most of the vocabulary projection, the
+    largest single matmul of a small model (transformers' `logits_to_keep` takes the indices)."""
+    tgt = batch["labels"][:, 1:]
+    keep = (tgt != IGNORE).any(0).nonzero().squeeze(1)
+    n = int((tgt != IGNORE).sum())
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=tgt.device)
+    if keep.numel() < tgt.shape[1]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=keep).logits
+        tgt = tgt[:, keep]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, n
+
+
+def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = None, *, pad_id: int = 0,
+          resume: bool = True, n_params: int | None = None, rank_hint: int = 16,
+          on_step: Callable[[dict[str, Any]], None] | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train the model's trainable parameters on batches from `sampler`.
+
+    The loss of a step is the mean over every target token of the step (all micro-batches, all
+    ranks), so gradient accumulation and data parallelism give the same update as one big
+    batch. `stop_after` ends the run early at that step (as an interruption would) after
+    checkpointing; the next call with the same out_dir resumes from it."""
+    cfg = config or TrainConfig()
+    rank, world = _dist()
+    device = _device(model)
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    if out and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters: add adapters first")
+    if n_params is None:
+        from .quant import n_params as count
+        n_params = count(model)
+    lr = cfg.lr if cfg.lr is not None else default_lr_schedule(n_params, rank_hint)
+    schedules: dict[str, ScheduleLike] = {"lr": lr, "betas": cfg.betas, "eps": cfg.eps,
+                                          "weight_decay": cfg.weight_decay, **cfg.schedules}
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-3)
+    meta = {"trainable": sum(p.numel() for p in params.values()), "steps": cfg.steps}
+    ckpt = out / CHECKPOINT if out else None
+
+    start, losses = 0, []
+    if resume and ckpt is not None and ckpt.exists():
+        start, losses = _load(ckpt, model, opt, sampler, meta)
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+    metrics = open(out / "metrics.jsonl", "a" if start else "w") if out and rank == 0 else None
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+    model.train()
+    t0, tokens_seen, hyper = time.perf_counter(), 0, []
+    end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    try:
+        for step in range(start, end):
+            p = step / cfg.steps
+            hp = apply_hyperparameters(opt, schedules, p)
+            # the mix is evaluated for every micro-batch, at its own progress
+            micro = [collate(sampler.draw(step, p=(step + k / cfg.grad_accum) / cfg.steps), pad_id)
+                     for k in range(cfg.grad_accum)]
+            n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)))
+            if world > 1:
+                torch.distributed.all_reduce(n_tok)
+            denom = max(1.0, float(n_tok))
+            total = torch.zeros((), dtype=torch.float64)
+            for b in micro:
+                b = {k: v.to(device) for k, v in b.items()}
+                with _autocast(cfg.precision, device):
+                    loss_sum, _ = _token_loss_sum(model, b)
+                # FSDP averages gradients over ranks; scale by world so the result is sum/denom.
+                (loss_sum * world / denom).backward()
+                total += loss_sum.detach().double().cpu()
+                tokens_seen += int(b["attention_mask"].sum())
+            if world > 1:
+                torch.distributed.all_reduce(total)
+            loss = float(total / denom)
+            if not math.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                where = f"; the last good checkpoint ({ckpt}) is intact" if ckpt and ckpt.exists() else ""
+                raise NonFiniteLossError(f"loss is {loss} at step {step + 1} (lr={hp.get('lr'):.3g}){where}. "
+                                         "Lower the learning rate or check the data.")
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss)
+            hyper.append(hp)
+            elapsed = time.perf_counter() - t0
+            rec = {"step": step + 1, "p": p, "loss": loss, **{k: v for k, v in hp.items()},
+                   "tokens_per_s": tokens_seen * world / elapsed if elapsed else 0.0,
+                   "peak_mem_mb": peak_memory_bytes(device) / 2**20,
+                   "mix": sampler.history[-1]["weights"] if sampler.history else {}}
+            if metrics:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                mem=f"{rec['peak_mem_mb']:.0f}MB")
+            done = step + 1
+            if ckpt and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end):
+                _save(ckpt, model, opt, sampler, done, losses, meta)
+            if on_step:
+                on_step(rec)
+    finally:
+        if bar:
+            bar.close()
+        if metrics:
+            metrics.close()
+    if out and rank == 0 and losses:
+        write_loss_png(losses, out / "loss.png")
+    return TrainResult(losses=losses, steps=len(losses), tokens=tokens_seen * world,
+                       seconds=time.perf_counter() - t0, out_dir=out, resumed_from=start, hyper=hyper)
+
+
+# ---------------------------------------------------------------- loss curve
+
+def write_loss_png(values: list[float], path: Path, width: int = 640, height: int = 320) -> None:
+    """A plain line chart of the loss, written with zlib: matplotlib is a heavy dependency for one
+    picture, and a PNG is a few lines of bytes."""
+    img = [[255] * width for _ in range(height)]
+    pad = 20
+    for x in range(pad, width - pad):
+        img[height - pad][x] = 0
+    for y in range(pad, height - pad + 1):
+        img[y][pad] = 0
+    finite = [v for v in values if math.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        span = (hi - lo) or 1.0
+        n = max(1, len(values) - 1)
+        pts = [(pad + int((width - 2 * pad - 1) * i / n),
+                height - pad - 1 - int((height - 2 * pad - 2) * (v - lo) / span)) for i, v in enumerate(values)
+               if math.isfinite(v)]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:] or pts):
+            steps = max(abs(x1 - x0), abs(y1 - y0), 1)
+            for s in range(steps + 1):
+                x, y = x0 + (x1 - x0) * s // steps, y0 + (y1 - y0) * s // steps
+                for dy in (0, 1):
+                    if 0 <= y + dy < height:
+                        img[y + dy][x] = 40
+    raw = b"".join(b"\x00" + bytes(row) for row in img)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    path.write_bytes(png)
+
+
+# ---------------------------------------------------------------- the whole recipe
+
+def _provenance(dialogues: Any, docs: Any, sources: Mapping[str, Any]) -> dict[str, str]:
+    """What the adapter was trained from, for the adapter registry (`adapters info`)."""
+    names = [getattr(d, "name", "") for d in dialogues][:50]
+    return {"trained_on": ",".join(sorted(sources)), "dialogues": ",".join(n for n in names if n),
+            "docs": ",".join(str(p) for p in list(docs)[:50])}
+
+@dataclass
+class FinetuneResult:
+    result: TrainResult
+    base: Any
+    model: nn.Module
+    sampler: MixSampler
+    exported: dict[str, str] = field(default_factory=dict)
+
+
+def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = (), docs: Iterable[str | Path] = (),
+             texts: Iterable[str] = (), method: str = "lora", quant: str = "served", r: int = 16,
+             alpha: float | None = None, dropout: float = 0.0, targets: Iterable[str] | None = None,
+             seq_len: int = 512, mix: MixLike = None, config: TrainConfig | None = None,
+             gradient_checkpointing: bool = False, export: bool = True, base: Any = None,
+             resume: bool = True, dtype: torch.dtype = torch.float32) -> FinetuneResult:
+    """Load the base, build the data, put adapters on, train, and export the adapter (PEFT
+    safetensors always; GGUF for LoRA on a GGUF base). Only the data is required."""
+    from . import export as ex
+    from .data import sources_from
+    from .lora import DEFAULT_TARGETS, AdapterSpec, add_adapters, enable_checkpointing
+    from .quant import load_base
+
+    cfg = config or TrainConfig()
+    rank, world = _dist()
+    if base is not None:
+        b = base
+    else:
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        # FSDP shards bnb's packed weight only if it is stored in the FSDP parameter dtype
+        b = load_base(model, quant=quant, dtype=dtype, device=dev,
+                      quant_storage=dtype if world > 1 else torch.uint8)
+    dialogues, docs = list(dialogues), list(docs)
+    sources = sources_from(dialogues, docs, texts, tokenizer=b.tokenizer, seq_len=seq_len)
+    sampler = MixSampler(sources, mix=mix, batch_size=cfg.batch_size, total_steps=cfg.steps,
+                         seed=cfg.seed, rank=rank, world_size=world)
+    spec = AdapterSpec(method=method, r=r, alpha=alpha, dropout=dropout,
+                       targets=tuple(targets) if targets else DEFAULT_TARGETS, seed=cfg.seed)
+    n = b.info.get("n_params")
+    m = add_adapters(b.model, spec)
+    if gradient_checkpointing:
+        enable_checkpointing(m)
+    fsdp_info: dict[str, int] = {}
+    if world > 1:
+        from .fsdp import shard
+        shard(m)
+        params = list(m.parameters())
+        fsdp_info = {"params": len(params), "sharded": sum(1 for p in params if hasattr(p, "full_tensor"))}
+    res = train(m, sampler, cfg, pad_id=b.tokenizer.pad_token_id or 0, resume=resume, n_params=n, rank_hint=r)
+    exported: dict[str, str] = {}
+    if export and cfg.out_dir:
+        from .lora import adapter_tensors
+        ads = adapter_tensors(m)  # collective under FSDP: every rank gathers, rank 0 writes
+        if rank == 0:
+            out = Path(cfg.out_dir)
+            exported["peft"] = str(ex.save_peft(m, out / "adapter", base=b, tensors=ads))
+            if method == "lora" and b.gguf_arch:
+                exported["gguf"] = str(ex.save_gguf(m, out / "adapter.gguf", base=b, tensors=ads,
+                                                    meta=_provenance(dialogues, docs, sources)))
+            (out / "train_config.json").write_text(json.dumps(
+                {"model": str(b.path), "method": method, "quant": quant, "r": r, "alpha": spec.lora_alpha,
+                 "targets": list(spec.targets), "seq_len": seq_len, "steps": cfg.steps,
+                 "batch_size": cfg.batch_size, "world_size": world, "fsdp": fsdp_info,
+                 "sources": {k: len(v) for k, v in sources.items()},
+                 "final_loss": res.losses[-1] if res.losses else None}, indent=2))
+    return FinetuneResult(res, b, m, sampler, exported)
+
