@@ -168,3 +168,15 @@ async def test_stopping_an_answer_keeps_what_was_streamed(svc, tmp_path, monkeyp
     # the model is usable again right away
     q = svc.add("long", "prompt", "Say hello.")
     assert (await svc.run("long", q.id)).response
+
+
+async def test_a_dialogues_adapter_set_is_checked_before_anything_streams(svc, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIALOGUE_HOME", str(tmp_path / "home"))
+    svc.create("a", model="local:default")
+    svc.update("a", meta={"adapters": {"no-such-adapter": 1.0}})
+    r = await svc.run("a", svc.add("a", "prompt", "hi").id)
+    assert "unknown adapter 'no-such-adapter'" in r.meta["error"] and r.response == ""
+    svc.create("b", model="gpt-4.1-mini")
+    svc.update("b", meta={"adapters": {"x": 1.0}})
+    r = await svc.run("b", svc.add("b", "prompt", "hi").id)
+    assert "local models only" in r.meta["error"]

@@ -516,11 +516,15 @@ class DialogueService:
             else:
                 kernel, req = None, context.build(d, m.id, **kw)
             req.prefill = prefill
-            if d.meta.get("adapters") and d.model.startswith("local:"):
+            if d.meta.get("adapters"):
                 # the dialogue's adapter set {name or path: scale}, applied at run time on the
-                # quantized base (never merged); the provider keys its KV cache by it
+                # quantized base (never merged); the provider keys its KV cache by it. Reading a
+                # base's shapes the first time takes seconds: off the event loop.
+                if not d.model.startswith("local:"):
+                    raise ProviderError(f"adapters apply to local models only, not {d.model}")
                 from .local.adapters import resolve_set
-                req.meta["adapters"] = resolve_set(d.meta["adapters"], base=d.model)
+                req.meta["adapters"] = await asyncio.to_thread(resolve_set, d.meta["adapters"],
+                                                               base=d.model)
             meta["refs"] = req.meta.get("refs", "")
             if req.dropped:
                 meta["dropped"] = req.dropped
