@@ -36,7 +36,7 @@ import anthropic as sdk
 from .base import (
     ContextTooLongError, Done, Event, MissingKeyError, OverloadedError, ProviderError,
     ProviderNetworkError, RateLimitError, Request, TextDelta, ToolCall, Turn, UnknownModelError,
-    Usage, parse_retry_after, register, with_retries,
+    Usage, parse_retry_after, register, tool_call_from_json, with_retries,
 )
 
 __all__ = ["AnthropicProvider"]
@@ -201,7 +201,7 @@ class AnthropicProvider:
                             tools[ev.index] = [block.id, block.name, ""]
                     elif kind == "content_block_stop":
                         if ev.index in tools:
-                            yield _tool_call(*tools.pop(ev.index))
+                            yield tool_call_from_json(*tools.pop(ev.index))
                     elif kind == "message_start":
                         usage = _usage(ev.message.usage, usage)
                     elif kind == "message_delta":
@@ -289,16 +289,6 @@ def _usage(u: Any, prev: Usage) -> Usage:
     return Usage(input=pick("input_tokens", prev.input), output=pick("output_tokens", prev.output),
                  cache_read=pick("cache_read_input_tokens", prev.cache_read),
                  cache_write=pick("cache_creation_input_tokens", prev.cache_write))
-
-
-def _tool_call(id: str, name: str, raw: str) -> ToolCall:
-    try:
-        args = json.loads(raw) if raw.strip() else {}
-    except ValueError as e:
-        return ToolCall(id, name, {}, error=f"the arguments for {name} are not valid JSON ({e}): {raw[:500]}")
-    if not isinstance(args, dict):
-        return ToolCall(id, name, {}, error=f"the arguments for {name} are not a JSON object: {raw[:500]}")
-    return ToolCall(id, name, args)
 
 
 def _content(turn: Turn, index: int) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ turns it into `Event`s. Providers never see the store; surfaces never see an SDK
 from __future__ import annotations
 
 import asyncio
+import json
 import datetime
 import email.utils
 import random
@@ -17,7 +18,7 @@ __all__ = [
     "TextDelta", "ToolCall", "Usage", "Done", "Event",
     "Provider", "ProviderError", "MissingKeyError", "UnknownModelError", "ContextTooLongError",
     "ProviderNetworkError", "RateLimitError", "OverloadedError",
-    "register", "get_provider", "resolve", "known_prefixes",
+    "tool_call_from_json", "register", "get_provider", "resolve", "known_prefixes",
     "PRICES", "cost", "with_retries", "parse_retry_after",
 ]
 
@@ -161,6 +162,19 @@ class Provider(Protocol):
     def count_tokens(self, text: str) -> int | None:
         """Tokens in `text` by the model's own tokenizer, or None where none is at hand."""
         ...
+
+
+def tool_call_from_json(id: str, name: str, raw: str) -> ToolCall:
+    """A ToolCall from the arguments a model streamed as JSON text. Arguments that are not a JSON
+    object become `ToolCall.error` (quoting what the model sent), so the tool loop can tell the
+    model instead of running the tool with nothing."""
+    try:
+        args = json.loads(raw) if raw.strip() else {}
+    except ValueError as e:
+        return ToolCall(id, name, {}, error=f"the arguments for {name} are not valid JSON ({e}): {raw[:500]}")
+    if not isinstance(args, dict):
+        return ToolCall(id, name, {}, error=f"the arguments for {name} are not a JSON object: {raw[:500]}")
+    return ToolCall(id, name, args)
 
 
 # ---------------------------------------------------------------- errors

@@ -51,7 +51,7 @@ import openai as sdk
 from .base import (
     ContextTooLongError, Done, Event, MissingKeyError, OverloadedError, ProviderError,
     ProviderNetworkError, RateLimitError, Request, TextDelta, ToolCall, Turn, UnknownModelError,
-    Usage, parse_retry_after, register, with_retries,
+    Usage, parse_retry_after, register, tool_call_from_json, with_retries,
 )
 
 __all__ = ["OpenAIProvider", "parse_compatible"]
@@ -231,7 +231,7 @@ class OpenAIProvider:
                                        "(no finish_reason); the connection was probably cut")
         for i in sorted(calls):
             cid, name, raw = calls[i]
-            yield _tool_call(cid or f"call_{i}", name, raw)
+            yield tool_call_from_json(cid or f"call_{i}", name, raw)
         if usage is not None:
             yield usage
         yield Done("tool_use" if calls and finish == "stop" else _STOP.get(finish, finish))
@@ -305,16 +305,6 @@ def _usage(u: Any) -> Usage:
     prompt = int(u.prompt_tokens or 0)
     return Usage(input=max(0, prompt - cached - written), output=int(u.completion_tokens or 0),
                  cache_read=cached, cache_write=written)
-
-
-def _tool_call(id: str, name: str, raw: str) -> ToolCall:
-    try:
-        args = json.loads(raw) if raw.strip() else {}
-    except ValueError as e:
-        return ToolCall(id, name, {}, error=f"the arguments for {name} are not valid JSON ({e}): {raw[:500]}")
-    if not isinstance(args, dict):
-        return ToolCall(id, name, {}, error=f"the arguments for {name} are not a JSON object: {raw[:500]}")
-    return ToolCall(id, name, args)
 
 
 def _message(turn: Turn, index: int) -> dict[str, Any]:
