@@ -35,7 +35,7 @@ import anthropic as sdk
 
 from .base import (
     ContextTooLongError, Done, Event, MissingKeyError, OverloadedError, ProviderError,
-    ProviderNetworkError, RateLimitError, Request, TextDelta, ToolCall, Turn, UnknownModelError,
+    ProviderNetworkError, RateLimitError, Request, TextDelta, Turn, UnknownModelError,
     Usage, parse_retry_after, register, tool_call_from_json, with_retries,
 )
 
