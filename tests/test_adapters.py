@@ -24,20 +24,7 @@ from dialogue.local.adapters_cli import adapters_main
 from dialogue.local.kvcache import KVCache
 from dialogue.local.models import bundled_model_path
 
-# SmolLM2-135M: 30 blocks, hidden 576, 3 KV heads of 64 (k/v out 192), MLP 1536
-SHAPES = {"attn_q": (576, 576), "attn_k": (192, 576), "attn_v": (192, 576), "attn_output": (576, 576),
-          "ffn_gate": (1536, 576), "ffn_up": (1536, 576), "ffn_down": (576, 1536)}  # (out, in)
-
-
-def random_factors(seed: int, rank: int, kinds=("attn_q", "attn_v"), layers=range(30), std: float = 0.05,
-                   shapes=SHAPES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in layers:
-        for k in kinds:
-            o, n = shapes[k]
-            out[f"blk.{i}.{k}.weight"] = (rng.normal(0, 1 / np.sqrt(n), (rank, n)), rng.normal(0, std, (o, rank)))
-    return out
+from loras import random_factors
 
 
 def dense(factors) -> dict[str, np.ndarray]:

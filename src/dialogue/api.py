@@ -84,6 +84,26 @@ class Dialogue:
     def system(self, value: str) -> None:
         self._svc.update(self.id, system=value)
 
+    @property
+    def adapters(self) -> dict[str, float]:
+        """The LoRA adapters applied to this dialogue's local model: {name or .gguf path: scale}.
+        Assigning checks them against the model (unknown or ill-fitting adapters are refused)."""
+        return self._svc.adapters(self.id)
+
+    @adapters.setter
+    def adapters(self, value: dict[str, float] | None) -> None:
+        self._svc.set_adapters(self.id, value)
+
+    async def trial(self, prompt: str, adapters: dict[str, float] | None = None, *,
+                    max_tokens: int | None = None) -> str:
+        """The answer to `prompt` at the end of this dialogue under an adapter set (default: the
+        bare base), storing nothing: for comparing adapter sets before choosing one. A coroutine,
+        so that it works under Jupyter's running loop (`await d.trial(...)`)."""
+        from .llm.base import TextDelta
+        return "".join([ev.text async for ev in self._svc.trial(
+            self.id, prompt, adapters=adapters or {}, max_tokens=max_tokens)
+            if isinstance(ev, TextDelta)])
+
     def __len__(self) -> int:
         return len(self.messages)
 

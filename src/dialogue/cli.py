@@ -108,6 +108,9 @@ def cmd_show(svc: DialogueService, a: argparse.Namespace) -> None:
                           "messages": [m.to_dict() for m in d.messages]}))
         return
     out.print(f"[b]{d.name}[/b] [dim]{d.id} v{d.version}[/dim] · model {d.model}")
+    if d.meta.get("adapters"):
+        out.print("adapters: " + ", ".join(f"{k} ×{v:g}" for k, v in d.meta["adapters"].items()),
+                  markup=False, highlight=False)
     if d.system:
         out.print(Panel(d.system, title="system", title_align="left", border_style="dim"))
     for c in d.context:
@@ -317,7 +320,7 @@ def cmd_serve(svc: DialogueService, a: argparse.Namespace) -> int:
 
 def cmd_adapters(svc: DialogueService, a: argparse.Namespace) -> int:
     from .local.adapters_cli import adapters_main
-    return adapters_main(a.args)
+    return adapters_main(a.args, svc)
 
 
 def cmd_train(svc: DialogueService, a: argparse.Namespace) -> int:

@@ -487,6 +487,118 @@ class DialogueService:
                     m.id, outputs=outputs, meta={**m.meta, "run": {"status": "interrupted"}})
             self._finish(run, final)
 
+    async def _request(self, d: Dialogue, m: Message, provider: Any,
+                       adapters: Any) -> tuple["Kernel | None", Any]:
+        """The request answering prompt `m` of `d` (which must contain it), with `adapters` (a set
+        {name or path: scale}, or None) resolved into `req.meta["adapters"]`. A kernel is started
+        only when the prompt has references or the dialogue offers tools."""
+        from . import context
+        window = getattr(provider, "context_window", None)
+        max_tokens = int(d.meta.get("max_tokens", 1024))
+        kw = dict(budget=(window - max_tokens) if window else None, max_tokens=max_tokens,
+                  count_tokens=getattr(provider, "count_tokens", None))
+        needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
+        if needs_kernel:
+            kernel = await self.kernels.get(d.id)
+            req = await context.build_async(d, m.id, kernel=kernel, **kw)
+        else:
+            kernel, req = None, context.build(d, m.id, **kw)
+        if adapters and any(_scale_of(v) for v in adapters.values()):
+            # the adapter set {name or path: scale}, applied at run time on the quantized base
+            # (never merged); the provider keys its KV cache by it. Reading a base's shapes the
+            # first time takes seconds: off the event loop.
+            req.meta["adapters"] = await asyncio.to_thread(self._resolve_adapters, d.model, adapters)
+        return kernel, req
+
+    @staticmethod
+    def _resolve_adapters(model: str, adapters: Any) -> dict[str, float]:
+        from .llm.base import ProviderError
+        if not model.startswith("local:"):
+            raise ProviderError(f"adapters apply to local models only, not {model}: choose a "
+                                "local model or clear the dialogue's adapters")
+        from .local.adapters import resolve_set
+        return resolve_set(adapters, base=model)
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    def adapters(self, ref: str) -> dict[str, float]:
+        """The dialogue's adapter set {registered name or .gguf path: scale}; 0 = listed but off."""
+        return dict(self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
+                    .meta.get("adapters") or {})
+
+    def set_adapters(self, ref: str, adapters: Any, *, base_version: int | None = None) -> Dialogue:
+        """Choose the dialogue's LoRA adapters: {registered name or .gguf path: scale}.
+
+        Checked now, not at the next prompt: an unknown name raises UnknownAdapterError, an
+        adapter that does not fit the dialogue's local model AdapterMismatchError, a non-local
+        model with a non-empty set ProviderError. A scale of 0 keeps an adapter listed but off.
+        None or {} clears the set. A versioned settings change like a model change; a stale
+        `base_version` raises ConflictError."""
+        did = self.dialogue_id(ref)
+        d = self.store.get_dialogue(did, with_messages=False)
+        if base_version is None:
+            base_version = d.version
+        clean: dict[str, float] = {}
+        if adapters:
+            if not hasattr(adapters, "items"):
+                raise _adapter_error()(
+                    f"an adapter set is a mapping {{name: scale}}, got {type(adapters).__name__}")
+            from .local.adapters import _scale
+            clean = {str(k).strip(): _scale(str(k), v) for k, v in adapters.items()}
+            if "" in clean:
+                raise _adapter_error()("an adapter name cannot be empty")
+            self._resolve_adapters(d.model, clean)
+        meta = dict(d.meta)
+        if clean:
+            meta["adapters"] = clean
+        else:
+            meta.pop("adapters", None)
+        return self.store.update_dialogue(did, base_version=base_version, op="adapters", meta=meta)
+
+    def adapter_choices(self, ref: str) -> list[Any]:
+        """Registered adapters (AdapterInfo) that fit the dialogue's local model; [] for any other
+        model. An adapter registered on another file of the same architecture and shapes fits."""
+        d = self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
+        if not d.model.startswith("local:"):
+            return []
+        from .local import adapters as A
+        from .local.models import resolve as resolve_model
+        spec = resolve_model(d.model)
+        base_hash = A.model_hash(spec.path)
+        out = []
+        for info in A.list_adapters():
+            if info.base_hash == base_hash:
+                out.append(info)
+                continue
+            try:
+                A.check_against_base(A.read_lora(info.path), spec)
+            except (A.AdapterError, OSError):
+                continue
+            out.append(info)
+        return out
+
+    async def trial(self, ref: str, source: str, *, adapters: Any,
+                    max_tokens: int | None = None) -> AsyncIterator[Any]:
+        """Answer `source` as if it were a new prompt at the end of the dialogue, under the given
+        adapter set (not the dialogue's), with tools off, storing nothing: the way to compare
+        adapter sets side by side before choosing one. Yields the provider's events (TextDelta,
+        Usage, Done). Bad input (unknown adapter, wrong base, an unknown model, a context error)
+        raises before the first event."""
+        from .llm.base import get_provider
+        if not source.strip():
+            raise RunError("the prompt is empty")
+        d = self.store.get_dialogue(self.dialogue_id(ref))
+        probe = Message(kind=Kind.prompt, source=source)
+        d.messages = [*d.messages, probe]
+        provider = get_provider(d.model)
+        _, req = await self._request(d, probe, provider, adapters)
+        req.tools = []
+        if max_tokens is not None:
+            req.max_tokens = int(max_tokens)
+        async with contextlib.aclosing(provider.stream(req)) as evs:
+            async for ev in evs:
+                yield ev
+
     async def _run_prompt(self, did: str, m: Message, prefill: str | None) -> None:
         from . import context
         from .llm.base import Done, ProviderError, TextDelta, ToolCall, Usage, cost, get_provider
@@ -505,26 +617,8 @@ class DialogueService:
         flusher = asyncio.get_running_loop().create_task(pending.loop())
         try:
             provider = get_provider(d.model)
-            window = getattr(provider, "context_window", None)
-            max_tokens = int(d.meta.get("max_tokens", 1024))
-            kw = dict(budget=(window - max_tokens) if window else None, max_tokens=max_tokens,
-                      count_tokens=getattr(provider, "count_tokens", None))
-            needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
-            if needs_kernel:
-                kernel = await self.kernels.get(did)
-                req = await context.build_async(d, m.id, kernel=kernel, **kw)
-            else:
-                kernel, req = None, context.build(d, m.id, **kw)
+            kernel, req = await self._request(d, m, provider, d.meta.get("adapters"))
             req.prefill = prefill
-            if d.meta.get("adapters"):
-                # the dialogue's adapter set {name or path: scale}, applied at run time on the
-                # quantized base (never merged); the provider keys its KV cache by it. Reading a
-                # base's shapes the first time takes seconds: off the event loop.
-                if not d.model.startswith("local:"):
-                    raise ProviderError(f"adapters apply to local models only, not {d.model}")
-                from .local.adapters import resolve_set
-                req.meta["adapters"] = await asyncio.to_thread(resolve_set, d.meta["adapters"],
-                                                               base=d.model)
             meta["refs"] = req.meta.get("refs", "")
             if req.dropped:
                 meta["dropped"] = req.dropped
@@ -579,6 +673,18 @@ class DialogueService:
             final = self.store.finish_stream(m.id, response=prefill + "".join(text),
                                              tool_calls=tool_calls, usage=u, meta=meta)
             self._finish(run, final)
+
+
+def _scale_of(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return 1.0  # not a number: resolve_set refuses it with a clear message
+
+
+def _adapter_error() -> type[Exception]:
+    from .local.adapters import AdapterError
+    return AdapterError
 
 
 def flag_changes(**opts: bool | None) -> dict[str, bool]:

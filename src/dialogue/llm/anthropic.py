@@ -27,8 +27,6 @@ points the SDK elsewhere (tests point it at a local replay server).
 """
 from __future__ import annotations
 
-import asyncio
-import json
 from typing import Any, AsyncIterator
 
 import anthropic as sdk
@@ -36,19 +34,11 @@ import anthropic as sdk
 from .base import (
     ContextTooLongError, Done, Event, MissingKeyError, OverloadedError, ProviderError,
     ProviderNetworkError, RateLimitError, Request, TextDelta, Turn, UnknownModelError,
-    Usage, parse_retry_after, register, tool_call_from_json, with_retries,
+    Usage, parse_retry_after, register, tool_call_from_json,
 )
+from .hosted import HostedProvider, error_body
 
 __all__ = ["AnthropicProvider"]
-
-# The SDK streams over httpx2 (SDK >= 2) or httpx (older SDKs); a connection that breaks while a
-# stream is read surfaces as the transport library's error, not the SDK's, so catch both.
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = ()
-for _mod in ("httpx2", "httpx"):
-    try:
-        _TRANSPORT_ERRORS += (__import__(_mod).TransportError,)
-    except (ImportError, AttributeError):
-        pass
 
 _STOP = {"end_turn": "end", "pause_turn": "end", "max_tokens": "max_tokens", "stop_sequence": "stop",
          "tool_use": "tool_use", "refusal": "refusal", "model_context_window_exceeded": "max_tokens"}
@@ -57,54 +47,37 @@ _MAX_BREAKPOINTS = 4
 _EPHEMERAL = {"type": "ephemeral"}
 
 
-class AnthropicProvider:
+class AnthropicProvider(HostedProvider):
     """Streams `claude-*` models. `api_key` / `base_url` override the environment."""
 
     name = "anthropic"
+    connection_error = sdk.APIConnectionError
 
     def __init__(self, model: str, *, api_key: str | None = None, base_url: str | None = None,
                  attempts: int = 4, backoff: float = 0.5, timeout: float = 600.0) -> None:
+        super().__init__(attempts=attempts, backoff=backoff, timeout=timeout)
         self.model = model
         self.api_key = api_key
         self.base_url = base_url
-        self.attempts = attempts
-        self.backoff = backoff  # first retry delay in seconds; doubles per attempt
-        self.timeout = timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client_: sdk.AsyncAnthropic | None = None
 
-    def count_tokens(self, text: str) -> int | None:
-        # Claude's tokenizer is not public; counting needs an API call, which this sync hook
-        # must not make. The context builder falls back to its estimate.
-        return None
-
-    def _client(self) -> sdk.AsyncAnthropic:
-        """One client per event loop: an async HTTP pool belongs to the loop that opened it."""
-        loop = asyncio.get_running_loop()
-        client = self._client_ if self._loop is loop else None
-        if client is None:
-            kw: dict[str, Any] = {"max_retries": 0, "timeout": self.timeout}
-            if self.api_key:
-                kw["api_key"] = self.api_key
-            if self.base_url:
-                kw["base_url"] = self.base_url
-            try:
-                client = sdk.AsyncAnthropic(**kw)
-            except Exception as e:  # noqa: BLE001 - e.g. a profile named but not on disk
-                raise self._error(e) from e
-            if not (client.api_key or client.auth_token or getattr(client, "credentials", None)):
-                raise MissingKeyError(
-                    f"no Anthropic API key for {self.model!r}: set ANTHROPIC_API_KEY "
-                    "(https://console.anthropic.com/settings/keys)")
-            self._loop, self._client_ = loop, client
+    def _new_client(self) -> sdk.AsyncAnthropic:
+        kw: dict[str, Any] = {"max_retries": 0, "timeout": self.timeout}
+        if self.api_key:
+            kw["api_key"] = self.api_key
+        if self.base_url:
+            kw["base_url"] = self.base_url
+        try:
+            client = sdk.AsyncAnthropic(**kw)
+        except Exception as e:  # noqa: BLE001 - e.g. a profile named but not on disk
+            raise self._error(e) from e
+        if not (client.api_key or client.auth_token or getattr(client, "credentials", None)):
+            raise MissingKeyError(
+                f"no Anthropic API key for {self.model!r}: set ANTHROPIC_API_KEY "
+                "(https://console.anthropic.com/settings/keys)")
         return client
 
-    async def aclose(self) -> None:
-        """Close the pooled HTTP connections. Optional (a process that keeps one provider for its
-        life need not), but a test or a short script that opens its own event loop should."""
-        client, self._client_, self._loop = self._client_, None, None
-        if client is not None:
-            await client.close()
+    def _where(self) -> str:
+        return self.base_url or "the Anthropic API"
 
     # ------------------------------------------------------------ request
 
@@ -167,13 +140,7 @@ class AnthropicProvider:
             # that sample with one, and a model that does not answers 400 (a clear ProviderError).
             kwargs["extra_body"] = {"temperature": kwargs.pop("temperature")}
 
-        async def open_stream() -> Any:
-            try:
-                return await client.messages.create(**kwargs, stream=True)
-            except Exception as e:  # noqa: BLE001 - every SDK error is translated
-                raise self._error(e) from e
-
-        stream = await with_retries(open_stream, attempts=self.attempts, base=self.backoff)
+        stream = await self._open(lambda: client.messages.create(**kwargs, stream=True))
         usage = Usage()
         stop = "end"
         tools: dict[int, list[Any]] = {}  # index -> [id, name, json text]
@@ -225,18 +192,11 @@ class AnthropicProvider:
     def _error(self, e: BaseException, streaming: bool = False) -> ProviderError:
         """Translate an SDK or transport error into one the user can act on. `streaming`: the
         stream had opened, so a connection error means it broke mid-answer."""
-        if isinstance(e, ProviderError):
-            return e
-        if streaming and isinstance(e, (sdk.APIConnectionError, *_TRANSPORT_ERRORS)):
-            return ProviderNetworkError(f"{self.model}: the connection broke mid-answer: {e}")
+        if (low := self._transport_error(e, streaming)) is not None:
+            return low
         if isinstance(e, getattr(sdk, "CredentialsError", ())):
             return MissingKeyError(f"no usable Anthropic credentials for {self.model!r}: set ANTHROPIC_API_KEY "
                                    f"(the SDK said: {e})")
-        if isinstance(e, sdk.APIConnectionError):
-            where = self.base_url or "the Anthropic API"
-            return ProviderNetworkError(f"could not reach {where}: {e}")
-        if isinstance(e, _TRANSPORT_ERRORS):
-            return ProviderNetworkError(f"{self.model}: the connection broke mid-answer: {e}")
         if isinstance(e, sdk.APIStatusError) or isinstance(e, sdk.APIError):
             status = getattr(e, "status_code", None)
             etype, msg = _error_fields(e)
@@ -264,15 +224,9 @@ class AnthropicProvider:
 
 def _error_fields(e: BaseException) -> tuple[str, str]:
     """(error.type, error.message) from the error body, whatever the SDK version."""
-    body = getattr(e, "body", None)
-    if isinstance(body, str):
-        try:
-            body = json.loads(body)
-        except ValueError:
-            pass
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        return str(err.get("type") or ""), str(err.get("message") or e)
+    body = error_body(e)
+    if body is not None and ("type" in body or "message" in body):
+        return str(body.get("type") or ""), str(body.get("message") or e)
     return "", str(getattr(e, "message", None) or e)
 
 

@@ -41,7 +41,6 @@ sends no usage chunk gets no `Usage` event (``llama_cpp.server`` 0.3.36 ignores 
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from typing import Any, AsyncIterator
@@ -50,20 +49,12 @@ import openai as sdk
 
 from .base import (
     ContextTooLongError, Done, Event, MissingKeyError, OverloadedError, ProviderError,
-    ProviderNetworkError, RateLimitError, Request, TextDelta, ToolCall, Turn, UnknownModelError,
-    Usage, parse_retry_after, register, tool_call_from_json, with_retries,
+    ProviderNetworkError, RateLimitError, Request, TextDelta, Turn, UnknownModelError,
+    Usage, parse_retry_after, register, tool_call_from_json,
 )
+from .hosted import HostedProvider, error_body
 
 __all__ = ["OpenAIProvider", "parse_compatible"]
-
-# The SDK streams over httpx2 (SDK >= 2) or httpx (older SDKs); a connection that breaks while a
-# stream is read surfaces as the transport library's error, not the SDK's, so catch both.
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = ()
-for _mod in ("httpx2", "httpx"):
-    try:
-        _TRANSPORT_ERRORS += (__import__(_mod).TransportError,)
-    except (ImportError, AttributeError):
-        pass
 
 COMPATIBLE = "openai-compatible:"
 _NO_KEY = "sk-no-key-required"
@@ -91,11 +82,14 @@ def parse_compatible(model: str) -> tuple[str, str]:
     return base, mid
 
 
-class OpenAIProvider:
+class OpenAIProvider(HostedProvider):
     """Streams OpenAI models or a model on an OpenAI-compatible server (see module docstring)."""
+
+    connection_error = sdk.APIConnectionError
 
     def __init__(self, model: str, *, api_key: str | None = None, base_url: str | None = None,
                  attempts: int = 4, backoff: float = 0.5, timeout: float = 600.0) -> None:
+        super().__init__(attempts=attempts, backoff=backoff, timeout=timeout)
         self.full_name = model
         self.compatible = model.startswith(COMPATIBLE)
         if self.compatible:
@@ -107,16 +101,6 @@ class OpenAIProvider:
         if base_url:
             self.base_url = base_url
         self.api_key = api_key
-        self.attempts = attempts
-        self.backoff = backoff  # first retry delay in seconds; doubles per attempt
-        self.timeout = timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client_: sdk.AsyncOpenAI | None = None
-
-    def count_tokens(self, text: str) -> int | None:
-        # No tokenizer is bundled for OpenAI models (tiktoken downloads its tables at run time) and
-        # compatible servers serve arbitrary models; the context builder falls back to its estimate.
-        return None
 
     def _key(self) -> str:
         if self.api_key:
@@ -129,22 +113,11 @@ class OpenAIProvider:
                                   "(https://platform.openai.com/api-keys)")
         return key
 
-    def _client(self) -> sdk.AsyncOpenAI:
-        """One client per event loop: an async HTTP pool belongs to the loop that opened it."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._client_ is None:
-            kw: dict[str, Any] = {"api_key": self._key(), "max_retries": 0, "timeout": self.timeout}
-            if self.base_url:
-                kw["base_url"] = self.base_url
-            self._loop, self._client_ = loop, sdk.AsyncOpenAI(**kw)
-        return self._client_
-
-    async def aclose(self) -> None:
-        """Close the pooled HTTP connections. Optional (a process that keeps one provider for its
-        life need not), but a test or a short script that opens its own event loop should."""
-        client, self._client_, self._loop = self._client_, None, None
-        if client is not None:
-            await client.close()
+    def _new_client(self) -> sdk.AsyncOpenAI:
+        kw: dict[str, Any] = {"api_key": self._key(), "max_retries": 0, "timeout": self.timeout}
+        if self.base_url:
+            kw["base_url"] = self.base_url
+        return sdk.AsyncOpenAI(**kw)
 
     # ------------------------------------------------------------ request
 
@@ -181,13 +154,7 @@ class OpenAIProvider:
         body = self.build_body(request)
         client = self._client()
 
-        async def open_stream() -> Any:
-            try:
-                return await client.chat.completions.create(**body)
-            except Exception as e:  # noqa: BLE001 - every SDK error is translated
-                raise self._error(e) from e
-
-        stream = await with_retries(open_stream, attempts=self.attempts, base=self.backoff)
+        stream = await self._open(lambda: client.chat.completions.create(**body))
         usage: Usage | None = None
         finish: str | None = None
         calls: dict[int, list[str]] = {}  # index -> [id, name, arguments text]
@@ -244,14 +211,8 @@ class OpenAIProvider:
     def _error(self, e: BaseException, streaming: bool = False) -> ProviderError:
         """Translate an SDK or transport error into one the user can act on. `streaming`: the
         stream had opened, so a connection error means it broke mid-answer."""
-        if isinstance(e, ProviderError):
-            return e
-        if streaming and isinstance(e, (sdk.APIConnectionError, *_TRANSPORT_ERRORS)):
-            return ProviderNetworkError(f"{self.model}: the connection broke mid-answer: {e}")
-        if isinstance(e, sdk.APIConnectionError):
-            return ProviderNetworkError(f"could not reach {self._where()}: {e}")
-        if isinstance(e, _TRANSPORT_ERRORS):
-            return ProviderNetworkError(f"{self.model}: the connection to {self._where()} broke mid-answer: {e}")
+        if (low := self._transport_error(e, streaming)) is not None:
+            return low
         if isinstance(e, sdk.APIError):
             status = getattr(e, "status_code", None)
             code, msg = _error_fields(e)
@@ -285,15 +246,8 @@ class OpenAIProvider:
 
 def _error_fields(e: BaseException) -> tuple[str, str]:
     """(error code, message) from an OpenAI-style error body; servers vary, so be lenient."""
-    body = getattr(e, "body", None)
-    if isinstance(body, str):
-        try:
-            body = json.loads(body)
-        except ValueError:
-            pass
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        body = body["error"]
-    if isinstance(body, dict):
+    body = error_body(e)
+    if body is not None:
         return str(body.get("code") or body.get("type") or ""), str(body.get("message") or e)
     return "", str(getattr(e, "message", None) or e)
 

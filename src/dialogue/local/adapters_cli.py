@@ -5,6 +5,8 @@
     dialogue adapters info NAME|PATH [--json]
     dialogue adapters rm NAME
     dialogue adapters merge A B ... --weights 0.5 0.5 --method linear|ties|dare --rank R --out NAME
+    dialogue adapters use DIALOGUE [NAME[=SCALE] ...] [--clear]
+    dialogue adapters compare DIALOGUE PROMPT --set NAME=SCALE,... --set none [--max-tokens N]
 
 The command owns no logic: it parses arguments into `dialogue.local.adapters` calls. Mistakes
 (an unknown name, a file that does not fit the base) print one line to stderr and exit 1.
@@ -12,15 +14,21 @@ The command owns no logic: it parses arguments into `dialogue.local.adapters` ca
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from ..llm.base import ProviderError
 
-__all__ = ["adapters_main", "build_parser"]
+if TYPE_CHECKING:
+    from ..service import DialogueService
+
+__all__ = ["adapters_main", "build_parser", "parse_set"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +61,69 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=("f16", "f32"), default="f16")
     m.add_argument("--out", required=True, metavar="NAME", help="name of the new adapter")
     m.add_argument("--replace", action="store_true")
+    u = sub.add_parser("use", help="show or choose a dialogue's adapters (applied to its local model)")
+    u.add_argument("dialogue")
+    u.add_argument("adapters", nargs="*", metavar="NAME[=SCALE]",
+                   help="the new set (replaces the old one); scale 1 when left out, 0 = listed but off")
+    u.add_argument("--clear", action="store_true", help="no adapters: the bare base model")
+    c = sub.add_parser("compare", help="answer one prompt under several adapter sets, side by side "
+                                       "(nothing is stored)")
+    c.add_argument("dialogue", help="the dialogue whose model and messages form the context")
+    c.add_argument("prompt", help="the prompt ('-' reads stdin)")
+    c.add_argument("--set", dest="sets", action="append", required=True, metavar="NAME=SCALE,...",
+                   help="an adapter set; repeat for each set to compare; 'none' = the bare base")
+    c.add_argument("--max-tokens", type=int, default=None)
+    c.add_argument("--json", action="store_true")
     return p
+
+
+def parse_set(spec: str | list[str]) -> dict[str, float]:
+    """'sql=1,docs=0.5' (or a list of 'name=scale' items) -> {name: scale}; 'none' or '' -> {}.
+    The scale is after the last '=' so a path may contain one; no scale means 1."""
+    items = spec if isinstance(spec, list) else [x for x in spec.split(",")]
+    out: dict[str, float] = {}
+    for item in (x.strip() for x in items):
+        if not item or item.lower() == "none":
+            continue
+        name, eq, scale = item.rpartition("=")
+        if not eq:
+            name, scale = item, "1"
+        try:
+            out[name.strip()] = float(scale)
+        except ValueError:
+            raise ValueError(f"bad adapter {item!r}: write NAME or NAME=SCALE with a number") from None
+    return out
+
+
+def _set_text(adapters: dict[str, Any]) -> str:
+    return ", ".join(f"{k} ×{v:g}" + (" (off)" if v == 0 else "") for k, v in adapters.items()) \
+        or "none (the bare base)"
+
+
+async def _compare(svc: "DialogueService", dialogue: str, prompt: str, sets: list[dict[str, float]],
+                   max_tokens: int | None, out: Console, as_json: bool) -> list[dict[str, Any]]:
+    from ..llm.base import TextDelta, Usage
+    results = []
+    for i, aset in enumerate(sets):
+        label = chr(ord("A") + i) if i < 26 else str(i + 1)
+        if not as_json:
+            out.rule(f"{label}: {_set_text(aset)}")
+        text: list[str] = []
+        usage = Usage()
+        t0 = time.perf_counter()
+        async for ev in svc.trial(dialogue, prompt, adapters=aset, max_tokens=max_tokens):
+            if isinstance(ev, TextDelta):
+                text.append(ev.text)
+                if not as_json:
+                    out.print(ev.text, end="", markup=False, highlight=False)
+            elif isinstance(ev, Usage):
+                usage = usage + ev
+        secs = time.perf_counter() - t0
+        if not as_json:
+            out.print(f"\n[dim]{usage.output} tokens in {secs:.1f} s[/dim]")
+        results.append({"set": aset, "answer": "".join(text), "output_tokens": usage.output,
+                        "seconds": round(secs, 3)})
+    return results
 
 
 def _size(n: int) -> str:
@@ -64,9 +134,11 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def adapters_main(argv: list[str]) -> int:
-    """Entry point of `dialogue adapters`; returns the exit status."""
+def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
+    """Entry point of `dialogue adapters`; returns the exit status. `use` and `compare` work on a
+    dialogue and need the service (the CLI passes its own)."""
     from . import adapters as A
+    from ..store import StoreError
 
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
@@ -119,10 +191,28 @@ def adapters_main(argv: list[str]) -> int:
                           seed=a.seed, dtype=a.dtype, replace=a.replace)
             out.print(f"merged {' + '.join(a.parents)} ({a.method}) into adapter {got.name}: rank {got.rank}, "
                       f"{_size(got.size)} -> {got.path}", markup=False)
+        elif a.action in ("use", "compare"):
+            if svc is None:
+                from ..service import DialogueService
+                svc = DialogueService()
+            if a.action == "use":
+                if a.clear and a.adapters:
+                    raise ValueError("give adapters or --clear, not both")
+                if a.clear or a.adapters:
+                    svc.set_adapters(a.dialogue, parse_set(a.adapters))
+                d = svc.open(a.dialogue)
+                out.print(f"{d.name} ({d.model}): adapters {_set_text(d.meta.get('adapters') or {})}",
+                          markup=False)
+            else:
+                prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+                res = asyncio.run(_compare(svc, a.dialogue, prompt, [parse_set(x) for x in a.sets],
+                                           a.max_tokens, out, a.json))
+                if a.json:
+                    print(json.dumps(res, indent=2))
         return 0
-    except (ProviderError, ValueError, OSError) as e:  # AdapterError is a ProviderError
+    except (ProviderError, ValueError, OSError, StoreError) as e:  # AdapterError is a ProviderError
         err.print(f"error: {e}", markup=False)
-        return 1
+        return 3 if type(e).__name__ == "ConflictError" else 1
 
 
 if __name__ == "__main__":

@@ -178,8 +178,9 @@ class Runtime:
         # Segment ends whose KV in memory was computed canonically (see the module docstring).
         self._mem_bounds: set[int] = set()
         self._adapters: tuple[tuple[str, float], ...] = ()
-        self._lora: dict[str, Any] = {}         # path -> llama_adapter_lora_p, loaded once
-        self._lora_hash: dict[str, str] = {}
+        self._lora: dict[str, Any] = {}         # content hash -> llama_adapter_lora_p, loaded once
+        self._lora_paths: set[str] = set()      # every adapter file applied so far
+        self._key: tuple[tuple[str, float], ...] = ()  # (content hash, scale) of the applied set
         self._ns: str | None = None
         self._warned = False
         self._bos_text = self._piece(self.llm.token_bos(), special=True) if self.llm.token_bos() >= 0 else ""
@@ -313,33 +314,45 @@ class Runtime:
     def _apply_adapters(self, adapters: Mapping[str | os.PathLike[str], float]) -> None:
         import llama_cpp
         norm = tuple(sorted((str(Path(p).expanduser().resolve()), float(s)) for p, s in adapters.items()))
-        if norm == self._adapters:
-            return
         for p, _ in norm:
-            if p not in self._lora:
-                if not Path(p).is_file():
-                    raise AdapterError(f"no such LoRA adapter file: {p}")
-                h = llama_cpp.llama_adapter_lora_init(self.llm.model, p.encode())
-                if not h:
+            if not Path(p).is_file():
+                raise AdapterError(f"no such LoRA adapter file: {p}")
+        # Loaded adapters are keyed by content hash (model_hash is cached per path, size and
+        # mtime), not by path: a file replaced in place is loaded again, never served stale.
+        hashes = [model_hash(p) for p, _ in norm]
+        key = tuple(zip(hashes, (s for _, s in norm)))
+        if norm == self._adapters and key == self._key:
+            return
+        for (p, _), h in zip(norm, hashes):
+            if h not in self._lora:
+                handle = llama_cpp.llama_adapter_lora_init(self.llm.model, p.encode())
+                if not handle:
                     raise AdapterError(f"{p} is not a GGUF LoRA adapter for {self.spec.name} "
                                        "(llama.cpp refused it: another architecture or shapes?)")
-                self._lora[p] = h
-                self._lora_hash[p] = model_hash(p)
+                self._lora[h] = handle
         n = len(norm)
-        arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(1, n))(*[self._lora[p] for p, _ in norm])
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(1, n))(*[self._lora[h] for h in hashes])
         scales = (ctypes.c_float * max(1, n))(*[s for _, s in norm])
         if llama_cpp.llama_set_adapters_lora(self.llm.ctx, arr if n else None, n, scales if n else None) != 0:
             raise AdapterError(f"llama.cpp could not apply the adapters {[p for p, _ in norm]}")
         truncate_to(self.llm, 0)  # KV computed under the old set is wrong under the new one
         self._mem_bounds = set()
         self._adapters = norm
+        self._key = key
         self._ns = None
+        # Free what a replaced file left behind, now that it is detached (freeing an attached
+        # adapter crashes llama.cpp). Adapters merely switched off stay loaded: switching back
+        # costs nothing.
+        live = {model_hash(p) for p in self._lora_paths if Path(p).is_file()} | set(hashes)
+        self._lora_paths.update(p for p, _ in norm)
+        for h in [h for h in self._lora if h not in live]:
+            llama_cpp.llama_adapter_lora_free(self._lora.pop(h))
 
     @property
     def cache_namespace(self) -> str:
         """The KV cache namespace of the current model + adapter set."""
         if self._ns is None:
-            self._ns = namespace_key(self.model_hash, [(self._lora_hash[p], s) for p, s in self._adapters])
+            self._ns = namespace_key(self.model_hash, list(self._key))
         return self._ns
 
     def reset(self) -> None:
