@@ -507,11 +507,13 @@ class DialogueService:
             # the adapter set {name or path: scale}, applied at run time on the quantized base
             # (never merged); the provider keys its KV cache by it. Reading a base's shapes the
             # first time takes seconds: off the event loop.
-            req.meta["adapters"] = await asyncio.to_thread(self._resolve_adapters, d.model, adapters)
+            req.meta["adapters"] = await asyncio.to_thread(self.resolve_adapters, d.model, adapters)
         return kernel, req
 
     @staticmethod
-    def _resolve_adapters(model: str, adapters: Any) -> dict[str, float]:
+    def resolve_adapters(model: str, adapters: Any) -> dict[str, float]:
+        """{name or path: scale} -> {file: scale} for `model`, refusing what does not fit. Pure
+        (no store access), so a server may call it in a worker thread."""
         from .llm.base import ProviderError
         if not model.startswith("local:"):
             raise ProviderError(f"adapters apply to local models only, not {model}: choose a "
@@ -547,7 +549,7 @@ class DialogueService:
             clean = {str(k).strip(): _scale(str(k), v) for k, v in adapters.items()}
             if "" in clean:
                 raise _adapter_error()("an adapter name cannot be empty")
-            self._resolve_adapters(d.model, clean)
+            self.resolve_adapters(d.model, clean)
         meta = dict(d.meta)
         if clean:
             meta["adapters"] = clean

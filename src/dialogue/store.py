@@ -389,14 +389,25 @@ class Store:
         return [self._msg_from_row(r) for r in rows]
 
     def list_dialogues(self, *, deleted: bool = False) -> list[dict[str, Any]]:
-        """Summaries (id, name, model, counts, times), most recently updated first."""
+        """Summaries (id, name, model, counts, times, the adapter set {name: scale}), most
+        recently updated first."""
         rows = self._x(
             "SELECT d.id, d.name, d.model, d.created, d.updated, d.deleted, "
-            "(SELECT count(*) FROM messages m WHERE m.dialogue_id = d.id AND m.deleted IS NULL) "
+            "(SELECT count(*) FROM messages m WHERE m.dialogue_id = d.id AND m.deleted IS NULL), "
+            "json_extract(d.meta, '$.adapters') "
             f"FROM dialogues d WHERE d.deleted IS {'NOT ' if deleted else ''}NULL "
             "ORDER BY d.updated DESC")
         keys = ("id", "name", "model", "created", "updated", "deleted", "messages")
-        return [dict(zip(keys, r)) for r in rows]
+        out = []
+        for r in rows:
+            item = dict(zip(keys, r))
+            try:
+                ad = json.loads(r[7]) if r[7] else {}
+            except ValueError:
+                ad = {}
+            item["adapters"] = ad if isinstance(ad, dict) else {}
+            out.append(item)
+        return out
 
     def update_dialogue(self, dialogue_id: str, *, base_version: int | None, op: str = "edit",
                         **changes: Any) -> Dialogue:

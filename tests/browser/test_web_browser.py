@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from browserutil import stored
+
 from dialogue.service import DialogueService
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -35,14 +37,6 @@ def cells(page: Page):
 
 def ids(page: Page) -> list[str]:
     return page.eval_on_selector_all("#cells > .cell", "els => els.map(e => e.dataset.id)")
-
-
-def stored(server, did: str):
-    svc = DialogueService(server.db)
-    try:
-        return svc.open(did)
-    finally:
-        svc.close()
 
 
 def check_clean(page: Page, server) -> None:

@@ -8,14 +8,12 @@ import os
 import threading
 import time
 
-import httpx
 import pytest
-import uvicorn
 
 from dialogue.service import DialogueService
 from dialogue.web import create_app
 
-from webutil import BASE, HX, Tags, sse_events
+from webutil import BASE, HX, Tags, line_events, live_server, sse_events
 
 
 def _stream(client, did: str, mid: str) -> list[tuple[str, str]]:
@@ -149,35 +147,9 @@ def test_shutdown_leaves_no_kernel_behind(db_path, db):
 
 @pytest.fixture
 def live(db_path):
-    """The app under a real uvicorn on 127.0.0.1, in a thread."""
-    app = create_app(DialogueService(db_path))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="on", timeout_graceful_shutdown=2))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and t.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=HX, timeout=60) as c:
+    with live_server(db_path) as c:
         yield c
-    server.should_exit = True
-    t.join(30)
 
-
-def _events(lines):
-    """(event, data) pairs from an httpx line iterator, as they arrive."""
-    event, data = "message", []
-    for line in lines:
-        if line == "":
-            if data or event != "message":
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[6:] if line.startswith("data: ") else line[5:])
 
 
 def test_a_closed_tab_does_not_stop_the_run(live, db):
@@ -186,7 +158,7 @@ def test_a_closed_tab_does_not_stop_the_run(live, db):
                              "print('finished')")
     assert live.post(f"/d/{d.id}/m/{m.id}/run").status_code == 200
     with live.stream("GET", f"/d/{d.id}/m/{m.id}/stream") as r:
-        first = next(_events(r.iter_lines()))
+        first = next(line_events(r.iter_lines()))
         assert first[0] == "snapshot"
     # the tab is gone; reopening the page while it runs reconnects to the stream
     page = live.get(f"/d/{d.id}").text
@@ -210,7 +182,7 @@ def test_a_prompt_streams_token_by_token_and_stops_on_request(live, db):
     texts = []
     with live.stream("GET", f"/d/{d.id}/m/{m.id}/stream", timeout=300) as r:
         events = []
-        for ev in _events(r.iter_lines()):
+        for ev in line_events(r.iter_lines()):
             events.append(ev)
             if ev[0] == "text":
                 texts.append(ev[1])
@@ -228,7 +200,7 @@ def test_a_prompt_streams_token_by_token_and_stops_on_request(live, db):
     assert live.post(f"/d/{d.id}/m/{long.id}/run").status_code == 200
     n = 0
     with live.stream("GET", f"/d/{d.id}/m/{long.id}/stream", timeout=300) as r:
-        for ev, data in _events(r.iter_lines()):
+        for ev, data in line_events(r.iter_lines()):
             if ev == "text":
                 n += 1
                 if n == 5:

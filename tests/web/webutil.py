@@ -1,8 +1,15 @@
-"""Helpers for the web app's in-process tests: request headers, an HTML tag walker, an SSE
-decoder."""
+"""Helpers for the web app's tests: request headers, an HTML tag walker, SSE decoders, the app
+under a real uvicorn."""
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from html.parser import HTMLParser
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import httpx
 
 HX = {"HX-Request": "true"}
 BASE = "http://127.0.0.1:5001"
@@ -45,3 +52,43 @@ def sse_events(body: str) -> list[tuple[str, str]]:
                 data.append(line[6:] if line.startswith("data: ") else line[5:])
         out.append((event, "\n".join(data)))
     return out
+
+
+def line_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs from a streamed response's lines (httpx `iter_lines`), as they arrive."""
+    event, data = "message", []
+    for line in lines:
+        if line == "":
+            if data or event != "message":
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+
+
+@contextlib.contextmanager
+def live_server(db_path: Path, timeout: float = 60) -> Iterator[httpx.Client]:
+    """The app under a real uvicorn on 127.0.0.1 in a thread, and a client for it: for what the
+    in-process TestClient cannot do (read a stream as it arrives, cut it halfway)."""
+    import uvicorn
+
+    from dialogue.service import DialogueService
+    from dialogue.web import create_app
+    app = create_app(DialogueService(db_path))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="on", timeout_graceful_shutdown=2))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and t.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=HX, timeout=timeout) as c:
+            yield c
+    finally:
+        server.should_exit = True
+        t.join(30)

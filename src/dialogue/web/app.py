@@ -2,8 +2,10 @@
 
 Routes return FT components: a full page for a plain request, the fragment alone for an HTMX
 request (FastHTML decides from the HX-Request header). They are grouped by area in APIRouters
-(dialogues, cells, runs, dialogue settings and kernel, static files) and call nothing but the
-`DialogueService` (plus the pure converters in `dialogue.artifacts` and `dialogue.render`).
+(dialogues, cells, runs, dialogue settings and kernel, adapters and their side-by-side trials,
+Run all, static files) and call nothing but the `DialogueService` (plus the pure converters in
+`dialogue.artifacts` and `dialogue.render`, and the adapter registry's list, read to tell a user
+why an entry of a dialogue's adapter set is broken).
 
 Errors a user can act on (a stale edit, a name already taken, an unknown model, a broken
 notebook) are answered with a 4xx status and a toast swapped out-of-band, with `HX-Reswap: none`
@@ -16,26 +18,29 @@ a token (printed in the URL, as Jupyter does) that every request must carry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import secrets
 import socket
 import threading
 import time
 import webbrowser
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fasthtml.common import (APIRouter, Div, FastHTML, FileResponse, HTMLResponse,
                              HtmxResponseHeaders, Redirect, Response, StreamingResponse, to_xml)
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.middleware import Middleware
 from starlette.requests import Request
 
-from ..document import FLAGS, ContextItem, Kind, Message
+from ..document import FLAGS, ContextItem, Dialogue, Kind, Message
 from ..service import DialogueService, RunError
 from ..store import ConflictError, NameTakenError, NotFoundError, StoreError
 from . import views as V
@@ -133,11 +138,52 @@ async def _form(req: Request) -> dict[str, Any]:
 # ---------------------------------------------------------------- the app
 
 @dataclass
+class _Trial:
+    """A side-by-side trial of two adapter sets: what was asked, and what each side answered.
+    Kept in memory (the last few per server) so "Keep this answer" stores the text the server
+    streamed, not text sent back by the page."""
+
+    id: str
+    did: str
+    source: str
+    sets: dict[str, dict[str, float]]
+    max_tokens: int | None
+    started: bool = False
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _RunAll:
+    """A Run all in flight: the code cells to run, those started so far (the page's stream puts
+    each in its running state), and why it stopped early, if it did."""
+
+    did: str
+    todo: list[str]
+    started: list[str] = field(default_factory=list)
+    done: bool = False
+    stopped: str = ""
+    task: asyncio.Task | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def poke(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+
+TRIALS_KEPT = 32
+
+
+@dataclass
 class _Ctx:
     service: DialogueService
     relay: RunRelay
     models_at: float = 0.0
     models_cache: tuple = ()
+    trials: OrderedDict = field(default_factory=OrderedDict)
+    run_alls: dict = field(default_factory=dict)
 
     def models(self) -> list[tuple[str, str]]:
         """(model name, label) for the picker: local models whose files are present, and the
@@ -171,6 +217,70 @@ def _models() -> list[tuple[str, str]]:
     return out
 
 
+def _adapter_view(svc: DialogueService, d: Dialogue) -> V.AdapterView:
+    """The picker's data: the registered adapters that fit the dialogue's local model, and why
+    any entry of its set is not among them."""
+    from ..llm.base import ProviderError
+    if not d.model.startswith("local:"):
+        return V.AdapterView()
+    current = dict(d.meta.get("adapters") or {})
+    try:
+        choices = svc.adapter_choices(d.id)
+    except ProviderError as e:  # an unknown local model, an unreadable registry: shown, not fatal
+        return V.AdapterView([], {k: str(e) for k in current})
+    names = {c.name for c in choices}
+    problems: dict[str, str] = {}
+    unknown = [k for k in current if k not in names]
+    if unknown:
+        from ..local.adapters import list_adapters
+        try:
+            registered = {a.name for a in list_adapters()}
+        except ProviderError:
+            registered = set()
+        for k in unknown:
+            if k in registered:
+                problems[k] = f"does not fit {d.model}"
+            elif k.endswith(".gguf") or "/" in k or os.sep in k:
+                if not Path(k).expanduser().is_file():
+                    problems[k] = "the file is gone"
+            else:
+                problems[k] = "not registered"
+    return V.AdapterView(choices, problems)
+
+
+def _summaries(svc: DialogueService) -> list[dict[str, Any]]:
+    """The dialogue list, with each dialogue's adapter set for its row."""
+    items = svc.list()
+    for it in items:
+        if "adapters" not in it:  # one small read each until the store's summary carries it
+            it["adapters"] = svc.adapters(it["id"])
+    return items
+
+
+def _parse_set(form: FormData, prefix: str) -> dict[str, float]:
+    """An adapter set from an editor's fields: `<prefix>-on` (checked names) and
+    `<prefix>-scale:<name>` (each one's scale; empty means 1)."""
+    out: dict[str, float] = {}
+    for raw_name in form.getlist(f"{prefix}-on"):
+        name = str(raw_name).strip()
+        if not name:
+            continue
+        raw = form.get(f"{prefix}-scale:{name}")
+        text = "1" if raw is None or str(raw).strip() == "" else str(raw).strip()
+        try:
+            scale = float(text)
+        except ValueError:
+            raise ValueError(f"the scale of {name} must be a number, not {text!r}") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"the scale of {name} must be a finite number, not {text!r}")
+        out[name] = scale
+    return out
+
+
+def _set_text(adapters: dict[str, float]) -> str:
+    return ", ".join(f"{V._short(k)} ×{v:g}" for k, v in adapters.items()) if adapters else ""
+
+
 def create_app(service: DialogueService, *, token: str | None = None,
                allowed_hosts: set[str] | frozenset[str] | None = LOOPBACK_NAMES,
                port: int | None = None) -> FastHTML:
@@ -191,6 +301,10 @@ def create_app(service: DialogueService, *, token: str | None = None,
         service.store.recover_interrupted()
 
     async def shutdown() -> None:
+        jobs = [j.task for j in ctx.run_alls.values() if j.task is not None and not j.task.done()]
+        for t in jobs:
+            t.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
         await relay.aclose()
         await service.aclose()
 
@@ -211,7 +325,7 @@ def create_app(service: DialogueService, *, token: str | None = None,
     app.state.relay = relay
 
     for router in (_static_routes(), _dialogue_routes(ctx), _settings_routes(ctx),
-                   _cell_routes(ctx), _run_routes(ctx)):
+                   _adapter_routes(ctx), _run_all_routes(ctx), _cell_routes(ctx), _run_routes(ctx)):
         router.to_app(app)
     return app
 
@@ -260,7 +374,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
     async def index(req: Request) -> Any:
         q = req.query_params.get("q", "")
         hits = svc.search(q) if q.strip() else None
-        return V.dialogues_page(svc.list(), svc.trash(), q=q, hits=hits)
+        return V.dialogues_page(_summaries(svc), svc.trash(), q=q, hits=hits)
 
     @rt("/search")
     async def search(req: Request) -> Any:
@@ -270,7 +384,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         except StoreError as e:
             return refuse(str(e), 400)
         if "hx-request" not in req.headers:
-            return V.dialogues_page(svc.list(), svc.trash(), q=q, hits=hits)
+            return V.dialogues_page(_summaries(svc), svc.trash(), q=q, hits=hits)
         return V.search_results(hits, q)
 
     @rt("/new", methods=["post"])
@@ -303,7 +417,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         if req.query_params.get("edit"):
             return V.dialogue_row_edit(d)
         s = next(x for x in svc.list() if x["id"] == d.id)
-        return V.dialogue_row(s)
+        return V.dialogue_row({**s, "adapters": d.meta.get("adapters") or {}})
 
     @rt("/d/{did}/rename", methods=["post"])
     async def rename(did: str, req: Request) -> Any:
@@ -315,7 +429,8 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         except (NameTakenError, ConflictError, StoreError) as e:
             return HTMLResponse(to_xml(V.dialogue_row_edit(d, error=str(e))),
                                 status_code=_status(e))
-        return V.dialogue_row(next(x for x in svc.list() if x["id"] == d.id))
+        return V.dialogue_row({**next(x for x in svc.list() if x["id"] == d.id),
+                               "adapters": d.meta.get("adapters") or {}})
 
     @rt("/d/{did}/delete", methods=["post"])
     async def delete(did: str) -> Any:
@@ -327,7 +442,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
     @rt("/d/{did}/restore", methods=["post"])
     async def restore(did: str, req: Request) -> Any:
         d = svc.restore(did)
-        listing = V.dialogue_list(svc.list(), svc.trash())
+        listing = V.dialogue_list(_summaries(svc), svc.trash())
         listing.attrs["hx-swap-oob"] = "true"
         return (HtmxResponseHeaders(reswap="none"), listing,
                 V.toast(f"Restored “{d.name}”.", level="info"))
@@ -358,7 +473,11 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         d = svc.open(did)
         running = {m.id for m in d.messages if ctx.relay.running(m.id)}
         live = {mid: s for mid in running if (s := ctx.relay.snapshot(mid)) is not None}
-        return V.dialogue_page(d, ctx.models(), svc.kernel_status(d.id), running, live)
+        job = ctx.run_alls.get(d.id)
+        return V.dialogue_page(d, ctx.models(), svc.kernel_status(d.id), running, live,
+                               adapters=_adapter_view(svc, d),
+                               run_all=(len(job.started), len(job.todo)) if job and not job.done
+                               else None)
 
     return rt
 
@@ -372,6 +491,7 @@ def _settings_routes(ctx: _Ctx) -> APIRouter:
     def _after(d: Any, note: str) -> tuple:
         return (HtmxResponseHeaders(reswap="none"), V.dversion_input(d, oob=True),
                 V.dialogue_title(d, oob=True), V.model_picker(d, ctx.models(), oob=True),
+                V.adapters_control(d, _adapter_view(svc, d), oob=True),
                 V.settings_panel(d, open_=True, oob=True) if note in ("settings", "context")
                 else V.model_input(d, oob=True),
                 V.toast({"name": "Renamed.", "model": f"Model: {d.model}",
@@ -454,6 +574,310 @@ def _settings_routes(ctx: _Ctx) -> APIRouter:
         await svc.restart(d)
         return (V.kernel_badge(d, svc.kernel_status(d)),
                 V.toast("Kernel restarted: its variables are gone.", level="info"))
+
+    return rt
+
+
+# ---------------------------------------------------------------- adapters and trials (issue 8)
+
+def _adapter_routes(ctx: _Ctx) -> APIRouter:
+    rt = APIRouter(prefix="/d/{did}")
+    svc = ctx.service
+
+    def saved(d: Dialogue, note: str) -> tuple:
+        return (HtmxResponseHeaders(reswap="none"), V.dversion_input(d, oob=True),
+                V.adapters_control(d, _adapter_view(svc, d), oob=True),
+                V.toast(note, level="info"))
+
+    def set_adapters(did: str, adapters: dict[str, float] | None, base: int | None) -> Any:
+        """Store a set (versioned); a refusal (unknown, mismatch, a stale page) is a toast and
+        changes nothing."""
+        from ..llm.base import ProviderError
+        try:
+            d = svc.set_adapters(did, adapters, base_version=base)
+        except ConflictError as e:  # another tab changed the settings: offer to reload
+            from fasthtml.common import A
+            body = to_xml(V.toast(f"Not saved: {e}",
+                                  extra=A("Reload", href=f"/d/{did}", cls="toast-link")))
+            return HTMLResponse(body, status_code=409, headers={"HX-Reswap": "none"})
+        except (ProviderError, StoreError, ValueError) as e:
+            return refuse(f"Not saved: {e}", _status(e))
+        text = _set_text(dict(d.meta.get("adapters") or {}))
+        return saved(d, f"Adapters: {text}" if text else "No adapters: the base model answers.")
+
+    @rt("/adapters", methods=["post"])
+    async def adapters(did: str, req: Request) -> Any:
+        form = await req.form()
+        d = svc.dialogue_id(did)
+        base = _opt_int(form.get("dversion"), "dversion")
+        new = None if form.get("clear") else _parse_set(form, "set")
+        if new:
+            # Checking a set against a base the registry has not seen parses the base's GGUF
+            # (seconds): do that off the event loop; the store write below then finds it cached.
+            # A refusal here is raised again, with the same message, by svc.set_adapters.
+            model = svc.store.get_dialogue(d, with_messages=False).model
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(svc.resolve_adapters, model, new)
+        return set_adapters(d, new, base)
+
+    @rt("/compare")
+    async def compare(did: str) -> Any:
+        d = svc.open(did)
+        if not d.model.startswith("local:"):
+            return refuse(f"Adapters apply to local models only; {d.model} is not one. Choose a "
+                          "local model to compare adapter sets.")
+        return V.compare_modal(d, _adapter_view(svc, d))
+
+    @rt("/trials", methods=["post"])
+    async def new_trial(did: str, req: Request) -> Any:
+        form = await req.form()
+        d = svc.open(did)
+        if not d.model.startswith("local:"):
+            return refuse(f"Adapters apply to local models only; {d.model} is not one.")
+        source = _text(form.get("source")) or ""
+        if not source.strip():
+            return refuse("Write a prompt to compare the answers to.")
+        max_tokens = _opt_int(form.get("max_tokens"), "max tokens")
+        if max_tokens is not None and max_tokens < 1:
+            return refuse("Max tokens must be at least 1.")
+        sets = {"a": _parse_set(form, "a"), "b": _parse_set(form, "b")}
+        # The editors offer only adapters that fit (and the dialogue's own entries): anything
+        # else, or an entry shown as broken, is refused here rather than in a column.
+        view = _adapter_view(svc, d)
+        ok = ({c.name for c in view.choices} | set(d.meta.get("adapters") or {})) - set(view.problems)
+        for side, chosen in sets.items():
+            for name in chosen:
+                if name not in ok:
+                    why = view.problems.get(name, f"not a registered adapter for {d.model}")
+                    return refuse(f"Set {side.upper()}: {name}: {why}.")
+        t = _Trial(secrets.token_hex(8), d.id, source, sets, max_tokens)
+        ctx.trials[t.id] = t
+        while len(ctx.trials) > TRIALS_KEPT:
+            ctx.trials.popitem(last=False)
+        return V.trial_out(d.id, t.id, sets)
+
+    def trial_of(did: str, tid: str) -> _Trial:
+        t = ctx.trials.get(tid)
+        if t is None or t.did != svc.dialogue_id(did):
+            raise NotFoundError("This comparison is no longer in memory (the server keeps the "
+                                f"last {TRIALS_KEPT}, until it restarts): run it again.")
+        return t
+
+    @rt("/trials/{tid}/stream")
+    async def trial_stream(did: str, tid: str) -> StreamingResponse:
+        t = ctx.trials.get(tid)
+        if t is not None and t.did != svc.dialogue_id(did):
+            t = None
+
+        async def events():
+            if t is None:
+                yield V.sse("end-a", to_xml(V.toast("This comparison is over; run it again.")))
+                yield V.sse("close", "")
+                return
+            if t.started:  # EventSource reconnected: show where it ended, never run it twice
+                for side in ("a", "b"):
+                    res = t.results.get(side) or {"error": "cut off: the connection was lost"}
+                    yield V.sse(f"end-{side}", to_xml(V.trial_column(t.did, t.id, side, t.sets[side],
+                                                                     result=res)))
+                yield V.sse("close", "")
+                return
+            t.started = True
+            try:
+                for side in ("a", "b"):
+                    if side == "b":
+                        yield V.sse("status-b", to_xml(V.trial_status("b", "answering…")))
+                    async for chunk in side_events(t, side):
+                        yield chunk
+            except Exception:  # a rendering bug must not leave EventSource reconnecting forever
+                log.exception("trial %s failed", t.id)
+            yield V.sse("close", "")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def side_events(t: _Trial, side: str):
+        """One side of a trial. The service's generator is closed however this ends: when the
+        page goes away (the dialog closed, the tab closed) Starlette cancels the response and
+        the cancellation reaches the model's worker, which stops within a token."""
+        from ..context import ContextError
+        from ..llm.base import Done, ProviderError, TextDelta, Usage, cost
+        res: dict[str, Any] = {"text": "", "usage": {}, "seconds": 0.0, "error": "", "kept": False,
+                               "done": False}
+        t.results[side] = res
+        usage, stop = Usage(), "end"
+        t0 = time.monotonic()
+        try:
+            async with contextlib.aclosing(svc.trial(t.did, t.source, adapters=t.sets[side],
+                                                     max_tokens=t.max_tokens)) as evs:
+                async for ev in evs:
+                    if isinstance(ev, TextDelta):
+                        res["text"] += ev.text
+                        yield V.sse(f"text-{side}", V.text_chunk(ev.text))
+                    elif isinstance(ev, Usage):
+                        usage = usage + ev
+                    elif isinstance(ev, Done):
+                        stop = ev.stop_reason
+        except (ProviderError, ContextError, StoreError, RunError, ValueError) as e:
+            res["error"], stop = str(e), "error"
+        model = svc.open(t.did).model
+        res["usage"] = {"input": usage.input, "output": usage.output, "cache_read": usage.cache_read,
+                        "cache_write": usage.cache_write, "model": model, "stop_reason": stop,
+                        "cost": cost(model, usage)}
+        res["seconds"] = round(time.monotonic() - t0, 3)
+        res["done"] = True
+        extra = to_xml(V.toast(f"{side.upper()}: {res['error']}")) if res["error"] else ""
+        yield V.sse(f"end-{side}", to_xml(V.trial_column(t.did, t.id, side, t.sets[side],
+                                                         result=res)) + extra)
+
+    async def trial_side(did: str, tid: str, req: Request) -> tuple[Any, _Trial, str]:
+        """The form, the trial and the side ("a" or "b"; "" if the form names neither)."""
+        f = await _form(req)
+        t = trial_of(did, tid)
+        side = _text(f.get("side")) or ""
+        return f, t, side if side in t.sets else ""
+
+    @rt("/trials/{tid}/keep", methods=["post"])
+    async def keep(did: str, tid: str, req: Request) -> Any:
+        f, t, side = await trial_side(did, tid, req)
+        if not side:
+            return refuse("unknown side: a or b")
+        res = t.results.get(side)
+        if res is None or not res.get("done"):
+            return refuse(f"Answer {side.upper()} is not finished yet.", 409)
+        if res.get("error") or not res.get("text"):
+            return refuse(f"Answer {side.upper()} has nothing to keep.", 409)
+        if res.get("kept"):
+            return refuse(f"Answer {side.upper()} is already kept.", 409)
+        res["kept"] = True  # before the write: a double click must not add it twice
+        try:
+            m = svc.add(t.did, "prompt", t.source, response=res["text"], usage=dict(res["usage"]),
+                        meta={"adapters": dict(t.sets[side]), "trial": True})
+        except BaseException:
+            res["kept"] = False
+            raise
+        d = svc.open(t.did)
+        label = _set_text(t.sets[side]) or "no adapters"
+        return (HtmxResponseHeaders(retarget="#cells", reswap="beforeend"), V.cell(t.did, m),
+                V.keep_button(t.did, t.id, side, kept=True, oob=True), V.totals(d, oob=True),
+                V.toast(f"Kept answer {side.upper()} ({label}) at the end of the dialogue.",
+                        level="info"))
+
+    @rt("/trials/{tid}/use", methods=["post"])
+    async def use(did: str, tid: str, req: Request) -> Any:
+        f, t, side = await trial_side(did, tid, req)
+        if not side:
+            return refuse("unknown side: a or b")
+        return set_adapters(t.did, dict(t.sets[side]) or None,
+                            _opt_int(f.get("dversion"), "dversion"))
+
+    return rt
+
+
+# ---------------------------------------------------------------- run all
+
+def _run_all_routes(ctx: _Ctx) -> APIRouter:
+    rt = APIRouter(prefix="/d/{did}")
+    svc = ctx.service
+
+    async def drive(job: _RunAll) -> None:
+        """Run the job's code cells one after another through the relay (so each cell's page
+        stream sees its run from the start, as for a single run), stopping at the first that
+        does not end well. Not `DialogueService.run_all`: that one starts runs itself, which the
+        relay would pick up only once a page asked, losing what a fast cell printed before."""
+        try:
+            for mid in job.todo:
+                while ctx.relay.running(mid):  # started by hand meanwhile: let it finish first
+                    await asyncio.sleep(0.1)
+                try:
+                    m = svc.message(job.did, mid)
+                except StoreError:  # deleted since Run all began
+                    continue
+                if m.kind != Kind.code or not m.source.strip():
+                    continue
+                ctx.relay.start(job.did, mid)
+                job.started.append(mid)
+                job.poke()
+                final = await svc.wait(mid)
+                status = svc.run_status(final)
+                if status != "ok":
+                    n = job.todo.index(mid) + 1
+                    job.stopped = f"Run all stopped at code cell {n} of {len(job.todo)} ({status})."
+                    break
+        except asyncio.CancelledError:
+            job.stopped = job.stopped or "Run all was stopped."
+            raise
+        except Exception as e:  # noqa: BLE001 - told to the page, logged for the server
+            log.exception("run all of %s failed", job.did)
+            job.stopped = f"Run all failed: {e}"
+        finally:
+            job.done = True
+            job.poke()
+
+    @rt("/run_all", methods=["post"])
+    async def run_all(did: str) -> Any:
+        d = svc.open(did)
+        job = ctx.run_alls.get(d.id)
+        if job is not None and not job.done:
+            raise RunError("Run all is already running in this dialogue.")
+        todo = [m.id for m in d.messages if m.kind == Kind.code and m.source.strip()]
+        if not todo:
+            return refuse("There is no code cell to run.")
+        job = ctx.run_alls[d.id] = _RunAll(d.id, todo)
+        job.task = asyncio.get_running_loop().create_task(drive(job))
+        return V.run_all_control(d.id, (0, len(todo)))
+
+    @rt("/run_all/stop", methods=["post"])
+    async def stop_all(did: str) -> Any:
+        d = svc.dialogue_id(did)
+        job = ctx.run_alls.get(d)
+        if job is None or job.done:
+            return Response(status_code=204)
+        current = job.started[-1] if job.started else None
+        job.stopped = "Run all was stopped."
+        if job.task is not None:
+            job.task.cancel()
+        if current is not None:
+            await svc.stop(current)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(job.task), 10)
+        return Response(status_code=204)
+
+    @rt("/run_all/stream")
+    async def run_all_stream(did: str, req: Request) -> StreamingResponse:
+        d = svc.dialogue_id(did)
+        job = ctx.run_alls.get(d)
+        # the cells a page already shows as started (a reloaded page rendered them running)
+        seen = _opt_int(req.query_params.get("from"), "from") or 0
+
+        async def events():
+            i = seen
+            try:
+                while job is not None:
+                    while i < len(job.started):
+                        mid = job.started[i]
+                        i += 1
+                        m = svc.message(d, mid)
+                        live = ctx.relay.snapshot(mid)
+                        yield V.sse("cell", V.frag(
+                            _oob(V.result(d, m, running=True, live=live)),
+                            _oob(V.gutter(m, running=True))))
+                        yield V.sse("progress", to_xml(V.run_all_progress(i, len(job.todo))))
+                    if job.done:
+                        break
+                    await job.changed()
+            except Exception:  # a rendering bug must not leave EventSource reconnecting forever
+                log.exception("run-all stream of %s failed", d)
+            end = [V.run_all_control(d, None)]
+            if job is not None and job.stopped:
+                end.append(V.toast(job.stopped))
+            elif job is not None:
+                end.append(V.toast(f"Ran {len(job.started)} code cell"
+                                   f"{'s' if len(job.started) != 1 else ''}.", level="info"))
+            yield V.sse("done", V.frag(end))
+            yield V.sse("close", "")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return rt
 

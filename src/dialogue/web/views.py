@@ -12,6 +12,7 @@ import html
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from collections import OrderedDict
 from typing import Any, Iterable
 
@@ -32,7 +33,10 @@ __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dial
            "search_results", "dialogue_page", "cell", "result", "outputs_html", "toast",
            "kernel_badge", "totals", "history_modal", "settings_panel", "dialogue_title",
            "sse", "frag", "gutter", "output_fragment", "text_chunk", "error_box", "tool_calls_html", "live_body", "version_input",
-           "dversion_input", "model_picker", "answer_editor", "toolbar", "model_input", "HTMX_CONFIG"]
+           "dversion_input", "model_picker", "answer_editor", "toolbar", "model_input", "HTMX_CONFIG",
+           "adapter_badges", "adapters_control", "adapter_rows", "compare_modal", "trial_out",
+           "trial_column", "trial_status", "keep_button", "adapter_origin", "run_all_control",
+           "run_all_progress", "AdapterView"]
 
 STATIC = "/static"
 VENDOR = f"{STATIC}/vendor"
@@ -69,6 +73,7 @@ def page_hdrs() -> list:
         Link(rel="stylesheet", href=f"{VENDOR}/codemirror/codemirror.css"),
         Link(rel="stylesheet", href=f"{STATIC}/highlight.css"),
         Link(rel="stylesheet", href=f"{STATIC}/app.css"),
+        Link(rel="stylesheet", href=f"{STATIC}/adapters.css"),
         Script(src=f"{VENDOR}/htmx/htmx.min.js"),
         Script(src=f"{VENDOR}/htmx-ext-sse/sse.min.js"),
         Script(src=f"{VENDOR}/codemirror/codemirror.js", defer=True),
@@ -175,7 +180,9 @@ def dialogue_row(d: dict) -> Any:
     did = d["id"]
     return Tr(
         Td(A(d["name"], href=f"/d/{did}", cls="dlg-link")),
-        Td(Code(d.get("model") or "")),
+        Td(Code(d.get("model") or ""),
+           adapter_badges(d.get("adapters") or {}, inactive=not str(d.get("model") or "")
+                          .startswith("local:")) if d.get("adapters") else ""),
         Td(str(d.get("messages", 0))),
         Td(Span(_ago(d.get("updated")), title=_when(d.get("updated")))),
         Td(Button("Rename", hx_get=f"/d/{did}/row?edit=1", hx_target="closest tr",
@@ -382,12 +389,18 @@ def help_dialog() -> Any:
 
 
 def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str,
-                  running: set[str], live: dict[str, LiveState] | None = None) -> tuple:
+                  running: set[str], live: dict[str, LiveState] | None = None, *,
+                  adapters: "AdapterView | None" = None, run_all: Any = None) -> tuple:
+    """`adapters`: the dialogue's adapter set as the picker shows it; `run_all`: the progress of a
+    Run all in flight (see `run_all_control`)."""
     live = live or {}
     cells = [cell(d.id, m, running=m.id in running, live=live.get(m.id)) for m in d.messages]
     return (Title(f"{d.name} · dialogue"),
             topbar(dialogue_title(d),
-                   right=[model_picker(d, models), kernel_badge(d.id, kernel_status), totals(d),
+                   right=[model_picker(d, models),
+                          adapters_control(d, adapters or AdapterView()),
+                          run_all_control(d.id, run_all),
+                          kernel_badge(d.id, kernel_status), totals(d),
                           export_menu(d.id),
                           Button("?", title="Keyboard shortcuts (?)", data_act="help",
                                  cls="icon help-btn", type="button")]),
@@ -775,3 +788,264 @@ def sse(event: str, data: str = "") -> str:
     drops a trailing newline, which would change a streamed answer.)"""
     lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return f"event: {event}\n" + "".join(f"data: {ln}\n" for ln in lines) + "\n"
+
+
+# ---------------------------------------------------------------- adapters (issue 8)
+
+@dataclass
+class AdapterView:
+    """What the adapter picker needs besides the dialogue: `choices`, the registered adapters
+    that fit its local model (`local.adapters.AdapterInfo`), and `problems`, why an entry of its
+    set is not one of them ("not registered", "does not fit local:x"), so the picker can show it
+    as broken instead of silently dropping it."""
+
+    choices: list[Any] = field(default_factory=list)
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def _short(name: str) -> str:
+    """A set entry as shown: a registered name as is, a .gguf path by its file name."""
+    return name.replace("\\", "/").rsplit("/", 1)[-1] if ("/" in name or "\\" in name) else name
+
+
+def _bytes(n: int | None) -> str:
+    if not n:
+        return ""
+    for unit, k in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def adapter_origin(prov: dict[str, Any] | None) -> str:
+    """One line on what an adapter came from, out of the provenance the registry keeps (the
+    trainer's GGUF metadata, a sidecar training record, a merge's parents, a Hub repository)."""
+    prov = prov or {}
+    train = prov.get("training") if isinstance(prov.get("training"), dict) else {}
+    on = prov.get("trained_on") or train.get("trained_on") or train.get("sources")
+    if on:
+        names = prov.get("dialogues") or train.get("dialogues")
+        return f"trained on {on}" + (f" ({names})" if names and names != on else "")
+    merge = prov.get("merge")
+    if isinstance(merge, dict):
+        parents = ", ".join(str(p.get("file", "?")) for p in merge.get("parents", []) if isinstance(p, dict))
+        return f"{merge.get('method', 'merge')} merge of {parents}" if parents else "a merge"
+    if prov.get("parents"):
+        return f"merge of {prov['parents']}"
+    if prov.get("repo"):
+        return f"from {prov['repo']}"
+    if prov.get("converted_from"):
+        return f"converted from {_short(str(prov['converted_from']))}"
+    return ""
+
+
+def adapter_badges(adapters: dict[str, Any], *, inactive: bool = False,
+                   problems: dict[str, str] | None = None) -> Any:
+    """The set as compact badges, name ×scale: a scale of 0 shows as off, an entry that cannot be
+    applied as broken. `inactive`: the model is not local, so none of them applies."""
+    problems = problems or {}
+    out = []
+    for name, scale in adapters.items():
+        s = float(scale)
+        cls = ["adapter-badge"] + (["off"] if s == 0 else []) + (["broken"] if name in problems else [])
+        why = " (off)" if s == 0 else ""
+        if name in problems:
+            why += f": {problems[name]}"
+        out.append(Span(_short(name), Small(f"×{s:g}"), cls=" ".join(cls), data_adapter=name,
+                        title=f"{name} at scale {s:g}{why}"))
+    return Span(*out, cls="adapter-badges" + (" inactive" if inactive else ""))
+
+
+def _adapter_row(prefix: str, name: str, on: bool, scale: float, detail: str, *,
+                 broken: bool = False) -> Any:
+    # The range is a hint for the spinner, not a limit: a stored scale outside it (set from the
+    # CLI or Python) widens it, so the browser's form validation never refuses a saved set.
+    lo, hi = min(0.0, scale), max(2.0, scale)
+    step = "0.05" if abs(scale * 20 - round(scale * 20)) < 1e-9 else "any"
+    return Div(Label(Input(type="checkbox", name=f"{prefix}-on", value=name, checked=on),
+                     Span(_short(name), cls="adapter-name", title=name)),
+               Input(type="number", name=f"{prefix}-scale:{name}", value=f"{scale:g}",
+                     min=f"{lo:g}", max=f"{hi:g}", step=step, cls="adapter-scale",
+                     aria_label=f"Scale of {name}"),
+               Small(detail, cls="adapter-detail"),
+               cls="adapter-row" + (" broken" if broken else ""), data_adapter=name)
+
+
+def adapter_rows(prefix: str, current: dict[str, Any], view: AdapterView, *,
+                 keep_broken: bool = True) -> list[Any]:
+    """One row per adapter that fits (checkbox: in the set; number: its scale), then the entries
+    of `current` that are not among them (a .gguf path, or broken: shown so they can be removed).
+    `keep_broken`: a broken entry starts checked (the dialogue's editor: saving never drops it
+    silently) or unchecked (a trial's set, which could not run with it)."""
+    rows = []
+    names = set()
+    for c in view.choices:
+        names.add(c.name)
+        rank = c.rank if isinstance(c.rank, int) else "/".join(str(r) for r in c.rank)
+        detail = " · ".join(x for x in (f"rank {rank}", _bytes(c.size), adapter_origin(c.provenance)) if x)
+        rows.append(_adapter_row(prefix, c.name, c.name in current, float(current.get(c.name, 1.0)), detail))
+    for name, scale in current.items():
+        if name in names:
+            continue
+        problem = view.problems.get(name, "")
+        rows.append(_adapter_row(prefix, name, keep_broken or not problem, float(scale),
+                                 f"⚠ {problem}: uncheck to remove it" if problem else "a .gguf file",
+                                 broken=bool(problem)))
+    if not rows:
+        rows.append(P("No adapter is registered for this model: add one with ",
+                      Code("dialogue adapters add FILE"), " or train one with ",
+                      Code("dialogue train"), ".", cls="hint"))
+    return rows
+
+
+def adapters_control(d: Dialogue, view: AdapterView, oob: bool = False) -> Any:
+    """Next to the model picker: the dialogue's adapter set as badges (always visible), an editor
+    to choose it, and the side-by-side trial. For a model that is not local the set is kept but
+    shown greyed, with why: the service refuses prompts with it."""
+    current = dict(d.meta.get("adapters") or {})
+    oob_attr = "true" if oob else None
+    if not d.model.startswith("local:"):
+        if not current:
+            return Div(id="adapters", cls="adapters", hx_swap_oob=oob_attr)
+        return Div(adapter_badges(current, inactive=True),
+                   Small("adapters apply to local models only: choose a local model, or clear "
+                         "them to send prompts", cls="adapter-hint"),
+                   Button("Clear", hx_post=f"/d/{d.id}/adapters", hx_vals={"clear": "1"},
+                          hx_include="#dversion", cls="outline secondary small",
+                          data_act="clear-adapters"),
+                   id="adapters", cls="adapters inactive", hx_swap_oob=oob_attr)
+    summary = Summary(adapter_badges(current, problems=view.problems) if current
+                      else Span("no adapters", cls="adapter-none"),
+                      cls="adapter-summary", data_act="adapters-menu",
+                      title="LoRA adapters applied to this dialogue's model: click to choose")
+    form = Form(Div(*adapter_rows("set", current, view), cls="adapter-rows"),
+                Div(Button("Save adapters", type="submit", cls="small", data_act="save-adapters"),
+                    Button("None", hx_post=f"/d/{d.id}/adapters", hx_vals={"clear": "1"},
+                           hx_include="#dversion", type="button", cls="secondary small",
+                           data_act="clear-adapters"), cls="row"),
+                hx_post=f"/d/{d.id}/adapters", hx_include="#dversion", cls="adapter-form")
+    editor = Details(summary,
+                     Div(P("Applied to the quantized base at run time (never merged). A scale of 0 "
+                           "keeps an adapter listed but off.", cls="hint"), form,
+                         cls="adapter-pop"),
+                     cls="adapters-menu")
+    compare = Button("Compare…", hx_get=f"/d/{d.id}/compare", hx_target="#modal",
+                     cls="outline secondary small", data_act="compare",
+                     title="Try one prompt under two adapter sets, side by side")
+    return Div(editor, compare, id="adapters", cls="adapters", hx_swap_oob=oob_attr)
+
+
+def compare_modal(d: Dialogue, view: AdapterView, *, max_tokens: int = 256) -> Any:
+    """The side-by-side trial: one prompt, two adapter sets (A: the dialogue's, B: none, the bare
+    base), answered one after the other as if the prompt were added at the end of the dialogue.
+    Nothing is stored unless the user keeps an answer."""
+    current = dict(d.meta.get("adapters") or {})
+    form = Form(
+        Label("Prompt", Textarea(name="source", rows="3", required=True, cls="trial-source",
+                                 placeholder="Ask something, to compare the answers…")),
+        Div(Div(H3("A"), *adapter_rows("a", current, view, keep_broken=False), cls="trial-set"),
+            Div(H3("B"), *adapter_rows("b", {}, view), cls="trial-set"), cls="trial-sets"),
+        Div(Label("Max tokens", Input(type="number", name="max_tokens", value=str(max_tokens),
+                                      min="1", max="8192", cls="trial-max")),
+            Button("Compare", type="submit", cls="small", data_act="run-trial"), cls="row"),
+        hx_post=f"/d/{d.id}/trials", hx_target="#trial-out", hx_swap="outerHTML",
+        cls="trial-form")
+    return Dialog(Div(Header(H3("Compare adapter sets"),
+                             Button("×", data_act="close-modal", cls="icon", type="button",
+                                    aria_label="Close")),
+                      P("The prompt is answered as if it were added at the end of this dialogue, "
+                        "under set A and then set B (unchecked everywhere: the base model alone). "
+                        "Nothing is stored unless you keep an answer.", cls="hint"),
+                      form, Div(id="trial-out", cls="trial-out"), cls="modal-body wide"),
+                  open=True, id="compare", cls="modal")
+
+
+def trial_column(did: str, tid: str, side: str, adapters: dict[str, Any], *,
+                 result: dict[str, Any] | None = None, status: str = "") -> Any:
+    """One side of a trial. While it streams (`result` None) its text arrives escaped, piece by
+    piece; when it is over, the whole answer is rendered through the sanitizer, with its usage,
+    time, and the buttons to keep the answer or adopt the set."""
+    head = Div(Strong(side.upper()), adapter_badges(adapters) if adapters
+               else Span("no adapters: the base model", cls="adapter-none"), cls="trial-head")
+    if result is None:
+        return Div(head, Div(id=f"trial-{side}-text", cls="answer streaming"),
+                   Div(Span(cls="spinner") if status == "answering…" else "", Span(status),
+                       id=f"trial-{side}-status", cls="run-status"),
+                   id=f"trial-{side}", cls="trial-col", data_side=side)
+    parts: list[Any] = [head]
+    if result.get("text"):
+        parts.append(Div(NotStr(render_markdown(result["text"])), cls="answer markdown",
+                         id=f"trial-{side}-text"))
+    if result.get("error"):
+        parts.append(error_box(result["error"]))
+    u = result.get("usage") or {}
+    bits = [f"{int(u.get('input', 0)) + int(u.get('cache_read', 0)) + int(u.get('cache_write', 0)):,} in",
+            f"{int(u.get('output', 0)):,} out", f"{result.get('seconds', 0):.1f} s"]
+    stop = u.get("stop_reason")
+    if stop and stop not in ("end", "stop"):
+        bits.append({"cancelled": "stopped", "max_tokens": "cut at max tokens"}.get(stop, stop))
+    foot: list[Any] = [Small(" · ".join(bits), cls="usage")]
+    if result.get("text") and not result.get("error"):
+        foot.append(keep_button(did, tid, side, kept=bool(result.get("kept"))))
+    if not result.get("error"):
+        foot.append(Button("Use this set", hx_post=f"/d/{did}/trials/{tid}/use",
+                           hx_vals={"side": side}, hx_include="#dversion",
+                           cls="outline secondary small", data_act=f"use-{side}",
+                           title="Make this the dialogue's adapter set"))
+    parts.append(Div(*foot, cls="row trial-foot"))
+    return Div(*parts, id=f"trial-{side}", cls="trial-col done", data_side=side)
+
+
+def keep_button(did: str, tid: str, side: str, *, kept: bool = False, oob: bool = False) -> Any:
+    if kept:
+        return Span("✓ kept at the end of the dialogue", id=f"trial-{side}-keep", cls="kept",
+                    hx_swap_oob="true" if oob else None)
+    return Button("Keep this answer", hx_post=f"/d/{did}/trials/{tid}/keep", hx_vals={"side": side},
+                  id=f"trial-{side}-keep", cls="small", data_act=f"keep-{side}",
+                  title="Add the prompt with this answer at the end of the dialogue",
+                  hx_swap_oob="true" if oob else None)
+
+
+def trial_out(did: str, tid: str, sets: dict[str, dict[str, Any]]) -> Any:
+    """The two columns of a trial and its event stream: `text-a` / `text-b` append escaped text,
+    `status-b` says B has started, `end-a` / `end-b` replace a column with its final state."""
+    sinks = []
+    for s in ("a", "b"):
+        sinks += [Div(sse_swap=f"text-{s}", hx_target=f"#trial-{s}-text", hx_swap="beforeend", hidden=True),
+                  Div(sse_swap=f"status-{s}", hx_target=f"#trial-{s}-status", hx_swap="outerHTML",
+                      hidden=True),
+                  Div(sse_swap=f"end-{s}", hx_target=f"#trial-{s}", hx_swap="outerHTML", hidden=True)]
+    return Div(Div(trial_column(did, tid, "a", sets["a"], status="answering…"),
+                   trial_column(did, tid, "b", sets["b"], status="waiting for A…"),
+                   cls="trial-cols"),
+               *sinks, id="trial-out", cls="trial-out", data_trial=tid, hx_ext="sse",
+               sse_connect=f"/d/{did}/trials/{tid}/stream", sse_close="close")
+
+
+def trial_status(side: str, status: str) -> Any:
+    return Div(Span(cls="spinner"), Span(status), id=f"trial-{side}-status", cls="run-status")
+
+
+def run_all_control(did: str, progress: tuple[int, int] | None = None, oob: bool = False) -> Any:
+    """The Run all button, or while a Run all is in flight its progress, a Stop, and the event
+    stream that puts each cell in its running state as it starts (the cell's own stream then
+    shows its outputs, as for a single run)."""
+    oob_attr = "true" if oob else None
+    if progress is None:
+        return Div(Button("▶▶ Run all", hx_post=f"/d/{did}/run_all", hx_target="#runall",
+                          hx_swap="outerHTML", cls="outline secondary small", data_act="run-all",
+                          title="Run every code cell, top to bottom (stops at the first error)"),
+                   id="runall", cls="runall", hx_swap_oob=oob_attr)
+    return Div(Span(cls="spinner"), run_all_progress(*progress),
+               Button("■", title="Stop running all", hx_post=f"/d/{did}/run_all/stop",
+                      hx_swap="none", data_act="stop-all", cls="icon"),
+               Div(sse_swap="cell", hx_swap="innerHTML", hidden=True),
+               Div(sse_swap="progress", hx_target="#runall-progress", hx_swap="outerHTML", hidden=True),
+               Div(sse_swap="done", hx_target="#runall", hx_swap="outerHTML", hidden=True),
+               id="runall", cls="runall running", hx_ext="sse",
+               sse_connect=f"/d/{did}/run_all/stream?from={progress[0]}",
+               sse_close="close", hx_swap_oob=oob_attr)
+
+
+def run_all_progress(done: int, total: int) -> Any:
+    return Span(f"running all: {done} of {total}", id="runall-progress", cls="runall-progress")
