@@ -7,6 +7,7 @@ server's own registry (its DIALOGUE_HOME) from this process, as `dialogue adapte
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -52,6 +53,13 @@ def open_dialogue(page: Page, server, did: str) -> None:
     page.wait_for_load_state("load")
 
 
+def shot(page: Page, name: str) -> None:
+    """For the README: written to DIALOGUE_SCREENSHOTS when it names a folder."""
+    if os.environ.get("DIALOGUE_SCREENSHOTS"):
+        page.wait_for_timeout(400)  # let Pico's checkbox transition finish
+        page.screenshot(path=str(Path(os.environ["DIALOGUE_SCREENSHOTS"]) / name))
+
+
 def test_adapters_picker_trial_and_run_all(page: Page, server, registered) -> None:
     did = create(server, "adapters demo")
     open_dialogue(page, server, did)
@@ -66,6 +74,7 @@ def test_adapters_picker_trial_and_run_all(page: Page, server, registered) -> No
     expect(row).to_contain_text("rank 4")
     row.locator("input[type=checkbox]").check()
     row.locator("input.adapter-scale").fill("1.5")
+    shot(page, "adapters.png")
     picker.locator("[data-act=save-adapters]").click()
     expect(page.locator("#toast")).to_contain_text("Adapters: weak ×1.5")
     expect(picker.locator(".adapter-badge[data-adapter=weak]")).to_contain_text("×1.5")
@@ -103,6 +112,7 @@ def test_adapters_picker_trial_and_run_all(page: Page, server, registered) -> No
     assert "<script" in b_text  # shown as text...
     assert page.evaluate("document.querySelectorAll('dialog#compare script').length") == 0  # ...never run
     expect(col_a.locator(".usage")).to_contain_text(re.compile(r"\d+ out · [\d.]+ s"))
+    shot(page, "compare.png")
 
     # keep B's answer: exactly one new prompt cell at the end, with that answer
     col_b.locator("[data-act=keep-b]").click()
