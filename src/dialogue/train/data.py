@@ -1,7 +1,11 @@
 """Training data as two sources and a mix that is a function of progress.
 
-- Dialogues become chat examples rendered with the tokenizer's own chat template, with the loss on
-  the assistant's answers only (every other label is -100) and hidden messages left out.
+- Dialogues become chat examples rendered with the tokenizer's chat template, with the loss on
+  the assistant's answers only (every other label is -100) and hidden messages left out. For a
+  base model whose GGUF has no template (Gemma 3 270M), that is the template the local runtime
+  serves the model with (`quant.serving_chat_template`: Gemma's turns for `local:gemma3-270m`,
+  else ChatML), so the adapter learns the turn markers it will see; a HF directory without one is
+  refused with a clear error.
 - Plain text (strings, files, folders) becomes packed language-model sequences.
 - `MixSampler` draws every batch's examples from the sources with the probabilities `mix(p)`
   gives at that batch's progress, and records what it drew, so the mix is a curve, not phases.
@@ -103,7 +107,11 @@ def chat_example(messages: Sequence[Mapping[str, str]], tokenizer: Any, max_len:
     if not any(m["role"] == "assistant" for m in msgs):
         return None
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the tokenizer has no chat template; dialogues need one (plain text does not)")
+        # A GGUF base always has one here: `quant.load_tokenizer` gives it the template the local
+        # runtime serves it with (its own, the model's built-in format such as Gemma's, or ChatML).
+        raise DataError("the tokenizer has no chat template; dialogues need one (plain text does not). "
+                        "Give a tokenizer with a chat_template, or train on the model's GGUF, whose "
+                        "serving template is used")
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("a fast tokenizer (with offsets) is needed to mask non-assistant tokens")
     full = _render(tokenizer, msgs, gen=False)

@@ -5,7 +5,9 @@ The GGUF writer is ours, with the `gguf` package's `GGUFWriter`: llama.cpp's
 gguf-py (FACTS.md). What it does that matters, we do too: tensor names from gguf-py's name map
 (`model.layers.0.self_attn.q_proj` -> `blk.0.attn_q.weight.lora_a`), llama.cpp's rotary row
 permutation of q/k for llama-family bases applied to `lora_b`, and the metadata llama.cpp reads
-(`general.type=adapter`, `adapter.type=lora`, `adapter.lora.alpha`).
+(`general.type=adapter`, `adapter.type=lora`, `adapter.lora.alpha`). Only llama-family bases are
+permuted; gemma3, qwen2 and qwen3 keep transformers' row order (tested against llama.cpp for each).
+When the base is a GGUF, every tensor the adapter names must exist in it, checked before writing.
 """
 from __future__ import annotations
 
@@ -77,8 +79,19 @@ def _arch_of(base: Any, config: Any) -> str:
         return base.gguf_arch
     mt = getattr(config, "model_type", None)
     if mt not in _ARCH_OF:
-        raise AdapterError(f"no GGUF architecture known for model type {mt!r}")
+        raise AdapterError(f"no GGUF architecture known for model type {mt!r}, so the adapter cannot be "
+                           f"written for llama.cpp (known: {', '.join(sorted(_ARCH_OF))}); the PEFT "
+                           "safetensors export (save_peft) still works")
     return _ARCH_OF[mt]
+
+
+def _base_tensor_names(base: Any) -> set[str] | None:
+    """Tensor names of the GGUF the adapter is for, when the base was loaded from one."""
+    path = getattr(base, "path", None)
+    if path is None or Path(path).suffix != ".gguf":
+        return None
+    from .quant import _gguf_tensors
+    return set(_gguf_tensors(Path(path))[1])
 
 
 def gguf_tensor_name(hf_module: str, arch: str, n_layers: int) -> str:
@@ -125,6 +138,14 @@ def save_gguf(model: nn.Module | None, path: str | os.PathLike, base: Any = None
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     r = ads[0].r
     alpha = ads[0].scaling * r  # llama.cpp scales by alpha / rank
+    names = {a.name: gguf_tensor_name(a.name, arch, n_layers) for a in ads}
+    # llama.cpp refuses an adapter naming a tensor its base lacks: say so now, by name, not at serving
+    have = _base_tensor_names(base)
+    missing = sorted(n for n in names.values() if have is not None and n not in have)
+    if missing:
+        raise AdapterError(f"the base GGUF {Path(base.path).name} has no tensor {missing[0]}"
+                           f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the adapter "
+                           "was not trained on this base")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w = GGUFWriter(str(path), arch)
@@ -139,7 +160,7 @@ def save_gguf(model: nn.Module | None, path: str | os.PathLike, base: Any = None
         w.add_string(f"dialogue.{k}", str(v))
     np_dt = np.float16 if dtype == "f16" else np.float32
     for a in ads:
-        name = gguf_tensor_name(a.name, arch, n_layers)
+        name = names[a.name]
         B = a.B * (a.scaling / (alpha / a.r))  # fold any per-layer scale difference into B
         if arch in GGUF_PERMUTED_ARCHS:
             if name.endswith("attn_q.weight"):

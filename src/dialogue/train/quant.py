@@ -6,16 +6,28 @@ Three ways to hold the frozen linears, selectable by `quant=`:
 - `"nf4"`: bitsandbytes 4-bit NormalFloat (`Linear4bit`); `quant_storage` a float dtype lets
   FSDP shard the packed weight like any other parameter.
 - `"hqq"`: HQQ 4-bit (`HQQLinear`, PyTorch backend, so it runs without CUDA kernels).
-- `"served"`: for a GGUF base, the GGUF's own quantized blocks (`GGUFLinear`), dequantized on the
-  fly or once and kept. The adapter then trains against exactly the weights llama.cpp serves;
-  re-quantizing a GGUF's dequantized weights to NF4 measurably raises the loss (FACTS.md).
+- `"served"`: for a GGUF base, the GGUF's own quantized blocks (`GGUFLinear`). The adapter then
+  trains against exactly the weights llama.cpp serves; re-quantizing a GGUF's dequantized weights
+  to NF4 measurably raises the loss (FACTS.md). Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants
+  Q4_K, Q5_K, Q6_K have torch kernels (bit-identical to gguf-py's reference), so their blocks can
+  stay packed and be dequantized on the fly in forward and backward (`served_cache=False`). By
+  default a model whose dense weights fit in 4 GiB (SmolLM2, Gemma 3 270M) is dequantized once and
+  kept instead: faster, the same values. Other types (Q2_K, Q3_K, IQ*) are dequantized once by
+  gguf-py and kept.
 - `"none"`: dense, frozen weights in `dtype`.
+
+Families (`TESTED_FAMILIES`): llama, gemma3, qwen2, qwen3 are tested end to end, from a GGUF and
+from a HF directory, against transformers and llama.cpp (tests/train/test_families.py). For a
+GGUF, transformers' config reader is completed with what llama.cpp hard-codes per architecture
+(`_fill_gguf_config`: Gemma 3's sliding-window pattern, local rotary base and query scale; the
+head size from `attention.key_length`; tied embeddings when there is no `output.weight`).
 
 Why our own loader instead of `from_pretrained(gguf_file=...)`: transformers dequantizes the whole
 GGUF into full precision at once, and it cannot keep raw blocks. Here the model is built on the
 meta device and each tensor is read, processed (transformers' own per-architecture GGUF tensor
-processors and name map are reused, so names and fix-ups match theirs), quantized and placed one
-at a time: peak memory is the quantized model plus one full-precision matrix.
+processors and name map are reused, so names and fix-ups match theirs: llama's rotary row
+permutation, Gemma's norms stored as 1+w), quantized and placed one at a time: peak memory is the
+quantized model plus one full-precision matrix.
 """
 from __future__ import annotations
 
@@ -33,7 +45,8 @@ from torch import nn
 
 __all__ = [
     "Base", "load_base", "bundled_model_path", "GGUFLinear", "dense_weight", "quantize_linear",
-    "QUANT_MODES", "ModelLoadError", "frozen_linear_names", "n_params",
+    "QUANT_MODES", "ModelLoadError", "frozen_linear_names", "n_params", "load_tokenizer",
+    "serving_chat_template", "dequantize_rows", "TESTED_FAMILIES",
 ]
 
 QUANT_MODES = ("served", "nf4", "hqq", "none")
@@ -79,12 +92,78 @@ def resolve_model(spec: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------- GGUF blocks in torch
 
-# GGML block layouts (ggml-common.h): bytes per block of 32 weights.
-_GGML_BLOCK = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# GGML block layouts (ggml-common.h): (weights per block, bytes per block). Every type here has a
+# torch kernel below, so its blocks can stay packed and be dequantized on the fly.
+_GGML_BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+               "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+_DENSE_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(qs: torch.Tensor, groups: int) -> torch.Tensor:
+    """(nb, groups*L) bytes -> (nb, 2*groups, L): each group's low nibbles, then its high nibbles
+    (the order ggml packs 4-bit values in, per 32- or 64-byte group)."""
+    nb = qs.shape[0]
+    q = qs.reshape(nb, groups, 1, -1) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    return (q & 0x0F).reshape(nb, 2 * groups, -1)
+
+
+def _bits(qh: torch.Tensor, n: int) -> torch.Tensor:
+    """(nb, n/8) bytes, read as a little-endian bit field -> (nb, n) of 0/1 (Q5_0/Q5_1's 5th bits)."""
+    nb = qh.shape[0]
+    return ((qh.reshape(nb, -1, 1) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8)) & 1).reshape(nb, n)
+
+
+def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes of packed 6-bit scales and mins -> (nb, 8) each (gguf-py's layout)."""
+    s = s.reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.to(torch.float32), mn.to(torch.float32)
+
+
+def _dequant_blocks(b: torch.Tensor, qtype: str) -> torch.Tensor:
+    """(nb, bytes per block) uint8 -> (nb, weights per block) float32, with gguf-py's formulas and
+    the same float32 operation order, so the result is bit-identical to `gguf.quants.dequantize`."""
+    nb = b.shape[0]
+    if qtype == "Q8_0":
+        return _f16(b[:, 0:2]) * b[:, 2:].contiguous().view(torch.int8).to(torch.float32)
+    if qtype == "Q4_0":
+        q = torch.cat([b[:, 2:] & 0x0F, b[:, 2:] >> 4], dim=-1).to(torch.int8) - 8
+        return _f16(b[:, 0:2]) * q.to(torch.float32)
+    if qtype == "Q4_1":
+        q = torch.cat([b[:, 4:] & 0x0F, b[:, 4:] >> 4], dim=-1).to(torch.float32)
+        return _f16(b[:, 0:2]) * q + _f16(b[:, 2:4])
+    if qtype in ("Q5_0", "Q5_1"):
+        o = 2 if qtype == "Q5_0" else 4
+        hi = _bits(b[:, o:o + 4], 32)
+        lo = torch.cat([b[:, o + 4:] & 0x0F, b[:, o + 4:] >> 4], dim=-1)
+        q = lo | (hi << 4)
+        if qtype == "Q5_0":
+            return _f16(b[:, 0:2]) * (q.to(torch.int8) - 16).to(torch.float32)
+        return _f16(b[:, 0:2]) * q.to(torch.float32) + _f16(b[:, 2:4])
+    if qtype in ("Q4_K", "Q5_K"):
+        sc, mn = _k_scale_min(b[:, 4:16])
+        d = (_f16(b[:, 0:2]) * sc).reshape(nb, 8, 1)
+        dm = (_f16(b[:, 2:4]) * mn).reshape(nb, 8, 1)
+        if qtype == "Q4_K":
+            q = _nibbles(b[:, 16:], 4)
+        else:
+            hi = (b[:, 16:48].reshape(nb, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+            q = _nibbles(b[:, 48:], 4) | (hi.reshape(nb, 8, 32) << 4)
+        return (d * q.to(torch.float32) - dm).reshape(nb, 256)
+    if qtype == "Q6_K":
+        scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+        d = (_f16(b[:, 208:210]) * scales).reshape(nb, 16, 1)
+        ql = _nibbles(b[:, 0:128], 2).reshape(nb, 8, 32)
+        qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
+        q = (ql | (qh.reshape(nb, 8, 32) << 4)).to(torch.int8) - 32
+        return (d * q.reshape(nb, 16, 16).to(torch.float32)).reshape(nb, 256)
+    raise ModelLoadError(f"no torch kernel for GGML type {qtype}")
 
 
 def dequantize_rows(raw: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
@@ -93,26 +172,15 @@ def dequantize_rows(raw: torch.Tensor, qtype: str, in_features: int) -> torch.Te
     Same formulas as gguf-py's numpy reference (`gguf.quants`), in torch so it runs on the device
     during forward and backward; for the dense types it is a reinterpretation."""
     out = raw.shape[0]
-    if qtype in ("F32", "F16", "BF16"):
-        dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype]
-        return raw.view(dt).view(out, in_features).to(torch.float32)
-    bs = _GGML_BLOCK[qtype]
-    nb = in_features // 32
-    b = raw.view(out, nb, bs)
-    if qtype == "Q8_0":
-        d = _f16(b[..., 0:2])
-        q = b[..., 2:].contiguous().view(torch.int8).to(torch.float32)
-        w = q * d
-    elif qtype == "Q4_0":
-        d = _f16(b[..., 0:2])
-        qs = b[..., 2:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).to(torch.int8) - 8
-        w = d * q.to(torch.float32)
-    else:  # Q4_1
-        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        qs = b[..., 4:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).to(torch.float32)
-        w = d * q + m
+    if qtype in _DENSE_TYPES:
+        return raw.view(_DENSE_TYPES[qtype]).view(out, in_features).to(torch.float32)
+    if qtype not in _GGML_BLOCK:
+        raise ModelLoadError(f"no torch kernel for GGML type {qtype}; supported: "
+                             f"{', '.join([*_DENSE_TYPES, *_GGML_BLOCK])}")
+    per, nbytes = _GGML_BLOCK[qtype]
+    if in_features % per:
+        raise ModelLoadError(f"{qtype} rows hold whole blocks of {per}; in_features {in_features} is not one")
+    w = _dequant_blocks(raw.reshape(-1, nbytes), qtype)
     return w.reshape(out, in_features)
 
 
@@ -203,6 +271,12 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str,
         bnb = _bnb()
         q = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
                               quant_type="nf4", quant_storage=quant_storage, device="meta")
+        # On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks the weight in place for a bf16
+        # inference kernel the first time the layer runs in eval mode on an input without grad,
+        # and from then on takes that kernel, which has no backward: a later training step gets no
+        # gradient through the base (every adapter below the layer silently stops learning) and
+        # eval logits differ from training ones. A training base must compute one way: keep it off.
+        q.support_avx512bf16_for_cpu = False
         # `module=q` ties the quant state to the layer; without it FSDP fails with
         # "quant_state is required" (FACTS.md).
         q.weight = bnb.nn.Params4bit(weight.detach().to(torch.float32).contiguous(), requires_grad=False,
@@ -255,7 +329,8 @@ def n_params(model: nn.Module) -> int:
         if isinstance(m, GGUFLinear) or type(m).__name__ in ("Linear4bit", "HQQLinear"):
             if id(m) not in seen:
                 seen.add(id(m))
-                total += m.in_features * m.out_features
+                bias = getattr(m, "bias", None)
+                total += m.in_features * m.out_features + (bias.numel() if bias is not None else 0)
             continue
         for p in m.parameters(recurse=False):
             if id(p) not in seen:
@@ -295,12 +370,14 @@ class Base:
 
 
 def _architectures(config: Any) -> None:
-    """A GGUF's config has no `architectures`; write it (the PEFT and llama.cpp converters read it)."""
+    """Check transformers has a causal LM for the config, and write `architectures` where it is
+    missing (a GGUF's config has none; the PEFT and llama.cpp converters read it)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if cls is None:
+        raise ModelLoadError(f"no causal LM class for model type {config.model_type!r}: adapters are trained on "
+                             f"decoder language models (tested families: {', '.join(TESTED_FAMILIES)})")
     if not getattr(config, "architectures", None):
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
-        if cls is None:
-            raise ModelLoadError(f"no causal LM class for model type {config.model_type!r}")
         config.architectures = [cls]
 
 
@@ -323,19 +400,35 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _materialize_buffers(model: nn.Module, mod: nn.Module, device: str | torch.device) -> None:
+    """Fill a module's non-persistent buffers (rotary tables, Gemma's embedding scale) that were
+    created on meta: they are not in any checkpoint, the model's own `_init_weights` computes them.
+
+    The module's loaded parameters are set aside while it runs, so the initializer (which would
+    also re-draw the weights of, say, an embedding) only ever touches throwaway tensors."""
+    for bname, b in list(mod._buffers.items()):
+        if b is not None and b.is_meta:
+            mod._buffers[bname] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    kept = dict(mod._parameters)
+    try:
+        for pname, p in kept.items():
+            if p is not None:
+                mod._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                      requires_grad=False)
+        with torch.no_grad():
+            model._init_weights(mod)
+    finally:
+        mod._parameters.update(kept)
+
+
 def _finish(model: nn.Module, device: str | torch.device) -> nn.Module:
-    """Tie embeddings, rebuild non-persistent buffers (rotary tables) that were created on meta,
-    freeze everything, and make sure no meta tensor is left."""
+    """Tie embeddings, compute the non-persistent buffers that were created on meta, freeze
+    everything, and make sure no meta tensor is left."""
     if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
-    for name, mod in list(model.named_modules()):
+    for _, mod in list(model.named_modules()):
         if any(b.is_meta for b in mod.buffers(recurse=False)):
-            cfg = getattr(mod, "config", None) or model.config
-            try:
-                fresh = type(mod)(config=cfg, device=device)
-            except TypeError:
-                fresh = type(mod)(config=cfg)
-            _replace_module(model, name, fresh.to(device))
+            _materialize_buffers(model, mod, device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ModelLoadError(f"weights missing from the checkpoint: {left[:5]}{' ...' if len(left) > 5 else ''}")
@@ -345,10 +438,21 @@ def _finish(model: nn.Module, device: str | torch.device) -> nn.Module:
     return model
 
 
-def _gguf_tensors(path: Path) -> tuple[Any, dict[str, Any]]:
+@functools.lru_cache(maxsize=4)
+def _gguf_reader_cached(path: str, mtime: float) -> tuple[Any, dict[str, Any]]:
     from gguf import GGUFReader
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/struct errors on anything that is not a GGUF
+        raise ModelLoadError(f"{Path(path).name} is not a readable GGUF file: {e}") from e
     return reader, {t.name: t for t in reader.tensors}
+
+
+def _gguf_tensors(path: Path) -> tuple[Any, dict[str, Any]]:
+    """The file's reader and tensors by name. Parsing the metadata of a large-vocabulary GGUF
+    takes seconds (Gemma's 262k tokens: about 9 s here), so it is done once per file and kept (a
+    memory map: nothing is read until used)."""
+    return _gguf_reader_cached(str(Path(path).resolve()), Path(path).stat().st_mtime)
 
 
 def _gguf_arch(reader: Any) -> str:
@@ -358,23 +462,84 @@ def _gguf_arch(reader: Any) -> str:
     return str(f.contents())
 
 
+def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+# The families whose loading, numerics and adapter export are tested end to end (tests/train/
+# test_families.py): llama (SmolLM2, from its GGUF and from a HF directory), gemma3 (Gemma 3 270M
+# from its GGUF: served, nf4, hqq against transformers and llama.cpp), qwen2 and qwen3 (HF
+# directories and GGUFs, checked against llama.cpp). Others that transformers can build as a causal
+# LM may work; a GGUF architecture that transformers cannot read is refused with a clear error.
+TESTED_FAMILIES = ("llama", "gemma3", "qwen2", "qwen3")
+
+
+def _fill_gguf_config(config: Any, reader: Any, arch: str) -> None:
+    """Set what a GGUF leaves out and llama.cpp hard-codes per architecture, the way llama.cpp
+    does (llama-model.cpp, `llm_load_hparams`), so that torch computes what the server computes.
+
+    Gemma 3's GGUF has no key for the sliding-window layer pattern, the local layers' rotary base
+    or the query pre-attention scale; transformers' defaults happen to fit the 270M model, but we do
+    not rely on defaults: every 6th layer is global and the others slide (pattern 6), local layers
+    use rotary base 10000 with no scaling, global layers the file's `rope.freq_base` (and its linear
+    rope scaling, Gemma 3 4B and up), the query is scaled by 1/sqrt(head_dim) except on 27B
+    (62 layers: 1/sqrt(hidden/heads)), and the final-logit soft cap is the file's or none. A file
+    with no sliding window gets none (all layers global), as in llama.cpp.
+
+    For every architecture: the head size is the file's `attention.key_length` when it has one
+    (transformers' GGUF config map reads it for Gemma but not for Qwen3, whose head size is not
+    hidden/heads), and the output projection is tied to the embeddings exactly when the file has
+    no `output.weight` (llama.cpp's rule)."""
+    key_length = _gguf_field(reader, f"{arch}.attention.key_length")
+    if key_length and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length)
+    config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+    if arch != "gemma3":
+        return
+    n = config.num_hidden_layers
+    window = _gguf_field(reader, "gemma3.attention.sliding_window")
+    if window:
+        config.sliding_window = int(window)
+        config.layer_types = ["sliding_attention" if i % 6 < 5 else "full_attention" for i in range(n)]
+    else:
+        config.sliding_window = None
+        config.layer_types = ["full_attention"] * n
+    theta = float(_gguf_field(reader, "gemma3.rope.freq_base", 10000.0))
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if _gguf_field(reader, "gemma3.rope.scaling.type") == "linear":
+        full = {"rope_type": "linear", "rope_theta": theta,
+                "factor": float(_gguf_field(reader, "gemma3.rope.scaling.factor", 1.0))}
+    config.rope_parameters = {"full_attention": full,
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads) if n == 62 else config.head_dim
+    cap = _gguf_field(reader, "gemma3.final_logit_softcapping")
+    config.final_logit_softcapping = float(cap) if cap else None
+    config.attn_logit_softcapping = None
+
+
 @functools.lru_cache(maxsize=8)
 def _gguf_config_cached(path: str, mtime: float) -> Any:
     from transformers import AutoConfig
     p = Path(path)
+    reader, _ = _gguf_tensors(p)
+    arch = _gguf_arch(reader)
     try:
         config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:
-        raise ModelLoadError(f"transformers cannot read the config of {p.name}: {e}") from e
+        raise ModelLoadError(f"cannot train on {p.name}: its architecture {arch!r} is not one transformers "
+                             f"can build from a GGUF ({type(e).__name__}: {e}). Tested families: "
+                             f"{', '.join(TESTED_FAMILIES)}") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    _fill_gguf_config(config, reader, arch)
     _architectures(config)
     return config
 
 
 def _gguf_config(path: Path) -> Any:
     """The transformers config of a GGUF (parsing the metadata takes seconds: cached per file)."""
-    return copy.deepcopy(_gguf_config_cached(str(path), path.stat().st_mtime))
+    return copy.deepcopy(_gguf_config_cached(str(Path(path).resolve()), path.stat().st_mtime))
 
 
 def _gguf_names(model: nn.Module, processor: Any, arch: str, n_layers: int) -> dict[str, str]:
@@ -399,6 +564,7 @@ def _load_gguf(path: Path, quant: str, dtype: torch.dtype, device: str | torch.d
                quant_storage: torch.dtype, hqq_group_size: int, served_cache: bool | None) -> tuple[nn.Module, str]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
+    from transformers import modeling_gguf_pytorch_utils as tpu
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     reader, tensors = _gguf_tensors(path)
@@ -409,10 +575,12 @@ def _load_gguf(path: Path, quant: str, dtype: torch.dtype, device: str | torch.d
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=cfg)
     h2g = _gguf_names(model, processor, arch, config.num_hidden_layers)
     linears = set(frozen_linear_names(model))
-    # Raw blocks can be used as-is only when transformers' processor leaves the matrix alone; for
-    # llama q/k the processor undoes llama.cpp's rotary row permutation, which we apply to the rows
-    # of blocks instead (a row of a GGML matrix is whole blocks).
-    raw_ok = arch == "llama" or type(processor) is TensorProcessor
+    # Raw blocks can be used as-is only when transformers' processor leaves the matrix alone
+    # (Gemma's processor changes norms only: GGUF stores 1+w, transformers' Gemma RMSNorm computes
+    # (1+w)·x); for llama q/k the processor undoes llama.cpp's rotary row permutation, which we
+    # apply to the rows of blocks instead (a row of a GGML matrix is whole blocks).
+    norm_only = tuple(c for c in (TensorProcessor, getattr(tpu, "Gemma2TensorProcessor", None)) if c)
+    raw_ok = arch == "llama" or type(processor) in norm_only
     n_head, n_kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
     dense_bytes = sum(t.n_elements for t in tensors.values()) * 4
     if served_cache is None:
@@ -434,7 +602,9 @@ def _load_gguf(path: Path, quant: str, dtype: torch.dtype, device: str | torch.d
             bias = dense(f"{mod_name}.bias") if mod.bias is not None else None
             t = tensors[h2g[wname]]
             qname = GGMLQuantizationType(t.tensor_type).name
-            if quant == "served" and raw_ok and (qname in _GGML_BLOCK or qname in ("F32", "F16", "BF16")):
+            whole_blocks = qname in _DENSE_TYPES or (
+                qname in _GGML_BLOCK and mod.in_features % _GGML_BLOCK[qname][0] == 0)
+            if quant == "served" and raw_ok and whole_blocks:
                 raw = torch.from_numpy(np.array(t.data).view(np.uint8)).reshape(mod.out_features, -1)
                 if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
                     heads = n_head if ".attn_q." in t.name else n_kv
@@ -479,7 +649,11 @@ def _load_hf_dir(path: Path, quant: str, dtype: torch.dtype, device: str | torch
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, broken config.json
+        raise ModelLoadError(f"transformers cannot read the config of {path}: {e}. Tested families: "
+                             f"{', '.join(TESTED_FAMILIES)}") from e
     _architectures(config)
     model = _meta_model(config, dtype)
     where = _safetensors_index(path)
@@ -515,14 +689,55 @@ def _load_hf_dir(path: Path, quant: str, dtype: torch.dtype, device: str | torch
     return _finish(model, device)
 
 
-def load_tokenizer(path: Path) -> Any:
+def _serving_chat_format(model: str | os.PathLike) -> str | None:
+    """The built-in chat format the local runtime is told to use for this model name (a
+    `ModelSpec.chat_format`, e.g. "gemma" for `local:gemma3-270m`); None for paths and for names
+    whose GGUF carries its own template."""
+    s = str(model)
+    if s == "default" or s.startswith("local:"):
+        from ..local.models import resolve
+        return resolve(s).chat_format
+    return None
+
+
+def serving_chat_template(tokenizer: Any, path: Path, chat_format: str | None = None) -> tuple[str | None, str]:
+    """The chat template to train dialogues with: the one the local runtime serves this model
+    with, so an adapter learns the exact turn markers it will see at run time.
+
+    The runtime's rule (local/runtime.py, `Runtime._formatter`), applied here to the training
+    tokenizer: the model's built-in `chat_format` if its name has one, else the GGUF's own template,
+    else ChatML. So a base model without a template (Gemma 3 270M) trains with Gemma's
+    `<start_of_turn>` turns when named `local:gemma3-270m`, and with ChatML given as a bare path.
+    A Hugging Face directory is not served by the runtime: its tokenizer's own template or none
+    (then dialogue data is refused by `data.chat_example` with a clear error; plain text still
+    trains). Returns (template or None, where it came from)."""
+    from ..local.runtime import BUILTIN_TEMPLATES, CHATML_TEMPLATE
+    if chat_format is not None:
+        if chat_format not in BUILTIN_TEMPLATES:
+            raise ModelLoadError(f"unknown chat format {chat_format!r}: use one of {', '.join(BUILTIN_TEMPLATES)}")
+        return BUILTIN_TEMPLATES[chat_format], f"builtin:{chat_format}"
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own, "gguf" if path.suffix == ".gguf" else "tokenizer"
+    if path.suffix == ".gguf":
+        return CHATML_TEMPLATE, "fallback:chatml"
+    return None, "none"
+
+
+def load_tokenizer(path: Path, chat_format: str | None = None) -> Any:
+    """The tokenizer of a GGUF or a HF directory, with the chat template the local runtime would
+    use for it (see `serving_chat_template`) and a pad token."""
     from transformers import AutoTokenizer
+    path = Path(path)
     if path.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
         tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    template, source = serving_chat_template(tok, path, chat_format)
+    tok.chat_template = template
+    tok._dialogue_template_source = source  # for Base.info and logs (not saved with the tokenizer)
     return tok
 
 
@@ -534,7 +749,8 @@ def load_base(model: str | os.PathLike = "local:default", quant: str = "served",
 
     `quant="served"` on a GGUF keeps the GGUF's own weights; on a Hugging Face directory (which
     has no served quantization) it means unquantized. For FSDP, pass `quant_storage` equal to the
-    FSDP parameter dtype so bitsandbytes' packed weights can be sharded."""
+    FSDP parameter dtype so bitsandbytes' packed weights can be sharded. A given `tokenizer` is used
+    as is; otherwise it is loaded with the chat template the runtime serves this model with."""
     if quant not in QUANT_MODES:
         raise ModelLoadError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
     path = resolve_model(model)
@@ -543,9 +759,10 @@ def load_base(model: str | os.PathLike = "local:default", quant: str = "served",
         m, arch = _load_gguf(path, quant, dtype, device, quant_storage, hqq_group_size, served_cache)
     else:
         m = _load_hf_dir(path, quant, dtype, device, quant_storage, hqq_group_size)
-    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
-    return Base(model=m, tokenizer=tok, path=path, quant=quant, gguf_arch=arch,
-                info={"n_params": n_params(m), "dtype": str(dtype).removeprefix("torch.")})
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path, _serving_chat_format(model))
+    info = {"n_params": n_params(m), "dtype": str(dtype).removeprefix("torch."),
+            "chat_template": getattr(tok, "_dialogue_template_source", "given")}
+    return Base(model=m, tokenizer=tok, path=path, quant=quant, gguf_arch=arch, info=info)
 
 
 def describe(model: nn.Module) -> dict[str, int]:
