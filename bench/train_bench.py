@@ -332,7 +332,15 @@ def gpu_main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
+    p.add_argument("--configs", nargs="+", choices=list(CPU_CONFIGS))
+    p.add_argument("--checkpointing", action="store_true")
+    dispatch(p.parse_args(argv), gpu_main=gpu_main, one=run_one_cpu, cpu_main=cpu_main)
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every training benchmark takes (this one and offload_bench.py)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--steps", type=int, default=3)
@@ -340,24 +348,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--model", default="local:default")
-    p.add_argument("--configs", nargs="+", choices=list(CPU_CONFIGS))
-    p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-config peak-RSS runs")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def dispatch(args: argparse.Namespace, *, gpu_main, one, cpu_main) -> None:
+    """GPU mode (sequence 2048 by default), one CPU configuration in a child process (`--one`,
+    for its own peak RSS), or the CPU comparison (sequence 128)."""
     torch.manual_seed(0)
     if args.gpu:
         args.seq = args.seq or 2048
         gpu_main(args)
     elif args.one:
         args.seq = args.seq or 128
-        print(json.dumps(run_one_cpu(args.one, args)))
+        print(json.dumps(one(args.one, args)))
     else:
         args.seq = args.seq or 128
         cpu_main(args)
-
 
 if __name__ == "__main__":
     main()

@@ -9,23 +9,6 @@ from safetensors.torch import load_file
 
 from dialogue.document import Dialogue, Kind, Message
 from dialogue.train.main import train_main
-from dialogue.train.quant import bundled_model_path, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory):
-    """A tiny random Llama with the bundled model's tokenizer, as a real HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tok = load_tokenizer(bundled_model_path())
-    d = tmp_path_factory.mktemp("tiny-chat")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    (d / "docs.md").write_text(" ".join(f"Zorblax fact {i}: Quimby has {i * 7 % 13} moons." for i in range(60)))
-    return d
 
 
 def _losses(out):

@@ -6,6 +6,9 @@ so `dialogue` without the extra still starts.
 
     from dialogue.train import finetune, TrainConfig
     res = finetune(dialogues=[...], docs=["docs/"], config=TrainConfig(steps=200, out_dir="out"))
+
+(`dialogue.train.offload` is the module of `offload(model, device)`; `finetune(..., offload=True)`
+uses it.)
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ _EXPORTS = {
     "MixSampler": "data", "dialogue_examples": "data", "pack_text": "data", "read_docs": "data",
     "DataError": "data",
     "train_main": "main",
+    "Offloader": "offload", "OffloadError": "offload", "get_offloader": "offload",
 }
 __all__ = sorted([*_EXPORTS, "schedule"])
 

@@ -56,22 +56,39 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def shard(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+def shard(model: nn.Module, device: torch.device | None = None, offload: bool = False) -> nn.Module:
     """`fully_shard` each decoder layer, then the whole model (the FSDP2 recipe): a layer's
-    parameters are gathered just before it runs and freed after."""
+    parameters are gathered just before it runs and freed after.
+
+    `offload=True` adds FSDP2's `CPUOffloadPolicy`: every shard (the frozen base's and the
+    adapters'), the gradients and the optimizer step live on the CPU, and each layer is copied to
+    the device as it is gathered. It runs on gloo/CPU too (checked here), where it exercises the
+    same code without saving anything. It moves parameters only, so it refuses bases whose frozen
+    weights are not parameters (the served GGUF blocks are buffers)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     import torch.distributed as dist
+
+    from .quant import GGUFLinear
 
     dev = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     for m in model.modules():
         if type(m).__name__ == "HQQLinear":
             raise ValueError("HQQ layers cannot be sharded by FSDP; use quant='nf4' (with a float "
                              "quant_storage) for multi-process training")
+        if offload and isinstance(m, GGUFLinear):
+            raise ValueError("--offload with --nproc uses FSDP2's CPUOffloadPolicy, which offloads parameters "
+                             "only; the served GGUF weights are buffers and would stay on the device. Use "
+                             "--quant nf4 (or none) with --nproc, or --offload in one process")
+    kw: dict = {}
+    if offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=dev.type == "cuda")
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
+    model._dialogue_compute_device = dev  # with CPU offload the shards' device is the CPU's
     return model
 
 

@@ -112,6 +112,11 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 
 
 def _device(model: nn.Module) -> torch.device:
+    # set by offload() and fsdp.shard(): with CPU offload the parameters' device is not where the
+    # model computes
+    dev = getattr(model, "_dialogue_compute_device", None)
+    if dev is not None:
+        return dev
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -131,12 +136,19 @@ def _state_options(strict: bool = True):
 
 def _save(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: MixSampler, step: int,
           losses: list[float], meta: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    msd, osd = get_state_dict(model, optimizers=opt, options=_state_options())  # collective under FSDP
-    # buffers and tied frozen weights can slip through ignore_frozen_params: keep the trained ones
-    trained = set(trainable_parameters(model))
-    msd = {k: v for k, v in msd.items() if k in trained}
-    rank, _ = _dist()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict
+    rank, world = _dist()
+    trained = trainable_parameters(model)
+    if world > 1:
+        msd, osd = get_state_dict(model, optimizers=opt, options=_state_options())  # collective under FSDP
+        # buffers and tied frozen weights can slip through ignore_frozen_params: keep the trained ones
+        msd = {k: v for k, v in msd.items() if k in trained}
+    else:
+        # One process: the adapter parameters themselves, without a state_dict() of the whole model,
+        # which would serialise every frozen layer (loading each one back under CPU offload; and
+        # HQQLinear's state_dict fails). Same keys and values as the FSDP path.
+        msd = {k: p.detach().to("cpu", copy=True) for k, p in trained.items()}
+        osd = get_optimizer_state_dict(model, opt, options=_state_options())
     if rank != 0:
         return
     state = {"step": step, "model": msd, "optimizer": osd, "sampler": sampler.state_dict(),
@@ -158,8 +170,15 @@ def _load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: Mix
                          "use another --out or start over with resume=False")
     if set(state["model"]) != set(trainable_parameters(model)):
         raise ValueError(f"checkpoint {path} holds other adapter parameters than the model's")
-    set_state_dict(model, optimizers=opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_state_options(strict=False))
+    if _dist()[1] > 1:
+        set_state_dict(model, optimizers=opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=_state_options(strict=False))
+    else:  # the mirror of _save: only the adapter parameters are touched
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        with torch.no_grad():
+            for k, p in trainable_parameters(model).items():
+                p.copy_(state["model"][k])
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=_state_options(strict=False))
     sampler.load_state_dict(state["sampler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -345,6 +364,7 @@ class FinetuneResult:
     model: nn.Module
     sampler: MixSampler
     exported: dict[str, str] = field(default_factory=dict)
+    offloader: Any = None  # the offload.Offloader of a one-process offloaded run (its stats)
 
 
 def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = (), docs: Iterable[str | Path] = (),
@@ -352,9 +372,15 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
              alpha: float | None = None, dropout: float = 0.0, targets: Iterable[str] | None = None,
              seq_len: int = 512, mix: MixLike = None, config: TrainConfig | None = None,
              gradient_checkpointing: bool = False, export: bool = True, base: Any = None,
-             resume: bool = True, dtype: torch.dtype = torch.float32) -> FinetuneResult:
+             resume: bool = True, dtype: torch.dtype = torch.float32, offload: bool = False,
+             offload_prefetch: int = 1) -> FinetuneResult:
     """Load the base, build the data, put adapters on, train, and export the adapter (PEFT
-    safetensors always; GGUF for LoRA on a GGUF base). Only the data is required."""
+    safetensors always; GGUF for LoRA on a GGUF base). Only the data is required.
+
+    `offload=True` keeps the frozen base in host memory and brings one decoder layer at a time
+    (plus `offload_prefetch` ahead) to the device (`offload.py`); it turns gradient checkpointing on,
+    since offload needs it. With several processes it is FSDP2's CPUOffloadPolicy instead
+    (`fsdp.shard(offload=True)`), which also keeps the adapter shards and the optimizer on the CPU."""
     from . import export as ex
     from .data import sources_from
     from .lora import DEFAULT_TARGETS, AdapterSpec, add_adapters, enable_checkpointing
@@ -362,12 +388,13 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
 
     cfg = config or TrainConfig()
     rank, world = _dist()
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if base is not None:
         b = base
     else:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        # FSDP shards bnb's packed weight only if it is stored in the FSDP parameter dtype
-        b = load_base(model, quant=quant, dtype=dtype, device=dev,
+        # FSDP shards bnb's packed weight only if it is stored in the FSDP parameter dtype. With
+        # offload the base is loaded into host memory: it may not fit on the device.
+        b = load_base(model, quant=quant, dtype=dtype, device="cpu" if offload else dev,
                       quant_storage=dtype if world > 1 else torch.uint8)
     dialogues, docs = list(dialogues), list(docs)
     sources = sources_from(dialogues, docs, texts, tokenizer=b.tokenizer, seq_len=seq_len)
@@ -377,15 +404,25 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
                        targets=tuple(targets) if targets else DEFAULT_TARGETS, seed=cfg.seed)
     n = b.info.get("n_params")
     m = add_adapters(b.model, spec)
-    if gradient_checkpointing:
+    if gradient_checkpointing or offload:  # offload needs it (see offload.py)
         enable_checkpointing(m)
-    fsdp_info: dict[str, int] = {}
+    fsdp_info: dict[str, Any] = {}
+    offloader = None
+    offload_info: dict[str, Any] = {}
     if world > 1:
         from .fsdp import shard
-        shard(m)
+        shard(m, offload=offload)
         params = list(m.parameters())
-        fsdp_info = {"params": len(params), "sharded": sum(1 for p in params if hasattr(p, "full_tensor"))}
+        fsdp_info = {"params": len(params), "sharded": sum(1 for p in params if hasattr(p, "full_tensor")),
+                     "cpu_offload": offload}
+    elif offload:
+        from .offload import offload as offload_model
+        offloader = offload_model(m, dev, prefetch=offload_prefetch)
+        offload_info = {"device": str(dev), "prefetch": offload_prefetch, "host_mb": offloader.host_bytes / 2**20}
     res = train(m, sampler, cfg, pad_id=b.tokenizer.pad_token_id or 0, resume=resume, n_params=n, rank_hint=r)
+    if offloader is not None:
+        offload_info.update(peak_resident_layers=offloader.stats.peak_resident_layers,
+                            peak_resident_mb=offloader.stats.peak_resident_bytes / 2**20)
     exported: dict[str, str] = {}
     if export and cfg.out_dir:
         from .lora import adapter_tensors
@@ -399,8 +436,8 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
             (out / "train_config.json").write_text(json.dumps(
                 {"model": str(b.path), "method": method, "quant": quant, "r": r, "alpha": spec.lora_alpha,
                  "targets": list(spec.targets), "seq_len": seq_len, "steps": cfg.steps,
-                 "batch_size": cfg.batch_size, "world_size": world, "fsdp": fsdp_info,
+                 "batch_size": cfg.batch_size, "world_size": world, "fsdp": fsdp_info, "offload": offload_info,
                  "sources": {k: len(v) for k, v in sources.items()},
                  "final_loss": res.losses[-1] if res.losses else None}, indent=2))
-    return FinetuneResult(res, b, m, sampler, exported)
+    return FinetuneResult(res, b, m, sampler, exported, offloader)
 

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, default=0.0)
     m.add_argument("--targets", nargs="+", default=None, help="module names (default: all linears of the blocks)")
     m.add_argument("--gradient-checkpointing", action="store_true")
+    m.add_argument("--offload", action="store_true",
+                   help="keep the frozen base in CPU memory and copy each decoder layer to the GPU only while "
+                        "it runs (adapters, optimizer state, embeddings and LM head stay on the GPU); turns "
+                        "gradient checkpointing on. With --nproc: FSDP2's CPU offload (nf4 or none bases)")
+    m.add_argument("--offload-prefetch", type=int, default=1, metavar="N",
+                   help="with --offload, layers copied ahead of the one computing (default 1)")
     m.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=100)
@@ -146,6 +152,18 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
         if not Path(p).exists():
             raise FileNotFoundError(f"docs path not found: {p}")
     mix = parse_mix(args.mix)
+    if args.offload_prefetch < 0:
+        raise ValueError(f"--offload-prefetch must be >= 0, got {args.offload_prefetch}")
+    if args.offload_prefetch != 1 and not args.offload:
+        raise ValueError("--offload-prefetch needs --offload")
+    if args.offload and args.nproc > 1:
+        if args.quant == "hqq":
+            raise ValueError("--quant hqq cannot be sharded by FSDP (--nproc); use --quant nf4")
+        model = str(args.model)
+        if args.quant == "served" and (model == "default" or model.startswith("local:") or model.endswith(".gguf")):
+            raise ValueError("--offload with --nproc uses FSDP2's CPU offload, which moves parameters only; "
+                             "the served GGUF weights are buffers. Use --quant nf4 with --nproc --offload, "
+                             "or --offload in one process (which handles served weights)")
 
     from .fsdp import is_distributed_launch, launch, setup, teardown
     if args.nproc > 1 and not is_distributed_launch():
@@ -169,7 +187,11 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
     try:
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        base = load_base(args.model, quant=args.quant, device=dev,
+        if args.offload and dev.type == "cpu" and int(os.environ.get("RANK", "0")) == 0:
+            print("note: no GPU here, so --offload runs its copies between CPU buffers and saves no memory",
+                  file=sys.stderr)
+        # with --offload the base is loaded into host memory (it may not fit on the device)
+        base = load_base(args.model, quant=args.quant, device="cpu" if args.offload else dev,
                          quant_storage=torch.float32 if world > 1 else torch.uint8)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                           lr=_lr_schedule(args, base.info["n_params"]), weight_decay=args.weight_decay,
@@ -178,7 +200,8 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
         res = finetune(base=base, dialogues=dialogues, docs=args.docs, method=args.method, quant=args.quant,
                        r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
                        seq_len=args.seq_len, mix=mix, config=cfg, gradient_checkpointing=args.gradient_checkpointing,
-                       export=not args.no_export, resume=not args.no_resume)
+                       export=not args.no_export, resume=not args.no_resume, offload=args.offload,
+                       offload_prefetch=args.offload_prefetch)
         rank = torch.distributed.get_rank() if distributed else 0
         if rank == 0:
             r = res.result
@@ -186,6 +209,10 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
             last = f"{r.losses[-1]:.4f}" if r.losses else "-"
             print(f"trained {r.steps} steps (from step {r.resumed_from}) in {r.seconds:.1f}s, "
                   f"{r.tokens_per_s:.0f} tokens/s; loss {first} -> {last}")
+            if res.offloader is not None:
+                st = res.offloader.stats
+                print(f"offload: {res.offloader.host_bytes / 2**20:.0f} MiB of frozen layers in host memory; at most "
+                      f"{st.peak_resident_layers} layers ({st.peak_resident_bytes / 2**20:.0f} MiB) on {res.offloader.device}")
             for kind, path in res.exported.items():
                 print(f"{kind}: {path}")
             if args.method == "dora" and not args.no_export:
