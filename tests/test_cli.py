@@ -128,6 +128,12 @@ def test_service_message_references(tmp_path):
         svc.message_id("s", "0")
     with pytest.raises(NotFoundError):
         svc.message_id("s", "abc")  # too short to be a prefix
+    # ids are hex: an all-digit prefix that matches an id is that id, not a position
+    digits = svc.add("s", "note", "digits", id="12345678")
+    assert svc.message_id("s", "12345") == svc.message_id("s", "1234") == digits.id
+    assert svc.message_id("s", "1") == ms[0].id and svc.message_id("s", "4") == digits.id
+    with pytest.raises(NotFoundError, match="no message at position 99"):
+        svc.message_id("s", "99")
     assert d.model == "local:default"
     svc.close()
 

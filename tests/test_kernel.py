@@ -435,6 +435,7 @@ async def main():
     print(" ".join(str(k.pid) for k in ks), " ".join(k._dir for k in ks), flush=True)
     how = sys.argv[1]
     if how == "exit":
+        sys.stdin.readline()  # the test has seen the kernels alive
         return  # no shutdown_all: the exit hook must do it
     time.sleep(60)  # killed from outside meanwhile
 asyncio.run(main())
@@ -446,11 +447,14 @@ asyncio.run(main())
 async def test_no_kernel_outlives_the_server(tmp_path: Path, how: str):
     script = tmp_path / "server.py"
     script.write_text(ORPHAN_SCRIPT)
-    p = subprocess.Popen([sys.executable, str(script), how], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": SRC})
+    p = subprocess.Popen([sys.executable, str(script), how], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONPATH": SRC})
     line = p.stdout.readline().split()
     pids, dirs = [int(x) for x in line[:2]], line[2:]
     assert all(not gone(pid) for pid in pids)
+    if how == "exit":
+        p.stdin.write("go\n")
+        p.stdin.flush()
     if how == "sigterm":
         p.send_signal(signal.SIGTERM)
     elif how == "sigkill":

@@ -132,7 +132,10 @@ class DialogueService:
         ref = str(ref).strip()
         if any(m.id == ref for m in msgs):
             return ref
-        if ref.lstrip("-").isdigit() and len(ref) < 8:
+        # Ids are hex, so "89253" may be an id prefix as well as a position: a prefix (4+
+        # characters) that matches an id wins, shorter all-digit refs are positions.
+        prefix_hit = len(ref) >= 4 and any(m.id.startswith(ref) for m in msgs)
+        if ref.lstrip("-").isdigit() and len(ref) < 8 and not prefix_hit:
             i = int(ref)
             if i == 0 or abs(i) > len(msgs):
                 raise NotFoundError(f"no message at position {ref} (the dialogue has {len(msgs)})")
