@@ -49,11 +49,20 @@ def base_shapes_cached(tmp_path_factory):
 
 # ---------------------------------------------------------------- reading and checking files
 
-def _finish(w) -> None:
+def _raw_lora(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    """A GGUF that declares itself a LoRA adapter with exactly these tensors: for broken files
+    that `write_lora` refuses to write."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
 
 
 def test_non_adapters_are_refused_with_a_reason(home):
@@ -65,23 +74,14 @@ def test_non_adapters_are_refused_with_a_reason(home):
         A.read_lora(bundled_model_path())
     with pytest.raises(AdapterError, match="no such adapter file"):
         A.read_lora(home / "missing.gguf")
-    import gguf
-    w = gguf.GGUFWriter(str(home / "half.gguf"), "llama")
-    w.add_type("adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 576), np.float32))
-    _finish(w)
+    half = _raw_lora(home / "half.gguf", {"blk.0.attn_q.weight.lora_a": np.zeros((4, 576), np.float32)})
     with pytest.raises(AdapterError, match="'blk.0.attn_q.weight' has only its lora_a half"):
-        A.read_lora(home / "half.gguf")
+        A.read_lora(half)
     # lora_a must be ne [in, r], lora_b ne [r, out]: a file with A un-transposed is caught
-    w = gguf.GGUFWriter(str(home / "flip.gguf"), "llama")
-    w.add_type("adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((576, 4), np.float32))
-    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((576, 4), np.float32))
-    _finish(w)
+    flip = _raw_lora(home / "flip.gguf", {"blk.0.attn_q.weight.lora_a": np.zeros((576, 4), np.float32),
+                                          "blk.0.attn_q.weight.lora_b": np.zeros((576, 4), np.float32)})
     with pytest.raises(AdapterError, match="ranks differ"):
-        A.read_lora(home / "flip.gguf")
+        A.read_lora(flip)
 
 
 def test_mismatched_adapters_are_refused_and_nothing_is_registered(home, base_shapes_cached):

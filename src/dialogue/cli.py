@@ -109,8 +109,8 @@ def cmd_show(svc: DialogueService, a: argparse.Namespace) -> None:
         return
     out.print(f"[b]{d.name}[/b] [dim]{d.id} v{d.version}[/dim] · model {d.model}")
     if d.meta.get("adapters"):
-        out.print("adapters: " + ", ".join(f"{k} ×{v:g}" for k, v in d.meta["adapters"].items()),
-                  markup=False, highlight=False)
+        from .local.adapters_cli import set_text
+        out.print("adapters: " + set_text(d.meta["adapters"]), markup=False, highlight=False)
     if d.system:
         out.print(Panel(d.system, title="system", title_align="left", border_style="dim"))
     for c in d.context:

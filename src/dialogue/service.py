@@ -664,8 +664,7 @@ class DialogueService:
             if error:
                 meta["error"] = error
                 run.publish(RunEvent("error", m.id, error))
-            u = {"input": usage.input, "output": usage.output, "cache_read": usage.cache_read,
-                 "cache_write": usage.cache_write, "model": d.model, "stop_reason": stop_reason}
+            u: dict[str, Any] = {**usage.counts(), "model": d.model, "stop_reason": stop_reason}
             if stop_reason == "cancelled" and req is not None and not (usage.input or usage.output):
                 # A stream stopped early never got the provider's usage report: count what was
                 # sent and received ourselves, and say it is a count of ours.

@@ -136,6 +136,12 @@ class Usage:
         return Usage(self.input + o.input, self.output + o.output,
                      self.cache_read + o.cache_read, self.cache_write + o.cache_write)
 
+    def counts(self) -> dict[str, int]:
+        """The four counts as a message's stored `usage` holds them (beside model, stop_reason,
+        cost)."""
+        return {"input": self.input, "output": self.output, "cache_read": self.cache_read,
+                "cache_write": self.cache_write}
+
 
 @dataclass
 class Done:

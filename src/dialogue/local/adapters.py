@@ -322,6 +322,18 @@ def _entry(lora: LoraFile, *, base: ModelSpec, base_hash: str, source: str, orig
             "provenance": dict(provenance)}
 
 
+def _register(name: str, entry: dict[str, Any]) -> AdapterInfo:
+    """Write `entry` under `name`; a file the registry made for the entry it replaces is deleted."""
+    with _lock:
+        doc = _read_doc()
+        old = doc["adapters"].get(name)
+        doc["adapters"][name] = entry
+        _write_doc(doc)
+    if old and old.get("managed") and old["path"] != entry["path"]:
+        Path(old["path"]).unlink(missing_ok=True)
+    return _info(name, entry)
+
+
 def _check_name(name: str) -> None:
     if not _NAME_RE.match(name):
         raise AdapterError(f"bad adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 64), "
@@ -498,14 +510,7 @@ def add(path_or_repo: str | os.PathLike[str], name: str | None = None, *, base: 
             Path(gguf_path).unlink(missing_ok=True)
         raise
     entry = _entry(lora, base=spec, base_hash=h, source=source, origin=origin, managed=managed, provenance=prov)
-    with _lock:
-        doc = _read_doc()
-        old = doc["adapters"].get(name)
-        doc["adapters"][name] = entry
-        _write_doc(doc)
-    if old and old.get("managed") and old["path"] != entry["path"]:
-        Path(old["path"]).unlink(missing_ok=True)
-    return _info(name, entry)
+    return _register(name, entry)
 
 
 def remove(name: str) -> None:
@@ -562,7 +567,8 @@ def _scale(key: str, v: Any) -> float:
     return s
 
 
-def _looks_like_path(key: str) -> bool:
+def looks_like_path(key: str) -> bool:
+    """Whether an entry of an adapter set names a file rather than a registered adapter."""
     return key.endswith(".gguf") or "/" in key or os.sep in key or key.startswith("~")
 
 
@@ -598,7 +604,7 @@ def resolve_set(adapters: Mapping[str, Any] | None, *, base: str | ModelSpec | N
                                    f"`dialogue adapters rm {key}` and add it again")
             if spec is not None and e.get("base_hash") != model_hash(spec.path):
                 check_against_base(read_lora(p), spec)
-        elif _looks_like_path(key):
+        elif looks_like_path(key):
             p = Path(key).expanduser()
             lora = read_lora(p)
             if spec is not None:
@@ -852,7 +858,7 @@ def merge(parents: Sequence[str], weights: Sequence[float], out_name: str, *, me
         if e is not None:
             paths.append(e["path"])
             bases[e["base_hash"]] = e["base"]
-        elif _looks_like_path(str(p)) and Path(p).expanduser().is_file():
+        elif looks_like_path(str(p)) and Path(p).expanduser().is_file():
             paths.append(str(Path(p).expanduser().resolve()))
         else:
             raise UnknownAdapterError(f"unknown adapter {p!r}" + _known(doc["adapters"]))
@@ -877,14 +883,7 @@ def merge(parents: Sequence[str], weights: Sequence[float], out_name: str, *, me
     lora = read_lora(dest)
     entry = _entry(lora, base=spec, base_hash=h, source="merge", origin=" + ".join(str(p) for p in parents),
                    managed=True, provenance=prov)
-    with _lock:
-        doc = _read_doc()
-        old = doc["adapters"].get(out_name)
-        doc["adapters"][out_name] = entry
-        _write_doc(doc)
-    if old and old.get("managed") and old["path"] != entry["path"]:
-        Path(old["path"]).unlink(missing_ok=True)
-    return _info(out_name, entry)
+    return _register(out_name, entry)
 
 
 def copy_into_registry(path: str | os.PathLike[str], name: str | None = None, *,

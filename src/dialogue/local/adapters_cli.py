@@ -28,7 +28,7 @@ from ..llm.base import ProviderError
 if TYPE_CHECKING:
     from ..service import DialogueService
 
-__all__ = ["adapters_main", "build_parser", "parse_set"]
+__all__ = ["adapters_main", "build_parser", "parse_set", "set_text"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +95,8 @@ def parse_set(spec: str | list[str]) -> dict[str, float]:
     return out
 
 
-def _set_text(adapters: dict[str, Any]) -> str:
+def set_text(adapters: dict[str, Any]) -> str:
+    """An adapter set as the CLI prints it: `sql ×1, docs ×0.5`."""
     return ", ".join(f"{k} ×{v:g}" + (" (off)" if v == 0 else "") for k, v in adapters.items()) \
         or "none (the bare base)"
 
@@ -107,7 +108,7 @@ async def _compare(svc: "DialogueService", dialogue: str, prompt: str, sets: lis
     for i, aset in enumerate(sets):
         label = chr(ord("A") + i) if i < 26 else str(i + 1)
         if not as_json:
-            out.rule(f"{label}: {_set_text(aset)}")
+            out.rule(f"{label}: {set_text(aset)}")
         text: list[str] = []
         usage = Usage()
         t0 = time.perf_counter()
@@ -201,7 +202,7 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
                 if a.clear or a.adapters:
                     svc.set_adapters(a.dialogue, parse_set(a.adapters))
                 d = svc.open(a.dialogue)
-                out.print(f"{d.name} ({d.model}): adapters {_set_text(d.meta.get('adapters') or {})}",
+                out.print(f"{d.name} ({d.model}): adapters {set_text(d.meta.get('adapters') or {})}",
                           markup=False)
             else:
                 prompt = sys.stdin.read() if a.prompt == "-" else a.prompt

@@ -232,7 +232,7 @@ def _adapter_view(svc: DialogueService, d: Dialogue) -> V.AdapterView:
     problems: dict[str, str] = {}
     unknown = [k for k in current if k not in names]
     if unknown:
-        from ..local.adapters import list_adapters
+        from ..local.adapters import list_adapters, looks_like_path
         try:
             registered = {a.name for a in list_adapters()}
         except ProviderError:
@@ -240,21 +240,12 @@ def _adapter_view(svc: DialogueService, d: Dialogue) -> V.AdapterView:
         for k in unknown:
             if k in registered:
                 problems[k] = f"does not fit {d.model}"
-            elif k.endswith(".gguf") or "/" in k or os.sep in k:
+            elif looks_like_path(k):
                 if not Path(k).expanduser().is_file():
                     problems[k] = "the file is gone"
             else:
                 problems[k] = "not registered"
     return V.AdapterView(choices, problems)
-
-
-def _summaries(svc: DialogueService) -> list[dict[str, Any]]:
-    """The dialogue list, with each dialogue's adapter set for its row."""
-    items = svc.list()
-    for it in items:
-        if "adapters" not in it:  # one small read each until the store's summary carries it
-            it["adapters"] = svc.adapters(it["id"])
-    return items
 
 
 def _parse_set(form: FormData, prefix: str) -> dict[str, float]:
@@ -374,7 +365,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
     async def index(req: Request) -> Any:
         q = req.query_params.get("q", "")
         hits = svc.search(q) if q.strip() else None
-        return V.dialogues_page(_summaries(svc), svc.trash(), q=q, hits=hits)
+        return V.dialogues_page(svc.list(), svc.trash(), q=q, hits=hits)
 
     @rt("/search")
     async def search(req: Request) -> Any:
@@ -384,7 +375,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         except StoreError as e:
             return refuse(str(e), 400)
         if "hx-request" not in req.headers:
-            return V.dialogues_page(_summaries(svc), svc.trash(), q=q, hits=hits)
+            return V.dialogues_page(svc.list(), svc.trash(), q=q, hits=hits)
         return V.search_results(hits, q)
 
     @rt("/new", methods=["post"])
@@ -416,8 +407,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         d = svc.open(did)
         if req.query_params.get("edit"):
             return V.dialogue_row_edit(d)
-        s = next(x for x in svc.list() if x["id"] == d.id)
-        return V.dialogue_row({**s, "adapters": d.meta.get("adapters") or {}})
+        return V.dialogue_row(next(x for x in svc.list() if x["id"] == d.id))
 
     @rt("/d/{did}/rename", methods=["post"])
     async def rename(did: str, req: Request) -> Any:
@@ -429,8 +419,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         except (NameTakenError, ConflictError, StoreError) as e:
             return HTMLResponse(to_xml(V.dialogue_row_edit(d, error=str(e))),
                                 status_code=_status(e))
-        return V.dialogue_row({**next(x for x in svc.list() if x["id"] == d.id),
-                               "adapters": d.meta.get("adapters") or {}})
+        return V.dialogue_row(next(x for x in svc.list() if x["id"] == d.id))
 
     @rt("/d/{did}/delete", methods=["post"])
     async def delete(did: str) -> Any:
@@ -442,7 +431,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
     @rt("/d/{did}/restore", methods=["post"])
     async def restore(did: str, req: Request) -> Any:
         d = svc.restore(did)
-        listing = V.dialogue_list(_summaries(svc), svc.trash())
+        listing = V.dialogue_list(svc.list(), svc.trash())
         listing.attrs["hx-swap-oob"] = "true"
         return (HtmxResponseHeaders(reswap="none"), listing,
                 V.toast(f"Restored “{d.name}”.", level="info"))
@@ -720,9 +709,7 @@ def _adapter_routes(ctx: _Ctx) -> APIRouter:
         except (ProviderError, ContextError, StoreError, RunError, ValueError) as e:
             res["error"], stop = str(e), "error"
         model = svc.open(t.did).model
-        res["usage"] = {"input": usage.input, "output": usage.output, "cache_read": usage.cache_read,
-                        "cache_write": usage.cache_write, "model": model, "stop_reason": stop,
-                        "cost": cost(model, usage)}
+        res["usage"] = {**usage.counts(), "model": model, "stop_reason": stop, "cost": cost(model, usage)}
         res["seconds"] = round(time.monotonic() - t0, 3)
         res["done"] = True
         extra = to_xml(V.toast(f"{side.upper()}: {res['error']}")) if res["error"] else ""
