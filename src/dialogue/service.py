@@ -40,6 +40,7 @@ class RunEvent:
 
     type: "output" (data: an nbformat output, or a clear_output / update_display_data control),
     "text" (data: a piece of the model's answer), "tool_call" / "tool_result" (data: dicts),
+    "progress" (data: {"read", "total", "eta_s"}: how far a local model has read the prompt),
     "error" (data: a message for the user), and last "done" (data: the stored Message)."""
 
     type: str
@@ -606,7 +607,7 @@ class DialogueService:
 
     async def _run_prompt(self, did: str, m: Message, prefill: str | None) -> None:
         from . import context
-        from .llm.base import Done, ProviderError, TextDelta, ToolCall, Usage, cost, get_provider
+        from .llm.base import Done, Progress, ProviderError, TextDelta, ToolCall, Usage, cost, get_provider
         run = self._runs[m.id]
         d = self.store.get_dialogue(did)
         prefill = prefill or ""
@@ -645,6 +646,9 @@ class DialogueService:
                         usage = usage + ev
                     elif isinstance(ev, Done):
                         stop_reason = ev.stop_reason
+                    elif isinstance(ev, Progress):
+                        run.publish(RunEvent("progress", m.id, {"read": ev.read, "total": ev.total,
+                                                                 "eta_s": ev.eta_s}))
                     elif getattr(ev, "type", "") == "tool_result":
                         for c in tool_calls:
                             if c["id"] == ev.id:

@@ -110,6 +110,19 @@ class TextDelta:
 
 
 @dataclass
+class Progress:
+    """How far a model has read a long prompt before it can answer (local models evaluate the
+    prompt in chunks and report after each). `read` of `total` prompt tokens are in the model's
+    memory (restored ones included); `eta_s` estimates the seconds left, None before any rate is
+    known. Surfaces show it so a user never waits blind; consumers that do not care skip it."""
+
+    read: int
+    total: int
+    eta_s: float | None = None
+    type: Literal["progress"] = "progress"
+
+
+@dataclass
 class ToolCall:
     """A tool call the model made. `error` is non-empty when the model's arguments could not be
     used (not a JSON object); `arguments` is then {} and the error quotes what the model sent, so
@@ -153,7 +166,7 @@ class Done:
     type: Literal["done"] = "done"
 
 
-Event = TextDelta | ToolCall | Usage | Done
+Event = TextDelta | ToolCall | Usage | Done | Progress
 
 
 @runtime_checkable
