@@ -2,15 +2,22 @@
 or a notebook can put in the page (nothing that runs)."""
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
 from dialogue.service import DialogueService
 from dialogue.web import create_app
 from dialogue.web import views as V
-from dialogue.web.security import CSP, cookie_name, is_loopback
+from dialogue.web.security import CSP, cookie_name, is_loopback, local_url, split_host
 
 from webutil import BASE, HX, Tags, sse_events
 
@@ -237,3 +244,115 @@ def test_the_inertness_check_catches_each_payload_left_raw(raw):
     """The check above is only worth something if it fails on what it looks for."""
     with pytest.raises(AssertionError):
         _assert_inert(f"<html><body><div>{raw}</div></body></html>")
+
+
+# ---------------------------------------------------------------- Host, strictly
+
+BAD_HOSTS = ["127.0.0.1:5001@evil.example", "localhost@evil.example", "evil.example@127.0.0.1",
+             "127.0.0.1:5001/evil", "127.0.0.1:5001:5002", "127.0.0.1 evil.example",
+             "[::1]evil.example", "[::1]:5001@evil.example", "[evil.example]:5001",
+             "localhost:http", "localhost:99999", "127.0.0.1:", "localhost..", "", "::1:5001"]
+
+
+def test_split_host_reads_only_host_and_port():
+    assert split_host("127.0.0.1:5001") == ("127.0.0.1", "5001")
+    assert split_host("LocalHost") == ("localhost", "")
+    assert split_host("[::1]:5001") == ("[::1]", "5001") and split_host("[::1]") == ("[::1]", "")
+    assert split_host("localhost.:80") == ("localhost", "80")  # the absolute form of a name
+    assert split_host("my-box.lan:5001") == ("my-box.lan", "5001")
+    for bad in BAD_HOSTS:
+        assert split_host(bad) is None, bad
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS)
+def test_a_malformed_host_is_refused(client, token_client, db, host):
+    """`127.0.0.1:PORT@evil.example` once passed as 127.0.0.1: the part before the first colon."""
+    db.create("Mine")
+    for c, auth in ((client, {}), (token_client, {"Authorization": "token s3cret-token"})):
+        r = c.get("/", headers={"Host": host, **auth})
+        assert r.status_code in (400, 421), (host, r.status_code)
+        assert "Mine" not in r.text
+        r = c.post("/new", data={"name": "x"}, headers={**HX, "Host": host, **auth})
+        assert r.status_code in (400, 421), host
+    assert [x["name"] for x in db.list()] == ["Mine"]
+
+
+def test_local_url_connects_to_the_bound_address():
+    assert local_url("127.0.0.1", 5001) == "http://127.0.0.1:5001/"
+    assert local_url("0.0.0.0", 5001) == "http://127.0.0.1:5001/"
+    assert local_url("", 5001) == "http://127.0.0.1:5001/"
+    assert local_url("::", 5001) == "http://[::1]:5001/"  # asyncio binds "::" IPv6-only
+    assert local_url("::1", 5001) == "http://[::1]:5001/"
+    assert local_url("fd00::2", 80) == "http://[fd00::2]:80/"
+    assert local_url("localhost", 5001) == "http://localhost:5001/"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _serve(tmp_path, host: str) -> tuple[subprocess.Popen, str, int]:
+    """`dialogue serve --host HOST` in its own process; returns it, the URL it printed and its
+    port, once that URL accepts connections."""
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DIALOGUE_HOME": str(tmp_path / "home"),
+           "DIALOGUE_CACHE_DIR": str(tmp_path / "kv"), "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "dialogue.cli", "--db", str(tmp_path / "d.db"),
+                          "serve", "--host", host, "--port", str(port), "--no-browser"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = p.stdout.readline()
+    m = re.search(r"at (http://\S+)", line)
+    assert m, line + (p.stdout.read() if p.poll() is not None else "")
+    url = m.group(1)
+    u = httpx.URL(url)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection((u.host, u.port), timeout=0.5).close()
+            return p, url, port
+        except OSError:
+            if p.poll() is not None or time.monotonic() > deadline:
+                p.kill()
+                raise AssertionError(f"{url} does not connect: " + line + p.stdout.read())
+            time.sleep(0.1)
+
+
+def _raw_get(port: int, host_header: str, token: str) -> int:
+    """A GET sent byte for byte (an HTTP client would refuse to send such a Host)."""
+    with socket.create_connection(("::1", port), timeout=10) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host_header}\r\nAuthorization: token {token}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        head = s.recv(4096).decode("latin-1")
+    return int(head.split()[1])
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_serve_on_ipv6_prints_a_url_that_connects(tmp_path):
+    p, url, port = _serve(tmp_path, "::")
+    try:
+        assert url.startswith(f"http://[::1]:{port}/?token="), url
+        token = url.split("token=", 1)[1]
+        with httpx.Client(follow_redirects=True) as c:
+            r = c.get(url)
+            assert r.status_code == 200 and "dialogue" in r.text
+        assert _raw_get(port, f"[::1]:{port}", token) == 200
+        assert _raw_get(port, f"[::1]:{port}@evil.example", token) == 400
+        assert _raw_get(port, f"127.0.0.1:{port}@evil.example", token) == 400
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(30)
+    p, url, port = _serve(tmp_path, "::1")
+    try:
+        assert url == f"http://[::1]:{port}/"  # loopback: no token
+        assert httpx.get(url).status_code == 200
+        assert httpx.get(url, headers={"Host": f"localhost:{port}@evil.example"}).status_code == 400
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(30)

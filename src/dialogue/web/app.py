@@ -45,7 +45,7 @@ from ..service import DialogueService, RunError
 from ..store import ConflictError, NameTakenError, NotFoundError, StoreError
 from . import views as V
 from .relay import LiveState, RunRelay
-from .security import LOOPBACK_NAMES, Guard, is_loopback, new_token
+from .security import LOOPBACK_NAMES, Guard, is_loopback, local_url, new_token
 
 __all__ = ["create_app", "serve", "STATIC_DIR"]
 
@@ -1136,8 +1136,7 @@ def serve(*, db: str | None = None, host: str = "127.0.0.1", port: int = 5001,
     service = DialogueService(db)
     app = create_app(service, token=token, allowed_hosts=LOOPBACK_NAMES if not token else None,
                      port=port)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
+    url = local_url(host, port)
     if token:
         url += f"?token={token}"
     print(f"dialogue: serving {service.store.path} at {url}", flush=True)

@@ -10,7 +10,8 @@ would be read before being refused) and does not see mounts or 404s.
   the address bar, as Jupyter does), as the cookie, or as an `Authorization: token ...` /
   `Bearer ...` header.
 - DNS rebinding: a server without a token answers only requests whose Host is a loopback name, so a
-  web page that points its own domain at 127.0.0.1 cannot read or drive it.
+  web page that points its own domain at 127.0.0.1 cannot read or drive it. Host is parsed strictly
+  (`split_host`): a header that is not `host[:port]` is refused, token or not.
 - CSRF: a request that changes anything must be POST (or another non-safe method) and carry
   `HX-Request: true`. A cross-site form cannot set that header, and a cross-site script that sets
   it triggers a CORS preflight we never approve. A request that says where it comes from (Origin,
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import secrets
 from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-__all__ = ["Guard", "LOOPBACK_NAMES", "is_loopback", "new_token", "CSP", "cookie_name"]
+__all__ = ["Guard", "LOOPBACK_NAMES", "is_loopback", "new_token", "CSP", "cookie_name",
+           "split_host", "local_url"]
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
@@ -66,20 +69,57 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def local_url(host: str, port: int) -> str:
+    """The URL that reaches a server bound to `host` from this machine. A wildcard address is not
+    one to connect to: "0.0.0.0" (and "", every interface) is reached on 127.0.0.1, but "::" on
+    [::1], because asyncio binds IPv6 sockets IPv6-only (IPV6_V6ONLY), so 127.0.0.1 is refused
+    there. Other addresses and names are used as given, IPv6 ones in brackets."""
+    h = host.strip().strip("[]")
+    if h in ("", "0.0.0.0"):
+        h = "127.0.0.1"
+    else:
+        try:
+            if ipaddress.ip_address(h).is_unspecified:  # "::", "0:0::0"
+                h = "::1"
+        except ValueError:
+            pass  # a name
+    return f"http://{'[' + h + ']' if ':' in h else h}:{port}/"
+
+
 def cookie_name(port: int | None) -> str:
     """Cookies are shared by every port of a host: a per-port name keeps two servers (or a
     server and a test) from overwriting each other's token."""
     return f"dialogue-token-{port}" if port else "dialogue-token"
 
 
-def _split_host(value: str) -> tuple[str, str]:
-    """'host:port' (or '[::1]:port') -> (host, port)."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        end = value.find("]")
-        return value[: end + 1], value[end + 2:] if end >= 0 else ""
-    host, _, port = value.partition(":")
-    return host, port
+# RFC 9110 Host: uri-host [":" port], read strictly: a DNS name or an IPv4 address, or an IPv6
+# address in brackets, then at most a decimal port. Anything else ("127.0.0.1:5001@evil.example",
+# userinfo, a path, spaces, a second colon) is refused rather than guessed at: a lenient split took
+# the part before the first colon and let such a header through as a loopback name. Written out
+# because urllib.parse reads "a:1@b" as userinfo and host b, which is a URL's grammar, not Host's.
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9](?:[a-z0-9_.-]{0,252}[a-z0-9_])?\.?))"
+                   r"(?::(?P<port>[0-9]{1,5}))?")
+
+
+def split_host(value: str) -> tuple[str, str] | None:
+    """A Host header -> (host, port), the host lower-cased and an IPv6 address in brackets as
+    sent ("[::1]"), the port "" when absent; None when the header is not a well-formed host."""
+    m = _HOST.fullmatch(value.strip().lower())
+    if m is None:
+        return None
+    port = m["port"] or ""
+    if port and not 0 < int(port) < 65536:
+        return None
+    if m["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["v6"])
+        except ValueError:
+            return None
+        return f"[{m['v6']}]", port
+    name = m["name"].rstrip(".")
+    if any(not label for label in name.split(".")):
+        return None
+    return name, port
 
 
 class Guard:
@@ -119,7 +159,10 @@ class Guard:
 
     def _check(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str, list] | None:
         host_header = headers.get("host", "")
-        host, _ = _split_host(host_header)
+        parsed = split_host(host_header)
+        if parsed is None:
+            return (400, f"Refused: a malformed Host header ({host_header!r}).", [])
+        host, _ = parsed
         if self.token is None and self.allowed_hosts is not None and host not in self.allowed_hosts:
             return (421, f"This server answers only on {', '.join(sorted(self.allowed_hosts))} "
                          f"(the request was for {host_header!r}).", [])
