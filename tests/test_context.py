@@ -9,7 +9,8 @@ import pytest
 import pytest_asyncio
 
 from dialogue.context import (
-    DEFAULT_SYSTEM, ContextError, Refs, build, build_async, estimate_tokens, references,
+    DEFAULT_SYSTEM, ContextError, OutputLimit, Refs, build, build_async, cut_text, estimate_tokens,
+    parse_output_limit, references, terminal_text, with_output_limit,
 )
 from dialogue.document import ContextItem, Dialogue, Kind, Message
 from dialogue.kernel import Kernel
@@ -70,7 +71,7 @@ def test_golden_request():
         ],
         tools=[], max_tokens=1024, dropped=0,
         meta={"upto": "p2", "tokens": 84, "token_count": "estimate (~4 characters per token)",
-              "refs": "", "ref_errors": []},
+              "refs": "", "ref_errors": [], "cut": []},
     )
 
 
@@ -158,8 +159,8 @@ def test_long_outputs_keep_head_and_tail():
             {"output_type": "stream", "name": "stdout", "text": "".join(f"line {i}\n" for i in range(10_000))}]),
         Message(id="p", kind=Kind.prompt, source="?"),
     ])
-    text = build(d, "p", max_output_chars=300).messages[0].text()
-    assert "line 0\n" in text and "line 9999" in text and "characters cut" in text
+    text = build(d, "p", output_limit={"chars": 300}).messages[0].text()
+    assert "line 0\n" in text and "line 9999" in text and "lines (" in text and "characters) cut" in text
     assert len(text) < 500
 
 
@@ -305,3 +306,238 @@ async def test_a_tool_that_cannot_be_described_is_refused(kernel: Kernel):
         await build_async(d, "p", kernel=kernel)
     assert "undocumented has no docstring" in str(e.value)
     assert "nowhere is not defined" in str(e.value)
+
+
+# ---------------------------------------------------------------- long outputs (issue 12)
+
+def test_carriage_returns_show_what_a_terminal_shows():
+    # each \r goes back to the start of the line: the last state of a progress bar is what shows
+    assert terminal_text("  0%\r 50%\r100%\ndone\n") == "100%\ndone\n"
+    # a shorter redraw leaves the end of the longer one, as on a terminal (and in Jupyter)
+    assert terminal_text("Downloading 10 of 10\rDone") == "Doneloading 10 of 10"
+    # an erase-line code after the \r clears it first (rich's and pip's progress bars)
+    assert terminal_text("Downloading 10 of 10\r\x1b[2KDone") == "Done"
+    # \r\n is a newline (Windows line ends), colour codes go
+    assert terminal_text("a\r\nb \x1b[31mred\x1b[0m\r\n") == "a\nb red\n"
+    assert terminal_text("no carriage return \x1b[1mbold\x1b[0m") == "no carriage return bold"
+    assert terminal_text("\x1b]0;a window title\x07x\ry") == "y"
+
+
+def test_cut_keeps_head_and_tail_and_says_what_was_cut():
+    lines = [f"Collecting package-{i:02d}" for i in range(59)]
+    text = "\n".join(lines)
+    out, cut = cut_text(text, OutputLimit())
+    head, tail = "\n".join(lines[:20]), "\n".join(lines[-10:])
+    cut_chars = len(text) - len(head) - len(tail)
+    assert out == f"{head}\n[... 29 lines ({cut_chars:,} characters) cut ...]\n{tail}"
+    assert cut == {"lines": 59, "chars": len(text), "kept_lines": 30, "cut_lines": 29,
+                   "cut_chars": cut_chars}
+    # deterministic: the same output gives the same text every time (prefix caches rely on it)
+    assert cut_text(text, OutputLimit()) == (out, cut)
+    # short enough: untouched; no limit: untouched
+    assert cut_text("\n".join(lines[:30]), OutputLimit()) == ("\n".join(lines[:30]), None)
+    assert cut_text(text, None) == (text, None)
+    # the tail only (a training log's last lines), no character limit
+    out, cut = cut_text(text, OutputLimit(head=0, tail=2, chars=0))
+    assert out.split("\n") == ["[... 57 lines (" + f"{len(text) - len(chr(10).join(lines[-2:])):,}"
+                               + " characters) cut ...]", *lines[-2:]]
+    # one giant line (a big repr): the start and the end of it within the characters
+    giant = "[" + ", ".join(str(i) for i in range(5000)) + "]"
+    out, cut = cut_text(giant, OutputLimit(chars=300))
+    first, marker, last = out.split("\n")
+    assert giant.startswith(first) and giant.endswith(last) and len(first) + len(last) == 300
+    assert marker == f"[... {len(giant) - 300:,} characters cut ...]"
+    assert cut["kept_lines"] == 1 and cut["cut_lines"] == 0
+
+
+def test_output_limit_settings_are_checked():
+    assert parse_output_limit() == parse_output_limit("default") == OutputLimit(20, 10, 2000)
+    assert parse_output_limit({"head": 5}) == OutputLimit(5, 10, 2000)
+    assert parse_output_limit("40, 20, 4000") == OutputLimit(40, 20, 4000)
+    for off in (0, None, False, "off", "0"):
+        assert parse_output_limit(off) is None
+    for bad, why in (({"head": -1}, "head must be a whole number"), ({"lines": 5}, "unknown key 'lines'"),
+                     ({"chars": "lots"}, "chars must be"), ("20,10", "HEAD,TAIL,CHARS"),
+                     ([20, 10], "expected"), (True, "expected")):
+        with pytest.raises(ContextError, match=why):
+            parse_output_limit(bad)
+    assert with_output_limit({"x": 1}, "off") == {"x": 1, "output_limit": 0}
+    assert with_output_limit({"output_limit": 0}, "default") == {}
+    d = small_dialogue()
+    d.meta["output_limit"] = {"head": "many"}
+    with pytest.raises(ContextError, match="dialogue 'golden': output limit: head must be"):
+        build(d, "p2")
+
+
+PROGRESS_CELL = (
+    "for i in range(0, 101, 5):\n"
+    "    print(f'\\rDownloading model.bin {i:3d}%', end='', flush=True)\n"
+    "print()\n"
+    "for i in range(59):\n"
+    "    print(f'Collecting package-{i:02d}')\n"
+    "print('Successfully installed 59 packages')\n")
+PROGRESS_LINES = (["Downloading model.bin 100%"] + [f"Collecting package-{i:02d}" for i in range(59)]
+                  + ["Successfully installed 59 packages"])
+
+
+def _sent_text(recorded) -> str:
+    """Everything the model was sent, as the OpenAI SDK put it on the wire."""
+    out = []
+    for m in recorded.json["messages"]:
+        c = m["content"]
+        out.append(c if isinstance(c, str) else "\n".join(p.get("text", "") for p in c))
+    return "\n\n".join(out)
+
+
+def _shown(lines: list[str], head: int, tail: int) -> tuple[str, int]:
+    """The fenced output the model should see with the first `head` and last `tail` lines kept,
+    and the characters cut, computed from the full text independently of the cutting code."""
+    full, h, t = "\n".join(lines), "\n".join(lines[:head]), "\n".join(lines[-tail:])
+    cut_chars = len(full) - len(h) - len(t)
+    n = len(lines) - head - tail
+    return f"Output:\n```\n{h}\n[... {n} lines ({cut_chars:,} characters) cut ...]\n{t}\n```", cut_chars
+
+
+async def test_a_long_kernel_output_reaches_the_model_shortened(tmp_path):
+    """A real kernel runs a print loop with a \\r progress bar and 60 more lines; the model (a real
+    OpenAI-compatible HTTP server here) receives the head and the tail, the answer records what
+    was cut, and the dialogue's setting changes it."""
+    from servers import ReplayServer, openai_chunks, sse
+
+    from dialogue.service import DialogueService
+
+    svc = DialogueService(tmp_path / "cut.db")
+    try:
+        with ReplayServer() as srv:
+            d = svc.create("pip", model=f"openai-compatible:{srv.openai_base_url}/m")
+            code = svc.add("pip", "code", PROGRESS_CELL)
+            ran = await svc.run("pip", code.id)
+            assert ran.meta["run"]["status"] == "ok"
+            raw = "".join(o.get("text", "") for o in ran.outputs)
+            assert raw.count("\r") == 21  # the store keeps the output as the kernel sent it
+
+            srv.push(sse(openai_chunks(["ok"])))
+            q1 = svc.add("pip", "prompt", "Did it install?")
+            a1 = await svc.run("pip", q1.id)
+            assert svc.run_status(a1) == "ok", a1.meta
+            sent = _sent_text(srv.last)
+            expected, cut_chars = _shown(PROGRESS_LINES, 20, 10)
+            assert expected in sent
+            assert "Downloading model.bin  5%" not in sent and "package-30" not in sent
+            assert a1.meta["cut"] == [{"message": code.id, "lines": 61,
+                                       "chars": len("\n".join(PROGRESS_LINES)), "kept_lines": 30,
+                                       "cut_lines": 31, "cut_chars": cut_chars}]
+            assert svc.message("pip", q1.id).meta["cut"] == a1.meta["cut"]  # stored
+
+            # The next prompt's request starts with the same text: the cached prefix holds.
+            srv.push(sse(openai_chunks(["yes"])))
+            q2 = svc.add("pip", "prompt", "Which was last?")
+            await svc.run("pip", q2.id)
+            first_user = [m for m in srv.requests[-1].json["messages"] if m["role"] == "user"][0]
+            before = [m for m in srv.requests[-2].json["messages"] if m["role"] == "user"][0]
+            assert first_user["content"] == before["content"]
+
+            # Pinning keeps a message in context; it does not make its output unbounded.
+            svc.set_flags("pip", code.id, pinned=True)
+            from dialogue.context import build
+            assert expected in build(svc.open("pip"), q2.id).messages[0].text()
+
+            # The per-dialogue setting, through the service's update path.
+            svc.update("pip", output_limit={"head": 3, "tail": 2})
+            assert svc.open("pip").meta["output_limit"] == {"head": 3, "tail": 2, "chars": 2000}
+            srv.push(sse(openai_chunks(["ok"])))
+            a2 = await svc.run("pip", q2.id)
+            expected, cut_chars = _shown(PROGRESS_LINES, 3, 2)
+            assert expected in _sent_text(srv.last)
+            assert a2.meta["cut"][0]["kept_lines"] == 5 and a2.meta["cut"][0]["cut_chars"] == cut_chars
+
+            # Off: the whole output, and no stale record of a cut on the answer.
+            svc.update("pip", output_limit="off")
+            assert svc.open("pip").meta["output_limit"] == 0
+            srv.push(sse(openai_chunks(["ok"])))
+            a3 = await svc.run("pip", q2.id)
+            assert "Output:\n```\n" + "\n".join(PROGRESS_LINES) + "\n```" in _sent_text(srv.last)
+            assert "cut" not in a3.meta
+
+            # A bad value is refused with one line, and nothing changes.
+            version = svc.open("pip").version
+            with pytest.raises(ContextError, match="tail must be a whole number"):
+                svc.update("pip", output_limit={"tail": -3})
+            with pytest.raises(ContextError, match="unknown key"):
+                svc.update("pip", meta={**svc.open("pip").meta, "output_limit": {"rows": 3}})
+            assert svc.open("pip").version == version
+            svc.update("pip", output_limit="default")
+            assert "output_limit" not in svc.open("pip").meta
+    finally:
+        await svc.aclose()
+
+
+def test_cli_new_takes_an_output_limit(tmp_path, capsys):
+    from dialogue.cli import main
+    from dialogue.service import DialogueService
+
+    db = str(tmp_path / "cli.db")
+    assert main(["--db", db, "new", "logs", "--output-limit", "5,3,0"]) == 0
+    assert main(["--db", db, "new", "bad", "--output-limit", "lots"]) == 1
+    assert "output limit 'lots': give HEAD,TAIL,CHARS" in capsys.readouterr().err
+    svc = DialogueService(db)
+    try:
+        assert svc.open("logs").meta["output_limit"] == {"head": 5, "tail": 3, "chars": 0}
+        assert [r["name"] for r in svc.list()] == ["logs"]  # the bad one was not created
+    finally:
+        svc.close()
+
+
+# ---------------------------------------------------------------- references in code (issue 20)
+
+def test_references_inside_markdown_code_are_text():
+    quoted = ("Use ``!`ls` `` to list files and `` $`x` `` for values; ```&`f` ``` is a tool.\n\n"
+              "```\n!`rm -rf build`\n$`secret`\n```\n\n"
+              "~~~python\n&`g`\n~~~\n\n"
+              "    !`indented code`\n\n"
+              r"An escaped \!`sigil` too.")
+    assert not references(quoted)
+    assert references(quoted + "\n\nBut run !`date`, show $`df.shape` with &`h`.") == Refs(
+        exprs=["df.shape"], cmds=["date"], tools=["h"])
+    # a code span of any number of backticks, as CommonMark reads it
+    assert references("!``echo `date` ``").cmds == ["echo `date`"]
+    assert references("> quoted !`a`\n- item $`b`\n# heading &`c`") == Refs(
+        exprs=["b"], cmds=["a"], tools=["c"])
+
+
+@in_module_loop
+async def test_quoted_commands_are_not_run(kernel: Kernel, tmp_path):
+    """A prompt quoting !`touch FILE` in an inline code span and in a fenced block creates no
+    file; the same reference outside code is run."""
+    inline, fenced, real = (tmp_path / n for n in ("inline", "fenced", "real"))
+    d = Dialogue(name="quote", messages=[Message(id="p", kind=Kind.prompt, source=(
+        f"To make a file write ``!`touch {inline}` `` in a prompt, or:\n\n"
+        f"```\n!`touch {fenced}`\n```\n\n"
+        f"Now really: !`touch {real}`"))])
+    req = await build_async(d, "p", kernel=kernel)
+    assert real.exists()
+    assert not inline.exists() and not fenced.exists()
+    assert list(references(d.messages[0].source).cmds) == [f"touch {real}"]
+    text = req.messages[-1].text()
+    assert f"``!`touch {inline}` ``" in text and f"!`touch {fenced}`" in text  # quoted as written
+    assert f'<command cmd="touch {real}">' in req.meta["refs"]
+
+
+async def test_a_prompt_that_only_quotes_references_needs_no_kernel(tmp_path):
+    from servers import ReplayServer, openai_chunks, sse
+
+    from dialogue.service import DialogueService
+
+    target = tmp_path / "never"
+    svc = DialogueService(tmp_path / "q.db")
+    try:
+        with ReplayServer() as srv:
+            svc.create("q", model=f"openai-compatible:{srv.openai_base_url}/m")
+            srv.push(sse(openai_chunks(["It runs a command."])))
+            p = svc.add("q", "prompt", f"What does ``!`touch {target}` `` do in a prompt?")
+            answer = await svc.run("q", p.id)
+            assert svc.run_status(answer) == "ok", answer.meta
+            assert f"``!`touch {target}` ``" in _sent_text(srv.last)
+        assert svc.kernel_status("q") == "none" and not target.exists()
+    finally:
+        await svc.aclose()

@@ -9,7 +9,12 @@ Order, stable part first so that every prefix cache hits (the local KV store, An
    parts) folded into user turns, earlier prompts as user turns and their answers as assistant
    turns, hidden messages left out, consecutive user material merged so turns alternate;
 4. the prompt itself, last, with the values of its `` $`expr` `` and `` !`cmd` `` references
-   in delimited blocks after its text.
+   in delimited blocks after its text (references quoted inside markdown code are text).
+
+Code outputs reach the model as a terminal shows them (carriage-return progress collapsed) and
+shortened to the dialogue's OutputLimit (`meta["output_limit"]`; head and tail lines with a marker
+line saying what was cut); `Request.meta["cut"]` lists what was cut. A small model's context is
+not spent on the middle of a 900-line pip log.
 
 `` &`fn` `` / `` &`[f, g]` `` in any visible note or prompt above (and in the prompt) offer those
 kernel functions as tools. Tool references are collected from the whole visible dialogue, not
@@ -24,6 +29,7 @@ API::
     req = build(dialogue, upto=msg_id, budget=8000, count_tokens=provider.count_tokens)
     req = await build_async(dialogue, upto=msg_id, kernel=kernel, budget=8000)  # with $`x` etc.
     refs = references(text)  # Refs(exprs, cmds, tools)
+    req = build(dialogue, upto=msg_id, output_limit=OutputLimit(head=40, tail=20, chars=4000))
 """
 from __future__ import annotations
 
@@ -34,10 +40,14 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from markdown_it import MarkdownIt
 
 from .document import Dialogue, Kind, Message
 from .llm.base import Part, Request, ToolSpec, Turn
+from .render import strip_ansi
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -45,6 +55,8 @@ if TYPE_CHECKING:
 __all__ = [
     "build", "build_async", "references", "resolve", "Refs", "Resolved", "ContextError",
     "DEFAULT_SYSTEM", "estimate_tokens", "tool_names", "render_outputs", "IMAGE_TOKENS", "CHARS_PER_TOKEN",
+    "OutputLimit", "parse_output_limit", "output_limit_of", "with_output_limit", "terminal_text",
+    "cut_text",
 ]
 
 DEFAULT_SYSTEM = (
@@ -63,9 +75,6 @@ tokens for a typical 800x900 plot); a fixed figure keeps the budget arithmetic s
 on the large side for the small plots cells usually make."""
 
 _IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-_REF = re.compile(r"([$!&])`([^`\n]+)`")
-_FENCE = re.compile(r"^(`{3,}|~{3,}).*?^\1[ \t]*$", re.S | re.M)
 _IDENT = re.compile(r"[A-Za-z_]\w*")
 
 
@@ -87,15 +96,48 @@ class Refs:
         return bool(self.exprs or self.cmds or self.tools)
 
 
+@lru_cache(maxsize=1)
+def _markdown() -> MarkdownIt:
+    # CommonMark as the web page renders it, minus raw HTML: with HTML on, a line that starts
+    # with a tag opens an HTML block and would hide the references after it. text_join off keeps
+    # a backslash escape as its own token, so that \$`x` stays literal text.
+    md = MarkdownIt("commonmark", {"html": False})
+    if "text_join" in md.get_all_rules().get("core", []):
+        md.disable("text_join")
+    return md
+
+
+@lru_cache(maxsize=1024)
+def _sigil_spans(text: str) -> tuple[tuple[str, str], ...]:
+    """(sigil, code) for every inline code span directly after a `$`, `!` or `&` in `text`.
+
+    A reference is a sigil followed by a code span, so a markdown parser finds them exactly:
+    markdown-it-py (CommonMark) rather than regexes of our own, because what is code in markdown
+    has rules a regex gets wrong (``` ``!`ls` `` ``` is one span of any number of backticks, whose
+    content is literal; fenced and indented blocks; backslash escapes). Code quoted in a prompt
+    is then never mistaken for a reference. Cached: `tool_names` parses every note on each prompt.
+    """
+    out: list[tuple[str, str]] = []
+    for tok in _markdown().parse(text):
+        prev = None
+        for child in tok.children or ():
+            if (child.type == "code_inline" and prev is not None and prev.type == "text"
+                    and prev.content and prev.content[-1] in "$!&"):
+                out.append((prev.content[-1], child.content))
+            prev = child
+    return tuple(out)
+
+
 def references(text: str, *, strict: bool = True) -> Refs:
     """`` $`expr` ``, `` !`cmd` ``, `` &`fn` `` and `` &`[f, g]` `` in `text` (solveit's syntax).
-    Fenced code blocks are skipped: code quoted in a prompt is not a reference. A tool reference
-    that is not a plain Python name (providers accept only names like that for tools) raises
-    ContextError, or is skipped when not `strict` (for earlier messages, which the user is not
-    sending now)."""
+    Only outside markdown code: a reference quoted in an inline code span (``` ``!`ls` `` ```) or a
+    fenced or indented code block is text, not a reference, and `\\$` escapes a sigil. A tool
+    reference that is not a plain Python name (providers accept only names like that for tools)
+    raises ContextError, or is skipped when not `strict` (for earlier messages, which the user is
+    not sending now)."""
     refs = Refs()
-    for m in _REF.finditer(_FENCE.sub("", text)):
-        sigil, body = m.group(1), m.group(2).strip()
+    for sigil, body in _sigil_spans(text):
+        body = body.strip()
         if not body:
             continue
         if sigil == "$":
@@ -212,17 +254,176 @@ def _bundle_text(data: dict[str, Any]) -> str | None:
     return plain
 
 
+# ---------------------------------------------------------------- long outputs
+
+@dataclass(frozen=True)
+class OutputLimit:
+    """How much of a code message's output text the model sees: the first `head` and last
+    `tail` lines, and at most `chars` characters of them (about 2/3 for the head, the rest for
+    the tail). `head` and `tail` both 0: no line limit; `chars` 0: no character limit.
+
+    The defaults (20 + 10 lines, 2,000 characters, about 500 tokens) are sized for the bundled
+    8k-token model: ten long outputs still leave half its window for the notes, the prompt and
+    the answer. The head says what ran (the first lines of a log, a traceback's entry point), the
+    tail how it ended (the last lines of a log, the exception of a traceback), so the tail gets
+    the fewer lines but is never dropped. 2,000 characters holds 30 ordinary lines; it is the
+    limit that bites on a few very long lines (a big repr, a one-line JSON dump)."""
+
+    head: int = 20
+    tail: int = 10
+    chars: int = 2000
+
+    def to_dict(self) -> dict[str, int]:
+        return {"head": self.head, "tail": self.tail, "chars": self.chars}
+
+
+_OFF = (None, 0, False, "0", "off", "none", "no")
+
+
+def parse_output_limit(value: Any = "default") -> OutputLimit | None:
+    """The limit a setting stands for (None: no cutting). Accepts what `Dialogue.meta
+    ["output_limit"]` may hold: absent or "default" (the defaults), 0 / None / "off" (no cutting),
+    a dict with any of head, tail, chars (the rest from the defaults), or the CLI's text
+    "HEAD,TAIL,CHARS" (e.g. "20,10,2000"). Anything else raises ContextError, one line."""
+    if isinstance(value, OutputLimit):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "default":
+            return OutputLimit()
+        if text in _OFF:
+            return None
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ContextError(f"output limit {value!r}: give HEAD,TAIL,CHARS as three whole numbers "
+                               "(e.g. 20,10,2000; 0 = no limit of that kind), 'off' or 'default'")
+        value = dict(zip(("head", "tail", "chars"), map(int, parts)))
+    if value in _OFF and not isinstance(value, dict):
+        return None
+    if not isinstance(value, dict):
+        raise ContextError(f"output limit {value!r}: expected {{'head': 20, 'tail': 10, 'chars': 2000}}, "
+                           "0 for no cutting, or 'default'")
+    unknown = sorted(set(value) - {"head", "tail", "chars"})
+    if unknown:
+        raise ContextError(f"output limit: unknown key {', '.join(map(repr, unknown))}; the keys are "
+                           "head, tail and chars")
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ContextError(f"output limit: {k} must be a whole number >= 0 (0 = no limit), got {v!r}")
+    return OutputLimit(**value)
+
+
+def with_output_limit(meta: dict[str, Any], value: Any) -> dict[str, Any]:
+    """`meta` (a dialogue's) with the output limit setting `value` stored, checked: "default"
+    removes the key, so the dialogue follows the defaults; no cutting is stored as 0."""
+    lim = parse_output_limit(value)
+    meta = dict(meta)
+    if isinstance(value, str) and value.strip().lower() == "default":
+        meta.pop("output_limit", None)
+    else:
+        meta["output_limit"] = lim.to_dict() if lim else 0
+    return meta
+
+
+def output_limit_of(dialogue: Dialogue) -> OutputLimit | None:
+    """The dialogue's output limit: `meta["output_limit"]`, the defaults when it has none."""
+    return parse_output_limit(dialogue.meta.get("output_limit", "default"))
+
+
+_ERASE_LINE = re.compile(r"\x1b\[[02]?K")
+
+
+def terminal_text(text: str) -> str:
+    """Output text as a terminal shows it: what a carriage return goes back over is overwritten
+    by what follows (a progress bar redrawn 500 times is its last state), an erase-line code
+    after it clears the line, and colour and cursor codes are removed. Jupyter's output area
+    applies the same overwrite rule, so the model sees what the user saw. No terminal emulator
+    library: a full one (pyte) is a heavy dependency for this one rule."""
+    if "\r" not in text:
+        return strip_ansi(text)
+    lines = []
+    for line in re.sub(r"\r+\n", "\n", text).split("\n"):
+        shown = ""
+        for seg in line.split("\r"):
+            erased = bool(_ERASE_LINE.match(seg))
+            seg = strip_ansi(seg)
+            shown = seg if erased else seg + shown[len(seg):]
+        lines.append(shown)
+    return "\n".join(lines)
+
+
+def cut_text(text: str, limit: OutputLimit | None) -> tuple[str, dict[str, int] | None]:
+    """`text` (already as `terminal_text` shows it) within `limit`: head and tail kept, a marker
+    line saying what was cut, e.g. "[... 47 lines (3,210 characters) cut ...]". Returns the text
+    and {"lines", "chars", "kept_lines", "cut_lines", "cut_chars"} (None when nothing was cut).
+    Deterministic, a function of the text and the limit only: the same output gives the same
+    text in every request, which the prefix caches rely on."""
+    if limit is None:
+        return text, None
+    lines = text.split("\n")
+    n = len(lines)
+    by_lines = (limit.head or limit.tail) and n > limit.head + limit.tail
+    if not by_lines and (not limit.chars or len(text) <= limit.chars):
+        return text, None
+    head_end = limit.head if by_lines else n  # the lines the head may take, and the tail's
+    tail_start = n - limit.tail if by_lines else 0
+    budget = limit.chars or len(text)
+    # The head takes whole lines within 2/3 of the characters, the tail whole lines within what
+    # is left; a line longer than a whole share is cut inside itself (a one-line giant repr).
+    head_budget = budget if not limit.chars else budget - budget // 3
+    i = used = 0
+    while i < head_end and used + len(lines[i]) + (i > 0) <= head_budget:
+        used += len(lines[i]) + (i > 0)
+        i += 1
+    head = "\n".join(lines[:i])
+    shown = set(range(i))  # the lines of which anything shows
+    head_part = 0  # characters shown of line i, when it is too long for the head's whole share
+    if i < head_end and len(lines[i]) > head_budget and head_budget - used - (i > 0) > 0:
+        head_part = head_budget - used - (i > 0)
+        head += ("\n" if i else "") + lines[i][:head_part]
+        shown.add(i)
+    tail_budget = budget - len(head)
+    # The tail: whole lines the head did not show, from the end; then, when the next line up is
+    # too long for the tail's whole share, the end of it.
+    j, tused = n, 0
+    while j > max(tail_start, i + (head_part > 0)) and tused + len(lines[j - 1]) + (j < n) <= tail_budget:
+        tused += len(lines[j - 1]) + (j < n)
+        j -= 1
+    tail = "\n".join(lines[j:])
+    k = j - 1  # the line above the tail
+    if k >= max(tail_start, i) and len(lines[k]) > tail_budget:
+        room = tail_budget - tused - (j < n)
+        if k == i:
+            room = min(room, len(lines[k]) - head_part)
+        if room > 0:
+            tail = lines[k][-room:] + ("\n" + tail if j < n else "")
+            shown.add(k)
+    shown |= set(range(j, n))
+    cut_chars = len(text) - len(head) - len(tail)
+    cut_lines = n - len(shown)
+    what = (f"{cut_lines:,} line{'s' if cut_lines != 1 else ''} ({cut_chars:,} characters)"
+            if cut_lines else f"{cut_chars:,} characters")
+    marker = f"[... {what} cut ...]"
+    out = "\n".join(x for x in (head, marker, tail) if x)
+    return out, {"lines": n, "chars": len(text), "kept_lines": len(shown), "cut_lines": cut_lines,
+                 "cut_chars": cut_chars}
+
+
 def render_outputs(outputs: Sequence[dict[str, Any]], *, images: bool = True,
-                   max_chars: int = 20_000) -> list[Part]:
+                   limit: OutputLimit | None = OutputLimit(),
+                   cuts: list[dict[str, int]] | None = None) -> list[Part]:
     """A code message's outputs as parts: text (streams, results, errors with their traceback,
-    ANSI colours removed) and images (base64, as the kernel sent them). Text is capped at
-    `max_chars`, keeping its head and tail."""
+    as a terminal shows them) and images (base64, as the kernel sent them). Each run of text
+    between images is cut to `limit` (see `cut_text`); what was cut is appended to `cuts`."""
     parts: list[Part] = []
     texts: list[str] = []
 
     def flush() -> None:
         if texts:
-            parts.append(Part(text=_cap("".join(texts).rstrip("\n"), max_chars)))
+            text, cut = cut_text(terminal_text("".join(texts)).rstrip("\n"), limit)
+            parts.append(Part(text=text))
+            if cut and cuts is not None:
+                cuts.append(cut)
             texts.clear()
 
     for o in outputs:
@@ -242,7 +443,7 @@ def render_outputs(outputs: Sequence[dict[str, Any]], *, images: bool = True,
             if txt:
                 texts.append(txt if txt.endswith("\n") else txt + "\n")
         elif t == "error":
-            tb = _ANSI.sub("", "\n".join(o.get("traceback", [])))
+            tb = "\n".join(o.get("traceback", []))
             texts.append((tb or f"{o.get('ename', '')}: {o.get('evalue', '')}") + "\n")
     flush()
     return parts
@@ -269,12 +470,14 @@ def _attachment_parts(m: Message, images: bool) -> list[Part]:
     return parts
 
 
-def _message_parts(m: Message, *, images: bool, max_output_chars: int) -> list[Part]:
-    """User material from a note, code or raw message (not prompts)."""
+def _message_parts(m: Message, *, images: bool, limit: OutputLimit | None,
+                   cuts: list[dict[str, int]]) -> list[Part]:
+    """User material from a note, code or raw message (not prompts). Only code outputs are cut:
+    notes are what the user wrote for the model to read."""
     if m.kind == Kind.code:
         parts = [Part(text=_fence(m.source, "python"))] if m.source.strip() else []
         out = [Part(text=_fence(p.text)) if p.type == "text" else p
-               for p in render_outputs(m.outputs, images=images, max_chars=max_output_chars)]
+               for p in render_outputs(m.outputs, images=images, limit=limit, cuts=cuts)]
         if out and out[0].type == "text":
             out[0] = Part(text="Output:\n" + out[0].text)
         elif out:
@@ -336,6 +539,7 @@ class _Item:
     user: list[Part]
     answer: str
     tokens: int
+    cut: dict[str, Any] | None = None
 
 
 def _prompt_parts(m: Message, block: str, images: bool) -> list[Part]:
@@ -346,7 +550,7 @@ def _prompt_parts(m: Message, block: str, images: bool) -> list[Part]:
 def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
           count_tokens: Callable[[str], int | None] | None = None, resolved: Resolved | None = None,
           model: str | None = None, system: str | None = None, max_tokens: int = 1024,
-          temperature: float | None = None, images: bool = True, max_output_chars: int = 20_000
+          temperature: float | None = None, images: bool = True, output_limit: Any = "dialogue"
           ) -> Request:
     """The request for answering prompt `upto` (an id or the message itself).
 
@@ -357,10 +561,16 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     values of the prompt's references (see `build_async`); a prompt with $`expr` or !`cmd`
     references and no `resolved` values is refused, since the model would see names without
     values. `images=False` replaces images by a text mention, for models that take none.
+    `output_limit` (an OutputLimit, None for no cutting, or what `parse_output_limit` takes)
+    shortens long code outputs; by default the dialogue's setting, `meta["output_limit"]`.
+    Pinned messages are cut too: pinning keeps a message in the context, it does not make a
+    900-line log worth its tokens (a note, never cut, is the way to keep a long text whole).
 
     meta: upto, tokens (the count for what is sent), token_count ("tokenizer" or "estimate"),
     refs (the references block appended to the prompt, worth storing on the prompt message as
-    meta["refs"] so later requests replay it unchanged), ref_errors."""
+    meta["refs"] so later requests replay it unchanged), ref_errors, cut (one entry per message
+    sent whose output was shortened: {"message", "lines", "chars", "kept_lines", "cut_lines",
+    "cut_chars"}, summed over its outputs; [] when nothing was cut)."""
     if budget is not None and budget <= 0:
         raise ContextError(f"budget must be a positive number of tokens, got {budget}")
     upto_id = upto.id if isinstance(upto, Message) else upto
@@ -382,18 +592,27 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
         raise ContextError(f"the dialogue refers to {', '.join(missing)}, which need a kernel to "
                            "evaluate: use build_async(..., kernel=...)")
     count = _Counter(count_tokens)
+    if output_limit == "dialogue":
+        try:
+            limit = output_limit_of(dialogue)
+        except ContextError as e:
+            raise ContextError(f"dialogue {dialogue.name!r}: {e}") from None
+    else:
+        limit = parse_output_limit(output_limit)
 
     above = [m for m in dialogue.messages[:idx] if not m.hidden]
     items: list[_Item] = []
     for m in above:
+        cuts: list[dict[str, int]] = []
         if m.kind == Kind.prompt:
             user = _prompt_parts(m, m.meta.get("refs", "") if isinstance(m.meta, dict) else "", images)
             answer = m.response
         else:
-            user, answer = _message_parts(m, images=images, max_output_chars=max_output_chars), ""
+            user, answer = _message_parts(m, images=images, limit=limit, cuts=cuts), ""
         if not user and not answer:
             continue
-        items.append(_Item(m, user, answer, count.parts(user) + count(answer)))
+        cut = {"message": m.id, **{k: sum(c[k] for c in cuts) for k in cuts[0]}} if cuts else None
+        items.append(_Item(m, user, answer, count.parts(user) + count(answer), cut))
 
     block = _block(resolved)
     last = _prompt_parts(prompt, block, images)
@@ -443,7 +662,8 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
         context=ctx, tools=tools, max_tokens=max_tokens, temperature=temperature, dropped=dropped,
         meta={"upto": prompt.id, "tokens": total,
               "token_count": "tokenizer" if count.exact else ESTIMATE_NOTE,
-              "refs": block, "ref_errors": list(resolved.errors)})
+              "refs": block, "ref_errors": list(resolved.errors),
+              "cut": [it.cut for it in items if it.cut]})
 
 
 def _context_text(dialogue: Dialogue) -> str:

@@ -165,10 +165,19 @@ class DialogueService:
         return self.update(ref, base_version=base_version, name=new_name)
 
     def update(self, ref: str, *, base_version: int | None = None, **settings: Any) -> Dialogue:
-        """Change name, model, system or attached context. Without `base_version` the current
+        """Change name, model, system, attached context, meta, or `output_limit` (how much of
+        long code outputs the model sees, kept in meta: see context.parse_output_limit; a bad
+        value is refused now, not at the next prompt). Without `base_version` the current
         version is used: fine for a one-shot CLI command, while a long-lived surface (a browser
         tab) passes the version it showed the user."""
         did = self.dialogue_id(ref)
+        if "output_limit" in settings or "output_limit" in (settings.get("meta") or {}):
+            from .context import with_output_limit
+            meta = settings.get("meta")
+            if meta is None:
+                meta = self.store.get_dialogue(did, with_messages=False).meta
+            settings["meta"] = with_output_limit(
+                meta, settings.pop("output_limit", meta.get("output_limit", "default")))
         if base_version is None:
             base_version = self.store.get_dialogue(did, with_messages=False).version
         return self.store.update_dialogue(did, base_version=base_version, **settings)
@@ -626,8 +635,12 @@ class DialogueService:
             kernel, req = await self._request(d, m, provider, d.meta.get("adapters"))
             req.prefill = prefill
             meta["refs"] = req.meta.get("refs", "")
+            meta.pop("dropped", None)  # not a previous run's figures
+            meta.pop("cut", None)
             if req.dropped:
                 meta["dropped"] = req.dropped
+            if req.meta.get("cut"):
+                meta["cut"] = req.meta["cut"]  # the code outputs the model saw shortened
             if req.tools and kernel is not None:
                 from .tools import tool_loop
                 events = tool_loop(provider, req, kernel)
