@@ -14,7 +14,7 @@ import pytest
 
 from dialogue.artifacts import (ModuleExportError, read_notebook, to_html, to_markdown, to_module,
                                 write_markdown)
-from dialogue.artifacts.html import CSP
+from dialogue.artifacts.html import CSP, CSP_REMOTE_IMAGES
 from dialogue.artifacts.module import directives, export_directive, strip_directives
 from dialogue.document import Dialogue, Kind, Message
 from test_render import XSS_PAYLOADS, assert_inert
@@ -211,9 +211,11 @@ def test_html_page_is_self_contained():
     assert "script-src" not in CSP and "default-src 'none'" in CSP
     imgs = [a["src"] for t, a in p.tags if t == "img" and a["src"].startswith("data:")]
     assert len(imgs) == 3 and all(s.startswith("data:image/") for s in imgs)
-    # the only other image is the sanitized <img src=x onerror=...> of the HTML output
-    assert [a for t, a in p.tags if t == "img" and a not in [{"src": s, "alt": a.get("alt")}
-                                                             for s in imgs]] == [{"src": "x"}]
+    # the only other image, the sanitized <img src=x onerror=...> of the HTML output, is not
+    # loaded: it became a link (a relative src would load from wherever the page is hosted)
+    assert [a for t, a in p.tags if t == "img" and not a["src"].startswith("data:")] == []
+    assert {"class": "remote-image", "href": "x", "rel": "noopener noreferrer",
+            "title": "not loaded: x"} in [a for t, a in p.tags if t == "a"]
     png = base64.b64decode(imgs[0].split(",", 1)[1])
     assert png.startswith(b"\x89PNG")  # the attachment, decodable
     assert '<span class="k">def</span>' in page and ".highlight .k" in page
@@ -277,3 +279,56 @@ def test_markdown_export_html_blocks_and_images_inert():
     files = to_markdown(d, with_ai=True, images="files")
     assert "could not be decoded" in files.text  # corrupt images do not break the post
     assert all(not k.startswith("/") and ".." not in k for k in files.files)
+
+
+PIXEL = "https://tracker.example/p.gif?who=reader"
+
+
+def _remote_image_dialogue() -> Dialogue:
+    """A remote image wherever an export can carry one: a note (markdown and raw HTML), an
+    answer, a raw cell and an HTML output of code; and a data: image that must stay."""
+    data_png = "data:image/png;base64,iVBORw0KGgo="
+    return Dialogue(name="Pixels", messages=[
+        Message(kind=Kind.note, source=f"# Pixels\n\n![pixel]({PIXEL}&n=1) and "
+                                       f'<img src="{PIXEL}&n=2" alt="<b>two</b>" width=1>'
+                                       f"\n\n![inline]({data_png})"),
+        Message(kind=Kind.prompt, source="Hi", response=f"![answer]({PIXEL}&n=3)"),
+        Message(kind=Kind.raw, source=f'<img src="{PIXEL}&n=4">',
+                meta={"raw_mimetype": "text/html"}),
+        Message(kind=Kind.code, source="show()", outputs=[
+            {"output_type": "display_data", "metadata": {},
+             "data": {"text/html": f'<p title="<img>"><img src="http://tracker.example/{5}.gif">'
+                                   "</p>"}}]),
+    ])
+
+
+def test_html_export_loads_nothing_remote_by_default():
+    page = to_html(_remote_image_dialogue(), with_ai=True)
+    p = _Tags()
+    p.feed(page)
+    csp = [a["content"] for t, a in p.tags if t == "meta" and a.get("http-equiv")]
+    assert csp == [CSP]
+    directives = dict(d.strip().split(" ", 1) for d in CSP.split(";"))
+    assert directives["default-src"] == "'none'" and directives["img-src"] == "data:"
+    assert "https:" not in CSP and "http:" not in CSP
+    assert ["no-referrer"] == [a["content"] for t, a in p.tags if a.get("name") == "referrer"]
+    imgs = [a for t, a in p.tags if t == "img"]
+    assert [a["src"] for a in imgs] == ["data:image/png;base64,iVBORw0KGgo="]
+    # each remote image is a link the reader may follow, named by its alt text, not an element
+    links = {a["href"] for t, a in p.tags if t == "a" and a.get("class") == "remote-image"}
+    assert links == {f"{PIXEL}&n=1", f"{PIXEL}&n=2", f"{PIXEL}&n=3", f"{PIXEL}&n=4",
+                     "http://tracker.example/5.gif"}
+    assert "[image: pixel]" in page and "[image: &lt;b&gt;two&lt;/b&gt;]" in page
+    assert '<p title="&lt;img&gt;">' in page  # "<img>" inside an attribute stays text
+    assert_inert(_body(page))
+
+
+def test_html_export_loads_remote_images_only_when_asked():
+    page = to_html(_remote_image_dialogue(), with_ai=True, remote_images=True)
+    p = _Tags()
+    p.feed(page)
+    assert [a["content"] for t, a in p.tags if t == "meta" and a.get("http-equiv")] == \
+        [CSP_REMOTE_IMAGES]
+    assert "img-src data: https: http:;" in CSP_REMOTE_IMAGES
+    assert len([a for t, a in p.tags if t == "img" and "tracker.example" in a["src"]]) == 5
+    assert "remote-image" not in _body(page)

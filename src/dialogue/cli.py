@@ -1,6 +1,7 @@
 """`dialogue ...`: the command line. Every command calls the dialogue service; user mistakes (an
 unknown dialogue, a bad id, a conflict) print one line to stderr and exit non-zero, never a
-traceback."""
+traceback. Every string a user, a notebook or a model wrote is printed through
+`dialogue.terminal` (control characters visible, never parsed as rich markup)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ from .document import FLAGS, Kind, Message, output_text
 from .service import DialogueService
 from .llm.base import ProviderError
 from .store import HIT_END, HIT_START, ConflictError, NameTakenError, StoreError
+from .terminal import StreamWriter, markup, plain, visible
 
 EXIT_ERROR, EXIT_CONFLICT = 1, 3
 
@@ -49,22 +51,22 @@ def render_message(m: Message, index: int | None = None) -> Panel:
     browser here)."""
     parts: list[Any] = []
     if m.kind == Kind.code:
-        parts.append(Syntax(m.source or " ", "python", theme="ansi_dark", word_wrap=True))
+        parts.append(Syntax(visible(m.source) or " ", "python", theme="ansi_dark", word_wrap=True))
         if m.outputs:
             text = m.output_text()
             errored = any(o.get("output_type") == "error" for o in m.outputs)
-            parts.append(Text(text or "[non-text output]", style="red" if errored else "dim"))
+            parts.append(plain(text or "[non-text output]", style="red" if errored else "dim"))
     elif m.kind == Kind.prompt:
-        parts.append(Text(m.source, style="bold"))
+        parts.append(plain(m.source, style="bold"))
         if m.response:
-            parts.append(Markdown(m.response))
+            parts.append(Markdown(visible(m.response)))
     elif m.kind == Kind.raw:
-        parts.append(Text(m.source))
+        parts.append(plain(m.source))
     else:
-        parts.append(Markdown(m.source or " "))
+        parts.append(Markdown(visible(m.source) or " "))
     from rich.console import Group
     title = f"[b]{index}[/b] " if index is not None else ""
-    title += f"{m.kind.value} [dim]{m.id} v{m.version}[/dim]"
+    title += f"{m.kind.value} [dim]{markup(m.id)} v{m.version}[/dim]"
     if f := _flags(m):
         title += f" [yellow]{f}[/yellow]"
     return Panel(Group(*parts), title=title, title_align="left",
@@ -75,7 +77,7 @@ def _hit_text(snippet: str) -> Text:
     t = Text()
     on = False
     for chunk in snippet.replace(HIT_END, HIT_START).split(HIT_START):
-        t.append(chunk, style="bold yellow" if on else "")
+        t.append(visible(chunk), style="bold yellow" if on else "")
         on = not on
     return t
 
@@ -83,10 +85,8 @@ def _hit_text(snippet: str) -> Text:
 # ---------------------------------------------------------------- commands
 
 def cmd_new(svc: DialogueService, a: argparse.Namespace) -> None:
-    from .context import with_output_limit
-    meta = with_output_limit({}, a.output_limit) if a.output_limit else None  # checked first
-    d = svc.create(a.name, model=a.model, system=a.system or "", meta=meta)
-    out.print(f"created dialogue [b]{d.name}[/b] ({d.id}) on model {d.model}")
+    d = svc.create(a.name, model=a.model, system=a.system or "")
+    out.print(f"created dialogue [b]{markup(d.name)}[/b] ({markup(d.id)}) on model {markup(d.model)}")
 
 
 def cmd_list(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -99,7 +99,8 @@ def cmd_list(svc: DialogueService, a: argparse.Namespace) -> None:
         return
     t = Table("name", "id", "model", "messages", "updated", box=None)
     for r in rows:
-        t.add_row(r["name"], r["id"], r["model"], str(r["messages"]), _when(r["updated"]))
+        t.add_row(plain(r["name"]), plain(r["id"]), plain(r["model"]), str(r["messages"]),
+                  _when(r["updated"]))
     out.print(t)
 
 
@@ -109,14 +110,15 @@ def cmd_show(svc: DialogueService, a: argparse.Namespace) -> None:
         print(json.dumps({**d.settings(), "id": d.id, "version": d.version,
                           "messages": [m.to_dict() for m in d.messages]}))
         return
-    out.print(f"[b]{d.name}[/b] [dim]{d.id} v{d.version}[/dim] · model {d.model}")
+    out.print(f"[b]{markup(d.name)}[/b] [dim]{markup(d.id)} v{d.version}[/dim] · model "
+              f"{markup(d.model)}")
     if d.meta.get("adapters"):
         from .local.adapters_cli import set_text
-        out.print("adapters: " + set_text(d.meta["adapters"]), markup=False, highlight=False)
+        out.print(plain("adapters: " + set_text(d.meta["adapters"])))
     if d.system:
-        out.print(Panel(d.system, title="system", title_align="left", border_style="dim"))
+        out.print(Panel(plain(d.system), title="system", title_align="left", border_style="dim"))
     for c in d.context:
-        out.print(f"[dim]attached:[/dim] {c.name} ({len(c.content):,} characters)")
+        out.print(f"[dim]attached:[/dim] {markup(c.name)} ({len(c.content):,} characters)")
     for i, m in enumerate(d.messages, 1):
         out.print(render_message(m, i))
     if not d.messages:
@@ -151,35 +153,35 @@ def cmd_exec(svc: DialogueService, a: argparse.Namespace) -> int:
 
 async def _stream_run(svc: DialogueService, name: str, mid: str, prefill: str | None = None) -> int:
     """Run a message, printing what it produces as it arrives; exit status 1 if it failed."""
+    # what the model or the code writes reaches the terminal made visible, piece by piece
+    stream = StreamWriter()
     try:
         svc.start(name, mid, prefill=prefill)
         if prefill:
-            sys.stdout.write(prefill)
+            stream.write(prefill)
         final = None
         async for ev in svc.subscribe(mid):
             if ev.type == "text":
-                sys.stdout.write(ev.data)
-                sys.stdout.flush()
+                stream.write(ev.data)
             elif ev.type == "output":
                 text = output_text([ev.data]) if ev.data.get("output_type") != "stream" else ev.data.get("text", "")
                 if text:
-                    sys.stdout.write(text if text.endswith("\n") else text + "\n")
-                    sys.stdout.flush()
+                    stream.write(text if text.endswith("\n") else text + "\n")
             elif ev.type == "tool_call":
-                err.print(f"[dim]tool call: {ev.data['name']}({json.dumps(ev.data['arguments'])})[/dim]")
+                call = f"tool call: {ev.data['name']}({json.dumps(ev.data['arguments'])})"
+                err.print(plain(call, style="dim"))
             elif ev.type == "error":
-                err.print(f"error: {ev.data}", markup=False)
+                err.print(plain(f"error: {ev.data}"))
             elif ev.type == "done":
                 final = ev.data
+        stream.close()
         final = final or svc.store.get_message(mid)
         if final.kind == Kind.prompt:
             sys.stdout.write("\n")
             u = final.usage
             cost = f", ${u['cost']:.4f}" if u.get("cost") else ""
-            cut = final.meta.get("cut") or []
-            cut = f"; long output of {len(cut)} code message(s) shortened" if cut else ""
-            err.print(f"[dim]{u.get('model', '')}: {u.get('input', 0)} in "
-                      f"({u.get('cache_read', 0)} from cache), {u.get('output', 0)} out{cost}{cut}[/dim]")
+            err.print(f"[dim]{markup(u.get('model', ''))}: {u.get('input', 0)} in "
+                      f"({u.get('cache_read', 0)} from cache), {u.get('output', 0)} out{cost}[/dim]")
         return 0 if svc.run_status(final) == "ok" else EXIT_ERROR
     finally:
         await svc.aclose()
@@ -208,18 +210,21 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err, transient=False)
-    task = progress.add_task(f"running {d.name}", total=None)
+    # TextColumn renders descriptions as markup: user text goes in escaped
+    task = progress.add_task(f"running {markup(d.name)}", total=None)
 
     def on_start(i: int, n: int, m: Message) -> None:
         first = (m.source.strip().splitlines() or [""])[0][:40]
-        progress.update(task, total=n, completed=i, description=f"{m.kind.value} {i + 1}: {first}")
+        progress.update(task, total=n, completed=i,
+                        description=f"{m.kind.value} {i + 1}: {markup(first)}")
 
     def on_done(i: int, n: int, m: Message) -> None:
         progress.update(task, completed=i + 1)
         status = svc.run_status(m)
         if status != "ok":
             why = m.meta.get("error") or m.meta.get("run", {}).get("message") or status
-            progress.console.print(f"[red]message {i + 1} ({m.id}) failed:[/red] {why}", markup=True)
+            progress.console.print(f"[red]message {i + 1} ({markup(m.id)}) failed:[/red] "
+                                   f"{markup(why)}", markup=True)
 
     async def go() -> list[Message]:
         try:
@@ -233,7 +238,7 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
     if is_file:
         out_path = Path(a.output) if a.output else target.with_name(target.stem + ".executed.ipynb")
         out_path.write_bytes(to_ipynb_bytes(svc.open(d.id)))
-        err.print(f"wrote {out_path}")
+        err.print(plain(f"wrote {out_path}"))
         svc.close()
         tmp.cleanup()
     if failures:
@@ -251,7 +256,8 @@ def cmd_import(svc: DialogueService, a: argparse.Namespace) -> None:
         d = svc.import_dialogue(doc, name=a.new_name)
     except NameTakenError as e:
         raise UserError(f"{e}: import it under another name with --name") from None
-    out.print(f"imported {len(d.messages)} messages into dialogue [b]{d.name}[/b] ({d.id})")
+    out.print(f"imported {len(d.messages)} messages into dialogue [b]{markup(d.name)}[/b] "
+              f"({markup(d.id)})")
 
 
 def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -267,8 +273,9 @@ def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
     elif a.to == "md":
         artifacts.write_markdown(d, path, with_ai=a.with_ai)
     else:
-        path.write_text(artifacts.to_html(d, with_ai=a.with_ai), encoding="utf-8")
-    out.print(f"wrote {path}")
+        path.write_text(artifacts.to_html(d, with_ai=a.with_ai, remote_images=a.remote_images),
+                        encoding="utf-8")
+    out.print(plain(f"wrote {path}"))
 
 
 def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -281,18 +288,18 @@ def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
         else:
             from pathlib import Path
             spec = models.add(a.name or Path(a.target).stem, a.target, chat_format=a.chat_format)
-        out.print(f"added local:{spec.name} -> {spec.path}")
+        out.print(plain(f"added local:{spec.name} -> {spec.path}"))
         return
     if a.action == "rm":
         if not a.target:
             raise UserError("give the name of the model to remove")
         models.remove(a.target)
-        out.print(f"removed local:{a.target} (the file itself is left alone)")
+        out.print(plain(f"removed local:{a.target} (the file itself is left alone)"))
         return
     t = Table("model", "where", "about", box=None)
     for spec in models.list_models():
         name = f"local:{spec.name}" + (" (local:default)" if spec.source == "bundled" else "")
-        t.add_row(name, str(spec.path), spec.description or spec.source)
+        t.add_row(plain(name), plain(spec.path), plain(spec.description or spec.source))
     for env, names in (("ANTHROPIC_API_KEY", "claude-* (e.g. claude-sonnet-4-6)"),
                        ("OPENAI_API_KEY", "gpt-*, o3*, o4* (e.g. gpt-4.1-mini)")):
         t.add_row(names, "API", "key set" if os.environ.get(env) else f"set {env} to use")
@@ -304,15 +311,16 @@ def cmd_cache(svc: DialogueService, a: argparse.Namespace) -> None:
     from .local.kvcache import KVCache
     cache = KVCache()
     if a.action == "clear":
-        out.print(f"deleted {cache.clear()} cached prefix states from {cache.root}")
+        out.print(plain(f"deleted {cache.clear()} cached prefix states from {cache.root}"))
         return
     st = cache.stats()
-    out.print(f"{st.root}: {st.entries} states, {st.bytes / 1e6:.1f} MB of {st.max_bytes / 1e6:.0f} MB")
+    out.print(plain(f"{st.root}: {st.entries} states, {st.bytes / 1e6:.1f} MB of "
+                    f"{st.max_bytes / 1e6:.0f} MB"))
     for ns in st.namespaces:
         info = ns.get("info", {})
         what = info.get("model") or info.get("model_path") or ns["namespace"]
-        out.print(f"  {what}: {ns['entries']} states, {ns['bytes'] / 1e6:.1f} MB, "
-                  f"longest prefix {ns['longest']} tokens")
+        out.print(plain(f"  {what}: {ns['entries']} states, {ns['bytes'] / 1e6:.1f} MB, "
+                        f"longest prefix {ns['longest']} tokens"))
 
 
 def cmd_serve(svc: DialogueService, a: argparse.Namespace) -> int:
@@ -358,17 +366,17 @@ def cmd_edit(svc: DialogueService, a: argparse.Namespace) -> None:
     if not changes:
         raise UserError("nothing to change: give --source, --response, --kind or a flag option")
     m = svc.edit(a.name, a.msg, base_version=a.base_version, **changes)
-    out.print(f"message {m.id} is now at version {m.version}")
+    out.print(plain(f"message {m.id} is now at version {m.version}"))
 
 
 def cmd_rm(svc: DialogueService, a: argparse.Namespace) -> None:
     if a.msg:
         mid = svc.message_id(a.name, a.msg)
         svc.delete_message(a.name, mid)
-        out.print(f"message {mid} moved to the trash (`dialogue restore {a.name} {mid}`)")
+        out.print(plain(f"message {mid} moved to the trash (`dialogue restore {a.name} {mid}`)"))
     else:
         svc.delete(a.name)
-        out.print(f"dialogue {a.name!r} moved to the trash (`dialogue restore {a.name}`)")
+        out.print(plain(f"dialogue {a.name!r} moved to the trash (`dialogue restore {a.name}`)"))
 
 
 def cmd_mv(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -379,7 +387,7 @@ def cmd_mv(svc: DialogueService, a: argparse.Namespace) -> None:
     else:
         m = svc.move(a.name, a.msg, to=a.to - 1)
     pos = [x.id for x in svc.open(a.name).messages].index(m.id) + 1
-    out.print(f"message {m.id} is now at position {pos}")
+    out.print(plain(f"message {m.id} is now at position {pos}"))
 
 
 def cmd_history(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -391,31 +399,31 @@ def cmd_history(svc: DialogueService, a: argparse.Namespace) -> None:
     for v in vs:
         s = v.state
         first = (s["source"].strip().splitlines() or [""])[0]
-        t.add_row(str(v.version), v.op, _when(v.at), s["kind"],
-                  " ".join(f for f in FLAGS if s.get(f)), first[:60])
+        t.add_row(str(v.version), plain(v.op), _when(v.at), plain(s["kind"]),
+                  " ".join(f for f in FLAGS if s.get(f)), plain(first[:60]))
     out.print(t)
 
 
 def cmd_restore(svc: DialogueService, a: argparse.Namespace) -> None:
     if a.msg is None:
         d = svc.restore(a.name)
-        out.print(f"dialogue {d.name!r} restored from the trash")
+        out.print(plain(f"dialogue {d.name!r} restored from the trash"))
     elif a.version is None:
         m = svc.restore_message(a.name, a.msg)
-        out.print(f"message {m.id} restored from the trash")
+        out.print(plain(f"message {m.id} restored from the trash"))
     else:
         m = svc.restore_version(a.name, a.msg, a.version)
-        out.print(f"message {m.id}: version {a.version} restored as version {m.version}")
+        out.print(plain(f"message {m.id}: version {a.version} restored as version {m.version}"))
 
 
 def cmd_fork(svc: DialogueService, a: argparse.Namespace) -> None:
     d = svc.fork(a.name, a.msg, name=a.new_name)
-    out.print(f"forked into [b]{d.name}[/b] ({d.id}) with {len(d.messages)} messages")
+    out.print(f"forked into [b]{markup(d.name)}[/b] ({markup(d.id)}) with {len(d.messages)} messages")
 
 
 def cmd_rename(svc: DialogueService, a: argparse.Namespace) -> None:
     d = svc.rename(a.name, a.new_name)
-    out.print(f"renamed to {d.name!r}")
+    out.print(plain(f"renamed to {d.name!r}"))
 
 
 def cmd_search(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -427,8 +435,8 @@ def cmd_search(svc: DialogueService, a: argparse.Namespace) -> None:
         out.print("no matches")
         return
     for h in hits:
-        line = Text(f"{h.dialogue_name} ", style="bold")
-        line.append(f"{h.message_id} {h.kind}  ", style="dim")
+        line = plain(f"{h.dialogue_name} ", style="bold")
+        line.append(visible(f"{h.message_id} {h.kind}  "), style="dim")
         line.append_text(_hit_text(h.snippet.replace("\n", " ")))
         out.print(line)
 
@@ -440,7 +448,7 @@ def cmd_trash(svc: DialogueService, a: argparse.Namespace) -> None:
         return
     t = Table("type", "id", "dialogue", "what", "deleted", box=None)
     for i in items:
-        t.add_row(i.type, i.id, i.dialogue_id, i.name, _when(i.deleted))
+        t.add_row(plain(i.type), plain(i.id), plain(i.dialogue_id), plain(i.name), _when(i.deleted))
     out.print(t)
 
 
@@ -469,9 +477,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--model", help="model name (default: $DIALOGUE_MODEL or local:default)")
     sp.add_argument("--system", help="system prompt")
-    sp.add_argument("--output-limit", metavar="HEAD,TAIL,CHARS",
-                    help="how much of a long code output the model sees: first and last lines and "
-                         "at most CHARS characters (default 20,10,2000; 'off' sends it all)")
 
     sp = cmd("list", cmd_list, "list dialogues")
     sp.add_argument("--trash", action="store_true", help="list trashed dialogues instead")
@@ -521,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", choices=("ipynb", "py", "md", "html"), required=True)
     sp.add_argument("-o", "--output")
     sp.add_argument("--with-ai", action="store_true", help="include prompts and answers (md, html)")
+    sp.add_argument("--remote-images", action="store_true",
+                    help="html: load the images notes and answers link from the web when the page "
+                         "is opened (by default they show as links and nothing is fetched)")
 
     sp = cmd("edit", cmd_edit, "change a message (MSG: id, id prefix or 1-based position)")
     sp.add_argument("name")
@@ -615,15 +623,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         svc = DialogueService(a.db or os.environ.get("DIALOGUE_DB") or None)
     except StoreError as e:
-        err.print(f"error: {e}", markup=False)
+        err.print(plain(f"error: {e}"))
         return EXIT_ERROR
     try:
         return a.fn(svc, a) or 0
     except ConflictError as e:
-        err.print(f"error: {e}", markup=False)
+        err.print(plain(f"error: {e}"))
         return EXIT_CONFLICT
     except (StoreError, UserError, ProviderError, ValueError, OSError) as e:
-        err.print(f"error: {e}", markup=False)
+        err.print(plain(f"error: {e}"))
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -10,14 +10,19 @@ iframe needs a fixed height (no script may resize it), so tables get scrollbars 
 each iframe is a separate document with its own styles; the outputs worth keeping in a post
 (pandas tables, formatted text) survive sanitizing intact, while what does not survive (script,
 widgets) cannot work in a static file anyway. As defence in depth the page carries a Content
-Security Policy that allows no script at all and no network except images: even markup that
-slipped past the sanitizer could not run.
+Security Policy that allows no script at all and no network: even markup that slipped past the
+sanitizer could not run or load anything.
 
-Everything is inline (CSS, images as data: URIs), so the file can be mailed or hosted as is.
+Everything is inline (CSS, images as data: URIs), so the file can be mailed or hosted as is, and
+opening it fetches nothing: an image a note or an answer links from elsewhere (which could be a
+tracking pixel that tells its owner who opened the page, and when) is shown as a link to click,
+not loaded, unless the export is made with `remote_images=True` (`--remote-images`). Both the
+markup and the policy say so, for viewers that ignore a CSP given in a meta tag.
 """
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 from dialogue.artifacts.markdown import (code_language, front_matter_title, merge_streams,
@@ -28,10 +33,40 @@ from dialogue.document import Dialogue, Kind
 from dialogue.render import (highlight_code, highlight_css, image_data_uri, render_markdown,
                              render_outputs, sanitize_html)
 
-__all__ = ["to_html", "CSP"]
+__all__ = ["to_html", "CSP", "CSP_REMOTE_IMAGES"]
 
-CSP = "default-src 'none'; img-src data: https:; style-src 'unsafe-inline'; base-uri 'none'; " \
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; " \
       "form-action 'none'"
+CSP_REMOTE_IMAGES = CSP.replace("img-src data:", "img-src data: https: http:")
+
+# A start tag as nh3 writes it: every attribute value double-quoted, a quote inside one escaped
+# as &quot;, `<` in text escaped, so `"[^"]*"` is one whole value and a regex over the sanitizer's
+# output is exact (an HTML parser would only re-serialize what nh3 has already normalised). Every
+# tag is matched, not only <img>, so that "<img>" inside another tag's attribute value is consumed
+# with that tag and never taken for an element.
+_TAG = re.compile(r'<([a-zA-Z][\w-]*)((?:\s+[\w:-]+(?:="[^"]*")?)*)\s*/?>')
+_ATTR = re.compile(r'([\w:-]+)(?:="([^"]*)")?')
+
+
+def _unload_remote_images(markup: str) -> str:
+    """Every image that is not a data: URI becomes a link to it: nothing is fetched on opening."""
+    def swap(m: re.Match[str]) -> str:
+        if m.group(1).lower() != "img":
+            return m.group(0)
+        attrs = {k.lower(): v or "" for k, v in _ATTR.findall(m.group(2))}
+        src = attrs.get("src", "")
+        if src.strip().lower().startswith("data:"):
+            return m.group(0)
+        # nh3 leaves "<" unescaped inside attribute values: the alt text goes into the text
+        # of the page escaped again, or an alt of "<img src=...>" would become an element
+        label = html.escape(html.unescape(attrs.get("alt") or attrs.get("title") or "image"))
+        if not src.strip():
+            return f'<span class="remote-image">[{label}]</span>'
+        # values stay in attributes, escaped as nh3 wrote them
+        return (f'<a class="remote-image" href="{src}" rel="noopener noreferrer" '
+                f'title="not loaded: {src}">[image: {label}]</a>')
+    return _TAG.sub(swap, markup)
+
 
 _CSS = """
 :root { --fg: #1f2328; --muted: #59636e; --line: #d1d9e0; --code-bg: #f6f8fa; --accent: #0969da; }
@@ -61,6 +96,7 @@ blockquote { margin: 0; padding: 0 1rem; color: var(--muted);
   color: var(--accent); }
 .prompt .answer { padding: 0 1rem; border-left: .25rem solid var(--line); }
 footer { margin-top: 3rem; font-size: .8em; color: var(--muted); }
+a.remote-image { font-size: .9em; }
 """
 
 
@@ -68,8 +104,10 @@ def _outputs_html(outputs: list[dict[str, Any]]) -> str:
     return render_outputs(merge_streams(outputs))
 
 
-def to_html(dialogue: Dialogue, *, with_ai: bool = False, title: str | None = None) -> str:
-    """The dialogue as a complete HTML document (a string)."""
+def to_html(dialogue: Dialogue, *, with_ai: bool = False, title: str | None = None,
+            remote_images: bool = False) -> str:
+    """The dialogue as a complete HTML document (a string). `remote_images`: load images from
+    the web where notes and answers link them (off: they show as links)."""
     msgs = visible_messages(dialogue, with_ai)
     page_title = title or front_matter_title(msgs) or dialogue.name
     lang = code_language(dialogue)
@@ -105,13 +143,18 @@ def to_html(dialogue: Dialogue, *, with_ai: bool = False, title: str | None = No
                 parts.append(f'<div class="outputs">{_outputs_html(m.outputs)}</div>')
             if parts:
                 body.append(f'<section class="message code">{"".join(parts)}</section>')
+    content = "\n".join(body)
+    if not remote_images:
+        content = _unload_remote_images(content)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+        '<meta http-equiv="Content-Security-Policy" '
+        f'content="{CSP_REMOTE_IMAGES if remote_images else CSP}">\n'
+        '<meta name="referrer" content="no-referrer">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="generator" content="dialogue">\n'
         f"<title>{html.escape(page_title)}</title>\n"
         f"<style>{_CSS}\n{highlight_css()}</style>\n</head>\n<body>\n<main>\n"
-        + "\n".join(body)
+        + content
         + f"\n<footer>Exported from the dialogue {html.escape(dialogue.name)}.</footer>\n"
         "</main>\n</body>\n</html>\n")

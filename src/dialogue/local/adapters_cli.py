@@ -9,7 +9,8 @@
     dialogue adapters compare DIALOGUE PROMPT --set NAME=SCALE,... --set none [--max-tokens N]
 
 The command owns no logic: it parses arguments into `dialogue.local.adapters` calls. Mistakes
-(an unknown name, a file that does not fit the base) print one line to stderr and exit 1.
+(an unknown name, a file that does not fit the base) print one line to stderr and exit 1. Names,
+paths and answers are printed through `dialogue.terminal`, as in the main CLI.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..llm.base import ProviderError
+from ..terminal import StreamWriter, markup, plain
 
 if TYPE_CHECKING:
     from ..service import DialogueService
@@ -108,19 +110,21 @@ async def _compare(svc: "DialogueService", dialogue: str, prompt: str, sets: lis
     for i, aset in enumerate(sets):
         label = chr(ord("A") + i) if i < 26 else str(i + 1)
         if not as_json:
-            out.rule(f"{label}: {set_text(aset)}")
+            out.rule(f"{label}: {markup(set_text(aset))}")
         text: list[str] = []
         usage = Usage()
         t0 = time.perf_counter()
+        stream = StreamWriter(out.file)
         async for ev in svc.trial(dialogue, prompt, adapters=aset, max_tokens=max_tokens):
             if isinstance(ev, TextDelta):
                 text.append(ev.text)
                 if not as_json:
-                    out.print(ev.text, end="", markup=False, highlight=False)
+                    stream.write(ev.text)
             elif isinstance(ev, Usage):
                 usage = usage + ev
         secs = time.perf_counter() - t0
         if not as_json:
+            stream.close()
             out.print(f"\n[dim]{usage.output} tokens in {secs:.1f} s[/dim]")
         results.append({"set": aset, "answer": "".join(text), "output_tokens": usage.output,
                         "seconds": round(secs, 3)})
@@ -154,8 +158,8 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
             else:
                 got = A.add(a.source, a.name, base=a.base, replace=a.replace)
             how = {"peft": " (converted from PEFT)", "hub": " (from the Hub)"}.get(got.source, "")
-            out.print(f"added adapter {got.name}{how}: rank {got.rank}, {len(got.targets)} targets, "
-                      f"{_size(got.size)}, for {got.base} -> {got.path}", markup=False)
+            out.print(plain(f"added adapter {got.name}{how}: rank {got.rank}, {len(got.targets)} "
+                            f"targets, {_size(got.size)}, for {got.base} -> {got.path}"))
         elif a.action == "list":
             items = A.list_adapters()
             if a.json:
@@ -168,7 +172,8 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
                     prov = x.provenance
                     what = prov.get("dialogues") or prov.get("trained_on") or (
                         "merge" if "merge" in prov else "")
-                    t.add_row(x.name, x.base, str(x.rank), f"{x.alpha:g}", _size(x.size), x.source, str(what))
+                    t.add_row(plain(x.name), plain(x.base), str(x.rank), f"{x.alpha:g}", _size(x.size),
+                              plain(x.source), plain(what))
                 out.print(t)
         elif a.action == "info":
             x = A.info(a.name)
@@ -182,16 +187,17 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
                         v = ", ".join(v)
                     elif k == "provenance":
                         v = json.dumps(v, indent=2, sort_keys=True) if v else "(not recorded)"
-                    out.print(f"{k + ':':12} {v}", markup=False)
+                    out.print(plain(f"{k + ':':12} {v}"))
         elif a.action == "rm":
             managed = A.info(a.name).managed if a.name in {x.name for x in A.list_adapters()} else False
             A.remove(a.name)
-            out.print(f"removed adapter {a.name}" + ("" if managed else " (the file itself is left alone)"))
+            out.print(plain(f"removed adapter {a.name}"
+                            + ("" if managed else " (the file itself is left alone)")))
         elif a.action == "merge":
             got = A.merge(a.parents, a.weights, a.out, method=a.method, rank=a.rank, density=a.density,
                           seed=a.seed, dtype=a.dtype, replace=a.replace)
-            out.print(f"merged {' + '.join(a.parents)} ({a.method}) into adapter {got.name}: rank {got.rank}, "
-                      f"{_size(got.size)} -> {got.path}", markup=False)
+            out.print(plain(f"merged {' + '.join(a.parents)} ({a.method}) into adapter {got.name}: "
+                            f"rank {got.rank}, {_size(got.size)} -> {got.path}"))
         elif a.action in ("use", "compare"):
             if svc is None:
                 from ..service import DialogueService
@@ -202,8 +208,8 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
                 if a.clear or a.adapters:
                     svc.set_adapters(a.dialogue, parse_set(a.adapters))
                 d = svc.open(a.dialogue)
-                out.print(f"{d.name} ({d.model}): adapters {set_text(d.meta.get('adapters') or {})}",
-                          markup=False)
+                out.print(plain(f"{d.name} ({d.model}): adapters "
+                                f"{set_text(d.meta.get('adapters') or {})}"))
             else:
                 prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
                 res = asyncio.run(_compare(svc, a.dialogue, prompt, [parse_set(x) for x in a.sets],
@@ -212,7 +218,7 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
                     print(json.dumps(res, indent=2))
         return 0
     except (ProviderError, ValueError, OSError, StoreError) as e:  # AdapterError is a ProviderError
-        err.print(f"error: {e}", markup=False)
+        err.print(plain(f"error: {e}"))
         return 3 if type(e).__name__ == "ConflictError" else 1
 
 
