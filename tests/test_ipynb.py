@@ -132,13 +132,31 @@ def test_cell_ids_kept_or_fresh():
 
 def test_duplicate_and_missing_cell_ids_are_repaired():
     nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
-        {"cell_type": "markdown", "id": "same", "metadata": {}, "source": "a"},
-        {"cell_type": "markdown", "id": "same", "metadata": {}, "source": "b"},
+        {"cell_type": "markdown", "id": "abcd1234", "metadata": {}, "source": "a"},
+        {"cell_type": "markdown", "id": "abcd1234", "metadata": {}, "source": "b"},
         {"cell_type": "markdown", "metadata": {}, "source": "c"}]}
     d = read_notebook(nb)
     ids = [m.id for m in d.messages]
-    assert ids[0] == "same" and len(set(ids)) == 3
+    assert ids[0] == "abcd1234" and len(set(ids)) == 3
     nbformat.validate(write_notebook(d))
+
+
+@pytest.mark.parametrize("cid", ["1", "-1", "0002", "12345678", "same", "ABCD1234", "abcd12345",
+                                 "abc-1234", "a" * 64])
+def test_cell_ids_that_are_not_ours_are_replaced(cid):
+    """Only ids shaped like ours (8 lower-case hex digits, not all digits) are kept: a cell id "1"
+    would otherwise be read as position 1, and odd ids would end up in URLs."""
+    nb = {"nbformat": 4, "nbformat_minor": 5, "cells": [
+        {"cell_type": "code", "id": cid, "metadata": {}, "source": "x", "outputs": [],
+         "execution_count": None},
+        {"cell_type": "code", "id": "0a1b2c3d", "metadata": {}, "source": "y", "outputs": [],
+         "execution_count": None}],
+        "metadata": {"dialogue": {"id": "../d/0a1b2c3d", "name": "n"}}}
+    d = read_notebook(nb)
+    assert d.messages[0].id != cid and len(d.messages[0].id) == 8
+    assert not d.messages[0].id.isdigit() and int(d.messages[0].id, 16) >= 0
+    assert d.messages[1].id == "0a1b2c3d"
+    assert d.id != "../d/0a1b2c3d" and "/" not in d.id
 
 
 # ---------------------------------------------------------------- our own dialogues

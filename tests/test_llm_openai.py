@@ -224,8 +224,64 @@ async def test_compatible_server_needs_no_key_and_never_gets_the_openai_key(srv,
     body = srv.last.json
     assert body["model"] == "qwen2.5-coder" and body["max_tokens"] == 64 and "max_completion_tokens" not in body
     monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", "vllm-token")
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", srv.openai_base_url)
     await collect(provider(name), ask(model=name))
     assert srv.last.headers["authorization"] == "Bearer vllm-token"
+
+
+def test_configured_base_compares_normalised_urls(monkeypatch):
+    from dialogue.llm.openai import configured_base
+    monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL",
+                       "HTTP://LocalHost:8000/v1/, https://gpu-box/v1  http://[::1]:9000/v1")
+    assert configured_base("http://localhost:8000/v1")
+    assert configured_base("http://localhost:8000/v1/")
+    assert configured_base("https://gpu-box:443/v1")
+    assert configured_base("http://[::1]:9000/v1")
+    for other in ("http://localhost:8001/v1", "http://localhost:8000/v1/x", "https://localhost:8000/v1",
+                  "http://localhost:8000@evil.example/v1", "http://evil.example/v1?localhost:8000/v1",
+                  "http://localhost.evil.example:8000/v1", "http://gpu-box/v1", "ftp://gpu-box/v1",
+                  "http://localhost:80a/v1", ""):
+        assert not configured_base(other), other
+    monkeypatch.delenv("OPENAI_COMPATIBLE_BASE_URL")
+    assert not configured_base("http://localhost:8000/v1")
+
+
+async def test_the_compatible_key_goes_only_to_its_configured_base_url(provider, monkeypatch):
+    """Two real servers on 127.0.0.1 record the headers they receive: the one named in
+    OPENAI_COMPATIBLE_BASE_URL gets the key (and the SDK's headers from the environment), the
+    other gets a placeholder and none of them."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-users-openai-key")
+    monkeypatch.setenv("OPENAI_COMPATIBLE_API_KEY", "the-compatible-secret")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-private")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-private")
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "X-Gateway-Token: gw-secret")
+    with ReplayServer() as mine, ReplayServer() as theirs:
+        monkeypatch.setenv("OPENAI_COMPATIBLE_BASE_URL", mine.openai_base_url + "/")
+        mine.push(recorded("openai_text.sse"))
+        theirs.push(recorded("openai_text.sse"), openai_error(401, "key needed", "auth", "invalid_api_key"))
+        good = f"openai-compatible:{mine.openai_base_url}/m"
+        bad = f"openai-compatible:{theirs.openai_base_url}/m"
+        assert text_of(await collect(provider(good), ask(model=good)))
+        assert text_of(await collect(provider(bad), ask(model=bad)))
+        seen = theirs.last.headers
+        assert seen["authorization"] == "Bearer sk-no-key-required"
+        for h in ("openai-organization", "openai-project", "x-gateway-token"):
+            assert h not in seen, h
+        raw = json.dumps(seen)
+        for secret in ("the-compatible-secret", "sk-the-users-openai-key", "gw-secret", "gw-auth",
+                       "org-private", "proj-private"):
+            assert secret not in raw, secret
+        assert mine.last.headers["authorization"] == "Bearer the-compatible-secret"
+        assert mine.last.headers["x-gateway-token"] == "gw-secret"
+        assert mine.last.headers["openai-organization"] == "org-private"
+        # an Authorization among the environment's custom headers does not reach it either
+        monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer gw-auth")
+        # a server that wants a key is told how to bind one, and still never gets it
+        with pytest.raises(MissingKeyError, match="OPENAI_COMPATIBLE_BASE_URL"):
+            await collect(provider(bad), ask(model=bad))
+        assert theirs.last.headers["authorization"] == "Bearer sk-no-key-required"
+        assert "gw-auth" not in json.dumps(theirs.last.headers)
+        assert len(theirs.requests) == 2 and len(mine.requests) == 1
 
 
 async def test_rejected_key(srv, provider):

@@ -200,7 +200,8 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="dialogue-run-")
         svc.close()
         svc = DialogueService(Path(tmp.name) / "run.db")
-        d = svc.import_dialogue(doc)
+        d = svc.import_dialogue(doc, trust=a.trust)
+        _import_warnings(d, "run", a.target)
     else:
         d = svc.open(a.target)
     if a.model:
@@ -237,7 +238,7 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
         failures = asyncio.run(go())
     if is_file:
         out_path = Path(a.output) if a.output else target.with_name(target.stem + ".executed.ipynb")
-        out_path.write_bytes(to_ipynb_bytes(svc.open(d.id)))
+        out_path.write_bytes(to_ipynb_bytes(_as_read(svc.open(d.id), bool(a.model))))
         err.print(plain(f"wrote {out_path}"))
         svc.close()
         tmp.cleanup()
@@ -249,15 +250,45 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
     return 0
 
 
+def _import_warnings(d: Any, command: str, file: str) -> None:
+    """One line on stderr for each setting of the notebook that the import set aside
+    (trust.vet_import), and how to adopt its system prompt."""
+    import shlex
+    from .trust import import_record
+    rec = import_record(d)
+    # Text: never parsed as markup; what came from the file is quoted with repr (controls escaped)
+    for w in rec.get("warnings", []):
+        err.print(Text(f"warning: {w}"))
+    system = rec.get("system")
+    if isinstance(system, str) and system:
+        snippet = repr(system if len(system) <= 100 else system[:100] + "…")
+        err.print(Text(f"  its system prompt: {snippet}; `dialogue {command} --trust "
+                       f"{shlex.quote(file)}` adopts it"))
+
+
+def _as_read(d: Any, model_given: bool) -> Any:
+    """An executed notebook keeps the model and system prompt its file stated, even where the run
+    did not adopt them."""
+    from .trust import IMPORT_KEY, import_record
+    rec = import_record(d)
+    if rec:
+        d.meta.pop(IMPORT_KEY, None)
+        d.system = rec.get("system", d.system)
+        if "model" in rec and not model_given:
+            d.model = rec["model"]
+    return d
+
+
 def cmd_import(svc: DialogueService, a: argparse.Namespace) -> None:
     from .artifacts import read_notebook
     doc = read_notebook(a.file, keep_ids=True)
     try:
-        d = svc.import_dialogue(doc, name=a.new_name)
+        d = svc.import_dialogue(doc, name=a.new_name, trust=a.trust)
     except NameTakenError as e:
         raise UserError(f"{e}: import it under another name with --name") from None
     out.print(f"imported {len(d.messages)} messages into dialogue [b]{markup(d.name)}[/b] "
               f"({markup(d.id)})")
+    _import_warnings(d, "import", a.file)
 
 
 def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -516,10 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="where to write the executed notebook (files only)")
     sp.add_argument("--allow-errors", action="store_true", help="go on after a failure")
     sp.add_argument("--timeout", type=float, help="seconds per code message")
+    sp.add_argument("--trust", action="store_true",
+                    help="adopt the notebook's system prompt (a file's model is used only if you "
+                         "configured it)")
 
     sp = cmd("import", cmd_import, "import a notebook (.ipynb) as a new dialogue")
     sp.add_argument("file")
     sp.add_argument("--name", dest="new_name")
+    sp.add_argument("--trust", action="store_true",
+                    help="adopt the notebook's system prompt (a file's model is used only if you "
+                         "configured it)")
 
     sp = cmd("export", cmd_export, "export a dialogue as a notebook, module, post or page")
     sp.add_argument("name")

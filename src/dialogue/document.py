@@ -36,8 +36,12 @@ STATE_FIELDS = ("kind", "source", "outputs", "execution_count", "response", "too
 
 def new_id(n: int = 8) -> str:
     """A short random id. 8 hex digits: short enough to type in the CLI, and the store retries on
-    the (rare) collision, so it stays unique."""
-    return secrets.token_hex(n // 2)
+    the (rare) collision, so it stays unique. Never all digits (about 2% of draws would be): an
+    all-digit message reference is a position, so an id must not look like one."""
+    while True:
+        s = secrets.token_hex(n // 2)
+        if not s.isdigit():
+            return s
 
 
 @dataclass

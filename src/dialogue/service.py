@@ -131,12 +131,15 @@ class DialogueService:
             return ref.id
         msgs = self.store.messages(self.dialogue_id(dialogue))
         ref = str(ref).strip()
-        if any(m.id == ref for m in msgs):
-            return ref
-        # Ids are hex, so "89253" may be an id prefix as well as a position: a prefix (4+
-        # characters) that matches an id wins, shorter all-digit refs are positions.
+        # A short all-digit ref is a position, even where a message's id is the same string (an
+        # older import kept a cell id "1"): ids we make always hold a letter and imports replace
+        # any other id (trust.is_local_id). Older stores may still hold all-digit 8-character ids,
+        # so a 4+ character ref that is a prefix of an id is that id ("89253" of "89253012").
         prefix_hit = len(ref) >= 4 and any(m.id.startswith(ref) for m in msgs)
-        if ref.lstrip("-").isdigit() and len(ref) < 8 and not prefix_hit:
+        position = ref.lstrip("-").isdigit() and len(ref) < 8 and not prefix_hit
+        if not position and any(m.id == ref for m in msgs):
+            return ref
+        if position:
             i = int(ref)
             if i == 0 or abs(i) > len(msgs):
                 raise NotFoundError(f"no message at position {ref} (the dialogue has {len(msgs)})")
@@ -196,15 +199,22 @@ class DialogueService:
             raise StoreError(f"cannot attach {p}: {e}") from e
         return self.attach(ref, p.name, text, kind="file", source=str(p.resolve()))
 
-    def import_dialogue(self, doc: Dialogue, *, name: str | None = None) -> Dialogue:
+    def import_dialogue(self, doc: Dialogue, *, name: str | None = None,
+                        trust: bool = False) -> Dialogue:
         """Store a dialogue read from elsewhere (a notebook), messages and all, in one
-        transaction: either all of it is created or nothing is."""
+        transaction: either all of it is created or nothing is.
+
+        The file is data, not configuration (`trust.vet_import`): its model is kept only when the
+        user configured it, its system prompt only with `trust=True`, and its ids never address
+        anything (the dialogue gets a fresh id). What was set aside is in the returned dialogue's
+        ``meta["import"]``, with ``["warnings"]`` to show the user (`trust.import_record`)."""
+        from .trust import vet_import
+        safe = vet_import(doc, default_model=default_model(), trust=trust).dialogue
         with self.store.tx():
-            free = not self.store._one("SELECT 1 FROM dialogues WHERE id = ?", (doc.id,))
-            d = self.store.create_dialogue(name or doc.name, model=doc.model or default_model(),
-                                           system=doc.system, context=doc.context, meta=doc.meta,
-                                           id=doc.id if free else None)
-            self.store.add_messages(d.id, [m.copy() for m in doc.messages], op="import")
+            d = self.store.create_dialogue(name or safe.name, model=safe.model,
+                                           system=safe.system, context=safe.context,
+                                           meta=safe.meta)
+            self.store.add_messages(d.id, safe.messages, op="import")
         return self.store.get_dialogue(d.id)
 
     def delete(self, ref: str) -> None:

@@ -53,6 +53,12 @@ Our own additions sit under one key, `metadata.dialogue`, which the reader consu
   dialogue -> notebook -> dialogue round trip restores every message exactly;
 - on the notebook: `{name, id, model, system, context}` of the dialogue.
 When a prompt is edited in Jupyter, its source wins: it is split at the separator again.
+
+A notebook is data. Ids in it are kept only when they have the shape of the ids we make
+(`trust.is_local_id`: 8 lower-case hex digits, never all digits), so a cell id "1" never shadows a
+position and `metadata.dialogue.id = "../d/<id>"` never becomes an id; other cells get fresh ids.
+The model and system prompt are read as the file states them: whether a store adopts them is the
+service's decision (`DialogueService.import_dialogue`, `trust.vet_import`), not the reader's.
 A falsy flag key (`collapsed: false`, which classic Jupyter writes) is left in the metadata as it
 was, so plain notebooks round-trip unchanged.
 """
@@ -72,6 +78,7 @@ from nbformat.validator import ValidationError, normalize
 
 from dialogue.artifacts.module import export_directive
 from dialogue.document import ContextItem, Dialogue, Kind, Message, new_id
+from dialogue.trust import is_local_id
 
 __all__ = ["read_notebook", "write_notebook", "to_ipynb_bytes", "NotebookError",
            "NotebookTooLarge", "NotebookVersionError", "DEFAULT_MAX_BYTES", "SEPARATOR",
@@ -368,7 +375,7 @@ def _cell_to_message(cell: NotebookNode, i: int, label: str, keep_ids: bool,
     else:
         fields["exported"] = ct == "code" and export_directive(source) is not None
     cid = cell.get("id")
-    if keep_ids and isinstance(cid, str) and _CELL_ID.match(cid) and cid not in seen:
+    if keep_ids and is_local_id(cid) and cid not in seen:
         fields["id"] = cid
     else:
         fields["id"] = new_id()
@@ -384,9 +391,10 @@ def read_notebook(src: Source, *, name: str | None = None, max_bytes: int = DEFA
     already-parsed dict) into a Dialogue.
 
     `name` defaults to the name our export recorded, else the file's stem, else "notebook".
-    `keep_ids` keeps cell ids (and our exported dialogue id) as message ids, so re-importing
-    what we exported keeps message identity; pass False to get fresh ids (importing the same
-    file twice into one store). Raises NotebookError; returns nothing partial."""
+    `keep_ids` keeps cell ids that have the shape of our ids as message ids (and such a dialogue
+    id as the dialogue's), so re-importing what we exported keeps message identity; any other
+    cell gets a fresh id. Pass False to get fresh ids throughout. Raises NotebookError; returns
+    nothing partial."""
     if max_bytes <= 0:
         raise ValueError("max_bytes must be positive")
     if isinstance(src, dict):
@@ -415,7 +423,7 @@ def read_notebook(src: Source, *, name: str | None = None, max_bytes: int = DEFA
     dname = name or (ours.get("name") if isinstance(ours.get("name"), str) else None) \
         or default_name
     kw: dict[str, Any] = {}
-    if keep_ids and isinstance(ours.get("id"), str) and ours["id"]:
+    if keep_ids and is_local_id(ours.get("id")):
         kw["id"] = ours["id"]
     try:
         context = [ContextItem.from_dict(c) for c in ours.get("context", [])]

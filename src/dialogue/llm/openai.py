@@ -14,9 +14,25 @@ Model names
   ``http://127.0.0.1:8000/v1``, model ``my-model``. A model id that itself contains slashes (vLLM
   serves Hugging Face ids) is written after a ``#`` instead:
   ``openai-compatible:http://gpu-box:8000/v1#meta-llama/Llama-3.1-8B-Instruct``. ``#`` cannot be
-  part of a URL sent to a server (it starts a fragment), so the split is unambiguous. Compatible
-  servers often need no key: ``OPENAI_COMPATIBLE_API_KEY`` is sent if set, otherwise a
-  placeholder. The user's ``OPENAI_API_KEY`` is never sent to a server other than OpenAI's.
+  part of a URL sent to a server (it starts a fragment), so the split is unambiguous.
+
+Keys go only where they were configured
+---------------------------------------
+A model name can come from a file someone else wrote (an imported notebook), so the URL in an
+``openai-compatible:`` name is not trusted with a secret. ``OPENAI_COMPATIBLE_API_KEY`` is bound to
+the base URLs listed in ``OPENAI_COMPATIBLE_BASE_URL`` (one URL, or several separated by commas or
+spaces; compared after normalising scheme, host, default port and a trailing slash) and sent only
+to those. Any other compatible URL gets a placeholder key and none of the headers the SDK would
+otherwise add from the environment (``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``,
+``OPENAI_CUSTOM_HEADERS``). `configured_base` says whether a URL is bound. The user's
+``OPENAI_API_KEY`` is never sent to a compatible server at all.
+
+Why a placeholder rather than refusing: most compatible servers a user names by hand (llama.cpp,
+vLLM, Ollama on their own machine) need no key, and they keep working without any configuration
+whether or not a key for some other server sits in the environment. A server that does need the
+key answers 401, and the error says which variable binds the key to it. What a dialogue sends to
+an unconfigured URL is the user's own choice of model; an imported notebook cannot make that
+choice (the service keeps an imported model only when `configured_base` holds for its URL).
 
 Tool calls
 ----------
@@ -43,7 +59,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
 import openai as sdk
 
@@ -54,10 +72,14 @@ from .base import (
 )
 from .hosted import HostedProvider, error_body
 
-__all__ = ["OpenAIProvider", "parse_compatible"]
+__all__ = ["OpenAIProvider", "parse_compatible", "configured_base", "configured_bases",
+           "KEY_ENV", "BASE_URL_ENV"]
 
 COMPATIBLE = "openai-compatible:"
+KEY_ENV = "OPENAI_COMPATIBLE_API_KEY"
+BASE_URL_ENV = "OPENAI_COMPATIBLE_BASE_URL"
 _NO_KEY = "sk-no-key-required"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _STOP = {"stop": "end", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
          "content_filter": "refusal"}
 _CONTEXT_PHRASES = ("context_length_exceeded", "maximum context length", "context window", "context length",
@@ -82,6 +104,37 @@ def parse_compatible(model: str) -> tuple[str, str]:
     return base, mid
 
 
+def _normal_url(url: str) -> str | None:
+    """A base URL in one comparable form (scheme and host lower case, the default port written
+    out, no trailing slash), or None when it is not an http(s) URL with a host. Two spellings of
+    one server compare equal; anything else (another path, port or user) does not."""
+    try:
+        u = urlsplit(url.strip())
+        port = u.port or _DEFAULT_PORTS.get(u.scheme.lower())
+    except ValueError:  # a port that is not a number, a malformed IPv6 host
+        return None
+    scheme = u.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not u.hostname or u.fragment:
+        return None
+    user = u.netloc.rpartition("@")[0]
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    query = f"?{u.query}" if u.query else ""
+    return f"{scheme}://{user + '@' if user else ''}{host}:{port}{u.path.rstrip('/')}{query}"
+
+
+def configured_bases() -> list[str]:
+    """The compatible base URLs the user configured (`BASE_URL_ENV`), normalised."""
+    raw = os.environ.get(BASE_URL_ENV, "")
+    return [n for u in re.split(r"[\s,]+", raw) if u and (n := _normal_url(u))]
+
+
+def configured_base(url: str) -> bool:
+    """Whether `url` is a compatible base URL the user configured: the only kind that is sent
+    `KEY_ENV`, and the only kind an imported notebook's model may name."""
+    n = _normal_url(url)
+    return n is not None and n in configured_bases()
+
+
 class OpenAIProvider(HostedProvider):
     """Streams OpenAI models or a model on an OpenAI-compatible server (see module docstring)."""
 
@@ -102,11 +155,16 @@ class OpenAIProvider(HostedProvider):
             self.base_url = base_url
         self.api_key = api_key
 
+    def _bound(self) -> bool:
+        """Whether this provider may send the user's credentials: a key passed in explicitly, the
+        OpenAI API, or a compatible server at a configured base URL (see the module docstring)."""
+        return bool(self.api_key) or not self.compatible or configured_base(self.base_url or "")
+
     def _key(self) -> str:
         if self.api_key:
             return self.api_key
         if self.compatible:
-            return os.environ.get("OPENAI_COMPATIBLE_API_KEY") or _NO_KEY
+            return (os.environ.get(KEY_ENV) if self._bound() else None) or _NO_KEY
         key = os.environ.get("OPENAI_API_KEY")
         if not key:
             raise MissingKeyError(f"no OpenAI API key for {self.model!r}: set OPENAI_API_KEY "
@@ -117,6 +175,8 @@ class OpenAIProvider(HostedProvider):
         kw: dict[str, Any] = {"api_key": self._key(), "max_retries": 0, "timeout": self.timeout}
         if self.base_url:
             kw["base_url"] = self.base_url
+        if not self._bound():
+            kw["default_headers"] = _unbound_headers()
         return sdk.AsyncOpenAI(**kw)
 
     # ------------------------------------------------------------ request
@@ -229,7 +289,11 @@ class OpenAIProvider(HostedProvider):
                 err.retry_after = parse_retry_after(headers)  # type: ignore[attr-defined]
                 return err
             if status == 401:
-                env = "OPENAI_COMPATIBLE_API_KEY" if self.compatible else "OPENAI_API_KEY"
+                if self.compatible and not self._bound():
+                    return MissingKeyError(
+                        f"{self._where()} wants an API key, and {KEY_ENV} is sent only to the base "
+                        f"URLs in {BASE_URL_ENV}: add {self._where()} there to send it: {msg}")
+                env = KEY_ENV if self.compatible else "OPENAI_API_KEY"
                 return MissingKeyError(f"{self._where()} rejected the API key (check {env}): {msg}")
             if status == 404 and ("model" in low or code == "model_not_found"):
                 return UnknownModelError(f"{self._where()} does not serve the model {self.model!r}: {msg}")
@@ -289,6 +353,20 @@ def _message(turn: Turn, index: int) -> dict[str, Any]:
                               "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
                              for c in turn.tool_calls]
     return msg
+
+
+def _unbound_headers() -> dict[str, Any]:
+    """Headers for a server that gets none of the user's credentials: the SDK adds
+    OpenAI-Organization / OpenAI-Project from OPENAI_ORG_ID / OPENAI_PROJECT_ID and every line of
+    OPENAI_CUSTOM_HEADERS ("Name: value") to each request; `Omit` removes them. An explicit
+    Authorization (the placeholder) also makes the SDK drop one given in OPENAI_CUSTOM_HEADERS."""
+    headers: dict[str, Any] = {"OpenAI-Organization": sdk.Omit(), "OpenAI-Project": sdk.Omit()}
+    for line in os.environ.get("OPENAI_CUSTOM_HEADERS", "").split("\n"):
+        name, colon, _ = line.partition(":")
+        if colon and name.strip():
+            headers[name.strip()] = sdk.Omit()
+    headers["Authorization"] = f"Bearer {_NO_KEY}"
+    return headers
 
 
 def _factory(model: str) -> OpenAIProvider:
