@@ -2,7 +2,9 @@
 settings (name, model, system prompt, attached context)."""
 from __future__ import annotations
 
+import html as htmllib
 import json
+import re
 
 from webutil import HX, Tags
 
@@ -87,6 +89,87 @@ def test_a_stale_edit_shows_a_conflict_keeps_the_text_and_changes_nothing(client
     ok = client.post(f"/d/{d.id}/m/{m.id}/save", data={"source": "a = 3  # mine", "version": "2"},
                      headers=HX)
     assert ok.status_code == 200 and db.message(d.id, m.id).source == "a = 3  # mine"
+
+
+def _conflict_parts(html: str, mid: str) -> dict:
+    """The parts of a cell shown in conflict: its classes, the text of its source editor and of
+    the answer kept in the conflict box, the version a "save mine" would be based on, and the
+    action of that button."""
+    t = Tags(html)
+    cell = t.find("div", id=f"m-{mid}")[0]
+    src = re.search(r'<textarea name="source"[^>]*>(.*?)</textarea>', html, re.S)
+    box = re.search(rf'<div[^>]*class="conflict"[^>]*>(.*?)<div id="r-{mid}"', html, re.S)
+    answer = re.search(r'<textarea name="response"[^>]*>(.*?)</textarea>', box.group(1), re.S) \
+        if box else None
+    keep = [a for tag, a in t.tags if tag == "button" and a.get("hx-post", "").endswith("/save")
+            and a.get("data-act") in ("keep-mine", "save-answer")]
+    return {"classes": cell["class"].split(), "source": htmllib.unescape(src.group(1)).lstrip("\n"),
+            "answer": htmllib.unescape(answer.group(1)).lstrip("\n") if answer else None,
+            "version": t.find("input", id=f"v-{mid}")[0]["value"],
+            "keep": keep[0]["data-act"] if keep else None, "box": box.group(1) if box else ""}
+
+
+def test_a_stale_answer_edit_keeps_the_typed_answer(client, db):
+    """Edit answer in a stale tab, type, Save: the conflict once showed the prompt's source in
+    its editor and lost the typed answer."""
+    d = db.create("Stale answer")
+    m = db.add(d.id, "prompt", "Question?", response="Old answer.")
+    db.edit(d.id, m.id, base_version=1, response="The other tab's answer.")
+    # the page sends the whole cell: its (untouched) source editor too
+    r = client.post(f"/d/{d.id}/m/{m.id}/save",
+                    data={"source": "Question?", "response": "My *typed* answer.", "version": "1"},
+                    headers=HX)
+    assert r.status_code == 409 and "changed elsewhere" in r.text
+    got = _conflict_parts(r.text, m.id)
+    assert got["answer"] == "My *typed* answer."
+    assert got["source"] == "Question?" and "editing" not in got["classes"]
+    assert "The other tab's answer." in htmllib.unescape(got["box"])  # what is stored
+    assert got["version"] == "2" and got["keep"] == "save-answer"
+    stored = db.message(d.id, m.id)
+    assert (stored.response, stored.version) == ("The other tab's answer.", 2)
+    # "save mine over it" posts what the conflict view holds
+    ok = client.post(f"/d/{d.id}/m/{m.id}/save", headers=HX, data={
+        "source": got["source"], "response": got["answer"], "version": got["version"]})
+    assert ok.status_code == 200 and "<em>typed</em>" in ok.text
+    assert db.message(d.id, m.id).response == "My *typed* answer."
+
+
+def test_a_stale_answer_edit_does_not_undo_the_other_tabs_prompt(client, db):
+    """The other tab changed the prompt; this one only its answer: keeping the typed answer must
+    not write this page's stale copy of the prompt back."""
+    d = db.create("Stale prompt")
+    m = db.add(d.id, "prompt", "Question?", response="Old answer.")
+    db.edit(d.id, m.id, base_version=1, source="A better question?")
+    r = client.post(f"/d/{d.id}/m/{m.id}/save",
+                    data={"source": "Question?", "response": "Mine.", "version": "1"}, headers=HX)
+    assert r.status_code == 409
+    got = _conflict_parts(r.text, m.id)
+    assert got["answer"] == "Mine." and got["source"] == "A better question?"
+    ok = client.post(f"/d/{d.id}/m/{m.id}/save", headers=HX, data={
+        "source": got["source"], "response": got["answer"], "version": got["version"]})
+    assert ok.status_code == 200
+    stored = db.message(d.id, m.id)
+    assert (stored.source, stored.response) == ("A better question?", "Mine.")
+
+
+def test_a_stale_edit_of_prompt_and_answer_keeps_both(client, db):
+    d = db.create("Both")
+    m = db.add(d.id, "prompt", "Question?", response="Old answer.")
+    db.edit(d.id, m.id, base_version=1, response="Theirs.")
+    r = client.post(f"/d/{d.id}/m/{m.id}/save",
+                    data={"source": "My question?", "response": "My answer.", "version": "1"},
+                    headers=HX)
+    assert r.status_code == 409
+    got = _conflict_parts(r.text, m.id)
+    assert (got["source"], got["answer"]) == ("My question?", "My answer.")
+    assert "editing" in got["classes"]  # the source editor stays open on the typed prompt
+    assert db.message(d.id, m.id).source == "Question?"
+    # and a stale source-only save is shown as before: the typed source, no answer box
+    r = client.post(f"/d/{d.id}/m/{m.id}/save",
+                    data={"source": "Only the question?", "version": "1"}, headers=HX)
+    got = _conflict_parts(r.text, m.id)
+    assert r.status_code == 409 and got["answer"] is None and got["keep"] == "keep-mine"
+    assert got["source"] == "Only the question?" and "editing" in got["classes"]
 
 
 def test_kind_and_flags(client, db):

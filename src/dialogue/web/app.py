@@ -357,28 +357,6 @@ def _free_name(service: DialogueService, name: str) -> str:
     return f"{name} ({i})"
 
 
-def _import_notice(d: Dialogue) -> Any | None:
-    """The toast that says what importing `d` set aside (trust.vet_import), with the set-aside
-    system prompt shown and a button that adopts it through the settings route; None when the
-    import kept everything."""
-    from fasthtml.common import Button, Details, Pre, Summary
-    from ..trust import import_record
-    rec = import_record(d)
-    warnings = [w for w in rec.get("warnings", []) if isinstance(w, str)]
-    if not warnings:
-        return None
-    system = rec.get("system")
-    extra = None
-    if isinstance(system, str) and system and not d.system:
-        extra = Div(Details(Summary("Show the notebook's system prompt"), Pre(system),
-                            cls="imported-system"),
-                    Button("Use it as the system prompt", hx_post=f"/d/{d.id}/settings",
-                           hx_vals={"system": system}, hx_include="#dversion",
-                           data_act="adopt-system", cls="secondary"))
-    text = "Imported. " + "; ".join(w[:1].upper() + w[1:] for w in warnings) + "."
-    return V.toast(text, level="warning", extra=extra)
-
-
 def _dialogue_routes(ctx: _Ctx) -> APIRouter:
     rt = APIRouter()
     svc = ctx.service
@@ -422,9 +400,7 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
             why = str(e).removeprefix("notebook: ")
             return refuse(f"Cannot import {up.filename}: {why}", _status(e))
         d = svc.import_dialogue(doc, name=_free_name(svc, doc.name or stem))
-        # what the import set aside (a model, the system prompt) is told on the dialogue's page
-        return Redirect(f"/d/{d.id}?imported=1" if _import_notice(d) is not None
-                        else f"/d/{d.id}")
+        return Redirect(f"/d/{d.id}")
 
     @rt("/d/{did}/row")
     async def row(did: str, req: Request) -> Any:
@@ -482,19 +458,15 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         return Response(body, media_type=mime, headers=headers)
 
     @rt("/d/{did}")
-    async def dialogue(did: str, req: Request) -> Any:
+    async def dialogue(did: str) -> Any:
         d = svc.open(did)
         running = {m.id for m in d.messages if ctx.relay.running(m.id)}
         live = {mid: s for mid in running if (s := ctx.relay.snapshot(mid)) is not None}
         job = ctx.run_alls.get(d.id)
-        page = V.dialogue_page(d, ctx.models(), svc.kernel_status(d.id), running, live,
+        return V.dialogue_page(d, ctx.models(), svc.kernel_status(d.id), running, live,
                                adapters=_adapter_view(svc, d),
                                run_all=(len(job.started), len(job.todo)) if job and not job.done
                                else None)
-        notice = _import_notice(d) if req.query_params.get("imported") else None
-        if notice is not None:  # the page's empty #toast holds it
-            page = tuple(notice if getattr(x, "id", None) == "toast" else x for x in page)
-        return page
 
     return rt
 
@@ -918,7 +890,24 @@ def _apply_text(svc: DialogueService, did: str, mid: str, f: dict[str, Any],
     except ConflictError as e:
         cur = svc.message(did, mid)
         return HTMLResponse(to_xml(render(cur, conflict={
-            "mine": src if src is not None else cur.source, "message": str(e)})), status_code=409)
+            **_typed(svc, did, mid, base, src, resp, cur), "message": str(e)})), status_code=409)
+
+
+def _typed(svc: DialogueService, did: str, mid: str, base: int | None, src: str | None,
+           resp: str | None, cur: Message) -> dict[str, str | None]:
+    """What the user typed in a refused save, for the conflict view to keep in its editors:
+    `mine` (the source) and `answer`, each None where the page sent what it was showing (the
+    version it was based on), so the editor then holds what is stored now and "save mine over it"
+    does not write a stale copy of a part the user never touched over another tab's change (the
+    page sends the whole cell, its source included, when only the answer was edited)."""
+    shown = next((v.state for v in svc.history(did, mid) if v.version == base), None) \
+        if base is not None else None
+    mine = src if src is not None and (shown is None or src != shown.get("source")) else None
+    answer = resp if resp is not None and (shown is None or resp != shown.get("response")) \
+        else None
+    if mine is None and answer is None:  # nothing of the user's own: show the source they sent
+        mine = src if src is not None else cur.source
+    return {"mine": mine, "answer": answer}
 
 
 def _cell_routes(ctx: _Ctx) -> APIRouter:

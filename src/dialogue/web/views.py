@@ -549,17 +549,31 @@ def _cell(did: str, m: Message, *, running: bool = False, live: LiveState | None
     classes = ["cell", f"kind-{m.kind.value}"] + [f"is-{f}" for f in
                                                   ("hidden", "pinned", "collapsed", "exported")
                                                   if getattr(m, f)]
-    if editing or conflict:
+    # a refused save keeps what the user typed: the source in the cell's editor (left open), an
+    # answer in the conflict box (the result beside it may be a run another tab started)
+    mine = conflict.get("mine") if conflict else None
+    answer = conflict.get("answer") if conflict else None
+    if editing or (conflict and (mine is not None or answer is None)):
         classes.append("editing")
     banner = ""
-    mine = None
     if conflict:
-        mine = conflict.get("mine")
-        banner = Div(Strong("Not saved: "), conflict["message"],
-                     Details(Summary("What is stored now"), Pre(m.source, cls="theirs")),
+        stored = []
+        if answer is None or mine is not None:
+            stored.append(Details(Summary("What is stored now"), Pre(m.source, cls="theirs")))
+        draft = ""
+        if answer is not None:
+            stored.append(Details(Summary("The answer stored now"),
+                                  Pre(m.response or "(no answer)", cls="theirs")))
+            draft = Div(Small("Your answer, not saved:"),
+                        Textarea(_ta(answer), name="response", cls="editor answer-editor",
+                                 data_mode="markdown", aria_label="Your answer",
+                                 rows=str(max(3, min(30, answer.count("\n") + 2)))),
+                        cls="conflict-answer")
+        banner = Div(Strong("Not saved: "), conflict["message"], *stored, draft,
                      Div(Button("Save mine over it", hx_post=f"/d/{did}/m/{m.id}/save",
                                 hx_target=f"#m-{m.id}", hx_swap="outerHTML", cls="small",
-                                data_act="keep-mine"),
+                                # the answer editor's keys (Ctrl+S, Shift+Enter) press this
+                                data_act="keep-mine" if answer is None else "save-answer"),
                          Button("Discard mine, reload", hx_get=f"/d/{did}/m/{m.id}",
                                 hx_target=f"#m-{m.id}", hx_swap="outerHTML",
                                 cls="secondary small", data_act="reload"), cls="row"),

@@ -252,6 +252,12 @@
     });
     var body = root.matches && root.matches(".answer-edit-body") ? root : root.querySelector(".answer-edit-body");
     if (body) openAnswer(body);
+    // a refused answer save: the typed answer is in the conflict box, in an editor again
+    var draft = root.querySelector(".conflict textarea.answer-editor");
+    if (draft && cellOf(draft)) {
+      var dcm = ensureEditor(draft, cellOf(draft));
+      if (dcm) { dcm.refresh(); dcm.focus(); } else draft.focus();
+    }
     if (root.matches && root.matches("#toast") && root.classList.contains("info")) {
       var t = root;
       clearTimeout(t._timer);
