@@ -357,6 +357,28 @@ def _free_name(service: DialogueService, name: str) -> str:
     return f"{name} ({i})"
 
 
+def _import_notice(d: Dialogue) -> Any | None:
+    """The toast that says what importing `d` set aside (trust.vet_import), with the set-aside
+    system prompt shown and a button that adopts it through the settings route; None when the
+    import kept everything."""
+    from fasthtml.common import Button, Details, Pre, Summary
+    from ..trust import import_record
+    rec = import_record(d)
+    warnings = [w for w in rec.get("warnings", []) if isinstance(w, str)]
+    if not warnings:
+        return None
+    system = rec.get("system")
+    extra = None
+    if isinstance(system, str) and system and not d.system:
+        extra = Div(Details(Summary("Show the notebook's system prompt"), Pre(system),
+                            cls="imported-system"),
+                    Button("Use it as the system prompt", hx_post=f"/d/{d.id}/settings",
+                           hx_vals={"system": system}, hx_include="#dversion",
+                           data_act="adopt-system", cls="secondary"))
+    text = "Imported. " + "; ".join(w[:1].upper() + w[1:] for w in warnings) + "."
+    return V.toast(text, level="warning", extra=extra)
+
+
 def _dialogue_routes(ctx: _Ctx) -> APIRouter:
     rt = APIRouter()
     svc = ctx.service
@@ -400,7 +422,9 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
             why = str(e).removeprefix("notebook: ")
             return refuse(f"Cannot import {up.filename}: {why}", _status(e))
         d = svc.import_dialogue(doc, name=_free_name(svc, doc.name or stem))
-        return Redirect(f"/d/{d.id}")
+        # what the import set aside (a model, the system prompt) is told on the dialogue's page
+        return Redirect(f"/d/{d.id}?imported=1" if _import_notice(d) is not None
+                        else f"/d/{d.id}")
 
     @rt("/d/{did}/row")
     async def row(did: str, req: Request) -> Any:
@@ -458,15 +482,19 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
         return Response(body, media_type=mime, headers=headers)
 
     @rt("/d/{did}")
-    async def dialogue(did: str) -> Any:
+    async def dialogue(did: str, req: Request) -> Any:
         d = svc.open(did)
         running = {m.id for m in d.messages if ctx.relay.running(m.id)}
         live = {mid: s for mid in running if (s := ctx.relay.snapshot(mid)) is not None}
         job = ctx.run_alls.get(d.id)
-        return V.dialogue_page(d, ctx.models(), svc.kernel_status(d.id), running, live,
+        page = V.dialogue_page(d, ctx.models(), svc.kernel_status(d.id), running, live,
                                adapters=_adapter_view(svc, d),
                                run_all=(len(job.started), len(job.todo)) if job and not job.done
                                else None)
+        notice = _import_notice(d) if req.query_params.get("imported") else None
+        if notice is not None:  # the page's empty #toast holds it
+            page = tuple(notice if getattr(x, "id", None) == "toast" else x for x in page)
+        return page
 
     return rt
 
