@@ -85,7 +85,9 @@ def _hit_text(snippet: str) -> Text:
 # ---------------------------------------------------------------- commands
 
 def cmd_new(svc: DialogueService, a: argparse.Namespace) -> None:
-    d = svc.create(a.name, model=a.model, system=a.system or "")
+    from .context import with_output_limit
+    meta = with_output_limit({}, a.output_limit) if a.output_limit else None  # checked first
+    d = svc.create(a.name, model=a.model, system=a.system or "", meta=meta)
     out.print(f"created dialogue [b]{markup(d.name)}[/b] ({markup(d.id)}) on model {markup(d.model)}")
 
 
@@ -180,8 +182,10 @@ async def _stream_run(svc: DialogueService, name: str, mid: str, prefill: str | 
             sys.stdout.write("\n")
             u = final.usage
             cost = f", ${u['cost']:.4f}" if u.get("cost") else ""
+            cut = final.meta.get("cut") or []
+            cut = f"; long output of {len(cut)} code message(s) shortened" if cut else ""
             err.print(f"[dim]{markup(u.get('model', ''))}: {u.get('input', 0)} in "
-                      f"({u.get('cache_read', 0)} from cache), {u.get('output', 0)} out{cost}[/dim]")
+                      f"({u.get('cache_read', 0)} from cache), {u.get('output', 0)} out{cost}{cut}[/dim]")
         return 0 if svc.run_status(final) == "ok" else EXIT_ERROR
     finally:
         await svc.aclose()
@@ -508,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--model", help="model name (default: $DIALOGUE_MODEL or local:default)")
     sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--output-limit", metavar="HEAD,TAIL,CHARS",
+                    help="how much of a long code output the model sees: first and last lines and "
+                         "at most CHARS characters (default 20,10,2000; 'off' sends it all)")
 
     sp = cmd("list", cmd_list, "list dialogues")
     sp.add_argument("--trash", action="store_true", help="list trashed dialogues instead")
