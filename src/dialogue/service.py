@@ -30,6 +30,25 @@ def default_model() -> str:
     return os.environ.get("DIALOGUE_MODEL") or DEFAULT_MODEL
 
 
+DEFAULT_STOP_GRACE = 5.0
+
+
+def _stop_grace() -> float:
+    """`DIALOGUE_STOP_GRACE` (seconds) if set, else 5: how long Stop waits for an interrupted
+    cell before it restarts the kernel."""
+    v = os.environ.get("DIALOGUE_STOP_GRACE", "").strip()
+    if not v:
+        return DEFAULT_STOP_GRACE
+    try:
+        g = float(v)
+        if 0 < g < float("inf"):
+            return g
+    except ValueError:
+        pass
+    # a StoreError, so every surface reports it in one line
+    raise RunError(f"DIALOGUE_STOP_GRACE must be a positive number of seconds, got {v!r}")
+
+
 class RunError(StoreError):
     """A message cannot be run as asked (a note, an empty prompt, already running)."""
 
@@ -57,6 +76,9 @@ class _Run:
     subscribers: list[asyncio.Queue] = field(default_factory=list)
 
     finished: bool = False
+    execution: Any = None  # the kernel's Execution of a code run, once it has one
+    stopping: asyncio.Task | None = None  # a Stop in progress (a second Stop joins it)
+    restarted: str = ""  # why Stop restarted the kernel under this run, if it did
 
     def publish(self, ev: RunEvent) -> None:
         for q in self.subscribers:
@@ -94,10 +116,16 @@ class DialogueService:
     flush_every = 0.1
 
     def __init__(self, store: Store | str | os.PathLike | None = None, *,
-                 kernel_idle_timeout: float | None = 3600.0, run_timeout: float | None = None):
+                 kernel_idle_timeout: float | None = 3600.0, run_timeout: float | None = None,
+                 stop_grace: float | None = None):
+        stop_grace = _stop_grace() if stop_grace is None else stop_grace
+        if not 0 < stop_grace < float("inf"):
+            raise ValueError(f"stop_grace must be a positive number of seconds, got {stop_grace}")
         self.store = store if isinstance(store, Store) else Store(store)
         self.kernel_idle_timeout = kernel_idle_timeout
         self.run_timeout = run_timeout
+        # Seconds a cell gets to stop after Stop interrupts it before its kernel is restarted.
+        self.stop_grace = stop_grace
         self._kernels: "KernelPool | None" = None
         self._runs: dict[str, _Run] = {}
 
@@ -407,16 +435,51 @@ class DialogueService:
 
     async def stop(self, msg_id: str) -> None:
         """Stop a run: interrupt a running cell, end a model's answer where it is. What was
-        produced so far is kept."""
+        produced so far is kept.
+
+        An interrupt is a KeyboardInterrupt, which a cell can catch and ignore, or never see
+        (stuck in C code). A cell still running `stop_grace` seconds after the interrupt is
+        ended by restarting its kernel: its variables are lost, and the cell's status says so
+        (`meta.run.status == "restarted"`, with a message). A cell still waiting for its turn
+        behind another run never runs; the other run is left alone."""
         run = self._runs.get(msg_id)
         if run is None:
             return
-        if run.kind == Kind.code:
-            await self.interrupt(run.dialogue_id)
-        elif run.task is not None:
+        if run.kind != Kind.code:
+            if run.task is not None:
+                run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(run.task), 10)
+            return
+        if run.stopping is None:  # a second Stop (a double click) waits for the first
+            run.stopping = asyncio.get_running_loop().create_task(self._stop_code(run))
+        with contextlib.suppress(Exception):
+            await asyncio.shield(run.stopping)
+
+    async def _stop_code(self, run: _Run) -> None:
+        ex = run.execution
+        if ex is not None:
+            await ex.interrupt()
+        elif run.task is not None:  # still waiting for its kernel to start
             run.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(run.task), 10)
+        if run.task is None:
+            return
+        await asyncio.wait([run.task], timeout=self.stop_grace)
+        if run.task.done():
+            return
+        ex = run.execution
+        if ex is None or not ex.running:  # queued behind another run: drop it, leave the kernel
+            if ex is not None:
+                await ex.interrupt()
+            else:
+                run.task.cancel()
+        else:
+            run.restarted = (
+                f"Stop: the cell was still running {self.stop_grace:g} s after it was "
+                "interrupted (it caught KeyboardInterrupt, or was stuck where Python cannot "
+                "interrupt it), so the kernel was restarted; its variables are lost.")
+            await ex.kernel.restart()
+        await asyncio.wait([run.task], timeout=10)
 
     async def run_all(self, ref: str, *, above: str | None = None,
                       stop_on_error: bool = True) -> list[Message]:
@@ -435,8 +498,8 @@ class DialogueService:
 
     @staticmethod
     def run_status(m: Message) -> str:
-        """ok | error | died | timeout | interrupted | cancelled, for the last run of a code
-        message or prompt."""
+        """ok | error | died | timeout | interrupted | restarted (Stop had to restart the
+        kernel) | cancelled, for the last run of a code message or prompt."""
         if m.kind == Kind.prompt:
             return "error" if m.meta.get("error") else (
                 "cancelled" if m.usage.get("stop_reason") == "cancelled" else "ok")
@@ -469,9 +532,10 @@ class DialogueService:
         self.store.begin_stream(m.id)
         pending = _Pending(self.store, m.id, self.flush_every)
         flusher = asyncio.get_running_loop().create_task(pending.loop())
+        ex = None
         try:
             kernel = await self.kernels.get(did)
-            ex = kernel.execute(m.source, timeout=timeout)
+            ex = run.execution = kernel.execute(m.source, timeout=timeout)
             async for out in ex:
                 t = out.get("output_type")
                 if t == "clear_output":
@@ -488,7 +552,8 @@ class DialogueService:
                 run.publish(RunEvent("output", m.id, out))
             res = await ex
         except asyncio.CancelledError:
-            await self.interrupt(did)
+            if ex is not None:  # this run only: a run of another cell may hold the kernel
+                await ex.interrupt()
         except Exception as e:  # the kernel could not start: say so on the message
             from .kernel import KernelError
             if not isinstance(e, KernelError):
@@ -499,12 +564,15 @@ class DialogueService:
         finally:
             flusher.cancel()
             if res is not None:
-                meta = {**m.meta, "run": {"status": res.status, "message": res.message,
+                status, message = res.status, res.message
+                if run.restarted and status == "died":
+                    status, message = "restarted", run.restarted
+                meta = {**m.meta, "run": {"status": status, "message": message,
                                           "duration": round(res.duration, 3)}}
                 final = self.store.finish_stream(m.id, outputs=res.outputs,
                                                  execution_count=res.execution_count, meta=meta)
-                if res.status != "ok" and res.message:
-                    run.publish(RunEvent("error", m.id, res.message))
+                if status != "ok" and message:
+                    run.publish(RunEvent("error", m.id, message))
             else:
                 final = self.store.finish_stream(
                     m.id, outputs=outputs, meta={**m.meta, "run": {"status": "interrupted"}})

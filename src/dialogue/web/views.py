@@ -706,6 +706,10 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
         return Div(Div(*live_body(did, m, live), id=f"live-{m.id}", cls="live"),
                    Div(Span(cls="spinner"), Span("running…" if m.kind == Kind.code else "answering…"),
                        Button("■ Stop", hx_post=f"{base}/stop", hx_swap="none", data_act="stop",
+                              hx_disabled_elt="this",  # one Stop at a time; the run's end says how
+                              title=("Interrupt the cell; if it is still running a few seconds "
+                                     "later, restart its kernel" if m.kind == Kind.code else
+                                     "End the answer here"),
                               cls="secondary small stop"), cls="run-status"),
                    *sinks, *oob_extra,
                    id=rid, cls="result running", hx_ext="sse", sse_connect=f"{base}/stream",
