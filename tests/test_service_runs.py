@@ -2,6 +2,7 @@
 import asyncio
 import time
 
+import psutil
 import pytest
 
 
@@ -79,6 +80,90 @@ async def test_errors_death_and_stop(svc):
     assert time.monotonic() - t < 5
     r = svc.message("d", mid)
     assert r.meta["run"]["status"] == "interrupted" and r.outputs[0]["text"] == "before\n"
+
+
+SWALLOWS_INTERRUPTS = """import time
+print('looping', flush=True)
+while True:
+    try:
+        time.sleep(1)
+    except KeyboardInterrupt:
+        print('ignored', flush=True)
+"""
+
+
+async def test_stop_restarts_the_kernel_of_a_cell_that_swallows_the_interrupt(tmp_path):
+    svc = DialogueService(tmp_path / "stop.db", stop_grace=1.5)
+    try:
+        svc.create("d")
+        await svc.run("d", svc.add("d", "code", "x = 1").id)
+        kernel = svc.kernels.peek(svc.dialogue_id("d"))
+        old = kernel.pid
+        loop = svc.add("d", "code", SWALLOWS_INTERRUPTS)
+        mid = svc.start("d", loop.id)
+        async for ev in svc.subscribe(mid):
+            if ev.type == "output":
+                break
+        # bounded: the grace plus a generous margin for a loaded machine, never a hang
+        await asyncio.wait_for(svc.stop(mid), timeout=svc.stop_grace + 30)
+        assert not svc.running(mid)
+        r = svc.message("d", mid)
+        assert "ignored" in r.outputs[0]["text"]  # it did get the interrupt, and swallowed it
+        assert svc.run_status(r) == "restarted"
+        assert "kernel was restarted" in r.meta["run"]["message"]
+        assert "1.5 s" in r.meta["run"]["message"] and "variables are lost" in r.meta["run"]["message"]
+        # the old kernel is gone and a fresh one is already up: the next cell runs there
+        assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+        assert svc.kernel_status("d") == "idle" and kernel.pid != old
+        nxt = await svc.run("d", svc.add("d", "code", "'x' in dir()").id)
+        assert nxt.outputs[0]["data"]["text/plain"] == "False" and nxt.execution_count == 1
+        assert svc.run_status(nxt) == "ok"
+    finally:
+        await svc.aclose()
+
+
+async def test_stop_of_a_cell_that_stops_does_not_restart(svc):
+    svc.create("d")
+    await svc.run("d", svc.add("d", "code", "kept = 5").id)
+    slow = svc.add("d", "code", "import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+    mid = svc.start("d", slow.id)
+    async for ev in svc.subscribe(mid):
+        if ev.type == "output":
+            break
+    await asyncio.gather(svc.stop(mid), svc.stop(mid))  # a double click: one stop
+    assert svc.run_status(svc.message("d", mid)) == "interrupted"
+    r = await svc.run("d", svc.add("d", "code", "kept").id)
+    assert r.outputs[0]["data"]["text/plain"] == "5"  # same kernel, variables kept
+
+
+async def test_stop_of_a_queued_cell_leaves_the_running_one_alone(svc):
+    svc.create("d")
+    first = svc.add("d", "code", "import time\nprint('first', flush=True)\ntime.sleep(1.5)\n'done'")
+    queued = svc.add("d", "code", "never_ran = True")
+    a = svc.start("d", first.id)
+    async for ev in svc.subscribe(a):
+        if ev.type == "output":
+            break
+    b = svc.start("d", queued.id)  # waits for the kernel behind `first`
+    await asyncio.sleep(0.2)
+    await svc.stop(b)
+    ra = await svc.wait(a)
+    assert svc.run_status(ra) == "ok" and ra.outputs[-1]["data"]["text/plain"] == "'done'"
+    assert svc.run_status(svc.message("d", b)) == "interrupted"
+    check = await svc.run("d", svc.add("d", "code", "'never_ran' in dir()").id)
+    assert check.outputs[0]["data"]["text/plain"] == "False"
+
+
+def test_stop_grace_is_checked(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="stop_grace"):
+        DialogueService(tmp_path / "a.db", stop_grace=0)
+    monkeypatch.setenv("DIALOGUE_STOP_GRACE", "soon")
+    with pytest.raises(RunError, match="DIALOGUE_STOP_GRACE"):
+        DialogueService(tmp_path / "b.db")
+    monkeypatch.setenv("DIALOGUE_STOP_GRACE", "2.5")
+    s = DialogueService(tmp_path / "c.db")
+    assert s.stop_grace == 2.5
+    s.close()
 
 
 async def test_notes_do_not_run_and_run_all_stops_at_first_error(svc):
@@ -180,3 +265,28 @@ async def test_a_dialogues_adapter_set_is_checked_before_anything_streams(svc, t
     svc.update("b", meta={"adapters": {"x": 1.0}})
     r = await svc.run("b", svc.add("b", "prompt", "hi").id)
     assert "local models only" in r.meta["error"]
+
+
+async def test_a_run_cut_off_by_its_writer_is_marked_and_a_new_run_clears_the_mark(svc, tmp_path):
+    from dialogue.store import Store
+    svc.create("d")
+    m = svc.add("d", "code", "print('again')")
+    p = svc.add("d", "prompt", "hi")
+    # another writer (a Store of its own, as another process would have) is cut off mid-run
+    other = Store(svc.store.path)
+    other.begin_stream(m.id)
+    other.stream_append(m.id, output={"output_type": "stream", "name": "stdout", "text": "par"})
+    other.begin_stream(p.id)
+    other.stream_append(p.id, text="Half")
+    # while it lives, this service may not run what it writes, and opening touches nothing
+    with pytest.raises(RunError, match="being written by another process"):
+        svc.start("d", m.id)
+    assert "interrupted" not in svc.open("d").messages[0].meta
+    other.close()  # (tests/test_store_safety.py kills a real process instead)
+    d = svc.open("d")
+    assert [svc.run_status(x) for x in d.messages] == ["interrupted", "interrupted"]
+    assert d.messages[0].outputs[0]["text"] == "par" and d.messages[1].response == "Half"
+    # a new run is a new run: its status is its own
+    r = await svc.run("d", m.id)
+    assert svc.run_status(r) == "ok" and "interrupted" not in r.meta
+    assert r.outputs[0]["text"] == "again\n"

@@ -4,9 +4,18 @@ Code messages run in an ipykernel subprocess driven through `jupyter_client`'s a
 The kernel listens on IPC (Unix sockets) in a private 0700 directory, never on TCP, so no other
 local user can reach it. Outputs come back in nbformat shape, as they arrive, capped in size. A
 kernel that dies is noticed by polling its process, the run says so, and the next run starts a
-fresh kernel. No kernel outlives the process that started it: a registry of live kernels is
-killed at interpreter exit and on SIGTERM/SIGHUP, and each kernel also watches its parent
-(ipykernel's parent poller) so even a SIGKILLed server leaves nothing behind.
+fresh kernel.
+
+Nothing a kernel starts outlives the kernel or the app. Each kernel runs under a small supervisor
+process (`kernel_supervisor.py`) that holds it and everything it starts in one group the app can
+always end: on Linux a cgroup v2 of its own where one can be created (root, or a delegated
+subtree), else the supervisor is a child subreaper that adopts every orphaned descendant, so a
+`Popen(..., start_new_session=True)`, a `setsid` double fork or `nohup cmd &` is ended with the
+kernel. Elsewhere (macOS, BSD) only the kernel's process group is ended: a process that made its
+own session survives there (`Kernel.containment` says which guarantee a kernel has). The whole
+group is ended when the kernel exits, is restarted or shut down; at interpreter exit and on
+SIGTERM/SIGHUP (a registry of live kernels); and when the app dies, even by SIGKILL (the
+supervisor's stdin is a pipe only the app can write to, so EOF means the app is gone).
 
 Public API::
 
@@ -19,7 +28,7 @@ Public API::
     await k.eval("df.shape") -> str         # text/plain of an expression, for $`expr`
     await k.shell("ls") -> str              # a shell command's output, for !`cmd`
     await k.call(code, expr) -> str | None  # silent code, then one expression's text (tools)
-    k.is_alive, k.busy, k.last_used, k.pid
+    k.is_alive, k.busy, k.last_used, k.pid, k.containment
 
     pool = KernelPool(idle_timeout=3600)    # dialogue id -> Kernel
     k = await pool.get(dialogue_id); await pool.shutdown_all()
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -299,50 +309,108 @@ def _install_code(module: str, source: str) -> str:
 
 # ---------------------------------------------------------------- orphan protection
 
-# pid -> (process, private dir). Kept outside the Kernel objects so the exit hooks can kill
-# kernels synchronously whatever state the event loop is in.
-_LIVE: dict[int, tuple[subprocess.Popen, str]] = {}
-_LIVE_LOCK = threading.RLock()  # re-entrant: a signal handler may run while the main thread holds it
-_hooks_installed = False
+_SUPERVISOR = str(Path(__file__).with_name("kernel_supervisor.py"))
+_INFO = "supervisor.json"  # in the private directory: what the supervisor reports
 
 
-def _kill_all_sync(grace: float = 1.0) -> None:
-    """Terminate every kernel this process started, then kill what is left. Runs at exit and
-    from signal handlers, so it uses only os-level calls."""
-    with _LIVE_LOCK:
-        live = list(_LIVE.items())
-        _LIVE.clear()
-    for pid, (proc, _) in live:
-        _signal_group(proc, signal.SIGTERM)
-    end = time.monotonic() + grace
-    for pid, (proc, _) in live:
-        while proc.poll() is None and time.monotonic() < end:
-            time.sleep(0.02)
-        if proc.poll() is None:
-            _signal_group(proc, signal.SIGKILL)
+@dataclass(eq=False)
+class _Tree:
+    """A kernel's supervisor and what the app needs to end it and all it started."""
+
+    proc: subprocess.Popen  # the supervisor (jupyter_client's provisioner holds the same object)
+    dir: str  # the kernel's private directory
+    pipe: int | None = None  # write end of the supervisor's stdin: closed when this process dies
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def load_info(self) -> dict[str, Any]:
+        """What the supervisor reported ({} until it has): the kernel's pid, the containment."""
+        if not self.info:
+            with contextlib.suppress(OSError, ValueError):
+                self.info = json.loads(Path(self.dir, _INFO).read_text())
+        return self.info
+
+    @property
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def ask_end(self) -> None:
+        """SIGTERM to the supervisor: it SIGKILLs the kernel and every process it started, waits
+        until they are gone, then exits."""
+        if not self.done:
             try:
-                proc.wait(1)
-            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
                 pass
-    for _, (_, d) in live:
-        shutil.rmtree(d, ignore_errors=True)
 
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    # The kernel leads its own process group (jupyter_client starts it in a new session), so
-    # signalling the group also reaches the subprocesses the user's code started.
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
+    def force(self) -> None:
+        """What the supervisor should have done, for one that does not end (stuck, or stopped
+        with SIGSTOP): SIGKILL the kernel's process group, its cgroup and the supervisor."""
+        info = self.load_info()
+        kp = info.get("kernel_pid")
+        if kp and not self.done:  # (its own child: not reused unless it was reaped just now)
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(kp, signal.SIGKILL)
+                except OSError:
+                    pass
+        if info.get("cgroup"):
+            from .kernel_supervisor import CGroup
+            CGroup(info["cgroup"]).kill()
         try:
-            proc.send_signal(sig)
+            self.proc.kill()
         except ProcessLookupError:
             pass
+
+    def finish(self) -> None:
+        """After the supervisor exited: make sure its cgroup is gone too (it removes it itself
+        unless it was killed), and close our end of its pipe."""
+        cg = self.info.get("cgroup")
+        if cg and os.path.isdir(cg):
+            from .kernel_supervisor import CGroup
+            group = CGroup(cg)
+            end = time.monotonic() + 2.0
+            while group.populated() and time.monotonic() < end:
+                group.kill()
+                time.sleep(0.01)
+            group.remove()
+        if self.pipe is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pipe)
+            self.pipe = None
+
+
+# pid of the supervisor -> its tree. Kept outside the Kernel objects so the exit hooks can end
+# kernels synchronously whatever state the event loop is in.
+_LIVE: dict[int, _Tree] = {}
+_LIVE_LOCK = threading.RLock()  # re-entrant: a signal handler may run while the main thread holds it
+_hooks_installed = False
+_END_WAIT = 6.0  # seconds a supervisor gets to end its tree (it gives up itself after 5)
+
+
+def _kill_all_sync(grace: float = _END_WAIT) -> None:
+    """End every kernel this process started, and all they started. Runs at exit and from
+    signal handlers, so it uses only os-level calls."""
+    with _LIVE_LOCK:
+        live = list(_LIVE.values())
+        _LIVE.clear()
+    for t in live:
+        t.ask_end()
+    end = time.monotonic() + grace
+    for t in live:
+        while not t.done and time.monotonic() < end:
+            time.sleep(0.02)
+        if not t.done:
+            t.force()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                t.proc.wait(1)
+        t.finish()
+        shutil.rmtree(t.dir, ignore_errors=True)
 
 
 def _sweep_stale() -> None:
     """Remove private directories left by servers that were killed outright (SIGKILL): their
-    kernels exited by themselves (parent poller), but nothing could remove the directories."""
+    supervisors ended the kernels, but nothing could remove the directories. A cgroup whose
+    supervisor was killed too is ended here."""
     import glob
     roots = {tempfile.gettempdir(), "/tmp"}
     for root in roots:
@@ -358,18 +426,32 @@ def _sweep_stale() -> None:
             try:
                 os.kill(owner, 0)
             except ProcessLookupError:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    cg = json.loads(Path(d, _INFO).read_text()).get("cgroup")
+                    if cg and os.path.isdir(cg) and os.path.basename(cg).startswith("dialogue-k-"):
+                        from .kernel_supervisor import CGroup
+                        group = CGroup(cg)
+                        group.kill()
+                        time.sleep(0.05)
+                        group.remove()
                 shutil.rmtree(d, ignore_errors=True)
             except PermissionError:
                 pass
 
 
-async def _kill_and_wait(proc: subprocess.Popen, wait: float = 5.0) -> None:
-    """SIGKILL is delivered asynchronously: wait until the process is really gone, so the next
-    liveness check does not see it alive."""
-    _signal_group(proc, signal.SIGKILL)
+async def _end_tree(tree: _Tree, wait: float = _END_WAIT) -> None:
+    """End the kernel and all it started, and wait until they are gone: the next liveness check
+    must not see the kernel alive, and a restart must not overlap the old kernel's processes."""
+    tree.ask_end()
     end = time.monotonic() + wait
-    while proc.poll() is None and time.monotonic() < end:
+    while not tree.done and time.monotonic() < end:
         await asyncio.sleep(0.02)
+    if not tree.done:
+        tree.force()
+        end = time.monotonic() + 2.0
+        while not tree.done and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+    tree.finish()
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -439,10 +521,14 @@ class _Specs(KernelSpecManager):
     ~/.local/share/jupyter could otherwise point at another environment."""
 
     python: str = sys.executable
+    info: str = ""  # where the supervisor reports; the kernel runs under it (see the module doc)
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        return KernelSpec(argv=[self.python, "-Xfrozen_modules=off", "-c", _LAUNCHER,
-                                "-f", "{connection_file}"],
+        kernel = [self.python, "-Xfrozen_modules=off", "-c", _LAUNCHER, "-f", "{connection_file}"]
+        # The supervisor needs only the standard library: this interpreter, isolated (-I) and
+        # without site (-S), starts in milliseconds whatever the kernel's environment.
+        return KernelSpec(argv=[sys.executable, "-I", "-S", _SUPERVISOR, "--info", self.info,
+                                "--", *kernel],
                           display_name="Python 3 (dialogue)", language="python",
                           interrupt_mode="signal")
 
@@ -492,6 +578,7 @@ class Kernel:
         self._km: AsyncKernelManager | None = None
         self._kc: Any = None
         self._dir: str | None = None
+        self._tree: _Tree | None = None
         self._log: Any = None
         self._stop_reason: str | None = None
         self._run_lock = asyncio.Lock()
@@ -505,8 +592,8 @@ class Kernel:
 
     @property
     def _proc(self) -> subprocess.Popen | None:
-        prov = self._km.provisioner if self._km is not None else None
-        return getattr(prov, "process", None)
+        """The kernel's supervisor, which exits as the kernel exits (with its status)."""
+        return self._tree.proc if self._tree is not None else None
 
     @property
     def is_alive(self) -> bool:
@@ -516,8 +603,23 @@ class Kernel:
 
     @property
     def pid(self) -> int | None:
+        """The kernel process's pid (its supervisor's is `supervisor_pid`)."""
+        t = self._tree
+        return t.info.get("kernel_pid") if t is not None else None
+
+    @property
+    def supervisor_pid(self) -> int | None:
         p = self._proc
         return p.pid if p is not None else None
+
+    @property
+    def containment(self) -> str | None:
+        """How everything the kernel starts is held, so it can be ended with it: "cgroup"
+        (Linux, a cgroup v2 of its own), "subreaper" (Linux: the supervisor adopts orphans),
+        or "process-group" (elsewhere: a process that starts its own session escapes).
+        None before the kernel starts."""
+        t = self._tree
+        return t.info.get("containment") if t is not None else None
 
     @property
     def busy(self) -> bool:
@@ -555,33 +657,51 @@ class Kernel:
         Path(d, "owner").write_text(str(os.getpid()))
         specs = _Specs()
         specs.python = self.python
+        specs.info = os.path.join(d, _INFO)
         km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs, transport="ipc",
                                 ip=os.path.join(d, "k"), connection_file=os.path.join(d, "kernel.json"),
                                 shutdown_wait_time=1.0)
         env = {**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1", **self.env}
         self._log = open(os.path.join(d, "kernel.log"), "wb")
+        # The supervisor's stdin: only this process holds the write end (os.pipe fds are not
+        # inherited by other children), so the supervisor reads EOF exactly when we are gone.
+        r, w = os.pipe()
         try:
             await km.start_kernel(
-                cwd=self.cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                extra_arguments=[f"--IPKernelApp.parent_handle={os.getpid()}",
-                                 "--HistoryManager.enabled=False"])
+                cwd=self.cwd, env=env, stdin=r, stdout=self._log, stderr=subprocess.STDOUT,
+                extra_arguments=["--HistoryManager.enabled=False"])
         except Exception as e:
+            os.close(w)
             self._log.close()
             shutil.rmtree(d, ignore_errors=True)
             raise KernelStartError(f"could not start a Python kernel with {self.python}: {e}") from e
+        finally:
+            os.close(r)
+        tree = _Tree(km.provisioner.process, d, w)
         with _LIVE_LOCK:
-            _LIVE[km.provisioner.process.pid] = (km.provisioner.process, d)
-        self._km, self._dir = km, d
+            _LIVE[tree.proc.pid] = tree
+        self._km, self._dir, self._tree = km, d, tree
         kc = km.client()
         kc.start_channels()
         self._kc = kc
         try:
             await kc.wait_for_ready(timeout=self.startup_timeout)
+            end = time.monotonic() + 10  # written before the kernel started: at once
+            while not tree.load_info() and not tree.done and time.monotonic() < end:
+                await asyncio.sleep(0.01)
         except Exception as e:
             tail = self._log_tail()
+            error = tree.load_info().get("error")
             await self._stop_locked(now=True)
+            if error:  # the supervisor could not start the kernel (no such python, ...)
+                raise KernelStartError(f"could not start a Python kernel with {self.python}: "
+                                       f"{error}") from e
             raise KernelStartError(f"the Python kernel did not come up ({e})"
                                    + (f"; its log ends:\n{tail}" if tail else "")) from e
+        if tree.info.get("error"):  # (the kernel died before answering: wait_for_ready said so)
+            await self._stop_locked(now=True)
+            raise KernelStartError(f"could not start a Python kernel with {self.python}: "
+                                   f"{tree.info['error']}")
         self._stop_reason = None
         self._modules = {}
         self.generation += 1
@@ -615,17 +735,25 @@ class Kernel:
             await self._stop_locked(now=self.busy)
 
     async def _stop_locked(self, now: bool) -> None:
-        km, kc, d = self._km, self._kc, self._dir
+        km, kc, d, tree = self._km, self._kc, self._dir, self._tree
         if km is None:
             return
-        proc = self._proc
-        try:
+        if tree is not None and not now and not tree.done:
+            # Politely first: the kernel runs its exit handlers, then its supervisor ends what
+            # it left running and exits.
+            with contextlib.suppress(Exception):
+                await km.request_shutdown()
+                end = time.monotonic() + km.shutdown_wait_time
+                while not tree.done and time.monotonic() < end:
+                    await asyncio.sleep(0.02)
+        if tree is not None:
+            await _end_tree(tree)
+        # Not jupyter_client's own shutdown sequence: its last resort SIGKILLs the supervisor,
+        # which would leave the kernel's processes to init. Here the process is gone already,
+        # and this only clears jupyter_client's state (connection file, sockets).
+        with contextlib.suppress(Exception):
             if km.has_kernel:
-                await km.shutdown_kernel(now=now or not self.is_alive)
-        except Exception:  # the process may be gone already; kill what is left below
-            pass
-        if proc is not None and proc.poll() is None:
-            await _kill_and_wait(proc)
+                await km.shutdown_kernel(now=True)
         # let a run in progress see the process gone before its sockets close
         cur = self._current
         if (cur is not None and self._current_msg is not None and not cur.done()
@@ -636,12 +764,12 @@ class Kernel:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if proc is not None:
+        if tree is not None:
             with _LIVE_LOCK:
-                _LIVE.pop(proc.pid, None)
+                _LIVE.pop(tree.proc.pid, None)
         if d:
             shutil.rmtree(d, ignore_errors=True)
-        self._km = self._kc = self._dir = None
+        self._km = self._kc = self._dir = self._tree = None
         self._modules = {}
 
     async def interrupt(self) -> None:
@@ -680,10 +808,7 @@ class Kernel:
         try:
             return await asyncio.shield(ex._task)
         except asyncio.CancelledError:
-            if ex.msg_id is None:  # still waiting for its turn: it never runs
-                ex._task.cancel()
-            elif ex.msg_id == self._current_msg:
-                await self.interrupt()
+            await ex.interrupt()
             raise
 
     async def _execute(self, code: str, timeout: float | None, ex: "Execution") -> RunResult:
@@ -713,7 +838,7 @@ class Kernel:
     async def _execute_locked(self, code: str, timeout: float | None, ex: "Execution") -> RunResult:
         async with self._life_lock:
             await self._start_locked()
-        kc, proc = self._kc, self._proc
+        kc, proc, tree = self._kc, self._proc, self._tree
         outs = _Outputs(self.output_cap)
         msg_id = kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
         self._current_msg = ex.msg_id = msg_id
@@ -731,7 +856,7 @@ class Kernel:
                 await self._km.interrupt_kernel()
             if timed_out_at is not None and now >= timed_out_at + self.interrupt_grace:
                 # The cell ignores SIGINT (e.g. stuck in C code): stop the kernel.
-                await _kill_and_wait(proc)
+                await _end_tree(tree)
                 killed = True
                 died = (f"The cell timed out after {timeout:g} s and did not stop when "
                         f"interrupted; the kernel was stopped, its variables are lost. "
@@ -837,7 +962,7 @@ class Kernel:
                 self.last_used = time.monotonic()
 
     async def _call_locked(self, code: str, expr: str | None, timeout: float | None) -> str | None:
-        kc, proc = self._kc, self._proc
+        kc, proc, tree = self._kc, self._proc, self._tree
         exprs = {"r": expr} if expr is not None else {}
         msg_id = kc.execute(code, silent=True, store_history=False, user_expressions=exprs,
                             allow_stdin=False, stop_on_error=False)
@@ -850,7 +975,7 @@ class Kernel:
             try:
                 await self._reply(msg_id, loop.time() + self.interrupt_grace)
             except KernelTimeout:
-                await _kill_and_wait(proc)
+                await _end_tree(tree)
                 raise KernelTimeout(f"no answer from the kernel within {timeout:g} s; it did not "
                                     "stop when interrupted and was stopped") from None
             raise KernelTimeout(f"no answer from the kernel within {timeout:g} s; interrupted") from None
@@ -939,6 +1064,20 @@ class Execution:
             if item is self._DONE:
                 return
             yield item
+
+    @property
+    def running(self) -> bool:
+        """The kernel is running this code now (not waiting for its turn, not finished)."""
+        return self.msg_id is not None and self.msg_id == self.kernel._current_msg
+
+    async def interrupt(self) -> None:
+        """Interrupt this run if the kernel is running it; a run still waiting for its turn is
+        dropped and never runs. Another run that holds the kernel is left alone."""
+        if self.msg_id is None:
+            if self._task is not None:
+                self._task.cancel()
+        elif self.running:
+            await self.kernel.interrupt()
 
     def __await__(self):
         return self.wait().__await__()
