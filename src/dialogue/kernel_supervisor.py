@@ -10,7 +10,8 @@ instead of the kernel, and it starts the kernel:
   services): the kernel runs in a cgroup of its own, created beside this process's cgroup. No
   process can leave it without write access to another cgroup, and `cgroup.kill` (or freezing
   and SIGKILLing each member, before Linux 5.14) ends all of it at once.
-- **Linux otherwise** (a read-only /sys/fs/cgroup, as in most containers): this process is a
+- **Linux otherwise** (a read-only /sys/fs/cgroup, as in most containers, or
+  `DIALOGUE_KERNEL_NO_CGROUP=1` in the kernel's environment): this process is a
   child subreaper (`prctl(PR_SET_CHILD_SUBREAPER)`), so every orphaned descendant, however it
   detached, is re-parented to it rather than to init. It ends them by walking /proc from its
   own pid and SIGKILLing every descendant until none is left.
