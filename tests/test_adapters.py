@@ -400,10 +400,10 @@ def test_stacked_adapters_with_scales(trained, rt):
 
 
 @pytest.mark.slow
-async def test_kv_cache_never_crosses_adapter_sets(trained, rt, tmp_path, monkeypatch):
-    monkeypatch.setattr(rt, "cache", KVCache(tmp_path / "kv"))  # this test's states only
+async def test_kv_cache_never_crosses_adapter_sets(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIALOGUE_CACHE_DIR", str(tmp_path / "kv"))  # this test's states only
     prov = get_provider("local:default")
-    assert prov.runtime is rt
+    rt = prov.runtime  # the model process the provider answers from
     sys_text = SYSTEM + " " + "Keep answers short and precise. " * 20  # a system prefix worth caching
 
     async def run(adapters: dict) -> tuple[Usage, str]:
@@ -428,7 +428,7 @@ async def test_kv_cache_never_crosses_adapter_sets(trained, rt, tmp_path, monkey
     rt.reset()
     again, t_again = await run({"zorblax": 1.0})  # its own set again, after a reset: from disk
     assert again.cache_read == u_z.cache_write and t_again == t_z
-    namespaces = {e.namespace for e in rt.cache.entries()}
+    namespaces = {e.namespace for e in KVCache(tmp_path / "kv").entries()}
     assert len(namespaces) == 4  # z@1, p@1, z@0.5, none: one each, none shared
 
 

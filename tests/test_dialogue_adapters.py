@@ -173,6 +173,6 @@ async def test_a_file_replaced_in_place_is_served_fresh(svc, home):
     tmp = strong_lora(home / "new.gguf", 8)
     tmp.replace(path)  # same path, the other adapter's content
     assert await answer(svc, "d", {str(path): 1.0}) == second
-    rt = get_provider("local:default").runtime
+    loaded = get_provider("local:default").runtime.status()["loaded_adapters"]
     # the replaced content's handle was freed; the new content shares the other file's handle
-    assert old not in rt._lora and model_hash(path) == model_hash(other) in rt._lora
+    assert old not in loaded and model_hash(path) == model_hash(other) in loaded

@@ -213,11 +213,14 @@ def test_context_too_long(rt):
         rt.generate(p, max_tokens=4)
 
 
-def test_one_load_shared_by_every_provider(rt):
-    n = load_count()
+def test_one_model_process_shared_by_every_provider():
+    from dialogue.local.process import get_model_process
     a, b, c = LocalProvider("local:default"), LocalProvider("local:smollm2"), get_provider("local:default")
-    assert a.runtime is b.runtime is c.runtime is rt
-    assert load_count() == n
+    mp = get_model_process("default")
+    assert a.runtime is b.runtime is c.runtime is mp
+    starts = mp.starts
+    assert a.count_tokens("hello") == b.count_tokens("hello") > 0
+    assert mp.starts == max(starts, 1)  # one process for all of them, started once
 
 
 def test_count_tokens(rt):
@@ -244,7 +247,7 @@ async def test_provider_streams_text_usage_done(rt):
     n_prompt = len(prov.build(req).tokens)
     assert u.input + u.cache_read + u.cache_write == n_prompt
     assert u.cache_write > 0 and 0 < u.output <= 12 and texts
-    rt.reset()  # a new dialogue turn after a restart: the system prefix comes from disk
+    prov.runtime.reset()  # a new dialogue turn after a restart: the system prefix comes from disk
     again = await collect(prov, req)
     u2 = next(e for e in again if isinstance(e, Usage))
     assert u2.cache_read == u.cache_write and u2.cache_write == 0

@@ -23,8 +23,13 @@ Text before `<tool_call>` streams as usual; the block itself is parsed into a `T
 `<tool_response>` blocks. A 135M model follows the convention only now and then; larger GGUFs
 trained on it do better. Images are replaced by a short note: these models read text only.
 
-`request.meta` may carry: `adapters` ({gguf lora path: scale}, issue 8), `seed` (for temperature
-> 0), `kv_cache` (False to bypass the disk cache), `n_ctx`.
+`request.meta` may carry: `adapters` ({gguf lora path: scale}), `seed` (for temperature > 0),
+`kv_cache` (False to bypass the disk cache), `n_ctx`, `sampling` (a dialogue's
+`runtime.Sampling` settings: repetition penalties and the loop stop, on by default).
+
+The model runs in a process of its own (`dialogue.local.process`): a native crash there ends this
+answer with `ModelCrashedError`, never the app, and the next prompt starts a fresh process. While
+the model reads a long prompt the stream yields `Progress` events.
 """
 from __future__ import annotations
 
@@ -34,8 +39,10 @@ import secrets
 from typing import AsyncIterator
 
 from ..local import models as local_models
-from ..local.runtime import DEFAULT_N_CTX, GenStats, Prompt, Runtime, get_runtime
-from .base import ContextTooLongError, Done, Event, Request, TextDelta, ToolCall, ToolSpec, Turn, Usage, register
+from ..local.process import ModelProcess, get_model_process
+from ..local.runtime import DEFAULT_N_CTX, GenStats, Prompt, Sampling
+from .base import (ContextTooLongError, Done, ProviderError, Event, Progress, Request, TextDelta, ToolCall, ToolSpec, Turn,
+                   Usage, register)
 
 __all__ = ["LocalProvider", "tools_system_text", "parse_tool_calls", "request_messages"]
 
@@ -133,16 +140,20 @@ class LocalProvider:
     """The `local:` provider. Construction resolves the name (an unknown model fails here, with
     the list of known ones); the model itself loads on first use, once per process."""
 
+    # Small local models loop more readily than they finish a long answer, and each token costs
+    # tens of milliseconds on a CPU: a shorter default budget than the hosted models' 1,024.
+    default_max_tokens = 512
+
     def __init__(self, model: str):
         self.name = model
         self.spec = local_models.resolve(model)
-        self._runtime: Runtime | None = None
+        self._runtime: ModelProcess | None = None
         self._n_ctx = DEFAULT_N_CTX
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> ModelProcess:
         if self._runtime is None:
-            self._runtime = get_runtime(self.spec, n_ctx=self._n_ctx)
+            self._runtime = get_model_process(self.spec, n_ctx=self._n_ctx)
         return self._runtime
 
     def count_tokens(self, text: str) -> int | None:
@@ -169,19 +180,26 @@ class LocalProvider:
         stop = list(request.stop) + ([TOOL_CLOSE] if tools else [])
         temperature = 0.0 if request.temperature is None else float(request.temperature)
         adapters = request.meta.get("adapters") or {}
+        try:
+            sampling = Sampling.from_dict(request.meta.get("sampling"))
+        except ValueError as e:
+            raise ProviderError(f"this dialogue's sampling settings: {e}") from e
         answer = prefill       # prefill + generated text: where a tool-call block is looked for
         shown = len(prefill)   # characters of `answer` already sent (the prefill is never sent)
         block = -1             # where a tool-call block starts in `answer`, once seen
         searched = 0
         stats: GenStats | None = None
         gen = rt.stream(prompt, max_tokens=request.max_tokens, temperature=temperature, stop=stop,
-                        seed=request.meta.get("seed"), adapters=adapters,
+                        seed=request.meta.get("seed"), adapters=adapters, sampling=sampling,
                         use_cache=request.meta.get("kv_cache", True))
         try:
             async for item in gen:
                 if isinstance(item, GenStats):
                     stats = item
                     break
+                if isinstance(item, tuple):
+                    yield Progress(item[1], item[2], item[3])
+                    continue
                 if not tools:
                     yield TextDelta(item)
                     continue

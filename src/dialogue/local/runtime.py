@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import os
@@ -37,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 from ..llm.base import ContextTooLongError, ProviderError
 from .kvcache import (CacheError, KVCache, check_llama_internals, evaluated_tokens, namespace_key, truncate_to)
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Runtime", "Prompt", "GenStats", "AdapterError", "get_runtime", "load_count", "loaded_runtimes",
-    "DEFAULT_N_CTX", "CHUNK", "BUILTIN_TEMPLATES",
+    "DEFAULT_N_CTX", "CHUNK", "BUILTIN_TEMPLATES", "Sampling", "repeating_tail", "model_params",
+    "extra_buffers", "gpu_layers", "gpu_offload", "device_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ class GenStats:
     restored: int = 0
     saved: int = 0
     generated: int = 0
-    stop_reason: str = "end"   # end | max_tokens | stop | cancelled
+    stop_reason: str = "end"   # end | max_tokens | stop | cancelled | repetition
     stop_sequence: str = ""
     text: str = ""
     tokens: list[int] = field(default_factory=list)
@@ -150,7 +152,8 @@ class Runtime:
     KV memory); tokenizing needs only the vocabulary and runs alongside."""
 
     def __init__(self, spec: ModelSpec, *, n_ctx: int = DEFAULT_N_CTX, cache: KVCache | None = None,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, n_gpu_layers: int | None = None,
+                 extra_bufts: bool | None = None, verbose: bool = False):
         global _loads
         try:
             import llama_cpp
@@ -163,11 +166,18 @@ class Runtime:
         self.spec = spec
         self.n_ctx = n_ctx
         threads, batch_threads = _threads(n_threads)
+        self.gpu_layers = gpu_layers() if n_gpu_layers is None else n_gpu_layers
+        self.extra_bufts = extra_buffers() if extra_bufts is None else extra_bufts
         try:
-            self.llm: Llama = Llama(str(spec.path), n_ctx=n_ctx, n_batch=512, verbose=False,
-                                    n_threads=threads, n_threads_batch=batch_threads)
+            with model_params(extra_bufts=self.extra_bufts):
+                self.llm: Llama = Llama(str(spec.path), n_ctx=n_ctx, n_batch=512, verbose=verbose,
+                                        n_threads=threads, n_threads_batch=batch_threads,
+                                        n_gpu_layers=self.gpu_layers)
         except (ValueError, RuntimeError) as e:
             raise ProviderError(f"could not load the model {spec.path}: {e}") from e
+        if self.llm.model_params.use_extra_bufts != self.extra_bufts:  # pragma: no cover
+            raise ProviderError("llama-cpp-python no longer builds its model parameters from "
+                                "llama_model_default_params(): the safe load path needs updating")
         _loads += 1
         check_llama_internals(self.llm)
         self.cache = cache if cache is not None else KVCache()
@@ -367,10 +377,16 @@ class Runtime:
                  stop: Sequence[str] = (), seed: int | None = None, use_cache: bool = True,
                  adapters: Mapping[str | os.PathLike[str], float] | None = None,
                  cancel: threading.Event | None = None,
-                 on_text: Callable[[str], None] | None = None) -> GenStats:
+                 on_text: Callable[[str], None] | None = None,
+                 on_progress: Callable[[int, int, float | None], None] | None = None,
+                 sampling: Sampling | Mapping[str, Any] | None = None) -> GenStats:
         """Generate in the calling thread (blocking). `on_text` gets each piece of text as soon as
         it is final (text that might be the start of a stop sequence is held back). `adapters`
-        None keeps the current set. `cancel` stops within one token (or one prompt chunk)."""
+        None keeps the current set. `cancel` stops within one token (or one prompt chunk).
+        `on_progress(read, total, eta_s)` is called while the prompt is read, after each chunk,
+        when more than one chunk is left to evaluate. `sampling`: see `Sampling`."""
+        if not isinstance(sampling, Sampling):
+            sampling = Sampling.from_dict(sampling)
         if len(prompt.tokens) == 0:
             raise ValueError("empty prompt")
         if len(prompt.tokens) >= self.n_ctx:
@@ -382,11 +398,13 @@ class Runtime:
             if adapters is not None:
                 self._apply_adapters(adapters)
             return self._generate(prompt, max_tokens, temperature, stop, seed, use_cache, cancel,
-                                  on_text or (lambda s: None))
+                                  on_text or (lambda s: None), on_progress, sampling)
 
     def _generate(self, prompt: Prompt, max_tokens: int, temperature: float, stop: Sequence[str],
                   seed: int | None, use_cache: bool, cancel: threading.Event,
-                  on_text: Callable[[str], None]) -> GenStats:
+                  on_text: Callable[[str], None],
+                  on_progress: Callable[[int, int, float | None], None] | None,
+                  sampling: Sampling) -> GenStats:
         llm = self.llm
         t0 = time.perf_counter()
         toks = prompt.tokens
@@ -420,6 +438,10 @@ class Runtime:
         # 3. evaluate the rest, segment by segment, saving where asked
         ends = [b for b in prompt.boundaries if b > start] + [n]
         pos = start
+        report = on_progress if on_progress is not None and n - start > CHUNK else None
+        t_read = time.perf_counter()
+        if report:
+            report(start, n, None)
         for end in ends:
             while pos < end:
                 if cancel.is_set():
@@ -429,6 +451,9 @@ class Runtime:
                 step = min(CHUNK, end - pos)
                 llm.eval(toks[pos:pos + step])
                 pos += step
+                if report and pos < n:
+                    rate = (pos - start) / max(1e-6, time.perf_counter() - t_read)
+                    report(pos, n, (n - pos) / rate)
             self._mem_bounds.add(end)
             if use_cache and end in prompt.save and end < n and not self.cache.has(ns, toks[:end]):
                 try:
@@ -449,7 +474,7 @@ class Runtime:
 
         # 4. sample
         budget = max(0, min(max_tokens, self.n_ctx - n))
-        sampler = _Sampler(temperature, seed)
+        sampler = _Sampler(temperature, seed, sampling, self._vocab, self.n_ctx)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
         emitted = 0
@@ -468,6 +493,10 @@ class Runtime:
                     break
                 st.generated += 1
                 st.tokens.append(tok)
+                if sampling.loop_stop and repeating_tail(st.tokens):
+                    st.stop_reason = "repetition"
+                    text += decoder.decode(self._piece_bytes(tok))
+                    break
                 text += decoder.decode(self._piece_bytes(tok))
                 hit = _find_stop(text, stop, max(0, emitted - hold))
                 if hit is not None:
@@ -553,6 +582,77 @@ class Runtime:
                     del _runtimes[k]
 
 
+# ---------------------------------------------------------------- loading safely
+
+# Why no extra buffer types by default. Built from source, llama.cpp targets the build machine's
+# CPU; on a Xeon with AMX (Sapphire Rapids) it put the bundled Q4_1 weights in AMX buffers
+# ("AMX model buffer size = 95.34 MiB", "amx repack tensor ... of type q4_1") and the first
+# llama_decode died with a general protection fault in libggml-cpu.so, whatever the threads, mmap,
+# flash-attention or batch settings. With llama_model_params.use_extra_bufts = False (no AMX and no
+# CPU_REPACK buffers: weights stay in plain CPU buffers, read in place from the mmap) every path
+# worked there. The only thing lost is weight repacking, which speeds up Q4_0 / IQ4_NL models on
+# AVX2 and ARM; bench/ttft_bench.py --repack measures it on a Q4_0 copy of the bundled model
+# (figures in its docstring). `DIALOGUE_LLAMA_REPACK=1` turns it back on for whoever wants it.
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_params(*, extra_bufts: bool) -> Iterator[None]:
+    """While loading a `Llama`, make its model parameters use (or not) extra buffer types.
+
+    `Llama()` has no argument for it: it starts from `llama_model_default_params()` and sets the
+    fields it knows, so the default is swapped for the duration of the load (under a lock: the
+    swap is process-wide). The constructed `Llama.model_params` shows the value in effect, which
+    the runtime checks after loading."""
+    import llama_cpp.llama as wrapper
+    c = wrapper.llama_cpp
+    with _params_lock:
+        orig = c.llama_model_default_params
+
+        def params() -> Any:
+            p = orig()
+            p.use_extra_bufts = extra_bufts
+            return p
+
+        c.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            c.llama_model_default_params = orig
+
+
+def extra_buffers() -> bool:
+    """Whether models load with extra (repacked, AMX) weight buffers: off unless
+    `DIALOGUE_LLAMA_REPACK=1` (see the comment above)."""
+    return os.environ.get("DIALOGUE_LLAMA_REPACK", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def gpu_offload() -> bool:
+    """Whether this llama-cpp-python build can put layers on a GPU (CUDA, Metal, Vulkan...)."""
+    import llama_cpp
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def gpu_layers() -> int:
+    """Layers to offload: `DIALOGUE_GPU_LAYERS` (-1 = all, 0 = none) if set, else all of them when
+    the build supports a GPU and none otherwise."""
+    env = os.environ.get("DIALOGUE_GPU_LAYERS", "").strip()
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ProviderError(f"DIALOGUE_GPU_LAYERS must be an integer (-1 for all layers), not {env!r}")
+    return -1 if gpu_offload() else 0
+
+
+def device_text(n_gpu_layers: int | None = None) -> str:
+    """Where a model runs, in words, without loading it (for `dialogue models`)."""
+    n = gpu_layers() if n_gpu_layers is None else n_gpu_layers
+    if n == 0 or not gpu_offload():
+        return "CPU"
+    return "GPU (all layers)" if n < 0 else f"GPU ({n} layers), CPU (the rest)"
+
+
 # ---------------------------------------------------------------- helpers
 
 def _threads(n: int | None) -> tuple[int, int]:
@@ -568,15 +668,116 @@ def _threads(n: int | None) -> tuple[int, int]:
     return max(1, cpus // 2), max(1, cpus - 1)
 
 
-class _Sampler:
-    """A llama.cpp sampler chain built through the public C API: greedy at temperature 0, else
-    top-k 40 / top-p 0.95 / min-p 0.05 / temperature / seeded draw (llama-cpp-python's defaults)."""
+@dataclass(frozen=True)
+class Sampling:
+    """How a local model picks tokens, beyond temperature. The defaults keep small models out of
+    loops: the bundled 135M model once answered with 1,024 tokens of `({}) ({}) ...` (233 s).
 
-    def __init__(self, temperature: float, seed: int | None):
+    - DRY ("don't repeat yourself", llama.cpp's sampler): a token that would extend a sequence
+      already seen in the answer loses `dry_multiplier * dry_base ** (length - dry_allowed_length)`
+      of its logit. It leaves ordinary text alone (single repeated words are not sequences) and
+      grows fast on a loop. It sees only the answer, not the prompt, so quoting code from the
+      dialogue is not penalized.
+    - `repeat_penalty` (the classic per-token penalty over the last `repeat_last_n` tokens) is off
+      by default: it penalizes every repeated token, which harms code (names recur by design).
+    - `loop_stop`: if the answer's tail is one block of tokens repeated (at least 3 times and 48
+      tokens in all), generation stops with stop reason "repetition", whatever the samplers did.
+    Greedy decoding stays deterministic: the penalties are a function of the answer so far."""
+
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    dry_multiplier: float = 0.8
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_last_n: int = -1
+    loop_stop: bool = True
+
+    FIELDS = ("repeat_penalty", "repeat_last_n", "dry_multiplier", "dry_base", "dry_allowed_length",
+              "dry_last_n", "loop_stop")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Sampling":
+        """Settings as stored on a dialogue (`meta["sampling"]`), checked: an unknown key or a
+        value out of range is a clear error, not a silent default."""
+        if not d:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise ValueError(f"sampling settings must be a mapping, not {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls.FIELDS))
+        if unknown:
+            raise ValueError(f"unknown sampling setting(s) {', '.join(unknown)}: known are "
+                             f"{', '.join(cls.FIELDS)}")
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            want = type(getattr(cls, k))
+            try:
+                if want is bool:
+                    if not isinstance(v, bool):
+                        raise ValueError
+                    kw[k] = v
+                else:
+                    kw[k] = want(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"sampling setting {k} must be a {want.__name__}, not {v!r}") from None
+        s = cls(**kw)
+        if s.repeat_penalty <= 0 or s.dry_multiplier < 0 or s.dry_base < 1 or s.dry_allowed_length < 1:
+            raise ValueError("sampling settings out of range: repeat_penalty > 0, dry_multiplier >= 0, "
+                             "dry_base >= 1, dry_allowed_length >= 1")
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+
+OFF = Sampling(dry_multiplier=0.0, loop_stop=False)  # plain greedy/temperature sampling
+
+# DRY's sequence breakers (llama.cpp's defaults): a repeat never spans one of these, so list
+# markers and line starts do not count as a loop.
+_DRY_BREAKERS = (b"\n", b":", b"\"", b"*")
+
+
+def repeating_tail(tokens: Sequence[int], *, min_repeats: int = 3, min_span: int = 48,
+                   max_period: int = 64) -> int:
+    """The period of a block that the tail of `tokens` repeats (at least `min_repeats` times and
+    `min_span` tokens in all), else 0. Cheap enough to run after every token: a period is tried
+    only where the last token recurs."""
+    n = len(tokens)
+    if n < min_span:
+        return 0
+    last = tokens[-1]
+    for p in range(1, min(max_period, n // min_repeats) + 1):
+        if tokens[-1 - p] != last:
+            continue
+        span = max(min_span, p * min_repeats)
+        if span > n:
+            continue
+        tail = tokens[n - span:]
+        if all(tail[i] == tail[i - p] for i in range(p, span)):
+            return p
+    return 0
+
+
+class _Sampler:
+    """A llama.cpp sampler chain built through the public C API: the repetition samplers of
+    `Sampling`, then greedy at temperature 0, else top-k 40 / top-p 0.95 / min-p 0.05 /
+    temperature / seeded draw (llama-cpp-python's defaults)."""
+
+    def __init__(self, temperature: float, seed: int | None, sampling: Sampling | None = None,
+                 vocab: Any = None, n_ctx_train: int = 0):
         import llama_cpp
         self._c = llama_cpp
+        sampling = sampling or Sampling()
         self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if sampling.repeat_penalty != 1.0:
+            add(llama_cpp.llama_sampler_init_penalties(
+                llama_cpp.llama_vocab_n_tokens(vocab), sampling.repeat_last_n, sampling.repeat_penalty, 0.0, 0.0))
+        if sampling.dry_multiplier > 0 and vocab is not None:
+            breakers = (ctypes.c_char_p * len(_DRY_BREAKERS))(*_DRY_BREAKERS)
+            last_n = sampling.dry_last_n if sampling.dry_last_n >= 0 else (n_ctx_train or 4096)
+            add(llama_cpp.llama_sampler_init_dry(vocab, sampling.dry_multiplier, sampling.dry_base,
+                                                 sampling.dry_allowed_length, last_n,
+                                                 breakers, len(_DRY_BREAKERS)))
         if not temperature or temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:

@@ -1,0 +1,452 @@
+"""The local model in a supervised process of its own (`dialogue.local.worker`), seen from the app.
+
+A native crash in llama.cpp (a segfault on a CPU whose kernels misbehave, an abort, the OOM
+killer) must end one answer, never the server, its kernels or the store. So the app never loads a
+model itself: a `ModelProcess` starts `python -m dialogue.local.worker`, loads the model there and
+talks to it over two pipes. When the process dies, every call in flight fails with
+`ModelCrashedError` ("the local model process crashed (signal 11) ...; it restarts on the next
+prompt") and the next call starts a fresh process. What survives a crash: the disk KV cache (files,
+written atomically), the dialogue's adapter set (sent with every generation), everything in the
+store. What is lost: the prefix still in the dead process's memory (the disk cache usually holds
+most of it).
+
+Costs, measured by `bench/ttft_bench.py --process`: one message per streamed piece of text over a
+pipe, a few tens of microseconds against a token time of 10+ ms. Prompts travel as token lists,
+built in the model process (the tokenizer and chat template live with the model).
+
+One `ModelProcess` per (model file, context size) per app, shared by every dialogue, like the
+in-process runtimes before it (`get_model_process`).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+
+from ..llm.base import ProviderError
+from .models import ModelSpec, resolve
+from .runtime import DEFAULT_N_CTX, GenStats, Prompt
+
+__all__ = ["ModelProcess", "ModelCrashedError", "get_model_process", "model_processes",
+           "shutdown_all"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelCrashedError(ProviderError):
+    """The model process died (signal or exit) while working on a request."""
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "signal"
+        return f"crashed ({name}, signal {-code})"
+    return f"exited with status {code}"
+
+
+_START_LOCK = threading.Lock()
+
+
+class ModelProcess:
+    """A model loaded in its own process, with the calls of `runtime.Runtime` that the app uses.
+
+    Thread-safe: calls may come from the event loop and from worker threads. Synchronous calls
+    (`tokenize`, `build_prompt`, `set_adapters`...) block until the process answers; `stream`
+    is async and cancels the generation when its iterator is closed."""
+
+    def __init__(self, spec: ModelSpec, *, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
+                 n_gpu_layers: int | None = None, extra_bufts: bool | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None):
+        self.spec = spec
+        self.n_ctx = n_ctx
+        self._load = dict(spec=spec, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                          extra_bufts=extra_bufts, cache_dir=str(cache_dir) if cache_dir else None)
+        self._env = dict(env) if env is not None else None
+        self._lock = threading.RLock()
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._pending: dict[int, Callable[[str, Any], None]] = {}
+        self._info: dict[str, Any] = {}
+        self._stderr: Any = None
+        self.starts = 0        # processes started (tests: a crash makes the next call start one)
+        self.crashes = 0
+        self.last_exit: str = ""
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and self._conn is not None
+
+    def start(self) -> dict[str, Any]:
+        """Start the process and load the model, if not running. Returns its `info`."""
+        with self._lock:
+            if self.alive:
+                return self._info
+            self._cleanup()
+            r_req, w_req = os.pipe()   # app -> worker
+            r_rep, w_rep = os.pipe()   # worker -> app
+            self._stderr = tempfile.TemporaryFile(prefix="dialogue-model-")
+            env = dict(os.environ if self._env is None else self._env)
+            try:
+                with _START_LOCK:  # pass_fds + fork: keep other starts from inheriting our pipes
+                    self._proc = subprocess.Popen(
+                        [sys.executable, "-m", "dialogue.local.worker", str(r_req), str(w_rep)],
+                        pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=self._stderr, env=env, close_fds=True)
+            finally:
+                os.close(r_req)
+                os.close(w_rep)
+            self._conn = _Duplex(Connection(r_rep, writable=False), Connection(w_req, readable=False))
+            self.starts += 1
+            self._reader = threading.Thread(target=self._read, args=(self._conn, self._proc),
+                                            name=f"model-{self.spec.name}", daemon=True)
+            self._reader.start()
+        try:
+            self._info = self._call("load", **self._load)
+        except ModelCrashedError:
+            raise
+        except ProviderError:
+            self.close()
+            raise
+        return self._info
+
+    def _cleanup(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+        self._proc = None
+
+    def close(self) -> None:
+        """Stop the process (asking first, then SIGKILL)."""
+        with self._lock:
+            proc, conn = self._proc, self._conn
+            if proc is not None and proc.poll() is None and conn is not None:
+                try:
+                    with self._send_lock:
+                        conn.send((0, "close", {}))
+                    proc.wait(timeout=5)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            self._cleanup()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to the process (tests; the OOM killer's view of things)."""
+        pid = self.pid
+        if pid is not None:
+            os.kill(pid, sig)
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        """The end of what the process wrote on stderr (llama.cpp's messages), for diagnostics."""
+        f = self._stderr
+        if f is None:
+            return ""
+        try:
+            f.flush()
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - n))
+            return f.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
+
+    # ------------------------------------------------------------ messaging
+
+    def _read(self, conn: "_Duplex", proc: subprocess.Popen) -> None:
+        while True:
+            try:
+                rid, kind, val = conn.recv()
+            except (EOFError, OSError, ValueError):
+                break
+            except Exception as e:  # noqa: BLE001 - a reply that does not unpickle
+                log.warning("unreadable reply from the model process: %s", e)
+                continue
+            with self._lock:
+                cb = self._pending.get(rid)
+            if cb is not None:
+                cb(kind, val)
+        # the process is gone (or we closed the pipe): fail whatever waits on it
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a closed pipe but a live process: end it
+            proc.kill()
+            code = proc.wait()
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            ours = self._proc is proc
+            if ours:
+                self._conn = None
+        if ours and code != 0:
+            self.crashes += 1
+        self.last_exit = _describe_exit(code)
+        if pending:
+            tail = self.stderr_tail(600).strip().splitlines()
+            hint = f" (its last words: {tail[-1][:200]})" if tail else ""
+            err = ModelCrashedError(
+                f"the local model process {self.last_exit} while working on this answer{hint}; "
+                f"it restarts on the next prompt")
+            for cb in pending.values():
+                cb("crashed", err)
+
+    def _send(self, rid: int, op: str, kw: dict[str, Any], cb: Callable[[str, Any], None]) -> None:
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise ModelCrashedError(f"the local model process {self.last_exit or 'is not running'}; "
+                                        "it restarts on the next prompt")
+            self._pending[rid] = cb
+        try:
+            with self._send_lock:
+                conn.send((rid, op, kw))
+        except (OSError, ValueError) as e:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise ModelCrashedError(f"the local model process is gone ({e}); it restarts on the "
+                                    "next prompt") from e
+
+    def _call(self, op: str, **kw: Any) -> Any:
+        """One request, one answer, blocking."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        rid = next(self._ids)
+
+        def cb(kind: str, val: Any) -> None:
+            if kind == "ok":
+                fut.set_result(val)
+            elif kind in ("error", "crashed"):
+                fut.set_exception(val)
+
+        self._send(rid, op, kw, cb)
+        try:
+            return fut.result()
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+
+    def call(self, op: str, **kw: Any) -> Any:
+        """A request to the model process, starting it first if needed."""
+        if not self.alive:
+            self.start()
+        return self._call(op, **kw)
+
+    # ------------------------------------------------------------ the runtime's calls
+
+    @property
+    def info(self) -> dict[str, Any]:
+        if not self.alive:
+            self.start()
+        return self._info
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
+        return self.call("tokenize", args=(text,), kw={"special": special, "add_bos": add_bos})
+
+    def count_tokens(self, text: str) -> int:
+        return self.call("count_tokens", args=(text,))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.call("detokenize", args=(list(tokens),))
+
+    def render(self, messages: Sequence[Mapping[str, str]], **kw: Any) -> str:
+        return self.call("render", args=([dict(m) for m in messages],), kw=kw)
+
+    def build_prompt(self, messages: Sequence[Mapping[str, str]], prefill: str = "", **kw: Any) -> Prompt:
+        return self.call("build_prompt", args=([dict(m) for m in messages], prefill), kw=kw)
+
+    def set_adapters(self, adapters: Mapping[str | os.PathLike[str], float] | None) -> None:
+        self.call("set_adapters", adapters={str(k): float(v) for k, v in (adapters or {}).items()})
+
+    def status(self) -> dict[str, Any]:
+        """The process's state now (adapters applied and loaded, cache namespace), after any
+        generation in progress."""
+        return self.call("info")
+
+    @property
+    def adapters(self) -> dict[str, float]:
+        return self.status()["adapters"]
+
+    @property
+    def cache_namespace(self) -> str:
+        return self.status()["cache_namespace"]
+
+    def _gen_kw(self, kw: dict[str, Any]) -> dict[str, Any]:
+        kw.pop("cancel", None)
+        if self._load["cache_dir"] is None and kw.get("use_cache", True):
+            # the KV cache directory is the app's setting ($DIALOGUE_CACHE_DIR, $DIALOGUE_HOME), read
+            # at each call as the in-process runtime did, not frozen when the process started
+            from .kvcache import default_cache_dir
+            kw["cache_dir"] = str(default_cache_dir())
+        return kw
+
+    def reset(self) -> None:
+        self.call("reset")
+
+    def evaluated(self) -> int:
+        """How many tokens the model's context holds (tests: a cancelled answer stopped early)."""
+        return self.call("evaluated")
+
+    def crash(self, how: str = "segv") -> None:
+        """Test-only: make the process die natively (needs DIALOGUE_TEST_HOOKS=1 in its env)."""
+        rid = next(self._ids)
+        self._send(rid, "crash", {"how": how}, lambda kind, val: None)
+
+    def generate(self, prompt: Prompt, **kw: Any) -> GenStats:
+        """Blocking generation (benches, tools); `on_text` / `on_progress` are called in the
+        reader thread."""
+        on_text = kw.pop("on_text", None)
+        on_progress = kw.pop("on_progress", None)
+        kw = self._gen_kw(kw)
+        if not self.alive:
+            self.start()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        rid = next(self._ids)
+
+        def cb(kind: str, val: Any) -> None:
+            if kind == "text":
+                if on_text:
+                    on_text(val)
+            elif kind == "progress":
+                if on_progress:
+                    on_progress(*val)
+            elif kind == "ok":
+                fut.set_result(val)
+            else:
+                fut.set_exception(val)
+
+        self._send(rid, "generate", {"prompt": prompt, "kw": kw}, cb)
+        try:
+            return fut.result()
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+
+    async def stream(self, prompt: Prompt, **kw: Any) -> AsyncIterator[str | GenStats | tuple]:
+        """Generate in the model process; yield text pieces, ("progress", read, total, eta_s)
+        tuples while the prompt is read, then the `GenStats`. Closing the iterator cancels the
+        generation and waits until the process let go of the model (or died). Errors
+        (ContextTooLongError, AdapterError, ModelCrashedError) are raised here."""
+        kw = self._gen_kw(kw)
+        if not self.alive:
+            await asyncio.to_thread(self.start)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        rid = next(self._ids)
+        finished = False
+
+        def cb(kind: str, val: Any) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, (kind, val))
+
+        self._send(rid, "generate", {"prompt": prompt, "kw": kw}, cb)
+        try:
+            while True:
+                kind, val = await q.get()
+                if kind == "text":
+                    yield val
+                elif kind == "progress":
+                    yield ("progress", *val)
+                elif kind == "ok":
+                    finished = True
+                    yield val
+                    return
+                else:
+                    finished = True
+                    raise val
+        finally:
+            if not finished:
+                with self._lock:
+                    conn = self._conn
+                if conn is not None:
+                    try:
+                        with self._send_lock:
+                            conn.send((0, "cancel", {"id": rid}))
+                    except (OSError, ValueError):
+                        pass
+                    # wait for the generation to end (or the process to die) so the next call
+                    # starts on a consistent context
+                    async def drain() -> None:
+                        while True:
+                            kind, _ = await q.get()
+                            if kind not in ("text", "progress"):
+                                return
+                    try:
+                        await asyncio.shield(asyncio.wait_for(drain(), timeout=60))
+                    except (asyncio.TimeoutError, asyncio.CancelledError):
+                        pass
+            with self._lock:
+                self._pending.pop(rid, None)
+
+
+class _Duplex:
+    """Two one-way Connections as one (our pipes are one-way: a plain fd per direction, so the
+    worker can be given exactly the two it needs)."""
+
+    def __init__(self, rd: Connection, wr: Connection):
+        self.rd, self.wr = rd, wr
+
+    def recv(self) -> Any:
+        return self.rd.recv()
+
+    def send(self, obj: Any) -> None:
+        self.wr.send(obj)
+
+    def close(self) -> None:
+        for c in (self.wr, self.rd):
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------- shared processes
+
+_procs: dict[tuple[str, int], ModelProcess] = {}
+_procs_lock = threading.Lock()
+
+
+def get_model_process(model: str | ModelSpec = "default", *, n_ctx: int = DEFAULT_N_CTX) -> ModelProcess:
+    """The app-wide model process for a model file and context size (not started until used)."""
+    spec = model if isinstance(model, ModelSpec) else resolve(model)
+    key = (str(spec.path), n_ctx)
+    with _procs_lock:
+        mp = _procs.get(key)
+        if mp is None:
+            mp = _procs[key] = ModelProcess(spec, n_ctx=n_ctx)
+        return mp
+
+
+def model_processes() -> list[ModelProcess]:
+    return list(_procs.values())
+
+
+def shutdown_all() -> None:
+    """Stop every model process (the app's shutdown; the processes also die with the app)."""
+    with _procs_lock:
+        procs = list(_procs.values())
+    for mp in procs:
+        mp.close()
