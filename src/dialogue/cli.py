@@ -64,6 +64,8 @@ def render_message(m: Message, index: int | None = None) -> Panel:
         parts.append(plain(m.source))
     else:
         parts.append(Markdown(visible(m.source) or " "))
+    if line := _status_line(m):
+        parts.append(plain(line, style="yellow"))
     from rich.console import Group
     title = f"[b]{index}[/b] " if index is not None else ""
     title += f"{m.kind.value} [dim]{markup(m.id)} v{m.version}[/dim]"
@@ -71,6 +73,24 @@ def render_message(m: Message, index: int | None = None) -> Panel:
         title += f" [yellow]{f}[/yellow]"
     return Panel(Group(*parts), title=title, title_align="left",
                  border_style="dim" if m.hidden else {"code": "blue", "prompt": "green"}.get(m.kind.value, "white"))
+
+
+def _status_line(m: Message) -> str:
+    """How the last run ended, when that is not plain from what is shown: a cell that was
+    interrupted, timed out or whose process died (an error shows as its traceback), a prompt
+    that failed, was stopped or was cut off."""
+    if m.kind not in (Kind.code, Kind.prompt):
+        return ""
+    status = DialogueService.run_status(m)
+    if status == "ok" or (m.kind == Kind.code and status == "error" and not m.meta.get("interrupted")):
+        return ""
+    if m.kind == Kind.code:
+        why = m.meta.get("run", {}).get("message", "")
+    else:
+        why = {"error": m.meta.get("error", ""), "cancelled": "stopped before the end",
+               "interrupted": "the answer was cut off: the process writing it stopped before "
+                              "it finished"}.get(status, "")
+    return f"{status}: {why}" if why else status
 
 
 def _hit_text(snippet: str) -> Text:
@@ -666,16 +686,16 @@ def main(argv: list[str] | None = None) -> int:
         a.args = a.args[1:]
     try:
         svc = DialogueService(a.db or os.environ.get("DIALOGUE_DB") or None)
-    except StoreError as e:
-        err.print(plain(f"error: {e}"))
+    except StoreError as e:  # errors are one line, however long: soft_wrap
+        err.print(plain(f"error: {e}"), soft_wrap=True)
         return EXIT_ERROR
     try:
         return a.fn(svc, a) or 0
     except ConflictError as e:
-        err.print(plain(f"error: {e}"))
+        err.print(plain(f"error: {e}"), soft_wrap=True)
         return EXIT_CONFLICT
     except (StoreError, UserError, ProviderError, ValueError, OSError) as e:
-        err.print(plain(f"error: {e}"))
+        err.print(plain(f"error: {e}"), soft_wrap=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

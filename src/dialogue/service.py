@@ -187,6 +187,9 @@ class DialogueService:
                                           context=context, meta=meta)
 
     def open(self, ref: str) -> Dialogue:
+        # A page or `show` of a dialogue says so when the process writing one of its messages
+        # died since the store was opened (a killed `dialogue ask`); an indexed lookup when not.
+        self.store.recover_interrupted()
         return self.store.get_dialogue(self.dialogue_id(ref))
 
     def list(self, *, deleted: bool = False) -> list[dict[str, Any]]:
@@ -373,6 +376,9 @@ class DialogueService:
         mid = self.message_id(did, msg)
         if mid in self._runs:
             raise RunError(f"message {mid} is already running")
+        if who := self.store.stream_writer(mid):
+            raise RunError(f"message {mid} is being written by {who}; wait for it to finish, "
+                           "or stop it there")
         m = self.store.get_message(mid)
         if m.kind == Kind.code:
             coro = self._run_code(did, m, timeout if timeout is not None else self.run_timeout)
@@ -501,8 +507,11 @@ class DialogueService:
         """ok | error | died | timeout | interrupted | restarted (Stop had to restart the
         kernel) | cancelled, for the last run of a code message or prompt."""
         if m.kind == Kind.prompt:
-            return "error" if m.meta.get("error") else (
-                "cancelled" if m.usage.get("stop_reason") == "cancelled" else "ok")
+            if m.meta.get("error"):
+                return "error"
+            if m.meta.get("interrupted"):  # the process writing it died (recover_interrupted)
+                return "interrupted"
+            return "cancelled" if m.usage.get("stop_reason") == "cancelled" else "ok"
         return m.meta.get("run", {}).get("status", "ok")
 
     async def run_through(self, ref: str, *, allow_errors: bool = False,
@@ -530,6 +539,7 @@ class DialogueService:
         outputs: list[dict] = []
         res = None
         self.store.begin_stream(m.id)
+        m = m.copy(meta={k: v for k, v in m.meta.items() if k != "interrupted"})  # a new run
         pending = _Pending(self.store, m.id, self.flush_every)
         flusher = asyncio.get_running_loop().create_task(pending.loop())
         ex = None
@@ -705,6 +715,7 @@ class DialogueService:
         provider = req = None
         meta = dict(m.meta)
         meta.pop("error", None)
+        meta.pop("interrupted", None)  # a new answer: whatever cut off the last one is history
         self.store.begin_stream(m.id, response=prefill)
         pending = _Pending(self.store, m.id, self.flush_every)
         flusher = asyncio.get_running_loop().create_task(pending.loop())

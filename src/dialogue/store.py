@@ -20,29 +20,56 @@ Design choices, and why:
   version per token and marks it `streaming`; `finish_stream` writes the version. Text already
   streamed is therefore on disk at once, and `recover_interrupted` turns a stream cut by a crash
   into a version.
+- A stream belongs to the Store that began it, and the Store proves it is alive with an OS lock
+  (`flock`) on its own file in `<db>-locks/`: the kernel drops the lock when the process dies,
+  however it dies, so another process can tell a dead writer from a live one without heartbeats,
+  clocks or pid reuse. Every open recovers the streams of dead writers, never a live one's.
+- The file is ours only if it says so (`PRAGMA application_id`): another application's SQLite
+  file is refused before anything is written to it, and a damaged file is reported in one line
+  and never written to (`PRAGMA quick_check` before a connection's first write).
 - Full-text search is an FTS5 table keyed by the message's integer row number; it holds the source
   and the text of the output or answer, and is kept in step in the same transaction.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import secrets
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import apsw
 from fastlite import database
+
+# apswutils (under fastlite) forwards SQLite's own log to the "apsw" logger; unconfigured, Python
+# prints those records to stderr ("SQLITE_LOG: database corruption at line ..."), around the one
+# line we report a damaged file with. A library leaves that choice to the application: NullHandler.
+logging.getLogger("apsw").addHandler(logging.NullHandler())
 
 from .document import FLAGS, STATE_FIELDS, ContextItem, Dialogue, Kind, Message, new_id, output_text
 
 __all__ = ["Store", "StoreError", "NotFoundError", "ConflictError", "NameTakenError",
-           "SchemaError", "Version", "SearchHit", "TrashItem", "default_db_path", "SCHEMA_VERSION",
+           "SchemaError", "ForeignDatabaseError", "DamagedError", "ServerRunningError", "Version",
+           "SearchHit", "TrashItem", "default_db_path", "SCHEMA_VERSION", "APPLICATION_ID",
            "HIT_START", "HIT_END"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# `PRAGMA application_id` of every dialogue database ("dlg1"): a file without it is another
+# application's (or, with our tables and no id, one of ours from before ids were set).
+APPLICATION_ID = 0x646C6731
+_OUR_TABLES = {"dialogues", "messages", "versions", "blobs"}
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+# What a recovered run says: the process writing it is gone, so nobody can finish it.
+INTERRUPTED_RUN = ("The run was cut off: the process running it stopped (it was killed or "
+                   "crashed) before the run finished; the outputs are what it produced until then.")
 HIT_START, HIT_END = "\ue000", "\ue001"  # snippet highlight markers (private-use code points)
 _BLOB_MIN = 2048  # outputs JSON at least this long is stored once, by hash
 
@@ -72,6 +99,18 @@ class NameTakenError(StoreError):
 
 class SchemaError(StoreError):
     pass
+
+
+class ForeignDatabaseError(StoreError):
+    """The file is another application's SQLite database; nothing was written to it."""
+
+
+class DamagedError(StoreError):
+    """The file is damaged (not SQLite, or a malformed one); nothing was written to it."""
+
+
+class ServerRunningError(StoreError):
+    """Another `dialogue serve` already serves this database."""
 
 
 def default_db_path() -> Path:
@@ -180,7 +219,15 @@ def _m2(db) -> None:
                    (n, source, _search_output(kind, json.loads(outputs), response)))
 
 
-MIGRATIONS: list[Callable] = [_m1, _m2]  # MIGRATIONS[i] takes the schema from version i to i+1
+def _m3(db) -> None:
+    """Streams name their writer (`owner`: the token of the Store that began them), so that any
+    process can recover the streams of a writer that died and leave a live one's alone. The
+    partial index makes that check, run on every open, a lookup instead of a scan."""
+    db.execute("ALTER TABLE messages ADD COLUMN owner TEXT;"
+               "CREATE INDEX messages_streaming ON messages(owner) WHERE streaming = 1;")
+
+
+MIGRATIONS: list[Callable] = [_m1, _m2, _m3]  # MIGRATIONS[i] takes the schema from version i to i+1
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -200,6 +247,137 @@ _DLG_COLS = ("id", "name", "model", "system", "context", "meta", "version", "cre
              "deleted")
 
 
+class _Locks:
+    """OS-level locks beside a database, in `<db>-locks/` (mode 0700).
+
+    `run-<token>`: held (flock, exclusive) by a Store for as long as it may be writing a stream;
+    its streams carry `owner = <token>`. The kernel releases the lock when the holder's process
+    dies, however it dies, so "can I take the lock?" is an exact test of "is the writer dead?":
+    no heartbeat to miss, no clock, no reused pid. A file is created under a temporary name, locked,
+    then renamed into place, so a sweeper never sees an unlocked `run-*` file of a live Store.
+    `server`: held by the one `dialogue serve` of the database; it holds that server's pid and
+    address for the refusal message of a second one.
+
+    Why flock files and not SQLite itself: a lock in the database would need a heartbeat (a
+    process killed with -9 cannot clear it), and SQLite's own POSIX locks are dropped when any
+    descriptor of the file is closed in the process."""
+
+    def __init__(self, db_path: Path):
+        self.db_path = db_path
+        self.dir = db_path.with_name(db_path.name + "-locks")
+
+    def hold_run(self) -> tuple[str, int]:
+        """A new owner token and the descriptor that holds its lock."""
+        try:
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            while True:
+                token = secrets.token_hex(12)
+                tmp = self.dir / f".new-{token}"
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                if not _try_lock(fd):  # a sweeper got hold of the new file: start again
+                    os.close(fd)
+                    continue
+                os.write(fd, f"{os.getpid()}\n".encode())
+                try:
+                    os.rename(tmp, self.dir / f"run-{token}")
+                except FileNotFoundError:  # swept between create and lock
+                    os.close(fd)
+                    continue
+                return token, fd
+        except OSError as e:
+            raise StoreError(f"cannot create a lock file in {self.dir}: {e.strerror}") from e
+
+    def release_run(self, token: str, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.dir / f"run-{token}")
+        os.close(fd)
+
+    def claim_dead(self, token: str | None) -> tuple[bool, int | None]:
+        """(dead, fd): whether the writer `token` is gone, and if its lock file is still there, a
+        descriptor now holding that lock (pass it to `forget`). A stream without an owner was
+        written before owners were recorded: its writer is long gone."""
+        if not token:
+            return True, None
+        try:
+            fd = os.open(self.dir / f"run-{token}", os.O_RDONLY)
+        except FileNotFoundError:
+            return True, None
+        except OSError:
+            return False, None  # cannot tell: leave it alone
+        if _try_lock(fd):
+            return True, fd
+        os.close(fd)
+        return False, None
+
+    def forget(self, token: str | None, fd: int | None) -> None:
+        """Remove a dead writer's lock file (while holding its lock: nobody else can be using it)."""
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.dir / f"run-{token}")
+        os.close(fd)
+
+    def pid_of(self, token: str | None) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.dir / f"run-{token}").read_text().split()[0])
+        return None
+
+    def sweep(self, keep: set[str]) -> None:
+        """Remove the lock files of Stores that died without streaming (or whose streams were
+        recovered already). Cheap: a directory listing and a lock attempt per file."""
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        now = time.time()
+        for name in names:
+            if name.startswith("run-") and name[4:] not in keep:
+                dead, fd = self.claim_dead(name[4:])
+                if dead:
+                    self.forget(name[4:], fd)
+            elif name.startswith(".new-"):  # a creator killed between create and rename
+                p = self.dir / name
+                with contextlib.suppress(OSError):
+                    if now - p.stat().st_mtime > 3600:
+                        fd = os.open(p, os.O_RDONLY)
+                        if _try_lock(fd):
+                            p.unlink()
+                        os.close(fd)
+
+    def hold_server(self, address: str) -> int:
+        """Take the database's server lock, or raise ServerRunningError naming the holder."""
+        try:
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(self.dir / "server", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot create a lock file in {self.dir}: {e.strerror}") from e
+        if _try_lock(fd):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "address": address}).encode(), 0)
+            return fd
+        info: dict[str, Any] = {}
+        for _ in range(20):  # the holder writes its details just after taking the lock
+            with contextlib.suppress(ValueError, OSError):
+                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            if info:
+                break
+            time.sleep(0.05)
+        os.close(fd)
+        pid = info.get("pid", "unknown")
+        where = f" at {info['address']}" if info.get("address") else ""
+        raise ServerRunningError(
+            f"another dialogue server (pid {pid}) is already serving {self.db_path}{where}; "
+            "use that one, or stop it before starting another")
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:  # EWOULDBLOCK: held by another open of the file, in this process or another
+        return False
+
+
 class Store:
     """A dialogue database. Open one per process (or per thread that needs its own connection);
     several processes may open the same file: WAL lets readers run beside one writer, and writers
@@ -208,30 +386,132 @@ class Store:
     def __init__(self, path: str | os.PathLike | None = None, *, busy_timeout_ms: int = 10_000,
                  migrate: bool = True):
         self.path = Path(path) if path is not None else default_db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._depth = 0
+        self._checked = False  # quick_check passed on this connection (done before its first write)
+        self._locks = _Locks(self.path)
+        self._token: str | None = None  # owner token of the streams this Store writes
+        self._token_fd: int | None = None
+        self._server_fd: int | None = None
+        self._closed = False
+        self._identify(busy_timeout_ms)
         try:
-            self.db = database(self.path)  # fastlite: apsw connection, WAL on
-        except Exception as e:  # apsw raises its own types; say what file it was
-            raise StoreError(f"cannot open database {self.path}: {e}") from e
+            self.db = database(self.path, wal=False)  # fastlite over apsw; WAL is set below,
+        except apsw.Error as e:                       # once the file is known to be ours
+            raise self._bad_file(e) from None
         self.conn = self.db.conn
         self._x(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         self._x("PRAGMA foreign_keys = ON")
+        if self._one("PRAGMA journal_mode")[0] != "wal":
+            self._x("PRAGMA journal_mode = wal")
         # NORMAL in WAL mode is safe against process crashes (what SIGKILL is); only a power
         # loss can roll back the last commits. FULL would fsync every edit.
         self._x("PRAGMA synchronous = NORMAL")
-        self._depth = 0
         if migrate:
             self.migrate()
+        if self.schema_version == SCHEMA_VERSION:
+            self.recover_interrupted()
+
+    def _identify(self, busy_timeout_ms: int) -> None:
+        """Create the file (mode 0600: it holds prompts, code and answers), or make sure the one
+        there is a dialogue database, before anything writes to it: another application's SQLite
+        file is refused (ForeignDatabaseError), a file that is not SQLite or is damaged is reported
+        (DamagedError). Nothing is written in either case. SQLite gives the -wal and -shm files
+        the database file's mode."""
+        p = self.path
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            return  # new and empty: ours
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot create database {p}: {e.strerror}") from e
+        try:
+            with open(p, "rb") as f:
+                head = f.read(len(_SQLITE_MAGIC))
+        except OSError as e:
+            raise StoreError(f"cannot open database {p}: {e.strerror}") from e
+        if not head:
+            return  # empty (another process is creating it right now, or an empty file)
+        if head != _SQLITE_MAGIC:
+            raise DamagedError(f"cannot open database {p}: it is not an SQLite file (not a "
+                               "dialogue database, or one whose header is damaged); nothing was "
+                               "written to it")
+        # Read-only, so a foreign file is not touched. Without a WAL beside it the file is all
+        # there is: `immutable` reads it without creating -wal/-shm files next to someone else's
+        # database. With one, SQLite must read it too: a database of ours that another process
+        # has just created may have its application id only in its WAL so far.
+        wal = p.with_name(p.name + "-wal")
+        mode = "mode=ro" if wal.exists() and wal.stat().st_size else "immutable=1"
+        try:
+            ro = apsw.Connection(f"file:{urllib.parse.quote(str(p.absolute()))}?{mode}",
+                                 flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        except apsw.Error as e:
+            raise self._bad_file(e) from None
+        try:
+            ro.set_busy_timeout(int(busy_timeout_ms))
+            app = ro.execute("PRAGMA application_id").fetchall()[0][0]
+            version = ro.execute("PRAGMA user_version").fetchall()[0][0]
+            tables = sorted(r[0] for r in ro.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"))
+        except apsw.Error as e:
+            raise self._bad_file(e) from None
+        finally:
+            ro.close()
+        if app == APPLICATION_ID:
+            return
+        if app == 0 and version == 0 and not tables:
+            return  # an empty SQLite database: nothing of anyone's to harm
+        if app == 0 and version >= 1 and _OUR_TABLES <= set(tables):
+            return  # ours, from before application ids: migrate() sets it
+        if app:
+            what = f"application id {app:#010x}"
+        elif tables:
+            what = "tables " + ", ".join(repr(t) for t in tables[:6]) + (
+                f" and {len(tables) - 6} more" if len(tables) > 6 else "")
+        else:
+            what = f"user_version {version}"
+        raise ForeignDatabaseError(
+            f"{p} is not a dialogue database: it belongs to another application ({what}); "
+            "nothing was written to it. Choose another file for dialogue's database")
+
+    def _bad_file(self, e: Exception) -> StoreError:
+        """One line for what SQLite said about a file it could not read."""
+        if isinstance(e, (apsw.CorruptError, apsw.NotADBError)):
+            return DamagedError(
+                f"{self.path} is damaged ({_sqlite_says(e)}); nothing was written to it. Restore "
+                f"it from a backup, or salvage what is readable with: sqlite3 {self.path} .recover")
+        return StoreError(f"cannot open database {self.path}: {_sqlite_says(e)}")
 
     # ------------------------------------------------------------ plumbing
 
     def _x(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
-        return list(self.conn.execute(sql, tuple(params)))
+        try:
+            return list(self.conn.execute(sql, tuple(params)))
+        except (apsw.CorruptError, apsw.NotADBError) as e:
+            raise self._bad_file(e) from None
 
     def _one(self, sql: str, params: Iterable[Any] = ()) -> tuple | None:
-        for row in self.conn.execute(sql, tuple(params)):
-            return row
+        try:
+            for row in self.conn.execute(sql, tuple(params)):
+                return row
+        except (apsw.CorruptError, apsw.NotADBError) as e:
+            raise self._bad_file(e) from None
         return None
+
+    def _check_before_writing(self) -> None:
+        """Refuse to write to a damaged file. SQLite notices damage only on the pages a statement
+        reads, so a write that misses them would succeed and bury good data deeper in a broken
+        file. quick_check reads every page once (about 0.1 s for 200 MB), once per connection."""
+        if self._checked:
+            return
+        problems = [r[0] for r in self._x("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise DamagedError(
+                f"{self.path} is damaged ({'; '.join(problems)[:300]}); nothing was written to it. "
+                f"Restore it from a backup, or salvage what is readable with: "
+                f"sqlite3 {self.path} .recover")
+        self._checked = True
 
     @contextmanager
     def tx(self) -> Iterator[None]:
@@ -244,6 +524,7 @@ class Store:
             finally:
                 self._depth -= 1
             return
+        self._check_before_writing()
         self._x("BEGIN IMMEDIATE")
         self._depth = 1
         try:
@@ -260,19 +541,55 @@ class Store:
         return self._one("PRAGMA user_version")[0]
 
     def migrate(self, to: int = SCHEMA_VERSION) -> None:
-        """Bring the schema up to `to`, one migration per transaction."""
+        """Bring the schema up to `to`, one migration per transaction, and mark the file as a
+        dialogue database (application_id) if it was made before files were marked."""
         v = self.schema_version
         if v > SCHEMA_VERSION:
             raise SchemaError(f"{self.path} has schema version {v}, newer than this dialogue "
                               f"({SCHEMA_VERSION}); upgrade the dialogue package to open it")
         while v < to:
             with self.tx():
-                MIGRATIONS[v](self.conn)
+                v = self.schema_version  # another process may have migrated while we waited
+                if v >= to:
+                    break
+                try:
+                    MIGRATIONS[v](self.conn)
+                except (apsw.CorruptError, apsw.NotADBError) as e:
+                    raise self._bad_file(e) from None
                 self._x(f"PRAGMA user_version = {v + 1}")
+                self._x(f"PRAGMA application_id = {APPLICATION_ID}")
             v += 1
+        if self._one("PRAGMA application_id")[0] != APPLICATION_ID:
+            with self.tx():
+                self._x(f"PRAGMA application_id = {APPLICATION_ID}")
 
     def close(self) -> None:
-        self.conn.close()
+        """Close the connection. Streams this Store began and never finished cannot be finished
+        by anyone now: they are recovered (marked interrupted) first."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._token_fd is not None:
+                with contextlib.suppress(StoreError, apsw.Error):
+                    for (mid,) in self._x("SELECT id FROM messages WHERE streaming = 1 AND "
+                                          "owner = ?", (self._token,)):
+                        self._recover_one(mid, self._token)
+                self._locks.release_run(self._token, self._token_fd)
+                self._token_fd = None
+            if self._server_fd is not None:
+                os.close(self._server_fd)
+                self._server_fd = None
+        finally:
+            self.conn.close()
+
+    def claim_server(self, address: str) -> None:
+        """Be the one server of this database until close(); raise ServerRunningError naming the
+        one that already is. Two servers would each run their own kernels for the same dialogues
+        (a variable defined in one tab missing in another) and neither would see the other's
+        live runs: one server per database is the clear answer."""
+        if self._server_fd is None:
+            self._server_fd = self._locks.hold_server(address)
 
     def __enter__(self) -> "Store":
         return self
@@ -615,8 +932,8 @@ class Store:
         self._x(
             "UPDATE messages SET kind = ?, source = ?, outputs = ?, execution_count = ?, "
             "response = ?, tool_calls = ?, usage = ?, attachments = ?, meta = ?, hidden = ?, "
-            "pinned = ?, collapsed = ?, exported = ?, version = ?, streaming = ?, updated = ? "
-            "WHERE n = ?",
+            "pinned = ?, collapsed = ?, exported = ?, version = ?, streaming = ?, updated = ?, "
+            "owner = NULL WHERE n = ?",
             (s["kind"], m.source, _dumps(m.outputs), m.execution_count, m.response,
              _dumps(m.tool_calls), _dumps(m.usage), _dumps(m.attachments), _dumps(m.meta),
              *(int(getattr(m, f)) for f in FLAGS), m.version, int(streaming), m.updated, n))
@@ -636,9 +953,21 @@ class Store:
 
     def begin_stream(self, msg_id: str, *, clear: bool = True, base_version: int | None = None,
                      **changes: Any) -> Message:
-        """Mark a message as being written (a model answering, a cell running). With `clear`, the
-        previous answer or outputs are cleared first, as a version, so they stay in history."""
+        """Mark a message as being written by this Store (a model answering, a cell running). With
+        `clear`, the previous answer or outputs are cleared first, as a version, so they stay in
+        history. A message another live process is writing is refused; one whose writer died is
+        recovered first, so what it wrote stays in history too."""
         with self.tx():
+            row = self._one("SELECT streaming, owner FROM messages WHERE id = ?", (msg_id,))
+            if row and row[0] and row[1] != self._token:
+                dead, fd = self._locks.claim_dead(row[1])
+                if not dead:
+                    pid = self._locks.pid_of(row[1])
+                    raise StoreError(f"message {msg_id} is being written by another process"
+                                     + (f" (pid {pid})" if pid else "") + "; wait for it to "
+                                     "finish, or stop it there")
+                self._recover_one(msg_id, row[1])
+                self._locks.forget(row[1], fd)
             m = self.get_message(msg_id)
             if clear:
                 changes.setdefault("response" if m.kind == Kind.prompt else "outputs",
@@ -647,8 +976,15 @@ class Store:
                     changes.setdefault("tool_calls", [])
                     changes.setdefault("usage", {})
             m = self.update_message(msg_id, base_version=base_version, op="run", **changes)
-            self._x("UPDATE messages SET streaming = 1 WHERE id = ?", (msg_id,))
+            self._x("UPDATE messages SET streaming = 1, owner = ? WHERE id = ?",
+                    (self._owner_token(), msg_id))
         return m
+
+    def _owner_token(self) -> str:
+        """This Store's owner token, its lock taken the first time it begins a stream."""
+        if self._token is None:
+            self._token, self._token_fd = self._locks.hold_run()
+        return self._token
 
     def stream_append(self, msg_id: str, *, text: str = "", output: dict | None = None,
                       outputs: list | None = None) -> None:
@@ -678,14 +1014,54 @@ class Store:
         return m
 
     def recover_interrupted(self) -> list[str]:
-        """Turn streams cut by a crash into versions (marked meta.interrupted). Call it when a
-        server starts, not from every process that opens the file: a live server may be
-        streaming."""
-        ids = [r[0] for r in self._x("SELECT id FROM messages WHERE streaming = 1")]
-        for i in ids:
-            m = self.get_message(i, deleted_ok=True)
-            self.finish_stream(i, op="recovered", meta={**m.meta, "interrupted": True})
-        return ids
+        """Turn streams whose writer is gone (its process was killed or crashed, or its Store was
+        closed mid-stream) into versions marked interrupted: `meta.interrupted`, and for code
+        `meta.run` status "interrupted". A stream whose writer is alive, in this process or
+        another, is never touched, so this is safe from any process at any time; every open
+        calls it. Returns the ids recovered."""
+        rows = self._x("SELECT id, owner FROM messages WHERE streaming = 1")
+        verdicts: dict[str | None, tuple[bool, int | None]] = {}
+        done = []
+        try:
+            for mid, owner in rows:
+                if owner is not None and owner == self._token:
+                    continue  # ours, and we are alive
+                if owner not in verdicts:
+                    verdicts[owner] = self._locks.claim_dead(owner)
+                if verdicts[owner][0] and self._recover_one(mid, owner):
+                    done.append(mid)
+        finally:
+            for owner, (_, fd) in verdicts.items():
+                self._locks.forget(owner, fd)
+        if self._locks.dir.is_dir():
+            self._locks.sweep(keep={self._token} if self._token else set())
+        return done
+
+    def _recover_one(self, msg_id: str, owner: str | None) -> bool:
+        with self.tx():
+            row = self._one("SELECT streaming, owner FROM messages WHERE id = ?", (msg_id,))
+            if not row or not row[0] or row[1] != owner:
+                return False  # finished, or recovered by another process meanwhile
+            m = self.get_message(msg_id, deleted_ok=True)
+            meta = {**m.meta, "interrupted": True}
+            if m.kind == Kind.code:
+                meta["run"] = {"status": "interrupted", "message": INTERRUPTED_RUN}
+            self.finish_stream(msg_id, op="recovered", meta=meta)
+        return True
+
+    def stream_writer(self, msg_id: str) -> str | None:
+        """Who else is writing `msg_id` right now ("another process (pid 123)"), or None: not
+        streaming, streaming by this Store, or by a writer that is gone."""
+        row = self._one("SELECT streaming, owner FROM messages WHERE id = ?", (msg_id,))
+        if not row or not row[0] or (row[1] is not None and row[1] == self._token):
+            return None
+        dead, fd = self._locks.claim_dead(row[1])
+        if dead:
+            if fd is not None:
+                os.close(fd)
+            return None
+        pid = self._locks.pid_of(row[1])
+        return "another process" + (f" (pid {pid})" if pid else "")
 
     # ------------------------------------------------------------ order, delete, restore
 
@@ -824,6 +1200,13 @@ class Store:
         except Exception as e:  # apsw.SQLError for a malformed raw query
             raise StoreError(f"bad search query {query!r}: {e}") from e
         return [SearchHit(*r) for r in rows]
+
+
+def _sqlite_says(e: Exception) -> str:
+    """apsw's message without its class name ("CorruptError: database disk image is malformed"),
+    on one line."""
+    msg = str(e).removeprefix(f"{type(e).__name__}: ")
+    return " ".join(msg.split()) or type(e).__name__
 
 
 def _fts_query(text: str) -> str:

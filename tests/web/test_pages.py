@@ -246,7 +246,7 @@ def test_a_crash_mid_answer_is_shown_as_cut_off_after_restart(db_path, env):
     s.close()
     with TestClient(create_app(DialogueService(db_path)), base_url="http://127.0.0.1") as c:
         page = c.get(f"/d/{d.id}").text
-    assert "Half an ans" in page and "cut off when the server stopped" in page
+    assert "Half an ans" in page and "cut off: the process writing it stopped" in page
     s = Store(db_path)
     assert s.get_message(m.id).meta["interrupted"] is True
     s.close()

@@ -1177,8 +1177,12 @@ def serve(*, db: str | None = None, host: str = "127.0.0.1", port: int = 5001,
     loopback = is_loopback(host)
     if not loopback and not token:
         token = new_token()
+    try:  # one server per database: a second one names the first (Store.claim_server says why)
+        service = DialogueService(db)
+        service.store.claim_server(local_url(host, port))
+    except StoreError as e:
+        raise SystemExit(f"dialogue: {e}") from None
     _check_port(host, port)
-    service = DialogueService(db)
     app = create_app(service, token=token, allowed_hosts=LOOPBACK_NAMES if not token else None,
                      port=port)
     url = local_url(host, port)

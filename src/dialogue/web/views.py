@@ -722,9 +722,15 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
             parts.append(Small(f"{len(m.outputs)} output{'s' if len(m.outputs) != 1 else ''} folded",
                                cls="folded-more"))
         st = m.meta.get("run", {}).get("status")
-        if st and st not in ("ok",) and not any(o.get("output_type") == "error" for o in m.outputs):
+        # interrupted: the process running it died mid-run (store.recover_interrupted); said
+        # even under an error output, which may be one the cell printed and went on from
+        cut = bool(m.meta.get("interrupted"))
+        if st and st not in ("ok",) and (cut or not any(o.get("output_type") == "error"
+                                                        for o in m.outputs)):
             msg = m.meta.get("run", {}).get("message") or st
             parts.append(error_box(f"{st}: {msg}" if msg != st else st))
+        elif cut:
+            parts.append(Small("This run was cut off: the process running it stopped.", cls="warn"))
     elif m.kind == Kind.prompt:
         if m.tool_calls and not m.collapsed:
             parts.append(Div(*tool_calls_html(m.tool_calls), cls="tools-calls"))
@@ -742,7 +748,8 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
         if m.meta.get("error"):
             parts.append(error_box(str(m.meta["error"])))
         if m.meta.get("interrupted"):
-            parts.append(Small("This answer was cut off when the server stopped.", cls="warn"))
+            parts.append(Small("This answer was cut off: the process writing it stopped before "
+                               "it finished.", cls="warn"))
     return Div(*parts, *oob_extra, id=rid, cls="result")
 
 
