@@ -173,8 +173,49 @@ def cmd_exec(svc: DialogueService, a: argparse.Namespace) -> int:
     return asyncio.run(_stream_run(svc, a.name, svc.message_id(a.name, a.msg), prefill=a.prefill))
 
 
+class ReadingLine:
+    """A model's progress reading a long prompt, on stderr (stdout holds only the answer, so
+    `dialogue ask ... > answer.md` stays clean). On a terminal: one line rewritten with \\r and
+    erased before anything else is printed. Otherwise (a log, a pipe): a plain line when reading
+    starts and at each quarter, so at most five; none for a prompt read in one go."""
+
+    def __init__(self, stream: Any = None):
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.shown = False  # a \r line is on the terminal
+        self.next_mark = 0.0  # the fraction read at which the next plain line is due
+
+    def update(self, data: dict[str, Any]) -> None:
+        from .llm.base import Progress
+        p = Progress(int(data.get("read") or 0), int(data.get("total") or 0), data.get("eta_s"))
+        if p.total <= 0:
+            return
+        if self.tty:
+            self.stream.write("\r\x1b[K" + p.describe())
+            self.stream.flush()
+            self.shown = True
+            return
+        done = min(1.0, p.read / p.total)
+        if self.next_mark == 0.0 and done >= 1.0:
+            return  # nothing was waited for
+        if done >= self.next_mark:
+            self.stream.write(p.describe() + "\n")
+            self.stream.flush()
+            self.next_mark = (int(done * 4) + 1) / 4
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
 async def _stream_run(svc: DialogueService, name: str, mid: str, prefill: str | None = None) -> int:
     """Run a message, printing what it produces as it arrives; exit status 1 if it failed."""
+    reading = ReadingLine()
     # what the model or the code writes reaches the terminal made visible, piece by piece
     stream = StreamWriter()
     try:
@@ -183,6 +224,10 @@ async def _stream_run(svc: DialogueService, name: str, mid: str, prefill: str | 
             stream.write(prefill)
         final = None
         async for ev in svc.subscribe(mid):
+            if ev.type == "progress":
+                reading.update(ev.data)
+                continue
+            reading.clear()
             if ev.type == "text":
                 stream.write(ev.data)
             elif ev.type == "output":
@@ -196,6 +241,7 @@ async def _stream_run(svc: DialogueService, name: str, mid: str, prefill: str | 
                 err.print(plain(f"error: {ev.data}"))
             elif ev.type == "done":
                 final = ev.data
+        reading.clear()
         stream.close()
         final = final or svc.store.get_message(mid)
         if final.kind == Kind.prompt:
@@ -240,8 +286,27 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
 
     def on_start(i: int, n: int, m: Message) -> None:
         first = (m.source.strip().splitlines() or [""])[0][:40]
-        progress.update(task, total=n, completed=i,
-                        description=f"{m.kind.value} {i + 1}: {markup(first)}")
+        desc = f"{m.kind.value} {i + 1}: {markup(first)}"
+        progress.update(task, total=n, completed=i, description=desc)
+        if m.kind == Kind.prompt:
+            # run_through starts the run right after this returns, before it awaits anything, so
+            # this task subscribes before the first event
+            asyncio.get_running_loop().create_task(reading(m.id, desc))
+
+    async def reading(mid: str, desc: str) -> None:
+        """While the model reads a long prompt, say how far it is in the progress line."""
+        from contextlib import aclosing
+        from .llm.base import Progress as Read
+        async with aclosing(svc.subscribe(mid)) as evs:
+            async for ev in evs:
+                if ev.type == "progress":
+                    p = Read(int(ev.data.get("read") or 0), int(ev.data.get("total") or 0),
+                             ev.data.get("eta_s"))
+                    progress.update(task, description=f"{desc} · {p.describe()}")
+                elif ev.type in ("text", "done"):
+                    progress.update(task, description=desc)
+                    break
+
 
     def on_done(i: int, n: int, m: Message) -> None:
         progress.update(task, completed=i + 1)

@@ -410,14 +410,20 @@ class DialogueService:
         run.finished = True
         run.publish(RunEvent("done", run.message_id, final))
 
-    async def subscribe(self, msg_id: str) -> AsyncIterator[RunEvent]:
+    def subscribe(self, msg_id: str) -> AsyncIterator[RunEvent]:
         """Events of the run of `msg_id` from now on, ending with "done"; nothing if it is not
-        running (read the store for its state)."""
+        running (read the store for its state). The call itself registers the listener, not the
+        first iteration: a listener that a task drains later (the web relay) misses nothing the
+        run publishes before that task runs."""
         run = self._runs.get(msg_id)
         if run is None or run.finished:
-            return
+            return _no_events()
         q: asyncio.Queue = asyncio.Queue()
         run.subscribers.append(q)
+        return self._drain(run, q)
+
+    @staticmethod
+    async def _drain(run: _Run, q: asyncio.Queue) -> AsyncIterator[RunEvent]:
         try:
             while True:
                 ev = await q.get()
@@ -783,6 +789,11 @@ class DialogueService:
             final = self.store.finish_stream(m.id, response=prefill + "".join(text),
                                              tool_calls=tool_calls, usage=u, meta=meta)
             self._finish(run, final)
+
+
+async def _no_events() -> AsyncIterator[RunEvent]:
+    return
+    yield  # an async generator that yields nothing
 
 
 def _scale_of(v: Any) -> float:

@@ -122,7 +122,7 @@ def test_a_prompt_whose_key_is_missing_says_so(client, db):
     m = db.add(d.id, "prompt", "Hello?")
     assert client.post(f"/d/{d.id}/m/{m.id}/run", headers=HX).status_code == 200
     events = _stream(client, d.id, m.id)
-    assert any(e == "error" and "ANTHROPIC_API_KEY" in data for e, data in events) or \
+    assert any(e == "run-error" and "ANTHROPIC_API_KEY" in data for e, data in events) or \
         "ANTHROPIC_API_KEY" in dict(events)["done"]
     assert "run-error" in dict(events)["done"]
     assert "ANTHROPIC_API_KEY" in db.message(d.id, m.id).meta["error"]

@@ -121,6 +121,17 @@ class Progress:
     eta_s: float | None = None
     type: Literal["progress"] = "progress"
 
+    def describe(self) -> str:
+        """The words every surface shows ("reading the prompt: 1,024 / 5,354 tokens · about
+        40 s left"), so the web cell and the terminal say the same thing."""
+        text = f"reading the prompt: {self.read:,} / {self.total:,} tokens"
+        if self.eta_s is None or self.read >= self.total:
+            return text
+        s = max(0.0, float(self.eta_s))
+        left = ("a few seconds" if s < 5 else f"about {round(s)} s" if s < 90
+                else f"about {round(s / 60)} min")
+        return f"{text} · {left} left"
+
 
 @dataclass
 class ToolCall:

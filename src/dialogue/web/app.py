@@ -39,6 +39,7 @@ from fasthtml.common import (APIRouter, Div, FastHTML, FileResponse, HTMLRespons
 from starlette.datastructures import FormData, UploadFile
 from starlette.middleware import Middleware
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from ..document import FLAGS, ContextItem, Dialogue, Kind, Message
 from ..service import DialogueService, RunError
@@ -184,6 +185,7 @@ class _Ctx:
     models_cache: tuple = ()
     trials: OrderedDict = field(default_factory=OrderedDict)
     run_alls: dict = field(default_factory=dict)
+    instance: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def models(self) -> list[tuple[str, str]]:
         """(model name, label) for the picker: local models whose files are present, and the
@@ -315,8 +317,9 @@ def create_app(service: DialogueService, *, token: str | None = None,
     app.state.service = service
     app.state.relay = relay
 
-    for router in (_static_routes(), _dialogue_routes(ctx), _settings_routes(ctx),
-                   _adapter_routes(ctx), _run_all_routes(ctx), _cell_routes(ctx), _run_routes(ctx)):
+    for router in (_static_routes(), _health_routes(ctx), _dialogue_routes(ctx),
+                   _settings_routes(ctx), _adapter_routes(ctx), _run_all_routes(ctx),
+                   _cell_routes(ctx), _run_routes(ctx)):
         router.to_app(app)
     return app
 
@@ -341,6 +344,22 @@ def _static_routes() -> APIRouter:
         if root not in p.parents or not p.is_file() or p.suffix not in types:
             return Response("not found", status_code=404)
         return FileResponse(p, media_type=types[p.suffix], headers={"Cache-Control": "no-cache"})
+
+    return rt
+
+
+# ---------------------------------------------------------------- health
+
+def _health_routes(ctx: _Ctx) -> APIRouter:
+    """What a page polls while it cannot reach the server (static/app.js): cheap, never cached,
+    and behind the token like every route. `instance` changes when the server restarts, so a page
+    knows that the runs it showed are gone (the store has how they ended)."""
+    rt = APIRouter()
+
+    @rt("/health")
+    async def health() -> Response:
+        return JSONResponse({"ok": True, "instance": ctx.instance},
+                            headers={"Cache-Control": "no-store"})
 
     return rt
 
@@ -1140,9 +1159,14 @@ def _run_routes(ctx: _Ctx) -> APIRouter:
                     yield V.sse("snapshot", V.frag(V.live_body(d, m0, state)))
                     continue
                 ev = item
+                reading = state.progress is not None
                 state.apply(ev)
                 if ev.type == "text":
+                    if reading:  # the answer has started: it replaces the reading progress
+                        yield V.sse("progress", to_xml(V.read_progress(m0.id, None)))
                     yield V.sse("text", V.text_chunk(ev.data))
+                elif ev.type == "progress":
+                    yield V.sse("progress", to_xml(V.read_progress(m0.id, state.progress)))
                 elif ev.type == "output":
                     t = ev.data.get("output_type")
                     if t in ("clear_output", "update_display_data"):
@@ -1151,8 +1175,8 @@ def _run_routes(ctx: _Ctx) -> APIRouter:
                         yield V.sse("output", V.frag(V.output_fragment(ev.data)))
                 elif ev.type in ("tool_call", "tool_result"):
                     yield V.sse("tools", V.frag(V.tool_calls_html(state.tool_calls)))
-                elif ev.type == "error":
-                    yield V.sse("error", V.frag(V.error_box(str(ev.data))))
+                elif ev.type == "error":  # not "error": EventSource's own connection-error event
+                    yield V.sse("run-error", V.frag(V.error_box(str(ev.data))))
                 elif ev.type == "done":
                     break
 

@@ -8,6 +8,7 @@ for as long as the cell then sleeps. So the relay subscribes as soon as a run st
 the events in memory until the run is done, and gives each stream that connects a snapshot of
 everything so far followed by the live events. A closed tab only drops its listener; the run and
 the relay's own subscription go on, and a reopened page connects again and gets the snapshot.
+A model's reports on reading a long prompt ("progress") fold into the snapshot as the latest one.
 
 Runs started elsewhere in this process (not through `start`) are picked up when a page asks for
 them: their snapshot is what the store holds at that moment, so text produced just before the
@@ -36,6 +37,9 @@ class LiveState:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # How far the model has read the prompt ({"read", "total", "eta_s"}), until its answer
+    # starts: only the latest report counts, and the first piece of text replaces it.
+    progress: dict[str, Any] | None = None
 
     @classmethod
     def from_message(cls, m: Message) -> "LiveState":
@@ -46,6 +50,9 @@ class LiveState:
         """Fold one event in, the way the service folds it into the stored message."""
         if ev.type == "text":
             self.text += ev.data
+            self.progress = None
+        elif ev.type == "progress":
+            self.progress = dict(ev.data)
         elif ev.type == "output":
             out = ev.data
             t = out.get("output_type")
@@ -127,13 +134,14 @@ class RunRelay:
 
     def _follow(self, mid: str, base: LiveState) -> _Buffer:
         buf = self._bufs[mid] = _Buffer(base)
-        task = asyncio.get_running_loop().create_task(self._pump(mid, buf))
+        # subscribed here, not in the task: the run may publish before the task first runs
+        agen = self.service.subscribe(mid)
+        task = asyncio.get_running_loop().create_task(self._pump(mid, buf, agen))
         self._pumps.add(task)
         task.add_done_callback(self._pumps.discard)
         return buf
 
-    async def _pump(self, mid: str, buf: _Buffer) -> None:
-        agen = self.service.subscribe(mid)
+    async def _pump(self, mid: str, buf: _Buffer, agen: AsyncIterator[RunEvent]) -> None:
         nxt: asyncio.Future | None = None
         try:
             while True:
@@ -175,8 +183,14 @@ class RunRelay:
         yield "snapshot", buf.snapshot(i)
         while True:
             while i < len(buf.events):
-                yield "event", buf.events[i]
+                ev = buf.events[i]
                 i += 1
+                # A listener that fell behind gets only the latest of consecutive progress
+                # reports: the page shows where the model is, not every step it took.
+                if ev.type == "progress" and i < len(buf.events) \
+                        and buf.events[i].type == "progress":
+                    continue
+                yield "event", ev
             if buf.done:
                 return
             await buf._changed.wait()

@@ -22,6 +22,7 @@ from fasthtml.common import (A, Button, Code, Details, Dialog, Div, Form, H2, H3
                              Header, Iframe, Input, Label, Li, Link, Main, Meta, NotStr, Option, P,
                              Pre, Script, Section, Select, Small, Span, Strong, Summary,
                              Table, Tbody, Td, Textarea, Th, Thead, Title, Tr, Ul, to_xml)
+from fasthtml.common import Progress as Progress_  # the <progress> tag
 
 from ..artifacts.markdown import merge_streams
 from ..document import Dialogue, Kind, Message
@@ -36,7 +37,7 @@ __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dial
            "dversion_input", "model_picker", "answer_editor", "toolbar", "model_input", "HTMX_CONFIG",
            "adapter_badges", "adapters_control", "adapter_rows", "compare_modal", "trial_out",
            "trial_column", "trial_status", "keep_button", "adapter_origin", "run_all_control",
-           "run_all_progress", "AdapterView"]
+           "run_all_progress", "AdapterView", "read_progress"]
 
 STATIC = "/static"
 VENDOR = f"{STATIC}/vendor"
@@ -677,12 +678,26 @@ def usage_line(m: Message) -> Any:
     return Small(" · ".join(bits), cls="usage")
 
 
+def read_progress(mid: str, progress: dict[str, Any] | None) -> Any:
+    """How far the model has read a long prompt (a bar and words), or an empty placeholder
+    once the answer has started: the target the page's "progress" events replace."""
+    if not progress:
+        return Div(id=f"p-{mid}", cls="read-progress", hidden=True)
+    from ..llm.base import Progress
+    p = Progress(int(progress.get("read") or 0), int(progress.get("total") or 0),
+                 progress.get("eta_s"))
+    return Div(Progress_(value=str(p.read), max=str(max(p.total, 1))),
+               Span(p.describe(), cls="read-progress-text"),
+               id=f"p-{mid}", cls="read-progress", role="status")
+
+
 def live_body(did: str, m: Message, live: LiveState) -> list[Any]:
     """The inside of a running message's live area: what it produced so far."""
     if m.kind == Kind.code:
         return [Div(*outputs_html(live.outputs), id=f"o-{m.id}", cls="outputs"),
                 Div(*[error_box(e) for e in live.errors], id=f"e-{m.id}")]
-    return [Div(*tool_calls_html(live.tool_calls), id=f"t-{m.id}", cls="tools-calls"),
+    return [read_progress(m.id, live.progress),
+            Div(*tool_calls_html(live.tool_calls), id=f"t-{m.id}", cls="tools-calls"),
             Div(NotStr(text_chunk(live.text)) if live.text else "", id=f"a-{m.id}",
                 cls="answer streaming"),
             Div(*[error_box(e) for e in live.errors], id=f"e-{m.id}")]
@@ -700,8 +715,11 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
                  Div(sse_swap="output", hx_target=f"#o-{m.id}", hx_swap="beforeend", hidden=True),
                  Div(sse_swap="outputs", hx_target=f"#o-{m.id}", hx_swap="innerHTML", hidden=True),
                  Div(sse_swap="text", hx_target=f"#a-{m.id}", hx_swap="beforeend", hidden=True),
+                 Div(sse_swap="progress", hx_target=f"#p-{m.id}", hx_swap="outerHTML", hidden=True),
                  Div(sse_swap="tools", hx_target=f"#t-{m.id}", hx_swap="innerHTML", hidden=True),
-                 Div(sse_swap="error", hx_target=f"#e-{m.id}", hx_swap="beforeend", hidden=True),
+                 # "run-error", not "error": that name is EventSource's own event for a lost
+                 # connection, which would swap `undefined` into the cell
+                 Div(sse_swap="run-error", hx_target=f"#e-{m.id}", hx_swap="beforeend", hidden=True),
                  Div(sse_swap="done", hx_target=f"#{rid}", hx_swap="outerHTML", hidden=True)]
         return Div(Div(*live_body(did, m, live), id=f"live-{m.id}", cls="live"),
                    Div(Span(cls="spinner"), Span("running…" if m.kind == Kind.code else "answering…"),

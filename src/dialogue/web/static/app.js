@@ -367,6 +367,7 @@
         case "close-modal": document.getElementById("modal").innerHTML = ""; return;
         case "close-toast": var ts = document.getElementById("toast"); ts.innerHTML = ""; ts.className = "toast"; return;
         case "cancel-answer": cancelAnswer(cellA); return;
+        case "reconnect": C.tries = 0; probeIn(0); return;
       }
       if (a.closest(".cell-menu") && a.classList.contains("menu-item")) {
         var d = a.closest("details"); if (d) d.open = false;
@@ -402,6 +403,166 @@
     if (ed.contains(t)) return;
     if (t.closest && t.closest("#toast, #modal, dialog")) return;
     leaveEdit(ed, { keepFocus: false });
+  }
+
+  // ------------------------------------------------------------------ the connection to the server
+  //
+  // A page must never spin forever at a server that is gone (killed, crashed, restarted). Any
+  // sign of trouble (an event stream's error, a request that got no answer) makes the page ask
+  // /health; while nothing answers, a banner says so and the page asks again with backoff. When
+  // the server answers again the banner goes, and the cells that were running are fetched anew:
+  // a run still going re-attaches to its stream (the server's relay replays what it missed), one
+  // that died with the server shows what the store kept of it.
+
+  var C = {
+    down: false, timer: null, probing: false, tries: 0, instance: null,
+    errored: {},      // cell ids whose stream failed since the last probe
+    refreshes: {},    // cell id -> refreshes in a row without its stream opening (backoff)
+    lost: false       // a change the user asked for never reached the server
+  };
+  var BACKOFF_MS = [500, 1000, 2000, 3000, 5000];
+  var PROBE_TIMEOUT_MS = 5000;
+
+  function connBanner() {
+    var b = document.getElementById("conn");
+    if (b) return b;
+    b = document.createElement("div");
+    b.id = "conn";
+    b.setAttribute("role", "alert");
+    b.hidden = true;
+    var dot = document.createElement("span"); dot.className = "conn-dot";
+    var text = document.createElement("span"); text.className = "conn-text";
+    var retry = document.createElement("button");
+    retry.type = "button"; retry.dataset.act = "reconnect"; retry.textContent = "Retry now";
+    b.append(dot, text, retry);
+    document.body.appendChild(b);
+    return b;
+  }
+
+  function showDown(text) {
+    var b = connBanner();
+    b.querySelector(".conn-text").textContent = text;
+    b.hidden = false;
+    document.body.classList.add("offline");
+    C.down = true;
+  }
+
+  function showUp() {
+    var b = document.getElementById("conn");
+    if (b) b.hidden = true;
+    document.body.classList.remove("offline");
+  }
+
+  function probeIn(ms) {
+    clearTimeout(C.timer);
+    C.timer = setTimeout(probe, ms);
+  }
+
+  // Something failed: check (once for a burst of errors; the backoff timer runs while down).
+  function suspect(cellId) {
+    if (cellId) C.errored[cellId] = true;
+    if (C.down || C.probing || C.timer) return;
+    probeIn(200);
+  }
+
+  function probe() {
+    clearTimeout(C.timer);
+    C.timer = null;
+    if (C.probing) return;
+    C.probing = true;
+    var ctl = new AbortController();
+    var t = setTimeout(function () { ctl.abort(); }, PROBE_TIMEOUT_MS);
+    fetch("/health", { cache: "no-store", credentials: "same-origin", signal: ctl.signal })
+      .then(function (r) {
+        if (!r.ok) throw { status: r.status };
+        return r.json();
+      })
+      .then(function (h) { clearTimeout(t); C.probing = false; reachable(h || {}); },
+            function (e) { clearTimeout(t); C.probing = false; unreachable(e && e.status); });
+  }
+
+  function unreachable(status) {
+    showDown(status === 401
+      ? "The server no longer accepts this page's token (it restarted with a new one): open the URL it printed."
+      : "Disconnected from the server: reconnecting…");
+    probeIn(BACKOFF_MS[Math.min(C.tries, BACKOFF_MS.length - 1)]);
+    C.tries += 1;
+  }
+
+  function reachable(h) {
+    var restarted = C.instance !== null && h.instance !== C.instance;
+    var wasDown = C.down;
+    C.instance = h.instance || null;
+    C.down = false;
+    C.tries = 0;
+    showUp();
+    var errored = C.errored;
+    C.errored = {};
+    document.querySelectorAll("#cells .result.running").forEach(function (r) {
+      var id = r.id.slice(2);
+      if (wasDown || restarted || errored[id]) refreshCell(id);
+    });
+    if (wasDown && C.lost) {
+      C.lost = false;
+      notice("Reconnected. Something you did while the server was away did not reach it: please do it again.");
+    }
+  }
+
+  // Fetch a running cell's current state from the server. The cell's own answer replaces it
+  // (with a fresh event stream if it still runs); a cell being edited keeps its editor and gets
+  // its result, gutter and version (so saving the edit is not refused as stale).
+  function refreshCell(id) {
+    var cell = document.getElementById("m-" + id);
+    if (!cell || !cell.dataset.url) return;
+    var n = C.refreshes[id] = (C.refreshes[id] || 0) + 1;
+    var wait = n > 1 ? Math.min(30000, 1000 * Math.pow(2, n - 2)) : 0; // a stream failing over and over
+    setTimeout(function () {
+      var c = document.getElementById("m-" + id);
+      if (!c) return;
+      if (c.classList.contains("editing") || c.classList.contains("editing-answer")) {
+        htmx.ajax("GET", c.dataset.url, {
+          target: "#r-" + id, swap: "outerHTML", select: "#r-" + id,
+          selectOOB: "#g-" + id + ":outerHTML,#v-" + id + ":outerHTML"
+        });
+      } else {
+        htmx.ajax("GET", c.dataset.url, { source: c, target: c, swap: "outerHTML" });
+      }
+    }, wait);
+  }
+
+  function notice(text) {
+    var t = document.getElementById("toast");
+    if (!t) return;
+    var span = document.createElement("span");
+    span.className = "toast-text";
+    span.textContent = text;
+    var close = document.createElement("button");
+    close.type = "button"; close.className = "toast-close"; close.dataset.act = "close-toast";
+    close.setAttribute("aria-label", "close"); close.textContent = "×";
+    t.replaceChildren(span, close);
+    t.className = "toast info";
+    t.setAttribute("role", "status");
+  }
+
+  function streamCellId(el) {
+    var r = el && el.closest ? el.closest(".result.running") : null;
+    return r && r.id.indexOf("r-") === 0 ? r.id.slice(2) : null;
+  }
+
+  function watchConnection() {
+    var body = document.body;
+    body.addEventListener("htmx:sseError", function (e) { suspect(streamCellId(e.target)); });
+    body.addEventListener("htmx:sseOpen", function (e) {
+      var id = streamCellId(e.target);
+      if (id) delete C.refreshes[id];
+    });
+    body.addEventListener("htmx:sendError", function (e) {
+      var v = e.detail && e.detail.requestConfig && e.detail.requestConfig.verb;
+      if (v && v.toLowerCase() !== "get") C.lost = true;
+      suspect(null);
+    });
+    body.addEventListener("htmx:timeout", function () { suspect(null); });
+    window.addEventListener("online", function () { if (C.down) probeIn(0); });
   }
 
   // ------------------------------------------------------------------ moves, leaving the page
@@ -440,6 +601,7 @@
     document.addEventListener("mouseover", onHover);
     document.body.addEventListener("htmx:afterRequest", onAfterRequest);
     window.addEventListener("beforeunload", onBeforeUnload);
+    watchConnection();
     htmx.onLoad(prepare);
     var target = location.hash && document.getElementById(location.hash.slice(1));
     if (target && cellOf(target) === target) select(target);
