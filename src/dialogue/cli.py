@@ -307,7 +307,6 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
                     progress.update(task, description=desc)
                     break
 
-
     def on_done(i: int, n: int, m: Message) -> None:
         progress.update(task, completed=i + 1)
         status = svc.run_status(m)
