@@ -6,10 +6,24 @@ and its state saved; today a fresh process answers question 2 over the same cont
 measurement runs in its own fresh process (model load not counted: it is the same for all), with
 the bundled SmolLM2 and greedy decoding, and the prompt tokens are identical for every contender.
 
-    python bench/ttft_bench.py [--context-tokens 4000] [--max-tokens 24]
+    python bench/ttft_bench.py [--context-tokens 4000] [--max-tokens 24] [--scenario NAME ...]
 
 Prints TTFTs, ratios against the cold run measured in the same invocation, cache bytes on disk,
 and whether the greedy outputs are identical.
+
+Scenarios (`--scenario`, several allowed; default: restart multiturn):
+
+- restart: the one above.
+- multiturn: a dialogue as a user builds it, through the service and the model process: a pinned
+  ~4,000-token note, then questions Q1, Q2, Q3 in a row; then a fork of the dialogue at Q1's
+  answer, a restart of the model process, and Q2 asked in the fork. For each question: the
+  tokens it shares with the previous prompt, how many it reused, and its TTFT as a share of
+  Q1's. Goal: >= 95% of shared tokens reused, TTFT <= 10% of Q1's.
+- process: per-token streaming cost of the model process: the same greedy generation in this
+  process (Runtime) and through ModelProcess, tokens/s interleaved; goal: < 5% slower.
+- repack: llama.cpp's extra (repacked) weight buffers on or off, on a Q4_0 copy of the bundled
+  model (made with llama.cpp's quantize API): prompt and decode tokens/s. Models load with them
+  off by default (runtime.py explains the crash they caused); this says what that costs.
 """
 from __future__ import annotations
 
@@ -111,11 +125,28 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=3, help="restored runs per contender (median)")
     ap.add_argument("--child", nargs=3, metavar=("ROLE", "DIR", "QUESTION"), help=argparse.SUPPRESS)
+    ap.add_argument("--scenario", nargs="+", default=["restart", "multiturn"],
+                    choices=["restart", "multiturn", "process", "repack"])
+    ap.add_argument("--repack-child", nargs=3, metavar=("MODEL", "EXTRA", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         role, d, q = args.child
         print(json.dumps(child(role, d, q, args.context_tokens, args.max_tokens)))
         return
+    if args.repack_child:
+        m, extra, n = args.repack_child
+        print(json.dumps(repack_child(m, extra == "1", int(n))))
+        return
+    ok = True
+    for sc in args.scenario:
+        ok = {"restart": scenario_restart, "multiturn": scenario_multiturn,
+              "process": scenario_process, "repack": scenario_repack}[sc](args) and ok
+        print(flush=True)
+    if not ok:
+        sys.exit(1)
+
+
+def scenario_restart(args: argparse.Namespace) -> bool:
 
     with tempfile.TemporaryDirectory() as tmp:
         ours, ldc, none = (os.path.join(tmp, x) for x in ("ours", "ldc", "none"))
@@ -156,8 +187,185 @@ def main() -> None:
           f"{all(r['tokens'] == ours_fill['tokens'] for r in runs['ours Q1'])}; LlamaDiskCache Q2 "
           f"{all(r['text'] == cold['text'] for r in runs['ldc Q2'])}")
     print(f"cold answer: {cold['text']!r}")
-    if not same:
-        sys.exit(1)
+    return same
+
+
+# ---------------------------------------------------------------- multi-turn, through the service
+
+MT_QUESTIONS = ("What does dedent do?", "What does the indent function add to lines?",
+                "What is the width argument of fill for?")
+
+
+def scenario_multiturn(args: argparse.Namespace) -> bool:
+    import asyncio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["DIALOGUE_HOME"] = tmp
+        os.environ["DIALOGUE_CACHE_DIR"] = os.path.join(tmp, "kv")
+        from dialogue import context
+        from dialogue.llm.base import get_provider
+        from dialogue.local.process import get_model_process
+        from dialogue.service import DialogueService
+        note = "# textwrap, the module's source\n\n```python\n" + context_text(args.context_tokens) + "\n```"
+        svc = DialogueService(os.path.join(tmp, "bench.db"))
+        prov = get_provider("local:default")
+        mp = get_model_process("default")
+
+        async def ask(did: str, q: str) -> dict:
+            m = svc.add(did, "prompt", q)
+            d = svc.open(did)
+            prompt = prov.build(context.build(d, m.id)).tokens
+            t0 = time.perf_counter()
+            first: list[float] = []
+            await asyncio.sleep(0)
+            svc.start(did, m.id)
+            async for ev in svc.subscribe(m.id):
+                if ev.type == "text" and not first:
+                    first.append(time.perf_counter())
+                if ev.type == "done":
+                    break
+            m = svc.message(did, m.id)
+            return {"q": q, "prompt": prompt, "ttft": (first[0] if first else time.perf_counter()) - t0,
+                    "cached": m.usage.get("cache_read", 0), "answer": m.response, "id": m.id,
+                    "stop": m.usage.get("stop_reason")}
+
+        async def run() -> list[tuple[str, dict, list[int]]]:
+            d = svc.create("bench", model="local:default", meta={"max_tokens": args.max_tokens})
+            n = svc.add(d.id, "note", note)
+            svc.set_flags(d.id, n.id, pinned=True)
+            out: list[tuple[str, dict, list[int]]] = []
+            prev: list[int] = []
+            q1 = None
+            for i, q in enumerate(MT_QUESTIONS):
+                r = await ask(d.id, q)
+                q1 = q1 or r
+                out.append((f"Q{i + 1}", r, prev))
+                prev = r["prompt"]
+            # a fork at Q1's answer, a restart of the model process, then Q2 in the fork
+            f = svc.fork(d.id, q1["id"], name="bench fork")
+            mp.close()
+            r = await ask(f.id, MT_QUESTIONS[1])
+            out.append(("Q2 in a fork, after a restart", r, q1["prompt"]))
+            await svc.aclose()
+            return out
+
+        results = asyncio.run(run())
+        mp.close()
+
+    q1 = results[0][1]
+    print(f"multi-turn through the service and the model process: pinned note of "
+          f"{args.context_tokens} tokens, {args.max_tokens} new tokens per answer, greedy")
+    ok = True
+    for label, r, prev in results:
+        shared = 0
+        for a, b in zip(prev, r["prompt"]):
+            if a != b:
+                break
+            shared += 1
+        reuse = min(r["cached"], shared) / shared if shared else None
+        share = r["ttft"] / q1["ttft"]
+        line = (f"  {label:30s} prompt {len(r['prompt']):5d}  shared with previous {shared:5d}  "
+                f"reused {r['cached']:5d}")
+        if reuse is not None:
+            line += f" ({reuse:.0%})  ttft {r['ttft']:.2f} s = {share:.1%} of Q1's"
+            ok = ok and reuse >= 0.95 and share <= 0.10
+        else:
+            line += f"          ttft {r['ttft']:.2f} s"
+        print(line, flush=True)
+    print(f"goal (>= 95% of shared tokens reused, ttft <= 10% of Q1's): {'met' if ok else 'NOT met'}")
+    return ok
+
+
+# ---------------------------------------------------------------- the model process's cost
+
+def scenario_process(args: argparse.Namespace) -> bool:
+    from dialogue.local.process import ModelProcess
+    from dialogue.local.models import resolve
+    from dialogue.local.runtime import OFF, Runtime
+    spec = resolve("default")
+    rt = Runtime(spec)
+    mp = ModelProcess(spec)
+    mp.start()
+    msgs = [{"role": "system", "content": "You are a storyteller."},
+            {"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+    prompt = rt.build_prompt(msgs)
+    n = 128
+    rates: dict[str, list[float]] = {"in-process": [], "model process": []}
+    texts = {}
+    for _ in range(args.repeat):
+        for who, eng in (("in-process", rt), ("model process", mp)):
+            eng.reset()
+            eng.generate(prompt, max_tokens=1, use_cache=False, sampling=OFF)  # prompt in memory
+            t: list[float] = []
+            st = eng.generate(prompt, max_tokens=n, use_cache=False, sampling=OFF,
+                              on_text=lambda s: t.append(time.perf_counter()))
+            if len(t) > 1:
+                rates[who].append((len(t) - 1) / (t[-1] - t[0]))
+            texts[who] = st.text
+    mp.close()
+    rt.close()
+    a, b = median(rates["in-process"]), median(rates["model process"])
+    print(f"streaming {n} tokens, greedy, prompt in memory; median of {args.repeat} interleaved runs")
+    print(f"  in-process: {a:.1f} pieces/s   model process: {b:.1f} pieces/s   "
+          f"overhead {(a / b - 1):+.1%} per piece (goal < 5%)")
+    print(f"  same text both ways: {texts['in-process'] == texts['model process']}")
+    return texts["in-process"] == texts["model process"]
+
+
+# ---------------------------------------------------------------- extra buffers (repacking)
+
+def make_q4_0(dst: Path) -> Path:
+    """A Q4_0 copy of the bundled model (llama.cpp's quantize API, requantizing its Q4_1)."""
+    import llama_cpp
+    from dialogue.local.models import bundled_model_path
+    if dst.exists():
+        return dst
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    p.allow_requantize = True
+    p.nthread = os.cpu_count() or 1
+    tmp = dst.with_suffix(".part")
+    if llama_cpp.llama_model_quantize(str(bundled_model_path()).encode(), str(tmp).encode(), p) != 0:
+        raise SystemExit("quantizing to Q4_0 failed")
+    tmp.replace(dst)
+    return dst
+
+
+def repack_child(model: str, extra: bool, n: int) -> dict:
+    from dialogue.local.models import ModelSpec
+    from dialogue.local.runtime import OFF, Runtime
+    rt = Runtime(ModelSpec("q4_0", Path(model), "path"), extra_bufts=extra)
+    text = context_text(512)
+    prompt = rt.build_prompt([{"role": "user", "content": text + "\nSummarize."}])
+    t0 = time.perf_counter()
+    st = rt.generate(prompt, max_tokens=1, use_cache=False, sampling=OFF)
+    pp = len(prompt) / (time.perf_counter() - t0)
+    t: list[float] = []
+    st = rt.generate(prompt, max_tokens=n, use_cache=False, sampling=OFF,
+                     on_text=lambda s: t.append(time.perf_counter()))
+    tg = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0
+    return {"pp": pp, "tg": tg, "extra": bool(rt.llm.model_params.use_extra_bufts), "text": st.text}
+
+
+def scenario_repack(args: argparse.Namespace) -> bool:
+    cache = Path(tempfile.gettempdir()) / "dialogue-bench"
+    cache.mkdir(exist_ok=True)
+    model = make_q4_0(cache / "smollm2-135m-q4_0.gguf")
+    res: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(args.repeat):
+        for extra in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--repack-child", str(model),
+                                  "1" if extra else "0", "64"], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"repack child failed:\n{out.stderr[-2000:]}")
+            res[extra].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    pp = {k: median([r["pp"] for r in v]) for k, v in res.items()}
+    tg = {k: median([r["tg"] for r in v]) for k, v in res.items()}
+    print(f"Q4_0 SmolLM2, 512-token prompt, 64 new tokens, each run a fresh process; median of {args.repeat}")
+    print(f"  extra buffers off (default): prompt {pp[False]:.0f} tok/s, decode {tg[False]:.1f} tok/s")
+    print(f"  extra buffers on:            prompt {pp[True]:.0f} tok/s, decode {tg[True]:.1f} tok/s")
+    print(f"  on / off: prompt {pp[True] / pp[False]:.2f}x, decode {tg[True] / tg[False]:.2f}x")
+    return True
 
 
 if __name__ == "__main__":

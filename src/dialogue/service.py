@@ -601,7 +601,7 @@ class DialogueService:
         only when the prompt has references or the dialogue offers tools."""
         from . import context
         window = getattr(provider, "context_window", None)
-        max_tokens = int(d.meta.get("max_tokens", 1024))
+        max_tokens = int(d.meta.get("max_tokens", getattr(provider, "default_max_tokens", 1024)))
         kw = dict(budget=(window - max_tokens) if window else None, max_tokens=max_tokens,
                   count_tokens=getattr(provider, "count_tokens", None))
         needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
@@ -610,6 +610,8 @@ class DialogueService:
             req = await context.build_async(d, m.id, kernel=kernel, **kw)
         else:
             kernel, req = None, context.build(d, m.id, **kw)
+        if d.meta.get("sampling"):
+            req.meta["sampling"] = d.meta["sampling"]  # the local model's repetition settings
         if adapters and any(_scale_of(v) for v in adapters.values()):
             # the adapter set {name or path: scale}, applied at run time on the quantized base
             # (never merged); the provider keys its KV cache by it. Reading a base's shapes the

@@ -171,7 +171,8 @@ class Usage:
 class Done:
     """The last event of a stream. stop_reason: end | max_tokens | stop | tool_use | cancelled |
     refusal (the provider's safety stop: Anthropic `refusal`, OpenAI `content_filter`) |
-    max_steps (the tool loop's step limit was reached)."""
+    max_steps (the tool loop's step limit was reached) | repetition (a local model's answer
+    turned into a loop and was stopped)."""
 
     stop_reason: str = "end"
     type: Literal["done"] = "done"

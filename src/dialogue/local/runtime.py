@@ -56,6 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_N_CTX = 8192  # SmolLM2-135M's training context; more only costs memory on this model
+SAVE_END_MIN = 256    # new prompt tokens that make the state at a prompt's end worth saving
 CHUNK = 128           # prompt tokens per decode call: as fast as larger chunks on CPU, and a cancel
                       # during a long prompt waits for one chunk only
 
@@ -92,6 +93,9 @@ class Prompt:
     boundaries: list[int]
     save: list[int]
     text: str = ""
+    # the prompt ends at the assistant's header (no prefill): the next prompt of the dialogue has
+    # a boundary exactly here, so the state at the end is worth saving too (see SAVE_END_MIN)
+    ends_turn: bool = False
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -307,7 +311,8 @@ class Runtime:
             start = off
         boundaries = [b for b in boundaries if b < len(tokens)]
         save = [b for b in save if b in boundaries]
-        return Prompt(tokens, boundaries, save, full)
+        ends_turn = not prefill and bool(msgs) and msgs[-1].get("role") != "assistant"
+        return Prompt(tokens, boundaries, save, full, ends_turn)
 
     # ------------------------------------------------------------ adapters
 
@@ -455,7 +460,13 @@ class Runtime:
                     rate = (pos - start) / max(1e-6, time.perf_counter() - t_read)
                     report(pos, n, (n - pos) / rate)
             self._mem_bounds.add(end)
-            if use_cache and end in prompt.save and end < n and not self.cache.has(ns, toks[:end]):
+            # The end of the prompt is saved too when it ends a turn and enough of it was new:
+            # the next question's prompt starts with exactly these tokens, so after a restart
+            # (or a crash of the model process) it reads only its own turn, not the whole
+            # dialogue again. Short reads are not worth a state file (tens of MB).
+            at_end = end == n and prompt.ends_turn and n - start >= SAVE_END_MIN
+            if use_cache and ((end in prompt.save and end < n) or at_end) \
+                    and not self.cache.has(ns, toks[:end]):
                 try:
                     saved = self.cache.save(llm, ns, toks[:end])
                 except CacheError as e:  # an unusable cache dir makes a slower cache, not an error
