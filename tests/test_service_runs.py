@@ -184,7 +184,9 @@ async def test_notes_do_not_run_and_run_all_stops_at_first_error(svc):
 
 
 async def test_prompt_on_unknown_model_is_a_stored_error_not_a_crash(svc):
-    svc.create("d", model="nonsense-model")
+    d = svc.create("d")
+    # a name the service refuses now, as a database written before that check may hold it
+    svc.store.update_dialogue(d.id, base_version=d.version, model="nonsense-model")
     p = svc.add("d", "prompt", "hello?")
     mid = svc.start("d", p.id)
     await asyncio.sleep(0.5)  # the run fails at once, before anyone listens

@@ -7,20 +7,20 @@ kernel or an SDK directly.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from .document import FLAGS, ContextItem, Dialogue, Kind, Message
+from .runs import Answer, LiveState, RunAll, RunError, RunEvent, Runs, follow, run_status
 from .store import NotFoundError, SearchHit, Store, StoreError, TrashItem, Version
 
 if TYPE_CHECKING:
     from .kernel import Kernel, KernelPool
 
-__all__ = ["DialogueService", "RunEvent", "RunError", "DEFAULT_MODEL", "default_model"]
+__all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "Answer", "follow",
+           "DEFAULT_MODEL", "default_model"]
 
 DEFAULT_MODEL = "local:default"
 
@@ -49,67 +49,6 @@ def _stop_grace() -> float:
     raise RunError(f"DIALOGUE_STOP_GRACE must be a positive number of seconds, got {v!r}")
 
 
-class RunError(StoreError):
-    """A message cannot be run as asked (a note, an empty prompt, already running)."""
-
-
-@dataclass
-class RunEvent:
-    """What a surface hears while a message runs.
-
-    type: "output" (data: an nbformat output, or a clear_output / update_display_data control),
-    "text" (data: a piece of the model's answer), "tool_call" / "tool_result" (data: dicts),
-    "progress" (data: {"read", "total", "eta_s"}: how far a local model has read the prompt),
-    "error" (data: a message for the user), and last "done" (data: the stored Message)."""
-
-    type: str
-    message_id: str
-    data: Any = None
-
-
-@dataclass
-class _Run:
-    message_id: str
-    dialogue_id: str
-    kind: Kind
-    task: asyncio.Task | None = None
-    subscribers: list[asyncio.Queue] = field(default_factory=list)
-
-    finished: bool = False
-    execution: Any = None  # the kernel's Execution of a code run, once it has one
-    stopping: asyncio.Task | None = None  # a Stop in progress (a second Stop joins it)
-    restarted: str = ""  # why Stop restarted the kernel under this run, if it did
-
-    def publish(self, ev: RunEvent) -> None:
-        for q in self.subscribers:
-            q.put_nowait(ev)
-
-
-class _Pending:
-    """What a run produced since its last write to the store. A flusher task writes it every
-    `every` seconds, so a cell that prints and then computes for a minute has its print on disk
-    (and in a reopened tab) within that time, while a model's tokens cost one write per interval,
-    not one per token."""
-
-    def __init__(self, store: Store, msg_id: str, every: float):
-        self.store, self.msg_id, self.every = store, msg_id, every
-        self.text = ""
-        self.outputs: list[dict] | None = None  # the whole list, when it changed
-
-    def flush(self) -> None:
-        if self.text:
-            self.store.stream_append(self.msg_id, text=self.text)
-            self.text = ""
-        if self.outputs is not None:
-            self.store.stream_append(self.msg_id, outputs=self.outputs)
-            self.outputs = None
-
-    async def loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.every)
-            self.flush()
-
-
 class DialogueService:
     # Streamed text and outputs are written to the store at most this often (seconds): each write
     # is a transaction, and a model emits tokens faster than a page needs them on disk.
@@ -127,18 +66,14 @@ class DialogueService:
         # Seconds a cell gets to stop after Stop interrupts it before its kernel is restarted.
         self.stop_grace = stop_grace
         self._kernels: "KernelPool | None" = None
-        self._runs: dict[str, _Run] = {}
+        self._runs = Runs(self)
 
     def close(self) -> None:
         self.store.close()
 
     async def shutdown_kernels(self) -> None:
         """Stop every run and kernel; the store stays open."""
-        for r in list(self._runs.values()):
-            if r.task:
-                r.task.cancel()
-        await asyncio.gather(*(r.task for r in list(self._runs.values()) if r.task),
-                             return_exceptions=True)
+        await self._runs.cancel_all()
         if self._kernels is not None:
             await self._kernels.shutdown_all()
 
@@ -364,81 +299,34 @@ class DialogueService:
     # ------------------------------------------------------------ running messages
 
     def running(self, msg_id: str) -> bool:
-        return msg_id in self._runs
+        return self._runs.running(msg_id)
 
     def start(self, ref: str, msg: str, *, prefill: str | None = None,
               timeout: float | None = None) -> str:
         """Start running a code message in the dialogue's kernel, or sending a prompt to the
         dialogue's model, in the background; returns the message id. The run goes on if every
         listener goes away (a closed tab): what it produces is written to the store as it
-        arrives. Listen with `subscribe`, stop with `stop`."""
+        arrives. Listen with `subscribe` or `watch`, stop with `stop`."""
         did = self.dialogue_id(ref)
-        mid = self.message_id(did, msg)
-        if mid in self._runs:
-            raise RunError(f"message {mid} is already running")
-        if who := self.store.stream_writer(mid):
-            raise RunError(f"message {mid} is being written by {who}; wait for it to finish, "
-                           "or stop it there")
-        m = self.store.get_message(mid)
-        if m.kind == Kind.code:
-            coro = self._run_code(did, m, timeout if timeout is not None else self.run_timeout)
-        elif m.kind == Kind.prompt:
-            if not m.source.strip():
-                raise RunError("the prompt is empty")
-            coro = self._run_prompt(did, m, prefill)
-        else:
-            raise RunError(f"a {m.kind.value} message does not run")
-        run = self._runs[mid] = _Run(mid, did, m.kind)
-        run.task = asyncio.get_running_loop().create_task(self._guard(run, coro))
-        return mid
-
-    async def _guard(self, run: _Run, coro: Any) -> None:
-        """Whatever happens inside a run, listeners hear "done" exactly once, after the run has
-        left the running set."""
-        try:
-            await coro
-        except StoreError:  # the message went away under the run (deleted in another tab)
-            pass
-        finally:
-            self._runs.pop(run.message_id, None)
-            if not run.finished:
-                with contextlib.suppress(StoreError):
-                    self._finish(run, self.store.get_message(run.message_id, deleted_ok=True))
-
-    def _finish(self, run: _Run, final: Message) -> None:
-        self._runs.pop(run.message_id, None)  # not running any more when listeners hear "done"
-        run.finished = True
-        run.publish(RunEvent("done", run.message_id, final))
+        return self._runs.start(did, self.message_id(did, msg), prefill=prefill, timeout=timeout)
 
     def subscribe(self, msg_id: str) -> AsyncIterator[RunEvent]:
-        """Events of the run of `msg_id` from now on, ending with "done"; nothing if it is not
-        running (read the store for its state). The call itself registers the listener, not the
-        first iteration: a listener that a task drains later (the web relay) misses nothing the
-        run publishes before that task runs."""
-        run = self._runs.get(msg_id)
-        if run is None or run.finished:
-            return _no_events()
-        q: asyncio.Queue = asyncio.Queue()
-        run.subscribers.append(q)
-        return self._drain(run, q)
+        """Every event of the run of `msg_id` from its first, ending with "done", however late the
+        listener comes; nothing if it is not running (read the store for its state)."""
+        return self._runs.subscribe(msg_id)
 
-    @staticmethod
-    async def _drain(run: _Run, q: asyncio.Queue) -> AsyncIterator[RunEvent]:
-        try:
-            while True:
-                ev = await q.get()
-                yield ev
-                if ev.type == "done":
-                    return
-        finally:
-            with contextlib.suppress(ValueError):
-                run.subscribers.remove(q)
+    def watch(self, msg_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """What a page shows of a run: ("snapshot", LiveState) with everything so far, then
+        ("event", RunEvent) as they come (of consecutive progress reports a listener that fell
+        behind gets the latest); nothing if it is not running."""
+        return self._runs.watch(msg_id)
+
+    def live(self, msg_id: str) -> LiveState | None:
+        """What the run of `msg_id` has produced so far; None if it is not running."""
+        return self._runs.live(msg_id)
 
     async def wait(self, msg_id: str) -> Message:
-        run = self._runs.get(msg_id)
-        if run is not None and run.task is not None:
-            await asyncio.shield(run.task)
-        return self.store.get_message(msg_id)
+        return await self._runs.wait(msg_id)
 
     async def run(self, ref: str, msg: str, *, prefill: str | None = None,
                   timeout: float | None = None) -> Message:
@@ -454,170 +342,65 @@ class DialogueService:
         ended by restarting its kernel: its variables are lost, and the cell's status says so
         (`meta.run.status == "restarted"`, with a message). A cell still waiting for its turn
         behind another run never runs; the other run is left alone."""
-        run = self._runs.get(msg_id)
-        if run is None:
-            return
-        if run.kind != Kind.code:
-            if run.task is not None:
-                run.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(run.task), 10)
-            return
-        if run.stopping is None:  # a second Stop (a double click) waits for the first
-            run.stopping = asyncio.get_running_loop().create_task(self._stop_code(run))
-        with contextlib.suppress(Exception):
-            await asyncio.shield(run.stopping)
+        await self._runs.stop(msg_id)
 
-    async def _stop_code(self, run: _Run) -> None:
-        ex = run.execution
-        if ex is not None:
-            await ex.interrupt()
-        elif run.task is not None:  # still waiting for its kernel to start
-            run.task.cancel()
-        if run.task is None:
-            return
-        await asyncio.wait([run.task], timeout=self.stop_grace)
-        if run.task.done():
-            return
-        ex = run.execution
-        if ex is None or not ex.running:  # queued behind another run: drop it, leave the kernel
-            if ex is not None:
-                await ex.interrupt()
-            else:
-                run.task.cancel()
-        else:
-            run.restarted = (
-                f"Stop: the cell was still running {self.stop_grace:g} s after it was "
-                "interrupted (it caught KeyboardInterrupt, or was stuck where Python cannot "
-                "interrupt it), so the kernel was restarted; its variables are lost.")
-            await ex.kernel.restart()
-        await asyncio.wait([run.task], timeout=10)
+    # -- a dialogue top to bottom -----------------------------------------------------------
+
+    def start_all(self, ref: str, *, code_only: bool = True, above: str | None = None,
+                  allow_errors: bool = False, on_start: Any = None,
+                  on_done: Any = None) -> RunAll:
+        """Start running the dialogue's code messages (and prompts unless `code_only`) top to
+        bottom in the background, only those above `above` when given; each is an ordinary run
+        (`watch` it). Stops at the first that does not end well unless `allow_errors`. One at a
+        time per dialogue: a second is refused with RunError. Follow it with the returned
+        RunAll's `progress()` / `changed()`, stop it with `stop_all`."""
+        d, todo = self._todo(ref, code_only, above)
+        if not todo:
+            raise RunError("There is no code cell to run." if code_only
+                           else "There is nothing to run.")
+        return self._runs.start_all(d, todo, what="code cell" if code_only else "message",
+                                    allow_errors=allow_errors, on_start=on_start,
+                                    on_done=on_done)
+
+    def _todo(self, ref: str, code_only: bool, above: str | None) -> tuple[Dialogue, list[str]]:
+        d = self.open(ref)
+        msgs = d.above(self.message_id(d.id, above)) if above else d.messages
+        kinds = (Kind.code,) if code_only else (Kind.code, Kind.prompt)
+        return d, [m.id for m in msgs if m.kind in kinds and m.source.strip()]
+
+    def run_all_of(self, ref: str, *, finished: bool = False) -> RunAll | None:
+        """The dialogue's Run all still in flight, if any; with `finished`, the last one even if
+        it is over (a page that connects late hears how it ended)."""
+        job = self._runs.alls.get(self.dialogue_id(ref))
+        return job if job is not None and (finished or not job.done) else None
+
+    async def stop_all(self, ref: str) -> None:
+        job = self.run_all_of(ref)
+        if job is not None:
+            await job.stop()
 
     async def run_all(self, ref: str, *, above: str | None = None,
                       stop_on_error: bool = True) -> list[Message]:
         """Run the code messages in order (only those above `above` when given)."""
-        d = self.open(ref)
-        msgs = d.above(self.message_id(d.id, above)) if above else d.messages
-        done = []
-        for m in msgs:
-            if m.kind != Kind.code or not m.source.strip():
-                continue
-            r = await self.run(d.id, m.id)
-            done.append(r)
-            if stop_on_error and r.meta.get("run", {}).get("status", "ok") != "ok":
-                break
-        return done
+        if not self._todo(ref, True, above)[1]:
+            return []
+        job = self.start_all(ref, above=above, allow_errors=not stop_on_error)
+        await job.wait()
+        return job.results
 
-    @staticmethod
-    def run_status(m: Message) -> str:
-        """ok | error | died | timeout | interrupted | restarted (Stop had to restart the
-        kernel) | cancelled, for the last run of a code message or prompt."""
-        if m.kind == Kind.prompt:
-            if m.meta.get("error"):
-                return "error"
-            if m.meta.get("interrupted"):  # the process writing it died (recover_interrupted)
-                return "interrupted"
-            return "cancelled" if m.usage.get("stop_reason") == "cancelled" else "ok"
-        return m.meta.get("run", {}).get("status", "ok")
+    run_status = staticmethod(run_status)
 
     async def run_through(self, ref: str, *, allow_errors: bool = False,
                           on_start: Any = None, on_done: Any = None) -> list[Message]:
         """The headless run: every code message and prompt, top to bottom, like
         `jupyter nbconvert --execute`. Stops at the first failure unless `allow_errors`; a kernel
-        that dies is then replaced by a fresh one for the next message. Returns the failures."""
-        d = self.open(ref)
-        todo = [m for m in d.messages if m.kind in (Kind.code, Kind.prompt) and m.source.strip()]
-        failures = []
-        for i, m in enumerate(todo):
-            if on_start:
-                on_start(i, len(todo), m)
-            r = await self.run(d.id, m.id)
-            if on_done:
-                on_done(i, len(todo), r)
-            if self.run_status(r) != "ok":
-                failures.append(r)
-                if not allow_errors:
-                    break
-        return failures
-
-    async def _run_code(self, did: str, m: Message, timeout: float | None) -> None:
-        run = self._runs[m.id]
-        outputs: list[dict] = []
-        res = None
-        self.store.begin_stream(m.id)
-        m = m.copy(meta={k: v for k, v in m.meta.items() if k != "interrupted"})  # a new run
-        pending = _Pending(self.store, m.id, self.flush_every)
-        flusher = asyncio.get_running_loop().create_task(pending.loop())
-        ex = None
-        try:
-            kernel = await self.kernels.get(did)
-            ex = run.execution = kernel.execute(m.source, timeout=timeout)
-            async for out in ex:
-                t = out.get("output_type")
-                if t == "clear_output":
-                    outputs.clear()
-                elif t == "update_display_data":
-                    display = out.get("display_id")
-                    for o in outputs:
-                        if o.get("transient", {}).get("display_id") == display or \
-                                o.get("metadata", {}).get("display_id") == display:
-                            o["data"], o["metadata"] = out.get("data", {}), out.get("metadata", {})
-                else:
-                    outputs.append(out)
-                pending.outputs = outputs
-                run.publish(RunEvent("output", m.id, out))
-            res = await ex
-        except asyncio.CancelledError:
-            if ex is not None:  # this run only: a run of another cell may hold the kernel
-                await ex.interrupt()
-        except Exception as e:  # the kernel could not start: say so on the message
-            from .kernel import KernelError
-            if not isinstance(e, KernelError):
-                raise
-            outputs.append({"output_type": "error", "ename": type(e).__name__, "evalue": str(e),
-                            "traceback": [str(e)]})
-            run.publish(RunEvent("error", m.id, str(e)))
-        finally:
-            flusher.cancel()
-            if res is not None:
-                status, message = res.status, res.message
-                if run.restarted and status == "died":
-                    status, message = "restarted", run.restarted
-                meta = {**m.meta, "run": {"status": status, "message": message,
-                                          "duration": round(res.duration, 3)}}
-                final = self.store.finish_stream(m.id, outputs=res.outputs,
-                                                 execution_count=res.execution_count, meta=meta)
-                if status != "ok" and message:
-                    run.publish(RunEvent("error", m.id, message))
-            else:
-                final = self.store.finish_stream(
-                    m.id, outputs=outputs, meta={**m.meta, "run": {"status": "interrupted"}})
-            self._finish(run, final)
-
-    async def _request(self, d: Dialogue, m: Message, provider: Any,
-                       adapters: Any) -> tuple["Kernel | None", Any]:
-        """The request answering prompt `m` of `d` (which must contain it), with `adapters` (a set
-        {name or path: scale}, or None) resolved into `req.meta["adapters"]`. A kernel is started
-        only when the prompt has references or the dialogue offers tools."""
-        from . import context
-        window = getattr(provider, "context_window", None)
-        max_tokens = int(d.meta.get("max_tokens", getattr(provider, "default_max_tokens", 1024)))
-        kw = dict(budget=(window - max_tokens) if window else None, max_tokens=max_tokens,
-                  count_tokens=getattr(provider, "count_tokens", None))
-        needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
-        if needs_kernel:
-            kernel = await self.kernels.get(d.id)
-            req = await context.build_async(d, m.id, kernel=kernel, **kw)
-        else:
-            kernel, req = None, context.build(d, m.id, **kw)
-        if d.meta.get("sampling"):
-            req.meta["sampling"] = d.meta["sampling"]  # the local model's repetition settings
-        if adapters and any(_scale_of(v) for v in adapters.values()):
-            # the adapter set {name or path: scale}, applied at run time on the quantized base
-            # (never merged); the provider keys its KV cache by it. Reading a base's shapes the
-            # first time takes seconds: off the event loop.
-            req.meta["adapters"] = await asyncio.to_thread(self.resolve_adapters, d.model, adapters)
-        return kernel, req
+        that dies is then replaced by a fresh one for the next message. Returns the failures.
+        `on_start(i, n, message)` and `on_done(i, n, stored)` report each message."""
+        if not self._todo(ref, False, None)[1]:
+            return []
+        job = self.start_all(ref, code_only=False, allow_errors=allow_errors,
+                             on_start=on_start, on_done=on_done)
+        return await job.wait()
 
     @staticmethod
     def resolve_adapters(model: str, adapters: Any) -> dict[str, float]:
@@ -695,114 +478,11 @@ class DialogueService:
         adapter sets side by side before choosing one. Yields the provider's events (TextDelta,
         Usage, Done). Bad input (unknown adapter, wrong base, an unknown model, a context error)
         raises before the first event."""
-        from .llm.base import get_provider
-        if not source.strip():
-            raise RunError("the prompt is empty")
         d = self.store.get_dialogue(self.dialogue_id(ref))
-        probe = Message(kind=Kind.prompt, source=source)
-        d.messages = [*d.messages, probe]
-        provider = get_provider(d.model)
-        _, req = await self._request(d, probe, provider, adapters)
-        req.tools = []
-        if max_tokens is not None:
-            req.max_tokens = int(max_tokens)
-        async with contextlib.aclosing(provider.stream(req)) as evs:
+        async with contextlib.aclosing(self._runs.trial(d, source, adapters=adapters,
+                                                        max_tokens=max_tokens)) as evs:
             async for ev in evs:
                 yield ev
-
-    async def _run_prompt(self, did: str, m: Message, prefill: str | None) -> None:
-        from . import context
-        from .llm.base import Done, Progress, ProviderError, TextDelta, ToolCall, Usage, cost, get_provider
-        run = self._runs[m.id]
-        d = self.store.get_dialogue(did)
-        prefill = prefill or ""
-        text: list[str] = []
-        tool_calls: list[dict] = []
-        usage = Usage()
-        stop_reason, error = "end", ""
-        provider = req = None
-        meta = dict(m.meta)
-        meta.pop("error", None)
-        meta.pop("interrupted", None)  # a new answer: whatever cut off the last one is history
-        self.store.begin_stream(m.id, response=prefill)
-        pending = _Pending(self.store, m.id, self.flush_every)
-        flusher = asyncio.get_running_loop().create_task(pending.loop())
-        try:
-            provider = get_provider(d.model)
-            kernel, req = await self._request(d, m, provider, d.meta.get("adapters"))
-            req.prefill = prefill
-            meta["refs"] = req.meta.get("refs", "")
-            meta.pop("dropped", None)  # not a previous run's figures
-            meta.pop("cut", None)
-            if req.dropped:
-                meta["dropped"] = req.dropped
-            if req.meta.get("cut"):
-                meta["cut"] = req.meta["cut"]  # the code outputs the model saw shortened
-            if req.tools and kernel is not None:
-                from .tools import tool_loop
-                events = tool_loop(provider, req, kernel)
-            else:
-                events = provider.stream(req)
-            async with contextlib.aclosing(events) as evs:
-                async for ev in evs:
-                    if isinstance(ev, TextDelta):
-                        text.append(ev.text)
-                        pending.text += ev.text
-                        run.publish(RunEvent("text", m.id, ev.text))
-                    elif isinstance(ev, ToolCall):
-                        tool_calls.append({"id": ev.id, "name": ev.name, "arguments": ev.arguments})
-                        run.publish(RunEvent("tool_call", m.id, tool_calls[-1]))
-                    elif isinstance(ev, Usage):
-                        usage = usage + ev
-                    elif isinstance(ev, Done):
-                        stop_reason = ev.stop_reason
-                    elif isinstance(ev, Progress):
-                        run.publish(RunEvent("progress", m.id, {"read": ev.read, "total": ev.total,
-                                                                 "eta_s": ev.eta_s}))
-                    elif getattr(ev, "type", "") == "tool_result":
-                        for c in tool_calls:
-                            if c["id"] == ev.id:
-                                c.update(result=ev.result, error=ev.error)
-                        run.publish(RunEvent("tool_result", m.id, ev.to_dict()))
-        except asyncio.CancelledError:
-            stop_reason = "cancelled"
-        except (ProviderError, context.ContextError, StoreError, ValueError) as e:
-            stop_reason, error = "error", str(e)
-        except Exception as e:  # a kernel that failed to start for references or tools
-            from .kernel import KernelError
-            if not isinstance(e, KernelError):
-                raise
-            stop_reason, error = "error", str(e)
-        finally:
-            flusher.cancel()
-            if error:
-                meta["error"] = error
-                run.publish(RunEvent("error", m.id, error))
-            u: dict[str, Any] = {**usage.counts(), "model": d.model, "stop_reason": stop_reason}
-            if stop_reason == "cancelled" and req is not None and not (usage.input or usage.output):
-                # A stream stopped early never got the provider's usage report: count what was
-                # sent and received ourselves, and say it is a count of ours.
-                counted = provider.count_tokens("".join(text)) if provider else None
-                u.update(input=int(req.meta.get("tokens", 0)), estimated=True,
-                         output=counted if counted is not None else
-                         context.estimate_tokens("".join(text)))
-                usage = Usage(u["input"], u["output"])
-            u["cost"] = cost(d.model, usage)
-            final = self.store.finish_stream(m.id, response=prefill + "".join(text),
-                                             tool_calls=tool_calls, usage=u, meta=meta)
-            self._finish(run, final)
-
-
-async def _no_events() -> AsyncIterator[RunEvent]:
-    return
-    yield  # an async generator that yields nothing
-
-
-def _scale_of(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return 1.0  # not a number: resolve_set refuses it with a clear message
 
 
 def _adapter_error() -> type[Exception]:

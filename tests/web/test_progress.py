@@ -17,7 +17,7 @@ import reading_provider
 from dialogue.service import DialogueService, RunEvent
 from dialogue.document import Kind
 from dialogue.web import create_app
-from dialogue.web.relay import LiveState, RunRelay, _Buffer
+from dialogue.runs import LiveState, Run
 
 from webutil import BASE, HX, Tags, line_events, live_server
 
@@ -98,32 +98,34 @@ def test_the_cell_shows_how_far_the_prompt_is_read_then_the_answer(db_path, db, 
 
 async def test_a_listener_that_falls_behind_gets_only_the_latest_progress():
     """Progress reports can come faster than a slow page reads them: it skips to the latest."""
-    relay = RunRelay(service=None)  # listen() only reads the buffer it is given
-    buf = relay._bufs["m1"] = _Buffer(LiveState(Kind.prompt))
-    buf.add(RunEvent("progress", "m1", {"read": 128, "total": 640, "eta_s": None}))
+    run = Run("m1", "d1", Kind.prompt, LiveState(Kind.prompt))
+    run.publish(RunEvent("progress", "m1", {"read": 128, "total": 640, "eta_s": None}))
     got = []
 
     async def listen():
-        async for what, item in relay.listen("m1"):
+        async for what, item in run.watch():
             got.append((what, item))
 
     task = asyncio.create_task(listen())
     await asyncio.sleep(0.05)
     assert [w for w, _ in got] == ["snapshot"] and got[0][1].progress["read"] == 128
     for n in (256, 384, 512):  # arrive while the listener is not reading
-        buf.add(RunEvent("progress", "m1", {"read": n, "total": 640, "eta_s": 1.0}))
-    buf.add(RunEvent("text", "m1", "Hi"))
-    buf.add(RunEvent("progress", "m1", {"read": 640, "total": 640, "eta_s": 0.0}))
-    buf.finish()
+        run.publish(RunEvent("progress", "m1", {"read": n, "total": 640, "eta_s": 1.0}))
+    snap = run.snapshot()
+    run.publish(RunEvent("text", "m1", "Hi"))
+    run.publish(RunEvent("progress", "m1", {"read": 640, "total": 640, "eta_s": 0.0}))
+    run.publish(RunEvent("done", "m1", None))
     await asyncio.wait_for(task, 5)
     evs = [item for what, item in got[1:]]
-    assert [(e.type, e.data if e.type == "text" else e.data["read"]) for e in evs] == \
-        [("progress", 512), ("text", "Hi"), ("progress", 640)]
-    # the snapshot folds the same way: text clears the progress, a later report sets it again
-    s = buf.snapshot(4)
-    assert s.progress["read"] == 512 and s.text == ""
-    s = buf.snapshot(5)
-    assert s.progress is None and s.text == "Hi"
+    assert [(e.type, e.data if e.type == "text" else e.data and e.data["read"]) for e in evs] == \
+        [("progress", 512), ("text", "Hi"), ("progress", 640), ("done", None)]
+    # the state folds the same way: text clears the progress, a later report sets it again
+    assert snap.progress["read"] == 512 and snap.text == ""
+    late = run.snapshot()
+    assert late.progress["read"] == 640 and late.text == "Hi"
+    # a listener that comes after the run ended still hears all of it, from the first event
+    everything = [ev async for ev in run.events_from(0)]
+    assert [e.type for e in everything] == ["progress"] * 4 + ["text", "progress", "done"]
 
 
 def test_health_answers_and_stays_behind_the_token(db_path):

@@ -42,10 +42,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ..document import FLAGS, ContextItem, Dialogue, Kind, Message
-from ..service import DialogueService, RunError
+from ..service import DialogueService, LiveState, RunAll, RunError
 from ..store import ConflictError, NameTakenError, NotFoundError, StoreError
 from . import views as V
-from .relay import LiveState, RunRelay
 from .security import LOOPBACK_NAMES, Guard, is_loopback, local_url, new_token
 
 __all__ = ["create_app", "serve", "STATIC_DIR"]
@@ -153,38 +152,15 @@ class _Trial:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@dataclass
-class _RunAll:
-    """A Run all in flight: the code cells to run, those started so far (the page's stream puts
-    each in its running state), and why it stopped early, if it did."""
-
-    did: str
-    todo: list[str]
-    started: list[str] = field(default_factory=list)
-    done: bool = False
-    stopped: str = ""
-    task: asyncio.Task | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def poke(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    async def changed(self) -> None:
-        await self._changed.wait()
-
-
 TRIALS_KEPT = 32
 
 
 @dataclass
 class _Ctx:
     service: DialogueService
-    relay: RunRelay
     models_at: float = 0.0
     models_cache: tuple = ()
     trials: OrderedDict = field(default_factory=OrderedDict)
-    run_alls: dict = field(default_factory=dict)
     instance: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def models(self) -> list[tuple[str, str]]:
@@ -198,7 +174,7 @@ class _Ctx:
 
 def _models() -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    from ..local import models as lm
+    from ..gguf import models as lm
     try:
         lm.bundled_model_path()
         out.append(("local:default", "local:default (SmolLM2 135M, bundled)"))
@@ -287,18 +263,12 @@ def create_app(service: DialogueService, *, token: str | None = None,
     names answered when there is no token (default: loopback names only, against DNS
     rebinding; None answers any). On startup the app turns streams cut by a previous crash into
     versions; on shutdown it stops every run and kernel and closes the service."""
-    relay = RunRelay(service)
-    ctx = _Ctx(service, relay)
+    ctx = _Ctx(service)
 
     async def startup() -> None:
         service.store.recover_interrupted()
 
     async def shutdown() -> None:
-        jobs = [j.task for j in ctx.run_alls.values() if j.task is not None and not j.task.done()]
-        for t in jobs:
-            t.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        await relay.aclose()
         await service.aclose()
 
     from ..artifacts import NotebookError
@@ -315,7 +285,6 @@ def create_app(service: DialogueService, *, token: str | None = None,
         on_startup=[startup], on_shutdown=[shutdown], max_part_size=MAX_UPLOAD,
         middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, port=port)])
     app.state.service = service
-    app.state.relay = relay
 
     for router in (_static_routes(), _health_routes(ctx), _dialogue_routes(ctx),
                    _settings_routes(ctx), _adapter_routes(ctx), _run_all_routes(ctx),
@@ -503,13 +472,12 @@ def _dialogue_routes(ctx: _Ctx) -> APIRouter:
     @rt("/d/{did}")
     async def dialogue(did: str, req: Request) -> Any:
         d = svc.open(did)
-        running = {m.id for m in d.messages if ctx.relay.running(m.id)}
-        live = {mid: s for mid in running if (s := ctx.relay.snapshot(mid)) is not None}
-        job = ctx.run_alls.get(d.id)
+        running = {m.id for m in d.messages if svc.running(m.id)}
+        live = {mid: s for mid in running if (s := svc.live(mid)) is not None}
+        job = svc.run_all_of(d.id)
         page = V.dialogue_page(d, ctx.models(), svc.kernel_status(d.id), running, live,
                                adapters=_adapter_view(svc, d),
-                               run_all=(len(job.started), len(job.todo)) if job and not job.done
-                               else None)
+                               run_all=job.progress() if job is not None else None)
         notice = _import_notice(d) if req.query_params.get("imported") else None
         if notice is not None:  # the page's empty #toast holds it
             page = tuple(notice if getattr(x, "id", None) == "toast" else x for x in page)
@@ -735,30 +703,18 @@ def _adapter_routes(ctx: _Ctx) -> APIRouter:
         """One side of a trial. The service's generator is closed however this ends: when the
         page goes away (the dialog closed, the tab closed) Starlette cancels the response and
         the cancellation reaches the model's worker, which stops within a token."""
-        from ..context import ContextError
-        from ..llm.base import Done, ProviderError, TextDelta, Usage, cost
+        from ..service import Answer, follow
         res: dict[str, Any] = {"text": "", "usage": {}, "seconds": 0.0, "error": "", "kept": False,
                                "done": False}
         t.results[side] = res
-        usage, stop = Usage(), "end"
-        t0 = time.monotonic()
-        try:
-            async with contextlib.aclosing(svc.trial(t.did, t.source, adapters=t.sets[side],
-                                                     max_tokens=t.max_tokens)) as evs:
-                async for ev in evs:
-                    if isinstance(ev, TextDelta):
-                        res["text"] += ev.text
-                        yield V.sse(f"text-{side}", V.text_chunk(ev.text))
-                    elif isinstance(ev, Usage):
-                        usage = usage + ev
-                    elif isinstance(ev, Done):
-                        stop = ev.stop_reason
-        except (ProviderError, ContextError, StoreError, RunError, ValueError) as e:
-            res["error"], stop = str(e), "error"
-        model = svc.open(t.did).model
-        res["usage"] = {**usage.counts(), "model": model, "stop_reason": stop, "cost": cost(model, usage)}
-        res["seconds"] = round(time.monotonic() - t0, 3)
-        res["done"] = True
+        ans = Answer()
+        async for _ in follow(svc.trial(t.did, t.source, adapters=t.sets[side],
+                                        max_tokens=t.max_tokens), ans):
+            if len(ans.text) > len(res["text"]):
+                piece, res["text"] = ans.text[len(res["text"]):], ans.text
+                yield V.sse(f"text-{side}", V.text_chunk(piece))
+        res.update(error=ans.error, usage=ans.record(svc.open(t.did).model),
+                   seconds=ans.seconds, done=True)
         extra = to_xml(V.toast(f"{side.upper()}: {res['error']}")) if res["error"] else ""
         yield V.sse(f"end-{side}", to_xml(V.trial_column(t.did, t.id, side, t.sets[side],
                                                          result=res)) + extra)
@@ -813,73 +769,26 @@ def _run_all_routes(ctx: _Ctx) -> APIRouter:
     rt = APIRouter(prefix="/d/{did}")
     svc = ctx.service
 
-    async def drive(job: _RunAll) -> None:
-        """Run the job's code cells one after another through the relay (so each cell's page
-        stream sees its run from the start, as for a single run), stopping at the first that
-        does not end well. Not `DialogueService.run_all`: that one starts runs itself, which the
-        relay would pick up only once a page asked, losing what a fast cell printed before."""
-        try:
-            for mid in job.todo:
-                while ctx.relay.running(mid):  # started by hand meanwhile: let it finish first
-                    await asyncio.sleep(0.1)
-                try:
-                    m = svc.message(job.did, mid)
-                except StoreError:  # deleted since Run all began
-                    continue
-                if m.kind != Kind.code or not m.source.strip():
-                    continue
-                ctx.relay.start(job.did, mid)
-                job.started.append(mid)
-                job.poke()
-                final = await svc.wait(mid)
-                status = svc.run_status(final)
-                if status != "ok":
-                    n = job.todo.index(mid) + 1
-                    job.stopped = f"Run all stopped at code cell {n} of {len(job.todo)} ({status})."
-                    break
-        except asyncio.CancelledError:
-            job.stopped = job.stopped or "Run all was stopped."
-            raise
-        except Exception as e:  # noqa: BLE001 - told to the page, logged for the server
-            log.exception("run all of %s failed", job.did)
-            job.stopped = f"Run all failed: {e}"
-        finally:
-            job.done = True
-            job.poke()
-
     @rt("/run_all", methods=["post"])
     async def run_all(did: str) -> Any:
-        d = svc.open(did)
-        job = ctx.run_alls.get(d.id)
-        if job is not None and not job.done:
-            raise RunError("Run all is already running in this dialogue.")
-        todo = [m.id for m in d.messages if m.kind == Kind.code and m.source.strip()]
-        if not todo:
-            return refuse("There is no code cell to run.")
-        job = ctx.run_alls[d.id] = _RunAll(d.id, todo)
-        job.task = asyncio.get_running_loop().create_task(drive(job))
-        return V.run_all_control(d.id, (0, len(todo)))
+        d = svc.dialogue_id(did)
+        try:
+            job = svc.start_all(d)
+        except RunError as e:
+            if "no code cell" not in str(e):
+                raise
+            return refuse(str(e))
+        return V.run_all_control(d, job.progress())
 
     @rt("/run_all/stop", methods=["post"])
     async def stop_all(did: str) -> Any:
-        d = svc.dialogue_id(did)
-        job = ctx.run_alls.get(d)
-        if job is None or job.done:
-            return Response(status_code=204)
-        current = job.started[-1] if job.started else None
-        job.stopped = "Run all was stopped."
-        if job.task is not None:
-            job.task.cancel()
-        if current is not None:
-            await svc.stop(current)
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(job.task), 10)
+        await svc.stop_all(svc.dialogue_id(did))
         return Response(status_code=204)
 
     @rt("/run_all/stream")
     async def run_all_stream(did: str, req: Request) -> StreamingResponse:
         d = svc.dialogue_id(did)
-        job = ctx.run_alls.get(d)
+        job: RunAll | None = svc.run_all_of(d, finished=True)
         # the cells a page already shows as started (a reloaded page rendered them running)
         seen = _opt_int(req.query_params.get("from"), "from") or 0
 
@@ -891,7 +800,7 @@ def _run_all_routes(ctx: _Ctx) -> APIRouter:
                         mid = job.started[i]
                         i += 1
                         m = svc.message(d, mid)
-                        live = ctx.relay.snapshot(mid)
+                        live = svc.live(mid)
                         yield V.sse("cell", V.frag(
                             _oob(V.result(d, m, running=True, live=live)),
                             _oob(V.gutter(m, running=True))))
@@ -962,7 +871,7 @@ def _cell_routes(ctx: _Ctx) -> APIRouter:
     svc = ctx.service
 
     def render(did: str, m: Message, **kw: Any) -> Any:
-        return V.cell(did, m, running=ctx.relay.running(m.id), **kw)
+        return V.cell(did, m, running=svc.running(m.id), **kw)
 
     def apply_text(did: str, mid: str, f: dict[str, Any]) -> Message | HTMLResponse:
         return _apply_text(svc, did, mid, f, lambda x, **kw: render(did, x, **kw))
@@ -1044,7 +953,7 @@ def _cell_routes(ctx: _Ctx) -> APIRouter:
         d = svc.dialogue_id(did)
         f = await _form(req)
         m = svc.message(d, mid)
-        if ctx.relay.running(m.id):
+        if svc.running(m.id):
             return refuse("This cell is running: stop it before deleting it.", 409)
         svc.delete_message(d, m.id, base_version=_opt_int(f.get("version"), "version"))
         first = (m.source.strip().splitlines() or [""])[0][:40]
@@ -1111,14 +1020,14 @@ def _run_routes(ctx: _Ctx) -> APIRouter:
         if m.kind not in (Kind.code, Kind.prompt):  # "running" a note shows it: save, render
             saved = _apply_text(svc, d, m.id, f, lambda x, **kw: V.cell(d, x, **kw))
             return saved if isinstance(saved, HTMLResponse) else V.cell(d, saved)
-        if ctx.relay.running(m.id):
+        if svc.running(m.id):
             raise RunError("This cell is already running.")
         # save what the editor holds first, in the same request: a separate save could race
         m = _apply_text(svc, d, m.id, f, lambda x, **kw: V.cell(d, x, **kw))
         if isinstance(m, HTMLResponse):
             return m
         prefill = _text(f.get("prefill")) or None
-        ctx.relay.start(d, m.id, prefill=prefill if m.kind == Kind.prompt else None)
+        svc.start(d, m.id, prefill=prefill if m.kind == Kind.prompt else None)
         m = svc.message(d, m.id)
         return V.cell(d, m, running=True,
                       live=LiveState(m.kind, (prefill or "") if m.kind == Kind.prompt else ""))
@@ -1153,7 +1062,7 @@ def _run_routes(ctx: _Ctx) -> APIRouter:
 
         async def live_events():
             state: LiveState | None = None
-            async for what, item in ctx.relay.listen(m0.id):
+            async for what, item in svc.watch(m0.id):
                 if what == "snapshot":
                     state = item
                     yield V.sse("snapshot", V.frag(V.live_body(d, m0, state)))

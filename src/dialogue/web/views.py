@@ -28,7 +28,7 @@ from ..artifacts.markdown import merge_streams
 from ..document import Dialogue, Kind, Message
 from ..render import highlight_code, highlight_css, pick_mime, render_markdown, render_output
 from ..store import HIT_END, HIT_START, SearchHit, TrashItem, Version
-from .relay import LiveState
+from ..service import LiveState
 
 __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dialogue_row_edit",
            "search_results", "dialogue_page", "cell", "result", "outputs_html", "toast",
