@@ -21,10 +21,8 @@ import pytest
 import pytest_asyncio
 
 import dialogue
-from dialogue.document import Dialogue, Kind, Message
-from dialogue.kernel import (
-    ExecutionError, Kernel, KernelPool, KernelStartError, KernelTimeout, run_all,
-)
+from dialogue.kernel import ExecutionError, Kernel, KernelPool, KernelStartError, KernelTimeout
+from dialogue.kernel.outputs import fold_output, stored_outputs
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -160,6 +158,55 @@ async def test_clear_output_and_display_update(kernel: Kernel):
     assert res.outputs[0]["data"]["text/plain"] == "'second'"
     assert res.outputs[1]["text"] == "kept\n"
     validate_outputs(res.outputs)
+
+
+async def test_waiting_clears_and_updates_of_a_shared_display_id(kernel: Kernel):
+    """Jupyter's rules, in a real kernel: an update reaches every display with its id; a
+    clear_output(wait=True) clears only when the next output comes (and never if none does).
+    Folding the items the run passes on, as a follower does, gives the stored outputs."""
+    code = textwrap.dedent("""
+        from IPython.display import display, clear_output
+        h = display("a", display_id="x")
+        print("between")
+        display("b", display_id="x")
+        display("other", display_id="y")
+        h.update("c")
+        clear_output(wait=True)
+        h.update("d")
+        print("frame 1")
+        clear_output(wait=True)
+        print("frame 2")
+        clear_output(wait=True)
+    """)
+    ex = kernel.execute(code)
+    items = [o async for o in ex]
+    res = await ex
+    assert not any(o.get("wait") for o in items)
+    folded: list[dict] = []
+    shown_before_clears = []
+    for o in items:
+        if o["output_type"] == "clear_output":
+            shown_before_clears.append([d.get("data", {}).get("text/plain", d.get("text"))
+                                        for d in folded])
+        assert fold_output(folded, o) is False
+    # the waiting clear kept the cell as it was until "frame 1" came, and the update meanwhile
+    # reached both displays with id x, and not the other one
+    assert shown_before_clears == [["'d'", "between\n", "'d'", "'other'"], ["frame 1\n"]]
+    assert res.outputs == stored_outputs(folded)
+    assert res.outputs == [{"output_type": "stream", "name": "stdout", "text": "frame 2\n"}]
+    validate_outputs(res.outputs)
+
+
+async def test_helpers_run_from_their_files(kernel: Kernel):
+    """The kernel-side helpers are real files: a traceback through them names the file and shows
+    its lines, and their folder is not on the user's import path."""
+    res = await kernel.run("__import__('_dialogue_kernel').shell(None, 1, 1)")
+    tb = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(res.outputs[-1]["traceback"]))
+    assert res.status == "error" and "kernel/inside/helpers.py" in tb
+    assert "r = _subprocess.run(cmd, shell=True" in tb  # the source line, read from the file
+    assert await kernel.eval("[p for p in __import__('sys').path if p.endswith('inside')]") == "[]"
+    with pytest.raises(ExecutionError, match="ModuleNotFoundError"):
+        await kernel.call("import helpers")
 
 
 async def test_output_cap_keeps_a_prefix_and_says_what_was_cut():
@@ -381,28 +428,6 @@ async def test_bad_input_is_refused_clearly(tmp_path: Path):
         Kernel().execute(b"1")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Kernel().execute("1", timeout=0)
-
-
-# ---------------------------------------------------------------- run all
-
-async def test_run_all_and_run_all_above():
-    d = Dialogue(name="d", messages=[
-        Message(kind=Kind.code, source="a = 1"),
-        Message(kind=Kind.note, source="a note"),
-        Message(kind=Kind.code, source="b = a + 1\nb"),
-        Message(kind=Kind.prompt, source="what is b?"),
-        Message(kind=Kind.code, source="raise RuntimeError('stop here')"),
-        Message(kind=Kind.code, source="c = 3"),
-    ])
-    async with Kernel() as k:
-        got = [(m, r) async for m, r in run_all(k, d, above=d.messages[3].id)]
-        assert [m.id for m, _ in got] == [d.messages[0].id, d.messages[2].id]
-        assert got[1][0].outputs[0]["data"]["text/plain"] == "2"
-        assert got[1][0].execution_count == 2
-        assert d.messages[2].outputs == []  # the dialogue itself is untouched: copies come back
-        got = [(m, r) async for m, r in run_all(k, d)]
-        assert [r.status for _, r in got] == ["ok", "ok", "error"]  # stopped at the error
-        assert await k.eval("'c' in dir()") == "False"
 
 
 # ---------------------------------------------------------------- pool and orphans

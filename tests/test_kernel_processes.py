@@ -20,7 +20,7 @@ import pytest
 
 import dialogue
 from dialogue.kernel import Kernel
-from dialogue.kernel_supervisor import DISABLE_CGROUP_ENV, CGroup
+from dialogue.kernel.supervisor import DISABLE_CGROUP_ENV, CGroup
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
                                  reason="the strong guarantee is Linux's (cgroup or subreaper)"),

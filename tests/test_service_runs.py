@@ -6,6 +6,7 @@ import psutil
 import pytest
 
 
+from dialogue.kernel.outputs import fold_output, stored_outputs
 from dialogue.service import DialogueService, RunError
 from dialogue.store import ConflictError
 
@@ -32,6 +33,45 @@ async def test_code_run_streams_outputs_and_stores_them(svc):
     assert final.execution_count == 1 and final.meta["run"]["status"] == "ok"
     assert svc.store.get_message(mid).outputs == final.outputs
     assert not svc.running(mid)
+
+
+async def test_display_updates_and_waiting_clears_reach_listeners_and_the_store_alike(svc, tmp_path):
+    """The run's listeners and the store fold the same output stream with the kernel's one
+    function: an update reaches every display with its id (and no output without one), and a
+    clear_output(wait=True) clears when the next output comes."""
+    svc.create("d")
+    m = svc.add("d", "code", "from IPython.display import display, clear_output\n"
+                "print('plain')\n"
+                "h = display('a', display_id='x')\n"
+                "display('b', display_id='x')\n"
+                "h.update('c')\n"
+                "snapshot = 1\n")
+    mid = svc.start("d", m.id)
+    seen = [ev async for ev in svc.subscribe(mid)]
+    folded, pending = [], False
+    for ev in seen:
+        if ev.type == "output":
+            pending = fold_output(folded, ev.data, pending)
+    final = seen[-1].data
+    assert final.outputs == stored_outputs(folded)
+    assert [o.get("text") or o["data"]["text/plain"] for o in final.outputs] == ["plain\n", "'c'", "'c'"]
+    go = tmp_path / "go"
+    m2 = svc.add("d", "code", "import os, time\nprint('old', flush=True)\nclear_output(wait=True)\n"
+                 f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.02)\n"
+                 "h.update('d')\nprint('new')")
+    mid = svc.start("d", m2.id)
+    for _ in range(500):  # until the flusher has written what the cell shows while it waits
+        if svc.store.get_message(mid).outputs:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # a few more flushes: the waiting clear must not blank the cell
+    assert svc.store.get_message(mid).outputs == [
+        {"output_type": "stream", "name": "stdout", "text": "old\n"}]
+    go.touch()
+    final = await svc.wait(mid)
+    assert final.outputs == [{"output_type": "stream", "name": "stdout", "text": "new\n"}]
+    # the display of the first cell is not this cell's to update: nothing here changed it
+    assert svc.store.get_message(m.id).outputs[1]["data"]["text/plain"] == "'c'"
 
 
 async def test_outputs_are_written_while_the_cell_runs(svc):

@@ -1,9 +1,10 @@
 """Kernel functions as tools for the model, and the tool loop.
 
 A tool is a function the user defined in the dialogue's kernel. Its schema is computed *inside*
-the kernel, where the function lives, with `fastcore.funccall.get_schema` (signature, type hints,
-docstring, and parameter descriptions from `docments` comments), so nothing is pickled across
-processes and the description is exactly what the code says. Calls run there too
+the kernel, where the function lives (by `kernel/inside/tools.py`, installed there), with
+`fastcore.funccall.get_schema` (signature, type hints, docstring, and parameter descriptions from
+`docments` comments), so nothing is pickled across processes and the description is exactly what
+the code says. Calls run there too
 (`fastcore.funccall.call_func`, which also coerces JSON arguments to the annotated types; an
 async tool's coroutine is then awaited in a second step).
 
@@ -58,93 +59,12 @@ class ToolResult:
 
 Approve = Callable[[ToolCall], Awaitable[bool]]
 
-# Runs inside the kernel as the private module `_dialogue_tools` (see Kernel.ensure_module).
-_KERNEL_SRC = r'''
-import contextlib, inspect, io, json, traceback
-from IPython import get_ipython
-from _dialogue_kernel import Raw
+_MODULE = "_dialogue_tools"  # what kernel/inside/tools.py is called in the kernel
 
-_last = None
 
-def _ns():
-    return get_ipython().user_ns
-
-def _schema(name):
-    ns = _ns()
-    if name not in ns:
-        raise NameError(f"{name} is not defined in the kernel (run the cell that defines it)")
-    f = ns[name]
-    if not callable(f):
-        raise TypeError(f"{name} is not a function (it is of type {type(f).__name__})")
-    if not (getattr(f, "__doc__", None) or "").strip():
-        raise ValueError(f"{name} has no docstring; the model needs one to know what the tool does")
-    try:
-        from fastcore.funccall import get_schema
-    except ImportError:
-        raise ImportError("fastcore is not installed in the kernel's Python (pip install fastcore)") from None
-    s = get_schema(f, pname="parameters", evalable=True)
-    json.dumps(s)  # fail here, with the name, if a default is not JSON
-    return s
-
-def schemas(names):
-    out = {}
-    for n in names:
-        try:
-            out[n] = {"ok": _schema(n)}
-        except Exception as e:
-            msg = str(e) or type(e).__name__
-            out[n] = {"error": msg if n in msg else f"{n}: {msg}"}
-    return Raw(json.dumps(out))
-
-def _text(r):
-    if isinstance(r, str):
-        return r
-    fmt = get_ipython().display_formatter.format(r, include=["text/plain"])[0]
-    return fmt.get("text/plain", repr(r))
-
-def _ok(r, buf):
-    out = buf.getvalue()
-    return {"ok": True, "text": out + (_text(r) if (r is not None or not out) else "")}
-
-def _err(e, buf):
-    te = traceback.TracebackException.from_exception(e)
-    te.stack = traceback.StackSummary.from_list(
-        [f for f in te.stack if not (f.filename.startswith("<_dialogue") or "fastcore" in f.filename)])
-    return {"ok": False, "text": buf.getvalue() + "".join(te.format())}
-
-_pending = None
-
-def call(name, args_json):
-    # Synchronous on purpose: ipykernel runs code containing `await` as a coroutine, and a
-    # coroutine stuck in blocking code cannot be interrupted. Async tools get a second step.
-    global _last, _pending
-    from fastcore.funccall import call_func
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            r = call_func(name, json.loads(args_json), ns=_ns())
-        if inspect.isawaitable(r):
-            _pending, _last = (r, buf), {"pending": True}
-        else:
-            _last = _ok(r, buf)
-    except Exception as e:
-        _last = _err(e, buf)
-
-async def finish():
-    global _last, _pending
-    (r, buf), _pending = _pending, None
-    try:
-        with contextlib.redirect_stdout(buf):
-            v = await r
-        _last = _ok(v, buf)
-    except Exception as e:
-        _last = _err(e, buf)
-
-def take():
-    global _last
-    r, _last = _last, None
-    return Raw(json.dumps(r))
-'''
+async def _install(kernel: "Kernel") -> None:
+    from .kernel import inside
+    await kernel.ensure_module(_MODULE, inside.source("tools"), filename=inside.path("tools"))
 
 
 async def schemas(kernel: "Kernel", names: Sequence[str], *, timeout: float = 30.0) -> list[ToolSpec]:
@@ -153,8 +73,8 @@ async def schemas(kernel: "Kernel", names: Sequence[str], *, timeout: float = 30
     names = list(dict.fromkeys(names))
     if not names:
         return []
-    await kernel.ensure_module("_dialogue_tools", _KERNEL_SRC)
-    raw = await kernel.call("", f"__import__('_dialogue_tools').schemas({names!r})", timeout=timeout)
+    await _install(kernel)
+    raw = await kernel.call("", f"__import__({_MODULE!r}).schemas({names!r})", timeout=timeout)
     got = json.loads(raw or "{}")
     errors = [got[n]["error"] for n in names if "error" in got.get(n, {"error": n})]
     if errors:
@@ -180,15 +100,15 @@ async def run_tool(kernel: "Kernel", name: str, arguments: dict[str, Any], *, ti
 
     if not isinstance(arguments, dict):
         return f"arguments must be a JSON object, got {type(arguments).__name__}", True
-    await kernel.ensure_module("_dialogue_tools", _KERNEL_SRC)
-    take = "__import__('_dialogue_tools').take()"
+    await _install(kernel)
+    take = f"__import__({_MODULE!r}).take()"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
-        raw = await kernel.call(f"__import__('_dialogue_tools').call({name!r}, {json.dumps(arguments)!r})",
+        raw = await kernel.call(f"__import__({_MODULE!r}).call({name!r}, {json.dumps(arguments)!r})",
                                 take, timeout=timeout)
         if json.loads(raw or "null") == {"pending": True}:  # an async tool: await it
-            raw = await kernel.call("await __import__('_dialogue_tools').finish()", take,
+            raw = await kernel.call(f"await __import__({_MODULE!r}).finish()", take,
                                     timeout=max(0.1, deadline - loop.time()))
     except KernelTimeout as e:
         return f"{name} did not finish: {e}", True

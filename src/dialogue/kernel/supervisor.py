@@ -3,7 +3,7 @@ started.
 
 A kernel's process group is not enough to hold what a cell starts: `Popen(...,
 start_new_session=True)`, a `setsid` double fork or `nohup cmd &` leave the group, and once the
-kernel is gone its orphans belong to init. So `dialogue.kernel` starts this small program
+kernel is gone its orphans belong to init. So `dialogue.kernel.process` starts this small program
 instead of the kernel, and it starts the kernel:
 
 - **Linux with a writable cgroup v2** (root, or a delegated subtree as under systemd user
@@ -33,7 +33,7 @@ process group, which is what the kernel had before there was a supervisor.
 It imports only the standard library and runs with `python -I -S`, so it costs a few
 milliseconds and nothing of the app's environment.
 
-    python -I -S kernel_supervisor.py --info PATH -- KERNEL_ARGV...
+    python -I -S supervisor.py --info PATH -- KERNEL_ARGV...
 
 PATH receives JSON once the kernel is started: {"supervisor_pid", "kernel_pid", "containment":
 "cgroup" | "subreaper" | "process-group", "cgroup": path or null}, or {"error": ...} if the
@@ -446,7 +446,7 @@ def main(args: list[str]) -> None:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        sys.stderr.write("usage: kernel_supervisor.py [--info PATH] -- COMMAND...\n")
+        sys.stderr.write("usage: supervisor.py [--info PATH] -- COMMAND...\n")
         os._exit(2)
     sup = Supervisor(args, info)
     if not sup.start():
