@@ -50,7 +50,7 @@ def random_adapter(base: Path, out: Path, rank: int, seed: int, kinds: tuple[str
     (B small, as after a short training run)."""
     from gguf import GGUFReader
 
-    from dialogue.local.adapters import write_lora
+    from dialogue.gguf.lora import write_lora
     r = GGUFReader(str(base))
     arch = r.fields["general.architecture"].contents()
     rng = np.random.default_rng(seed)
@@ -114,7 +114,7 @@ def merged_model(base: Path, adapters: dict[str, float], out: Path) -> tuple[Pat
     here only to be measured against. Returns (path, what the adapted tensors were stored as)."""
     import gguf
 
-    from dialogue.local.adapters import load_factors
+    from dialogue.gguf.lora import load_factors
     deltas: dict[str, np.ndarray] = {}
     for path, scale in adapters.items():
         _, fac = load_factors(path)
@@ -170,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also a TinyLlama-1.1B-shaped model with random weights (about 700 MB written to a temp dir)")
     a = ap.parse_args(argv)
 
-    from dialogue.local.adapters import merge_files, read_lora
+    from dialogue.gguf.lora import read_lora
+    from dialogue.gguf.models import ModelSpec, resolve
     from dialogue.local.kvcache import KVCache
-    from dialogue.local.models import ModelSpec, resolve
+    from dialogue.local.merge import merge_files
     from dialogue.local.runtime import Runtime
 
     base = resolve("default")
@@ -279,7 +280,7 @@ def big_bench(tmp: Path, base, a: argparse.Namespace, mb) -> None:
     shrinks as the base grows. No merged model is built here: a merged model has exactly the base's
     tensors and types, so its speed is the base's (merged-1 vs base above shows it)."""
     from dialogue.local.kvcache import KVCache
-    from dialogue.local.models import ModelSpec
+    from dialogue.gguf.models import ModelSpec
     from dialogue.local.runtime import Runtime
     t = time.perf_counter()
     big = synthetic_model(base.path, tmp / "big.gguf")

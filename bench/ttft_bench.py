@@ -280,7 +280,7 @@ def scenario_multiturn(args: argparse.Namespace) -> bool:
 
 def scenario_process(args: argparse.Namespace) -> bool:
     from dialogue.local.process import ModelProcess
-    from dialogue.local.models import resolve
+    from dialogue.gguf.models import resolve
     from dialogue.local.runtime import OFF, Runtime
     spec = resolve("default")
     rt = Runtime(spec)
@@ -317,7 +317,7 @@ def scenario_process(args: argparse.Namespace) -> bool:
 def make_q4_0(dst: Path) -> Path:
     """A Q4_0 copy of the bundled model (llama.cpp's quantize API, requantizing its Q4_1)."""
     import llama_cpp
-    from dialogue.local.models import bundled_model_path
+    from dialogue.gguf.models import bundled_model_path
     if dst.exists():
         return dst
     p = llama_cpp.llama_model_quantize_default_params()
@@ -332,7 +332,7 @@ def make_q4_0(dst: Path) -> Path:
 
 
 def repack_child(model: str, extra: bool, n: int) -> dict:
-    from dialogue.local.models import ModelSpec
+    from dialogue.gguf.models import ModelSpec
     from dialogue.local.runtime import OFF, Runtime
     rt = Runtime(ModelSpec("q4_0", Path(model), "path"), extra_bufts=extra)
     text = context_text(512)

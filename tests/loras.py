@@ -26,5 +26,5 @@ def random_factors(seed: int, rank: int, kinds=("attn_q", "attn_v"), layers=rang
 
 def strong_lora(path: Path, seed: int, rank: int = 4) -> Path:
     """An adapter on every attention and MLP matrix, large enough to change greedy output."""
-    from dialogue.local.adapters import write_lora
+    from dialogue.gguf.lora import write_lora
     return write_lora(path, "llama", random_factors(seed, rank, kinds=tuple(SHAPES), std=0.5))

@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 
 from dialogue.llm.base import Request, TextDelta, Turn, Usage, get_provider
+from dialogue.gguf import lora as G
+from dialogue.gguf.lora import AdapterError, AdapterMismatchError
+from dialogue.gguf.models import bundled_model_path
 from dialogue.local import adapters as A
-from dialogue.local.adapters import AdapterError, AdapterMismatchError, UnknownAdapterError
-from dialogue.local.adapters_cli import adapters_main
+from dialogue.local import merge as M
+from dialogue.local.adapters import UnknownAdapterError
+from dialogue.cli.adapters import adapters_main
 from dialogue.local.kvcache import KVCache
-from dialogue.local.models import bundled_model_path
 
 from loras import random_factors
 
@@ -44,7 +47,7 @@ def base_shapes_cached(tmp_path_factory):
     home = tmp_path_factory.mktemp("shapes-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIALOGUE_HOME", str(home))
-        return A.check_against_base(A.read_lora(A.write_lora(home / "x.gguf", "llama", random_factors(0, 2, layers=[0]))))
+        return A.check_against_base(G.read_lora(G.write_lora(home / "x.gguf", "llama", random_factors(0, 2, layers=[0]))))
 
 
 # ---------------------------------------------------------------- reading and checking files
@@ -69,35 +72,35 @@ def test_non_adapters_are_refused_with_a_reason(home):
     junk = home / "junk.gguf"
     junk.write_bytes(b"not a gguf at all")
     with pytest.raises(AdapterError, match="not a GGUF file"):
-        A.read_lora(junk)
+        G.read_lora(junk)
     with pytest.raises(AdapterError, match="is a model, not an adapter"):
-        A.read_lora(bundled_model_path())
+        G.read_lora(bundled_model_path())
     with pytest.raises(AdapterError, match="no such adapter file"):
-        A.read_lora(home / "missing.gguf")
+        G.read_lora(home / "missing.gguf")
     half = _raw_lora(home / "half.gguf", {"blk.0.attn_q.weight.lora_a": np.zeros((4, 576), np.float32)})
     with pytest.raises(AdapterError, match="'blk.0.attn_q.weight' has only its lora_a half"):
-        A.read_lora(half)
+        G.read_lora(half)
     # lora_a must be ne [in, r], lora_b ne [r, out]: a file with A un-transposed is caught
     flip = _raw_lora(home / "flip.gguf", {"blk.0.attn_q.weight.lora_a": np.zeros((576, 4), np.float32),
                                           "blk.0.attn_q.weight.lora_b": np.zeros((576, 4), np.float32)})
     with pytest.raises(AdapterError, match="ranks differ"):
-        A.read_lora(flip)
+        G.read_lora(flip)
 
 
 def test_mismatched_adapters_are_refused_and_nothing_is_registered(home, base_shapes_cached):
-    other_arch = A.write_lora(home / "gemma.gguf", "gemma3", random_factors(1, 4))
+    other_arch = G.write_lora(home / "gemma.gguf", "gemma3", random_factors(1, 4))
     with pytest.raises(AdapterMismatchError, match="adapter for a 'gemma3' model, but smollm2 is 'llama'"):
         A.add(other_arch)
     bad = random_factors(2, 4)
     bad["blk.3.attn_q.weight"] = (np.zeros((4, 512)), np.zeros((576, 4)))  # hidden 512 is another model
     with pytest.raises(AdapterMismatchError) as e:
-        A.add(A.write_lora(home / "shape.gguf", "llama", bad))
+        A.add(G.write_lora(home / "shape.gguf", "llama", bad))
     assert "'blk.3.attn_q.weight' is [576, 576] in the base" in str(e.value)
     assert "lora_a is [512, 4]" in str(e.value)
     extra = random_factors(3, 4)
     extra["blk.30.attn_q.weight"] = extra["blk.0.attn_q.weight"]  # SmolLM2-135M has 30 blocks: 0..29
     with pytest.raises(AdapterMismatchError, match="'blk.30.attn_q.weight', which smollm2 does not have"):
-        A.add(A.write_lora(home / "deeper.gguf", "llama", extra))
+        A.add(G.write_lora(home / "deeper.gguf", "llama", extra))
     assert A.list_adapters() == []
     # a path given straight to the service is checked too when the base is named
     with pytest.raises(AdapterMismatchError):
@@ -107,7 +110,7 @@ def test_mismatched_adapters_are_refused_and_nothing_is_registered(home, base_sh
 # ---------------------------------------------------------------- the registry
 
 def test_registry_add_list_info_rm(home, base_shapes_cached):
-    f = A.write_lora(home / "style.gguf", "llama", random_factors(4, 8, kinds=("attn_q", "attn_k", "ffn_down")),
+    f = G.write_lora(home / "style.gguf", "llama", random_factors(4, 8, kinds=("attn_q", "attn_k", "ffn_down")),
                      alpha=16.0, meta={"dialogue.dialogues": "notes-1,notes-2", "dialogue.trained_on": "dialogues"})
     (home / "style.gguf.json").write_text(json.dumps({"steps": 30, "final_loss": 0.5, "model": "local:default"}))
     got = A.add(f)
@@ -138,8 +141,8 @@ def test_registry_add_list_info_rm(home, base_shapes_cached):
 
 
 def test_resolve_set(home, base_shapes_cached):
-    a = A.add(A.write_lora(home / "a.gguf", "llama", random_factors(5, 4)), "a")
-    b_path = A.write_lora(home / "b.gguf", "llama", random_factors(6, 4))
+    a = A.add(G.write_lora(home / "a.gguf", "llama", random_factors(5, 4)), "a")
+    b_path = G.write_lora(home / "b.gguf", "llama", random_factors(6, 4))
     assert A.resolve_set(None) == {} and A.resolve_set({}) == {}
     got = A.resolve_set({"a": 1, str(b_path): 0.5}, base="local:default")
     assert got == {a.path: 1.0, str(b_path.resolve()): 0.5}
@@ -171,10 +174,10 @@ def test_hub_download_failure_is_a_clear_error(home, monkeypatch):
 def test_linear_merge_at_full_rank_is_the_weighted_sum_of_deltas(home):
     p1 = random_factors(7, 4, kinds=("attn_q", "ffn_up"), layers=range(3))
     p2 = random_factors(8, 6, kinds=("attn_q", "attn_v"), layers=range(3))  # attn_v only here, ffn_up only in p1
-    f1 = A.write_lora(home / "p1.gguf", "llama", p1, alpha=8.0, dtype="f32")    # scale 8/4 = 2
-    f2 = A.write_lora(home / "p2.gguf", "llama", p2, alpha=3.0, dtype="f32")    # scale 3/6 = 0.5
-    out = A.merge_files([f1, f2], [0.7, -0.3], home / "m.gguf", method="linear", dtype="f32")
-    lora, fac = A.load_factors(out)
+    f1 = G.write_lora(home / "p1.gguf", "llama", p1, alpha=8.0, dtype="f32")    # scale 8/4 = 2
+    f2 = G.write_lora(home / "p2.gguf", "llama", p2, alpha=3.0, dtype="f32")    # scale 3/6 = 0.5
+    out = M.merge_files([f1, f2], [0.7, -0.3], home / "m.gguf", method="linear", dtype="f32")
+    lora, fac = G.load_factors(out)
     assert lora.ranks == [10] and lora.alpha == 10.0  # rank 4 + 6, alpha = rank: scale 1
     d1, d2, dm = dense(p1), dense(p2), dense(fac)
     assert set(dm) == set(d1) | set(d2)
@@ -182,8 +185,8 @@ def test_linear_merge_at_full_rank_is_the_weighted_sum_of_deltas(home):
         want = 0.7 * 2.0 * d1.get(n, 0) + -0.3 * 0.5 * d2.get(n, 0)
         assert np.linalg.norm(dm[n] - want) <= 1e-6 * np.linalg.norm(want), n
     # at a lower rank, the best approximation (Eckart-Young): the error is the dropped singular values
-    low = A.merge_files([f1, f2], [0.7, -0.3], home / "m3.gguf", method="linear", rank=3, dtype="f32")
-    _, fl = A.load_factors(low)
+    low = M.merge_files([f1, f2], [0.7, -0.3], home / "m3.gguf", method="linear", rank=3, dtype="f32")
+    _, fl = G.load_factors(low)
     n = "blk.1.attn_q.weight"
     want = 0.7 * 2.0 * d1[n] - 0.3 * 0.5 * d2[n]
     s = np.linalg.svd(want, compute_uv=False)
@@ -192,56 +195,56 @@ def test_linear_merge_at_full_rank_is_the_weighted_sum_of_deltas(home):
 
 def test_ties_elects_a_sign_and_dare_is_seeded(home):
     p1 = random_factors(9, 4, layers=range(2))
-    f1 = A.write_lora(home / "p1.gguf", "llama", p1, alpha=4.0, dtype="f32")
+    f1 = G.write_lora(home / "p1.gguf", "llama", p1, alpha=4.0, dtype="f32")
     # a parent pulling exactly the other way with half the strength: TIES elects p1's sign
     # everywhere and averages only the agreeing entries, i.e. p1 itself
     opp = {n: (A_, -0.5 * B) for n, (A_, B) in p1.items()}
-    f2 = A.write_lora(home / "p2.gguf", "llama", opp, alpha=4.0, dtype="f32")
-    t = A.merge_files([f1, f2], [1.0, 1.0], home / "t.gguf", method="ties", density=1.0, rank=4, dtype="f32")
-    lin = A.merge_files([f1, f2], [1.0, 1.0], home / "l.gguf", method="linear", dtype="f32")
-    d1, dt, dl = dense(p1), dense(A.load_factors(t)[1]), dense(A.load_factors(lin)[1])
+    f2 = G.write_lora(home / "p2.gguf", "llama", opp, alpha=4.0, dtype="f32")
+    t = M.merge_files([f1, f2], [1.0, 1.0], home / "t.gguf", method="ties", density=1.0, rank=4, dtype="f32")
+    lin = M.merge_files([f1, f2], [1.0, 1.0], home / "l.gguf", method="linear", dtype="f32")
+    d1, dt, dl = dense(p1), dense(G.load_factors(t)[1]), dense(G.load_factors(lin)[1])
     for n in d1:
         assert np.allclose(dt[n], d1[n], atol=1e-6 * np.abs(d1[n]).max())   # TIES: p1 survives whole
         assert np.allclose(dl[n], 0.5 * d1[n], atol=1e-6 * np.abs(d1[n]).max())  # linear: they cancel half
     # trimming keeps the largest entries: at density 0.2 the merge is closest to p1's top 20%
-    t2 = dense(A.load_factors(A.merge_files([f1], [1.0], home / "t2.gguf", method="ties", density=0.2,
+    t2 = dense(G.load_factors(M.merge_files([f1], [1.0], home / "t2.gguf", method="ties", density=0.2,
                                             rank=4, dtype="f32"))[1])
     n = "blk.0.attn_q.weight"
     assert np.corrcoef(t2[n].ravel(), d1[n].ravel())[0, 1] > 0.6
     # DARE: the same seed gives the same adapter, another seed another; density 1 is linear
-    f3 = A.write_lora(home / "p3.gguf", "llama", random_factors(10, 4, layers=range(2)), alpha=4.0, dtype="f32")
-    a = A.load_factors(A.merge_files([f1, f3], [0.5, 0.5], home / "d1.gguf", method="dare", seed=1))[1]
-    b = A.load_factors(A.merge_files([f1, f3], [0.5, 0.5], home / "d2.gguf", method="dare", seed=1))[1]
-    c = A.load_factors(A.merge_files([f1, f3], [0.5, 0.5], home / "d3.gguf", method="dare", seed=2))[1]
+    f3 = G.write_lora(home / "p3.gguf", "llama", random_factors(10, 4, layers=range(2)), alpha=4.0, dtype="f32")
+    a = G.load_factors(M.merge_files([f1, f3], [0.5, 0.5], home / "d1.gguf", method="dare", seed=1))[1]
+    b = G.load_factors(M.merge_files([f1, f3], [0.5, 0.5], home / "d2.gguf", method="dare", seed=1))[1]
+    c = G.load_factors(M.merge_files([f1, f3], [0.5, 0.5], home / "d3.gguf", method="dare", seed=2))[1]
     assert all(np.array_equal(a[k][0], b[k][0]) for k in a)
     assert not all(np.array_equal(a[k][0], c[k][0]) for k in a)
-    full = dense(A.load_factors(A.merge_files([f1, f3], [0.5, 0.5], home / "d4.gguf", method="dare",
+    full = dense(G.load_factors(M.merge_files([f1, f3], [0.5, 0.5], home / "d4.gguf", method="dare",
                                               density=1.0, rank=8, dtype="f32"))[1])
-    lin2 = dense(A.load_factors(A.merge_files([f1, f3], [0.5, 0.5], home / "l2.gguf", dtype="f32"))[1])
+    lin2 = dense(G.load_factors(M.merge_files([f1, f3], [0.5, 0.5], home / "l2.gguf", dtype="f32"))[1])
     assert all(np.allclose(full[k], lin2[k], atol=1e-5 * np.abs(lin2[k]).max()) for k in full)
 
 
 def test_merge_refuses_what_does_not_fit(home):
-    f1 = A.write_lora(home / "p1.gguf", "llama", random_factors(11, 4, layers=[0]))
+    f1 = G.write_lora(home / "p1.gguf", "llama", random_factors(11, 4, layers=[0]))
     small = {"attn_q": (512, 512), "attn_v": (128, 512)}
-    f2 = A.write_lora(home / "p2.gguf", "llama", random_factors(12, 4, layers=[0], shapes=small))
-    f3 = A.write_lora(home / "p3.gguf", "gemma3", random_factors(13, 4, layers=[0]))
+    f2 = G.write_lora(home / "p2.gguf", "llama", random_factors(12, 4, layers=[0], shapes=small))
+    f3 = G.write_lora(home / "p3.gguf", "gemma3", random_factors(13, 4, layers=[0]))
     with pytest.raises(AdapterMismatchError, match=r"tensor 'blk.0.attn_q.weight' is \(576, 576\)"):
-        A.merge_files([f1, f2], [0.5, 0.5], home / "x.gguf")
+        M.merge_files([f1, f2], [0.5, 0.5], home / "x.gguf")
     with pytest.raises(AdapterMismatchError, match="cannot merge a 'gemma3' adapter"):
-        A.merge_files([f1, f3], [0.5, 0.5], home / "x.gguf")
+        M.merge_files([f1, f3], [0.5, 0.5], home / "x.gguf")
     with pytest.raises(AdapterError, match="2 adapters but 1 weights"):
-        A.merge_files([f1, f1], [0.5], home / "x.gguf")
+        M.merge_files([f1, f1], [0.5], home / "x.gguf")
     with pytest.raises(AdapterError, match="unknown merge method 'slerp'"):
-        A.merge_files([f1, f1], [0.5, 0.5], home / "x.gguf", method="slerp")
+        M.merge_files([f1, f1], [0.5, 0.5], home / "x.gguf", method="slerp")
     with pytest.raises(AdapterError, match="density applies to ties and dare only"):
-        A.merge_files([f1, f1], [0.5, 0.5], home / "x.gguf", density=0.3)
+        M.merge_files([f1, f1], [0.5, 0.5], home / "x.gguf", density=0.3)
     assert not (home / "x.gguf").exists()
 
 
 def test_cli(home, base_shapes_cached, capsys):
-    f1 = A.write_lora(home / "sql-style.gguf", "llama", random_factors(14, 4))
-    f2 = A.write_lora(home / "house-docs.gguf", "llama", random_factors(15, 8))
+    f1 = G.write_lora(home / "sql-style.gguf", "llama", random_factors(14, 4))
+    f2 = G.write_lora(home / "house-docs.gguf", "llama", random_factors(15, 8))
     assert adapters_main(["add", str(f1)]) == 0
     assert adapters_main(["add", str(f2), "--name", "docs"]) == 0
     assert "added adapter docs" in capsys.readouterr().out
@@ -458,8 +461,8 @@ def test_merged_adapters_load_and_act_like_their_weighted_parents(trained, rt):
     # linear at full rank is the weighted stack itself, in one adapter: the same up to llama.cpp's
     # own rounding, measured here as the change from storing one parent's exact values in f32
     # instead of f16 (the f16 LoRA path rounds activations; this overfit adapter amplifies that)
-    lz, fz = A.load_factors(trained["zorblax"].path)
-    z32 = A.write_lora(home / "z32.gguf", "llama", {n: (a, b * lz.ranks[0] / lz.alpha) for n, (a, b) in fz.items()},
+    lz, fz = G.load_factors(trained["zorblax"].path)
+    z32 = G.write_lora(home / "z32.gguf", "llama", {n: (a, b * lz.ranks[0] / lz.alpha) for n, (a, b) in fz.items()},
                        alpha=lz.alpha, dtype="f32")
     E32 = np.concatenate([logits(rt, q, {str(z32): 1.0}) - logits(rt, q, {}) for q in HELD_OUT])
     noise = np.abs(E32 - E["z"]).max()

@@ -206,7 +206,7 @@ def test_over_budget_drops_the_oldest_unpinned_first():
 
 def test_tokens_from_the_local_models_tokenizer():
     llama_cpp = pytest.importorskip("llama_cpp")
-    from dialogue.local.models import bundled_model_path
+    from dialogue.gguf.models import bundled_model_path
 
     llm = llama_cpp.Llama(model_path=str(bundled_model_path()), vocab_only=True, verbose=False)
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from dialogue.api import Dialogue
-from dialogue.cli import main as cli_main
+from dialogue.cli.main import main as cli_main
 from dialogue.llm.base import Done, ProviderError, TextDelta, Usage
+from dialogue.gguf.lora import AdapterError, AdapterMismatchError, write_lora
 from dialogue.local import adapters as A
-from dialogue.local.adapters import AdapterError, AdapterMismatchError, UnknownAdapterError
+from dialogue.local.adapters import UnknownAdapterError
 from dialogue.service import DialogueService, RunError
 from dialogue.store import ConflictError
 from loras import random_factors, strong_lora
@@ -38,7 +39,7 @@ async def svc(home):
 def loras(home) -> dict[str, str]:
     """Two strong adapters registered as 'sharp' and 'soft', and one for another architecture."""
     out = {n: A.add(strong_lora(home / f"{n}.gguf", seed), n).path for n, seed in (("sharp", 1), ("soft", 2))}
-    out["qwen"] = str(A.write_lora(home / "q.gguf", "qwen2", random_factors(3, 2, layers=[0])))
+    out["qwen"] = str(write_lora(home / "q.gguf", "qwen2", random_factors(3, 2, layers=[0])))
     return out
 
 
@@ -80,7 +81,7 @@ async def test_choices_are_the_adapters_that_fit(svc, loras, home):
     svc.create("d", model="local:default")
     assert sorted(i.name for i in svc.adapter_choices("d")) == ["sharp", "soft"]
     # registered for the same base through another file name: still fits by its shapes
-    A.add(A.write_lora(home / "other.gguf", "llama", random_factors(4, 2)), "other")
+    A.add(write_lora(home / "other.gguf", "llama", random_factors(4, 2)), "other")
     assert sorted(i.name for i in svc.adapter_choices("d")) == ["other", "sharp", "soft"]
 
 
@@ -168,7 +169,7 @@ async def test_a_file_replaced_in_place_is_served_fresh(svc, home):
     first, second = await answer(svc, "d", {str(path): 1.0}), await answer(svc, "d", {str(other): 1.0})
     assert first != second
     from dialogue.llm.base import get_provider
-    from dialogue.local.models import model_hash
+    from dialogue.gguf.models import model_hash
     old = model_hash(path)
     tmp = strong_lora(home / "new.gguf", 8)
     tmp.replace(path)  # same path, the other adapter's content

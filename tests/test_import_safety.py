@@ -137,7 +137,7 @@ def test_a_configured_model_is_kept_and_trust_adopts_the_system_prompt(servers, 
 ])
 def test_which_models_an_import_keeps(servers, tmp_path, model, kept):
     mine, _ = servers
-    from dialogue.local import models
+    from dialogue.gguf import models
     models.add("my-registered", models.bundled_model_path())
     model = model.replace("CONFIGURED", mine.openai_base_url)
     svc = DialogueService(tmp_path / "db.sqlite")

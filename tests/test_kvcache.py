@@ -245,7 +245,7 @@ def test_adapter_set_changes_the_key_and_never_restores_across_sets(rt, cache, t
 
 
 def test_bad_adapter_is_refused_and_changes_nothing(rt, cache, tmp_path):
-    from dialogue.local.runtime import AdapterError
+    from dialogue.gguf.lora import AdapterError
     with pytest.raises(AdapterError, match="no such LoRA adapter"):
         rt.set_adapters({tmp_path / "missing.gguf": 1.0})
     junk = tmp_path / "junk.gguf"

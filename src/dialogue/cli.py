@@ -398,7 +398,7 @@ def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
 
 
 def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
-    from .local import models
+    from .gguf import models
     if a.action == "add":
         if not a.target:
             raise UserError("give a .gguf path, or a Hugging Face repo id and a file name")

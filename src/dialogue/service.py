@@ -437,8 +437,8 @@ class DialogueService:
             if not hasattr(adapters, "items"):
                 raise _adapter_error()(
                     f"an adapter set is a mapping {{name: scale}}, got {type(adapters).__name__}")
-            from .local.adapters import _scale
-            clean = {str(k).strip(): _scale(str(k), v) for k, v in adapters.items()}
+            from .gguf.lora import check_scale
+            clean = {str(k).strip(): check_scale(str(k), v) for k, v in adapters.items()}
             if "" in clean:
                 raise _adapter_error()("an adapter name cannot be empty")
             self.resolve_adapters(d.model, clean)
@@ -455,18 +455,20 @@ class DialogueService:
         d = self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
         if not d.model.startswith("local:"):
             return []
+        from .gguf.lora import AdapterError, read_lora
+        from .gguf.models import model_hash
+        from .gguf.models import resolve as resolve_model
         from .local import adapters as A
-        from .local.models import resolve as resolve_model
         spec = resolve_model(d.model)
-        base_hash = A.model_hash(spec.path)
+        base_hash = model_hash(spec.path)
         out = []
         for info in A.list_adapters():
             if info.base_hash == base_hash:
                 out.append(info)
                 continue
             try:
-                A.check_against_base(A.read_lora(info.path), spec)
-            except (A.AdapterError, OSError):
+                A.check_against_base(read_lora(info.path), spec)
+            except (AdapterError, OSError):
                 continue
             out.append(info)
         return out
@@ -486,7 +488,7 @@ class DialogueService:
 
 
 def _adapter_error() -> type[Exception]:
-    from .local.adapters import AdapterError
+    from .gguf.lora import AdapterError
     return AdapterError
 
 

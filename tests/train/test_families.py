@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from dialogue.document import Dialogue, Kind, Message
 from dialogue.train import lora as L
 from dialogue.train.data import DataError, chat_example, dialogue_messages
-from dialogue.train.export import AdapterError, gguf_tensor_name, read_gguf_adapter, save_gguf
-from dialogue.train.quant import (GGUFLinear, ModelLoadError, _fill_gguf_config, _gguf_tensors,
+from dialogue.gguf import files as gguf_files
+from dialogue.gguf.lora import AdapterError, gguf_tensor_name, read_lora
+from dialogue.train.export import save_gguf
+from dialogue.train.quant import (GGUFLinear, ModelLoadError, _fill_gguf_config,
                                   _serving_chat_format, bundled_model_path, dense_weight, describe, load_base,
                                   load_tokenizer, serving_chat_template)
 
@@ -219,12 +221,12 @@ def test_qwen_lora_lowers_loss_and_llama_cpp_applies_the_export(qwen, qwen_batch
         after = float(m(x, labels=x).loss)
     assert after < losses[0] - 0.05, (losses, after)
     out = save_gguf(m, tmp_path / "adapter.gguf", base=b)
-    info = read_gguf_adapter(out)
-    assert info["meta"]["general.architecture"] == qwen.kind
+    assert read_lora(out).architecture == qwen.kind
+    shapes = gguf_files.read(out, cache=False).shapes()
     want = {f"blk.{i}.{n}.weight.lora_{ab}" for i in range(2) for n in LLAMA_CPP_NAMES for ab in "ab"}
-    assert set(info["tensors"]) == want
+    assert set(shapes) == want
     head_dim = getattr(qwen.ref.config, "head_dim", None) or 64 // 4
-    assert info["tensors"]["blk.0.attn_k.weight.lora_b"] == (4, 2 * head_dim)  # ggml order: ne0 = r
+    assert shapes["blk.0.attn_k.weight.lora_b"] == (4, 2 * head_dim)  # ggml order: ne0 = r
     # llama.cpp refuses an adapter whose names its base lacks; this one it loads, and it moves the
     # logits as torch says it should
     bare, with_ad = _torch_delta(m, x)
@@ -329,7 +331,7 @@ def test_unsupported_architectures_are_refused_clearly(tmp_path, smol_model):
 # ---------------------------------------------------------------- chat templates for base models
 
 def test_chat_template_follows_the_runtime(smol_tokenizer):
-    from dialogue.local.runtime import BUILTIN_TEMPLATES, CHATML_TEMPLATE
+    from dialogue.gguf.templates import BUILTIN_TEMPLATES, CHATML_TEMPLATE
     bare = copy.deepcopy(smol_tokenizer)
     bare.chat_template = None
     assert serving_chat_template(bare, Path("m.gguf"), "gemma") == (BUILTIN_TEMPLATES["gemma"], "builtin:gemma")
@@ -381,7 +383,7 @@ def gemma_ids(gemma_tok):
 def test_gemma3_config_fill_follows_llama_cpp(tmp_path):
     """What the GGUF lacks, set as llama.cpp sets it: checked on a 27B-shaped header (its own query
     scale) with no sliding window (all layers global) and linear rope scaling."""
-    from gguf import GGUFReader, GGUFWriter
+    from gguf import GGUFWriter
     from transformers import Gemma3TextConfig
     g = tmp_path / "gemma-27b-header.gguf"
     w = GGUFWriter(str(g), "gemma3")
@@ -393,7 +395,7 @@ def test_gemma3_config_fill_follows_llama_cpp(tmp_path):
     w.add_tensor("output.weight", np.zeros((2, 32), np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     cfg = Gemma3TextConfig(num_hidden_layers=62, hidden_size=5376, num_attention_heads=32, head_dim=64)
-    _fill_gguf_config(cfg, GGUFReader(str(g)), "gemma3")
+    _fill_gguf_config(cfg, gguf_files.read(g, cache=False), "gemma3")
     assert cfg.head_dim == 128 and cfg.query_pre_attn_scalar == 5376 // 32
     assert cfg.sliding_window is None and set(cfg.layer_types) == {"full_attention"}
     assert cfg.rope_parameters["full_attention"] == {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}
@@ -525,12 +527,13 @@ def test_gemma_lora_export_moves_llama_cpp_like_torch(gemma, gemma_gguf, gemma_i
     losses = _train(m, x, steps=3, lr=2e-3)
     assert losses[-1] < losses[0], losses
     out = save_gguf(m, tmp_path / "gemma-lora.gguf", base=gemma)
-    info = read_gguf_adapter(out)
-    assert info["meta"]["general.architecture"] == "gemma3" and info["meta"]["adapter.lora.alpha"] == 16.0
-    base_names = set(_gguf_tensors(gemma_gguf)[1])
-    assert {n.rsplit(".", 1)[0] for n in info["tensors"]} <= base_names
-    assert len(info["tensors"]) == 2 * 126
-    assert info["tensors"]["blk.0.attn_q.weight.lora_b"] == (8, 1024)
+    info = read_lora(out)
+    assert info.architecture == "gemma3" and info.alpha == 16.0
+    shapes = gguf_files.read(out, cache=False).shapes()
+    base_names = set(gguf_files.read(gemma_gguf).tensors)
+    assert {n.rsplit(".", 1)[0] for n in shapes} <= base_names
+    assert len(shapes) == 2 * 126
+    assert shapes["blk.0.attn_q.weight.lora_b"] == (8, 1024)
     bare, with_ad = _torch_delta(m, gemma_ids)
     ids = gemma_ids[0].tolist()
     l0 = _llama_logits(gemma_gguf, ids)
@@ -545,7 +548,7 @@ def test_gemma_dialogues_train_on_the_template_it_is_served_with(gemma_gguf, gem
     runtime serves it with Gemma's turn format; training renders dialogues with the same template,
     and the tokens of a training example are the runtime's prompt tokens, then the answer."""
     monkeypatch.setenv("DIALOGUE_HOME", str(tmp_path))
-    from dialogue.local.models import resolve
+    from dialogue.gguf.models import resolve
     from dialogue.local.runtime import Runtime
     assert gemma_tok._dialogue_template_source == "builtin:gemma"
     d = Dialogue(name="g", messages=[Message(kind=Kind.note, source="We are doing sums."),

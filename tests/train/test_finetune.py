@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dialogue.document import Dialogue, Kind, Message
-from dialogue.train.export import read_gguf_adapter, save_gguf
+from dialogue.gguf.lora import peft_to_gguf, read_lora
+from dialogue.train.export import save_gguf
 from dialogue.train.lora import AdapterError, AdapterSpec, add_adapters
 from dialogue.train.loop import TrainConfig, finetune
 from dialogue.train.quant import GGUFLinear, dense_weight, quantize_linear
@@ -64,11 +65,11 @@ def test_thirty_steps_teach_a_fact(smol, taught):
 def test_gguf_adapter_moves_llama_cpp_toward_the_fact(smol, taught):
     llama_cpp = pytest.importorskip("llama_cpp")
     _, res, out = taught
-    info = read_gguf_adapter(out / "adapter.gguf")
-    assert info["meta"]["general.type"] == "adapter" and info["meta"]["adapter.type"] == "lora"
-    assert info["meta"]["general.architecture"] == "llama" and info["meta"]["adapter.lora.alpha"] == 16.0
-    assert info["tensors"]["blk.0.attn_q.weight.lora_a"] == (576, 8)  # ggml order: ne0 = in
-    assert info["tensors"]["blk.0.attn_k.weight.lora_b"] == (8, 192)
+    info = read_lora(out / "adapter.gguf")  # refuses anything but general.type=adapter
+    assert info.meta["adapter.type"] == "lora"
+    assert info.architecture == "llama" and info.meta["adapter.lora.alpha"] == 16.0 == info.alpha
+    assert info.pairs["blk.0.attn_q.weight"][0] == (576, 8)  # lora_a; ggml order: ne0 = in
+    assert info.pairs["blk.0.attn_k.weight"][1] == (8, 192)  # lora_b
     answers = {}
     for name, kw in (("base", {}), ("adapter", {"lora_path": str(out / "adapter.gguf")})):
         llm = llama_cpp.Llama(model_path=str(smol.path), n_ctx=256, n_threads=2, verbose=False, **kw)
@@ -108,13 +109,12 @@ def test_peft_adapter_converts_to_the_same_gguf(smol, taught, tmp_path):
     import numpy as np
     from gguf import GGUFReader
 
-    from dialogue.train.export import peft_to_gguf
     _, res, out = taught
     conv = peft_to_gguf(out / "adapter", tmp_path / "conv.gguf", smol.path)
     a = {t.name: np.array(t.data) for t in GGUFReader(str(out / "adapter.gguf")).tensors}
     b = {t.name: np.array(t.data) for t in GGUFReader(str(conv)).tensors}
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    meta = read_gguf_adapter(out / "adapter.gguf")["meta"]
+    meta = read_lora(out / "adapter.gguf").meta
     assert meta["dialogue.dialogues"] == "z0,z1,z2,z3,z4,z5" and meta["dialogue.rank"] == 8
     with pytest.raises(AdapterError, match="not a PEFT adapter"):
         peft_to_gguf(tmp_path, tmp_path / "x.gguf", smol.path)

@@ -2,7 +2,7 @@
 refusals as toasts), the side-by-side trial of two sets (streamed, escaped, kept as a cell), and
 Run all.
 
-Real parts: small random GGUF LoRA files written with `local.adapters.write_lora` for the bundled
+Real parts: small random GGUF LoRA files written with `gguf.lora.write_lora` for the bundled
 SmolLM2 base and registered in a registry of this test's own (`DIALOGUE_HOME`); the bundled model
 answers (greedy, so the same prompt under the same set gives the same text); a real ipykernel runs
 the cells; a real uvicorn serves the test that cuts a stream.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dialogue.gguf.lora import write_lora
 from dialogue.local import adapters as A
 from dialogue.web import views as V
 
@@ -25,13 +26,13 @@ def loras(env: Path) -> dict[str, Path]:
     """Two adapters registered for the bundled base (`env` points DIALOGUE_HOME at this test's
     folder, so the registry is this test's alone), and files that do not fit it."""
     d = env / "loras"
-    files = {"weak": A.write_lora(d / "weak.gguf", "llama", random_factors(1, 4, std=0.05)),
-             "strong": A.write_lora(d / "strong.gguf", "llama", random_factors(2, 8, std=0.3),
+    files = {"weak": write_lora(d / "weak.gguf", "llama", random_factors(1, 4, std=0.05)),
+             "strong": write_lora(d / "strong.gguf", "llama", random_factors(2, 8, std=0.3),
                                     meta={"dialogue.trained_on": "docs", "dialogue.dialogues": "pirates"})}
     for name, f in files.items():
         A.add(f, name)
     small = {"attn_q": (64, 64), "attn_v": (64, 64)}
-    files["mismatch"] = A.write_lora(d / "other-shapes.gguf", "llama", random_factors(3, 4, std=0.05, shapes=small))
+    files["mismatch"] = write_lora(d / "other-shapes.gguf", "llama", random_factors(3, 4, std=0.05, shapes=small))
     return files
 
 

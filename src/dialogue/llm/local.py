@@ -38,7 +38,7 @@ import json
 import secrets
 from typing import AsyncIterator
 
-from ..local import models as local_models
+from ..gguf import models as local_models
 from ..local.process import ModelProcess, get_model_process
 from ..local.runtime import DEFAULT_N_CTX, GenStats, Prompt, Sampling
 from .base import (ContextTooLongError, Done, ProviderError, Event, Progress, Request, TextDelta, ToolCall, ToolSpec, Turn,

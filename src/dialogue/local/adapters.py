@@ -1,5 +1,5 @@
 """LoRA adapters for the local models: a registry of GGUF adapters checked against their base,
-PEFT -> GGUF conversion on add, and merging adapters into a new adapter (never into a model).
+PEFT -> GGUF conversion on add, and merged adapters registered as new ones (never merged into a model).
 
 Why adapters and not merged models: a user keeps one quantized base on disk and adds adapters of a
 few megabytes; the runtime applies any set of them with scales at run time (llama.cpp's adapter
@@ -11,30 +11,17 @@ in tests). Files the registry created (PEFT conversions, merges, downloads copie
 `<data dir>/adapters/` under a name that includes a content hash: the runtime loads an adapter
 once per path and keeps it, so a replaced adapter must never reuse a path.
 
-Checks on add mirror what llama.cpp itself refuses (`src/llama-adapter.cpp`), but before anything
-is registered and with a message that names the tensor: `general.type=adapter`,
-`adapter.type=lora`, the base's `general.architecture`, every `X.lora_a` paired with an
-`X.lora_b`, `X` a tensor of the base, `lora_a` ne = [in, r] and `lora_b` ne = [r, out] where the
-base tensor is ne = [in, out] (token embeddings are the one transposed case). The base's tensor
-shapes are read once with gguf's `GGUFReader` (seconds: it parses the whole vocabulary) and kept
-in the registry file by the base's content hash, so later checks are instant.
-
-Merge methods (weights are per parent; each parent's delta is `alpha/r * B @ A` per target tensor):
-- linear: `sum_i w_i * delta_i`, re-factorized exactly from the stacked factors (QR of the
-  stacked B and A, SVD of the small core): at rank = sum of the parents' ranks it reproduces the
-  weighted sum to float precision; lower ranks keep the best approximation (Eckart-Young).
-- ties (Yadav et al. 2023): each weighted delta trimmed to its `density` largest magnitudes, a sign
-  elected per entry from the sum, and the entries that agree with it averaged (weighted by w_i);
-  then truncated SVD to `rank`.
-- dare (Yu et al. 2023): each delta's entries dropped with probability 1 - `density` (seeded),
-  survivors rescaled by 1/density, weighted sum; then truncated SVD to `rank`.
+An adapter is checked against its base before anything is registered (`gguf.lora.check_fits`:
+architecture, every tensor present, shapes). The base's tensor shapes are read once (seconds: gguf
+parses the whole vocabulary) and kept in the registry file by the base's content hash, so later
+checks are instant. Reading, writing and converting the files is `dialogue.gguf.lora`; merging is
+`local.merge`.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -42,45 +29,26 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
-
-from .models import ModelSpec, data_dir, model_hash
-from .models import resolve as resolve_model
-from .runtime import AdapterError
-
-if TYPE_CHECKING:
-    from gguf import GGUFReader
+from ..gguf import files
+from ..gguf.lora import (AdapterError, AdapterMismatchError, LoraFile, check_fits, check_scale, peft_to_gguf,
+                         read_lora)
+from ..gguf.models import ModelSpec, data_dir, model_hash
+from ..gguf.models import resolve as resolve_model
+from .merge import MERGE_METHODS, merge_files
 
 __all__ = [
-    "AdapterError", "UnknownAdapterError", "AdapterMismatchError", "AdapterInfo", "LoraFile",
-    "registry_path", "adapters_dir", "read_lora", "check_against_base", "add", "remove", "info",
-    "list_adapters", "resolve_set", "load_factors", "write_lora", "merge_files", "merge",
-    "copy_into_registry", "MERGE_METHODS",
+    "UnknownAdapterError", "AdapterInfo", "registry_path", "adapters_dir", "check_against_base", "add", "remove",
+    "info", "list_adapters", "resolve_set", "merge", "copy_into_registry", "looks_like_path", "MERGE_METHODS",
 ]
 
-MERGE_METHODS = ("linear", "ties", "dare")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^/].*\.gguf)?$")
-_TOKEN_EMBD = "token_embd.weight"
 
 
 class UnknownAdapterError(AdapterError):
     """A name that is neither a registered adapter nor a path to a GGUF LoRA file."""
-
-
-class AdapterMismatchError(AdapterError):
-    """An adapter that does not fit a base model (architecture, a tensor the base lacks, a shape),
-    or parents of a merge that do not fit each other."""
-
-
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError as e:
-        raise AdapterError("LoRA adapters need the `gguf` package: pip install 'gguf>=0.17'") from e
-    return gguf
 
 
 # ---------------------------------------------------------------- places
@@ -92,102 +60,6 @@ def registry_path() -> Path:
 def adapters_dir() -> Path:
     """Where adapters the registry made itself (conversions, merges, downloads) are kept."""
     return data_dir() / "adapters"
-
-
-# ---------------------------------------------------------------- reading GGUF LoRA files
-
-@dataclass(frozen=True)
-class LoraFile:
-    """What a GGUF LoRA file declares. `pairs`: base tensor name -> (lora_a ne, lora_b ne), in
-    ggml order (ne0 first), as llama.cpp sees them."""
-
-    path: Path
-    architecture: str
-    alpha: float
-    pairs: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
-    meta: dict[str, Any]
-
-    @property
-    def ranks(self) -> list[int]:
-        return sorted({b[0] for _, b in self.pairs.values()})
-
-    @property
-    def targets(self) -> list[str]:
-        """Short GGUF names of the adapted tensors (`attn_q`, `ffn_down`, ...)."""
-        out = set()
-        for n in self.pairs:
-            parts = n.split(".")
-            out.add(parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0])
-        return sorted(out)
-
-
-def _reader(path: Path) -> "GGUFReader":
-    gguf = _gguf()
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as e:  # gguf raises ValueError on bad magic
-        raise AdapterError(f"{path} is not a readable GGUF file ({e})") from e
-
-
-def _field(reader: "GGUFReader", key: str) -> Any:
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
-
-
-def read_lora(path: str | os.PathLike[str]) -> LoraFile:
-    """Read and check a GGUF LoRA adapter's header (no tensor data). Refuses, with a message that
-    says what is wrong, a file that is not a GGUF, a full model, another adapter kind, or one with
-    unpaired or untransposed tensors."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise AdapterError(f"no such adapter file: {p}")
-    with p.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise AdapterError(f"{p} is not a GGUF file (it does not start with 'GGUF'); a PEFT adapter "
-                               "is a directory with adapter_config.json and adapter_model.safetensors")
-    r = _reader(p)
-    kind = _field(r, "general.type")
-    if kind != "adapter":
-        what = "a model" if kind in (None, "model") else repr(kind)
-        raise AdapterError(f"{p} is {what}, not an adapter (general.type must be 'adapter')")
-    if _field(r, "adapter.type") != "lora":
-        raise AdapterError(f"{p} is a {_field(r, 'adapter.type')!r} adapter; only LoRA adapters "
-                           "(adapter.type='lora') can be applied")
-    arch = _field(r, "general.architecture")
-    if not arch:
-        raise AdapterError(f"{p} has no general.architecture; it cannot be matched to a base model")
-    alpha = float(_field(r, "adapter.lora.alpha") or 0.0)
-    a: dict[str, tuple[int, ...]] = {}
-    b: dict[str, tuple[int, ...]] = {}
-    for t in r.tensors:
-        ne = tuple(int(x) for x in t.shape)
-        if t.name.endswith(".lora_a"):
-            a[t.name[:-7]] = ne
-        elif t.name.endswith(".lora_b"):
-            b[t.name[:-7]] = ne
-        else:
-            raise AdapterError(f"{p}: tensor {t.name!r} is not a LoRA tensor (.lora_a / .lora_b)")
-    if not a and not b:
-        raise AdapterError(f"{p} holds no LoRA tensors")
-    for n in sorted(set(a) ^ set(b)):
-        raise AdapterError(f"{p}: LoRA tensor {n!r} has only its {'lora_a' if n in a else 'lora_b'} half")
-    pairs: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    for n in sorted(a):
-        if len(a[n]) != 2 or len(b[n]) != 2:
-            raise AdapterError(f"{p}: LoRA tensors of {n!r} must be 2-D, got {a[n]} and {b[n]}")
-        if n != _TOKEN_EMBD and a[n][1] != b[n][0]:
-            raise AdapterError(f"{p}: {n}.lora_a is {a[n]} and {n}.lora_b is {b[n]} (ggml order): their "
-                               "ranks differ (an untransposed adapter from llama.cpp's old finetune?)")
-        pairs[n] = (a[n], b[n])
-    meta = {k: _plain(f.contents()) for k, f in r.fields.items()
-            if k.startswith(("dialogue.", "general.name", "training.", "adapter."))}
-    return LoraFile(p.resolve(), str(arch), alpha, pairs, meta)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (np.generic,)):
-        return v.item()
-    return v
 
 
 # ---------------------------------------------------------------- the base's shapes
@@ -208,11 +80,13 @@ def _base_shapes(base: ModelSpec) -> tuple[str, str, dict[str, tuple[int, ...]]]
         if got:
             arch, shapes = got["architecture"], {k: tuple(v) for k, v in got["tensors"].items()}
         else:
-            r = _reader(base.path)
-            if _field(r, "general.type") == "adapter":
+            try:
+                g = files.read(base.path)  # the one cached reader of a base (training's too)
+                kind, arch, shapes = g.kind, g.architecture, g.shapes()
+            except files.GGUFError as e:
+                raise AdapterError(str(e)) from e
+            if kind == "adapter":
                 raise AdapterError(f"{base.path} is an adapter, not a base model")
-            arch = str(_field(r, "general.architecture"))
-            shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
             doc["bases"][h] = {"architecture": arch, "file": base.path.name,
                                "tensors": {k: list(v) for k, v in shapes.items()}}
             _write_doc(doc)
@@ -225,24 +99,7 @@ def check_against_base(lora: LoraFile, base: str | ModelSpec = "default") -> str
     architecture, the tensor and both shapes); return the base's content hash."""
     spec = base if isinstance(base, ModelSpec) else resolve_model(base)
     h, arch, shapes = _base_shapes(spec)
-    if lora.architecture != arch:
-        raise AdapterMismatchError(
-            f"{lora.path.name} is an adapter for a {lora.architecture!r} model, but {spec.name} is "
-            f"{arch!r}: it was trained on another base")
-    for n, (a, b) in lora.pairs.items():
-        if n not in shapes:
-            raise AdapterMismatchError(f"{lora.path.name} adapts tensor {n!r}, which {spec.name} does not have "
-                                       "(an adapter for another model of the same architecture?)")
-        w = shapes[n]
-        if n == _TOKEN_EMBD:  # llama.cpp applies it to rows it gathers: A and B swap roles
-            ok = len(w) == 2 and w[0] == b[1] and w[1] == a[1]
-        else:
-            ok = len(w) == 2 and w[0] == a[0] and w[1] == b[1]
-        if not ok:
-            raise AdapterMismatchError(
-                f"{lora.path.name} does not fit {spec.name}: tensor {n!r} is {list(w)} in the base "
-                f"(ggml order: in, out) but the adapter's lora_a is {list(a)} and lora_b {list(b)} "
-                f"(expected lora_a [{w[0]}, r] and lora_b [r, {w[1] if len(w) > 1 else '?'}])")
+    check_fits(lora, arch, shapes, spec.name)
     return h
 
 
@@ -422,20 +279,12 @@ def _download(repo: str) -> Path:
 
 
 def _convert_peft(d: Path, base: ModelSpec, name: str) -> Path:
-    """PEFT LoRA -> GGUF with the trainer's converter (`train.export.peft_to_gguf`: gguf-py's
-    tensor name map, llama.cpp's q/k row permutation for llama bases, alpha), not a second copy."""
-    try:
-        from ..train.export import peft_to_gguf
-    except ImportError as e:
-        raise AdapterError("converting a PEFT adapter to GGUF needs the [train] extra (torch, "
-                           "safetensors): pip install 'dialogue[train]'; or add a .gguf adapter") from e
+    """PEFT LoRA -> GGUF (`gguf.lora.peft_to_gguf`, the trainer's converter too) into a temporary
+    file in the registry's folder."""
     try:
         cfg = json.loads((d / "adapter_config.json").read_text("utf-8"))
     except (OSError, ValueError) as e:
         raise AdapterError(f"{d}/adapter_config.json is unreadable ({e})") from e
-    if cfg.get("use_dora"):
-        raise AdapterError(f"{d} is a DoRA adapter: llama.cpp applies W + s*BA only, and DoRA also "
-                           "rescales every output row by its magnitude vector; it cannot be served as GGUF")
     adapters_dir().mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=adapters_dir(), prefix=f".{name}.", suffix=".gguf")
     os.close(fd)
@@ -445,7 +294,7 @@ def _convert_peft(d: Path, base: ModelSpec, name: str) -> Path:
     except AdapterError:
         Path(tmp).unlink(missing_ok=True)
         raise
-    except Exception as e:  # the trainer's own AdapterError, safetensors and shape errors
+    except Exception as e:  # safetensors and shape errors of a damaged adapter
         Path(tmp).unlink(missing_ok=True)
         raise AdapterMismatchError(f"could not convert the PEFT adapter {d} for {base.name}: {e}") from e
     return Path(tmp)
@@ -558,15 +407,6 @@ def info(name_or_path: str | os.PathLike[str]) -> AdapterInfo:
 
 # ---------------------------------------------------------------- the service's entry point
 
-def _scale(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-        raise AdapterError(f"the scale of adapter {key!r} must be a number, got {v!r}")
-    s = float(v)
-    if not math.isfinite(s):
-        raise AdapterError(f"the scale of adapter {key!r} must be finite, got {v!r}")
-    return s
-
-
 def looks_like_path(key: str) -> bool:
     """Whether an entry of an adapter set names a file rather than a registered adapter."""
     return key.endswith(".gguf") or "/" in key or os.sep in key or key.startswith("~")
@@ -593,7 +433,7 @@ def resolve_set(adapters: Mapping[str, Any] | None, *, base: str | ModelSpec | N
     out: dict[str, float] = {}
     for key, v in adapters.items():
         key = str(key)
-        s = _scale(key, v)
+        s = check_scale(key, v)
         if s == 0.0:
             continue
         if key in reg:
@@ -616,230 +456,6 @@ def resolve_set(adapters: Mapping[str, Any] | None, *, base: str | ModelSpec | N
         out[path] = out.get(path, 0.0) + s  # one file named twice: the scales add up, as the deltas would
     return {p: s for p, s in out.items() if s != 0.0}
 
-
-# ---------------------------------------------------------------- tensors
-
-def load_factors(path: str | os.PathLike[str]) -> tuple[LoraFile, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """A GGUF LoRA's factors as float64 (A: r x in, B: out x r) per base tensor, with llama.cpp's
-    scale alpha/r folded into B, so that the tensor's delta is exactly `B @ A` at adapter scale 1."""
-    gguf = _gguf()
-    lora = read_lora(path)
-    r = _reader(lora.path)
-    data: dict[str, np.ndarray] = {}
-    for t in r.tensors:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        data[t.name] = np.array(arr, dtype=np.float64).reshape([int(x) for x in reversed(t.shape)])
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for n in lora.pairs:
-        A, B = data[f"{n}.lora_a"], data[f"{n}.lora_b"]
-        rank = B.shape[1]
-        scale = lora.alpha / rank if lora.alpha else 1.0  # llama.cpp: alpha 0 means "no alpha scaling"
-        out[n] = (A, B * scale)
-    return lora, out
-
-
-def write_lora(path: str | os.PathLike[str], architecture: str,
-               factors: Mapping[str, tuple[np.ndarray, np.ndarray]], *, alpha: float | None = None,
-               meta: Mapping[str, Any] | None = None, dtype: str = "f16") -> Path:
-    """Write a GGUF LoRA adapter llama.cpp loads: factors A (r x in) and B (out x r) per base tensor
-    name (`blk.0.attn_q.weight`). `alpha` None writes alpha = rank (scale 1: B @ A is the delta as
-    given); every tensor must then have the same rank. The file appears atomically."""
-    gguf = _gguf()
-    if dtype not in ("f16", "f32"):
-        raise AdapterError(f"adapter dtype must be f16 or f32, got {dtype!r}")
-    if not factors:
-        raise AdapterError("an adapter needs at least one tensor")
-    ranks = {B.shape[1] for _, B in factors.values()}
-    if alpha is None:
-        if len(ranks) != 1:
-            raise AdapterError(f"alpha=None needs one rank for every tensor, got {sorted(ranks)}")
-        alpha = float(next(iter(ranks)))
-    for n, (A, B) in factors.items():
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(f"factors of {n!r} do not chain: A {A.shape}, B {B.shape}")
-    np_dt = np.float16 if dtype == "f16" else np.float32
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, architecture)
-        w.add_type("adapter")
-        w.add_string("adapter.type", "lora")
-        w.add_float32("adapter.lora.alpha", float(alpha))
-        for k, v in (meta or {}).items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                w.add_string(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
-            elif isinstance(v, int):
-                w.add_uint32(k, v)
-            else:
-                w.add_float32(k, v)
-        for n in sorted(factors):
-            A, B = factors[n]
-            w.add_tensor(f"{n}.lora_a", np.ascontiguousarray(A, dtype=np_dt))  # (r, in)  -> ne [in, r]
-            w.add_tensor(f"{n}.lora_b", np.ascontiguousarray(B, dtype=np_dt))  # (out, r) -> ne [r, out]
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-# ---------------------------------------------------------------- merging
-
-def _exact_lowrank(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best rank-k factors of sum_i B_i A_i without forming the dense matrix: with
-    B = [B_1 .. B_n] = Qb Rb and A^T = [A_1; ..; A_n]^T = Qa Ra, the sum is Qb (Rb Ra^T) Qa^T, and
-    the SVD of the small core gives the singular vectors. Exact at k = sum of ranks."""
-    B = np.concatenate(Bs, axis=1)
-    A = np.concatenate(As, axis=0)
-    Qb, Rb = np.linalg.qr(B)
-    Qa, Ra = np.linalg.qr(A.T)
-    U, S, Vt = np.linalg.svd(Rb @ Ra.T)
-    k = min(k, len(S))
-    sq = np.sqrt(S[:k])
-    return (Qb @ U[:, :k]) * sq, (sq[:, None] * Vt[:k]) @ Qa.T
-
-
-def _truncated_svd(M: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-k factors (B, A) of a dense matrix. Randomized range finder with power iterations
-    (Halko, Martinsson & Tropp 2011) for large matrices: numpy has no truncated SVD, scipy is not a
-    dependency, and the exact SVD of every delta of even a 135M model took about a minute here."""
-    m, n = M.shape
-    k = min(k, m, n)
-    if min(m, n) <= 4 * k + 32:
-        U, S, Vt = np.linalg.svd(M, full_matrices=False)
-    else:
-        p = min(min(m, n), 2 * k + 16)
-        Y = M @ rng.standard_normal((n, p))
-        for _ in range(2):  # power iterations sharpen the spectrum; QR keeps them stable
-            Q, _ = np.linalg.qr(Y)
-            Z, _ = np.linalg.qr(M.T @ Q)
-            Y = M @ Z
-        Q, _ = np.linalg.qr(Y)
-        Ub, S, Vt = np.linalg.svd(Q.T @ M, full_matrices=False)
-        U = Q @ Ub
-    sq = np.sqrt(S[:k])
-    return U[:, :k] * sq, sq[:, None] * Vt[:k]
-
-
-class _one_blas_thread:
-    """Run numpy's BLAS/LAPACK on one thread while merging. The merge makes thousands of small
-    QR/SVD calls; OpenBLAS's thread pool spinning at each of them, next to torch's OpenMP pool or
-    other busy processes, was measured 3-60x slower here than one thread. threadpoolctl is the
-    maintained way to set that at run time; without it the merge is merely slower."""
-
-    def __enter__(self) -> "_one_blas_thread":
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            self._ctl = None
-        else:
-            self._ctl = threadpool_limits(1, user_api="blas")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._ctl is not None:
-            self._ctl.restore_original_limits()
-
-
-def _pad(B: np.ndarray, A: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pad factors to rank k, so the whole adapter has one rank (alpha = rank means scale 1)."""
-    r = B.shape[1]
-    if r == k:
-        return B, A
-    return (np.concatenate([B, np.zeros((B.shape[0], k - r))], axis=1),
-            np.concatenate([A, np.zeros((k - r, A.shape[1]))], axis=0))
-
-
-def _merge_tensors(loaded: Sequence[tuple[LoraFile, dict[str, tuple[np.ndarray, np.ndarray]]]],
-                   w: Sequence[float], shapes: Mapping[str, tuple[int, int]], method: str, k: int, dens: float,
-                   rng: np.random.Generator, svd_rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per base tensor: the parents' weighted deltas combined by `method`, as rank-k (A, B)."""
-    merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for n in sorted(shapes):
-        present = [(wi, fac[n]) for wi, (_, fac) in zip(w, loaded) if n in fac]
-        if method == "linear":
-            B, A = _exact_lowrank([wi * B for wi, (A, B) in present], [A for _, (A, B) in present], k)
-        else:
-            deltas = np.stack([wi * (B @ A) for wi, (A, B) in present])  # weighted task vectors
-            if method == "ties":
-                flat = np.abs(deltas).reshape(len(present), -1)
-                keep = max(1, int(round(dens * flat.shape[1])))
-                thr = np.partition(flat, flat.shape[1] - keep, axis=1)[:, flat.shape[1] - keep]
-                deltas = np.where(np.abs(deltas) >= thr[:, None, None], deltas, 0.0)
-                sign = np.sign(deltas.sum(axis=0))
-                agree = (np.sign(deltas) == sign) & (deltas != 0)
-                wts = np.array([wi for wi, _ in present])[:, None, None] * agree
-                denom = wts.sum(axis=0)
-                # each delta already carries its weight: the weighted mean of the agreeing deltas
-                # w_i*d_i over the sum of their weights
-                dense = np.where(denom != 0, (deltas * agree).sum(axis=0) / np.where(denom == 0, 1, denom), 0.0)
-            else:  # dare
-                masks = rng.random(deltas.shape) < dens
-                dense = (deltas * masks).sum(axis=0) / dens
-            B, A = _truncated_svd(dense, k, svd_rng)
-        B, A = _pad(B, A, k)
-        merged[n] = (A, B)
-    return merged
-
-
-def merge_files(parents: Sequence[str | os.PathLike[str]], weights: Sequence[float], out: str | os.PathLike[str],
-                *, method: str = "linear", rank: int | None = None, density: float | None = None,
-                seed: int = 0, dtype: str = "f16", meta: Mapping[str, Any] | None = None) -> Path:
-    """Merge GGUF LoRA adapters into a new GGUF LoRA adapter at `out` (see the module docstring for
-    the methods). `rank` defaults to the sum of the parents' ranks for linear (exact) and their
-    largest rank for ties/dare; `density` (fraction kept) defaults to 0.5. Parents must adapt the
-    same architecture with the same tensor shapes; a tensor only some parents adapt counts as
-    zero in the others."""
-    if method not in MERGE_METHODS:
-        raise AdapterError(f"unknown merge method {method!r}: use one of {', '.join(MERGE_METHODS)}")
-    if len(parents) < 1:
-        raise AdapterError("merge needs at least one parent adapter")
-    if len(weights) != len(parents):
-        raise AdapterError(f"{len(parents)} adapters but {len(weights)} weights: give one weight per adapter")
-    w = [_scale(str(p), x) for p, x in zip(parents, weights)]
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise AdapterError(f"rank must be a positive integer, got {rank!r}")
-    if density is not None and not (0.0 < density <= 1.0):
-        raise AdapterError(f"density must be in (0, 1], got {density!r}")
-    if method == "linear" and density is not None:
-        raise AdapterError("density applies to ties and dare only")
-    dens = 0.5 if density is None else float(density)
-    loaded = [load_factors(p) for p in parents]
-    arch = loaded[0][0].architecture
-    shapes: dict[str, tuple[int, int]] = {}
-    for lora, fac in loaded:
-        if lora.architecture != arch:
-            raise AdapterMismatchError(f"cannot merge a {lora.architecture!r} adapter ({lora.path.name}) with a "
-                                       f"{arch!r} one ({loaded[0][0].path.name})")
-        for n, (A, B) in fac.items():
-            if n == _TOKEN_EMBD:
-                raise AdapterError(f"{lora.path.name} adapts the token embeddings, which llama.cpp applies "
-                                   "transposed; merging such adapters is not supported")
-            s = (B.shape[0], A.shape[1])
-            if shapes.setdefault(n, s) != s:
-                raise AdapterMismatchError(f"cannot merge: tensor {n!r} is {shapes[n]} (out, in) in one parent "
-                                           f"and {s} in {lora.path.name}: the parents are for different bases")
-    parent_ranks = [max(lora.ranks) for lora, _ in loaded]
-    k = rank or (sum(parent_ranks) if method == "linear" else max(parent_ranks))
-    rng = np.random.default_rng(seed)
-    svd_rng = np.random.default_rng([seed, 1])
-    with _one_blas_thread():
-        merged = _merge_tensors(loaded, w, shapes, method, k, dens, rng, svd_rng)
-    info_meta = {"method": method, "rank": k, "weights": w, "seed": seed if method == "dare" else None,
-                 "density": dens if method != "linear" else None,
-                 "parents": [{"file": lora.path.name, "hash": model_hash(lora.path)[:16]} for lora, _ in loaded]}
-    m = {"dialogue.merge": info_meta, "dialogue.rank": k}
-    bases = {lora.meta.get("dialogue.base") for lora, _ in loaded} - {None}
-    if len(bases) == 1:
-        m["dialogue.base"] = bases.pop()
-    m.update(meta or {})
-    return write_lora(out, arch, merged, alpha=None, meta=m, dtype=dtype)
 
 
 def merge(parents: Sequence[str], weights: Sequence[float], out_name: str, *, method: str = "linear",

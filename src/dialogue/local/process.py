@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 from ..llm.base import ProviderError
-from .models import ModelSpec, resolve
+from ..gguf.models import ModelSpec, resolve
 from .runtime import DEFAULT_N_CTX, GenStats, Prompt
 
 __all__ = ["ModelProcess", "ModelCrashedError", "get_model_process", "model_processes",

