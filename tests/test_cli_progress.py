@@ -18,7 +18,7 @@ TESTS = Path(__file__).parent
 MODEL = "test-reading:total=1280,chunk=128,delay=0.1,rate=100"
 # the CLI with the stand-in model registered, as `dialogue` itself would run
 LAUNCH = ("import sys, reading_provider; reading_provider.install(); "
-          "from dialogue.cli import main; sys.exit(main(sys.argv[1:]))")
+          "from dialogue.cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
 def _env(db: Path) -> dict[str, str]:

@@ -473,7 +473,7 @@ async def test_a_long_kernel_output_reaches_the_model_shortened(tmp_path):
 
 
 def test_cli_new_takes_an_output_limit(tmp_path, capsys):
-    from dialogue.cli import main
+    from dialogue.cli.main import main
     from dialogue.service import DialogueService
 
     db = str(tmp_path / "cli.db")

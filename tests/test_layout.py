@@ -122,6 +122,9 @@ def test_the_graph_is_read():
     assert "dialogue.local.merge" in g["dialogue.local.adapters"]        # from .merge import ...
     assert "dialogue.train.export" in g["dialogue.train.loop"]           # inside finetune(): from . import export
     assert "dialogue.gguf" in package_graph()["dialogue.train"]
+    assert "dialogue.service" in g["dialogue.cli.main"]                 # from ..service import ...
+    assert "dialogue.cli.adapters" in g["dialogue.cli.main"]            # from . import adapters, ...
+    assert "dialogue.web" in g["dialogue.cli.serve"]                    # inside cmd_serve
 
 
 @pytest.mark.parametrize("importer,forbidden", FORBIDDEN)

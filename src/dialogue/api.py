@@ -18,8 +18,7 @@ from typing import Any
 
 from . import document
 from .document import Kind, Message
-from .service import DialogueService
-from .store import SearchHit, Version, default_db_path
+from .service import DialogueService, SearchHit, TextDelta, Version, default_db_path
 
 __all__ = ["Dialogue", "service"]
 
@@ -58,27 +57,28 @@ class Dialogue:
 
     @property
     def doc(self) -> document.Dialogue:
-        return self._svc.store.get_dialogue(self.id)
+        return self._svc.open(self.id)
 
     @property
     def messages(self) -> list[Message]:
-        return self._svc.store.messages(self.id)
+        return self._svc.messages(self.id)
 
     @property
     def name(self) -> str:
-        return self._svc.store.get_dialogue(self.id, with_messages=False).name
+        return self._svc.open(self.id, messages=False).name
 
     @property
     def model(self) -> str:
-        return self._svc.store.get_dialogue(self.id, with_messages=False).model
+        return self._svc.open(self.id, messages=False).model
 
     @model.setter
     def model(self, value: str) -> None:
+        """Checked: a name no provider serves raises UnknownModelError and changes nothing."""
         self._svc.update(self.id, model=value)
 
     @property
     def system(self) -> str:
-        return self._svc.store.get_dialogue(self.id, with_messages=False).system
+        return self._svc.open(self.id, messages=False).system
 
     @system.setter
     def system(self, value: str) -> None:
@@ -99,7 +99,6 @@ class Dialogue:
         """The answer to `prompt` at the end of this dialogue under an adapter set (default: the
         bare base), storing nothing: for comparing adapter sets before choosing one. A coroutine,
         so that it works under Jupyter's running loop (`await d.trial(...)`)."""
-        from .llm.base import TextDelta
         return "".join([ev.text async for ev in self._svc.trial(
             self.id, prompt, adapters=adapters or {}, max_tokens=max_tokens)
             if isinstance(ev, TextDelta)])
@@ -141,7 +140,7 @@ class Dialogue:
         return self._svc.restore_version(self.id, msg.id, version, base_version=msg.version)
 
     def fork(self, at: Message | str, name: str | None = None) -> "Dialogue":
-        return Dialogue(self._svc.fork(self.id, _mid(at), name=name).id, db=self._svc.store.path)
+        return Dialogue(self._svc.fork(self.id, _mid(at), name=name).id, db=self._svc.path)
 
     def search(self, query: str) -> list[SearchHit]:
         return self._svc.search(query, dialogue=self.id)

@@ -14,13 +14,20 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from .document import FLAGS, ContextItem, Dialogue, Kind, Message
 from .runs import Answer, LiveState, RunAll, RunError, RunEvent, Runs, follow, run_status
-from .store import NotFoundError, SearchHit, Store, StoreError, TrashItem, Version
+from .llm.base import ModelInfo, Progress, ProviderError, TextDelta, Usage
+from .store import (HIT_END, HIT_START, ConflictError, NameTakenError, NotFoundError, SearchHit,
+                    Store, StoreError, TrashItem, Version, default_db_path)
 
 if TYPE_CHECKING:
     from .kernel import Kernel, KernelPool
 
 __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "Answer", "follow",
-           "DEFAULT_MODEL", "default_model"]
+           "DEFAULT_MODEL", "default_model",
+           # what surfaces catch, read and name, so that they import the service alone
+           # (tests/test_layout.py): errors, search-hit markers, model listings and events
+           "ConflictError", "NameTakenError", "NotFoundError", "StoreError", "ProviderError",
+           "HIT_START", "HIT_END", "SearchHit", "TrashItem", "Version", "ModelInfo", "Progress",
+           "TextDelta", "Usage", "default_db_path"]
 
 DEFAULT_MODEL = "local:default"
 
@@ -117,15 +124,41 @@ class DialogueService:
     # ------------------------------------------------------------ dialogues
 
     def create(self, name: str, *, model: str | None = None, system: str = "",
-               context: list[ContextItem] | None = None, meta: dict | None = None) -> Dialogue:
+               context: list[ContextItem] | None = None, meta: dict | None = None,
+               output_limit: str | None = None) -> Dialogue:
+        """A new dialogue. A model named here is checked first (`check_model`); without one the
+        dialogue gets the configured default, which is not (it may be a provider registered
+        later in the process). A bad `output_limit` is refused before anything is stored."""
+        if model:  # "" or None: the default
+            self.check_model(model)
+        if output_limit is not None:
+            from .context import with_output_limit
+            meta = with_output_limit(meta or {}, output_limit)
         return self.store.create_dialogue(name, model=model or default_model(), system=system,
                                           context=context, meta=meta)
 
-    def open(self, ref: str) -> Dialogue:
+    def open(self, ref: str, *, messages: bool = True) -> Dialogue:
+        """The dialogue as stored; without its messages when `messages` is False (its settings)."""
         # A page or `show` of a dialogue says so when the process writing one of its messages
         # died since the store was opened (a killed `dialogue ask`); an indexed lookup when not.
         self.store.recover_interrupted()
-        return self.store.get_dialogue(self.dialogue_id(ref))
+        return self.store.get_dialogue(self.dialogue_id(ref), with_messages=messages)
+
+    def messages(self, ref: str) -> list[Message]:
+        return self.store.messages(self.dialogue_id(ref))
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self.store.path
+
+    def claim_server(self, address: str) -> None:
+        """Become the one server of this database; a second is refused, naming the first."""
+        self.store.claim_server(address)
+
+    def recover_interrupted(self) -> None:
+        """Turn the streams of writers that died (a killed server or CLI) into versions."""
+        self.store.recover_interrupted()
 
     def list(self, *, deleted: bool = False) -> list[dict[str, Any]]:
         return self.store.list_dialogues(deleted=deleted)
@@ -138,8 +171,10 @@ class DialogueService:
         long code outputs the model sees, kept in meta: see context.parse_output_limit; a bad
         value is refused now, not at the next prompt). Without `base_version` the current
         version is used: fine for a one-shot CLI command, while a long-lived surface (a browser
-        tab) passes the version it showed the user."""
+        tab) passes the version it showed the user. A new model is checked (`check_model`)."""
         did = self.dialogue_id(ref)
+        if "model" in settings:
+            self.check_model(settings["model"])
         if "output_limit" in settings or "output_limit" in (settings.get("meta") or {}):
             from .context import with_output_limit
             meta = settings.get("meta")
@@ -152,18 +187,43 @@ class DialogueService:
         return self.store.update_dialogue(did, base_version=base_version, **settings)
 
     def attach(self, ref: str, name: str, content: str, *, kind: str = "text",
-               source: str = "") -> Dialogue:
-        d = self.open(ref)
-        items = [c for c in d.context if c.name != name] + [ContextItem(name, content, kind, source)]
-        return self.store.update_dialogue(d.id, base_version=d.version, context=items)
+               source: str = "", base_version: int | None = None) -> Dialogue:
+        """Attach a context item (text every prompt of the dialogue sees), replacing one of the
+        same name in its place. A versioned settings change: a stale `base_version` raises
+        ConflictError."""
+        name = name.strip()
+        if not name:
+            raise StoreError("an attached context item needs a name")
+        d = self.open(ref, messages=False)
+        new = ContextItem(name, content, kind, source)
+        # a replaced item keeps its place: the model reads attached items in order
+        items = [new if c.name == name else c for c in d.context] \
+            if any(c.name == name for c in d.context) else [*d.context, new]
+        return self.store.update_dialogue(
+            d.id, base_version=d.version if base_version is None else base_version, context=items)
 
-    def attach_file(self, ref: str, path: str | os.PathLike) -> Dialogue:
+    def attach_file(self, ref: str, path: str | os.PathLike, *, name: str | None = None,
+                    base_version: int | None = None) -> Dialogue:
+        """Attach a text file's content under its file name (or `name`), remembering where it
+        came from."""
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise StoreError(f"cannot attach {p}: {e}") from e
-        return self.attach(ref, p.name, text, kind="file", source=str(p.resolve()))
+        return self.attach(ref, name or p.name, text, kind="file", source=str(p.resolve()),
+                           base_version=base_version)
+
+    def detach(self, ref: str, name: str, *, base_version: int | None = None) -> Dialogue:
+        """Remove an attached context item by name; NotFoundError names the ones there are."""
+        d = self.open(ref, messages=False)
+        if not any(c.name == name for c in d.context):
+            there = ", ".join(repr(c.name) for c in d.context) or "none"
+            raise NotFoundError(f"no attached item {name!r} in dialogue {d.name!r} "
+                                f"(attached: {there})")
+        return self.store.update_dialogue(
+            d.id, base_version=d.version if base_version is None else base_version,
+            context=[c for c in d.context if c.name != name])
 
     def import_dialogue(self, doc: Dialogue, *, name: str | None = None,
                         trust: bool = False) -> Dialogue:
@@ -182,6 +242,27 @@ class DialogueService:
                                            meta=safe.meta)
             self.store.add_messages(d.id, safe.messages, op="import")
         return self.store.get_dialogue(d.id)
+
+    @staticmethod
+    def import_record(d: Dialogue) -> dict[str, Any]:
+        """What an import set aside (`trust.import_record`): warnings to show, the file's own
+        model and system prompt; {} when nothing was."""
+        from .trust import import_record
+        return import_record(d)
+
+    @staticmethod
+    def as_stated(d: Dialogue, *, keep_model: bool = False) -> Dialogue:
+        """An imported dialogue as its file stated it, for writing the file back (an executed
+        notebook): the system prompt and, unless `keep_model`, the model that the import set
+        aside are put back, and the import record is dropped. Changes and returns `d`."""
+        from .trust import IMPORT_KEY, import_record
+        rec = import_record(d)
+        if rec:
+            d.meta.pop(IMPORT_KEY, None)
+            d.system = rec.get("system", d.system)
+            if "model" in rec and not keep_model:
+                d.model = rec["model"]
+        return d
 
     def delete(self, ref: str) -> None:
         self.store.delete_dialogue(self.dialogue_id(ref))
@@ -412,6 +493,106 @@ class DialogueService:
                                 "local model or clear the dialogue's adapters")
         from .local.adapters import resolve_set
         return resolve_set(adapters, base=model)
+
+    # -- models, the prefix cache, training ----------------------------------------------------
+
+    @staticmethod
+    def models() -> list[ModelInfo]:
+        """Every model a user can pick, as each provider lists it: local ones (bundled, packaged,
+        registered) first, then the hosted ones; `ready` says which work now."""
+        from .llm.base import list_models
+        return list_models()
+
+    @staticmethod
+    def check_model(model: str) -> None:
+        """Refuse a model name no provider serves (UnknownModelError, a ProviderError). A missing
+        key is not refused: it is reported when a prompt runs."""
+        from .llm.base import check_model
+        check_model(model)
+
+    @staticmethod
+    def add_model(path: str | os.PathLike, *, name: str | None = None,
+                  chat_format: str | None = None) -> Any:
+        """Register a local GGUF file as `local:<name>` (default: the file's stem); its ModelSpec."""
+        from .gguf import models as lm
+        return lm.add(name or Path(path).stem, path, chat_format=chat_format)
+
+    @staticmethod
+    def add_model_from_hub(repo: str, filename: str, *, name: str | None = None,
+                           chat_format: str | None = None) -> Any:
+        """Download a GGUF file from a Hugging Face repository and register it (the only call
+        that reaches the network, and only when asked)."""
+        from .gguf import models as lm
+        return lm.add_from_hub(repo, filename, name=name, chat_format=chat_format)
+
+    @staticmethod
+    def remove_model(name: str) -> None:
+        """Forget a registered local model; its file is left alone."""
+        from .gguf import models as lm
+        lm.remove(name)
+
+    @staticmethod
+    def cache_stats() -> Any:
+        """The local model's prefix KV cache on disk (`KVCache.stats`): entries, size, limit, and
+        each model's share."""
+        from .local.kvcache import KVCache
+        return KVCache().stats()
+
+    @staticmethod
+    def clear_cache() -> tuple[int, Path]:
+        """Delete every cached prefix state: (how many, the cache folder)."""
+        from .local.kvcache import KVCache
+        cache = KVCache()
+        return cache.clear(), cache.root
+
+    def train(self, argv: list[str]) -> int:
+        """`dialogue train ARGS`: fine-tune an adapter on stored dialogues (named in ARGS, read
+        through this service). The trainer parses its own arguments; returns its exit status."""
+        try:
+            from .train.main import train_main
+        except ImportError as e:
+            raise RunError("training needs the train extra: pip install 'dialogue[train]' "
+                           f"({e})") from None
+        return train_main(argv, load_dialogues=lambda names: [self.open(n) for n in names])
+
+    # -- the adapter registry --------------------------------------------------------------
+
+    @staticmethod
+    def add_adapter(source: str, *, name: str | None = None, base: str = "default",
+                    copy: bool = False, replace: bool = False) -> Any:
+        """Register a GGUF LoRA file, a PEFT directory (converted) or a Hub repo for a local
+        base model; with `copy` the registry keeps a copy of its own. Its AdapterInfo."""
+        from .local import adapters as A
+        if copy:
+            return A.copy_into_registry(source, name, base=base, replace=replace)
+        return A.add(source, name, base=base, replace=replace)
+
+    @staticmethod
+    def list_adapters() -> list[Any]:
+        from .local import adapters as A
+        return A.list_adapters()
+
+    @staticmethod
+    def adapter_info(name_or_path: str) -> Any:
+        """Base, rank, alpha, targets, size and provenance of a registered adapter or a file."""
+        from .local import adapters as A
+        return A.info(name_or_path)
+
+    @staticmethod
+    def remove_adapter(name: str) -> bool:
+        """Forget an adapter; its file is deleted only if the registry made it. Returns whether
+        it was (a copy or a conversion of the registry's own)."""
+        from .local import adapters as A
+        managed = A.info(name).managed if name in {x.name for x in A.list_adapters()} else False
+        A.remove(name)
+        return managed
+
+    @staticmethod
+    def merge_adapters(parents: list[str], weights: list[float], out: str, **options: Any) -> Any:
+        """Merge adapters into a new registered one (linear, TIES or DARE: `options` as
+        `local.adapters.merge` takes them). Models are never merged."""
+        from .local import adapters as A
+        return A.merge(parents, weights, out, **options)
 
     # -- adapters ---------------------------------------------------------------------------
 

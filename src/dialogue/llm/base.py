@@ -19,6 +19,7 @@ __all__ = [
     "Provider", "ProviderError", "MissingKeyError", "UnknownModelError", "ContextTooLongError",
     "ProviderNetworkError", "RateLimitError", "OverloadedError",
     "tool_call_from_json", "register", "get_provider", "resolve", "known_prefixes",
+    "ModelInfo", "register_models", "list_models", "check_model",
     "PRICES", "cost", "with_retries", "parse_retry_after",
 ]
 
@@ -325,6 +326,46 @@ def resolve(model: str) -> Callable[[str], Provider]:
 def get_provider(model: str) -> Provider:
     """The provider for a model name (see `resolve`)."""
     return resolve(model)(model)
+
+
+def check_model(model: str) -> None:
+    """Refuse a model name no provider serves (UnknownModelError): an unknown prefix, a malformed
+    openai-compatible name, a local model that is not registered or whose file is gone. A missing
+    API key is not checked: a key may be set before the dialogue's first prompt."""
+    if not isinstance(model, str) or not model.strip():
+        raise UnknownModelError("a model name cannot be empty")
+    get_provider(model)  # construction checks the name; keys are read on the first request
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model a user can pick, as its provider lists it. `ready`: usable now (its file is
+    present, its key is set); `about` says what it is or what is missing. `template` marks a form
+    of name to fill in (`openai-compatible:<base_url>/<model>`) rather than one model."""
+
+    name: str
+    label: str = ""
+    where: str = ""
+    about: str = ""
+    ready: bool = True
+    template: bool = False
+
+
+_LISTERS: list[Callable[[], list[ModelInfo]]] = []
+
+
+def register_models(lister: Callable[[], list[ModelInfo]]) -> None:
+    """A provider module's listing of the models it serves (see `list_models`)."""
+    if lister not in _LISTERS:
+        _LISTERS.append(lister)
+
+
+def list_models() -> list[ModelInfo]:
+    """Every model the providers offer, local ones first: what `dialogue models` prints and the
+    web's model picker offers (its `ready` ones)."""
+    _load_builtin()
+    order = {"dialogue.llm.local": 0}
+    return [m for f in sorted(_LISTERS, key=lambda f: order.get(f.__module__, 1)) for m in f()]
 
 
 _loaded = False

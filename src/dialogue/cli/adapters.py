@@ -8,9 +8,10 @@
     dialogue adapters use DIALOGUE [NAME[=SCALE] ...] [--clear]
     dialogue adapters compare DIALOGUE PROMPT --set NAME=SCALE,... --set none [--max-tokens N]
 
-The command owns no logic: it parses arguments into `dialogue.local.adapters` calls. Mistakes
-(an unknown name, a file that does not fit the base) print one line to stderr and exit 1. Names,
-paths and answers are printed through `dialogue.terminal`, as in the main CLI.
+The command owns no logic: it parses arguments into the service's adapter calls (the registry
+itself is `dialogue.local.adapters`). Mistakes (an unknown name, a file that does not fit the base)
+print one line to stderr and exit 1. Names, paths and answers are printed through
+`dialogue.terminal`, as in the rest of the CLI.
 """
 from __future__ import annotations
 
@@ -19,18 +20,15 @@ import asyncio
 import json
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from ..llm.base import ProviderError
+from ..service import ConflictError, DialogueService, ProviderError, StoreError, TextDelta, Usage
 from ..terminal import StreamWriter, markup, plain
 
-if TYPE_CHECKING:
-    from ..service import DialogueService
-
-__all__ = ["adapters_main", "build_parser", "parse_set", "set_text"]
+__all__ = ["adapters_main", "build_parser", "parse_set", "set_text", "COMMANDS"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,9 +101,8 @@ def set_text(adapters: dict[str, Any]) -> str:
         or "none (the bare base)"
 
 
-async def _compare(svc: "DialogueService", dialogue: str, prompt: str, sets: list[dict[str, float]],
+async def _compare(svc: DialogueService, dialogue: str, prompt: str, sets: list[dict[str, float]],
                    max_tokens: int | None, out: Console, as_json: bool) -> list[dict[str, Any]]:
-    from ..llm.base import TextDelta, Usage
     results = []
     for i, aset in enumerate(sets):
         label = chr(ord("A") + i) if i < 26 else str(i + 1)
@@ -139,12 +136,10 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
+def adapters_main(argv: list[str], svc: DialogueService | None = None) -> int:
     """Entry point of `dialogue adapters`; returns the exit status. `use` and `compare` work on a
-    dialogue and need the service (the CLI passes its own)."""
-    from . import adapters as A
-    from ..store import StoreError
-
+    dialogue and need a database (the CLI passes its service; without one the default database
+    is opened)."""
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     try:
@@ -153,15 +148,13 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
         return int(e.code or 0)
     try:
         if a.action == "add":
-            if a.copy:
-                got = A.copy_into_registry(a.source, a.name, base=a.base, replace=a.replace)
-            else:
-                got = A.add(a.source, a.name, base=a.base, replace=a.replace)
+            got = DialogueService.add_adapter(a.source, name=a.name, base=a.base, copy=a.copy,
+                                              replace=a.replace)
             how = {"peft": " (converted from PEFT)", "hub": " (from the Hub)"}.get(got.source, "")
             out.print(plain(f"added adapter {got.name}{how}: rank {got.rank}, {len(got.targets)} "
                             f"targets, {_size(got.size)}, for {got.base} -> {got.path}"))
         elif a.action == "list":
-            items = A.list_adapters()
+            items = DialogueService.list_adapters()
             if a.json:
                 print(json.dumps([x.to_dict() for x in items], indent=2))
             elif not items:
@@ -176,7 +169,7 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
                               plain(x.source), plain(what))
                 out.print(t)
         elif a.action == "info":
-            x = A.info(a.name)
+            x = DialogueService.adapter_info(a.name)
             if a.json:
                 print(json.dumps(x.to_dict(), indent=2))
             else:
@@ -189,18 +182,17 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
                         v = json.dumps(v, indent=2, sort_keys=True) if v else "(not recorded)"
                     out.print(plain(f"{k + ':':12} {v}"))
         elif a.action == "rm":
-            managed = A.info(a.name).managed if a.name in {x.name for x in A.list_adapters()} else False
-            A.remove(a.name)
+            managed = DialogueService.remove_adapter(a.name)
             out.print(plain(f"removed adapter {a.name}"
                             + ("" if managed else " (the file itself is left alone)")))
         elif a.action == "merge":
-            got = A.merge(a.parents, a.weights, a.out, method=a.method, rank=a.rank, density=a.density,
-                          seed=a.seed, dtype=a.dtype, replace=a.replace)
+            got = DialogueService.merge_adapters(
+                a.parents, a.weights, a.out, method=a.method, rank=a.rank, density=a.density,
+                seed=a.seed, dtype=a.dtype, replace=a.replace)
             out.print(plain(f"merged {' + '.join(a.parents)} ({a.method}) into adapter {got.name}: "
                             f"rank {got.rank}, {_size(got.size)} -> {got.path}"))
         elif a.action in ("use", "compare"):
             if svc is None:
-                from ..service import DialogueService
                 svc = DialogueService()
             if a.action == "use":
                 if a.clear and a.adapters:
@@ -219,8 +211,18 @@ def adapters_main(argv: list[str], svc: "DialogueService | None" = None) -> int:
         return 0
     except (ProviderError, ValueError, OSError, StoreError) as e:  # AdapterError is a ProviderError
         err.print(plain(f"error: {e}"))
-        return 3 if type(e).__name__ == "ConflictError" else 1
+        return 3 if isinstance(e, ConflictError) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(adapters_main(sys.argv[1:]))
+def cmd_adapters(svc: DialogueService, a: argparse.Namespace) -> int:
+    return adapters_main(a.args, svc)
+
+
+def _args_adapters(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+
+
+COMMANDS = {
+    "adapters": (cmd_adapters, "LoRA adapters for local models: add, list, info, rm, merge",
+                 _args_adapters),
+}

@@ -1,0 +1,189 @@
+"""Dialogues as a whole: new, list, rename, rm, trash, restore, fork, search, attach, detach."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.table import Table
+from rich.text import Text
+
+from ..service import HIT_END, HIT_START, DialogueService
+from ..terminal import markup, plain, visible
+from .common import out, text_arg, when
+
+
+def cmd_new(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.create(a.name, model=a.model, system=a.system or "", output_limit=a.output_limit or None)
+    out.print(f"created dialogue [b]{markup(d.name)}[/b] ({markup(d.id)}) on model {markup(d.model)}")
+
+
+def cmd_list(svc: DialogueService, a: argparse.Namespace) -> None:
+    rows = svc.list(deleted=a.trash)
+    if a.json:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        out.print("no dialogues yet: `dialogue new NAME`" if not a.trash else "the trash is empty")
+        return
+    t = Table("name", "id", "model", "messages", "updated", box=None)
+    for r in rows:
+        t.add_row(plain(r["name"]), plain(r["id"]), plain(r["model"]), str(r["messages"]),
+                  when(r["updated"]))
+    out.print(t)
+
+
+def cmd_rm(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.msg:
+        mid = svc.message_id(a.name, a.msg)
+        svc.delete_message(a.name, mid)
+        out.print(plain(f"message {mid} moved to the trash (`dialogue restore {a.name} {mid}`)"))
+    else:
+        svc.delete(a.name)
+        out.print(plain(f"dialogue {a.name!r} moved to the trash (`dialogue restore {a.name}`)"))
+
+
+def cmd_restore(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.msg is None:
+        d = svc.restore(a.name)
+        out.print(plain(f"dialogue {d.name!r} restored from the trash"))
+    elif a.version is None:
+        m = svc.restore_message(a.name, a.msg)
+        out.print(plain(f"message {m.id} restored from the trash"))
+    else:
+        m = svc.restore_version(a.name, a.msg, a.version)
+        out.print(plain(f"message {m.id}: version {a.version} restored as version {m.version}"))
+
+
+def cmd_fork(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.fork(a.name, a.msg, name=a.new_name)
+    out.print(f"forked into [b]{markup(d.name)}[/b] ({markup(d.id)}) with {len(d.messages)} messages")
+
+
+def cmd_rename(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.rename(a.name, a.new_name)
+    out.print(plain(f"renamed to {d.name!r}"))
+
+
+def _hit_text(snippet: str) -> Text:
+    t = Text()
+    on = False
+    for chunk in snippet.replace(HIT_END, HIT_START).split(HIT_START):
+        t.append(visible(chunk), style="bold yellow" if on else "")
+        on = not on
+    return t
+
+
+def cmd_search(svc: DialogueService, a: argparse.Namespace) -> None:
+    hits = svc.search(a.query, limit=a.limit, dialogue=a.within)
+    if a.json:
+        print(json.dumps([h.__dict__ for h in hits]))
+        return
+    if not hits:
+        out.print("no matches")
+        return
+    for h in hits:
+        line = plain(f"{h.dialogue_name} ", style="bold")
+        line.append(visible(f"{h.message_id} {h.kind}  "), style="dim")
+        line.append_text(_hit_text(h.snippet.replace("\n", " ")))
+        out.print(line)
+
+
+def cmd_trash(svc: DialogueService, a: argparse.Namespace) -> None:
+    items = svc.trash()
+    if not items:
+        out.print("the trash is empty")
+        return
+    t = Table("type", "id", "dialogue", "what", "deleted", box=None)
+    for i in items:
+        t.add_row(plain(i.type), plain(i.id), plain(i.dialogue_id), plain(i.name), when(i.deleted))
+    out.print(t)
+
+
+def cmd_attach(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.path == "-":
+        if not a.as_name:
+            raise ValueError("name what standard input is attached as: --as ITEM")
+        d = svc.attach(a.name, a.as_name, text_arg("-"))
+        item = a.as_name.strip()
+    else:
+        d = svc.attach_file(a.name, a.path, name=a.as_name)
+        item = d.context[-1].name
+    size = len(next(c for c in d.context if c.name == item).content)
+    out.print(plain(f"attached {item} ({size:,} characters) to dialogue {d.name!r}: every prompt "
+                    "of it sees it"))
+
+
+def cmd_detach(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.detach(a.name, a.item)
+    out.print(plain(f"detached {a.item} from dialogue {d.name!r}"))
+
+
+def _args_new(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("--model", help="model name (default: $DIALOGUE_MODEL or local:default)")
+    sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--output-limit", metavar="HEAD,TAIL,CHARS",
+                    help="how much of a long code output the model sees: first and last lines and "
+                         "at most CHARS characters (default 20,10,2000; 'off' sends it all)")
+
+
+def _args_list(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--trash", action="store_true", help="list trashed dialogues instead")
+    sp.add_argument("--json", action="store_true")
+
+
+def _args_rm(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("msg", nargs="?")
+
+
+def _args_restore(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("msg", nargs="?")
+    sp.add_argument("version", nargs="?", type=int)
+
+
+def _args_fork(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    sp.add_argument("--name", dest="new_name")
+
+
+def _args_rename(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("new_name")
+
+
+def _args_search(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("query")
+    sp.add_argument("--in", dest="within", metavar="NAME")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+
+
+def _args_attach(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("path", metavar="PATH", help="a text file ('-' reads standard input, with --as)")
+    sp.add_argument("--as", dest="as_name", metavar="ITEM",
+                    help="the item's name (default: the file name); an item of that name is replaced")
+
+
+def _args_detach(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("item", help="the attached item's name")
+
+
+COMMANDS = {
+    "new": (cmd_new, "create a dialogue", _args_new),
+    "list": (cmd_list, "list dialogues", _args_list),
+    "rm": (cmd_rm, "move a dialogue, or one of its messages, to the trash", _args_rm),
+    "restore": (cmd_restore, "restore a trashed dialogue or message, or an earlier version",
+                _args_restore),
+    "fork": (cmd_fork, "new dialogue with the messages up to and including MSG", _args_fork),
+    "rename": (cmd_rename, "rename a dialogue", _args_rename),
+    "search": (cmd_search, "full-text search across all dialogues", _args_search),
+    "trash": (cmd_trash, "list what is in the trash", None),
+    "attach": (cmd_attach, "attach a text file as context every prompt of the dialogue sees",
+               _args_attach),
+    "detach": (cmd_detach, "remove an attached context item", _args_detach),
+}

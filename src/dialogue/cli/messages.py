@@ -1,0 +1,209 @@
+"""One dialogue's messages: show, add, edit, mv, history; and how a message looks on a terminal."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Group
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+
+from ..document import FLAGS, Kind, Message
+from ..service import DialogueService
+from ..terminal import markup, plain, visible
+from .common import UserError, err, out, text_arg, when
+
+
+def _flags(m: Message) -> str:
+    return " ".join(f for f in FLAGS if getattr(m, f))
+
+
+def render_message(m: Message, index: int | None = None) -> Panel:
+    """A message as a rich panel: code highlighted with its outputs, notes and answers as
+    markdown (rich renders markdown as terminal text, so no markup from a model reaches a
+    browser here)."""
+    parts: list[Any] = []
+    if m.kind == Kind.code:
+        parts.append(Syntax(visible(m.source) or " ", "python", theme="ansi_dark", word_wrap=True))
+        if m.outputs:
+            text = m.output_text()
+            errored = any(o.get("output_type") == "error" for o in m.outputs)
+            parts.append(plain(text or "[non-text output]", style="red" if errored else "dim"))
+    elif m.kind == Kind.prompt:
+        parts.append(plain(m.source, style="bold"))
+        if m.response:
+            parts.append(Markdown(visible(m.response)))
+    elif m.kind == Kind.raw:
+        parts.append(plain(m.source))
+    else:
+        parts.append(Markdown(visible(m.source) or " "))
+    if line := _status_line(m):
+        parts.append(plain(line, style="yellow"))
+    title = f"[b]{index}[/b] " if index is not None else ""
+    title += f"{m.kind.value} [dim]{markup(m.id)} v{m.version}[/dim]"
+    if f := _flags(m):
+        title += f" [yellow]{f}[/yellow]"
+    return Panel(Group(*parts), title=title, title_align="left",
+                 border_style="dim" if m.hidden else {"code": "blue", "prompt": "green"}.get(m.kind.value, "white"))
+
+
+def _status_line(m: Message) -> str:
+    """How the last run ended, when that is not plain from what is shown: a cell that was
+    interrupted, timed out or whose process died (an error shows as its traceback), a prompt
+    that failed, was stopped or was cut off."""
+    if m.kind not in (Kind.code, Kind.prompt):
+        return ""
+    status = DialogueService.run_status(m)
+    if status == "ok" or (m.kind == Kind.code and status == "error" and not m.meta.get("interrupted")):
+        return ""
+    if m.kind == Kind.code:
+        why = m.meta.get("run", {}).get("message", "")
+    else:
+        why = {"error": m.meta.get("error", ""), "cancelled": "stopped before the end",
+               "interrupted": "the answer was cut off: the process writing it stopped before "
+                              "it finished"}.get(status, "")
+    return f"{status}: {why}" if why else status
+
+
+def cmd_show(svc: DialogueService, a: argparse.Namespace) -> None:
+    d = svc.open(a.name)
+    if a.json:
+        print(json.dumps({**d.settings(), "id": d.id, "version": d.version,
+                          "messages": [m.to_dict() for m in d.messages]}))
+        return
+    out.print(f"[b]{markup(d.name)}[/b] [dim]{markup(d.id)} v{d.version}[/dim] · model "
+              f"{markup(d.model)}")
+    if d.meta.get("adapters"):
+        from .adapters import set_text
+        out.print(plain("adapters: " + set_text(d.meta["adapters"])))
+    if d.system:
+        out.print(Panel(plain(d.system), title="system", title_align="left", border_style="dim"))
+    for c in d.context:
+        out.print(f"[dim]attached:[/dim] {markup(c.name)} ({len(c.content):,} characters)")
+    for i, m in enumerate(d.messages, 1):
+        out.print(render_message(m, i))
+    if not d.messages:
+        out.print("[dim](no messages: `dialogue add NAME --code ...`)[/dim]")
+
+
+def cmd_add(svc: DialogueService, a: argparse.Namespace) -> int:
+    kind, text = next((k, getattr(a, k)) for k in ("code", "note", "prompt") if getattr(a, k) is not None)
+    flags = {f: True for f in FLAGS if getattr(a, f, False)}
+    m = svc.add(a.name, kind, text_arg(text), after=a.after, before=a.before,
+                index=None if a.at is None else a.at - 1, **flags)
+    err.print(f"added {m.kind.value} message {m.id}")
+    if a.run and m.kind in (Kind.code, Kind.prompt):
+        import asyncio
+        from .runs import stream_run
+        return asyncio.run(stream_run(svc, a.name, m.id))
+    return 0
+
+
+def cmd_edit(svc: DialogueService, a: argparse.Namespace) -> None:
+    changes: dict[str, Any] = {}
+    if a.source is not None:
+        changes["source"] = text_arg(a.source)
+    if a.response is not None:
+        changes["response"] = text_arg(a.response)
+    if a.kind is not None:
+        changes["kind"] = a.kind
+    for f in FLAGS:
+        v = getattr(a, f)
+        if v is not None:
+            changes[f] = v
+    if not changes:
+        raise UserError("nothing to change: give --source, --response, --kind or a flag option")
+    m = svc.edit(a.name, a.msg, base_version=a.base_version, **changes)
+    out.print(plain(f"message {m.id} is now at version {m.version}"))
+
+
+def cmd_mv(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.up:
+        m = svc.move(a.name, a.msg, by=-a.up)
+    elif a.down:
+        m = svc.move(a.name, a.msg, by=a.down)
+    else:
+        m = svc.move(a.name, a.msg, to=a.to - 1)
+    pos = [x.id for x in svc.messages(a.name)].index(m.id) + 1
+    out.print(plain(f"message {m.id} is now at position {pos}"))
+
+
+def cmd_history(svc: DialogueService, a: argparse.Namespace) -> None:
+    vs = svc.history(a.name, a.msg)
+    if a.json:
+        print(json.dumps([v.__dict__ for v in vs]))
+        return
+    t = Table("version", "op", "when", "kind", "flags", "source", box=None)
+    for v in vs:
+        s = v.state
+        first = (s["source"].strip().splitlines() or [""])[0]
+        t.add_row(str(v.version), plain(v.op), when(v.at), plain(s["kind"]),
+                  " ".join(f for f in FLAGS if s.get(f)), plain(first[:60]))
+    out.print(t)
+
+
+def _flag_options(p: argparse.ArgumentParser) -> None:
+    for f, on, off in (("hidden", "--hide", "--unhide"), ("pinned", "--pin", "--unpin"),
+                       ("collapsed", "--collapse", "--expand"),
+                       ("exported", "--export", "--unexport")):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument(on, dest=f, action="store_true", default=None, help=f"set {f}")
+        g.add_argument(off, dest=f, action="store_false", default=None, help=f"clear {f}")
+
+
+def _args_show(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("--json", action="store_true")
+
+
+def _args_add(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    g = sp.add_mutually_exclusive_group(required=True)
+    for k in ("code", "note", "prompt"):
+        g.add_argument(f"--{k}", metavar="TEXT")
+    w = sp.add_mutually_exclusive_group()
+    w.add_argument("--after", metavar="MSG")
+    w.add_argument("--before", metavar="MSG")
+    w.add_argument("--at", type=int, metavar="N", help="1-based position")
+    for f, opt in (("hidden", "--hide"), ("pinned", "--pin"), ("collapsed", "--collapse"),
+                   ("exported", "--export")):
+        sp.add_argument(opt, dest=f, action="store_true")
+    sp.add_argument("--run", action="store_true", help="run the code or prompt once added")
+
+
+def _args_edit(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    sp.add_argument("--source", metavar="TEXT")
+    sp.add_argument("--response", metavar="TEXT", help="replace a prompt's answer")
+    sp.add_argument("--kind", choices=[k.value for k in Kind])
+    sp.add_argument("--base-version", type=int, help="refuse the edit unless the message is still "
+                    "at this version")
+    _flag_options(sp)
+
+
+def _args_mv(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--up", type=int, nargs="?", const=1, metavar="N")
+    g.add_argument("--down", type=int, nargs="?", const=1, metavar="N")
+    g.add_argument("--to", type=int, metavar="POS", help="1-based position")
+
+
+def _args_history(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    sp.add_argument("--json", action="store_true")
+
+
+COMMANDS = {
+    "show": (cmd_show, "show a dialogue in the terminal", _args_show),
+    "add": (cmd_add, "add a message (TEXT '-' reads standard input)", _args_add),
+    "edit": (cmd_edit, "change a message (MSG: id, id prefix or 1-based position)", _args_edit),
+    "mv": (cmd_mv, "move a message", _args_mv),
+    "history": (cmd_history, "list every version of a message", _args_history),
+}

@@ -1,0 +1,69 @@
+"""Models and the local model's prefix cache: `dialogue models [list|add|rm]`, `dialogue cache`."""
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from ..service import DialogueService
+from ..terminal import plain
+from .common import UserError, out
+
+
+def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.action == "add":
+        if not a.target:
+            raise UserError("give a .gguf path, or a Hugging Face repo id and a file name")
+        if a.file:  # REPO FILE: download (needs network; only on this explicit request)
+            spec = svc.add_model_from_hub(a.target, a.file, name=a.name, chat_format=a.chat_format)
+        else:
+            spec = svc.add_model(a.target, name=a.name, chat_format=a.chat_format)
+        out.print(plain(f"added local:{spec.name} -> {spec.path}"))
+        return
+    if a.action == "rm":
+        if not a.target:
+            raise UserError("give the name of the model to remove")
+        svc.remove_model(a.target)
+        out.print(plain(f"removed local:{a.target} (the file itself is left alone)"))
+        return
+    t = Table(box=None)
+    t.add_column("model", overflow="fold")  # a name is never cut: it is what one types
+    t.add_column("where", overflow="fold")
+    t.add_column("about")
+    for m in svc.models():
+        t.add_row(plain(m.name), plain(m.where), plain(m.about),
+                  style=None if m.ready or m.template else "dim")
+    out.print(t)
+
+
+def cmd_cache(svc: DialogueService, a: argparse.Namespace) -> None:
+    if a.action == "clear":
+        n, root = svc.clear_cache()
+        out.print(plain(f"deleted {n} cached prefix states from {root}"))
+        return
+    st = svc.cache_stats()
+    out.print(plain(f"{st.root}: {st.entries} states, {st.bytes / 1e6:.1f} MB of "
+                    f"{st.max_bytes / 1e6:.0f} MB"))
+    for ns in st.namespaces:
+        info = ns.get("info", {})
+        what = info.get("model") or info.get("model_path") or ns["namespace"]
+        out.print(plain(f"  {what}: {ns['entries']} states, {ns['bytes'] / 1e6:.1f} MB, "
+                        f"longest prefix {ns['longest']} tokens"))
+
+
+def _args_models(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("action", nargs="?", choices=("list", "add", "rm"), default="list")
+    sp.add_argument("target", nargs="?", metavar="PATH.gguf|REPO|NAME")
+    sp.add_argument("file", nargs="?", metavar="FILE.gguf", help="file in the Hub repository")
+    sp.add_argument("--name")
+    sp.add_argument("--chat-format", help="llama.cpp chat format, for files without a template")
+
+
+def _args_cache(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("action", nargs="?", choices=("stats", "clear"), default="stats")
+
+
+COMMANDS = {
+    "models": (cmd_models, "list local and API models; add or remove local ones", _args_models),
+    "cache": (cmd_cache, "show or empty the local model's prefix KV cache", _args_cache),
+}

@@ -1,0 +1,223 @@
+"""Running messages from the terminal: ask, exec, run (and `add --run`), the answer or the output
+streamed to stdout as it arrives, a model's progress reading a long prompt on stderr."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from ..document import Kind, Message, output_text
+from ..service import DialogueService, Progress
+from ..terminal import StreamWriter, markup, plain
+from .common import EXIT_ERROR, err, text_arg
+
+
+def cmd_ask(svc: DialogueService, a: argparse.Namespace) -> int:
+    """Add a prompt and stream the model's answer to the terminal."""
+    m = svc.add(a.name, Kind.prompt, text_arg(a.text))
+    return asyncio.run(stream_run(svc, a.name, m.id, prefill=a.prefill))
+
+
+def cmd_exec(svc: DialogueService, a: argparse.Namespace) -> int:
+    """Run an existing code message or prompt."""
+    return asyncio.run(stream_run(svc, a.name, svc.message_id(a.name, a.msg), prefill=a.prefill))
+
+
+def _progress(data: dict[str, Any]) -> Progress:
+    return Progress(int(data.get("read") or 0), int(data.get("total") or 0), data.get("eta_s"))
+
+
+class ReadingLine:
+    """A model's progress reading a long prompt, on stderr (stdout holds only the answer, so
+    `dialogue ask ... > answer.md` stays clean). On a terminal: one line rewritten with \\r and
+    erased before anything else is printed. Otherwise (a log, a pipe): a plain line when reading
+    starts and at each quarter, so at most five; none for a prompt read in one go."""
+
+    def __init__(self, stream: Any = None):
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.shown = False  # a \r line is on the terminal
+        self.next_mark = 0.0  # the fraction read at which the next plain line is due
+
+    def update(self, data: dict[str, Any]) -> None:
+        p = _progress(data)
+        if p.total <= 0:
+            return
+        if self.tty:
+            self.stream.write("\r\x1b[K" + p.describe())
+            self.stream.flush()
+            self.shown = True
+            return
+        done = min(1.0, p.read / p.total)
+        if self.next_mark == 0.0 and done >= 1.0:
+            return  # nothing was waited for
+        if done >= self.next_mark:
+            self.stream.write(p.describe() + "\n")
+            self.stream.flush()
+            self.next_mark = (int(done * 4) + 1) / 4
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | None = None) -> int:
+    """Run a message, printing what it produces as it arrives; exit status 1 if it failed."""
+    reading = ReadingLine()
+    # what the model or the code writes reaches the terminal made visible, piece by piece
+    stream = StreamWriter()
+    try:
+        svc.start(name, mid, prefill=prefill)
+        if prefill:
+            stream.write(prefill)
+        final = None
+        async for ev in svc.subscribe(mid):
+            if ev.type == "progress":
+                reading.update(ev.data)
+                continue
+            reading.clear()
+            if ev.type == "text":
+                stream.write(ev.data)
+            elif ev.type == "output":
+                text = output_text([ev.data]) if ev.data.get("output_type") != "stream" else ev.data.get("text", "")
+                if text:
+                    stream.write(text if text.endswith("\n") else text + "\n")
+            elif ev.type == "tool_call":
+                call = f"tool call: {ev.data['name']}({json.dumps(ev.data['arguments'])})"
+                err.print(plain(call, style="dim"))
+            elif ev.type == "error":
+                err.print(plain(f"error: {ev.data}"))
+            elif ev.type == "done":
+                final = ev.data
+        reading.clear()
+        stream.close()
+        final = final or svc.message(name, mid)
+        if final.kind == Kind.prompt:
+            sys.stdout.write("\n")
+            u = final.usage
+            cost = f", ${u['cost']:.4f}" if u.get("cost") else ""
+            cut = final.meta.get("cut") or []
+            cut = f"; long output of {len(cut)} code message(s) shortened" if cut else ""
+            err.print(f"[dim]{markup(u.get('model', ''))}: {u.get('input', 0)} in "
+                      f"({u.get('cache_read', 0)} from cache), {u.get('output', 0)} out{cost}{cut}[/dim]")
+        return 0 if svc.run_status(final) == "ok" else EXIT_ERROR
+    finally:
+        await svc.aclose()
+
+
+def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
+    """Headless run of a stored dialogue, or of a notebook file (in a scratch database, so the
+    user's own is not touched), top to bottom."""
+    from pathlib import Path
+    from .io import import_warnings
+    if a.model:
+        svc.check_model(a.model)  # before a notebook is read or a scratch database made
+    target = Path(a.target)
+    is_file = a.target.endswith(".ipynb") or (target.exists() and target.is_file())
+    if is_file:
+        import tempfile
+        from ..artifacts import read_notebook, to_ipynb_bytes
+        doc = read_notebook(target, keep_ids=True)
+        tmp = tempfile.TemporaryDirectory(prefix="dialogue-run-")
+        svc.close()
+        svc = DialogueService(Path(tmp.name) / "run.db")
+        d = svc.import_dialogue(doc, trust=a.trust)
+        import_warnings(svc, d, "run", a.target)
+    else:
+        d = svc.open(a.target)
+    if a.model:
+        svc.update(d.id, model=a.model)
+    if a.timeout:
+        svc.run_timeout = a.timeout
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+    progress = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err, transient=False)
+    # TextColumn renders descriptions as markup: user text goes in escaped
+    task = progress.add_task(f"running {markup(d.name)}", total=None)
+
+    def on_start(i: int, n: int, m: Message) -> None:
+        first = (m.source.strip().splitlines() or [""])[0][:40]
+        desc = f"{m.kind.value} {i + 1}: {markup(first)}"
+        progress.update(task, total=n, completed=i, description=desc)
+        if m.kind == Kind.prompt:
+            # run_through starts the run right after this returns, before it awaits anything, so
+            # this task subscribes before the first event
+            asyncio.get_running_loop().create_task(reading(m.id, desc))
+
+    async def reading(mid: str, desc: str) -> None:
+        """While the model reads a long prompt, say how far it is in the progress line."""
+        from contextlib import aclosing
+        async with aclosing(svc.subscribe(mid)) as evs:
+            async for ev in evs:
+                if ev.type == "progress":
+                    progress.update(task, description=f"{desc} · {_progress(ev.data).describe()}")
+                elif ev.type in ("text", "done"):
+                    progress.update(task, description=desc)
+                    break
+
+    def on_done(i: int, n: int, m: Message) -> None:
+        progress.update(task, completed=i + 1)
+        status = svc.run_status(m)
+        if status != "ok":
+            why = m.meta.get("error") or m.meta.get("run", {}).get("message") or status
+            progress.console.print(f"[red]message {i + 1} ({markup(m.id)}) failed:[/red] "
+                                   f"{markup(why)}", markup=True)
+
+    async def go() -> list[Message]:
+        try:
+            return await svc.run_through(d.id, allow_errors=a.allow_errors, on_start=on_start,
+                                         on_done=on_done)
+        finally:
+            await svc.shutdown_kernels()
+
+    with progress:
+        failures = asyncio.run(go())
+    if is_file:
+        out_path = Path(a.output) if a.output else target.with_name(target.stem + ".executed.ipynb")
+        out_path.write_bytes(to_ipynb_bytes(svc.as_stated(svc.open(d.id), keep_model=bool(a.model))))
+        err.print(plain(f"wrote {out_path}"))
+        svc.close()
+        tmp.cleanup()
+    if failures:
+        err.print(f"{len(failures)} message(s) failed")
+        # like `nbconvert --execute --allow-errors`: errors recorded in the outputs are the
+        # expected result then, not a failure of the run
+        return 0 if a.allow_errors else EXIT_ERROR
+    return 0
+
+
+def _args_ask(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("text", help="the prompt ('-' reads standard input)")
+    sp.add_argument("--prefill", help="the start of the answer, for the model to continue")
+
+
+def _args_exec(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("msg")
+    sp.add_argument("--prefill")
+
+
+def _args_run(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("target", metavar="FILE.ipynb|NAME")
+    sp.add_argument("--model", help="answer prompts with this model")
+    sp.add_argument("-o", "--output", help="where to write the executed notebook (files only)")
+    sp.add_argument("--allow-errors", action="store_true", help="go on after a failure")
+    sp.add_argument("--timeout", type=float, help="seconds per code message")
+    sp.add_argument("--trust", action="store_true",
+                    help="adopt the notebook's system prompt (a file's model is used only if you "
+                         "configured it)")
+
+
+COMMANDS = {
+    "ask": (cmd_ask, "add a prompt and stream the model's answer", _args_ask),
+    "exec": (cmd_exec, "run a code message or prompt of a dialogue", _args_exec),
+    "run": (cmd_run, "run a dialogue or notebook top to bottom (headless)", _args_run),
+}
