@@ -315,20 +315,10 @@ def scenario_process(args: argparse.Namespace) -> bool:
 # ---------------------------------------------------------------- extra buffers (repacking)
 
 def make_q4_0(dst: Path) -> Path:
-    """A Q4_0 copy of the bundled model (llama.cpp's quantize API, requantizing its Q4_1)."""
-    import llama_cpp
+    """A Q4_0 copy of the bundled model (requantized from its Q4_1)."""
     from dialogue.gguf.models import bundled_model_path
-    if dst.exists():
-        return dst
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    p.allow_requantize = True
-    p.nthread = os.cpu_count() or 1
-    tmp = dst.with_suffix(".part")
-    if llama_cpp.llama_model_quantize(str(bundled_model_path()).encode(), str(tmp).encode(), p) != 0:
-        raise SystemExit("quantizing to Q4_0 failed")
-    tmp.replace(dst)
-    return dst
+    from dialogue.local.runtime import quantize
+    return dst if dst.exists() else quantize(bundled_model_path(), dst, "q4_0")
 
 
 def repack_child(model: str, extra: bool, n: int) -> dict:

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Runtime", "Prompt", "GenStats", "get_runtime", "load_count", "loaded_runtimes",
     "DEFAULT_N_CTX", "CHUNK", "Sampling", "repeating_tail", "model_params",
-    "extra_buffers", "gpu_layers", "gpu_offload", "device_text",
+    "extra_buffers", "gpu_layers", "gpu_offload", "device_text", "quantize",
 ]
 
 log = logging.getLogger(__name__)
@@ -633,6 +633,32 @@ def gpu_layers() -> int:
         except ValueError:
             raise ProviderError(f"DIALOGUE_GPU_LAYERS must be an integer (-1 for all layers), not {env!r}")
     return -1 if gpu_offload() else 0
+
+
+def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str = "q4_0",
+             *, requantize: bool = True) -> Path:
+    """Write a copy of the GGUF `src` quantized to `ftype` (llama.cpp's quantize API; a quantized
+    source is requantized, which loses a little more accuracy). Written beside `dst` and renamed
+    into place, so a crash leaves no half file. Used to make a Q4_0 model, the type whose
+    repacking the extra-buffers measurement is about."""
+    import llama_cpp
+    name = f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}"
+    if not hasattr(llama_cpp, name):
+        raise ValueError(f"unknown quantization type {ftype!r}")
+    dst = Path(dst)
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, name)
+    p.allow_requantize = requantize
+    p.nthread = os.cpu_count() or 1
+    tmp = dst.with_name(dst.name + ".part")
+    from llama_cpp._utils import suppress_stdout_stderr  # llama.cpp logs a line per tensor
+    with suppress_stdout_stderr(disable=False):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), p)
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise ProviderError(f"llama.cpp could not quantize {src} to {ftype}")
+    tmp.replace(dst)
+    return dst
 
 
 def device_text(n_gpu_layers: int | None = None) -> str:

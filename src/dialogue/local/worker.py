@@ -49,6 +49,22 @@ def _crash(how: str) -> None:
     raise ValueError(f"unknown crash {how!r}")
 
 
+def _planned_crash() -> tuple[int, str] | None:
+    """Test-only: a crash planned by the file named in DIALOGUE_TEST_CRASH_FILE ("N how": die the
+    way `how` says after N pieces of the next answer). The file is consumed, so only one answer
+    crashes and the test can see the next one answered."""
+    path = os.environ.get("DIALOGUE_TEST_CRASH_FILE")
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            words = f.read().split()
+        os.unlink(path)
+    except OSError:
+        return None
+    return int(words[0]), (words[1] if len(words) > 1 else "segv")
+
+
 class Worker:
     def __init__(self, conn_in: Connection, conn_out: Connection):
         self.cin, self.cout = conn_in, conn_out
@@ -101,9 +117,19 @@ class Worker:
             from .kvcache import KVCache
             if str(self.rt.cache.root) != cache_dir:
                 self.rt.cache = self.caches.setdefault(cache_dir, KVCache(cache_dir))
+        on_text = lambda t: self.send((rid, "text", t))  # noqa: E731
+        if self.hooks and (planned := _planned_crash()):
+            after, how = planned
+            pieces = [0]
+
+            def on_text(t: str) -> None:  # noqa: F811 - the test hook's variant
+                self.send((rid, "text", t))
+                pieces[0] += 1
+                if pieces[0] >= after:
+                    _crash(how)
         try:
             return self.rt.generate(
-                prompt, cancel=cancel, on_text=lambda t: self.send((rid, "text", t)),
+                prompt, cancel=cancel, on_text=on_text,
                 on_progress=lambda r, n, eta: self.send((rid, "progress", (r, n, eta))), **kw)
         finally:
             self.cancels.pop(rid, None)
