@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -17,11 +18,13 @@ from .runs import Answer, LiveState, RunAll, RunError, RunEvent, Runs, follow, r
 from .llm.base import ModelInfo, Progress, ProviderError, TextDelta, Usage
 from .store import (HIT_END, HIT_START, ConflictError, NameTakenError, NotFoundError, SearchHit,
                     Store, StoreError, TrashItem, Version, default_db_path)
+from .trust import import_record
 
 if TYPE_CHECKING:
     from .kernel import Kernel, KernelPool
 
 __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "Answer", "follow",
+           "AdapterView", "import_record",
            "DEFAULT_MODEL", "default_model",
            # what surfaces catch, read and name, so that they import the service alone
            # (tests/test_layout.py): errors, search-hit markers, model listings and events
@@ -54,6 +57,16 @@ def _stop_grace() -> float:
         pass
     # a StoreError, so every surface reports it in one line
     raise RunError(f"DIALOGUE_STOP_GRACE must be a positive number of seconds, got {v!r}")
+
+
+@dataclass
+class AdapterView:
+    """A dialogue's adapters as a picker shows them (`DialogueService.adapter_view`): `choices`,
+    the registered adapters (AdapterInfo) that fit its local model, and `problems`, why an entry
+    of its set is not one of them."""
+
+    choices: list[Any] = field(default_factory=list)
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 class DialogueService:
@@ -654,6 +667,39 @@ class DialogueService:
             out.append(info)
         return out
 
+    def adapter_view(self, ref: str | Dialogue) -> "AdapterView":
+        """What an adapter picker shows: the registered adapters that fit the dialogue's local
+        model, and why any entry of its set is not among them ("not registered", "does not fit
+        local:x", "the file is gone"), so a broken entry is shown rather than silently dropped.
+        An unknown local model or an unreadable registry is told on every entry, not raised."""
+        d = ref if isinstance(ref, Dialogue) else \
+            self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
+        if not d.model.startswith("local:"):
+            return AdapterView()
+        current = dict(d.meta.get("adapters") or {})
+        try:
+            choices = self.adapter_choices(d.id)
+        except ProviderError as e:
+            return AdapterView([], {k: str(e) for k in current})
+        names = {c.name for c in choices}
+        problems: dict[str, str] = {}
+        unknown = [k for k in current if k not in names]
+        if unknown:
+            from .local.adapters import list_adapters, looks_like_path
+            try:
+                registered = {a.name for a in list_adapters()}
+            except ProviderError:
+                registered = set()
+            for k in unknown:
+                if k in registered:
+                    problems[k] = f"does not fit {d.model}"
+                elif looks_like_path(k):
+                    if not Path(k).expanduser().is_file():
+                        problems[k] = "the file is gone"
+                else:
+                    problems[k] = "not registered"
+        return AdapterView(choices, problems)
+
     async def trial(self, ref: str, source: str, *, adapters: Any,
                     max_tokens: int | None = None) -> AsyncIterator[Any]:
         """Answer `source` as if it were a new prompt at the end of the dialogue, under the given
@@ -666,6 +712,14 @@ class DialogueService:
                                                         max_tokens=max_tokens)) as evs:
             async for ev in evs:
                 yield ev
+
+
+def __getattr__(name: str) -> Any:
+    # KernelError, for surfaces that answer it: its module imports jupyter_client, which is slow
+    if name == "KernelError":
+        from .kernel import KernelError
+        return KernelError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _adapter_error() -> type[Exception]:

@@ -20,62 +20,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from browserutil import alive as _alive
+from browserutil import free_port as _free_port
+from browserutil import start_server, stop
 from dialogue.service import DialogueService
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-TESTS = Path(__file__).parent.parent
-
-
-def start_server(tmp: Path, db: Path, port: int, prelude: str = "") -> subprocess.Popen:
-    """`dialogue serve` as a user starts it, on `port` and `db` (after running `prelude`, with
-    tests/ importable); returns once it accepts connections."""
-    env = {**os.environ, "DIALOGUE_HOME": str(tmp / "home"),
-           "DIALOGUE_CACHE_DIR": str(tmp / "kv"), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    env.pop("DIALOGUE_MODEL", None)
-    code = (f"{prelude}\nfrom dialogue.web.app import serve; "
-            f"serve(db={str(db)!r}, port={port}, open_browser=False)")
-    log = tmp / f"server-{time.monotonic_ns()}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the server did not start:\n{log.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_killed_server_shows_disconnected_then_recovers(browser, tmp_path: Path) -> None:
@@ -176,6 +126,8 @@ def test_a_killed_server_shows_disconnected_then_recovers(browser, tmp_path: Pat
 
 def test_a_long_prompt_shows_reading_progress_then_the_answer(browser, tmp_path: Path) -> None:
     db, port, gate = tmp_path / "dialogue.db", _free_port(), tmp_path / "go"
+    import reading_provider
+    reading_provider.install()  # here too: the service checks a model's name when it is set
     svc = DialogueService(db)
     d = svc.create("Reading", model=f"test-reading:total=1280,chunk=256,delay=1.0,rate=25,"
                                     f"gate={gate}")

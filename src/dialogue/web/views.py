@@ -12,7 +12,6 @@ import html
 import json
 import re
 import time
-from dataclasses import dataclass, field
 from collections import OrderedDict
 from typing import Any, Iterable
 
@@ -27,8 +26,9 @@ from fasthtml.common import Progress as Progress_  # the <progress> tag
 from ..artifacts.markdown import merge_streams
 from ..document import Dialogue, Kind, Message
 from ..render import highlight_code, highlight_css, pick_mime, render_markdown, render_output
-from ..store import HIT_END, HIT_START, SearchHit, TrashItem, Version
-from ..service import LiveState
+from . import paths as urls
+from ..service import (HIT_END, HIT_START, AdapterView, LiveState, SearchHit, TrashItem,
+                       Version)
 
 __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dialogue_row_edit",
            "search_results", "dialogue_page", "cell", "result", "outputs_html", "toast",
@@ -131,7 +131,7 @@ def toast(message: str, *, level: str = "error", undo: str | None = None,
 
 def topbar(*left: Any, right: Iterable[Any] = ()) -> Any:
     return Header(
-        Div(A(Span("◆", cls="logo"), "dialogue", href="/", cls="brand"), *left, cls="bar-left"),
+        Div(A(Span("◆", cls="logo"), "dialogue", href=urls.index, cls="brand"), *left, cls="bar-left"),
         Div(*right, cls="bar-right"), cls="topbar")
 
 
@@ -140,17 +140,17 @@ def topbar(*left: Any, right: Iterable[Any] = ()) -> Any:
 def dialogues_page(items: list[dict], trash: list[TrashItem], *, q: str = "",
                    hits: list[SearchHit] | None = None) -> tuple:
     search = Input(type="search", name="q", value=q, placeholder="Search every dialogue…",
-                   aria_label="Search every dialogue", hx_get="/search",
+                   aria_label="Search every dialogue", hx_get=urls.search,
                    hx_trigger="input changed delay:250ms, search", hx_target="#search-results",
                    id="search", autocomplete="off")
     new = Form(Input(name="name", placeholder="New dialogue name", required=True,
                      aria_label="New dialogue name", autocomplete="off"),
                Button("New dialogue", type="submit"),
-               hx_post="/new", cls="inline-form", id="new-form")
+               hx_post=urls.new, cls="inline-form", id="new-form")
     imp = Form(Label(Input(type="file", name="file", accept=".ipynb,application/x-ipynb+json",
                            required=True), cls="file-label"),
                Button("Import .ipynb", type="submit", cls="secondary"),
-               hx_post="/import", hx_encoding="multipart/form-data", cls="inline-form",
+               hx_post=urls.import_notebook, hx_encoding="multipart/form-data", cls="inline-form",
                id="import-form")
     return (Title("dialogue"),
             topbar(right=[search]),
@@ -170,7 +170,7 @@ def dialogue_list(items: list[dict], trash: list[TrashItem]) -> Any:
     trash_section = Details(
         Summary(f"Trash ({len(dtrash)})"),
         Ul(*[Li(Span(t.name, cls="name"), Small(f" deleted {_ago(t.deleted)}"),
-                Button("Restore", hx_post=f"/d/{t.id}/restore", hx_target="#dialogue-list",
+                Button("Restore", hx_post=urls.restore.to(did=t.id), hx_target="#dialogue-list",
                        hx_swap="outerHTML", cls="secondary small"))
              for t in dtrash]) if dtrash else P("The trash is empty.", cls="empty"),
         cls="trash")
@@ -180,15 +180,15 @@ def dialogue_list(items: list[dict], trash: list[TrashItem]) -> Any:
 def dialogue_row(d: dict) -> Any:
     did = d["id"]
     return Tr(
-        Td(A(d["name"], href=f"/d/{did}", cls="dlg-link")),
+        Td(A(d["name"], href=urls.dialogue.to(did=did), cls="dlg-link")),
         Td(Code(d.get("model") or ""),
            adapter_badges(d.get("adapters") or {}, inactive=not str(d.get("model") or "")
                           .startswith("local:")) if d.get("adapters") else ""),
         Td(str(d.get("messages", 0))),
         Td(Span(_ago(d.get("updated")), title=_when(d.get("updated")))),
-        Td(Button("Rename", hx_get=f"/d/{did}/row?edit=1", hx_target="closest tr",
+        Td(Button("Rename", hx_get=urls.row.to(did=did, edit=1), hx_target="closest tr",
                   hx_swap="outerHTML", cls="outline secondary small"),
-           Button("Delete", hx_post=f"/d/{did}/delete", hx_target="closest tr",
+           Button("Delete", hx_post=urls.delete.to(did=did), hx_target="closest tr",
                   hx_swap="outerHTML", cls="outline secondary small danger"), cls="row-actions"),
         id=f"row-{did}")
 
@@ -198,10 +198,10 @@ def dialogue_row_edit(d: Dialogue, *, error: str = "") -> Any:
                             required=True),
                       Input(type="hidden", name="dversion", value=str(d.version)),
                       Button("Save", type="submit"),
-                      Button("Cancel", hx_get=f"/d/{d.id}/row", hx_target="closest tr",
+                      Button("Cancel", hx_get=urls.row.to(did=d.id), hx_target="closest tr",
                              hx_swap="outerHTML", type="button", cls="secondary"),
                       Small(error, cls="error") if error else "",
-                      hx_post=f"/d/{d.id}/rename", hx_target="closest tr", hx_swap="outerHTML",
+                      hx_post=urls.rename.to(did=d.id), hx_target="closest tr", hx_swap="outerHTML",
                       cls="inline-form"), colspan="5"),
               id=f"row-{d.id}")
 
@@ -224,7 +224,7 @@ def search_results(hits: list[SearchHit] | None, q: str) -> Any:
     if not hits:
         return Div(P(f"Nothing matches “{q}”.", cls="empty"), cls="search-results")
     return Div(H3(f"{len(hits)} match{'es' if len(hits) != 1 else ''}"),
-               Ul(*[Li(A(Strong(h.dialogue_name), href=f"/d/{h.dialogue_id}#m-{h.message_id}"),
+               Ul(*[Li(A(Strong(h.dialogue_name), href=urls.dialogue.to(did=h.dialogue_id) + f"#m-{h.message_id}"),
                        Span(h.kind, cls=f"kind-chip {h.kind}"),
                        Div(hit_snippet(h.snippet), cls="snippet"))
                     for h in hits], cls="hits"), cls="search-results")
@@ -235,7 +235,7 @@ def search_results(hits: list[SearchHit] | None, q: str) -> Any:
 def dialogue_title(d: Dialogue, oob: bool = False) -> Any:
     return Form(Input(name="name", value=d.name, aria_label="Dialogue name", cls="title-input",
                       required=True, autocomplete="off"),
-                hx_post=f"/d/{d.id}/settings", hx_trigger="change, submit",
+                hx_post=urls.settings.to(did=d.id), hx_trigger="change, submit",
                 hx_include="#dversion", id="dlg-title", cls="title-form",
                 hx_swap_oob="true" if oob else None)
 
@@ -246,7 +246,7 @@ def model_picker(d: Dialogue, models: list[tuple[str, str]], oob: bool = False) 
     if d.model not in names:
         opts.insert(0, Option(d.model or "(none)", value=d.model, selected=True))
     return Select(*opts, name="model", aria_label="Model", id="model",
-                  hx_post=f"/d/{d.id}/settings", hx_trigger="change", hx_include="#dversion",
+                  hx_post=urls.settings.to(did=d.id), hx_trigger="change", hx_include="#dversion",
                   title="The model that answers prompts in this dialogue",
                   hx_swap_oob="true" if oob else None)
 
@@ -261,13 +261,13 @@ def kernel_badge(did: str, status: str) -> Any:
     label = {"none": "no kernel", "idle": "kernel idle", "busy": "kernel busy",
              "dead": "kernel dead"}.get(status, status)
     return Div(Span(Span(cls="dot"), label, cls=f"kstatus {status}", title="Python kernel status"),
-               Button("■", title="Interrupt the kernel", hx_post=f"/d/{did}/kernel/interrupt",
+               Button("■", title="Interrupt the kernel", hx_post=urls.kernel_interrupt.to(did=did),
                       hx_target="#kernel", hx_swap="outerHTML", cls="icon",
                       disabled=status in ("none", "dead")),
                Button("⟳", title="Restart the kernel (variables are lost)",
-                      hx_post=f"/d/{did}/kernel/restart", hx_target="#kernel",
+                      hx_post=urls.kernel_restart.to(did=did), hx_target="#kernel",
                       hx_swap="outerHTML", cls="icon"),
-               id="kernel", cls="kernel", hx_get=f"/d/{did}/kernel", hx_trigger="every 3s",
+               id="kernel", cls="kernel", hx_get=urls.kernel.to(did=did), hx_trigger="every 3s",
                hx_swap="outerHTML")
 
 
@@ -307,13 +307,14 @@ def totals(d: Dialogue, oob: bool = False) -> Any:
 
 def export_menu(did: str) -> Any:
     return Details(Summary("Export", role="button", cls="secondary small"),
-                   Ul(*[Li(A(label, href=f"/d/{did}/export/{path}", download=True))
-                        for path, label in (("ipynb", "Notebook (.ipynb)"),
-                                            ("py", "Python module (.py): exported code"),
-                                            ("md", "Markdown post (.md)"),
-                                            ("md?ai=1", "Markdown with prompts and answers"),
-                                            ("html", "Web page (.html)"),
-                                            ("html?ai=1", "Web page with prompts and answers"))]),
+                   Ul(*[Li(A(label, href=urls.export.to(did=did, fmt=fmt, ai=ai), download=True))
+                        for fmt, ai, label in (
+                            ("ipynb", None, "Notebook (.ipynb)"),
+                            ("py", None, "Python module (.py): exported code"),
+                            ("md", None, "Markdown post (.md)"),
+                            ("md", 1, "Markdown with prompts and answers"),
+                            ("html", None, "Web page (.html)"),
+                            ("html", 1, "Web page with prompts and answers"))]),
                    cls="menu export")
 
 
@@ -325,11 +326,11 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                               Textarea(_ta(c.content), name="content", rows="6",
                                        aria_label=f"Content of {c.name}"),
                               Div(Button("Save", type="submit", cls="small"),
-                                  Button("Remove", hx_post=f"/d/{d.id}/context",
+                                  Button("Remove", hx_post=urls.context.to(did=d.id),
                                          hx_vals={"action": "remove", "name": c.name},
                                          hx_include="#dversion", type="button",
                                          cls="secondary small danger"), cls="row"),
-                              hx_post=f"/d/{d.id}/context", hx_include="#dversion"),
+                              hx_post=urls.context.to(did=d.id), hx_include="#dversion"),
                          cls="ctx-item")
                  for c in d.context]
     add = Form(Input(type="hidden", name="action", value="add"),
@@ -339,7 +340,7 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                         aria_label="Content of the new context item"),
                Div(Input(type="file", name="file", aria_label="File to attach"),
                    Button("Attach", type="submit", cls="small"), cls="row"),
-               hx_post=f"/d/{d.id}/context", hx_include="#dversion",
+               hx_post=urls.context.to(did=d.id), hx_include="#dversion",
                hx_encoding="multipart/form-data", cls="ctx-add")
     return Details(
         Summary("Settings: system prompt, model, attached context"
@@ -350,7 +351,7 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                        "openai-compatible:URL/model, local:NAME or a .gguf path)",
                        model_input(d)),
                  Button("Save settings", type="submit", cls="small"),
-                 hx_post=f"/d/{d.id}/settings", hx_include="#dversion"),
+                 hx_post=urls.settings.to(did=d.id), hx_include="#dversion"),
             Div(H3("Attached context"),
                 P("Sent to the model before the dialogue, as part of the stable prefix that "
                   "caches reuse.", cls="hint"),
@@ -409,7 +410,7 @@ def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str
                  settings_panel(d),
                  Div(*cells, id="cells", data_dialogue=d.id, cls="cells"),
                  Div(Span("Add", cls="add-label"),
-                     *[Button(f"+ {label}", hx_post=f"/d/{d.id}/cells",
+                     *[Button(f"+ {label}", hx_post=urls.cells.to(did=d.id),
                               hx_vals={"kind": k}, cls="secondary small", data_act=f"append-{k}")
                        for k, label in (("code", "Code"), ("note", "Note"), ("prompt", "Prompt"))],
                      cls="addbar", id="addbar"),
@@ -464,7 +465,7 @@ def toolbar(did: str) -> Any:
     for where, swap in (("above", "before"), ("below", "after")):
         for k in ("code", "note", "prompt"):
             # hx-include="this": only the button's values, not the cell's editor and kind
-            adds.append(Li(Button(f"Add {k} {where}", hx_post=f"/d/{did}/cells", hx_vals={"kind": k},
+            adds.append(Li(Button(f"Add {k} {where}", hx_post=urls.cells.to(did=did), hx_vals={"kind": k},
                                   data_where=swap, hx_include="this", data_act=f"add-{k}-{where}",
                                   cls="menu-item")))
     menu = Details(Summary("⋯", cls="tb", title="More"),
@@ -571,11 +572,11 @@ def _cell(did: str, m: Message, *, running: bool = False, live: LiveState | None
                                  rows=str(max(3, min(30, answer.count("\n") + 2)))),
                         cls="conflict-answer")
         banner = Div(Strong("Not saved: "), conflict["message"], *stored, draft,
-                     Div(Button("Save mine over it", hx_post=f"/d/{did}/m/{m.id}/save",
+                     Div(Button("Save mine over it", hx_post=urls.save.to(did=did, mid=m.id),
                                 hx_target=f"#m-{m.id}", hx_swap="outerHTML", cls="small",
                                 # the answer editor's keys (Ctrl+S, Shift+Enter) press this
                                 data_act="keep-mine" if answer is None else "save-answer"),
-                         Button("Discard mine, reload", hx_get=f"/d/{did}/m/{m.id}",
+                         Button("Discard mine, reload", hx_get=urls.cell.to(did=did, mid=m.id),
                                 hx_target=f"#m-{m.id}", hx_swap="outerHTML",
                                 cls="secondary small", data_act="reload"), cls="row"),
                      cls="conflict", role="alert")
@@ -587,7 +588,7 @@ def _cell(did: str, m: Message, *, running: bool = False, live: LiveState | None
             cls="cell-main"),
         version_input(m),
         id=f"m-{m.id}", cls=" ".join(classes), data_id=m.id, data_kind=m.kind.value,
-        data_new="1" if new else None, data_url=f"/d/{did}/m/{m.id}", tabindex="-1",
+        data_new="1" if new else None, data_url=urls.cell.to(did=did, mid=m.id), tabindex="-1",
         hx_include="this",
         hx_sync="this:queue all")
 
@@ -683,7 +684,7 @@ def read_progress(mid: str, progress: dict[str, Any] | None) -> Any:
     once the answer has started: the target the page's "progress" events replace."""
     if not progress:
         return Div(id=f"p-{mid}", cls="read-progress", hidden=True)
-    from ..llm.base import Progress
+    from ..service import Progress
     p = Progress(int(progress.get("read") or 0), int(progress.get("total") or 0),
                  progress.get("eta_s"))
     return Div(Progress_(value=str(p.read), max=str(max(p.total, 1))),
@@ -708,7 +709,6 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
     """What a message produced. While it runs, this element holds the event stream: SSE
     messages append text and outputs, and the final `done` replaces the whole element."""
     rid = f"r-{m.id}"
-    base = f"/d/{did}/m/{m.id}"
     if running:
         live = live or LiveState.from_message(m)
         sinks = [Div(sse_swap="snapshot", hx_target=f"#live-{m.id}", hx_swap="innerHTML", hidden=True),
@@ -723,14 +723,14 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
                  Div(sse_swap="done", hx_target=f"#{rid}", hx_swap="outerHTML", hidden=True)]
         return Div(Div(*live_body(did, m, live), id=f"live-{m.id}", cls="live"),
                    Div(Span(cls="spinner"), Span("running…" if m.kind == Kind.code else "answering…"),
-                       Button("■ Stop", hx_post=f"{base}/stop", hx_swap="none", data_act="stop",
+                       Button("■ Stop", hx_post=urls.stop_cell.to(did=did, mid=m.id), hx_swap="none", data_act="stop",
                               hx_disabled_elt="this",  # one Stop at a time; the run's end says how
                               title=("Interrupt the cell; if it is still running a few seconds "
                                      "later, restart its kernel" if m.kind == Kind.code else
                                      "End the answer here"),
                               cls="secondary small stop"), cls="run-status"),
                    *sinks, *oob_extra,
-                   id=rid, cls="result running", hx_ext="sse", sse_connect=f"{base}/stream",
+                   id=rid, cls="result running", hx_ext="sse", sse_connect=urls.cell_stream.to(did=did, mid=m.id),
                    sse_close="close")
     parts: list[Any] = []
     if m.kind == Kind.code:
@@ -760,7 +760,7 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
                 answer,
                 Div(id=f"ae-{m.id}", cls="answer-edit"),
                 Div(usage_line(m),
-                    Button("Edit answer", hx_get=f"{base}/answer", hx_target=f"#ae-{m.id}",
+                    Button("Edit answer", hx_get=urls.answer.to(did=did, mid=m.id), hx_target=f"#ae-{m.id}",
                            data_act="edit-answer", cls="link small"), cls="answer-foot"),
                 cls="answer-box"))
         if m.meta.get("error"):
@@ -777,7 +777,7 @@ def answer_editor(did: str, m: Message) -> Any:
     return Div(Textarea(_ta(m.response), name="response", cls="editor answer-editor",
                         data_mode="markdown", aria_label="Answer",
                         rows=str(max(3, min(30, m.response.count("\n") + 2)))),
-               Div(Button("Save answer", hx_post=f"/d/{did}/m/{m.id}/save", hx_target=f"#m-{m.id}",
+               Div(Button("Save answer", hx_post=urls.save.to(did=did, mid=m.id), hx_target=f"#m-{m.id}",
                           hx_swap="outerHTML", cls="small", data_act="save-answer"),
                    Button("Cancel", type="button", data_act="cancel-answer",
                           cls="secondary small"), cls="row"),
@@ -806,7 +806,7 @@ def history_modal(did: str, m: Message, versions: list[Version]) -> Any:
                 Span(st.get("kind", ""), cls="kind-chip"),
                 *[Span(f, cls="flag-mark") for f in flags],
                 Span("current", cls="current") if current else
-                Button("Restore", hx_post=f"/d/{did}/m/{m.id}/restore_version",
+                Button("Restore", hx_post=urls.restore_version.to(did=did, mid=m.id),
                        hx_vals={"to": v.version, "version": m.version},
                        hx_target=f"#m-{m.id}", hx_swap="outerHTML", cls="small",
                        data_act="restore-version"),
@@ -834,17 +834,6 @@ def sse(event: str, data: str = "") -> str:
 
 
 # ---------------------------------------------------------------- adapters (issue 8)
-
-@dataclass
-class AdapterView:
-    """What the adapter picker needs besides the dialogue: `choices`, the registered adapters
-    that fit its local model (`local.adapters.AdapterInfo`), and `problems`, why an entry of its
-    set is not one of them ("not registered", "does not fit local:x"), so the picker can show it
-    as broken instead of silently dropping it."""
-
-    choices: list[Any] = field(default_factory=list)
-    problems: dict[str, str] = field(default_factory=dict)
-
 
 def _short(name: str) -> str:
     """A set entry as shown: a registered name as is, a .gguf path by its file name."""
@@ -953,7 +942,7 @@ def adapters_control(d: Dialogue, view: AdapterView, oob: bool = False) -> Any:
         return Div(adapter_badges(current, inactive=True),
                    Small("adapters apply to local models only: choose a local model, or clear "
                          "them to send prompts", cls="adapter-hint"),
-                   Button("Clear", hx_post=f"/d/{d.id}/adapters", hx_vals={"clear": "1"},
+                   Button("Clear", hx_post=urls.adapters.to(did=d.id), hx_vals={"clear": "1"},
                           hx_include="#dversion", cls="outline secondary small",
                           data_act="clear-adapters"),
                    id="adapters", cls="adapters inactive", hx_swap_oob=oob_attr)
@@ -963,16 +952,16 @@ def adapters_control(d: Dialogue, view: AdapterView, oob: bool = False) -> Any:
                       title="LoRA adapters applied to this dialogue's model: click to choose")
     form = Form(Div(*adapter_rows("set", current, view), cls="adapter-rows"),
                 Div(Button("Save adapters", type="submit", cls="small", data_act="save-adapters"),
-                    Button("None", hx_post=f"/d/{d.id}/adapters", hx_vals={"clear": "1"},
+                    Button("None", hx_post=urls.adapters.to(did=d.id), hx_vals={"clear": "1"},
                            hx_include="#dversion", type="button", cls="secondary small",
                            data_act="clear-adapters"), cls="row"),
-                hx_post=f"/d/{d.id}/adapters", hx_include="#dversion", cls="adapter-form")
+                hx_post=urls.adapters.to(did=d.id), hx_include="#dversion", cls="adapter-form")
     editor = Details(summary,
                      Div(P("Applied to the quantized base at run time (never merged). A scale of 0 "
                            "keeps an adapter listed but off.", cls="hint"), form,
                          cls="adapter-pop"),
                      cls="adapters-menu")
-    compare = Button("Compare…", hx_get=f"/d/{d.id}/compare", hx_target="#modal",
+    compare = Button("Compare…", hx_get=urls.trial_dialog.to(did=d.id), hx_target="#modal",
                      cls="outline secondary small", data_act="compare",
                      title="Try one prompt under two adapter sets, side by side")
     return Div(editor, compare, id="adapters", cls="adapters", hx_swap_oob=oob_attr)
@@ -991,7 +980,7 @@ def compare_modal(d: Dialogue, view: AdapterView, *, max_tokens: int = 256) -> A
         Div(Label("Max tokens", Input(type="number", name="max_tokens", value=str(max_tokens),
                                       min="1", max="8192", cls="trial-max")),
             Button("Compare", type="submit", cls="small", data_act="run-trial"), cls="row"),
-        hx_post=f"/d/{d.id}/trials", hx_target="#trial-out", hx_swap="outerHTML",
+        hx_post=urls.trials.to(did=d.id), hx_target="#trial-out", hx_swap="outerHTML",
         cls="trial-form")
     return Dialog(Div(Header(H3("Compare adapter sets"),
                              Button("×", data_act="close-modal", cls="icon", type="button",
@@ -1031,7 +1020,7 @@ def trial_column(did: str, tid: str, side: str, adapters: dict[str, Any], *,
     if result.get("text") and not result.get("error"):
         foot.append(keep_button(did, tid, side, kept=bool(result.get("kept"))))
     if not result.get("error"):
-        foot.append(Button("Use this set", hx_post=f"/d/{did}/trials/{tid}/use",
+        foot.append(Button("Use this set", hx_post=urls.use_trial.to(did=did, tid=tid),
                            hx_vals={"side": side}, hx_include="#dversion",
                            cls="outline secondary small", data_act=f"use-{side}",
                            title="Make this the dialogue's adapter set"))
@@ -1043,7 +1032,7 @@ def keep_button(did: str, tid: str, side: str, *, kept: bool = False, oob: bool 
     if kept:
         return Span("✓ kept at the end of the dialogue", id=f"trial-{side}-keep", cls="kept",
                     hx_swap_oob="true" if oob else None)
-    return Button("Keep this answer", hx_post=f"/d/{did}/trials/{tid}/keep", hx_vals={"side": side},
+    return Button("Keep this answer", hx_post=urls.keep_trial.to(did=did, tid=tid), hx_vals={"side": side},
                   id=f"trial-{side}-keep", cls="small", data_act=f"keep-{side}",
                   title="Add the prompt with this answer at the end of the dialogue",
                   hx_swap_oob="true" if oob else None)
@@ -1062,7 +1051,7 @@ def trial_out(did: str, tid: str, sets: dict[str, dict[str, Any]]) -> Any:
                    trial_column(did, tid, "b", sets["b"], status="waiting for A…"),
                    cls="trial-cols"),
                *sinks, id="trial-out", cls="trial-out", data_trial=tid, hx_ext="sse",
-               sse_connect=f"/d/{did}/trials/{tid}/stream", sse_close="close")
+               sse_connect=urls.trial_stream.to(did=did, tid=tid), sse_close="close")
 
 
 def trial_status(side: str, status: str) -> Any:
@@ -1075,18 +1064,18 @@ def run_all_control(did: str, progress: tuple[int, int] | None = None, oob: bool
     shows its outputs, as for a single run)."""
     oob_attr = "true" if oob else None
     if progress is None:
-        return Div(Button("▶▶ Run all", hx_post=f"/d/{did}/run_all", hx_target="#runall",
+        return Div(Button("▶▶ Run all", hx_post=urls.run_all.to(did=did), hx_target="#runall",
                           hx_swap="outerHTML", cls="outline secondary small", data_act="run-all",
                           title="Run every code cell, top to bottom (stops at the first error)"),
                    id="runall", cls="runall", hx_swap_oob=oob_attr)
     return Div(Span(cls="spinner"), run_all_progress(*progress),
-               Button("■", title="Stop running all", hx_post=f"/d/{did}/run_all/stop",
+               Button("■", title="Stop running all", hx_post=urls.stop_all.to(did=did),
                       hx_swap="none", data_act="stop-all", cls="icon"),
                Div(sse_swap="cell", hx_swap="innerHTML", hidden=True),
                Div(sse_swap="progress", hx_target="#runall-progress", hx_swap="outerHTML", hidden=True),
                Div(sse_swap="done", hx_target="#runall", hx_swap="outerHTML", hidden=True),
                id="runall", cls="runall running", hx_ext="sse",
-               sse_connect=f"/d/{did}/run_all/stream?from={progress[0]}",
+               sse_connect=urls.run_all_stream.to(did=did, **{"from": progress[0]}),
                sse_close="close", hx_swap_oob=oob_attr)
 
 

@@ -1,0 +1,111 @@
+"""A dialogue's settings (name, model, system prompt), its attached context, and its kernel."""
+from __future__ import annotations
+
+from typing import Any
+
+from fasthtml.common import APIRouter, HtmxResponseHeaders
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from ...document import Dialogue
+from .. import paths
+from .. import views as V
+from ..common import Site, form, opt_int, refuse, site, text
+
+rt = APIRouter()
+
+NOTES = {"name": "Renamed.", "settings": "Settings saved.", "context": "Attached context saved."}
+
+
+def saved(s: Site, d: Dialogue, note: str) -> tuple:
+    """Everything on the page that shows a dialogue setting, swapped out of band, and a toast."""
+    return (HtmxResponseHeaders(reswap="none"), V.dversion_input(d, oob=True),
+            V.dialogue_title(d, oob=True), V.model_picker(d, s.models(), oob=True),
+            V.adapters_control(d, s.service.adapter_view(d), oob=True),
+            V.settings_panel(d, open_=True, oob=True) if note in ("settings", "context")
+            else V.model_input(d, oob=True),
+            V.toast(f"Model: {d.model}" if note == "model" else NOTES.get(note, "Saved."),
+                    level="info"))
+
+
+@rt(paths.settings, methods=["post"])
+async def settings(did: str, req: Request) -> Any:
+    s = site(req)
+    f = await form(req)
+    d = s.service.open(did)
+    base = opt_int(f.get("dversion"), "dversion")
+    changes: dict[str, Any] = {}
+    for k in ("name", "model", "system"):
+        v = text(f.get(k))
+        if v is None:
+            continue
+        v = v.strip() if k != "system" else v
+        if v != getattr(d, k):
+            changes[k] = v
+    if not changes:
+        return (HtmxResponseHeaders(reswap="none"), V.dversion_input(d, oob=True))
+    # the service refuses a model no provider serves
+    d = s.service.update(d.id, base_version=base, **changes)
+    note = "name" if set(changes) == {"name"} else "model" if set(changes) == {"model"} \
+        else "settings"
+    return saved(s, d, note)
+
+
+@rt(paths.context, methods=["post"])
+async def context(did: str, req: Request) -> Any:
+    s = site(req)
+    svc = s.service
+    f = await form(req)
+    d = svc.open(did)
+    base = opt_int(f.get("dversion"), "dversion")
+    action = text(f.get("action")) or "add"
+    name = (text(f.get("name")) or "").strip()
+    if not name:
+        return refuse("An attached context item needs a name.")
+    if action == "remove":
+        return saved(s, svc.detach(d.id, name, base_version=base), "context")
+    if action not in ("add", "save"):
+        return refuse(f"unknown context action {action!r}")
+    content = text(f.get("content")) or ""
+    kind, source = "text", ""
+    up = f.get("file")
+    if isinstance(up, UploadFile) and up.filename:
+        raw = await up.read()
+        try:
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return refuse(f"{up.filename} is not UTF-8 text; attach text files only.")
+        kind, source = "file", up.filename
+    old = next((c for c in d.context if c.name == name), None)
+    if action == "add" and old is not None:
+        return refuse(f"There is already an attached item named {name!r}.", 409)
+    if action == "add" and not content.strip():
+        return refuse("Paste some text or choose a file to attach.")
+    if old is not None:  # an edit keeps what the item is and where it came from
+        kind, source = old.kind, source or old.source
+    d = svc.attach(d.id, name, content, kind=kind, source=source, base_version=base)
+    return saved(s, d, "context")
+
+
+@rt(paths.kernel)
+async def kernel(did: str, req: Request) -> Any:
+    svc = site(req).service
+    d = svc.dialogue_id(did)
+    return V.kernel_badge(d, svc.kernel_status(d))
+
+
+@rt(paths.kernel_interrupt, methods=["post"])
+async def kernel_interrupt(did: str, req: Request) -> Any:
+    svc = site(req).service
+    d = svc.dialogue_id(did)
+    await svc.interrupt(d)
+    return V.kernel_badge(d, svc.kernel_status(d))
+
+
+@rt(paths.kernel_restart, methods=["post"])
+async def kernel_restart(did: str, req: Request) -> Any:
+    svc = site(req).service
+    d = svc.dialogue_id(did)
+    await svc.restart(d)
+    return (V.kernel_badge(d, svc.kernel_status(d)),
+            V.toast("Kernel restarted: its variables are gone.", level="info"))
