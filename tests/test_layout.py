@@ -30,6 +30,7 @@ SURFACE_BASE = {"dialogue.service", "dialogue.document", "dialogue.artifacts", "
 ONLY: list[tuple[str, set[str]]] = [
     ("dialogue.cli", SURFACE_BASE | {"dialogue.terminal", "dialogue.web"}),  # cli/serve.py starts the web app
     ("dialogue.api", SURFACE_BASE),
+    ("dialogue.web", SURFACE_BASE),
 ]
 
 
@@ -125,6 +126,7 @@ def test_the_graph_is_read():
     assert "dialogue.service" in g["dialogue.cli.main"]                 # from ..service import ...
     assert "dialogue.cli.adapters" in g["dialogue.cli.main"]            # from . import adapters, ...
     assert "dialogue.web" in g["dialogue.cli.serve"]                    # inside cmd_serve
+    assert "dialogue.web.paths" in g["dialogue.web.routes.runs"]        # from .. import paths
 
 
 @pytest.mark.parametrize("importer,forbidden", FORBIDDEN)
