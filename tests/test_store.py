@@ -297,6 +297,96 @@ def test_migration_from_schema_1(tmp_path):
     s.close()
 
 
+def test_migration_from_schema_3_indexes_history_and_reads_its_full_snapshots(tmp_path):
+    path = tmp_path / "v3.db"
+    # a database as schema version 3 wrote it: versions hold full snapshots
+    con = Store(path, migrate=False)
+    with con.tx():
+        for mig in MIGRATIONS[:3]:
+            mig(con.conn)
+        con._x("PRAGMA user_version = 3")
+    full = {"kind": "prompt", "source": "hi", "outputs": [], "execution_count": None,
+            "response": "hello", "tool_calls": [], "usage": {"input_tokens": 3}, "attachments": {},
+            "meta": {}, "hidden": False, "pinned": True, "collapsed": False, "exported": False}
+    con._x("INSERT INTO dialogues(id, name, created, updated) VALUES ('d1', 'old', 0, 0)")
+    con._x("INSERT INTO messages(id, dialogue_id, pos, kind, source, response, usage, pinned, "
+           "created, updated) VALUES ('m1', 'd1', 1, 'prompt', 'hi', 'hello', ?, 1, 0, 0)",
+           (json.dumps(full["usage"]),))
+    settings = {"name": "old", "model": "", "system": "", "context": [], "meta": {}}
+    con._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
+           "VALUES ('d1', '', 1, 'create', 0, ?), ('d1', 'm1', 1, 'create', 0, ?)",
+           (json.dumps(settings), json.dumps(full)))
+    before = con._x("SELECT * FROM versions ORDER BY n")
+    con.close()
+    s = Store(path)
+    assert s.schema_version == SCHEMA_VERSION
+    plan = " ".join(str(r) for r in s._x(
+        "EXPLAIN QUERY PLAN SELECT state FROM versions WHERE message_id = ? ORDER BY version",
+        ("m1",)))
+    assert "SEARCH versions USING" in plan and "SCAN versions" not in plan
+    assert [v.state for v in s.history("m1")] == [full]
+    assert [v.state for v in s.history("d1")] == [settings]
+    assert s._x("SELECT * FROM versions ORDER BY n") == before  # copied as it was
+    with pytest.raises(Exception, match="append-only"):
+        s._x("DELETE FROM versions")
+    m = s.update_message("m1", base_version=1, source="hi there")  # a new, compact version
+    assert [v.state for v in s.history("m1")] == [full, {**full, "source": "hi there"}]
+    assert s.restore_version("m1", 1, base_version=m.version).source == "hi"
+    s.close()
+
+
+def test_versions_store_only_what_differs_and_read_back_whole(store):
+    d = store.create_dialogue("a")
+    m = store.add_message(d.id, kind="code", source="x")
+    # values equal to a default but of another type are not defaults: 0 is not None or False
+    m = store.update_message(m.id, base_version=1, execution_count=0, meta={"n": 0})
+    m = store.update_message(m.id, base_version=2, kind="note", source="", meta={})
+    stored = [json.loads(r[0]) for r in store._x(
+        "SELECT state FROM versions WHERE message_id = ? ORDER BY version", (m.id,))]
+    assert stored == [{"source": "x"}, {"source": "x", "execution_count": 0, "meta": {"n": 0}},
+                      {"kind": "note", "execution_count": 0}]
+    hist = store.history(m.id)
+    assert hist[1].state == {**Message().state(), "source": "x", "execution_count": 0,
+                             "meta": {"n": 0}}
+    assert hist[2].state == {**Message().state(), "kind": "note", "execution_count": 0}
+    # each read gets its own lists and dicts
+    hist[0].state["outputs"].append(1)
+    assert store.history(m.id)[0].state["outputs"] == []
+
+
+def test_messages_read_back_equal_to_what_was_written(store):
+    d = store.create_dialogue("a")
+    out = [{"output_type": "stream", "name": "stdout", "text": "1\n"}]
+    written = [Message(kind="code", source="a", outputs=out, execution_count=3, hidden=True),
+               Message(kind="prompt", source="q", response="r", usage={"t": 1},
+                       tool_calls=[{"name": "f"}], attachments={"a.png": "x"}, meta={"k": [1]},
+                       pinned=True, collapsed=True, exported=True),
+               Message(kind="raw", source="")]
+    added = store.add_messages(d.id, written)
+    read = store.messages(d.id)
+    assert read == added and [store.get_message(m.id) for m in added] == added
+    for m in read:  # real types, not what SQLite hands back (ints for flags, str for kind)
+        assert type(m.kind) is Kind and all(type(v) is bool for v in m.flags.values())
+        assert m == Message.from_dict(m.to_dict())
+    read[0].outputs.append({})  # messages share no lists with each other or the store
+    assert store.messages(d.id)[0].outputs == out and read[2].outputs == []
+    # their first versions, stored compactly, read back whole
+    assert [store.history(m.id)[0].state for m in added] == [m.state() for m in added]
+
+
+def test_ids_already_taken_get_new_ones_in_a_batch(store):
+    d = store.create_dialogue("a")
+    first = store.add_message(d.id, source="one", id="abcdef01")
+    batch = [Message(source="two", id="abcdef01"), Message(source="three", id="abcdef02"),
+             Message(source="four", id="abcdef02")]
+    added = store.add_messages(d.id, batch)
+    ids = [first.id] + [m.id for m in added]
+    assert len(set(ids)) == 4 and ids[2] == "abcdef02"
+    assert sources(store, d.id) == ["one", "two", "three", "four"]
+    assert [h.message_id for h in store.search("four")] == [ids[3]]
+    assert [len(store.history(i)) for i in ids] == [1, 1, 1, 1]
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "new.db"
     Store(path).close()

@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from dialogue.service import DialogueService, RunError
-from dialogue.store import (APPLICATION_ID, MIGRATIONS, DamagedError, ForeignDatabaseError, Store,
-                            StoreError)
+from dialogue.store import (APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, DamagedError,
+                            ForeignDatabaseError, Store, StoreError)
 
 ENV = {"COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 
@@ -224,7 +224,7 @@ def test_our_databases_are_marked_and_old_ones_get_marked(tmp_path):
     s.close()
     assert app_id(old) == 0
     s = Store(old)
-    assert s.get_dialogue("d1").name == "kept" and s.schema_version == 3
+    assert s.get_dialogue("d1").name == "kept" and s.schema_version == SCHEMA_VERSION
     s.close()
     assert app_id(old) == APPLICATION_ID
     # an empty file, and an empty SQLite database, are free to become ours

@@ -11,8 +11,9 @@ Design choices, and why:
   move rewrites one row, not the dialogue; when the gap between two neighbours gets too small for
   a float to split, that one dialogue is renumbered (rare: about 50 moves into the same gap).
 - `versions` is append-only (triggers refuse UPDATE and DELETE). A version holds the message's whole
-  state as JSON; large `outputs` are stored once in `blobs` by content hash, so toggling a flag on a
-  cell with a 5 MB image does not copy the image.
+  state as JSON, written as the fields that differ from a new message's (read back whole); large
+  `outputs` are stored once in `blobs` by content hash, so toggling a flag on a cell with a 5 MB
+  image does not copy the image. Versions are keyed by message first, so a history is a lookup.
 - Concurrency is optimistic: a message and a dialogue each carry `version`; an edit names the
   version it was based on and is refused with `ConflictError` if another writer got there first.
   Nothing is overwritten silently.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -61,7 +63,7 @@ __all__ = ["Store", "StoreError", "NotFoundError", "ConflictError", "NameTakenEr
            "SearchHit", "TrashItem", "default_db_path", "SCHEMA_VERSION", "APPLICATION_ID",
            "HIT_START", "HIT_END"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # `PRAGMA application_id` of every dialogue database ("dlg1"): a file without it is another
 # application's (or, with our tables and no id, one of ours from before ids were set).
 APPLICATION_ID = 0x646C6731
@@ -227,22 +229,139 @@ def _m3(db) -> None:
                "CREATE INDEX messages_streaming ON messages(owner) WHERE streaming = 1;")
 
 
-MIGRATIONS: list[Callable] = [_m1, _m2, _m3]  # MIGRATIONS[i] takes the schema from version i to i+1
+def _m4(db) -> None:
+    """Versions are read by message (the history view, restoring a version), which the UNIQUE
+    (dialogue_id, message_id, version) index could not serve: every history read scanned all the
+    versions of the database. The constraint now leads with message_id, and a dialogue's own
+    settings (message_id '') are found by (message_id, dialogue_id) as before. A table constraint
+    cannot be altered in place, so the table is copied, row numbers and all, in this migration's
+    transaction; its triggers go with the old table and are made again."""
+    db.execute("""
+    CREATE TABLE versions_new(
+      n INTEGER PRIMARY KEY,
+      dialogue_id TEXT NOT NULL,
+      message_id TEXT NOT NULL,
+      version INTEGER NOT NULL,
+      op TEXT NOT NULL,
+      at REAL NOT NULL,
+      state TEXT NOT NULL,
+      UNIQUE (message_id, dialogue_id, version)
+    );
+    INSERT INTO versions_new(n, dialogue_id, message_id, version, op, at, state)
+      SELECT n, dialogue_id, message_id, version, op, at, state FROM versions ORDER BY n;
+    DROP TABLE versions;
+    ALTER TABLE versions_new RENAME TO versions;
+    CREATE TRIGGER versions_no_update BEFORE UPDATE ON versions
+      BEGIN SELECT RAISE(ABORT, 'versions are append-only'); END;
+    CREATE TRIGGER versions_no_delete BEFORE DELETE ON versions
+      BEGIN SELECT RAISE(ABORT, 'versions are append-only'); END;
+    """)
+
+
+MIGRATIONS: list[Callable] = [_m1, _m2, _m3, _m4]  # MIGRATIONS[i]: schema version i -> i+1
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
 def _search_output(kind: str, outputs: list, response: str) -> str:
-    return response if kind == Kind.prompt else output_text(outputs)
+    return response if kind == Kind.prompt else output_text(outputs) if outputs else ""
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # made once
 
 
 def _dumps(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+    # Most JSON columns of most messages hold an empty list or dict: skip the encoder for those.
+    if not v and type(v) in (list, dict):
+        return "[]" if type(v) is list else "{}"
+    return _JSON(v)
 
 
-_MSG_COLS = ("id", "dialogue_id", "kind", "source", "outputs", "execution_count", "response",
-             "tool_calls", "usage", "attachments", "meta", *FLAGS, "version", "streaming",
-             "created", "updated", "deleted", "pos")
-_JSON_COLS = {"outputs", "tool_calls", "usage", "attachments", "meta"}
+# The message columns in the order `_messages_from_rows` reads them: the fields of a Message
+# first, then what only the store needs.
+_MSG_FIELDS = ("id", "kind", "source", "outputs", "execution_count", "response", "tool_calls",
+               "usage", "attachments", "meta", *FLAGS, "version", "created", "updated")
+_MSG_COLS = (*_MSG_FIELDS, "dialogue_id", "streaming", "deleted", "pos")
+_KINDS = {k.value: k for k in Kind}
+assert FLAGS == ("hidden", "pinned", "collapsed", "exported")  # as _messages_from_rows reads them
+# A message version stores only the fields that differ from a new message's (most cells have no
+# tool calls, usage, attachments, meta or flags): about half the bytes of a full snapshot, with
+# nothing lost, since reading a version fills the rest back in. Full snapshots written before
+# this read the same way.
+_STATE_DEFAULTS = Message().state()
+assert [k for k, v in _STATE_DEFAULTS.items() if v] == ["kind"]  # as _compact_state assumes
+_STATE_TYPES = {k: type(v) for k, v in _STATE_DEFAULTS.items()}
+
+
+def _compact_state(state: dict[str, Any]) -> dict[str, Any]:
+    # Every default but the kind is empty, so a value is a default when it is empty and of the
+    # default's type (0 is not None, nor False); written this way for the import of many messages.
+    types = _STATE_TYPES
+    return {k: v for k, v in state.items()
+            if (v or type(v) is not types.get(k)) and (k != "kind" or v != "code")}
+
+
+def _compact_message_state(m: Message) -> dict[str, Any]:
+    """`_compact_state(m.state())` in one pass, for the import of many messages."""
+    d, types = m.__dict__, _STATE_TYPES
+    state = {k: d[k] for k in STATE_FIELDS if d[k] or type(d[k]) is not types[k]}
+    if state["kind"] == "code":  # a Kind is never empty, so it is always there
+        del state["kind"]
+    else:
+        state["kind"] = state["kind"].value
+    return state
+
+
+def _full_state(state: dict[str, Any]) -> dict[str, Any]:
+    full = {k: (type(v)() if isinstance(v, (list, dict)) else v)
+            for k, v in _STATE_DEFAULTS.items()}
+    full.update(state)
+    return full
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while tens of thousands of small lists, dicts and tuples
+    are made (opening a long dialogue, an import): otherwise it walks the growing heap again and
+    again, about a third of the time. Nothing made there forms a cycle; the collector resumes
+    (if it was on) as soon as the block ends."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+def _messages_from_rows(rows: Iterable[tuple]) -> list[Message]:
+    """Messages from rows of `_MSG_FIELDS`. The hot path of opening a long dialogue, so it skips
+    the dataclass __init__ (whose only check, the kind, the CHECK constraint has already made)
+    and builds each message's __dict__ as one literal."""
+    new, loads, kinds, out = object.__new__, json.loads, _KINDS, []
+    add = out.append
+    with _gc_paused():
+        for (id_, kind, source, outputs, count, response, tool_calls, usage, attachments, meta,
+             hidden, pinned, collapsed, exported, version, created, updated) in rows:
+            m = new(Message)
+            m.__dict__ = {
+                "kind": kinds[kind], "source": source, "id": id_,
+                "outputs": [] if outputs == "[]" else loads(outputs), "execution_count": count,
+                "response": response, "tool_calls": [] if tool_calls == "[]" else loads(tool_calls),
+                "usage": {} if usage == "{}" else loads(usage),
+                "attachments": {} if attachments == "{}" else loads(attachments),
+                "meta": {} if meta == "{}" else loads(meta),
+                "hidden": hidden != 0, "pinned": pinned != 0, "collapsed": collapsed != 0,
+                "exported": exported != 0, "version": version, "created": created,
+                "updated": updated}
+            add(m)
+    return out
+
+
+def _copy_message(m: Message) -> Message:
+    """A shallow copy, as dataclasses.replace makes, without running __init__ again."""
+    c = object.__new__(Message)
+    c.__dict__ = m.__dict__.copy()
+    return c
 _DLG_COLS = ("id", "name", "model", "system", "context", "meta", "version", "created", "updated",
              "deleted")
 
@@ -491,6 +610,14 @@ class Store:
         except (apsw.CorruptError, apsw.NotADBError) as e:
             raise self._bad_file(e) from None
 
+    def _many(self, sql: str, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        try:
+            self.conn.executemany(sql, rows)
+        except (apsw.CorruptError, apsw.NotADBError) as e:
+            raise self._bad_file(e) from None
+
     def _one(self, sql: str, params: Iterable[Any] = ()) -> tuple | None:
         try:
             for row in self.conn.execute(sql, tuple(params)):
@@ -603,17 +730,8 @@ class Store:
     # ------------------------------------------------------------ rows <-> objects
 
     def _msg_from_row(self, row: tuple) -> Message:
-        # Hot path (opening a long dialogue): most JSON columns hold an empty list or dict, which
-        # are built directly instead of parsed.
-        d = dict(zip(_MSG_COLS, row))
-        for c in _JSON_COLS:
-            v = d[c]
-            d[c] = [] if v == "[]" else {} if v == "{}" else json.loads(v)
-        for f in FLAGS:
-            d[f] = bool(d[f])
-        for c in ("dialogue_id", "streaming", "deleted", "pos"):
-            del d[c]
-        return Message(**d)
+        """A Message from a row of `_MSG_COLS` (the store's own columns after its fields)."""
+        return _messages_from_rows((row[:len(_MSG_FIELDS)],))[0]
 
     def _dlg_from_row(self, row: tuple) -> Dialogue:
         d = dict(zip(_DLG_COLS, row))
@@ -622,7 +740,7 @@ class Store:
         return Dialogue(**d)
 
     def _state_json(self, state: dict[str, Any]) -> str:
-        """A version's state, with a large `outputs` list stored once in `blobs`."""
+        """A version's state as stored, with a large `outputs` list stored once in `blobs`."""
         out = _dumps(state["outputs"]) if "outputs" in state else ""
         if len(out) >= _BLOB_MIN:
             h = hashlib.sha256(out.encode()).hexdigest()
@@ -630,18 +748,19 @@ class Store:
             state = {**state, "outputs": {"$blob": h}}
         return _dumps(state)
 
-    def _state_load(self, s: str) -> dict[str, Any]:
+    def _state_load(self, s: str, message: bool = True) -> dict[str, Any]:
         state = json.loads(s)
         if isinstance(state.get("outputs"), dict) and "$blob" in state["outputs"]:
             state["outputs"] = json.loads(self._one("SELECT data FROM blobs WHERE hash = ?",
                                                     (state["outputs"]["$blob"],))[0])
-        return state
+        return _full_state(state) if message else state
 
     def _write_version(self, dialogue_id: str, message_id: str, version: int, op: str,
                        state: dict[str, Any], at: float) -> None:
         self._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (dialogue_id, message_id, version, op, at, self._state_json(state)))
+                (dialogue_id, message_id, version, op, at,
+                 self._state_json(_compact_state(state) if message_id else state)))
 
     def _index(self, n: int, kind: str, source: str, outputs: list, response: str,
                replace: bool = True) -> None:
@@ -701,9 +820,9 @@ class Store:
         return d
 
     def messages(self, dialogue_id: str) -> list[Message]:
-        rows = self._x(f"SELECT {', '.join(_MSG_COLS)} FROM messages WHERE dialogue_id = ? "
+        rows = self._x(f"SELECT {', '.join(_MSG_FIELDS)} FROM messages WHERE dialogue_id = ? "
                        "AND deleted IS NULL ORDER BY pos", (dialogue_id,))
-        return [self._msg_from_row(r) for r in rows]
+        return _messages_from_rows(rows)
 
     def list_dialogues(self, *, deleted: bool = False) -> list[dict[str, Any]]:
         """Summaries (id, name, model, counts, times, the adapter set {name: scale}), most
@@ -851,48 +970,65 @@ class Store:
                      before: str | None = None, index: int | None = None,
                      op: str = "create") -> list[Message]:
         """Insert several messages in order, in one transaction (an import, a fork)."""
-        with self.tx():
+        with self.tx(), _gc_paused():
             self._dialogue_row(dialogue_id)
             if after is not None:
                 index = self._index_of(dialogue_id, after) + 1
             elif before is not None:
                 index = self._index_of(dialogue_id, before)
             now = time.time()
-            out = []
             if index is None:  # append: the common case, no need to list positions
                 last = self._one("SELECT max(pos) FROM messages WHERE dialogue_id = ?",
                                  (dialogue_id,))[0]
-                pos = [(last or 0.0) + 1.0 + i for i in range(len(msgs))]
+                self._insert(dialogue_id, msgs, [(last or 0.0) + 1.0 + i for i in range(len(msgs))],
+                             now, op)
             else:
-                pos = []
-                for i in range(len(msgs)):
-                    pos.append(self._pos_at(dialogue_id, index + i))
+                for i, m in enumerate(msgs):
                     # _pos_at needs the row to exist to place the next one after it
-                    self._insert(dialogue_id, msgs[i], pos[-1], now, op)
-                    out.append(msgs[i])
-            if index is None:
-                for m, p in zip(msgs, pos):
-                    self._insert(dialogue_id, m, p, now, op)
-                    out.append(m)
+                    self._insert(dialogue_id, [m], [self._pos_at(dialogue_id, index + i)], now, op)
             self._touch(dialogue_id, now)
-        return [m.copy() for m in out]
+        return [_copy_message(m) for m in msgs]
 
-    def _insert(self, dialogue_id: str, m: Message, pos: float, now: float, op: str) -> None:
-        while self._one("SELECT 1 FROM messages WHERE id = ?", (m.id,)):
-            m.id = new_id()
-        m.version, m.created, m.updated = 1, now, now
-        s = m.state()
-        self._x(
-            "INSERT INTO messages(id, dialogue_id, pos, kind, source, outputs, execution_count, "
+    def _insert(self, dialogue_id: str, msgs: list[Message], positions: list[float], now: float,
+                op: str) -> None:
+        """Insert messages, their search rows and first versions with one statement per table
+        (executemany): an import of 10,000 messages is then bound by SQLite, not by Python
+        calls. Row numbers are given, not taken from SQLite, so the search rows can name them;
+        the write lock of the transaction keeps max(n) ours. An id already stored (or twice in
+        `msgs`) is replaced by a new one, as ids are random and short."""
+        ids = [m.id for m in msgs]
+        taken: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            taken.update(r[0] for r in self._x(
+                f"SELECT id FROM messages WHERE id IN ({', '.join('?' * len(chunk))})", chunk))
+        seen: set[str] = set()
+        for m in msgs:
+            if m.id in taken or m.id in seen:
+                m.id = new_id()
+                while m.id in seen or self._one("SELECT 1 FROM messages WHERE id = ?", (m.id,)):
+                    m.id = new_id()
+            seen.add(m.id)
+        first = self._one("SELECT coalesce(max(n), 0) + 1 FROM messages")[0]
+        msg_rows, search_rows, version_rows = [], [], []
+        for n, m, pos in zip(range(first, first + len(msgs)), msgs, positions):
+            m.version, m.created, m.updated = 1, now, now
+            kind = m.kind.value
+            msg_rows.append((n, m.id, dialogue_id, pos, kind, m.source, _dumps(m.outputs),
+                             m.execution_count, m.response, _dumps(m.tool_calls), _dumps(m.usage),
+                             _dumps(m.attachments), _dumps(m.meta), int(m.hidden),
+                             int(m.pinned), int(m.collapsed), int(m.exported), now, now))
+            search_rows.append((n, m.source, _search_output(kind, m.outputs, m.response)))
+            version_rows.append((dialogue_id, m.id, op, now,
+                                 self._state_json(_compact_message_state(m))))
+        self._many(
+            "INSERT INTO messages(n, id, dialogue_id, pos, kind, source, outputs, execution_count, "
             "response, tool_calls, usage, attachments, meta, hidden, pinned, collapsed, exported, "
-            "version, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, "
-            "?, ?)",
-            (m.id, dialogue_id, pos, s["kind"], m.source, _dumps(m.outputs), m.execution_count,
-             m.response, _dumps(m.tool_calls), _dumps(m.usage), _dumps(m.attachments),
-             _dumps(m.meta), *(int(getattr(m, f)) for f in FLAGS), now, now))
-        n = self.conn.last_insert_rowid()
-        self._index(n, s["kind"], m.source, m.outputs, m.response, replace=False)
-        self._write_version(dialogue_id, m.id, 1, op, s, now)
+            "version, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "1, ?, ?)", msg_rows)
+        self._many("INSERT INTO search(rowid, source, output) VALUES (?, ?, ?)", search_rows)
+        self._many("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
+                   "VALUES (?, ?, 1, ?, ?, ?)", version_rows)
 
     def update_message(self, msg_id: str, *, base_version: int | None, op: str = "edit",
                        **changes: Any) -> Message:
@@ -1140,7 +1276,8 @@ class Store:
                            "dialogue_id = ? AND message_id = '' ORDER BY version", (msg_id,))
         if not rows:
             raise NotFoundError(f"no message or dialogue with id {msg_id!r}")
-        return [Version(m, v, op, at, self._state_load(s)) for m, v, op, at, s in rows]
+        return [Version(m, v, op, at, self._state_load(s, message=bool(m)))
+                for m, v, op, at, s in rows]
 
     def restore_version(self, msg_id: str, version: int, *, base_version: int | None) -> Message:
         """Make an earlier version current again, as a new version (history is never rewritten)."""
