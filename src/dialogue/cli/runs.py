@@ -93,15 +93,16 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
                 call = f"tool call: {ev.data['name']}({json.dumps(ev.data['arguments'])})"
                 err.print(plain(call, style="dim"))
             elif ev.type == "error":
-                err.print(plain(f"error: {ev.data}"))
+                err.print(plain(f"error: {ev.data}"), soft_wrap=True)  # one line, however long
             elif ev.type == "done":
                 final = ev.data
         reading.clear()
         stream.close()
         final = final or svc.message(name, mid)
-        if final.kind == Kind.prompt:
+        u = final.usage
+        failed = final.meta.get("error") and not (u.get("input") or u.get("output"))
+        if final.kind == Kind.prompt and not failed:  # a failed answer's one line is its error
             sys.stdout.write("\n")
-            u = final.usage
             cost = f", ${u['cost']:.4f}" if u.get("cost") else ""
             cut = final.meta.get("cut") or []
             cut = f"; long output of {len(cut)} code message(s) shortened" if cut else ""
@@ -147,8 +148,8 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
         desc = f"{m.kind.value} {i + 1}: {markup(first)}"
         progress.update(task, total=n, completed=i, description=desc)
         if m.kind == Kind.prompt:
-            # run_through starts the run right after this returns, before it awaits anything, so
-            # this task subscribes before the first event
+            # run_through starts the run right after this returns; a run's events are kept from
+            # its first, so this task hears all of them however late it starts
             asyncio.get_running_loop().create_task(reading(m.id, desc))
 
     async def reading(mid: str, desc: str) -> None:
