@@ -281,3 +281,35 @@ def test_the_model_process_loads_the_safe_way(tmp_path):
     mp = get_model_process("default")
     info = mp.status()
     assert info["extra_bufts"] is False and info["pid"] == mp.pid != os.getpid()
+
+
+# ---------------------------------------------------------------- where models run
+
+def test_gpu_layers_default_to_all_on_a_gpu_build_and_none_on_a_cpu_build(monkeypatch):
+    from dialogue.llm.base import ProviderError
+    from dialogue.local import runtime as R
+    monkeypatch.delenv("DIALOGUE_GPU_LAYERS", raising=False)
+    monkeypatch.setattr(R, "gpu_offload", lambda: False)
+    assert R.gpu_layers() == 0 and R.device_text() == "CPU"
+    monkeypatch.setattr(R, "gpu_offload", lambda: True)
+    assert R.gpu_layers() == -1 and R.device_text() == "GPU (all layers)"
+    monkeypatch.setenv("DIALOGUE_GPU_LAYERS", "12")
+    assert R.gpu_layers() == 12 and R.device_text() == "GPU (12 layers), CPU (the rest)"
+    monkeypatch.setenv("DIALOGUE_GPU_LAYERS", "0")
+    assert R.device_text() == "CPU"
+    monkeypatch.setenv("DIALOGUE_GPU_LAYERS", "all")
+    with pytest.raises(ProviderError, match="DIALOGUE_GPU_LAYERS must be an integer"):
+        R.gpu_layers()
+
+
+def test_dialogue_models_says_where_each_model_runs(tmp_path):
+    env = {**os.environ, "DIALOGUE_HOME": str(tmp_path), "COLUMNS": "250"}
+    env.pop("DIALOGUE_GPU_LAYERS", None)
+    r = subprocess.run([str(Path(sys.executable).parent / "dialogue"), "models"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from dialogue.local.runtime import gpu_offload
+    want = "GPU (all layers)" if gpu_offload() else "CPU"
+    rows = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.strip().startswith(("local:", "claude", "gpt"))}
+    assert "runs on" in r.stdout and want in rows["local:default"]
+    assert any("remote API" in ln for k, ln in rows.items() if not k.startswith("local:"))

@@ -30,8 +30,9 @@ def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
     t.add_column("model", overflow="fold")  # a name is never cut: it is what one types
     t.add_column("where", overflow="fold")
     t.add_column("about")
+    t.add_column("runs on")
     for m in svc.models():
-        t.add_row(plain(m.name), plain(m.where), plain(m.about),
+        t.add_row(plain(m.name), plain(m.where), plain(m.about), plain(m.device or "remote API"),
                   style=None if m.ready or m.template else "dim")
     out.print(t)
 

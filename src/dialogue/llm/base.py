@@ -349,6 +349,7 @@ class ModelInfo:
     about: str = ""
     ready: bool = True
     template: bool = False
+    device: str = ""   # where it computes: "CPU", "GPU (all layers)"..., or "" for a remote API
 
 
 _LISTERS: list[Callable[[], list[ModelInfo]]] = []

@@ -267,15 +267,28 @@ def models() -> list[ModelInfo]:
     try:
         registry = lm._read_registry()
     except ProviderError as e:
-        return [*out, ModelInfo("local:<registered>", where=str(lm.registry_path()), about=str(e),
-                                ready=False, template=True)]
+        return _with_device([*out, ModelInfo("local:<registered>", where=str(lm.registry_path()),
+                                             about=str(e), ready=False, template=True)])
     for name, entry in sorted(registry.items()):
         path = str(entry.get("path", ""))
         ready = bool(path) and os.path.isfile(path)
         out.append(ModelInfo(f"local:{name}", f"local:{name}", path,
                              entry.get("description", "") if ready else "the file is missing",
                              ready=ready))
-    return out
+    return _with_device(out)
+
+
+def _with_device(models: list[ModelInfo]) -> list[ModelInfo]:
+    """Where local models run (every one alike: this build of llama.cpp and DIALOGUE_GPU_LAYERS
+    decide), said without loading any."""
+    import dataclasses
+
+    from ..local.runtime import device_text
+    try:
+        where = device_text()
+    except ProviderError as e:  # a bad DIALOGUE_GPU_LAYERS: say so where the device would be
+        where = str(e)
+    return [dataclasses.replace(m, device=where) for m in models]
 
 
 register_models(models)
