@@ -142,6 +142,13 @@ def test_cli_use_show_and_compare(home, loras, capsys):
     res = json.loads(capsys.readouterr().out)
     assert [r["set"] for r in res] == [{}, {"sharp": 1.0, "soft": 0.0}]
     assert res[0]["answer"] != res[1]["answer"] and all(r["output_tokens"] == 8 for r in res)
+    # a trial ends with the usage record an answer is stored with: counts, model, stop, cost
+    for r in res:
+        u = r["usage"]
+        assert u["model"] == "local:default" and u["output"] == 8 and u["input"] > 0
+        assert u["stop_reason"] == "max_tokens" and u["cost"] == 0.0
+    assert run("adapters", "compare", "geo", "  ", "--set", "none") == 1
+    assert "empty" in capsys.readouterr().err  # a refusal is one line, as before
     assert run("adapters", "use", "geo", "--clear") == 0
     assert "none (the bare base)" in capsys.readouterr().out
 

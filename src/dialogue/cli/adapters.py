@@ -19,13 +19,13 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from ..service import ConflictError, DialogueService, ProviderError, StoreError, TextDelta, Usage
+from ..service import (Answer, ConflictError, DialogueService, ProviderError, RunError,
+                       StoreError, follow)
 from ..terminal import StreamWriter, markup, plain
 
 __all__ = ["adapters_main", "build_parser", "parse_set", "set_text", "COMMANDS"]
@@ -104,27 +104,27 @@ def set_text(adapters: dict[str, Any]) -> str:
 async def _compare(svc: DialogueService, dialogue: str, prompt: str, sets: list[dict[str, float]],
                    max_tokens: int | None, out: Console, as_json: bool) -> list[dict[str, Any]]:
     results = []
+    model = svc.open(dialogue, messages=False).model
     for i, aset in enumerate(sets):
         label = chr(ord("A") + i) if i < 26 else str(i + 1)
         if not as_json:
             out.rule(f"{label}: {markup(set_text(aset))}")
-        text: list[str] = []
-        usage = Usage()
-        t0 = time.perf_counter()
+        ans = Answer()
         stream = StreamWriter(out.file)
-        async for ev in svc.trial(dialogue, prompt, adapters=aset, max_tokens=max_tokens):
-            if isinstance(ev, TextDelta):
-                text.append(ev.text)
-                if not as_json:
-                    stream.write(ev.text)
-            elif isinstance(ev, Usage):
-                usage = usage + ev
-        secs = time.perf_counter() - t0
+        shown = 0  # characters of the answer written so far
+        async for _ in follow(svc.trial(dialogue, prompt, adapters=aset, max_tokens=max_tokens),
+                              ans):
+            if not as_json and len(ans.text) > shown:
+                stream.write(ans.text[shown:])
+                shown = len(ans.text)
+        if ans.error:
+            raise RunError(ans.error)
+        usage = ans.record(model)
         if not as_json:
             stream.close()
-            out.print(f"\n[dim]{usage.output} tokens in {secs:.1f} s[/dim]")
-        results.append({"set": aset, "answer": "".join(text), "output_tokens": usage.output,
-                        "seconds": round(secs, 3)})
+            out.print(f"\n[dim]{usage['output']} tokens in {ans.seconds:.1f} s[/dim]")
+        results.append({"set": aset, "answer": ans.text, "output_tokens": usage["output"],
+                        "seconds": ans.seconds, "usage": usage})
     return results
 
 

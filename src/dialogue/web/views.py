@@ -35,7 +35,7 @@ __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dial
            "kernel_badge", "totals", "history_modal", "settings_panel", "dialogue_title",
            "sse", "frag", "gutter", "output_fragment", "text_chunk", "error_box", "tool_calls_html", "live_body", "version_input",
            "dversion_input", "model_picker", "answer_editor", "toolbar", "model_input", "HTMX_CONFIG",
-           "adapter_badges", "adapters_control", "adapter_rows", "compare_modal", "trial_out",
+           "adapter_badges", "adapters_control", "adapter_rows", "trial_dialog", "trial_out",
            "trial_column", "trial_status", "keep_button", "adapter_origin", "run_all_control",
            "run_all_progress", "AdapterView", "read_progress"]
 
@@ -967,7 +967,7 @@ def adapters_control(d: Dialogue, view: AdapterView, oob: bool = False) -> Any:
     return Div(editor, compare, id="adapters", cls="adapters", hx_swap_oob=oob_attr)
 
 
-def compare_modal(d: Dialogue, view: AdapterView, *, max_tokens: int = 256) -> Any:
+def trial_dialog(d: Dialogue, view: AdapterView, *, max_tokens: int = 256) -> Any:
     """The side-by-side trial: one prompt, two adapter sets (A: the dialogue's, B: none, the bare
     base), answered one after the other as if the prompt were added at the end of the dialogue.
     Nothing is stored unless the user keeps an answer."""

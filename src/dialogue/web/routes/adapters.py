@@ -96,7 +96,7 @@ def _local_only(d: Dialogue) -> Any | None:
 async def trial_dialog(did: str, req: Request) -> Any:
     svc = site(req).service
     d = svc.open(did)
-    return _local_only(d) or V.compare_modal(d, svc.adapter_view(d))
+    return _local_only(d) or V.trial_dialog(d, svc.adapter_view(d))
 
 
 @rt(paths.trials, methods=["post"])
