@@ -348,3 +348,44 @@ async def test_tools_offered_but_not_called_stream_as_text(rt):
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert text and not any(isinstance(e, ToolCall) for e in events)
     assert events[-1].stop_reason in ("end", "max_tokens")
+
+
+# ---------------------------------------------------------------- loops (the bundled model's `({}) ({}) ...`)
+
+LOOP = [{"role": "user", "content": "Write the text '({})' one hundred times."}]
+LOOP_PREFILL = "({}) ({}) ({}) ({}) ({})"
+
+
+def test_dry_and_the_loop_stop_end_the_loop_the_bundled_model_fell_into(rt):
+    from dialogue.local.runtime import Sampling
+    p = rt.build_prompt(LOOP, prefill=LOOP_PREFILL)
+    run = lambda s: rt.generate(p, max_tokens=200, sampling=s, use_cache=False)  # noqa: E731
+    looping = run(Sampling(dry_multiplier=0, loop_stop=False))     # what it did before
+    assert looping.stop_reason == "max_tokens" and looping.text.count("({})") > 40
+    stopped = run(Sampling(dry_multiplier=0))                       # the loop stop alone
+    assert stopped.stop_reason == "repetition" and stopped.generated < 100
+    assert looping.tokens[:stopped.generated] == stopped.tokens     # the same text, cut short
+    default = run(Sampling())                                       # DRY: it never loops
+    assert default.stop_reason == "end" and default.text.count("({})") < 10
+
+
+def test_repeating_tail():
+    from dialogue.local.runtime import repeating_tail
+    assert repeating_tail([1, 2, 3] * 16) == 3
+    assert repeating_tail([7] * 48) == 1
+    assert repeating_tail([7] * 47) == 0                   # not long enough to call it a loop
+    assert repeating_tail(list(range(100))) == 0
+    assert repeating_tail(list(range(60)) * 3) == 60       # a long block, three times
+    assert repeating_tail(list(range(60)) * 2) == 0        # twice is not a loop
+    assert repeating_tail([1, 2, 3] * 16 + [4]) == 0
+
+
+def test_sampling_settings_are_checked():
+    from dialogue.local.runtime import Sampling
+    assert Sampling.from_dict({"dry_multiplier": "0.5"}).dry_multiplier == 0.5
+    with pytest.raises(ValueError, match="unknown sampling setting"):
+        Sampling.from_dict({"temperature": 1})
+    with pytest.raises(ValueError, match="loop_stop must be a bool"):
+        Sampling.from_dict({"loop_stop": "yes"})
+    with pytest.raises(ValueError, match="out of range"):
+        Sampling.from_dict({"repeat_penalty": 0})

@@ -313,3 +313,50 @@ def test_dialogue_models_says_where_each_model_runs(tmp_path):
     rows = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.strip().startswith(("local:", "claude", "gpt"))}
     assert "runs on" in r.stdout and want in rows["local:default"]
     assert any("remote API" in ln for k, ln in rows.items() if not k.startswith("local:"))
+
+
+# ---------------------------------------------------------------- a dialogue's generation settings
+
+async def test_a_dialogues_sampling_and_max_tokens_reach_the_local_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIALOGUE_HOME", str(tmp_path))
+    monkeypatch.setenv("DIALOGUE_CACHE_DIR", str(tmp_path / "kv"))
+    svc = DialogueService(tmp_path / "d.db")
+    try:
+        d = svc.create("loops", model="local:default")
+        ask = "Write the text '({})' one hundred times."
+        m = svc.add(d.id, "prompt", ask)
+        a = await svc.run(d.id, m.id, prefill="({}) ({}) ({}) ({}) ({})")
+        assert a.usage["stop_reason"] == "end"               # the defaults: DRY keeps it out of the loop
+        svc.update(d.id, sampling={"dry_multiplier": 0})
+        a = await svc.run(d.id, m.id, prefill="({}) ({}) ({}) ({}) ({})")
+        assert a.usage["stop_reason"] == "repetition"        # the loop stop still ends it
+        svc.update(d.id, sampling={"loop_stop": False}, max_tokens=30)
+        a = await svc.run(d.id, m.id, prefill="({}) ({}) ({}) ({}) ({})")
+        assert a.usage["stop_reason"] == "max_tokens" and a.usage["output"] == 30
+        assert svc.open(d.id).meta["sampling"] == {"dry_multiplier": 0.0, "loop_stop": False}
+        svc.update(d.id, sampling=None, max_tokens=None)
+        assert "sampling" not in svc.open(d.id).meta and "max_tokens" not in svc.open(d.id).meta
+        v = svc.open(d.id).version
+        for bad in ({"sampling": {"nope": 1}}, {"max_tokens": 0}, {"max_tokens": "many"},
+                    {"meta": {"sampling": {"dry_base": 0.5}}}):
+            with pytest.raises(ValueError):
+                svc.update(d.id, **bad)
+        assert svc.open(d.id).version == v  # nothing was stored
+    finally:
+        await svc.aclose()
+
+
+def test_dialogue_config_shows_and_changes_the_settings(tmp_path):
+    env = {**os.environ, "DIALOGUE_HOME": str(tmp_path), "DIALOGUE_DB": str(tmp_path / "d.db")}
+    cli = [str(Path(sys.executable).parent / "dialogue")]
+    run = lambda *a: subprocess.run([*cli, *a], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    assert run("new", "c").returncode == 0
+    r = run("config", "c", "--max-tokens", "64", "--sampling", "dry_multiplier=0", "--sampling",
+            "loop_stop=off", "--output-limit", "5,5,500")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"max tokens\s+64", r.stdout) and "dry_multiplier=0.0, loop_stop=False" in r.stdout
+    assert re.search(r"output limit\s+5,5,500", r.stdout)
+    r = run("config", "c", "--sampling", "nope=1")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown sampling setting" in r.stderr
+    r = run("config", "c", "--sampling-defaults", "--max-tokens", "default")
+    assert r.returncode == 0 and "sampling      defaults" in r.stdout and "the model's default" in r.stdout

@@ -85,6 +85,47 @@ class Dialogue:
         self._svc.update(self.id, system=value)
 
     @property
+    def context(self) -> list[document.ContextItem]:
+        """The attached context items: text every prompt of this dialogue sees."""
+        return self._svc.open(self.id, messages=False).context
+
+    def attach(self, path: str | os.PathLike | None = None, *, name: str | None = None,
+               content: str | None = None) -> None:
+        """Attach a text file (`d.attach("schema.sql")`) or a text under a name
+        (`d.attach(name="rules", content="...")`); an item of the same name is replaced."""
+        if (path is None) == (content is None):
+            raise ValueError("attach a file path, or a name and its content, not both")
+        if path is not None:
+            self._svc.attach_file(self.id, path, name=name)
+        else:
+            if not name:
+                raise ValueError("attached content needs a name")
+            self._svc.attach(self.id, name, content)
+
+    def detach(self, name: str) -> None:
+        self._svc.detach(self.id, name)
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The longest answer, in tokens (None: the model's default)."""
+        return self.doc.meta.get("max_tokens")
+
+    @max_tokens.setter
+    def max_tokens(self, value: int | None) -> None:
+        self._svc.update(self.id, max_tokens=value)
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The local model's sampling settings that differ from the defaults (repetition
+        penalties, DRY, the loop stop: see `dialogue config --help`). Assigning merges; {} or
+        None restores the defaults."""
+        return dict(self.doc.meta.get("sampling") or {})
+
+    @sampling.setter
+    def sampling(self, value: dict[str, Any] | None) -> None:
+        self._svc.update(self.id, sampling=value or None)
+
+    @property
     def adapters(self) -> dict[str, float]:
         """The LoRA adapters applied to this dialogue's local model: {name or .gguf path: scale}.
         Assigning checks them against the model (unknown or ill-fitting adapters are refused)."""

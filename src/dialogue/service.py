@@ -188,6 +188,12 @@ class DialogueService:
         did = self.dialogue_id(ref)
         if "model" in settings:
             self.check_model(settings["model"])
+        gen = {k: settings.pop(k) for k in ("max_tokens", "sampling") if k in settings}
+        if gen or {"max_tokens", "sampling"} & set(settings.get("meta") or {}):
+            meta = settings.get("meta")
+            if meta is None:
+                meta = self.store.get_dialogue(did, with_messages=False).meta
+            settings["meta"] = with_generation(meta, **gen)
         if "output_limit" in settings or "output_limit" in (settings.get("meta") or {}):
             from .context import with_output_limit
             meta = settings.get("meta")
@@ -725,6 +731,37 @@ def __getattr__(name: str) -> Any:
 def _adapter_error() -> type[Exception]:
     from .gguf.lora import AdapterError
     return AdapterError
+
+
+_UNSET: Any = object()
+
+
+def with_generation(meta: dict, *, max_tokens: Any = _UNSET, sampling: Any = _UNSET) -> dict:
+    """`meta` with a dialogue's generation settings set and checked: `max_tokens` (a positive
+    number of tokens per answer; None = the model's default) and `sampling` (the local model's
+    repetition settings, `local.runtime.Sampling` fields; None or {} = the defaults; a dict is
+    merged into what is set). Bad values raise ValueError before anything is stored, including
+    values a `meta` brings along (an imported notebook's)."""
+    from .local.runtime import Sampling
+    meta = dict(meta)
+    if max_tokens is not _UNSET:
+        meta["max_tokens"] = max_tokens
+    if meta.get("max_tokens") is None:
+        meta.pop("max_tokens", None)
+    else:
+        v = meta["max_tokens"]
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).strip().isdigit() \
+                or not 0 < int(v) <= 1_000_000:
+            raise ValueError(f"max_tokens must be a positive whole number of tokens, not {v!r}")
+        meta["max_tokens"] = int(v)
+    if sampling is not _UNSET:
+        meta["sampling"] = {**(meta.get("sampling") or {}), **sampling} if sampling else {}
+    if meta.get("sampling"):
+        meta["sampling"] = {k: v for k, v in Sampling.from_dict(meta["sampling"]).to_dict().items()
+                            if v != getattr(Sampling, k)}  # what differs from the defaults
+    if not meta.get("sampling"):
+        meta.pop("sampling", None)
+    return meta
 
 
 def flag_changes(**opts: bool | None) -> dict[str, bool]:

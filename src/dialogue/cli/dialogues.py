@@ -9,7 +9,7 @@ from rich.text import Text
 
 from ..service import HIT_END, HIT_START, DialogueService
 from ..terminal import markup, plain, visible
-from .common import out, text_arg, when
+from .common import UserError, out, text_arg, when
 
 
 def cmd_new(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -118,6 +118,53 @@ def cmd_detach(svc: DialogueService, a: argparse.Namespace) -> None:
     out.print(plain(f"detached {a.item} from dialogue {d.name!r}"))
 
 
+def cmd_config(svc: DialogueService, a: argparse.Namespace) -> None:
+    """Show a dialogue's settings, or change the ones given."""
+    changes: dict = {}
+    if a.model:
+        changes["model"] = a.model
+    if a.system is not None:
+        changes["system"] = text_arg(a.system)
+    if a.output_limit:
+        changes["output_limit"] = a.output_limit
+    if a.max_tokens is not None:
+        changes["max_tokens"] = None if a.max_tokens == "default" else a.max_tokens
+    sampling: dict = {}
+    for item in a.sampling or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--sampling takes KEY=VALUE, not {item!r}")
+        low = value.strip().lower()
+        sampling[key.strip()] = (low in ("1", "true", "yes", "on")) if low in (
+            "1", "0", "true", "false", "yes", "no", "on", "off") and key.strip() == "loop_stop" else value
+    if a.sampling_defaults:
+        changes["sampling"] = None
+    elif sampling:
+        changes["sampling"] = sampling
+    d = svc.update(a.name, **changes) if changes else svc.open(a.name, messages=False)
+    m = d.meta
+    lim = m.get("output_limit")
+    rows = [("model", d.model), ("system", d.system or "(none)"),
+            ("max tokens", str(m.get("max_tokens", "the model's default"))),
+            ("sampling", ", ".join(f"{k}={v}" for k, v in (m.get("sampling") or {}).items()) or "defaults"),
+            ("output limit", "off" if lim == 0 else (",".join(str(lim[k]) for k in ("head", "tail", "chars"))
+                                                     if isinstance(lim, dict) else "default"))]
+    for k, v in rows:
+        out.print(plain(f"{k:13s} {v}"))
+
+
+def _args_config(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name")
+    sp.add_argument("--model")
+    sp.add_argument("--system", help="system prompt ('-' reads standard input)")
+    sp.add_argument("--output-limit", metavar="HEAD,TAIL,CHARS|off|default")
+    sp.add_argument("--max-tokens", metavar="N|default", help="longest answer, in tokens")
+    sp.add_argument("--sampling", action="append", metavar="KEY=VALUE",
+                    help="local models: repeat_penalty, repeat_last_n, dry_multiplier (0 turns DRY "
+                         "off), dry_base, dry_allowed_length, dry_last_n, loop_stop (on/off)")
+    sp.add_argument("--sampling-defaults", action="store_true", help="back to the default sampling")
+
+
 def _args_new(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name")
     sp.add_argument("--model", help="model name (default: $DIALOGUE_MODEL or local:default)")
@@ -175,6 +222,8 @@ def _args_detach(sp: argparse.ArgumentParser) -> None:
 
 COMMANDS = {
     "new": (cmd_new, "create a dialogue", _args_new),
+    "config": (cmd_config, "show or change a dialogue's settings (model, system, max tokens, "
+                           "sampling, output limit)", _args_config),
     "list": (cmd_list, "list dialogues", _args_list),
     "rm": (cmd_rm, "move a dialogue, or one of its messages, to the trash", _args_rm),
     "restore": (cmd_restore, "restore a trashed dialogue or message, or an earlier version",

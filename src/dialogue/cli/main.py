@@ -24,7 +24,7 @@ _COMMANDS: dict[str, tuple[Callable, str, Callable | None]] = {
 
 # the order `dialogue --help` lists them in
 _ORDER = ("new", "list", "show", "add", "ask", "exec", "run", "import", "export", "edit", "rm",
-          "mv", "history", "restore", "fork", "rename", "search", "trash", "attach", "detach",
+          "mv", "history", "restore", "fork", "rename", "config", "search", "trash", "attach", "detach",
           "models", "cache", "serve", "adapters", "train")
 
 # Commands with their own argument parser: everything after the command name is theirs, so that
