@@ -10,18 +10,23 @@ The wall-clock ratio is printed beside it; on an idle machine the two agree but 
 at WAL checkpoints (synchronous=NORMAL does not fsync a commit).
 
 The plain side is the baseline a careful application without history would write: the same
-`messages` table (every column the store keeps, the unique id and the (dialogue, position) index),
-an FTS5 index with the same tokenizer kept in step in the same transaction, the dialogue's
-`updated` time kept, WAL with synchronous=NORMAL, one `BEGIN IMMEDIATE` per change, executemany
-for a bulk insert, and rows returned as tuples. It does not keep versions, check for conflicts,
-decode JSON or build objects: the ratio is the price of history, of those checks and of getting
-`Message` objects back, which is what the store promises.
+`messages` table (every column the store keeps, the unique id and the (dialogue, position)
+index), random ids like ours (16 hex digits, so no collision to handle), an FTS5 index with the same tokenizer kept in step in
+the same transaction, the dialogue's `updated` time kept, WAL with synchronous=NORMAL, one
+`BEGIN IMMEDIATE` per change, executemany for a bulk insert, and rows returned as tuples. It does
+not keep versions, check for conflicts, decode JSON or build objects: the ratio is the price of
+history, of those checks and of getting `Message` objects back, which is what the store promises.
+The two sides use different SQLite builds (the store's apsw bundles its own; Python's sqlite3
+links the system's): both versions are printed.
 
 What users get is measured, not a warm best case: rows marked "CLI" open a new connection as each
 `dialogue` command does, so they include the store's opening (identifying the file, the schema
 check, recovering interrupted streams) and, before its first write, the `PRAGMA quick_check` that
-keeps a damaged file from being written to. Rows marked "app" use one long-lived connection, as
-the web app and the Python API do (they pay that check once per process). Runs (streams) are not
+keeps a damaged file from being written to. A plain application does neither, so the one-message
+write is also shown against plain sqlite3 running quick_check too (but note that SQLite before
+3.44 does not check FTS5 indexes in quick_check, and from 3.44 on it re-reads every indexed text
+to check them, even in a "quick" check). Rows marked "app" use one long-lived connection, as the
+web app and the Python API do (they pay that check once per process). Runs (streams) are not
 timed here: the owner lock a run takes is one flock per Store, on its first run.
 
 Sizes are of the database files after a checkpoint (the WAL folded in and truncated), so a large
@@ -30,14 +35,16 @@ last transaction does not count twice.
 from __future__ import annotations
 
 import argparse
-import itertools
 import random
+import secrets
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import apsw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dialogue.document import Message  # noqa: E402
@@ -48,6 +55,10 @@ WORDS = ("data frame series index column pandas numpy array plot figure axis mod
          "walrus giraffe zebra python module function class method import export notebook").split()
 FIELDS = ("id, kind, source, outputs, execution_count, response, tool_calls, usage, attachments, "
           "meta, hidden, pinned, collapsed, exported, version, created, updated")
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
 
 
 def text(rng: random.Random, n: int = 20) -> str:
@@ -77,8 +88,6 @@ class Plain:
     INSERT = ("INSERT INTO messages(id, dialogue_id, pos, kind, source, created, updated) "
               "VALUES (?, ?, ?, 'code', ?, ?, ?)")
 
-    ids_made = itertools.count()  # message ids, unique in the run
-
     def __init__(self, path: Path, create: bool = False):
         self.con = sqlite3.connect(path, isolation_level=None)
         self.con.execute("PRAGMA busy_timeout = 10000")
@@ -98,14 +107,14 @@ class Plain:
             self.con.execute("BEGIN IMMEDIATE")
         last = self.con.execute("SELECT max(pos) FROM messages WHERE dialogue_id = ?",
                                 (did,)).fetchone()[0]
-        cur = self.con.execute(self.INSERT, (f"p{next(self.ids_made)}", did, (last or 0) + 1, src, now, now))
+        cur = self.con.execute(self.INSERT, (new_id(), did, (last or 0) + 1, src, now, now))
         self.con.execute("INSERT INTO search(rowid, source, output) VALUES (?, ?, '')",
                          (cur.lastrowid, src))
         self.con.execute("UPDATE dialogues SET updated = ? WHERE id = ?", (now, did))
         if tx:
             self.con.execute("COMMIT")
 
-    def add_many(self, did: str, srcs: list[str]) -> None:
+    def add_many(self, did: str, srcs: list[str], ids: list[str]) -> None:
         now = time.time()
         self.con.execute("BEGIN IMMEDIATE")
         last = self.con.execute("SELECT max(pos) FROM messages WHERE dialogue_id = ?",
@@ -113,7 +122,7 @@ class Plain:
         first = self.con.execute("SELECT coalesce(max(n), 0) + 1 FROM messages").fetchone()[0]
         self.con.executemany(
             self.INSERT.replace("(id,", "(n, id,").replace("VALUES (?,", "VALUES (?, ?,"),
-            ((first + i, f"p{next(self.ids_made)}", did, last + 1 + i, s, now, now)
+            ((first + i, ids[i], did, last + 1 + i, s, now, now)
              for i, s in enumerate(srcs)))
         self.con.executemany("INSERT INTO search(rowid, source, output) VALUES (?, ?, '')",
                              ((first + i, s) for i, s in enumerate(srcs)))
@@ -212,7 +221,9 @@ def main() -> None:
                      *side_by_side(edit_ours, edit_plain, rounds, total=True)))
 
         # An import as `dialogue import` does it: a new connection, then one transaction.
-        msgs = [[Message(source=s) for s in srcs] for _ in range(a.repeat)]  # made beforehand
+        # the input, made beforehand: messages for ours, random ids for plain
+        msgs = [[Message(source=s) for s in srcs] for _ in range(a.repeat)]
+        plain_ids = [[new_id() for _ in srcs] for _ in range(a.repeat)]
         for r in range(a.repeat):
             ours.create_dialogue(f"bulk{r}")
             plain.new_dialogue(f"bulk{r}")
@@ -223,7 +234,7 @@ def main() -> None:
 
         def bulk_plain(r):
             p = Plain(plain_path)
-            p.add_many(f"bulk{r}", srcs)
+            p.add_many(f"bulk{r}", srcs, plain_ids[r])
             p.con.close()
         rows.append((f"CLI: import {a.n:,} messages (one transaction)",
                      *side_by_side(bulk_ours, bulk_plain, a.repeat)))
@@ -252,7 +263,7 @@ def main() -> None:
         for start in range(0, more, chunk):
             batch = [text(rng) for _ in range(min(chunk, more - start))]
             ours.add_messages(big.id, [Message(source=s) for s in batch])
-            plain.add_many("big", batch)
+            plain.add_many("big", batch, [new_id() for _ in batch])
         for q in ("walrus giraffe", "pandas"):
             fts = " ".join(f'"{w}"' for w in q.split())
             n_ours, n_plain = len(ours.search(q)), len(plain.search(fts))
@@ -265,12 +276,17 @@ def main() -> None:
             with Store(ours_path) as s:
                 s.add_message(d.id, kind="code", source="one more")
 
-        def add_one_plain(r):
+        def add_one_plain(r, check: bool = False):
             p = Plain(plain_path)
+            if check:
+                assert p.con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
             p.add("bench", "one more")
             p.con.close()
         rows.append((f"CLI: open a {a.search_n:,}-message database, add a message",
                      *side_by_side(add_one_ours, add_one_plain, a.repeat)))
+        rows.append(("  the same, plain sqlite3 also running quick_check before writing",
+                     *side_by_side(add_one_ours, lambda r: add_one_plain(r, check=True),
+                                   a.repeat)))
         qc = side_by_side(lambda r: ours._x("PRAGMA quick_check"), lambda r: None, a.repeat)[0]
         qc_fts = side_by_side(lambda r: ours._x("PRAGMA quick_check(search)"), lambda r: None,
                               a.repeat)[0]
@@ -284,7 +300,9 @@ def main() -> None:
         print(f"{name:<{w}}  {o * 1000:>8.1f}ms  {p * 1000:>8.1f}ms  {o / p:5.2f}x  {ow / pw:7.2f}x")
     print(f"{'database size (ours with every version)':<{w}}  {size_ours / 1e6:>8.1f}MB  "
           f"{size_plain / 1e6:>8.1f}MB  {size_ours / size_plain:5.2f}x")
-    print(f"\nPRAGMA quick_check of the {a.search_n:,}-message database, run by the first write of "
+    print(f"\nSQLite {apsw.sqlite_lib_version()} (dialogue, through apsw), {sqlite3.sqlite_version} "
+          "(Python's sqlite3)")
+    print(f"PRAGMA quick_check of the {a.search_n:,}-message database, run by the first write of "
           f"every new connection: {qc * 1000:.1f}ms CPU (FTS5 index alone: {qc_fts * 1000:.1f}ms)")
 
 

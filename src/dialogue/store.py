@@ -820,9 +820,10 @@ class Store:
         return d
 
     def messages(self, dialogue_id: str) -> list[Message]:
-        rows = self._x(f"SELECT {', '.join(_MSG_FIELDS)} FROM messages WHERE dialogue_id = ? "
-                       "AND deleted IS NULL ORDER BY pos", (dialogue_id,))
-        return _messages_from_rows(rows)
+        with _gc_paused():  # the rows are as many new tuples as the objects made from them
+            rows = self._x(f"SELECT {', '.join(_MSG_FIELDS)} FROM messages WHERE "
+                           "dialogue_id = ? AND deleted IS NULL ORDER BY pos", (dialogue_id,))
+            return _messages_from_rows(rows)
 
     def list_dialogues(self, *, deleted: bool = False) -> list[dict[str, Any]]:
         """Summaries (id, name, model, counts, times, the adapter set {name: scale}), most
