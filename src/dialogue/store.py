@@ -34,6 +34,7 @@ Design choices, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import hashlib
@@ -282,7 +283,10 @@ _MSG_FIELDS = ("id", "kind", "source", "outputs", "execution_count", "response",
                "usage", "attachments", "meta", *FLAGS, "version", "created", "updated")
 _MSG_COLS = (*_MSG_FIELDS, "dialogue_id", "streaming", "deleted", "pos")
 _KINDS = {k.value: k for k in Kind}
-assert FLAGS == ("hidden", "pinned", "collapsed", "exported")  # as _messages_from_rows reads them
+# _messages_from_rows fills a Message's __dict__ itself: it must know every field, in this order
+assert FLAGS == ("hidden", "pinned", "collapsed", "exported")
+assert {f.name for f in dataclasses.fields(Message)} == set(_MSG_FIELDS), \
+    "Message's fields changed: update _MSG_FIELDS and _messages_from_rows"
 # A message version stores only the fields that differ from a new message's (most cells have no
 # tool calls, usage, attachments, meta or flags): about half the bytes of a full snapshot, with
 # nothing lost, since reading a version fills the rest back in. Full snapshots written before
