@@ -1,6 +1,6 @@
 """Store speed against plain sqlite3 doing the same work, side by side in the same run.
 
-    python bench/store_bench.py [--n 10000] [--search-n 100000] [--repeat 5]
+    python bench/store_bench.py [--n 10000] [--search-n 100000] [--repeat 4]
 
 Each row times one thing a user does, through `Store` and through Python's own `sqlite3` module
 on a database of the same shape, and prints the ratio ours / plain. The figures are CPU time of
@@ -35,6 +35,7 @@ last transaction does not count twice.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import secrets
 import sqlite3
@@ -182,7 +183,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--search-n", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=4)
     a = ap.parse_args()
     rng = random.Random(0)
     srcs = [text(rng) for _ in range(a.n)]
@@ -220,24 +221,29 @@ def main() -> None:
         rows.append((f"app: edit {len(ids):,} messages, one transaction each",
                      *side_by_side(edit_ours, edit_plain, rounds, total=True)))
 
-        # An import as `dialogue import` does it: a new connection, then one transaction.
-        # the input, made beforehand: messages for ours, random ids for plain
-        msgs = [[Message(source=s) for s in srcs] for _ in range(a.repeat)]
-        plain_ids = [[new_id() for _ in srcs] for _ in range(a.repeat)]
-        for r in range(a.repeat):
+        # An import as `dialogue import` does it: a new connection, then one transaction; then
+        # the same through the open connections (the store's quick_check already done). The
+        # input is made beforehand: messages for ours, random ids for plain.
+        msgs = [[Message(source=s) for s in srcs] for _ in range(2 * a.repeat)]
+        import_ids = [[new_id() for _ in srcs] for _ in range(2 * a.repeat)]
+        for r in range(2 * a.repeat):
             ours.create_dialogue(f"bulk{r}")
             plain.new_dialogue(f"bulk{r}")
 
-        def bulk_ours(r):
-            with Store(ours_path) as s:
+        def bulk_ours(r, store=None):
+            with contextlib.nullcontext(store) if store else Store(ours_path) as s:
                 s.add_messages(s.find_dialogue(f"bulk{r}"), msgs[r])
 
-        def bulk_plain(r):
-            p = Plain(plain_path)
-            p.add_many(f"bulk{r}", srcs, plain_ids[r])
-            p.con.close()
+        def bulk_plain(r, p=None):
+            q = p or Plain(plain_path)
+            q.add_many(f"bulk{r}", srcs, import_ids[r])
+            if not p:
+                q.con.close()
         rows.append((f"CLI: import {a.n:,} messages (one transaction)",
                      *side_by_side(bulk_ours, bulk_plain, a.repeat)))
+        rows.append(("  the same through an open connection",
+                     *side_by_side(lambda r: bulk_ours(a.repeat + r, ours),
+                                   lambda r: bulk_plain(a.repeat + r, plain), a.repeat)))
 
         assert len(ours.get_dialogue(d.id).messages) == a.n == len(plain.open("bench"))
         rows.append((f"app: read a {a.n:,}-message dialogue",
@@ -255,8 +261,8 @@ def main() -> None:
         rows.append((f"CLI: open the database, read a {a.n:,}-message dialogue",
                      *side_by_side(open_ours, open_plain, a.repeat)))
 
-        # grow both to search-n messages (bulk, untimed), then search
-        more = a.search_n - (1 + a.repeat) * a.n
+        # grow both to search-n messages (bulk, untimed) if they have fewer, then search
+        more = a.search_n - ours._one("SELECT count(*) FROM messages")[0]
         big = ours.create_dialogue("big")
         plain.new_dialogue("big")
         chunk = 10_000
@@ -264,11 +270,13 @@ def main() -> None:
             batch = [text(rng) for _ in range(min(chunk, more - start))]
             ours.add_messages(big.id, [Message(source=s) for s in batch])
             plain.add_many("big", batch, [new_id() for _ in batch])
+        total = ours._one("SELECT count(*) FROM messages")[0]
+        assert plain.con.execute("SELECT count(*) FROM messages").fetchone()[0] == total
         for q in ("walrus giraffe", "pandas"):
             fts = " ".join(f'"{w}"' for w in q.split())
             n_ours, n_plain = len(ours.search(q)), len(plain.search(fts))
             assert n_ours == n_plain == 50, (n_ours, n_plain)
-            rows.append((f"app: search {a.search_n:,} messages for {q!r} (top 50, snippets)",
+            rows.append((f"app: search {total:,} messages for {q!r} (top 50, snippets)",
                          *side_by_side(lambda r: ours.search(q), lambda r: plain.search(fts),
                                        a.repeat)))
 
@@ -282,7 +290,7 @@ def main() -> None:
                 assert p.con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
             p.add("bench", "one more")
             p.con.close()
-        rows.append((f"CLI: open a {a.search_n:,}-message database, add a message",
+        rows.append((f"CLI: open a {total:,}-message database, add a message",
                      *side_by_side(add_one_ours, add_one_plain, a.repeat)))
         rows.append(("  the same, plain sqlite3 also running quick_check before writing",
                      *side_by_side(add_one_ours, lambda r: add_one_plain(r, check=True),
@@ -302,7 +310,7 @@ def main() -> None:
           f"{size_plain / 1e6:>8.1f}MB  {size_ours / size_plain:5.2f}x")
     print(f"\nSQLite {apsw.sqlite_lib_version()} (dialogue, through apsw), {sqlite3.sqlite_version} "
           "(Python's sqlite3)")
-    print(f"PRAGMA quick_check of the {a.search_n:,}-message database, run by the first write of "
+    print(f"PRAGMA quick_check of the {total:,}-message database, run by the first write of "
           f"every new connection: {qc * 1000:.1f}ms CPU (FTS5 index alone: {qc_fts * 1000:.1f}ms)")
 
 

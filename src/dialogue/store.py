@@ -294,6 +294,7 @@ assert {f.name for f in dataclasses.fields(Message)} == set(_MSG_FIELDS), \
 _STATE_DEFAULTS = Message().state()
 assert [k for k, v in _STATE_DEFAULTS.items() if v] == ["kind"]  # as _compact_state assumes
 _STATE_TYPES = {k: type(v) for k, v in _STATE_DEFAULTS.items()}
+_BARE_STATE = {"kind", "source"}  # a message state with only these is all column defaults else
 
 
 def _compact_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -1015,17 +1016,25 @@ class Store:
                     m.id = new_id()
             seen.add(m.id)
         first = self._one("SELECT coalesce(max(n), 0) + 1 FROM messages")[0]
-        msg_rows, search_rows, version_rows = [], [], []
+        # A message with nothing but a kind and a source (most of an import) leaves every other
+        # column to its default, which is what the full statement would have bound.
+        bare_rows, msg_rows, search_rows, version_rows = [], [], [], []
         for n, m, pos in zip(range(first, first + len(msgs)), msgs, positions):
             m.version, m.created, m.updated = 1, now, now
-            kind = m.kind.value
-            msg_rows.append((n, m.id, dialogue_id, pos, kind, m.source, _dumps(m.outputs),
-                             m.execution_count, m.response, _dumps(m.tool_calls), _dumps(m.usage),
-                             _dumps(m.attachments), _dumps(m.meta), int(m.hidden),
-                             int(m.pinned), int(m.collapsed), int(m.exported), now, now))
-            search_rows.append((n, m.source, _search_output(kind, m.outputs, m.response)))
-            version_rows.append((dialogue_id, m.id, op, now,
-                                 self._state_json(_compact_message_state(m))))
+            kind, state = m.kind.value, _compact_message_state(m)
+            if state.keys() <= _BARE_STATE:
+                bare_rows.append((n, m.id, dialogue_id, pos, kind, m.source, now, now))
+                search_rows.append((n, m.source, ""))
+            else:
+                msg_rows.append((n, m.id, dialogue_id, pos, kind, m.source, _dumps(m.outputs),
+                                 m.execution_count, m.response, _dumps(m.tool_calls),
+                                 _dumps(m.usage), _dumps(m.attachments), _dumps(m.meta),
+                                 int(m.hidden), int(m.pinned), int(m.collapsed), int(m.exported),
+                                 now, now))
+                search_rows.append((n, m.source, _search_output(kind, m.outputs, m.response)))
+            version_rows.append((dialogue_id, m.id, op, now, self._state_json(state)))
+        self._many("INSERT INTO messages(n, id, dialogue_id, pos, kind, source, created, updated) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", bare_rows)
         self._many(
             "INSERT INTO messages(n, id, dialogue_id, pos, kind, source, outputs, execution_count, "
             "response, tool_calls, usage, attachments, meta, hidden, pinned, collapsed, exported, "
