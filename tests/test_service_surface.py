@@ -182,3 +182,19 @@ def test_cli_cache_stats_and_clear_after_a_real_answer(tmp_path):
     r = cli(tmp_path, "cache", "clear")
     assert r.returncode == 0 and "deleted" in r.stdout and " 0 cached" not in r.stdout
     assert " 0 states" in cli(tmp_path, "cache").stdout.splitlines()[0]
+
+
+def test_the_python_handle_attaches_and_detaches(tmp_path, home):
+    d = Dialogue.create("h", db=tmp_path / "h.db")
+    f = tmp_path / "rules.txt"
+    f.write_text("no tabs", encoding="utf-8")
+    d.attach(f)
+    d.attach(name="style", content="short lines")
+    assert [(c.name, c.content) for c in d.context] == [("rules.txt", "no tabs"),
+                                                        ("style", "short lines")]
+    with pytest.raises(ValueError):
+        d.attach(f, content="both")
+    d.detach("rules.txt")
+    assert [c.name for c in Dialogue.open("h", db=tmp_path / "h.db").context] == ["style"]
+    with pytest.raises(NotFoundError):
+        d.detach("rules.txt")
