@@ -336,3 +336,22 @@ def test_attached_context_editor(client, db):
     assert stale.status_code == 409 and [c.name for c in db.open(d.id).context] == ["docs"]
     page = client.get(f"/d/{d.id}").text
     assert "1 attached" in page and "Updated." in page
+
+
+def test_an_answer_says_what_the_model_did_not_see_in_full_and_why_it_stopped(client, db):
+    """The request's cuts (long code outputs shortened, earlier messages left out) and a loop
+    stop are stored on the answer; its cell says so under the answer."""
+    d = db.create("Cuts")
+    p = db.add(d.id, "prompt", "What went wrong with the install?")
+    db.store.begin_stream(p.id, response="")
+    db.store.finish_stream(p.id, response="It failed.", tool_calls=[],
+                           usage={"input": 900, "output": 3, "model": "local:default",
+                                  "stop_reason": "repetition"},
+                           meta={"cut": [{"message": "m1", "cut_lines": 47, "cut_chars": 3210},
+                                         {"message": "m2", "cut_lines": 3, "cut_chars": 100}],
+                                 "dropped": 2})
+    r = client.get(f"/d/{d.id}/m/{p.id}", headers=HX)
+    text = " ".join(Tags(r.text).text)
+    assert "long output of 2 code cells shortened for the model (50 lines cut)" in text
+    assert "2 earlier message(s) left out to fit the context" in text
+    assert "stopped: it repeated itself" in text

@@ -675,7 +675,16 @@ def usage_line(m: Message) -> Any:
         bits.append(str(u["model"]))
     stop = u.get("stop_reason")
     if stop and stop not in ("end", "stop"):
-        bits.append({"cancelled": "stopped", "max_tokens": "cut at max tokens"}.get(stop, stop))
+        bits.append({"cancelled": "stopped", "max_tokens": "cut at max tokens",
+                     "repetition": "stopped: it repeated itself"}.get(stop, stop))
+    # what the model did not see in full: said here, where the answer is read
+    cut = m.meta.get("cut") or []
+    if cut:
+        lines = sum(int(c.get("cut_lines") or 0) for c in cut if isinstance(c, dict))
+        bits.append(f"long output of {len(cut)} code cell{'s' if len(cut) != 1 else ''} shortened "
+                    f"for the model ({lines:,} lines cut)")
+    if m.meta.get("dropped"):
+        bits.append(f"{int(m.meta['dropped'])} earlier message(s) left out to fit the context")
     return Small(" · ".join(bits), cls="usage")
 
 
