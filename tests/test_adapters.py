@@ -1,4 +1,4 @@
-"""Adapters on the quantized base, never merged models (issue 8).
+"""Adapters on the quantized base, never merged models.
 
 Two parts. Fast tests use small GGUF LoRA files written here with random factors (the registry's
 checks, resolve_set, the exact algebra of merging, the CLI): what they check does not depend on

@@ -308,7 +308,7 @@ async def test_a_tool_that_cannot_be_described_is_refused(kernel: Kernel):
     assert "nowhere is not defined" in str(e.value)
 
 
-# ---------------------------------------------------------------- long outputs (issue 12)
+# ---------------------------------------------------------------- long outputs
 
 def test_carriage_returns_show_what_a_terminal_shows():
     # each \r goes back to the start of the line: the last state of a progress bar is what shows
@@ -488,7 +488,7 @@ def test_cli_new_takes_an_output_limit(tmp_path, capsys):
         svc.close()
 
 
-# ---------------------------------------------------------------- references in code (issue 20)
+# ---------------------------------------------------------------- references in code
 
 def test_references_inside_markdown_code_are_text():
     quoted = ("Use ``!`ls` `` to list files and `` $`x` `` for values; ```&`f` ``` is a tool.\n\n"

@@ -1,4 +1,4 @@
-"""A dialogue's adapter set (issue 8): chosen and checked through the service, the CLI and the
+"""A dialogue's adapter set: chosen and checked through the service, the CLI and the
 Python API, applied to its prompts, and tried side by side before choosing (`trial`, `dialogue
 adapters compare`). Real GGUF LoRA files with random factors on the bundled model and the real
 llama.cpp runtime; no training here (tests/test_adapters.py trains real adapters)."""

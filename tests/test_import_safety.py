@@ -1,4 +1,4 @@
-"""A notebook from someone else is data, not configuration (issue 20, items 1 and 2).
+"""A notebook from someone else is data, not configuration.
 
 Real parts only: notebooks written to disk, the `dialogue` CLI as a subprocess over a real SQLite
 file, the web app over Starlette's TestClient, and two HTTP servers on 127.0.0.1 that record every

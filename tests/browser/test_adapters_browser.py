@@ -1,4 +1,4 @@
-"""Adapters in a real browser (issue 8): choose a set in the picker, lose a race with another tab,
+"""Adapters in a real browser: choose a set in the picker, lose a race with another tab,
 compare two sets side by side with the bundled model answering, keep one answer, adopt a set,
 close a trial mid-stream, and Run all.
 

@@ -1,4 +1,4 @@
-"""Adapters in the web app (issue 8): the picker next to the model (choose a set, versioned, with
+"""Adapters in the web app: the picker next to the model (choose a set, versioned, with
 refusals as toasts), the side-by-side trial of two sets (streamed, escaped, kept as a cell), and
 Run all.
 

@@ -21,7 +21,7 @@ Chat formatting: the GGUF's own chat template (Jinja, rendered with llama-cpp-py
 is tokenized segment by segment, each segment starting at a turn boundary, so the tokens of a
 dialogue's stable prefix never change when a message is appended after it.
 
-LoRA adapters (issue 8): `set_adapters({path: scale})` applies any set at run time through
+LoRA adapters: `set_adapters({path: scale})` applies any set at run time through
 llama.cpp's adapter API (no reload of the base), resets the context (KV computed under another set
 is not valid) and changes the KV cache namespace, so a prefix is never restored across sets.
 """

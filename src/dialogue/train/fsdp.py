@@ -4,7 +4,7 @@ One code path from a laptop to a cluster: `dialogue train --nproc N` relaunches 
 `torchrun`, each process joins the group (gloo on CPU, NCCL on GPUs), and the model is sharded
 per decoder layer and then as a whole. The frozen 4-bit base shards too: bitsandbytes' packed
 NF4 weight is stored in a float `quant_storage` dtype equal to the FSDP parameter dtype, so FSDP
-treats it as an ordinary parameter (FACTS.md). The loop makes the loss a mean over every target
+treats it as an ordinary parameter (checked on CPU with bitsandbytes 0.50). The loop makes the loss a mean over every target
 token of all ranks, so N processes compute the same update as one process with N times the batch.
 """
 from __future__ import annotations

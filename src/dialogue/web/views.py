@@ -842,7 +842,7 @@ def sse(event: str, data: str = "") -> str:
     return f"event: {event}\n" + "".join(f"data: {ln}\n" for ln in lines) + "\n"
 
 
-# ---------------------------------------------------------------- adapters (issue 8)
+# ---------------------------------------------------------------- adapters
 
 def _short(name: str) -> str:
     """A set entry as shown: a registered name as is, a .gguf path by its file name."""
