@@ -29,7 +29,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
-from ..llm.base import ProviderError
+from ..errors import ProviderError
 from . import files
 
 __all__ = [

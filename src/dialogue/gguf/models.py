@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..llm.base import UnknownModelError
+from ..errors import UnknownModelError
 from .files import is_gguf
 from .templates import CHAT_FORMATS
 

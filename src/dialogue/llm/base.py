@@ -210,37 +210,10 @@ def tool_call_from_json(id: str, name: str, raw: str) -> ToolCall:
 
 
 # ---------------------------------------------------------------- errors
-
-class ProviderError(Exception):
-    """A model call failed for a reason the user can act on; the message says which."""
-
-
-class MissingKeyError(ProviderError):
-    pass
-
-
-class UnknownModelError(ProviderError):
-    pass
-
-
-class ContextTooLongError(ProviderError):
-    pass
-
-
-class ProviderNetworkError(ProviderError):
-    """The server could not be reached or the connection broke."""
-
-
-class RateLimitError(ProviderError):
-    """429: retried with backoff. `retry_after`: the server's Retry-After in seconds, if it sent one."""
-
-    retry_after: float | None = None
-
-
-class OverloadedError(ProviderError):
-    """5xx / 529: retried with backoff. `retry_after` as for `RateLimitError`."""
-
-    retry_after: float | None = None
+# They live in dialogue.errors, below every package, so that local/ and gguf/ can raise them
+# without importing llm/ (which imports local/ for the local provider).
+from ..errors import (ContextTooLongError, MissingKeyError, OverloadedError, ProviderError,  # noqa: E402,F401
+                      ProviderNetworkError, RateLimitError, UnknownModelError)
 
 
 def parse_retry_after(headers: Mapping[str, str] | None, *, cap: float = 60.0) -> float | None:

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
-from ..llm.base import ProviderError
+from ..errors import ProviderError
 from ..gguf.models import ModelSpec, resolve
 from .runtime import DEFAULT_N_CTX, GenStats, Prompt
 

