@@ -30,7 +30,7 @@ def free_port() -> int:
 TESTS = Path(__file__).parent.parent
 
 
-def start_server(tmp: Path, db: Path, port: int, prelude: str = "") -> subprocess.Popen:
+def start_server(tmp: Path, db: Path, port: int, prelude: str = "", log: Path | None = None) -> subprocess.Popen:
     """`dialogue serve` as a user starts it, on `port` and `db` (after running `prelude`, with
     tests/ importable); returns once it accepts connections."""
     env = {**os.environ, "DIALOGUE_HOME": str(tmp / "home"),
@@ -39,7 +39,7 @@ def start_server(tmp: Path, db: Path, port: int, prelude: str = "") -> subproces
     env.pop("DIALOGUE_MODEL", None)
     code = (f"{prelude}\nfrom dialogue.web.app import serve; "
             f"serve(db={str(db)!r}, port={port}, open_browser=False)")
-    log = tmp / f"server-{time.monotonic_ns()}.log"
+    log = log or tmp / f"server-{time.monotonic_ns()}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)

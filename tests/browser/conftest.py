@@ -9,16 +9,14 @@ nothing failed and nothing left 127.0.0.1.
 """
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from browserutil import free_port, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -33,12 +31,6 @@ if not Path(CHROMIUM).exists():
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     url: str
@@ -50,29 +42,10 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     tmp = tmp_path_factory.mktemp("web")
-    port = _free_port()
+    port = free_port()
     db = tmp / "dialogue.db"
     log = tmp / "server.log"
-    env = {**os.environ, "DIALOGUE_HOME": str(tmp / "home"),
-           "DIALOGUE_CACHE_DIR": str(tmp / "kv"), "PYTHONUNBUFFERED": "1"}
-    env.pop("DIALOGUE_MODEL", None)
-    code = ("from dialogue.web.app import serve; "
-            f"serve(db={str(db)!r}, port={port}, open_browser=False)")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError(f"the server did not start:\n{log.read_text()}")
+    proc = start_server(tmp, db, port, log=log)
     yield Server(f"http://127.0.0.1:{port}", db, proc, log)
     proc.send_signal(signal.SIGINT)  # what Ctrl+C does: lifespan shutdown stops every kernel
     try:

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 from ..errors import ProviderError
-from ..gguf.models import ModelSpec, resolve
-from .runtime import DEFAULT_N_CTX, GenStats, Prompt
+from ..gguf.models import ModelSpec
+from .runtime import DEFAULT_N_CTX, GenStats, Prompt, shared
 
 __all__ = ["ModelProcess", "ModelCrashedError", "get_model_process", "model_processes",
            "shutdown_all"]
@@ -431,13 +431,7 @@ _procs_lock = threading.Lock()
 
 def get_model_process(model: str | ModelSpec = "default", *, n_ctx: int = DEFAULT_N_CTX) -> ModelProcess:
     """The app-wide model process for a model file and context size (not started until used)."""
-    spec = model if isinstance(model, ModelSpec) else resolve(model)
-    key = (str(spec.path), n_ctx)
-    with _procs_lock:
-        mp = _procs.get(key)
-        if mp is None:
-            mp = _procs[key] = ModelProcess(spec, n_ctx=n_ctx)
-        return mp
+    return shared(_procs, _procs_lock, model, n_ctx, lambda s, n: ModelProcess(s, n_ctx=n))
 
 
 def model_processes() -> list[ModelProcess]:

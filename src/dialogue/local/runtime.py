@@ -118,16 +118,23 @@ def loaded_runtimes() -> list["Runtime"]:
     return list(_runtimes.values())
 
 
+def shared(registry: dict, lock: threading.Lock, model: str | ModelSpec, n_ctx: int,
+           make: Callable[[ModelSpec, int], Any]) -> Any:
+    """The one instance per (model file, context size) in `registry`, made by `make` on first use
+    (the in-process runtimes here, the model processes in process.py)."""
+    spec = model if isinstance(model, ModelSpec) else resolve(model)
+    key = (str(spec.path), n_ctx)
+    with lock:
+        inst = registry.get(key)
+        if inst is None:
+            inst = registry[key] = make(spec, n_ctx)
+        return inst
+
+
 def get_runtime(model: str | ModelSpec = "default", *, n_ctx: int = DEFAULT_N_CTX) -> "Runtime":
     """The process-wide runtime for a model, loading it on first use. Every dialogue that uses the
     same model file and context size shares it."""
-    spec = model if isinstance(model, ModelSpec) else resolve(model)
-    key = (str(spec.path), n_ctx)
-    with _runtimes_lock:
-        rt = _runtimes.get(key)
-        if rt is None:
-            rt = _runtimes[key] = Runtime(spec, n_ctx=n_ctx)
-        return rt
+    return shared(_runtimes, _runtimes_lock, model, n_ctx, lambda s, n: Runtime(s, n_ctx=n))
 
 
 # ---------------------------------------------------------------- the runtime
