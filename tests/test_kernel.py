@@ -487,8 +487,11 @@ async def test_no_kernel_outlives_the_server(tmp_path: Path, how: str):
     p.wait(30)
     if how == "sigterm":
         assert p.returncode == -signal.SIGTERM  # it still dies by the signal, after cleaning up
-    deadline = time.monotonic() + 15  # a SIGKILLed server: the kernels' parent poller (1 s)
-    while time.monotonic() < deadline and not all(gone(pid) for pid in pids):
+    # a SIGKILLed server: the supervisors see their pipe close, end their kernels, then exit
+    # themselves (a moment after the kernels: wait for both)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (all(gone(pid) for pid in pids)
+                                                and not any(kernel_pids_in(d) for d in dirs)):
         time.sleep(0.1)
     assert all(gone(pid) for pid in pids), f"orphaned kernels after {how}"
     for d in dirs:
