@@ -28,6 +28,7 @@ is not valid) and changes the KV cache namespace, so a prefix is never restored 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import codecs
 import concurrent.futures
 import contextlib
@@ -107,6 +108,18 @@ class GenStats:
 _runtimes: dict[tuple[str, int], "Runtime"] = {}
 _runtimes_lock = threading.Lock()
 _loads = 0
+
+
+@atexit.register
+def _close_all() -> None:
+    """Free the in-process models before the interpreter tears llama_cpp's module down: freed
+    later, by `Llama.__del__`, they print "Exception ignored ... 'NoneType' object is not
+    callable" on the way out."""
+    for rt in loaded_runtimes():
+        try:
+            rt.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 def load_count() -> int:
