@@ -22,8 +22,10 @@ links the system's): both versions are printed.
 What users get is measured, not a warm best case: rows marked "CLI" open a new connection as each
 `dialogue` command does, so they include the store's opening (identifying the file, the schema
 check, recovering interrupted streams) and, before its first write, the `PRAGMA quick_check` that
-keeps a damaged file from being written to. A plain application does neither, so the one-message
-write is also shown against plain sqlite3 running quick_check too (but note that SQLite before
+keeps a damaged file from being written to, unless the file is exactly as a Store of ours left it
+after a check (its inode, size and modification time, and its WAL's, noted at close). The
+one-message write is shown both ways: as our last close left the file, and after another program
+wrote to it, against plain sqlite3 running quick_check too (but note that SQLite before
 3.44 does not check FTS5 indexes in quick_check, and from 3.44 on it re-reads every indexed text
 to check them, even in a "quick" check). Rows marked "app" use one long-lived connection, as the
 web app and the Python API do (they pay that check once per process). Runs (streams) are not
@@ -280,7 +282,9 @@ def main() -> None:
                          *side_by_side(lambda r: ours.search(q), lambda r: plain.search(fts),
                                        a.repeat)))
 
-        def add_one_ours(r):
+        def add_one_ours(r, changed: bool = False):
+            if changed:  # as if another program had written to the file since our last close
+                (ours_path.with_name(ours_path.name + "-locks") / "checked").unlink(missing_ok=True)
             with Store(ours_path) as s:
                 s.add_message(d.id, kind="code", source="one more")
 
@@ -292,9 +296,9 @@ def main() -> None:
             p.con.close()
         rows.append((f"CLI: open a {total:,}-message database, add a message",
                      *side_by_side(add_one_ours, add_one_plain, a.repeat)))
-        rows.append(("  the same, plain sqlite3 also running quick_check before writing",
-                     *side_by_side(add_one_ours, lambda r: add_one_plain(r, check=True),
-                                   a.repeat)))
+        rows.append(("  the same after another program wrote to it (both run quick_check)",
+                     *side_by_side(lambda r: add_one_ours(r, changed=True),
+                                   lambda r: add_one_plain(r, check=True), a.repeat)))
         qc = side_by_side(lambda r: ours._x("PRAGMA quick_check"), lambda r: None, a.repeat)[0]
         qc_fts = side_by_side(lambda r: ours._x("PRAGMA quick_check(search)"), lambda r: None,
                               a.repeat)[0]
@@ -310,8 +314,9 @@ def main() -> None:
           f"{size_plain / 1e6:>8.1f}MB  {size_ours / size_plain:5.2f}x")
     print(f"\nSQLite {apsw.sqlite_lib_version()} (dialogue, through apsw), {sqlite3.sqlite_version} "
           "(Python's sqlite3)")
-    print(f"PRAGMA quick_check of the {total:,}-message database, run by the first write of "
-          f"every new connection: {qc * 1000:.1f}ms CPU (FTS5 index alone: {qc_fts * 1000:.1f}ms)")
+    print(f"PRAGMA quick_check of the {total:,}-message database, run by a connection's first "
+          f"write unless the file is as a Store of ours left it after a check: {qc * 1000:.1f}ms "
+          f"CPU (FTS5 index alone: {qc_fts * 1000:.1f}ms)")
 
 
 if __name__ == "__main__":

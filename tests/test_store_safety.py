@@ -419,3 +419,38 @@ def test_a_second_server_on_one_database_is_refused_naming_the_first(tmp_path):
         finally:
             if second.poll() is None:
                 second.kill()
+
+
+def test_a_file_as_our_last_clean_close_left_it_is_not_checked_again(tmp_path):
+    """The whole-file check before a connection's first write is skipped when the file is exactly
+    as a Store of ours left it after a check (inode, size and time of the file and its WAL);
+    anything else that writes to it, or damages it in place, brings the check back."""
+    path = tmp_path / "d.db"
+    with Store(path) as s:
+        d = s.create_dialogue("one")
+        assert s.quick_checks == 1
+    with Store(path) as s:
+        s.add_message(d.id, kind="code", source="x = 1")
+        assert s.quick_checks == 0  # nothing touched it since
+    con = sqlite3.connect(path)  # another program writes to the file
+    con.execute("CREATE TABLE other_app (x)")
+    con.commit()
+    con.close()
+    with Store(path) as s:
+        s.add_message(d.id, kind="code", source="x = 2")
+        assert s.quick_checks == 1
+    # damaged in place, after a clean close: the check runs and refuses to write
+    page = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    with Store(path) as s:
+        s.add_message(d.id, kind="code", source="x = 3")  # a clean close of ours: noted as checked again
+    pages = _pages_of(path, "versions")
+    _overwrite(path, (max(pages) - 1) * page, page)
+    before = digest(path)
+    for _ in range(2):  # refused, and it stays refused
+        with pytest.raises(DamagedError):
+            with Store(path) as s:
+                s.add_message(d.id, kind="code", source="x = 4")
+        assert digest(path) == before
