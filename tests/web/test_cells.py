@@ -355,3 +355,35 @@ def test_an_answer_says_what_the_model_did_not_see_in_full_and_why_it_stopped(cl
     assert "long output of 2 code cells shortened for the model (50 lines cut)" in text
     assert "2 earlier message(s) left out to fit the context" in text
     assert "stopped: it repeated itself" in text
+
+
+def test_settings_answer_length_output_limit_and_repetition_guards(client, db):
+    """The settings form's "Answers" fields: what the page shows, what a save stores (only what
+    changed), what it refuses (nothing stored), and that unchecked switches are read as off."""
+    d = db.create("Answers")
+    page = Tags(client.get(f"/d/{d.id}").text)
+    assert page.find("input", name="max_tokens", value="") and page.find("input", name="output_limit", value="")
+    assert [a for a in page.find("input", name="dry") if "checked" in a]
+    v = db.open(d.id).version
+    same = {"generation": "1", "max_tokens": "", "output_limit": "", "dry": "1", "loop_stop": "1"}
+    r = client.post(f"/d/{d.id}/settings", data={**same, "dversion": v}, headers=HX)
+    assert r.status_code == 200 and db.open(d.id).version == v  # nothing changed, nothing stored
+    r = client.post(f"/d/{d.id}/settings", headers=HX,
+                    data={"generation": "1", "max_tokens": "64", "output_limit": "5,5,500",
+                          "loop_stop": "1", "dversion": v})  # DRY unchecked: sends nothing
+    assert r.status_code == 200
+    meta = db.open(d.id).meta
+    assert meta["max_tokens"] == 64 and meta["output_limit"] == {"head": 5, "tail": 5, "chars": 500}
+    assert meta["sampling"] == {"dry_multiplier": 0.0}
+    page = Tags(client.get(f"/d/{d.id}").text)
+    assert page.find("input", name="max_tokens", value="64") and page.find("input", name="output_limit", value="5,5,500")
+    assert not [a for a in page.find("input", name="dry") if "checked" in a]
+    v = db.open(d.id).version
+    for bad in ({"max_tokens": "0"}, {"output_limit": "lots"}):
+        r = client.post(f"/d/{d.id}/settings", headers=HX,
+                        data={**same, "max_tokens": "64", "output_limit": "5,5,500", **bad, "dversion": v})
+        assert r.status_code == 400 and db.open(d.id).version == v
+    r = client.post(f"/d/{d.id}/settings", data={**same, "dversion": v}, headers=HX)
+    assert r.status_code == 200
+    meta = db.open(d.id).meta
+    assert "max_tokens" not in meta and "output_limit" not in meta and "sampling" not in meta

@@ -17,8 +17,8 @@ from typing import Any, Iterable
 
 from fastcore.xml import Safe
 
-from fasthtml.common import (A, Button, Code, Details, Dialog, Div, Form, H2, H3,
-                             Header, Iframe, Input, Label, Li, Link, Main, Meta, NotStr, Option, P,
+from fasthtml.common import (A, Button, Code, Details, Dialog, Div, Fieldset, Form, H2, H3,
+                             Header, Iframe, Input, Label, Legend, Li, Link, Main, Meta, NotStr, Option, P,
                              Pre, Script, Section, Select, Small, Span, Strong, Summary,
                              Table, Tbody, Td, Textarea, Th, Thead, Title, Tr, Ul, to_xml)
 from fasthtml.common import Progress as Progress_  # the <progress> tag
@@ -350,6 +350,7 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                  Label("Model name (any provider's: claude-…, gpt-…, "
                        "openai-compatible:URL/model, local:NAME or a .gguf path)",
                        model_input(d)),
+                 generation_fields(d),
                  Button("Save settings", type="submit", cls="small"),
                  hx_post=urls.settings.to(did=d.id), hx_include="#dversion"),
             Div(H3("Attached context"),
@@ -358,6 +359,40 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                 *ctx_items, add, cls="context"),
             cls="settings-body"),
         id="settings", cls="settings", open=open_, hx_swap_oob="true" if oob else None)
+
+
+def output_limit_text(meta: dict) -> str:
+    """A dialogue's output limit as the settings field shows it ("" = the defaults)."""
+    lim = meta.get("output_limit")
+    if lim is None:
+        return ""
+    if lim == 0:
+        return "off"
+    return ",".join(str(lim.get(k, "")) for k in ("head", "tail", "chars"))
+
+
+def generation_fields(d: Dialogue) -> Any:
+    """How answers are made: their length, what the model sees of long outputs, and (local
+    models) the repetition guards. Blank fields mean the defaults."""
+    sampling = d.meta.get("sampling") or {}
+    return Fieldset(
+        Legend("Answers"),
+        Div(Label("Max tokens", Input(type="number", name="max_tokens", min="1",
+                                      value=str(d.meta.get("max_tokens", "")),
+                                      placeholder="the model's default")),
+            Label("Long outputs the model sees (head,tail,chars)",
+                  Input(name="output_limit", value=output_limit_text(d.meta),
+                        placeholder="20,10,2000 (off: all of it)")),
+            cls="row"),
+        Div(Label(Input(type="checkbox", name="dry", value="1", role="switch",
+                        checked=float(sampling.get("dry_multiplier", 0.8)) > 0),
+                  "Local models: avoid repeating (DRY)"),
+            Label(Input(type="checkbox", name="loop_stop", value="1", role="switch",
+                        checked=bool(sampling.get("loop_stop", True))),
+                  "Stop an answer that loops"),
+            cls="row"),
+        Input(type="hidden", name="generation", value="1"),
+        cls="generation")
 
 
 def _ta(text: str) -> str:

@@ -42,6 +42,8 @@ async def settings(did: str, req: Request) -> Any:
         v = v.strip() if k != "system" else v
         if v != getattr(d, k):
             changes[k] = v
+    if text(f.get("generation")):
+        changes.update(generation_changes(d, f))
     if not changes:
         return (HtmxResponseHeaders(reswap="none"), V.dversion_input(d, oob=True))
     # the service refuses a model no provider serves
@@ -49,6 +51,27 @@ async def settings(did: str, req: Request) -> Any:
     note = "name" if set(changes) == {"name"} else "model" if set(changes) == {"model"} \
         else "settings"
     return saved(s, d, note)
+
+
+def generation_changes(d: Dialogue, f: dict[str, Any]) -> dict[str, Any]:
+    """The answer settings of the form that differ from the dialogue's (the service checks the
+    values: a bad one is refused in one line and nothing is stored)."""
+    out: dict[str, Any] = {}
+    mt = (text(f.get("max_tokens")) or "").strip()
+    if (mt or None) != (str(d.meta["max_tokens"]) if "max_tokens" in d.meta else None):
+        out["max_tokens"] = mt or None
+    lim = (text(f.get("output_limit")) or "").strip()
+    if lim != V.output_limit_text(d.meta):
+        out["output_limit"] = lim or "default"
+    cur = d.meta.get("sampling") or {}
+    dry, loop = bool(text(f.get("dry"))), bool(text(f.get("loop_stop")))
+    if dry != (float(cur.get("dry_multiplier", 0.8)) > 0) or loop != bool(cur.get("loop_stop", True)):
+        # unchecked boxes send nothing: both are set from the form, the rest of the
+        # dialogue's sampling settings (set from the CLI) are kept
+        out["sampling"] = {"dry_multiplier": cur.get("dry_multiplier", 0.8) if dry and
+                           float(cur.get("dry_multiplier", 0.8)) > 0 else (0.8 if dry else 0.0),
+                           "loop_stop": loop}
+    return out
 
 
 @rt(paths.context, methods=["post"])
