@@ -343,7 +343,7 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                hx_post=urls.context.to(did=d.id), hx_include="#dversion",
                hx_encoding="multipart/form-data", cls="ctx-add")
     return Details(
-        Summary("Settings: system prompt, model, attached context"
+        Summary("Settings: system prompt, model, answers, attached context"
                 + (f" ({len(d.context)} attached)" if d.context else "")),
         Div(Form(Label("System prompt", Textarea(_ta(d.system), name="system", rows="3",
                                                  placeholder="Instructions the model sees first")),
