@@ -93,7 +93,8 @@ def test_save_restore_same_process_gives_the_same_greedy_tokens(rt, cache):
 
 
 def test_longest_prefix_wins_and_only_new_tokens_are_evaluated(rt, cache):
-    hist = (("Where is Kendal?", "Kendal is in Cumbria, England."),)
+    # an answer long enough (> SAVE_END_MIN tokens past the system prefix) to be worth its own state
+    hist = (("Where is Kendal?", "Kendal is in Cumbria, England. " * 40),)
     p1 = rt.build_prompt(chat("Where is Kendal?"))
     rt.generate(p1, max_tokens=4)
     p2 = rt.build_prompt(chat("What is Kendal known for?", hist))
@@ -109,6 +110,23 @@ def test_longest_prefix_wins_and_only_new_tokens_are_evaluated(rt, cache):
     # only prefixes of the prompt match
     assert cache.find(rt.cache_namespace, rt.build_prompt(chat("Other?")).tokens)[0].n_tokens == p1.save[0]
     assert cache.find(rt.cache_namespace, rt.tokenize("unrelated text")) == []
+
+
+def test_a_state_close_to_one_already_saved_is_not_saved_again(rt, cache):
+    """A state file costs tens of MB and is written while the user waits for the first token: a
+    boundary fewer than SAVE_END_MIN tokens past a saved prefix is not saved (a restart reads
+    those few tokens instead)."""
+    from dialogue.local.runtime import SAVE_END_MIN
+    hist = (("Where is Kendal?", "Kendal is in Cumbria, England."),)
+    p1 = rt.build_prompt(chat("Where is Kendal?"))
+    rt.generate(p1, max_tokens=4)
+    p2 = rt.build_prompt(chat("What is Kendal known for?", hist))
+    assert 0 < p2.save[-1] - p1.save[0] < SAVE_END_MIN
+    second = rt.generate(p2, max_tokens=8)
+    assert second.saved == 0 and [e.n_tokens for e in cache.entries()] == [p1.save[0]]
+    rt.reset()
+    again = rt.generate(p2, max_tokens=8)  # after a restart: the system prefix, then the rest
+    assert again.restored == p1.save[0] and again.tokens == second.tokens
 
 
 RESTART = textwrap.dedent("""

@@ -360,3 +360,22 @@ def test_dialogue_config_shows_and_changes_the_settings(tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown sampling setting" in r.stderr
     r = run("config", "c", "--sampling-defaults", "--max-tokens", "default")
     assert r.returncode == 0 and "sampling      defaults" in r.stdout and "the model's default" in r.stdout
+
+
+def test_restarting_again_and_again_never_mixes_up_processes(tmp_path, monkeypatch):
+    """Each process has its own pipes and waiting calls: ending one and starting the next in a
+    loop (pipe descriptors get reused) never fails or answers a call of the new one with an event
+    of the old one."""
+    mp = ModelProcess(resolve("default"), env={**os.environ, "DIALOGUE_TEST_HOOKS": "1"})
+    try:
+        for i in range(6):
+            assert mp.count_tokens(f"round {i}") > 0
+            if i % 2:
+                mp.close()
+            else:
+                pid = mp.pid
+                mp.kill()
+                assert _gone(pid)  # (a call racing the kill would fail: it was made to that process)
+        assert mp.count_tokens("last") > 0 and mp.starts == 7
+    finally:
+        mp.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -77,13 +78,9 @@ class ModelProcess:
         self._load = dict(spec=spec, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                           extra_bufts=extra_bufts, cache_dir=str(cache_dir) if cache_dir else None)
         self._env = dict(env) if env is not None else None
-        self._lock = threading.RLock()
-        self._send_lock = threading.Lock()
+        self._lock = threading.RLock()   # starting and ending processes
         self._ids = itertools.count(1)
-        self._proc: subprocess.Popen | None = None
-        self._conn: Connection | None = None
-        self._reader: threading.Thread | None = None
-        self._pending: dict[int, Callable[[str, Any], None]] = {}
+        self._link: _Link | None = None   # the current process and its pipes
         self._info: dict[str, Any] = {}
         self._stderr: Any = None
         self.starts = 0        # processes started (tests: a crash makes the next call start one)
@@ -94,36 +91,43 @@ class ModelProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+        link = self._link
+        return link.proc.pid if link is not None and link.proc.poll() is None else None
 
     @property
     def alive(self) -> bool:
-        return self.pid is not None and self._conn is not None
+        link = self._link
+        return link is not None and not link.ended and link.proc.poll() is None
 
     def start(self) -> dict[str, Any]:
         """Start the process and load the model, if not running. Returns its `info`."""
         with self._lock:
             if self.alive:
                 return self._info
-            self._cleanup()
+            self._end_link()
             r_req, w_req = os.pipe()   # app -> worker
             r_rep, w_rep = os.pipe()   # worker -> app
             self._stderr = tempfile.TemporaryFile(prefix="dialogue-model-")
             env = dict(os.environ if self._env is None else self._env)
             try:
                 with _START_LOCK:  # pass_fds + fork: keep other starts from inheriting our pipes
-                    self._proc = subprocess.Popen(
+                    proc = subprocess.Popen(
                         [sys.executable, "-m", "dialogue.local.worker", str(r_req), str(w_rep)],
                         pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                         stderr=self._stderr, env=env, close_fds=True)
+            except BaseException:
+                for fd in (r_rep, w_req):
+                    os.close(fd)
+                raise
             finally:
                 os.close(r_req)
                 os.close(w_rep)
-            self._conn = _Duplex(Connection(r_rep, writable=False), Connection(w_req, readable=False))
+            link = self._link = _Link(proc, Connection(r_rep, writable=False),
+                                      Connection(w_req, readable=False))
             self.starts += 1
-            self._reader = threading.Thread(target=self._read, args=(self._conn, self._proc),
-                                            name=f"model-{self.spec.name}", daemon=True)
-            self._reader.start()
+            link.reader = threading.Thread(target=self._read, args=(link,),
+                                           name=f"model-{self.spec.name}", daemon=True)
+            link.reader.start()
         try:
             self._info = self._call("load", **self._load)
         except ModelCrashedError:
@@ -133,31 +137,32 @@ class ModelProcess:
             raise
         return self._info
 
-    def _cleanup(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                pass
-        self._proc = None
+    def _end_link(self) -> None:
+        """End the current process (if any) and wait until its reader thread let go of its pipe:
+        a pipe's file descriptor must not be closed while a thread may still read it, or a new
+        pipe given the same number could be read by the old thread."""
+        link, self._link = self._link, None
+        if link is None:
+            return
+        link.close_write()  # the worker reads EOF and exits
+        try:
+            link.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            link.proc.kill()
+            link.proc.wait()
+        if link.reader is not None and link.reader is not threading.current_thread():
+            link.reader.join(timeout=30)
 
     def close(self) -> None:
         """Stop the process (asking first, then SIGKILL)."""
         with self._lock:
-            proc, conn = self._proc, self._conn
-            if proc is not None and proc.poll() is None and conn is not None:
+            link = self._link
+            if link is not None and link.proc.poll() is None:
                 try:
-                    with self._send_lock:
-                        conn.send((0, "close", {}))
-                    proc.wait(timeout=5)
-                except (OSError, subprocess.TimeoutExpired):
+                    link.send((0, "close", {}))
+                except (OSError, ValueError):
                     pass
-            self._cleanup()
+            self._end_link()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send a signal to the process (tests; the OOM killer's view of things)."""
@@ -180,57 +185,54 @@ class ModelProcess:
 
     # ------------------------------------------------------------ messaging
 
-    def _read(self, conn: "_Duplex", proc: subprocess.Popen) -> None:
+    def _read(self, link: "_Link") -> None:
+        """The reader of one process's replies: dispatches them, and when the process is gone
+        fails whatever still waits on *that* process (never on a newer one)."""
         while True:
             try:
-                rid, kind, val = conn.recv()
+                rid, kind, val = link.rd.recv()
             except (EOFError, OSError, ValueError):
                 break
             except Exception as e:  # noqa: BLE001 - a reply that does not unpickle
                 log.warning("unreadable reply from the model process: %s", e)
                 continue
-            with self._lock:
-                cb = self._pending.get(rid)
+            cb = link.pending.get(rid)
             if cb is not None:
                 cb(kind, val)
-        # the process is gone (or we closed the pipe): fail whatever waits on it
+        link.close_read()
+        link.close_write()
         try:
-            code = proc.wait(timeout=10)
+            code = link.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # a closed pipe but a live process: end it
-            proc.kill()
-            code = proc.wait()
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            ours = self._proc is proc
-            if ours:
-                self._conn = None
-        if ours and code != 0:
+            link.proc.kill()
+            code = link.proc.wait()
+        exit_text = _describe_exit(code)
+        if self._link is link or self._link is None:
+            self.last_exit = exit_text
+        waiting = link.end()
+        if waiting and code != 0:
             self.crashes += 1
-        self.last_exit = _describe_exit(code)
-        if pending:
+        if waiting:
             tail = self.stderr_tail(600).strip().splitlines()
             hint = f" (its last words: {tail[-1][:200]})" if tail else ""
             err = ModelCrashedError(
-                f"the local model process {self.last_exit} while working on this answer{hint}; "
+                f"the local model process {exit_text} while working on this answer{hint}; "
                 f"it restarts on the next prompt")
-            for cb in pending.values():
+            for cb in waiting:
                 cb("crashed", err)
 
-    def _send(self, rid: int, op: str, kw: dict[str, Any], cb: Callable[[str, Any], None]) -> None:
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise ModelCrashedError(f"the local model process {self.last_exit or 'is not running'}; "
-                                        "it restarts on the next prompt")
-            self._pending[rid] = cb
+    def _send(self, rid: int, op: str, kw: dict[str, Any], cb: Callable[[str, Any], None]) -> "_Link":
+        link = self._link
+        if link is None or not link.add(rid, cb):
+            raise ModelCrashedError(f"the local model process {self.last_exit or 'is not running'}; "
+                                    "it restarts on the next prompt")
         try:
-            with self._send_lock:
-                conn.send((rid, op, kw))
+            link.send((rid, op, kw))
         except (OSError, ValueError) as e:
-            with self._lock:
-                self._pending.pop(rid, None)
+            link.pending.pop(rid, None)
             raise ModelCrashedError(f"the local model process is gone ({e}); it restarts on the "
                                     "next prompt") from e
+        return link
 
     def _call(self, op: str, **kw: Any) -> Any:
         """One request, one answer, blocking."""
@@ -243,12 +245,11 @@ class ModelProcess:
             elif kind in ("error", "crashed"):
                 fut.set_exception(val)
 
-        self._send(rid, op, kw, cb)
+        link = self._send(rid, op, kw, cb)
         try:
             return fut.result()
         finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+            link.pending.pop(rid, None)
 
     def call(self, op: str, **kw: Any) -> Any:
         """A request to the model process, starting it first if needed."""
@@ -339,12 +340,11 @@ class ModelProcess:
             else:
                 fut.set_exception(val)
 
-        self._send(rid, "generate", {"prompt": prompt, "kw": kw}, cb)
+        link = self._send(rid, "generate", {"prompt": prompt, "kw": kw}, cb)
         try:
             return fut.result()
         finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+            link.pending.pop(rid, None)
 
     async def stream(self, prompt: Prompt, **kw: Any) -> AsyncIterator[str | GenStats | tuple]:
         """Generate in the model process; yield text pieces, ("progress", read, total, eta_s)
@@ -362,7 +362,7 @@ class ModelProcess:
         def cb(kind: str, val: Any) -> None:
             loop.call_soon_threadsafe(q.put_nowait, (kind, val))
 
-        self._send(rid, "generate", {"prompt": prompt, "kw": kw}, cb)
+        link = self._send(rid, "generate", {"prompt": prompt, "kw": kw}, cb)
         try:
             while True:
                 kind, val = await q.get()
@@ -379,14 +379,12 @@ class ModelProcess:
                     raise val
         finally:
             if not finished:
-                with self._lock:
-                    conn = self._conn
-                if conn is not None:
-                    try:
-                        with self._send_lock:
-                            conn.send((0, "cancel", {"id": rid}))
-                    except (OSError, ValueError):
-                        pass
+                try:
+                    link.send((0, "cancel", {"id": rid}))
+                    sent = True
+                except (OSError, ValueError):  # the process is gone: its reader ends the call
+                    sent = not link.ended
+                if sent:
                     # wait for the generation to end (or the process to die) so the next call
                     # starts on a consistent context
                     async def drain() -> None:
@@ -398,29 +396,51 @@ class ModelProcess:
                         await asyncio.shield(asyncio.wait_for(drain(), timeout=60))
                     except (asyncio.TimeoutError, asyncio.CancelledError):
                         pass
-            with self._lock:
-                self._pending.pop(rid, None)
+            link.pending.pop(rid, None)
 
 
-class _Duplex:
-    """Two one-way Connections as one (our pipes are one-way: a plain fd per direction, so the
-    worker can be given exactly the two it needs)."""
+class _Link:
+    """One model process and its two one-way pipes (a plain fd per direction, so the worker is
+    given exactly the two it needs), with the calls waiting on it. Each process has its own: a
+    late event of a dead process can never fail or answer a call made to its successor. The
+    read end is closed only by the reader thread, after its last read."""
 
-    def __init__(self, rd: Connection, wr: Connection):
-        self.rd, self.wr = rd, wr
+    def __init__(self, proc: subprocess.Popen, rd: Connection, wr: Connection):
+        self.proc, self.rd, self.wr = proc, rd, wr
+        self.reader: threading.Thread | None = None
+        self.pending: dict[int, Callable[[str, Any], None]] = {}
+        self.ended = False
+        self._lock = threading.Lock()
 
-    def recv(self) -> Any:
-        return self.rd.recv()
+    def add(self, rid: int, cb: Callable[[str, Any], None]) -> bool:
+        with self._lock:
+            if self.ended:
+                return False
+            self.pending[rid] = cb
+            return True
+
+    def end(self) -> list[Callable[[str, Any], None]]:
+        """Mark the process gone; the callbacks still waiting on it."""
+        with self._lock:
+            self.ended = True
+            waiting, self.pending = list(self.pending.values()), {}
+            return waiting
 
     def send(self, obj: Any) -> None:
-        self.wr.send(obj)
+        with self._lock:
+            if self.wr.closed:
+                raise OSError("the pipe to the model process is closed")
+            self.wr.send(obj)
 
-    def close(self) -> None:
-        for c in (self.wr, self.rd):
-            try:
-                c.close()
-            except OSError:
-                pass
+    def close_write(self) -> None:
+        with self._lock:
+            if not self.wr.closed:
+                with contextlib.suppress(OSError):
+                    self.wr.close()
+
+    def close_read(self) -> None:
+        with contextlib.suppress(OSError):
+            self.rd.close()
 
 
 # ---------------------------------------------------------------- shared processes
