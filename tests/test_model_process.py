@@ -262,7 +262,8 @@ def test_models_load_into_plain_cpu_buffers_whatever_the_cpu(model, q4_0):
     """No AMX and no CPU_REPACK buffers, whatever the CPU offers: the model's weights are read from
     the mapped file as they are (on an AMX Xeon the AMX buffers crashed the first decode)."""
     path = bundled_model_path() if model == "bundled" else q4_0
-    out, buffers = _load_log(path, DIALOGUE_LLAMA_REPACK="")
+    # on the CPU path (a GPU build would put the layers in device buffers, which is not in question)
+    out, buffers = _load_log(path, DIALOGUE_LLAMA_REPACK="", DIALOGUE_GPU_LAYERS="0")
     assert "EXTRA False" in out and "GEN" in out
     assert buffers and set(buffers) <= {"CPU", "CPU_Mapped"}, buffers
 
@@ -272,7 +273,7 @@ def test_the_repack_opt_in_really_changes_the_buffers(q4_0):
     repacked buffers on a CPU with AVX2 (the x86 repack kernels need it)."""
     if not ({"avx2"} & _cpu_flags()):
         pytest.skip("llama.cpp repacks Q4_0 only on AVX2 (x86) or NEON (ARM); this CPU has no AVX2")
-    out, buffers = _load_log(q4_0, DIALOGUE_LLAMA_REPACK="1")
+    out, buffers = _load_log(q4_0, DIALOGUE_LLAMA_REPACK="1", DIALOGUE_GPU_LAYERS="0")
     assert "EXTRA True" in out
     assert any(b not in ("CPU", "CPU_Mapped") for b in buffers), buffers  # CPU_REPACK (or AMX)
 

@@ -740,7 +740,7 @@ def with_generation(meta: dict, *, max_tokens: Any = _UNSET, sampling: Any = _UN
     """`meta` with a dialogue's generation settings set and checked: `max_tokens` (a positive
     number of tokens per answer; None = the model's default) and `sampling` (the local model's
     repetition settings, `local.runtime.Sampling` fields; None or {} = the defaults; a dict is
-    merged into what is set). Bad values raise ValueError before anything is stored, including
+    merged into what is set, a key in it given as None back to its default). Bad values raise ValueError before anything is stored, including
     values a `meta` brings along (an imported notebook's)."""
     from .local.runtime import Sampling
     meta = dict(meta)
@@ -755,7 +755,9 @@ def with_generation(meta: dict, *, max_tokens: Any = _UNSET, sampling: Any = _UN
             raise ValueError(f"max_tokens must be a positive whole number of tokens, not {v!r}")
         meta["max_tokens"] = int(v)
     if sampling is not _UNSET:
-        meta["sampling"] = {**(meta.get("sampling") or {}), **sampling} if sampling else {}
+        # merged into what is set; a key given as None goes back to its default
+        merged = {**(meta.get("sampling") or {}), **sampling} if sampling else {}
+        meta["sampling"] = {k: v for k, v in merged.items() if v is not None}
     if meta.get("sampling"):
         meta["sampling"] = {k: v for k, v in Sampling.from_dict(meta["sampling"]).to_dict().items()
                             if v != getattr(Sampling, k)}  # what differs from the defaults

@@ -38,8 +38,7 @@ from ..errors import ProviderError
 from ..gguf.models import ModelSpec
 from .runtime import DEFAULT_N_CTX, GenStats, Prompt, shared
 
-__all__ = ["ModelProcess", "ModelCrashedError", "get_model_process", "model_processes",
-           "shutdown_all"]
+__all__ = ["ModelProcess", "ModelCrashedError", "get_model_process"]
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +258,6 @@ class ModelProcess:
 
     # ------------------------------------------------------------ the runtime's calls
 
-    @property
-    def info(self) -> dict[str, Any]:
-        if not self.alive:
-            self.start()
-        return self._info
-
     def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
         return self.call("tokenize", args=(text,), kw={"special": special, "add_bos": add_bos})
 
@@ -452,15 +445,3 @@ _procs_lock = threading.Lock()
 def get_model_process(model: str | ModelSpec = "default", *, n_ctx: int = DEFAULT_N_CTX) -> ModelProcess:
     """The app-wide model process for a model file and context size (not started until used)."""
     return shared(_procs, _procs_lock, model, n_ctx, lambda s, n: ModelProcess(s, n_ctx=n))
-
-
-def model_processes() -> list[ModelProcess]:
-    return list(_procs.values())
-
-
-def shutdown_all() -> None:
-    """Stop every model process (the app's shutdown; the processes also die with the app)."""
-    with _procs_lock:
-        procs = list(_procs.values())
-    for mp in procs:
-        mp.close()

@@ -371,10 +371,19 @@ def output_limit_text(meta: dict) -> str:
     return ",".join(str(lim.get(k, "")) for k in ("head", "tail", "chars"))
 
 
+def dry_on(meta: dict) -> bool:
+    """Whether the dialogue's local answers use DRY (on unless its multiplier is set to 0)."""
+    s = meta.get("sampling") or {}
+    return "dry_multiplier" not in s or float(s["dry_multiplier"]) > 0
+
+
+def loop_stop_on(meta: dict) -> bool:
+    return bool((meta.get("sampling") or {}).get("loop_stop", True))
+
+
 def generation_fields(d: Dialogue) -> Any:
     """How answers are made: their length, what the model sees of long outputs, and (local
     models) the repetition guards. Blank fields mean the defaults."""
-    sampling = d.meta.get("sampling") or {}
     return Fieldset(
         Legend("Answers"),
         Div(Label("Max tokens", Input(type="number", name="max_tokens", min="1",
@@ -385,10 +394,10 @@ def generation_fields(d: Dialogue) -> Any:
                         placeholder="20,10,2000 (off: all of it)")),
             cls="row"),
         Div(Label(Input(type="checkbox", name="dry", value="1", role="switch",
-                        checked=float(sampling.get("dry_multiplier", 0.8)) > 0),
+                        checked=dry_on(d.meta)),
                   "Local models: avoid repeating (DRY)"),
             Label(Input(type="checkbox", name="loop_stop", value="1", role="switch",
-                        checked=bool(sampling.get("loop_stop", True))),
+                        checked=loop_stop_on(d.meta)),
                   "Stop an answer that loops"),
             cls="row"),
         Input(type="hidden", name="generation", value="1"),

@@ -63,14 +63,15 @@ def generation_changes(d: Dialogue, f: dict[str, Any]) -> dict[str, Any]:
     lim = (text(f.get("output_limit")) or "").strip()
     if lim != V.output_limit_text(d.meta):
         out["output_limit"] = lim or "default"
-    cur = d.meta.get("sampling") or {}
-    dry, loop = bool(text(f.get("dry"))), bool(text(f.get("loop_stop")))
-    if dry != (float(cur.get("dry_multiplier", 0.8)) > 0) or loop != bool(cur.get("loop_stop", True)):
-        # unchecked boxes send nothing: both are set from the form, the rest of the
-        # dialogue's sampling settings (set from the CLI) are kept
-        out["sampling"] = {"dry_multiplier": cur.get("dry_multiplier", 0.8) if dry and
-                           float(cur.get("dry_multiplier", 0.8)) > 0 else (0.8 if dry else 0.0),
-                           "loop_stop": loop}
+    # unchecked boxes send nothing; a switch turned on goes back to the default (None), one
+    # turned off is set; the dialogue's other sampling settings (from the CLI) are kept
+    sampling: dict[str, Any] = {}
+    if bool(text(f.get("dry"))) != V.dry_on(d.meta):
+        sampling["dry_multiplier"] = None if text(f.get("dry")) else 0.0
+    if bool(text(f.get("loop_stop"))) != V.loop_stop_on(d.meta):
+        sampling["loop_stop"] = None if text(f.get("loop_stop")) else False
+    if sampling:
+        out["sampling"] = sampling
     return out
 
 
