@@ -133,7 +133,9 @@ while True:
 
 
 async def test_stop_restarts_the_kernel_of_a_cell_that_swallows_the_interrupt(tmp_path):
-    svc = DialogueService(tmp_path / "stop.db", stop_grace=1.5)
+    # a grace long enough that the swallowed interrupt's output arrives on a loaded 2-core CI
+    # machine (at 1.5 s it once did not), so the assertion below can say the interrupt came first
+    svc = DialogueService(tmp_path / "stop.db", stop_grace=5)
     try:
         svc.create("d")
         await svc.run("d", svc.add("d", "code", "x = 1").id)
@@ -151,7 +153,7 @@ async def test_stop_restarts_the_kernel_of_a_cell_that_swallows_the_interrupt(tm
         assert "ignored" in r.outputs[0]["text"]  # it did get the interrupt, and swallowed it
         assert svc.run_status(r) == "restarted"
         assert "kernel was restarted" in r.meta["run"]["message"]
-        assert "1.5 s" in r.meta["run"]["message"] and "variables are lost" in r.meta["run"]["message"]
+        assert "5 s" in r.meta["run"]["message"] and "variables are lost" in r.meta["run"]["message"]
         # the old kernel is gone and a fresh one is already up: the next cell runs there
         assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
         assert svc.kernel_status("d") == "idle" and kernel.pid != old
