@@ -342,14 +342,31 @@ class DialogueService:
     def delete_message(self, ref: str, msg: str, *, base_version: int | None = None) -> None:
         self.store.delete_message(self.message_id(ref, msg), base_version=base_version)
 
-    def restore_message(self, ref: str, msg: str) -> Message:
+    def trashed_message(self, ref: str, msg: str) -> TrashItem:
+        """A trashed message of the dialogue by id, id prefix, or the position it had: a short
+        all-digit `msg` is the place it takes again when restored (`rm scratch 2` then `restore
+        scratch 2`); of several trashed messages at that place, the one deleted last."""
         did = self.dialogue_id(ref)
-        hits = [t.id for t in self.store.trash()
-                if t.type == "message" and t.dialogue_id == did and t.id.startswith(str(msg))]
-        if len(hits) != 1:
-            raise NotFoundError(f"no single message {msg!r} of this dialogue in the trash"
-                                + (f" (matches: {', '.join(hits)})" if hits else ""))
-        return self.store.restore_message(hits[0])
+        mine = [t for t in self.store.trash() if t.type == "message" and t.dialogue_id == did]
+        msg = str(msg).strip()
+        exact = [t for t in mine if t.id == msg]
+        if exact:
+            return exact[0]
+        if msg.isdigit() and len(msg) < 8:
+            at = [t for t in mine if t.position == int(msg)]  # newest first
+            if at:
+                return at[0]
+        hits = [t for t in mine if len(msg) >= 4 and t.id.startswith(msg)]
+        if len(hits) == 1:
+            return hits[0]
+        there = ", ".join(f"{t.position} ({t.id})" for t in mine) or "none"
+        raise NotFoundError(f"no single message {msg!r} of this dialogue in the trash"
+                            + (f": {msg!r} matches {', '.join(t.id for t in hits)}" if hits else
+                               f" (trashed messages of this dialogue, by place: {there})"))
+
+    def restore_message(self, ref: str, msg: str) -> Message:
+        """Bring a trashed message back to its place (`trashed_message` says which)."""
+        return self.store.restore_message(self.trashed_message(ref, msg).id)
 
     def history(self, ref: str, msg: str) -> list[Version]:
         return self.store.history(self.message_id(ref, msg))

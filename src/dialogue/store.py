@@ -150,6 +150,8 @@ class TrashItem:
     dialogue_id: str
     name: str  # dialogue name, or the first line of the message
     deleted: float
+    dialogue_name: str = ""  # the dialogue's name (a message's dialogue, or the dialogue itself)
+    position: int = 0  # a message: its 1-based place in its dialogue were it restored now
 
 
 # ---------------------------------------------------------------- schema and migrations
@@ -1315,11 +1317,14 @@ class Store:
 
     def trash(self) -> list[TrashItem]:
         """Deleted dialogues, and deleted messages of live dialogues, newest first."""
-        items = [TrashItem("dialogue", i, i, n, t) for i, n, t in self._x(
+        items = [TrashItem("dialogue", i, i, n, t, n) for i, n, t in self._x(
             "SELECT id, name, deleted FROM dialogues WHERE deleted IS NOT NULL")]
-        items += [TrashItem("message", i, d, (src.strip().splitlines() or [""])[0][:80], t)
-                  for i, d, src, t in self._x(
-                      "SELECT m.id, m.dialogue_id, m.source, m.deleted FROM messages m JOIN "
+        items += [TrashItem("message", i, d, (src.strip().splitlines() or [""])[0][:80], t, dn,
+                            pos)
+                  for i, d, src, t, dn, pos in self._x(
+                      "SELECT m.id, m.dialogue_id, m.source, m.deleted, d.name, 1 + (SELECT "
+                      "COUNT(*) FROM messages x WHERE x.dialogue_id = m.dialogue_id AND "
+                      "x.deleted IS NULL AND x.pos < m.pos) FROM messages m JOIN "
                       "dialogues d ON d.id = m.dialogue_id WHERE m.deleted IS NOT NULL AND "
                       "d.deleted IS NULL")]
         return sorted(items, key=lambda t: -t.deleted)

@@ -36,7 +36,8 @@ def cmd_rm(svc: DialogueService, a: argparse.Namespace) -> None:
     if a.msg:
         mid = svc.message_id(a.name, a.msg)
         svc.delete_message(a.name, mid)
-        out.print(plain(f"message {mid} moved to the trash (`dialogue restore {a.name} {mid}`)"))
+        out.print(plain(f"message {mid} moved to the trash "
+                        f"(`dialogue restore {_arg(a.name)} {mid}`)"))
     else:
         svc.delete(a.name)
         out.print(plain(f"dialogue {a.name!r} moved to the trash (`dialogue restore {a.name}`)"))
@@ -48,7 +49,8 @@ def cmd_restore(svc: DialogueService, a: argparse.Namespace) -> None:
         out.print(plain(f"dialogue {d.name!r} restored from the trash"))
     elif a.version is None:
         m = svc.restore_message(a.name, a.msg)
-        out.print(plain(f"message {m.id} restored from the trash"))
+        pos = [x.id for x in svc.messages(a.name)].index(m.id) + 1
+        out.print(plain(f"message {m.id} restored from the trash, at position {pos}"))
     else:
         m = svc.restore_version(a.name, a.msg, a.version)
         out.print(plain(f"message {m.id}: version {a.version} restored as version {m.version}"))
@@ -93,10 +95,21 @@ def cmd_trash(svc: DialogueService, a: argparse.Namespace) -> None:
     if not items:
         out.print("the trash is empty")
         return
-    t = Table("type", "id", "dialogue", "what", "deleted", box=None)
+    t = Table("dialogue", "message", "what", "deleted", "restore with", box=None)
     for i in items:
-        t.add_row(plain(i.type), plain(i.id), plain(i.dialogue_id), plain(i.name), when(i.deleted))
+        if i.type == "dialogue":
+            t.add_row(plain(i.name), "", plain("the whole dialogue"), when(i.deleted),
+                      plain(f"dialogue restore {_arg(i.name)}"))
+        else:
+            t.add_row(plain(i.dialogue_name), plain(f"{i.position} ({i.id})"), plain(i.name),
+                      when(i.deleted), plain(f"dialogue restore {_arg(i.dialogue_name)} {i.id}"))
     out.print(t)
+
+
+def _arg(name: str) -> str:
+    """A name as a shell argument (quoted when it needs to be)."""
+    import shlex
+    return shlex.quote(name)
 
 
 def cmd_attach(svc: DialogueService, a: argparse.Namespace) -> None:

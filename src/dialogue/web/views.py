@@ -166,15 +166,25 @@ def dialogue_list(items: list[dict], trash: list[TrashItem]) -> Any:
                   Tbody(*rows, id="dialogue-rows"), cls="dialogues")
             if rows else P("No dialogues yet: name one above and press New dialogue, or import a "
                            "notebook.", cls="empty"))
-    dtrash = [t for t in trash if t.type == "dialogue"]
     trash_section = Details(
-        Summary(f"Trash ({len(dtrash)})"),
-        Ul(*[Li(Span(t.name, cls="name"), Small(f" deleted {_ago(t.deleted)}"),
-                Button("Restore", hx_post=urls.restore.to(did=t.id), hx_target="#dialogue-list",
-                       hx_swap="outerHTML", cls="secondary small"))
-             for t in dtrash]) if dtrash else P("The trash is empty.", cls="empty"),
+        Summary(f"Trash ({len(trash)})"),
+        Ul(*[trash_item(t) for t in trash]) if trash else P("The trash is empty.", cls="empty"),
         cls="trash")
     return Div(H2("Dialogues"), body, trash_section, id="dialogue-list")
+
+
+def trash_item(t: TrashItem) -> Any:
+    """A trashed dialogue, or a trashed message under its dialogue's name and the place it
+    takes again when restored."""
+    if t.type == "dialogue":
+        what = (Span(t.name, cls="name"), Small(" dialogue"))
+        url = urls.restore.to(did=t.id)
+    else:
+        what = (Span(t.dialogue_name, cls="name"), Small(f" cell {t.position}: "),
+                Code(t.name or "(empty)"))
+        url = urls.undelete.to(did=t.dialogue_id, mid=t.id, to="list")
+    return Li(*what, Small(f" deleted {_ago(t.deleted)}"),
+              Button("Restore", hx_post=url, cls="secondary small"), cls=f"trash-{t.type}")
 
 
 def dialogue_row(d: dict) -> Any:

@@ -162,6 +162,12 @@ async def undelete(did: str, mid: str, req: Request) -> Any:
     svc = site(req).service
     d = svc.dialogue_id(did)
     m = svc.restore_message(d, mid)
+    if req.query_params.get("to") == "list":  # from the dialogues page's trash
+        listing = V.dialogue_list(svc.list(), svc.trash())
+        listing.attrs["hx-swap-oob"] = "true"
+        return (HtmxResponseHeaders(reswap="none"), listing,
+                V.toast(f"Restored a {m.kind.value} cell of “{svc.open(d, messages=False).name}”.",
+                        level="info"))
     ids = [x.id for x in svc.open(d).messages]
     i = ids.index(m.id)
     if i > 0:
