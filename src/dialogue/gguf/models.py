@@ -19,9 +19,10 @@ import os
 import re
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import UnknownModelError
 from .files import is_gguf
@@ -30,6 +31,7 @@ from .templates import CHAT_FORMATS
 __all__ = [
     "ModelSpec", "ModelNotInstalledError", "BUNDLED_NAMES", "data_dir", "registry_path",
     "bundled_model_path", "resolve", "list_models", "add", "remove", "add_from_hub", "model_hash",
+    "registry_lock",
 ]
 
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,7 +114,37 @@ def _gemma_path() -> Path:
 
 # ---------------------------------------------------------------- registry file
 
-_lock = threading.Lock()
+REGISTRY_LOCK_TIMEOUT = 30.0
+_locks: dict[str, tuple[threading.RLock, Any]] = {}
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def registry_lock(path: Path, *, timeout: float = REGISTRY_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the JSON registry at `path` (models.json, adapters.json) for a read-modify-write.
+
+    The CLI and a running web server write the same files: a lock inside one process would let
+    them read the same old file and each write it back without the other's entry. This takes the
+    process's own lock (threads; reentrant), then an OS lock on `<path>.lock` held by this process
+    (`filelock`: flock on POSIX, msvcrt on Windows; the OS drops it if the process dies, so a crash
+    leaves no stale lock). A registry held longer than `timeout` raises UnknownModelError."""
+    from filelock import FileLock, Timeout
+    key = str(path)
+    with _locks_guard:
+        if key not in _locks:
+            _locks[key] = (threading.RLock(), FileLock(key + ".lock"))
+        rlock, flock = _locks[key]
+    with rlock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            flock.acquire(timeout=timeout)
+        except Timeout:
+            raise UnknownModelError(f"the registry {path} stayed locked by another dialogue process "
+                                    f"for {timeout:.0f} s; try again") from None
+        try:
+            yield
+        finally:
+            flock.release()
 
 
 def _read_registry() -> dict[str, dict[str, Any]]:
@@ -162,7 +194,7 @@ def add(name: str, path: str | os.PathLike[str], *, chat_format: str | None = No
                          "or none to use the template stored in the GGUF file")
     p = Path(path).expanduser().resolve()
     _check_gguf(p)
-    with _lock:
+    with registry_lock(registry_path()):
         models = _read_registry()
         if name in models and not replace:
             raise ValueError(f"model {name!r} is already registered (to {models[name]['path']}); "
@@ -175,7 +207,7 @@ def add(name: str, path: str | os.PathLike[str], *, chat_format: str | None = No
 
 def remove(name: str) -> None:
     """Forget a registered name. The file itself is left alone: it may be the user's own."""
-    with _lock:
+    with registry_lock(registry_path()):
         models = _read_registry()
         if name not in models:
             raise UnknownModelError(f"no registered local model named {name!r}")
