@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -34,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..gguf import files
 from ..gguf.lora import (AdapterError, AdapterMismatchError, LoraFile, check_fits, check_scale, peft_to_gguf,
                          read_lora)
-from ..gguf.models import ModelSpec, data_dir, model_hash
+from ..gguf.models import ModelSpec, data_dir, model_hash, registry_lock
 from ..gguf.models import resolve as resolve_model
 from .merge import MERGE_METHODS, merge_files
 
@@ -65,14 +64,18 @@ def adapters_dir() -> Path:
 # ---------------------------------------------------------------- the base's shapes
 
 _base_cache: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {}
-_lock = threading.RLock()
+
+
+def _lock() -> Any:
+    """The registry held across threads and processes (the CLI and a server both write it)."""
+    return registry_lock(registry_path())
 
 
 def _base_shapes(base: ModelSpec) -> tuple[str, str, dict[str, tuple[int, ...]]]:
     """(content hash, architecture, tensor name -> ne) of a base GGUF, from memory, the registry
     file, or (once per base) the file itself."""
     h = model_hash(base.path)
-    with _lock:
+    with _lock():
         if h in _base_cache:
             return h, *_base_cache[h]
         doc = _read_doc()
@@ -181,7 +184,7 @@ def _entry(lora: LoraFile, *, base: ModelSpec, base_hash: str, source: str, orig
 
 def _register(name: str, entry: dict[str, Any]) -> AdapterInfo:
     """Write `entry` under `name`; a file the registry made for the entry it replaces is deleted."""
-    with _lock:
+    with _lock():
         doc = _read_doc()
         old = doc["adapters"].get(name)
         doc["adapters"][name] = entry
@@ -321,7 +324,7 @@ def add(path_or_repo: str | os.PathLike[str], name: str | None = None, *, base: 
     if name is None:
         name = _default_name(src)
     _check_name(name)
-    with _lock:
+    with _lock():
         doc = _read_doc()
         if name in doc["adapters"] and not replace:
             raise AdapterError(f"adapter {name!r} is already registered (to {doc['adapters'][name]['path']}); "
@@ -365,7 +368,7 @@ def add(path_or_repo: str | os.PathLike[str], name: str | None = None, *, base: 
 def remove(name: str) -> None:
     """Forget a registered adapter; delete its file only if the registry made it (a conversion, a
     merge): a file the user added by path stays theirs."""
-    with _lock:
+    with _lock():
         doc = _read_doc()
         if name not in doc["adapters"]:
             raise UnknownAdapterError(f"no registered adapter named {name!r}"
@@ -525,7 +528,7 @@ def copy_into_registry(path: str | os.PathLike[str], name: str | None = None, *,
         if not existed:
             dest.unlink(missing_ok=True)
         raise
-    with _lock:
+    with _lock():
         doc = _read_doc()
         e = doc["adapters"][name]
         e.update(managed=True, origin=str(src.resolve()))
