@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import subprocess
+import sys
 import time
 
 import pytest
@@ -72,21 +74,51 @@ def test_unknown_model_names_say_what_is_accepted(name):
 
 # ---------------------------------------------------------------- prices
 
-def test_cost_uses_the_longest_price_prefix_and_all_four_counts():
-    u = Usage(input=1_000_000, output=1_000_000, cache_read=1_000_000, cache_write=1_000_000)
-    assert cost("claude-sonnet-4-5-20250929", u) == pytest.approx(3.0 + 15.0 + 0.3 + 3.75)
-    assert cost("gpt-4.1-mini-2025-04-14", Usage(input=1_000_000)) == pytest.approx(0.4)
-    assert cost("gpt-4.1-2025-04-14", Usage(input=1_000_000)) == pytest.approx(2.0)
-    assert cost("gpt-4o-mini", Usage(output=2_000_000)) == pytest.approx(1.2)
-    # a typical cached Claude answer: 14 fresh, 2,188 read, 52 written, 17 out
+@pytest.mark.parametrize("model, dollars", [
+    # 1M input + 1M output tokens at the published prices (the old prefix table said $90, $10
+    # and $11.25: claude-opus-4-5 at Opus 4's rate, o3-mini at o3's, gpt-5-nano at gpt-5's)
+    ("claude-opus-4-5", 5.0 + 25.0),
+    ("o3-mini", 1.1 + 4.4),
+    ("gpt-5-nano", 0.05 + 0.4),
+    ("gpt-4.1-mini-2025-04-14", 0.4 + 1.6),  # a dated snapshot is priced as its model
+])
+def test_cost_comes_from_the_price_database(model, dollars):
+    assert cost(model, Usage(input=1_000_000, output=1_000_000)) == pytest.approx(dollars)
+
+
+def test_cost_prices_cache_reads_and_writes():
+    # a typical cached Claude answer: 14 fresh, 2,188 read, 52 written, 17 out ($ per MTok:
+    # 3 input, 15 output, 0.30 cache read, 3.75 cache write)
     assert cost("claude-sonnet-4-5", Usage(14, 17, 2188, 52)) == pytest.approx(
         (14 * 3 + 17 * 15 + 2188 * 0.3 + 52 * 3.75) / 1e6)
+    # OpenAI: cached input at its own rate (gpt-4.1: 2.00 input, 0.50 cached)
+    assert cost("gpt-4.1", Usage(input=1_000_000, cache_read=1_000_000)) == pytest.approx(2.5)
 
 
 def test_cost_is_zero_locally_and_unknown_elsewhere():
     assert cost("local:smollm2", Usage(10_000, 10_000)) == 0.0
     assert cost("openai-compatible:http://h:1/v1/m", Usage(10)) is None
+    assert cost("openai-compatible:http://h:1/v1/gpt-4.1", Usage(10)) is None  # not OpenAI's price
     assert cost("claude-unreleased-9", Usage(10)) is None
+    assert cost("gpt-99-imaginary", Usage(10)) is None
+
+
+def test_cost_reads_no_network():
+    """The database is the package's bundled snapshot: with every socket refused, prices still
+    come out (in a fresh process, so nothing was imported before the sockets were shut)."""
+    code = """
+import socket
+def refuse(*a, **k):
+    raise OSError("network used")
+socket.socket.connect = refuse
+socket.getaddrinfo = refuse
+socket.create_connection = refuse
+from dialogue.llm.base import Usage, cost
+print(cost("claude-opus-4-5", Usage(input=1_000_000, output=1_000_000)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == pytest.approx(30.0)
 
 
 def test_usage_adds_field_by_field():

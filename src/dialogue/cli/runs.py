@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..document import Kind, Message, output_text
-from ..service import DialogueService, Progress
+from ..service import DialogueService, Progress, ProviderError
 from ..terminal import StreamWriter, markup, plain
 from .common import EXIT_ERROR, err, text_arg
 
@@ -74,6 +74,13 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
     # what the model or the code writes reaches the terminal made visible, piece by piece
     stream = StreamWriter()
     try:
+        if svc.message(name, mid).kind == Kind.prompt:
+            from .progress import Bars
+            with Bars() as bars:  # a local model not loaded yet: show the load, not a blank wait
+                try:
+                    await asyncio.to_thread(svc.load_model, name, bars)
+                except ProviderError:
+                    pass  # the run meets it again and stores and prints it as an answer's error
         svc.start(name, mid, prefill=prefill)
         if prefill:
             stream.write(prefill)
@@ -103,7 +110,10 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
         failed = final.meta.get("error") and not (u.get("input") or u.get("output"))
         if final.kind == Kind.prompt and not failed:  # a failed answer's one line is its error
             sys.stdout.write("\n")
-            cost = f", ${u['cost']:.4f}" if u.get("cost") else ""
+            # None: a model with no known price (an openai-compatible server, a model newer
+            # than the price database); 0: a local model, nothing to say
+            cost = (", cost unknown" if "cost" in u and u["cost"] is None
+                    else f", ${u['cost']:.4f}" if u.get("cost") else "")
             cut = final.meta.get("cut") or []
             cut = f"; long output of {len(cut)} code message(s) shortened" if cut else ""
             err.print(f"[dim]{markup(u.get('model', ''))}: {u.get('input', 0)} in "
@@ -125,11 +135,13 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
     if is_file:
         import tempfile
         from ..artifacts import read_notebook, to_ipynb_bytes
-        doc = read_notebook(target, keep_ids=True)
+        from .progress import Bars
         tmp = tempfile.TemporaryDirectory(prefix="dialogue-run-")
-        svc.close()
-        svc = DialogueService(Path(tmp.name) / "run.db")
-        d = svc.import_dialogue(doc, trust=a.trust)
+        with Bars() as bars:
+            doc = read_notebook(target, keep_ids=True, on_progress=bars)
+            svc.close()
+            svc = DialogueService(Path(tmp.name) / "run.db")
+            d = svc.import_dialogue(doc, trust=a.trust, on_progress=bars)
         import_warnings(svc, d, "run", a.target)
     else:
         d = svc.open(a.target)

@@ -20,7 +20,7 @@ __all__ = [
     "ProviderNetworkError", "RateLimitError", "OverloadedError",
     "tool_call_from_json", "register", "get_provider", "resolve", "known_prefixes",
     "ModelInfo", "register_models", "list_models", "check_model",
-    "PRICES", "cost", "with_retries", "parse_retry_after",
+    "cost", "with_retries", "parse_retry_after",
 ]
 
 
@@ -287,7 +287,7 @@ def known_prefixes() -> list[str]:
 
 
 def resolve(model: str) -> Callable[[str], Provider]:
-    _load_builtin()
+    _load_builtin(model)
     for prefix, factory in _REGISTRY:
         if model.startswith(prefix):
             return factory
@@ -342,53 +342,73 @@ def list_models() -> list[ModelInfo]:
     return [m for f in sorted(_LISTERS, key=lambda f: order.get(f.__module__, 1)) for m in f()]
 
 
-_loaded = False
+# The built-in adapters, by the name prefixes each registers. An adapter is imported the first time
+# a name with one of its prefixes is resolved (or when every model is listed): importing the
+# `anthropic` and `openai` SDKs takes over a second, which a local prompt or a CLI command that
+# never calls a hosted model should not pay. Each adapter registers these same prefixes itself
+# (a test holds the two in step).
+BUILTIN_PREFIXES: dict[str, str] = {
+    "claude-": "anthropic",
+    "gpt-": "openai", "o1": "openai", "o3": "openai", "o4": "openai", "chatgpt-": "openai",
+    "openai-compatible:": "openai",
+    "local:": "local",
+}
+_tried: set[str] = set()
 
 
-def _load_builtin() -> None:
-    """Import the built-in adapters so they register themselves. Done lazily: importing an SDK
-    costs time that a CLI command that never calls a model should not pay."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
+def _builtin_module(model: str) -> str | None:
+    """The built-in adapter module (its short name) that serves `model`, by the longest prefix."""
+    best = max((p for p in BUILTIN_PREFIXES if model.startswith(p)), key=len, default=None)
+    return None if best is None else BUILTIN_PREFIXES[best]
+
+
+def _load_builtin(model: str | None = None) -> None:
+    """Import the built-in adapter that serves `model` (all of them when `model` is None) so it
+    registers itself. An adapter whose SDK is not installed is simply not offered."""
     import importlib
-    for mod in ("anthropic", "openai", "local"):
+    wanted = set(BUILTIN_PREFIXES.values()) if model is None else {_builtin_module(model)} - {None}
+    for mod in sorted(wanted - _tried):
+        _tried.add(mod)
         try:
             importlib.import_module(f"dialogue.llm.{mod}")
-        except ImportError:  # an adapter whose SDK is not installed is simply not offered
+        except ImportError:
             pass
 
 
 # ---------------------------------------------------------------- pricing
 
-# US$ per million tokens: input, output, cache read, cache write. Local models cost nothing.
-PRICES: dict[str, tuple[float, float, float, float]] = {
-    "claude-opus-4": (15.0, 75.0, 1.5, 18.75),
-    "claude-sonnet-4": (3.0, 15.0, 0.3, 3.75),
-    "claude-haiku-4": (1.0, 5.0, 0.1, 1.25),
-    "claude-3-5-haiku": (0.8, 4.0, 0.08, 1.0),
-    "gpt-4.1-mini": (0.4, 1.6, 0.1, 0.0),
-    "gpt-4.1-nano": (0.1, 0.4, 0.025, 0.0),
-    "gpt-4.1": (2.0, 8.0, 0.5, 0.0),
-    "gpt-4o-mini": (0.15, 0.6, 0.075, 0.0),
-    "gpt-4o": (2.5, 10.0, 1.25, 0.0),
-    "gpt-5-mini": (0.25, 2.0, 0.025, 0.0),
-    "gpt-5": (1.25, 10.0, 0.125, 0.0),
-    "o4-mini": (1.1, 4.4, 0.275, 0.0),
-    "o3": (2.0, 8.0, 0.5, 0.0),
-}
-
-
 def cost(model: str, usage: Usage) -> float | None:
-    """Cost in US$ of one answer, or None when the model's price is unknown. 0 for local models.
-    The longest matching price-table prefix wins (`gpt-4.1-mini` before `gpt-4.1`)."""
+    """Cost in US$ of one answer, or None when the price is not known. 0 for local models.
+
+    Prices come from `genai-prices` (Pydantic's maintained price database) rather than a table of
+    our own: it matches model names and dated snapshots exactly (no prefix guessing, which priced
+    claude-opus-4-5 at the old Opus 4 rate), knows tiered prices (long-context input) and cache
+    reads/writes, and is updated with each release. Only its bundled snapshot is read: its
+    `UpdatePrices` (which fetches prices from GitHub) is never started, so no network is used.
+    A model it does not know, or any openai-compatible server, is None: surfaces say "unknown"
+    rather than guess."""
     if model.startswith("local:"):
         return 0.0
-    best = max((k for k in PRICES if model.startswith(k)), key=len, default=None)
-    if best is None:
+    provider_id = _price_provider(model)
+    if provider_id is None:
         return None
-    pi, po, pr, pw = PRICES[best]
-    # Providers report cache reads/writes separately from fresh input (Anthropic) or inside it
-    # (OpenAI); adapters normalise to "input excludes cache reads and writes".
-    return (usage.input * pi + usage.output * po + usage.cache_read * pr + usage.cache_write * pw) / 1e6
+    try:  # imported here: 0.2 s that only a finished hosted answer pays
+        from genai_prices import Usage as PriceUsage, calc_price
+    except ImportError:
+        return None
+    # Our Usage counts fresh input apart from cache reads and writes (see the adapters);
+    # genai-prices' input_tokens is the whole prompt, cache reads and writes included.
+    priced = PriceUsage(input_tokens=usage.input + usage.cache_read + usage.cache_write,
+                        output_tokens=usage.output, cache_read_tokens=usage.cache_read,
+                        cache_write_tokens=usage.cache_write)
+    try:
+        return float(calc_price(priced, model, provider_id=provider_id).total_price)
+    except (LookupError, ValueError):  # not in the database, or a price it cannot apply
+        return None
+
+
+def _price_provider(model: str) -> str | None:
+    """genai-prices' provider id for a model name: the API that serves it, or None where the
+    price is not the API's (an openai-compatible server runs any model, at its own cost)."""
+    module = _builtin_module(model)
+    return module if module in ("anthropic", "openai") and not model.startswith("openai-compatible:") else None
