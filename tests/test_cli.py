@@ -11,10 +11,10 @@ from dialogue import ConflictError, Dialogue, Kind, NotFoundError
 from dialogue.service import DialogueService
 
 
-def run(db, *args, input=None):
+def run(db, *args, input=None, cwd=None):
     env = {**os.environ, "DIALOGUE_DB": str(db), "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "dialogue.cli", *args], capture_output=True,
-                          text=True, env=env, input=input, timeout=60)
+                          text=True, env=env, input=input, timeout=60, cwd=cwd)
 
 
 @pytest.fixture

@@ -6,9 +6,11 @@ from dialogue.artifacts.html import to_html
 from dialogue.artifacts.ipynb import (DEFAULT_MAX_BYTES, NotebookError, NotebookTooLarge,
                                       NotebookVersionError, read_notebook, to_ipynb_bytes,
                                       write_notebook)
-from dialogue.artifacts.markdown import MarkdownExport, to_markdown, write_markdown
+from dialogue.artifacts.markdown import (MarkdownExport, hidden_left_out, to_markdown,
+                                         write_markdown)
 from dialogue.artifacts.module import ModuleExportError, to_module
 
 __all__ = ["read_notebook", "write_notebook", "to_ipynb_bytes", "NotebookError",
            "NotebookTooLarge", "NotebookVersionError", "DEFAULT_MAX_BYTES", "to_module",
-           "ModuleExportError", "to_markdown", "write_markdown", "MarkdownExport", "to_html"]
+           "ModuleExportError", "to_markdown", "write_markdown", "MarkdownExport", "to_html",
+           "hidden_left_out"]

@@ -105,10 +105,11 @@ def _outputs_html(outputs: list[dict[str, Any]]) -> str:
 
 
 def to_html(dialogue: Dialogue, *, with_ai: bool = False, title: str | None = None,
-            remote_images: bool = False) -> str:
+            remote_images: bool = False, with_hidden: bool = False) -> str:
     """The dialogue as a complete HTML document (a string). `remote_images`: load images from
-    the web where notes and answers link them (off: they show as links)."""
-    msgs = visible_messages(dialogue, with_ai)
+    the web where notes and answers link them (off: they show as links). Hidden messages are
+    left out unless `with_hidden`."""
+    msgs = visible_messages(dialogue, with_ai, with_hidden)
     page_title = title or front_matter_title(msgs) or dialogue.name
     lang = code_language(dialogue)
     body: list[str] = []

@@ -29,8 +29,8 @@ from dialogue.document import Dialogue, Kind, Message
 from dialogue.render import IMAGE_MIMES, image_data_uri, sanitize_html, strip_ansi
 
 __all__ = ["to_markdown", "write_markdown", "MarkdownExport", "visible_messages", "code_language",
-           "merge_streams", "has_own_title", "front_matter_title", "tool_calls_json",
-           "ImageMode"]
+           "merge_streams", "has_own_title", "hidden_left_out", "front_matter_title",
+           "tool_calls_json", "ImageMode"]
 
 ImageMode = Literal["inline", "files"]
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp",
@@ -65,11 +65,13 @@ def code_language(dialogue: Dialogue) -> str:
     return "python"
 
 
-def visible_messages(dialogue: Dialogue, with_ai: bool) -> list[Message]:
-    """The messages a post shows: not hidden, not `#| hide`, prompts only with `with_ai`."""
+def visible_messages(dialogue: Dialogue, with_ai: bool,
+                     with_hidden: bool = False) -> list[Message]:
+    """The messages a post shows: not hidden (unless `with_hidden`), not `#| hide`, prompts only
+    with `with_ai`."""
     out = []
     for m in dialogue.messages:
-        if m.hidden or (m.kind == Kind.prompt and not with_ai):
+        if (m.hidden and not with_hidden) or (m.kind == Kind.prompt and not with_ai):
             continue
         if m.kind == Kind.code and "hide" in directives(m.source):
             continue
@@ -229,14 +231,23 @@ def _prompt_md(m: Message) -> str:
     return "\n\n".join(parts)
 
 
+def hidden_left_out(dialogue: Dialogue, with_ai: bool) -> int:
+    """How many hidden messages a post leaves out (those it would show were they not hidden):
+    what an export tells its user, who may want them (`with_hidden`)."""
+    return sum(1 for m in dialogue.messages
+               if m.hidden and (with_ai or m.kind != Kind.prompt))
+
+
 def to_markdown(dialogue: Dialogue, *, with_ai: bool = False, images: ImageMode = "inline",
-                images_dir: str | None = None, title: bool = True) -> MarkdownExport:
+                images_dir: str | None = None, title: bool = True,
+                with_hidden: bool = False) -> MarkdownExport:
     """The dialogue as a Markdown post. `images="files"` returns image files under `images_dir`
-    (default `<name>_files`, relative to the post) instead of inlining them."""
+    (default `<name>_files`, relative to the post) instead of inlining them. Hidden messages
+    (hidden from the model) are left out unless `with_hidden`."""
     imgs = _Images(images, images_dir or f"{slug(dialogue.name)}_files")
     lang = code_language(dialogue)
     blocks: list[str] = []
-    msgs = visible_messages(dialogue, with_ai)
+    msgs = visible_messages(dialogue, with_ai, with_hidden)
     if title and not has_own_title(msgs):
         blocks.append(f"# {dialogue.name}")
     for m in msgs:
@@ -262,11 +273,11 @@ def to_markdown(dialogue: Dialogue, *, with_ai: bool = False, images: ImageMode 
 
 
 def write_markdown(dialogue: Dialogue, path: str | Path, *, with_ai: bool = False,
-                   images: ImageMode = "files") -> Path:
+                   images: ImageMode = "files", with_hidden: bool = False) -> Path:
     """Write the post to `path` and its images beside it (in `<stem>_files/`). Returns the path."""
     path = Path(path)
     export = to_markdown(dialogue, with_ai=with_ai, images=images,
-                         images_dir=f"{slug(path.stem)}_files")
+                         images_dir=f"{slug(path.stem)}_files", with_hidden=with_hidden)
     for rel, data in export.files.items():
         target = path.parent / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ def import_warnings(svc: DialogueService, d: Any, command: str, file: str) -> No
 
 def cmd_import(svc: DialogueService, a: argparse.Namespace) -> None:
     from .. import artifacts  # markdown, sanitizer and nbformat load only for the commands using them
-    doc = artifacts.read_notebook(a.file, keep_ids=True)
+    from .progress import Bars
     try:
-        d = svc.import_dialogue(doc, name=a.new_name, trust=a.trust)
+        with Bars() as bars:  # a large notebook takes seconds to parse, convert and store
+            doc = artifacts.read_notebook(a.file, keep_ids=True, on_progress=bars)
+            d = svc.import_dialogue(doc, name=a.new_name, trust=a.trust, on_progress=bars)
     except NameTakenError as e:
         raise UserError(f"{e}: import it under another name with --name") from None
     out.print(f"imported {len(d.messages)} messages into dialogue [b]{markup(d.name)}[/b] "
@@ -49,17 +52,32 @@ def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
     from .. import artifacts
     d = svc.open(a.name)
     ext = {"ipynb": ".ipynb", "py": ".py", "md": ".md", "html": ".html"}[a.to]
-    path = Path(a.output) if a.output else Path(_safe_filename(d.name) + ext)
+    to_stdout = a.output == "-"
+    path = Path(a.output) if a.output and not to_stdout else Path(_safe_filename(d.name) + ext)
     if a.to == "ipynb":
-        path.write_bytes(artifacts.to_ipynb_bytes(d))
+        data = artifacts.to_ipynb_bytes(d)
     elif a.to == "py":
-        path.write_text(artifacts.to_module(d), encoding="utf-8")
-    elif a.to == "md":
-        artifacts.write_markdown(d, path, with_ai=a.with_ai)
+        data = artifacts.to_module(d).encode()
+    elif a.to == "md" and not to_stdout:
+        data = None
+        artifacts.write_markdown(d, path, with_ai=a.with_ai, with_hidden=a.with_hidden)
+    elif a.to == "md":  # one self-contained text: images inlined
+        data = artifacts.to_markdown(d, with_ai=a.with_ai, with_hidden=a.with_hidden).text.encode()
     else:
-        path.write_text(artifacts.to_html(d, with_ai=a.with_ai, remote_images=a.remote_images),
-                        encoding="utf-8")
-    out.print(plain(f"wrote {path}"))
+        data = artifacts.to_html(d, with_ai=a.with_ai, remote_images=a.remote_images,
+                                 with_hidden=a.with_hidden).encode()
+    if to_stdout:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data or b"")
+        sys.stdout.buffer.flush()
+    else:
+        if data is not None:
+            path.write_bytes(data)
+        out.print(plain(f"wrote {path}"))
+    hidden = artifacts.hidden_left_out(d, a.with_ai) if a.to in ("md", "html") else 0
+    if hidden and not a.with_hidden:
+        err.print(plain(f"note: {hidden} hidden message{'s' * (hidden != 1)} left out "
+                        "(--with-hidden keeps them)"))
 
 
 def _args_import(sp: argparse.ArgumentParser) -> None:
@@ -73,8 +91,10 @@ def _args_import(sp: argparse.ArgumentParser) -> None:
 def _args_export(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name")
     sp.add_argument("--to", choices=("ipynb", "py", "md", "html"), required=True)
-    sp.add_argument("-o", "--output")
+    sp.add_argument("-o", "--output", help="the file to write ('-': standard output)")
     sp.add_argument("--with-ai", action="store_true", help="include prompts and answers (md, html)")
+    sp.add_argument("--with-hidden", action="store_true",
+                    help="md, html: keep the messages hidden from the model (left out by default)")
     sp.add_argument("--remote-images", action="store_true",
                     help="html: load the images notes and answers link from the web when the page "
                          "is opened (by default they show as links and nothing is fetched)")

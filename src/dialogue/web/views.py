@@ -316,15 +316,19 @@ def totals(d: Dialogue, oob: bool = False) -> Any:
 
 
 def export_menu(did: str) -> Any:
+    """The export links. app.js fetches them: a refusal is told in a toast, the page stays."""
     return Details(Summary("Export", role="button", cls="secondary small"),
-                   Ul(*[Li(A(label, href=urls.export.to(did=did, fmt=fmt, ai=ai), download=True))
+                   Ul(*[Li(A(label, href=urls.export.to(did=did, fmt=fmt, ai=ai), download=True,
+                             data_export=fmt))
                         for fmt, ai, label in (
                             ("ipynb", None, "Notebook (.ipynb)"),
                             ("py", None, "Python module (.py): exported code"),
                             ("md", None, "Markdown post (.md)"),
                             ("md", 1, "Markdown with prompts and answers"),
                             ("html", None, "Web page (.html)"),
-                            ("html", 1, "Web page with prompts and answers"))]),
+                            ("html", 1, "Web page with prompts and answers"))],
+                      Li(Label(Input(type="checkbox", name="hidden", data_export_hidden="1"),
+                               " Keep hidden cells (md, html)"), cls="export-option")),
                    cls="menu export")
 
 

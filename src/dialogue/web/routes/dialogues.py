@@ -147,23 +147,38 @@ async def restore(did: str, req: Request) -> Any:
 
 @rt(paths.export)
 async def export(did: str, fmt: str, req: Request) -> Response:
-    from ...artifacts import to_html, to_ipynb_bytes, to_markdown, to_module
+    """The dialogue as a file to download. The page's export menu fetches it (app.js) so that a
+    refusal (a module with no exported cell) is told in place rather than as a page of its own,
+    and a note (hidden cells left out) is told beside the download (`X-Dialogue-Note`)."""
+    from urllib.parse import quote
+
+    from ...artifacts import hidden_left_out, to_html, to_ipynb_bytes, to_markdown, to_module
     d = site(req).service.open(did)
-    with_ai = req.query_params.get("ai", "") in ("1", "true", "yes")
+    yes = ("1", "true", "yes")
+    with_ai = req.query_params.get("ai", "") in yes
+    with_hidden = req.query_params.get("hidden", "") in yes
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in d.name) or "dialogue"
     if fmt == "ipynb":
         body, mime = to_ipynb_bytes(d), "application/x-ipynb+json"
     elif fmt == "py":
         body, mime = to_module(d).encode(), "text/x-python; charset=utf-8"
     elif fmt == "md":
-        body, mime = to_markdown(d, with_ai=with_ai).text.encode(), "text/markdown; charset=utf-8"
+        body, mime = (to_markdown(d, with_ai=with_ai, with_hidden=with_hidden).text.encode(),
+                      "text/markdown; charset=utf-8")
     elif fmt == "html":
-        body, mime = to_html(d, with_ai=with_ai).encode(), "text/html; charset=utf-8"
+        body, mime = (to_html(d, with_ai=with_ai, with_hidden=with_hidden).encode(),
+                      "text/html; charset=utf-8")
     else:
         raise NotFoundError(f"no export format {fmt!r}: use ipynb, py, md or html")
     headers = {"Content-Disposition": f'attachment; filename="{stem}.{fmt}"'}
     if fmt == "html":  # never render an export inside the app's origin
         headers["Content-Security-Policy"] = "sandbox"
+    hidden = hidden_left_out(d, with_ai) if fmt in ("md", "html") and not with_hidden else 0
+    if hidden:
+        # percent-encoded: a header is latin-1, a dialogue's name need not be
+        headers["X-Dialogue-Note"] = quote(f"{hidden} hidden cell{'s' * (hidden != 1)} left out "
+                                           f"of {stem}.{fmt}: tick “Keep hidden cells” in the "
+                                           f"Export menu to include {'them' if hidden != 1 else 'it'}.")
     return Response(body, media_type=mime, headers=headers)
 
 

@@ -358,6 +358,8 @@
 
   function onClick(e) {
     var t = e.target;
+    var ex = t.closest && t.closest("a[data-export]");
+    if (ex) { e.preventDefault(); exportFile(ex); return; }
     var a = t.closest && t.closest("[data-act]");
     if (a) {
       var cellA = cellOf(a);
@@ -530,7 +532,39 @@
     }, wait);
   }
 
-  function notice(text) {
+  // An export is fetched, not followed: a refusal (a module with no exported cell) is told in a
+  // toast and the page stays; a note from the server (hidden cells left out) is told beside the
+  // download.
+  function exportFile(link) {
+    var menu = link.closest("details");
+    var keep = menu && menu.querySelector("[data-export-hidden]");
+    var url = link.getAttribute("href") + (keep && keep.checked ? (link.getAttribute("href").indexOf("?") < 0 ? "?" : "&") + "hidden=1" : "");
+    if (menu) menu.open = false;
+    fetch(url, { headers: { "HX-Request": "true" }, credentials: "same-origin" }).then(function (r) {
+      if (!r.ok) {
+        return r.text().then(function (body) {
+          var doc = new DOMParser().parseFromString(body, "text/html");
+          var why = doc.querySelector(".toast-text");
+          notice(why ? why.textContent : "The export failed (" + r.status + ").", "error");
+        });
+      }
+      var cd = r.headers.get("Content-Disposition") || "";
+      var m = /filename="([^"]+)"/.exec(cd);
+      var note = r.headers.get("X-Dialogue-Note");
+      return r.blob().then(function (blob) {
+        var a = document.createElement("a");
+        a.href = URL.createObjectURL(blob);
+        a.download = m ? m[1] : "dialogue." + link.dataset.export;
+        document.body.appendChild(a);
+        a.click();
+        a.remove();
+        setTimeout(function () { URL.revokeObjectURL(a.href); }, 10000);
+        if (note) notice(decodeURIComponent(note));
+      });
+    }).catch(function () { notice("The export did not reach the server.", "error"); });
+  }
+
+  function notice(text, level) {
     var t = document.getElementById("toast");
     if (!t) return;
     var span = document.createElement("span");
@@ -540,8 +574,8 @@
     close.type = "button"; close.className = "toast-close"; close.dataset.act = "close-toast";
     close.setAttribute("aria-label", "close"); close.textContent = "×";
     t.replaceChildren(span, close);
-    t.className = "toast info";
-    t.setAttribute("role", "status");
+    t.className = "toast " + (level || "info");
+    t.setAttribute("role", level === "error" ? "alert" : "status");
   }
 
   function streamCellId(el) {
