@@ -142,3 +142,20 @@ def test_ask_streams_an_answer_with_no_key_and_no_network(tmp_path, monkeypatch)
     assert "Jupiter" in r.stdout and "local:default" in r.stderr
     r = run(db, "ask", "nope", "hi")
     assert r.returncode == 1 and "no dialogue named 'nope'" in r.stderr
+
+
+def test_run_numbers_failures_by_position_among_all_messages(tmp_path):
+    """One numbering: a failure is named by the position `dialogue show` gives the message (notes
+    counted), which every MSG argument accepts."""
+    src = notebook(tmp_path / "n.ipynb", "# Title", "# More prose", "x = 1",
+                   "raise ValueError('boom')")
+    r = run(tmp_path / "u.db", "run", str(src), "-o", str(tmp_path / "o.ipynb"))
+    assert r.returncode == 1
+    assert "message 4 (" in r.stderr and "failed" in r.stderr and "message 2 (" not in r.stderr
+    db = tmp_path / "d.db"
+    run(db, "new", "calc")
+    run(db, "add", "calc", "--note", "intro")
+    run(db, "add", "calc", "--code", "1/0")
+    r = run(db, "run", "calc")
+    assert r.returncode == 1 and "message 2 (" in r.stderr and "ZeroDivisionError" in r.stderr
+    assert "ZeroDivisionError" in run(db, "show", "calc").stdout.split("2 code")[-1]

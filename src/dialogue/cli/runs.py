@@ -154,10 +154,13 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
                    TimeElapsedColumn(), console=err, transient=False)
     # TextColumn renders descriptions as markup: user text goes in escaped
     task = progress.add_task(f"running {markup(d.name)}", total=None)
+    # one numbering everywhere: a message's 1-based position among all the dialogue's messages
+    # (notes included), as `dialogue show` numbers them and as every MSG argument reads them
+    place = {m.id: k for k, m in enumerate(d.messages, 1)}
 
     def on_start(i: int, n: int, m: Message) -> None:
         first = (m.source.strip().splitlines() or [""])[0][:40]
-        desc = f"{m.kind.value} {i + 1}: {markup(first)}"
+        desc = f"message {place.get(m.id, '?')} ({m.kind.value}): {markup(first)}"
         progress.update(task, total=n, completed=i, description=desc)
         if m.kind == Kind.prompt:
             # run_through starts the run right after this returns; a run's events are kept from
@@ -180,7 +183,8 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
         status = svc.run_status(m)
         if status != "ok":
             why = m.meta.get("error") or m.meta.get("run", {}).get("message") or status
-            progress.console.print(f"[red]message {i + 1} ({markup(m.id)}) failed:[/red] "
+            progress.console.print(f"[red]message {place.get(m.id, '?')} ({markup(m.id)}) "
+                                   f"failed:[/red] "
                                    f"{markup(why)}", markup=True)
 
     async def go() -> list[Message]:
@@ -194,7 +198,8 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
         failures = asyncio.run(go())
     if is_file:
         out_path = Path(a.output) if a.output else target.with_name(target.stem + ".executed.ipynb")
-        out_path.write_bytes(to_ipynb_bytes(svc.as_stated(svc.open(d.id), keep_model=bool(a.model))))
+        out_path.write_bytes(to_ipynb_bytes(svc.for_notebook(
+            svc.as_stated(svc.open(d.id), keep_model=bool(a.model)))))
         err.print(plain(f"wrote {out_path}"))
         svc.close()
         tmp.cleanup()
