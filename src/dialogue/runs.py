@@ -268,7 +268,7 @@ async def follow(events: AsyncIterator[Any], answer: Answer) -> AsyncIterator[An
 class Runs:
     """The runs in flight in one service, by message id, and its Run alls, by dialogue id.
 
-    `host` is the service: its `store`, `kernels`, `flush_every`, `run_timeout`, `stop_grace`,
+    `host` is the service: its `store`, `kernel(did)`, `flush_every`, `run_timeout`, `stop_grace`,
     and `request` (the model request answering a prompt) are read when a run needs them, so a
     setting changed on the service applies to the next run."""
 
@@ -412,7 +412,7 @@ class Runs:
         ex = None
         extra: list[dict] = []
         try:
-            kernel = await self.host.kernels.get(did)
+            kernel = await self.host.kernel(did)
             ex = run.execution = kernel.execute(m.source, timeout=timeout)
             async for out in ex:
                 run.publish(RunEvent("output", m.id, out))
@@ -529,7 +529,7 @@ class Runs:
                   count_tokens=getattr(provider, "count_tokens", None))
         needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
         if needs_kernel:
-            kernel = await self.host.kernels.get(d.id)
+            kernel = await self.host.kernel(d.id)
             req = await context.build_async(d, m.id, kernel=kernel, **kw)
         else:
             kernel, req = None, context.build(d, m.id, **kw)

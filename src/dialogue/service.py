@@ -86,6 +86,9 @@ class DialogueService:
         # Seconds a cell gets to stop after Stop interrupts it before its kernel is restarted.
         self.stop_grace = stop_grace
         self._kernels: "KernelPool | None" = None
+        self._restarting: set[str] = set()  # dialogues whose kernel restarts now
+        self._restart_tasks: set[Any] = set()
+        self._ran: dict[str, tuple[Any, dict]] = {}  # dialogue -> (kernel choice, language_info)
         self._runs = Runs(self)
 
     def close(self) -> None:
@@ -389,16 +392,106 @@ class DialogueService:
         return self._kernels
 
     async def kernel(self, ref: str) -> "Kernel":
-        return await self.kernels.get(self.dialogue_id(ref))
+        """The dialogue's kernel, started if need be: the one it chose (`set_kernel`)."""
+        did = self.dialogue_id(ref)
+        choice = self.kernel_choice(did)
+        k = await self.kernels.get(did, choice=choice)
+        self._ran[did] = (choice, k.language_info)  # for exports, after the kernel is gone
+        return k
 
     def kernel_status(self, ref: str) -> str:
-        """none (not started) | idle | busy | dead."""
-        k = self._kernels.peek(self.dialogue_id(ref)) if self._kernels else None
+        """none (not started) | idle | busy | dead | restarting."""
+        did = self.dialogue_id(ref)
+        if did in self._restarting:
+            return "restarting"
+        k = self._kernels.peek(did) if self._kernels else None
         if k is None:
             return "none"
         if not k.is_alive:
             return "dead"
         return "busy" if k.busy else "idle"
+
+    # -- which kernel -------------------------------------------------------------------------
+
+    def kernel_choice(self, ref: str | Dialogue) -> Any:
+        """The dialogue's kernel (a `kernel.specs.Choice`: an installed kernelspec, a Python
+        interpreter, or the default, the app's own interpreter)."""
+        from .kernel.specs import Choice
+        d = ref if isinstance(ref, Dialogue) else \
+            self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
+        return Choice.from_meta(d.meta)
+
+    @staticmethod
+    def kernel_specs() -> dict[str, str]:
+        """{name: display name} of the Jupyter kernels installed here (`jupyter kernelspec
+        list`), any of which a dialogue may choose."""
+        from .kernel.specs import installed
+        return {name: ks.display_name or name for name, ks in installed().items()}
+
+    def set_kernel(self, ref: str, spec: str | None = None, *, python: str | None = None,
+                   base_version: int | None = None) -> Dialogue:
+        """Choose the dialogue's kernel: an installed kernelspec by name, or a Python interpreter
+        by path (it must have ipykernel: the error says how to install it), or neither: the
+        app's own interpreter. Checked now; a versioned settings change (a stale `base_version`
+        raises ConflictError). A kernel of the old choice is replaced at the next run
+        (`use_kernel` replaces it at once)."""
+        from .kernel.specs import KEY, Choice, KernelChoiceError, check_python, kernelspec_of
+        spec, python = (spec or "").strip() or None, (python or "").strip() or None
+        if spec and python:
+            raise KernelChoiceError("choose a kernelspec or a Python interpreter, not both")
+        if spec:
+            kernelspec_of(spec)
+            choice = Choice(spec=spec)
+        else:
+            choice = Choice(python=check_python(python)) if python else Choice()
+        did = self.dialogue_id(ref)
+        d = self.store.get_dialogue(did, with_messages=False)
+        meta = dict(d.meta)
+        if choice.is_default:
+            meta.pop(KEY, None)
+        else:
+            meta[KEY] = choice.to_meta()
+        if meta == d.meta:
+            return d
+        return self.store.update_dialogue(
+            did, base_version=d.version if base_version is None else base_version, op="kernel",
+            meta=meta)
+
+    async def use_kernel(self, ref: str, spec: str | None = None, *, python: str | None = None,
+                         base_version: int | None = None) -> Dialogue:
+        """`set_kernel`, and the dialogue's running kernel (of the old choice) is shut down now;
+        refused while one of its cells runs."""
+        did = self.dialogue_id(ref)
+        k = self._kernels.peek(did) if self._kernels else None
+        if k is not None and k.busy:
+            raise RunError("A cell is running in this dialogue's kernel: stop it before "
+                           "choosing another kernel.")
+        d = self.set_kernel(did, spec, python=python, base_version=base_version)
+        if k is not None and k.choice != self.kernel_choice(d):
+            await self._kernels.shutdown(did)
+        return d
+
+    def notebook_kernel(self, ref: str | Dialogue) -> dict[str, Any]:
+        """The notebook metadata `kernelspec` and `language_info` for the dialogue: its kernel's
+        own kernel_info reply when one has run in this process, else what its kernel choice
+        says (the language; for the app's own interpreter, what ipykernel reports)."""
+        from .kernel.specs import default_language_info
+        d = ref if isinstance(ref, Dialogue) else self.open(ref, messages=False)
+        choice = self.kernel_choice(d)
+        k = self._kernels.peek(d.id) if self._kernels else None
+        ran = (k.choice, k.language_info) if k is not None else self._ran.get(d.id)
+        info = dict(ran[1]) if ran is not None and ran[0] == choice else {}
+        if not info:
+            info = default_language_info() if choice.is_default else {"name": choice.language()}
+        return {"kernelspec": choice.kernelspec(), "language_info": info}
+
+    def for_notebook(self, d: Dialogue) -> Dialogue:
+        """`d` with the notebook metadata of its kernel (`notebook_kernel`), for writing it as a
+        notebook: Jupyter then opens the file without asking which kernel to use. The kernel
+        choice itself (a path on this machine) stays out of the file. Changes and returns `d`."""
+        from .kernel.specs import KEY
+        d.meta = {**{k: v for k, v in d.meta.items() if k != KEY}, **self.notebook_kernel(d)}
+        return d
 
     async def interrupt(self, ref: str) -> None:
         k = self._kernels.peek(self.dialogue_id(ref)) if self._kernels else None
@@ -406,12 +499,33 @@ class DialogueService:
             await k.interrupt()
 
     async def restart(self, ref: str) -> None:
+        """A fresh kernel for the dialogue (its variables are lost); `kernel_status` says
+        "restarting" until the new one is ready."""
         did = self.dialogue_id(ref)
         k = self._kernels.peek(did) if self._kernels else None
-        if k is not None:
-            await k.restart()
-        else:
-            await self.kernels.get(did)
+        self._restarting.add(did)
+        try:
+            if k is not None:
+                await k.restart()
+            await self.kernel(did)  # (a new kernel choice replaces the old kernel here)
+        finally:
+            self._restarting.discard(did)
+
+    def start_restart(self, ref: str) -> None:
+        """`restart` in the background, for a page that shows "restarting" meanwhile; a kernel
+        that cannot start says why at the next run."""
+        import asyncio
+        did = self.dialogue_id(ref)
+        if did in self._restarting:
+            return
+        self._restarting.add(did)  # at once: the page asks for the status right after this
+
+        async def go() -> None:
+            with contextlib.suppress(Exception):
+                await self.restart(did)
+        task = asyncio.get_running_loop().create_task(go())
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
 
     # ------------------------------------------------------------ running messages
 

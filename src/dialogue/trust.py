@@ -17,13 +17,15 @@ upload, `DialogueService.import_dialogue` from Python, `dialogue run FILE.ipynb`
   import --trust``; the web's "Use it" button).
 - **Adapters.** Registered adapter names are the user's own; an adapter given as a file path is
   dropped (set aside like the system prompt).
+- **Kernel.** Our own kernel setting in a file (an interpreter's path) is set aside; the file's
+  Jupyter `kernelspec` selects a kernel only when one of that name is installed here.
 - **Ids.** The dialogue's id is always ours (the store makes one). A message id is kept only when
   it has the shape of the ids we make (`is_local_id`: 8 lower-case hex digits, at least one a
   letter, so it is never read as a position); anything else gets a fresh id. The store still
   replaces an id that is taken.
 
 What was set aside and why is recorded in ``meta["import"]`` (``{"warnings": [...], "model": ...,
-"system": ..., "adapters": ...}``) so that every surface can tell the user, and the user can still
+"system": ..., "adapters": ..., "kernel": ...}``) so that every surface can tell the user, and the user can still
 adopt it.
 """
 from __future__ import annotations
@@ -143,6 +145,7 @@ def vet_import(doc: Dialogue, *, default_model: str, trust: bool = False) -> Vet
         record["adapters"] = meta.pop("adapters")
         warnings.append("the notebook's adapter set is not a mapping {name: scale} and was "
                         "not used")
+    _vet_kernel(meta, record, warnings)
     if record:
         record["warnings"] = warnings
         meta[IMPORT_KEY] = record
@@ -159,6 +162,28 @@ def vet_import(doc: Dialogue, *, default_model: str, trust: bool = False) -> Vet
     safe = Dialogue(name=doc.name, id=new_id(), model=model or default_model, system=system,
                     context=list(doc.context), messages=messages, meta=meta)
     return Vetted(safe, warnings)
+
+
+def _vet_kernel(meta: dict[str, Any], record: dict[str, Any], warnings: list[str]) -> None:
+    """A file never picks what runs its code: our own kernel setting in it (an interpreter's path
+    or a kernelspec name) is set aside; its Jupyter `kernelspec` may name an installed kernel,
+    which the dialogue then uses (Jupyter's plain `python3` means the default kernel). The
+    file's kernelspec and language_info stay in meta as they were, and export rewrites them."""
+    from .kernel.specs import KEY, PYTHON_SPEC, installed
+    if KEY in meta:
+        record["kernel"] = meta.pop(KEY)
+        warnings.append("the notebook's kernel setting was not used: a file does not choose "
+                        "what runs its code (choose a kernel with `dialogue kernel`)")
+    ks = meta.get("kernelspec")
+    name = ks.get("name") if isinstance(ks, dict) else None
+    if not isinstance(name, str) or not name or name == PYTHON_SPEC["name"]:
+        return
+    if name in installed():
+        meta[KEY] = {"spec": name}
+    else:
+        record["kernelspec"] = name
+        warnings.append(f"the notebook's kernel {model_text(name)} is not installed here; the "
+                        "dialogue uses the default Python kernel")
 
 
 def model_text(model: str, limit: int = 120) -> str:

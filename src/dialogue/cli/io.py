@@ -55,7 +55,7 @@ def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
     to_stdout = a.output == "-"
     path = Path(a.output) if a.output and not to_stdout else Path(_safe_filename(d.name) + ext)
     if a.to == "ipynb":
-        data = artifacts.to_ipynb_bytes(d)
+        data = artifacts.to_ipynb_bytes(svc.for_notebook(d))
     elif a.to == "py":
         data = artifacts.to_module(d).encode()
     elif a.to == "md" and not to_stdout:

@@ -131,7 +131,8 @@ class Kernel:
 
     def __init__(self, *, cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
                  output_cap: int = DEFAULT_OUTPUT_CAP, python: str | None = None,
-                 startup_timeout: float = 60.0, interrupt_grace: float = 5.0, name: str = ""):
+                 startup_timeout: float = 60.0, interrupt_grace: float = 5.0, name: str = "",
+                 choice: Any = None):
         if output_cap < 0:
             raise ValueError(f"output_cap must be >= 0, got {output_cap}")
         self.cwd = str(cwd) if cwd is not None else os.getcwd()
@@ -140,6 +141,9 @@ class Kernel:
         self.env = dict(env or {})
         self.output_cap = output_cap
         self.python = python or sys.executable
+        # which kernel (a specs.Choice): an installed kernelspec or an interpreter; None: `python`
+        self.choice = choice
+        self.language_info: dict[str, Any] = {}  # from the running kernel's kernel_info reply
         self.startup_timeout = startup_timeout
         self.interrupt_grace = interrupt_grace
         self.name = name
@@ -213,7 +217,7 @@ class Kernel:
 
     async def _start_locked(self) -> None:
         if self._km is not None and self.is_alive:
-            if _HELPERS not in self._modules:  # a start that was cancelled midway
+            if _HELPERS not in self._modules and self.is_python:  # a start cancelled midway
                 await self._install_inside(_HELPERS, "helpers")
             return
         if self._km is not None:  # a dead kernel: clear it away first
@@ -222,6 +226,7 @@ class Kernel:
         d = private_dir()
         specs = Specs()
         specs.python = self.python
+        specs.choice = self.choice
         specs.info = os.path.join(d, INFO)
         km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs, transport="ipc",
                                 ip=os.path.join(d, "k"), connection_file=os.path.join(d, "kernel.json"),
@@ -239,7 +244,7 @@ class Kernel:
             os.close(w)
             self._log.close()
             shutil.rmtree(d, ignore_errors=True)
-            raise KernelStartError(f"could not start a Python kernel with {self.python}: {e}") from e
+            raise KernelStartError(f"could not start the kernel {self.label}: {e}") from e
         finally:
             os.close(r)
         tree = Tree(km.provisioner.process, d, w)
@@ -259,19 +264,43 @@ class Kernel:
             error = tree.load_info().get("error")
             await self._stop_locked(now=True)
             if error:  # the supervisor could not start the kernel (no such python, ...)
-                raise KernelStartError(f"could not start a Python kernel with {self.python}: "
+                raise KernelStartError(f"could not start the kernel {self.label}: "
                                        f"{error}") from e
-            raise KernelStartError(f"the Python kernel did not come up ({e})"
+            raise KernelStartError(f"the kernel {self.label} did not come up ({e})"
                                    + (f"; its log ends:\n{tail}" if tail else "")) from e
         if tree.info.get("error"):  # (the kernel died before answering: wait_for_ready said so)
             await self._stop_locked(now=True)
-            raise KernelStartError(f"could not start a Python kernel with {self.python}: "
+            raise KernelStartError(f"could not start the kernel {self.label}: "
                                    f"{tree.info['error']}")
         self._stop_reason = None
         self._modules = {}
         self.generation += 1
         self.last_used = time.monotonic()
-        await self._install_inside(_HELPERS, "helpers")
+        await self._kernel_info()
+        if self.is_python:
+            await self._install_inside(_HELPERS, "helpers")
+
+    async def _kernel_info(self) -> None:
+        """Ask the new kernel what it runs (language_info: exported notebooks say it)."""
+        self.language_info = {}
+        with contextlib.suppress(Exception):
+            msg_id = self._kc.kernel_info()
+            reply = await self._reply(msg_id, asyncio.get_running_loop().time() + 10)
+            self.language_info = dict((reply or {}).get("language_info") or {})
+
+    @property
+    def is_python(self) -> bool:
+        """The kernel runs Python (the helpers that `eval`, `shell` and tools use need it)."""
+        if self.language_info:
+            return str(self.language_info.get("name", "")).lower() == "python"
+        return self.choice is None or self.choice.language() == "python"
+
+    @property
+    def label(self) -> str:
+        """The kernel as a user names it: the kernelspec's display name, or the interpreter."""
+        if self.choice is not None and not self.choice.is_default:
+            return self.choice.label()
+        return f"Python ({self.python})"
 
     def _log_tail(self, n: int = 2000) -> str:
         if not self._dir:

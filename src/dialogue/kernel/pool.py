@@ -41,11 +41,16 @@ class KernelPool:
 
     async def get(self, dialogue_id: str, **options: Any) -> Kernel:
         """The dialogue's kernel, started if need be. `options` (Kernel arguments, such as cwd)
-        apply when the kernel is created."""
+        apply when the kernel is created; a `choice` (specs.Choice) other than the running
+        kernel's replaces it (the dialogue chose another kernel since)."""
         if not dialogue_id:
             raise ValueError("a dialogue id is required")
         async with self._lock:
             k = self._kernels.get(dialogue_id)
+            if k is not None and "choice" in options and _same(k.choice) != _same(options["choice"]):
+                del self._kernels[dialogue_id]
+                await k.shutdown()
+                k = None
             if k is None:
                 k = Kernel(name=dialogue_id, **{**self.kernel_options, **options})
                 self._kernels[dialogue_id] = k
@@ -86,3 +91,8 @@ class KernelPool:
         ks = list(self._kernels.values())
         self._kernels.clear()
         await asyncio.gather(*(k.shutdown() for k in ks), return_exceptions=True)
+
+
+def _same(choice: Any) -> Any:
+    """A kernel choice to compare: None and the default Choice are the same kernel."""
+    return None if choice is None or choice.is_default else choice

@@ -217,21 +217,24 @@ def install_hooks() -> None:
 
 
 class Specs(KernelSpecManager):
-    """Always this interpreter's ipykernel: a `python3` kernelspec installed by the user in
-    ~/.local/share/jupyter could otherwise point at another environment."""
+    """The kernel a dialogue chose (`specs.Choice`; by default this interpreter's ipykernel, even
+    where a `python3` kernelspec installed by the user in ~/.local/share/jupyter points at another
+    environment), always run under the supervisor."""
 
     python: str = sys.executable
+    choice: Any = None  # a specs.Choice; None: `python`'s ipykernel
     info: str = ""  # where the supervisor reports; the kernel runs under it (see the module doc)
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        kernel = [self.python, "-Xfrozen_modules=off", inside.path("launcher"), "-f",
-                  "{connection_file}"]
+        from .specs import Choice, kernel_argv
+        kernel, env, interrupt, language = kernel_argv(self.choice or Choice(python=self.python),
+                                                       inside.path("launcher"))
         # The supervisor needs only the standard library: this interpreter, isolated (-I) and
         # without site (-S), starts in milliseconds whatever the kernel's environment.
         return KernelSpec(argv=[sys.executable, "-I", "-S", SUPERVISOR, "--info", self.info,
-                                "--", *kernel],
-                          display_name="Python 3 (dialogue)", language="python",
-                          interrupt_mode="signal")
+                                "--", *kernel], env=env,
+                          display_name="Python 3 (dialogue)", language=language,
+                          interrupt_mode=interrupt)
 
 
 def death_message(code: int | None, reason: str | None) -> str:

@@ -159,7 +159,7 @@ async def export(did: str, fmt: str, req: Request) -> Response:
     with_hidden = req.query_params.get("hidden", "") in yes
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in d.name) or "dialogue"
     if fmt == "ipynb":
-        body, mime = to_ipynb_bytes(d), "application/x-ipynb+json"
+        body, mime = to_ipynb_bytes(site(req).service.for_notebook(d)), "application/x-ipynb+json"
     elif fmt == "py":
         body, mime = to_module(d).encode(), "text/x-python; charset=utf-8"
     elif fmt == "md":
