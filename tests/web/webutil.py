@@ -69,14 +69,15 @@ def line_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def live_server(db_path: Path, timeout: float = 60) -> Iterator[httpx.Client]:
+def live_server(db_path: Path, timeout: float = 60, **app_options) -> Iterator[httpx.Client]:
     """The app under a real uvicorn on 127.0.0.1 in a thread, and a client for it: for what the
-    in-process TestClient cannot do (read a stream as it arrives, cut it halfway)."""
+    in-process TestClient cannot do (read a stream as it arrives, cut it halfway). `app_options`
+    go to create_app."""
     import uvicorn
 
     from dialogue.service import DialogueService
     from dialogue.web import create_app
-    app = create_app(DialogueService(db_path))
+    app = create_app(DialogueService(db_path), **app_options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            lifespan="on", timeout_graceful_shutdown=2))
     t = threading.Thread(target=server.run, daemon=True)

@@ -16,10 +16,15 @@ a token (printed in the URL, as Jupyter does) that every request must carry.
 """
 from __future__ import annotations
 
+import json
+import logging
 import secrets
 import socket
+import sys
 import threading
+import time
 import webbrowser
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,11 @@ from starlette.responses import JSONResponse
 from ..service import DialogueService, ProviderError, StoreError
 from . import paths
 from . import views as V
-from .common import MAX_UPLOAD, Site, refuse, site, status_of
+from .common import MAX_UPLOAD, SSE_PING, Site, refuse, site, status_of
 from .routes import ROUTERS
 from .security import LOOPBACK_NAMES, Guard, is_loopback, local_url, new_token
 
-__all__ = ["create_app", "serve", "STATIC_DIR"]
+__all__ = ["create_app", "serve", "STATIC_DIR", "AccessLog", "ACCESS_LOGGER"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -96,9 +101,82 @@ async def health(req: Request) -> Response:
                         headers={"Cache-Control": "no-store"})
 
 
+@app_routes(paths.healthz, methods=["get"])
+async def healthz() -> Response:
+    """For a supervisor or a reverse proxy: the server is up and its event loop answers. Cheap
+    (no database access at all, so never a write) and without the token (security.PUBLIC_PATHS),
+    so it says nothing more than that."""
+    return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+# ---------------------------------------------------------------- access log
+
+ACCESS_LOGGER = "dialogue.web.access"
+
+
+class AccessLog:
+    """One JSON line per request on the `dialogue.web.access` logger: when it ended, the client,
+    method, path, status, bytes sent and duration. Outside the Guard, so refused requests are
+    logged too; the query string's token is never written. An event stream is logged when it
+    ends. Plain ASGI (not a Starlette BaseHTTPMiddleware) so streams pass through untouched."""
+
+    def __init__(self, app: Any, logger: logging.Logger | None = None):
+        self.app = app
+        self.log = logger or logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status, sent = 0, 0
+
+        async def counting_send(msg: dict) -> None:
+            nonlocal status, sent
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            elif msg["type"] == "http.response.body":
+                sent += len(msg.get("body", b""))
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.log.info(json.dumps(self.record(scope, status, sent, time.perf_counter() - t0)))
+
+    @staticmethod
+    def record(scope: dict, status: int, sent: int, seconds: float) -> dict[str, Any]:
+        from urllib.parse import parse_qsl, urlencode
+        query = [(k, "***" if k == "token" else v)
+                 for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                                       keep_blank_values=True)]
+        client = scope.get("client")
+        headers = dict(scope.get("headers") or [])
+        return {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "client": client[0] if client else None, "method": scope["method"],
+                "path": scope["path"], "query": urlencode(query),
+                "status": status or None,  # None: the app sent no response (a crash, a cut)
+                "bytes": sent, "ms": round(seconds * 1000, 1),
+                "user_agent": headers.get(b"user-agent", b"").decode("latin-1")}
+
+
+def enable_access_log(stream: Any = None) -> logging.Logger:
+    """Write the access log's JSON lines, bare, to `stream` (default: stderr)."""
+    log = logging.getLogger(ACCESS_LOGGER)
+    if not any(getattr(h, "dialogue_access", False) for h in log.handlers):
+        h = logging.StreamHandler(stream or sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h.dialogue_access = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # one JSON line, not again through the app's own log format
+    return log
+
+
 def create_app(service: DialogueService, *, token: str | None = None,
                allowed_hosts: set[str] | frozenset[str] | None = LOOPBACK_NAMES,
-               port: int | None = None) -> FastHTML:
+               port: int | None = None, sse_ping: float = SSE_PING,
+               access_log: bool = False) -> FastHTML:
     """The web app over `service`.
 
     Every handler is `async`: FastHTML runs plain functions in a thread pool, and the store's
@@ -107,7 +185,8 @@ def create_app(service: DialogueService, *, token: str | None = None,
 
     `token`: required on every request when set (see `security`). `allowed_hosts`: the Host
     names answered when there is no token (default: loopback names only, against DNS
-    rebinding; None answers any). On startup the app turns streams cut by a previous crash into
+    rebinding; None answers any). `sse_ping`: seconds between keep-alive comments on a quiet
+    event stream. `access_log`: one JSON line per request (`AccessLog`). On startup the app turns streams cut by a previous crash into
     versions; on shutdown it stops every run and kernel and closes the service."""
 
     async def startup() -> None:
@@ -127,8 +206,9 @@ def create_app(service: DialogueService, *, token: str | None = None,
         surreal=False, canonical=False, sess_cls=None, secret_key=secrets.token_hex(32),
         htmlkw={"lang": "en", "data-theme": "light"}, exception_handlers=handlers,
         on_startup=[startup], on_shutdown=[shutdown], max_part_size=MAX_UPLOAD,
-        middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, port=port)])
-    app.state.site = Site(service)
+        middleware=[*([Middleware(AccessLog)] if access_log else []),
+                    Middleware(Guard, token=token, allowed_hosts=allowed_hosts, port=port)])
+    app.state.site = Site(service, sse_ping=sse_ping)
     for router in (app_routes, *ROUTERS):
         router.to_app(app)
     return app
@@ -142,9 +222,11 @@ def _kernel_error() -> type[Exception]:
 # ---------------------------------------------------------------- serve
 
 def serve(*, db: str | None = None, host: str = "127.0.0.1", port: int = 5001,
-          open_browser: bool = True, token: str | None = None) -> None:
+          open_browser: bool = True, token: str | None = None, access_log: bool = False,
+          sse_ping: float = SSE_PING) -> None:
     """Run the app under uvicorn until Ctrl+C. Binding beyond the loopback interface without a
-    token generates one; the URL printed (and opened) carries it."""
+    token generates one; the URL printed (and opened) carries it. `access_log`: one JSON line
+    per request on stderr."""
     import uvicorn
     loopback = is_loopback(host)
     if not loopback and not token:
@@ -155,8 +237,10 @@ def serve(*, db: str | None = None, host: str = "127.0.0.1", port: int = 5001,
     except StoreError as e:
         raise SystemExit(f"dialogue: {e}") from None
     _check_port(host, port)
+    if access_log:
+        enable_access_log()
     app = create_app(service, token=token, allowed_hosts=LOOPBACK_NAMES if not token else None,
-                     port=port)
+                     port=port, sse_ping=sse_ping, access_log=access_log)
     url = local_url(host, port)
     if token:
         url += f"?token={token}"

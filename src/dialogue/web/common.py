@@ -13,7 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fasthtml.common import HTMLResponse, StreamingResponse, to_xml
+from fasthtml.common import HTMLResponse, to_xml
+from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -25,6 +26,7 @@ __all__ = ["Site", "Trial", "Trials", "site", "status_of", "refuse", "form", "te
            "opt_int", "event_stream", "oob", "MAX_UPLOAD", "TRIALS_KEPT"]
 
 MAX_UPLOAD = 100 * 1024 * 1024  # the notebook reader's own default limit
+SSE_PING = 15.0  # seconds between keep-alive comments on a quiet event stream
 TRIALS_KEPT = 32
 
 
@@ -99,9 +101,11 @@ class ModelChoices:
 @dataclass
 class Site:
     """One server: its service, the model picker's list, the trials it keeps, and an instance id
-    that changes when the server restarts (a page that polls /health sees its runs are gone)."""
+    that changes when the server restarts (a page that polls /health sees its runs are gone).
+    `sse_ping`: seconds between the keep-alive comments of a quiet event stream."""
 
     service: DialogueService
+    sse_ping: float = SSE_PING
     trials: Trials = field(default_factory=Trials)
     instance: str = field(default_factory=lambda: secrets.token_hex(8))
     models: ModelChoices = field(init=False)
@@ -169,10 +173,18 @@ async def form(req: Request) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- responses
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events, never cached or buffered by a proxy."""
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def event_stream(events: AsyncIterator[str], ping: float = SSE_PING) -> EventSourceResponse:
+    """Server-sent events, never cached or buffered by a proxy. sse-starlette's response sends a
+    comment (`: ping`) every `ping` seconds, so a proxy or a browser does not close a stream whose
+    cell is quiet (a long computation, a model reading a long prompt), ends the stream when the
+    client goes away, and when the server shuts down. Our events are already encoded (`views.sse`
+    keeps every line break of a streamed answer): they go out as bytes, which it sends as is."""
+
+    async def encoded() -> AsyncIterator[bytes]:
+        async for chunk in events:
+            yield chunk.encode("utf-8")
+
+    return EventSourceResponse(encoded(), ping=ping, headers={"Cache-Control": "no-cache"})
 
 
 def oob(el: Any) -> Any:

@@ -42,6 +42,7 @@ class Route(str):
 
 # ---------------------------------------------------------------- the app
 health = Route("/health")
+healthz = Route("/healthz")  # for supervisors and proxies: no token (security.PUBLIC_PATHS)
 static = Route("/static/{path:path}")
 highlight_css = Route("/static/highlight.css")
 

@@ -12,6 +12,10 @@ would be read before being refused) and does not see mounts or 404s.
 - DNS rebinding: a server without a token answers only requests whose Host is a loopback name, so a
   web page that points its own domain at 127.0.0.1 cannot read or drive it. Host is parsed strictly
   (`split_host`): a header that is not `host[:port]` is refused, token or not.
+- Health checks: `GET /healthz` (`PUBLIC_PATHS`) needs no token, because a supervisor or a proxy
+  probing the server does not have it; it answers only `{"status": "ok"}`. Its Host is still
+  checked like every request's: a supervisor on this machine sends a loopback name, and a page
+  that rebinds its domain to 127.0.0.1 learns nothing it could not learn by failing to connect.
 - CSRF: a request that changes anything must be POST (or another non-safe method) and carry
   `HX-Request: true`. A cross-site form cannot set that header, and a cross-site script that sets
   it triggers a CORS preflight we never approve. A request that says where it comes from (Origin,
@@ -29,6 +33,8 @@ from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from . import paths
+
 __all__ = ["Guard", "LOOPBACK_NAMES", "is_loopback", "new_token", "CSP", "cookie_name",
            "split_host", "local_url"]
 
@@ -37,6 +43,7 @@ ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PUBLIC_PATHS = frozenset({paths.healthz})  # read without the token (see the module docstring)
 
 # Inline styles stay allowed: CodeMirror and htmx set style attributes, and a style cannot run
 # code. Images may be data: URIs (plots from code cells). Frames: only the srcdoc iframes that hold
@@ -166,7 +173,8 @@ class Guard:
         if self.token is None and self.allowed_hosts is not None and host not in self.allowed_hosts:
             return (421, f"This server answers only on {', '.join(sorted(self.allowed_hosts))} "
                          f"(the request was for {host_header!r}).", [])
-        if self.token is not None:
+        public = scope["path"] in PUBLIC_PATHS and scope["method"] in SAFE_METHODS
+        if self.token is not None and not public:
             given = self._given_token(scope, headers)
             if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
                 return (401, "This dialogue server needs its token: open the URL with ?token=... "

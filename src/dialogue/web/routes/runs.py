@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, AsyncIterator
 
-from fasthtml.common import APIRouter, HTMLResponse, Response, StreamingResponse, to_xml
+from fasthtml.common import APIRouter, HTMLResponse, Response, to_xml
 from starlette.requests import Request
 
 from ...document import Kind
@@ -50,7 +50,7 @@ async def stop_cell(did: str, mid: str, req: Request) -> Any:
 
 
 @rt(paths.cell_stream)
-async def cell_stream(did: str, mid: str, req: Request) -> StreamingResponse:
+async def cell_stream(did: str, mid: str, req: Request) -> Response:
     """The run's state so far ("snapshot"), then its events as the page swaps them in, and last
     the stored result ("done"). A run that is over gets the stored result at once."""
     svc = site(req).service
@@ -102,7 +102,7 @@ async def cell_stream(did: str, mid: str, req: Request) -> StreamingResponse:
             oob(V.kernel_badge(d, svc.kernel_status(d)))])))
         yield V.sse("close", "")
 
-    return event_stream(events())
+    return event_stream(events(), ping=site(req).sse_ping)
 
 
 @rt(paths.run_all, methods=["post"])
@@ -126,7 +126,7 @@ async def stop_all(did: str, req: Request) -> Any:
 
 
 @rt(paths.run_all_stream)
-async def run_all_stream(did: str, req: Request) -> StreamingResponse:
+async def run_all_stream(did: str, req: Request) -> Response:
     """Each cell the Run all starts, put in its running state (with its own stream) out of band,
     and the progress; last why it ended. `from`: how many started cells the page already shows
     (a reloaded page rendered them running)."""
@@ -161,4 +161,4 @@ async def run_all_stream(did: str, req: Request) -> StreamingResponse:
         yield V.sse("done", V.frag(end))
         yield V.sse("close", "")
 
-    return event_stream(events())
+    return event_stream(events(), ping=site(req).sse_ping)
