@@ -13,8 +13,9 @@ up mid-stream), and ``http.server`` lets us write exactly those bytes.
 
 API
 ---
-``ReplayServer()`` -- a context manager; ``with ReplayServer() as srv:`` starts it on an ephemeral
-port in a daemon thread and stops it on exit.
+``ReplayServer(port=0)`` -- a context manager; ``with ReplayServer() as srv:`` starts it on an
+ephemeral port (or the given one: a test can start it late, after a client failed to connect) in a
+daemon thread and stops it on exit.
 
 - ``srv.base_url``        ``"http://127.0.0.1:PORT"`` (for Anthropic: ``AsyncAnthropic(base_url=...)``
                           or ``ANTHROPIC_BASE_URL``).
@@ -366,7 +367,8 @@ class _Server(ThreadingHTTPServer):
 class ReplayServer:
     """See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        self._port = port  # 0: any free port
         self._queue: collections.deque[Reply] = collections.deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -376,7 +378,7 @@ class ReplayServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "ReplayServer":
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server(("127.0.0.1", self._port), _Handler)
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="replay-server", daemon=True)

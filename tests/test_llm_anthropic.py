@@ -24,6 +24,9 @@ PNG = base64.b64encode(bytes.fromhex(
     "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")).decode()
 
 
+FAST = {"retry-after-ms": "20"}  # a short server-directed wait, so retries do not back off
+
+
 @pytest.fixture
 def srv(monkeypatch):
     with ReplayServer() as s:
@@ -34,11 +37,11 @@ def srv(monkeypatch):
 
 @pytest.fixture
 async def provider():
-    """Makes providers (fast backoff for tests) and closes their connections afterwards."""
+    """Makes providers and closes their connections afterwards. Retries are the SDK's: a test that
+    retries sends `retry-after-ms` (FAST) so it does not wait the SDK's 0.5-8 s backoff."""
     made: list[AnthropicProvider] = []
 
     def make(model: str = MODEL, **kw) -> AnthropicProvider:
-        kw.setdefault("backoff", 0.01)
         made.append(AnthropicProvider(model, **kw))
         return made[-1]
 
@@ -193,7 +196,7 @@ async def test_429_with_retry_after_then_success(srv, provider):
     srv.push(anthropic_error(429, "rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit",
                              {"retry-after": "1"}),
              recorded("anthropic_text.sse"))
-    events = await collect(provider(backoff=30.0), ask())  # a 15-30 s backoff would time the test out
+    events = await collect(provider(), ask())
     assert text_of(events).startswith("`fastcore.L`") and events[-1] == Done("end")
     assert len(srv.requests) == 2
     assert srv.requests[1].at - srv.requests[0].at >= 0.95  # the server's retry-after was waited for
@@ -201,22 +204,22 @@ async def test_429_with_retry_after_then_success(srv, provider):
 
 
 async def test_529_overloaded_is_retried(srv, provider):
-    srv.push(anthropic_error(529, "overloaded_error", "Overloaded"),
-             anthropic_error(529, "overloaded_error", "Overloaded"),
+    srv.push(anthropic_error(529, "overloaded_error", "Overloaded", FAST),
+             anthropic_error(529, "overloaded_error", "Overloaded", FAST),
              recorded("anthropic_text.sse"))
     events = await collect(provider(), ask())
     assert events[-1] == Done("end") and len(srv.requests) == 3
 
 
 async def test_persistent_overload_gives_up_after_the_attempts(srv, provider):
-    srv.push(*[anthropic_error(529, "overloaded_error", "Overloaded")] * 3, anthropic_error(500, "api_error", "boom"))
+    srv.push(*[anthropic_error(529, "overloaded_error", "Overloaded", FAST)] * 3, anthropic_error(500, "api_error", "boom"))
     with pytest.raises(OverloadedError, match="overloaded|500"):
         await collect(provider(attempts=4), ask())
     assert len(srv.requests) == 4 and srv.replies_left == 0
 
 
 async def test_rate_limit_that_persists_surfaces_as_rate_limit_error(srv, provider):
-    srv.push(*[anthropic_error(429, "rate_limit_error", "slow down", {"retry-after": "0"})] * 2)
+    srv.push(*[anthropic_error(429, "rate_limit_error", "slow down", FAST)] * 2)
     with pytest.raises(RateLimitError, match="slow down"):
         await collect(provider(attempts=2), ask())
 
@@ -292,7 +295,7 @@ async def test_unreachable_server_is_a_network_error(monkeypatch, provider):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
     monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
-    p = provider(base_url=f"http://127.0.0.1:{port}")
+    p = provider(base_url=f"http://127.0.0.1:{port}", attempts=2)  # the retries: test_llm_retries.py
     with pytest.raises(ProviderNetworkError, match=f"127.0.0.1:{port}"):
         await collect(p, ask())
 

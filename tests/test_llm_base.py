@@ -1,7 +1,7 @@
-"""The provider protocol's shared parts: registry, prices, retries, usage arithmetic."""
+"""The provider protocol's shared parts: registry, prices, Retry-After, usage arithmetic. Retries
+themselves are the SDKs' (tests/test_llm_retries.py)."""
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import subprocess
 import sys
@@ -11,8 +11,7 @@ import pytest
 
 from dialogue.llm import base
 from dialogue.llm.base import (
-    OverloadedError, ProviderError, RateLimitError, UnknownModelError, Usage, cost, get_provider,
-    known_prefixes, parse_retry_after, register, resolve, with_retries,
+    UnknownModelError, Usage, cost, get_provider, known_prefixes, parse_retry_after, register, resolve,
 )
 
 
@@ -128,59 +127,6 @@ def test_usage_adds_field_by_field():
 
 
 # ---------------------------------------------------------------- retries
-
-class _Flaky:
-    """Fails with the given errors in turn, then returns 'ok'."""
-
-    def __init__(self, *errors: BaseException) -> None:
-        self.errors = list(errors)
-        self.calls: list[float] = []
-
-    async def __call__(self) -> str:
-        self.calls.append(time.monotonic())
-        if self.errors:
-            raise self.errors.pop(0)
-        return "ok"
-
-
-async def test_retries_rate_limits_and_overloads_then_succeeds():
-    fn = _Flaky(RateLimitError("429"), OverloadedError("529"), OverloadedError("503"))
-    assert await with_retries(fn, attempts=4, base=0.001) == "ok"
-    assert len(fn.calls) == 4
-
-
-async def test_gives_up_after_the_last_attempt_with_the_last_error():
-    fn = _Flaky(*(OverloadedError(f"529 #{i}") for i in range(5)))
-    with pytest.raises(OverloadedError, match="#2"):
-        await with_retries(fn, attempts=3, base=0.001)
-    assert len(fn.calls) == 3
-
-
-@pytest.mark.parametrize("err", [ProviderError("bad request"), UnknownModelError("nope"), ValueError("bug")])
-async def test_other_errors_are_not_retried(err):
-    fn = _Flaky(err)
-    with pytest.raises(type(err)):
-        await with_retries(fn, attempts=4, base=0.001)
-    assert len(fn.calls) == 1
-
-
-async def test_retry_after_on_the_error_replaces_the_backoff():
-    e = RateLimitError("429")
-    e.retry_after = 0.3
-    fn = _Flaky(e)
-    # base=30 would sleep 15-30 s: finishing within 10 s shows retry_after was used instead,
-    # and the gap between the calls shows it was waited for.
-    assert await asyncio.wait_for(with_retries(fn, attempts=2, base=30.0), timeout=10) == "ok"
-    assert fn.calls[1] - fn.calls[0] >= 0.29
-
-
-async def test_backoff_grows_between_attempts():
-    fn = _Flaky(OverloadedError("1"), OverloadedError("2"), OverloadedError("3"))
-    await with_retries(fn, attempts=4, base=0.05, cap=10)
-    gaps = [b - a for a, b in zip(fn.calls, fn.calls[1:])]
-    # jitter keeps each delay within [base*2^i / 2, base*2^i]: lower bounds hold whatever the load
-    assert gaps[0] >= 0.025 and gaps[1] >= 0.05 and gaps[2] >= 0.1
-
 
 def test_parse_retry_after():
     assert parse_retry_after({"retry-after": "2"}) == 2.0

@@ -36,6 +36,9 @@ TOOLS = [ToolSpec("run_python", "Run code in the dialogue's kernel.",
          ToolSpec("list_files", "List a folder.", {"type": "object", "properties": {"path": {"type": "string"}}})]
 
 
+FAST = {"retry-after-ms": "20"}  # a short server-directed wait, so retries do not back off
+
+
 @pytest.fixture
 def srv(monkeypatch):
     with ReplayServer() as s:
@@ -47,11 +50,11 @@ def srv(monkeypatch):
 
 @pytest.fixture
 async def provider():
-    """Makes providers (fast backoff for tests) and closes their connections afterwards."""
+    """Makes providers and closes their connections afterwards. Retries are the SDK's: a test that
+    retries sends `retry-after-ms` (FAST) so it does not wait the SDK's 0.5-8 s backoff."""
     made: list[OpenAIProvider] = []
 
     def make(model: str = MODEL, **kw) -> OpenAIProvider:
-        kw.setdefault("backoff", 0.01)
         made.append(OpenAIProvider(model, **kw))
         return made[-1]
 
@@ -183,15 +186,15 @@ async def test_429_with_retry_after_then_success(srv, provider):
     srv.push(openai_error(429, "Rate limit reached for gpt-4.1-mini on tokens per min (TPM)", "tokens",
                           "rate_limit_exceeded", headers={"retry-after": "1"}),
              recorded("openai_text.sse"))
-    events = await collect(provider(backoff=30.0), ask())  # a 15-30 s backoff would time the test out
+    events = await collect(provider(), ask())
     assert events[-1] == Done("end") and len(srv.requests) == 2
     assert srv.requests[1].at - srv.requests[0].at >= 0.95
 
 
 async def test_server_errors_are_retried_then_give_up(srv, provider):
-    srv.push(openai_error(503, "The server is overloaded", "server_error"), recorded("openai_text.sse"))
+    srv.push(openai_error(503, "The server is overloaded", "server_error", headers=FAST), recorded("openai_text.sse"))
     assert (await collect(provider(), ask()))[-1] == Done("end")
-    srv.push(*[openai_error(500, "The server had an error", "server_error")] * 3)
+    srv.push(*[openai_error(500, "The server had an error", "server_error", headers=FAST)] * 3)
     with pytest.raises(OverloadedError, match="500"):
         await collect(provider(attempts=3), ask())
     assert len(srv.requests) == 5

@@ -15,9 +15,9 @@ a final assistant turn that ends in whitespace, so trailing whitespace is cut fr
 send, and the same whitespace is then dropped from the start of the continuation (the model
 usually begins by writing it back), so that prefill + emitted text reads as the model wrote it.
 
-Retries. Only opening the stream is retried (429, 529, 5xx; honouring retry-after), through
-`base.with_retries`; the SDK's own retries are off so there is one policy. Once a text delta has
-reached the caller, a failure is raised, never retried: a retry would repeat text.
+Retries. The SDK's own (see `hosted`): a failed connection, 408, 409, 429, 529 and 5xx, honouring
+retry-after and x-should-retry. Only opening the stream is retried: once a text delta has reached
+the caller, a failure is raised, never retried: a retry would repeat text.
 
 Temperature. SDK 2.x no longer has a `temperature` argument; a request's temperature is sent as
 an extra body field, and a model that takes none answers 400, which surfaces as a ProviderError.
@@ -37,7 +37,7 @@ from .base import (
     Usage, parse_retry_after, register, tool_call_from_json,
 )
 from .base import ModelInfo, register_models
-from .hosted import HostedProvider, error_body
+from .hosted import HostedProvider, asked_wait, error_body
 
 __all__ = ["AnthropicProvider", "MODELS", "models"]
 
@@ -58,14 +58,14 @@ class AnthropicProvider(HostedProvider):
     connection_error = sdk.APIConnectionError
 
     def __init__(self, model: str, *, api_key: str | None = None, base_url: str | None = None,
-                 attempts: int = 4, backoff: float = 0.5, timeout: float = 600.0) -> None:
-        super().__init__(attempts=attempts, backoff=backoff, timeout=timeout)
+                 attempts: int = 4, timeout: float = 600.0) -> None:
+        super().__init__(attempts=attempts, timeout=timeout)
         self.model = model
         self.api_key = api_key
         self.base_url = base_url
 
     def _new_client(self) -> sdk.AsyncAnthropic:
-        kw: dict[str, Any] = {"max_retries": 0, "timeout": self.timeout}
+        kw: dict[str, Any] = self._client_options(sdk)
         if self.api_key:
             kw["api_key"] = self.api_key
         if self.base_url:
@@ -206,11 +206,12 @@ class AnthropicProvider(HostedProvider):
             etype, msg = _error_fields(e)
             headers = getattr(getattr(e, "response", None), "headers", None)
             if status == 429 or etype == "rate_limit_error":
-                err: ProviderError = RateLimitError(f"{self.model}: rate limited by Anthropic: {msg}")
+                err: ProviderError = RateLimitError(f"{self.model}: rate limited by Anthropic: {msg}{asked_wait(e)}")
                 err.retry_after = parse_retry_after(headers)  # type: ignore[attr-defined]
                 return err
             if status == 529 or etype in ("overloaded_error", "api_error") or (status and status >= 500):
-                err = OverloadedError(f"{self.model}: Anthropic is overloaded or failing ({status or etype}): {msg}")
+                err = OverloadedError(f"{self.model}: Anthropic is overloaded or failing ({status or etype}): "
+                                      f"{msg}{asked_wait(e)}")
                 err.retry_after = parse_retry_after(headers)  # type: ignore[attr-defined]
                 return err
             if status == 401 or etype == "authentication_error":

@@ -5,13 +5,11 @@ turns it into `Event`s. Providers never see the store; surfaces never see an SDK
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import datetime
 import email.utils
-import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, Protocol, TypeVar, runtime_checkable
+from typing import Any, AsyncIterator, Callable, Literal, Mapping, Protocol, runtime_checkable
 
 __all__ = [
     "Part", "Turn", "ToolSpec", "ToolCallReq", "Request",
@@ -20,7 +18,7 @@ __all__ = [
     "ProviderNetworkError", "RateLimitError", "OverloadedError",
     "tool_call_from_json", "register", "get_provider", "resolve", "known_prefixes",
     "ModelInfo", "register_models", "list_models", "check_model",
-    "cost", "with_retries", "parse_retry_after",
+    "cost", "parse_retry_after",
 ]
 
 
@@ -243,30 +241,6 @@ def parse_retry_after(headers: Mapping[str, str] | None, *, cap: float = 60.0) -
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, min(cap, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()))
-
-
-T = TypeVar("T")
-
-
-async def with_retries(fn: Callable[[], Awaitable[T]], *, attempts: int = 4, base: float = 0.5,
-                       cap: float = 8.0, retry_on: tuple[type[BaseException], ...] = (RateLimitError, OverloadedError),
-                       retry_after: Callable[[BaseException], float | None] = lambda e: getattr(e, "retry_after", None),
-                       ) -> T:
-    """Call `fn` until it succeeds, retrying rate-limit and overload errors with exponential
-    backoff and jitter (or the server's Retry-After when it gives one: by default the
-    exception's `retry_after` attribute). Only the opening of a
-    stream is retried: once text has reached the user, a retry would repeat it."""
-    for i in range(attempts):
-        try:
-            return await fn()
-        except retry_on as e:
-            if i == attempts - 1:
-                raise
-            delay = retry_after(e)
-            if delay is None:
-                delay = min(cap, base * 2 ** i) * (0.5 + random.random() / 2)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- registry

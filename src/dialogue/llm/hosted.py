@@ -1,17 +1,28 @@
 """What the hosted-API providers (Anthropic, OpenAI and OpenAI-compatible servers) share: one SDK
-client per event loop, closing it, opening a stream under the one retry policy
-(`base.with_retries`, the SDKs' own retries off), and the first, transport-level step of turning
-an SDK error into a ProviderError. Each provider keeps what differs: building the body, reading
-its stream, and its API's error codes."""
+client per event loop, closing it, the retry policy, and the first, transport-level step of
+turning an SDK error into a ProviderError. Each provider keeps what differs: building the body,
+reading its stream, and its API's error codes.
+
+Retries are the SDKs' own (`max_retries`): they retry a failed connection or a timeout, 408, 409,
+429 and 5xx (Anthropic's 529 included), with exponential backoff and jitter, honour
+`retry-after-ms` / `retry-after`, and obey the APIs' `x-should-retry` header either way. Only the
+opening of a stream is retried: once text has reached the user a retry would repeat it, and a
+break mid-stream is raised. One thing is ours: a server that asks for a wait longer than
+`MAX_RETRY_AFTER` seconds gets no retry (the Anthropic SDK would sleep as long as it is told,
+hours if need be): the error surfaces at once and says how long the server asked for.
+"""
 from __future__ import annotations
 
 import asyncio
 import json
 from typing import Any, Awaitable, Callable
 
-from .base import ProviderError, ProviderNetworkError, with_retries
+from .base import ProviderError, ProviderNetworkError, parse_retry_after
 
-__all__ = ["HostedProvider", "TRANSPORT_ERRORS", "error_body"]
+__all__ = ["HostedProvider", "TRANSPORT_ERRORS", "error_body", "MAX_RETRY_AFTER", "asked_wait"]
+
+#: the longest Retry-After (seconds) we wait for before a retry; a longer one fails the request
+MAX_RETRY_AFTER = 60.0
 
 # The SDKs stream over httpx2 (SDK >= 2) or httpx (older SDKs); a connection that breaks while a
 # stream is read surfaces as the transport library's error, not the SDK's, so catch both.
@@ -21,6 +32,25 @@ for _mod in ("httpx2", "httpx"):
         TRANSPORT_ERRORS += (__import__(_mod).TransportError,)
     except (ImportError, AttributeError):
         pass
+
+
+async def _no_retry_after_long_waits(response: Any) -> None:
+    """An httpx response hook, run before the SDK decides whether to retry: a Retry-After beyond
+    `MAX_RETRY_AFTER` gets `x-should-retry: false`, which both SDKs obey. The header is the SDKs'
+    documented switch; overriding their private retry methods would break with any release."""
+    wait = parse_retry_after(response.headers, cap=float("inf"))
+    if wait is not None and wait > MAX_RETRY_AFTER:
+        response.headers["x-should-retry"] = "false"
+
+
+def asked_wait(e: BaseException) -> str:
+    """The note " (the server asks to wait N s ...)" when an error's response asked for a wait too
+    long to retry after, else ""."""
+    headers = getattr(getattr(e, "response", None), "headers", None)
+    wait = parse_retry_after(headers, cap=float("inf"))
+    if wait is None or wait <= MAX_RETRY_AFTER:
+        return ""
+    return f" (the server asks to wait {wait:.0f} s before trying again)"
 
 
 def error_body(e: BaseException) -> dict[str, Any] | None:
@@ -44,12 +74,23 @@ class HostedProvider:
     #: the SDK's "could not connect" exception class; set by subclasses
     connection_error: type[BaseException] = OSError
 
-    def __init__(self, *, attempts: int = 4, backoff: float = 0.5, timeout: float = 600.0) -> None:
-        self.attempts = attempts
-        self.backoff = backoff  # first retry delay in seconds; doubles per attempt
+    def __init__(self, *, attempts: int = 4, timeout: float = 600.0) -> None:
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        self.attempts = attempts  # tries in all: the SDK's max_retries is one fewer
         self.timeout = timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client_: Any = None
+
+    #: more httpx response hooks (async functions of the response), run before the SDK decides
+    #: whether to retry; a subclass adds its API's own no-retry cases
+    response_hooks: tuple[Callable[[Any], Awaitable[None]], ...] = ()
+
+    def _client_options(self, sdk: Any) -> dict[str, Any]:
+        """The retry, timeout and HTTP-client arguments both SDKs' async clients take."""
+        hooks = [_no_retry_after_long_waits, *type(self).response_hooks]
+        return {"max_retries": self.attempts - 1, "timeout": self.timeout,
+                "http_client": sdk.DefaultAsyncHttpxClient(event_hooks={"response": hooks})}
 
     model: str
 
@@ -78,13 +119,12 @@ class HostedProvider:
             await client.close()
 
     async def _open(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Open a stream with `call()` under the retry policy; errors come out translated."""
-        async def attempt() -> Any:
-            try:
-                return await call()
-            except Exception as e:  # noqa: BLE001 - every SDK error is translated
-                raise self._error(e) from e
-        return await with_retries(attempt, attempts=self.attempts, base=self.backoff)
+        """Open a stream with `call()` (the SDK retries what can be retried); errors come out
+        translated."""
+        try:
+            return await call()
+        except Exception as e:  # noqa: BLE001 - every SDK error is translated
+            raise self._error(e) from e
 
     def _where(self) -> str:
         raise NotImplementedError

@@ -71,7 +71,7 @@ from .base import (
     Usage, parse_retry_after, register, tool_call_from_json,
 )
 from .base import ModelInfo, register_models
-from .hosted import HostedProvider, error_body
+from .hosted import HostedProvider, asked_wait, error_body
 
 __all__ = ["OpenAIProvider", "parse_compatible", "configured_base", "configured_bases",
            "KEY_ENV", "BASE_URL_ENV", "MODELS", "models"]
@@ -139,14 +139,25 @@ def configured_base(url: str) -> bool:
     return n is not None and n in configured_bases()
 
 
+async def _no_retry_when_out_of_quota(response: Any) -> None:
+    """OpenAI answers 429 both to "slow down" and to "your quota is used up"; the SDK retries every
+    429, but waiting does not refill a quota. Only an error's short JSON body is read here (and
+    kept for the SDK); a stream is left alone."""
+    if response.status_code == 429 and "x-should-retry" not in response.headers:
+        await response.aread()
+        if b"insufficient_quota" in response.content:
+            response.headers["x-should-retry"] = "false"
+
+
 class OpenAIProvider(HostedProvider):
     """Streams OpenAI models or a model on an OpenAI-compatible server (see module docstring)."""
 
     connection_error = sdk.APIConnectionError
+    response_hooks = (_no_retry_when_out_of_quota,)
 
     def __init__(self, model: str, *, api_key: str | None = None, base_url: str | None = None,
-                 attempts: int = 4, backoff: float = 0.5, timeout: float = 600.0) -> None:
-        super().__init__(attempts=attempts, backoff=backoff, timeout=timeout)
+                 attempts: int = 4, timeout: float = 600.0) -> None:
+        super().__init__(attempts=attempts, timeout=timeout)
         self.full_name = model
         self.compatible = model.startswith(COMPATIBLE)
         if self.compatible:
@@ -176,7 +187,7 @@ class OpenAIProvider(HostedProvider):
         return key
 
     def _new_client(self) -> sdk.AsyncOpenAI:
-        kw: dict[str, Any] = {"api_key": self._key(), "max_retries": 0, "timeout": self.timeout}
+        kw: dict[str, Any] = {"api_key": self._key(), **self._client_options(sdk)}
         if self.base_url:
             kw["base_url"] = self.base_url
         if not self._bound():
@@ -283,13 +294,15 @@ class OpenAIProvider(HostedProvider):
             low = (msg + " " + code).lower()
             headers = getattr(getattr(e, "response", None), "headers", None)
             if status == 429 and code != "insufficient_quota":
-                err: ProviderError = RateLimitError(f"{self.model}: rate limited by {self._where()}: {msg}")
+                err: ProviderError = RateLimitError(f"{self.model}: rate limited by {self._where()}: "
+                                                    f"{msg}{asked_wait(e)}")
                 err.retry_after = parse_retry_after(headers)  # type: ignore[attr-defined]
                 return err
             if status == 429:
                 return ProviderError(f"{self.model}: quota exceeded at {self._where()} (check billing): {msg}")
             if status is not None and status >= 500:
-                err = OverloadedError(f"{self.model}: {self._where()} is overloaded or failing ({status}): {msg}")
+                err = OverloadedError(f"{self.model}: {self._where()} is overloaded or failing ({status}): "
+                                      f"{msg}{asked_wait(e)}")
                 err.retry_after = parse_retry_after(headers)  # type: ignore[attr-defined]
                 return err
             if status == 401:
