@@ -1,8 +1,13 @@
-"""What every command module shares: the two consoles, exit statuses and the user-error type."""
+"""What every command module shares: the two consoles, exit statuses, the user-error type and
+`--json` output."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -23,3 +28,21 @@ def when(t: float | None) -> str:
 def text_arg(v: str) -> str:
     """A TEXT argument; '-' reads standard input."""
     return sys.stdin.read() if v == "-" else v
+
+
+def _jsonable(o: Any) -> Any:
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "value") and hasattr(o, "name"):  # an Enum (a message's kind)
+        return o.value
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def emit_json(obj: Any) -> None:
+    """What `--json` prints: one JSON document on stdout (dataclasses as objects, paths as
+    strings), never through rich, so nothing is wrapped, highlighted or read as markup; non-ASCII
+    is escaped, so no text from a model or a notebook reaches the terminal raw."""
+    sys.stdout.write(json.dumps(obj, default=_jsonable) + "\n")
+    sys.stdout.flush()

@@ -9,7 +9,7 @@ from rich.text import Text
 
 from ..service import HIT_END, HIT_START, DialogueService
 from ..terminal import markup, plain, visible
-from .common import UserError, out, text_arg, when
+from .common import UserError, emit_json, out, text_arg, when
 
 
 def cmd_new(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -92,6 +92,9 @@ def cmd_search(svc: DialogueService, a: argparse.Namespace) -> None:
 
 def cmd_trash(svc: DialogueService, a: argparse.Namespace) -> None:
     items = svc.trash()
+    if a.json:
+        emit_json(items)
+        return
     if not items:
         out.print("the trash is empty")
         return
@@ -233,6 +236,11 @@ def _args_detach(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("item", help="the attached item's name")
 
 
+
+def _args_trash(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--json", action="store_true")
+
+
 COMMANDS = {
     "new": (cmd_new, "create a dialogue", _args_new),
     "config": (cmd_config, "show or change a dialogue's settings (model, system, max tokens, "
@@ -244,7 +252,7 @@ COMMANDS = {
     "fork": (cmd_fork, "new dialogue with the messages up to and including MSG", _args_fork),
     "rename": (cmd_rename, "rename a dialogue", _args_rename),
     "search": (cmd_search, "full-text search across all dialogues", _args_search),
-    "trash": (cmd_trash, "list what is in the trash", None),
+    "trash": (cmd_trash, "list what is in the trash", _args_trash),
     "attach": (cmd_attach, "attach a text file as context every prompt of the dialogue sees",
                _args_attach),
     "detach": (cmd_detach, "remove an attached context item", _args_detach),

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..service import DialogueService
 from ..terminal import plain
-from .common import UserError, out
+from .common import UserError, emit_json, out
 
 
 def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -26,6 +26,9 @@ def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
         svc.remove_model(a.target)
         out.print(plain(f"removed local:{a.target} (the file itself is left alone)"))
         return
+    if a.json:
+        emit_json(svc.models())
+        return
     t = Table(box=None)
     t.add_column("model", overflow="fold")  # a name is never cut: it is what one types
     t.add_column("where", overflow="fold")
@@ -43,6 +46,9 @@ def cmd_cache(svc: DialogueService, a: argparse.Namespace) -> None:
         out.print(plain(f"deleted {n} cached prefix states from {root}"))
         return
     st = svc.cache_stats()
+    if a.json:
+        emit_json(st)
+        return
     out.print(plain(f"{st.root}: {st.entries} states, {st.bytes / 1e6:.1f} MB of "
                     f"{st.max_bytes / 1e6:.0f} MB"))
     for ns in st.namespaces:
@@ -58,10 +64,12 @@ def _args_models(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("file", nargs="?", metavar="FILE.gguf", help="file in the Hub repository")
     sp.add_argument("--name")
     sp.add_argument("--chat-format", help="llama.cpp chat format, for files without a template")
+    sp.add_argument("--json", action="store_true", help="list: print the models as JSON")
 
 
 def _args_cache(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("action", nargs="?", choices=("stats", "clear"), default="stats")
+    sp.add_argument("--json", action="store_true", help="stats: print them as JSON")
 
 
 COMMANDS = {
