@@ -11,18 +11,28 @@ from typing import Any
 from ..document import Kind, Message, output_text
 from ..service import DialogueService, Progress, ProviderError
 from ..terminal import StreamWriter, markup, plain
-from .common import EXIT_ERROR, err, text_arg
+from .common import EXIT_ERROR, emit_json, err, text_arg
 
 
 def cmd_ask(svc: DialogueService, a: argparse.Namespace) -> int:
     """Add a prompt and stream the model's answer to the terminal."""
     m = svc.add(a.name, Kind.prompt, text_arg(a.text))
-    return asyncio.run(stream_run(svc, a.name, m.id, prefill=a.prefill))
+    return asyncio.run(stream_run(svc, a.name, m.id, prefill=a.prefill, as_json=a.json))
 
 
 def cmd_exec(svc: DialogueService, a: argparse.Namespace) -> int:
     """Run an existing code message or prompt."""
-    return asyncio.run(stream_run(svc, a.name, svc.message_id(a.name, a.msg), prefill=a.prefill))
+    return asyncio.run(stream_run(svc, a.name, svc.message_id(a.name, a.msg), prefill=a.prefill,
+                                  as_json=a.json))
+
+
+def run_record(svc: DialogueService, m: Message) -> dict[str, Any]:
+    """What `--json` reports of a message that ran: how it ended and what it produced."""
+    run = m.meta.get("run", {})
+    return {"id": m.id, "kind": m.kind.value, "status": svc.run_status(m), "source": m.source,
+            "response": m.response, "outputs": m.outputs, "text": output_text(m.outputs),
+            "execution_count": m.execution_count, "tool_calls": m.tool_calls, "usage": m.usage,
+            "error": m.meta.get("error") or run.get("message") or None}
 
 
 def _progress(data: dict[str, Any]) -> Progress:
@@ -68,11 +78,14 @@ class ReadingLine:
             self.shown = False
 
 
-async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | None = None) -> int:
-    """Run a message, printing what it produces as it arrives; exit status 1 if it failed."""
+async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | None = None,
+                     as_json: bool = False) -> int:
+    """Run a message, printing what it produces as it arrives (`as_json`: one JSON document
+    at the end instead, `run_record`); exit status 1 if it failed."""
     reading = ReadingLine()
     # what the model or the code writes reaches the terminal made visible, piece by piece
     stream = StreamWriter()
+    write = (lambda _: None) if as_json else stream.write
     try:
         if svc.message(name, mid).kind == Kind.prompt:
             from .progress import Bars
@@ -83,7 +96,7 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
                     pass  # the run meets it again and stores and prints it as an answer's error
         svc.start(name, mid, prefill=prefill)
         if prefill:
-            stream.write(prefill)
+            write(prefill)
         final = None
         async for ev in svc.subscribe(mid):
             if ev.type == "progress":
@@ -91,11 +104,11 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
                 continue
             reading.clear()
             if ev.type == "text":
-                stream.write(ev.data)
+                write(ev.data)
             elif ev.type == "output":
                 text = output_text([ev.data]) if ev.data.get("output_type") != "stream" else ev.data.get("text", "")
                 if text:
-                    stream.write(text if text.endswith("\n") else text + "\n")
+                    write(text if text.endswith("\n") else text + "\n")
             elif ev.type == "tool_call":
                 call = f"tool call: {ev.data['name']}({json.dumps(ev.data['arguments'])})"
                 err.print(plain(call, style="dim"))
@@ -108,7 +121,9 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
         final = final or svc.message(name, mid)
         u = final.usage
         failed = final.meta.get("error") and not (u.get("input") or u.get("output"))
-        if final.kind == Kind.prompt and not failed:  # a failed answer's one line is its error
+        if as_json:
+            emit_json(run_record(svc, final))
+        elif final.kind == Kind.prompt and not failed:  # a failed answer's one line is its error
             sys.stdout.write("\n")
             # None: a model with no known price (an openai-compatible server, a model newer
             # than the price database); 0: a local model, nothing to say
@@ -154,6 +169,7 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
                    TimeElapsedColumn(), console=err, transient=False)
     # TextColumn renders descriptions as markup: user text goes in escaped
     task = progress.add_task(f"running {markup(d.name)}", total=None)
+    ran: list[dict[str, Any]] = []  # for --json
     # one numbering everywhere: a message's 1-based position among all the dialogue's messages
     # (notes included), as `dialogue show` numbers them and as every MSG argument reads them
     place = {m.id: k for k, m in enumerate(d.messages, 1)}
@@ -180,6 +196,7 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
 
     def on_done(i: int, n: int, m: Message) -> None:
         progress.update(task, completed=i + 1)
+        ran.append(run_record(svc, m))
         status = svc.run_status(m)
         if status != "ok":
             why = m.meta.get("error") or m.meta.get("run", {}).get("message") or status
@@ -196,13 +213,18 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
 
     with progress:
         failures = asyncio.run(go())
+    written = None
     if is_file:
         out_path = Path(a.output) if a.output else target.with_name(target.stem + ".executed.ipynb")
         out_path.write_bytes(to_ipynb_bytes(svc.for_notebook(
             svc.as_stated(svc.open(d.id), keep_model=bool(a.model)))))
         err.print(plain(f"wrote {out_path}"))
+        written = str(out_path)
         svc.close()
         tmp.cleanup()
+    if a.json:
+        emit_json({"dialogue": d.name, "id": d.id, "messages": ran, "failed": len(failures),
+                   "written": written})
     if failures:
         err.print(f"{len(failures)} message(s) failed")
         # like `nbconvert --execute --allow-errors`: errors recorded in the outputs are the
@@ -215,12 +237,14 @@ def _args_ask(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name")
     sp.add_argument("text", help="the prompt ('-' reads standard input)")
     sp.add_argument("--prefill", help="the start of the answer, for the model to continue")
+    sp.add_argument("--json", action="store_true", help="print one JSON document at the end (the stored answer)")
 
 
 def _args_exec(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name")
     sp.add_argument("msg")
     sp.add_argument("--prefill")
+    sp.add_argument("--json", action="store_true", help="print one JSON document at the end (what the run stored)")
 
 
 def _args_run(sp: argparse.ArgumentParser) -> None:
@@ -229,6 +253,7 @@ def _args_run(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("-o", "--output", help="where to write the executed notebook (files only)")
     sp.add_argument("--allow-errors", action="store_true", help="go on after a failure")
     sp.add_argument("--timeout", type=float, help="seconds per code message")
+    sp.add_argument("--json", action="store_true", help="print one JSON document at the end: each message run and how it ended")
     sp.add_argument("--trust", action="store_true",
                     help="adopt the notebook's system prompt (a file's model is used only if you "
                          "configured it)")
