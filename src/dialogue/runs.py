@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from .document import Dialogue, Kind, Message
 from .kernel.outputs import fold_output, stored_outputs
 from .store import StoreError
+
+log = logging.getLogger(__name__)  # dialogue.runs
 
 if TYPE_CHECKING:
     from .llm.base import Usage
@@ -322,6 +325,8 @@ class Runs:
     async def _guard(self, run: Run, coro: Any) -> None:
         """Whatever happens inside a run, listeners hear "done" exactly once, after the run has
         left the running set."""
+        t0 = time.monotonic()
+        log.info("run of %s message %s started", run.kind.value, run.message_id)
         try:
             await coro
         except StoreError:  # the message went away under the run (deleted in another tab)
@@ -331,6 +336,11 @@ class Runs:
             if not run.finished:
                 with contextlib.suppress(StoreError):
                     self._finish(run, self.store.get_message(run.message_id, deleted_ok=True))
+            if log.isEnabledFor(logging.INFO):
+                with contextlib.suppress(StoreError):
+                    m = self.store.get_message(run.message_id, deleted_ok=True)
+                    log.info("run of %s message %s ended: %s in %.2f s", run.kind.value,
+                             run.message_id, run_status(m), time.monotonic() - t0)
 
     def _finish(self, run: Run, final: Message) -> None:
         self.active.pop(run.message_id, None)  # not running any more when listeners hear "done"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import queue
 import re
@@ -41,6 +42,8 @@ from jupyter_client import AsyncKernelManager
 from . import inside
 from .outputs import DEFAULT_OUTPUT_CAP, OutputCap
 from .process import INFO, LIVE, LIVE_LOCK, Specs, Tree, death_message, end_tree, install_hooks, private_dir
+
+log = logging.getLogger(__name__)  # dialogue.kernel.kernel
 
 __all__ = ["Kernel", "Execution", "RunResult", "Status", "KernelError", "KernelStartError",
            "KernelDied", "KernelTimeout", "ExecutionError"]
@@ -223,6 +226,7 @@ class Kernel:
         if self._km is not None:  # a dead kernel: clear it away first
             await self._stop_locked(now=True)
         install_hooks()
+        t0 = time.monotonic()
         d = private_dir()
         specs = Specs()
         specs.python = self.python
@@ -276,6 +280,8 @@ class Kernel:
         self._modules = {}
         self.generation += 1
         self.last_used = time.monotonic()
+        log.info("kernel %s started (pid %s) in %.2f s", self.label, tree.proc.pid,
+                 time.monotonic() - t0)
         await self._kernel_info()
         if self.is_python:
             await self._install_inside(_HELPERS, "helpers")
@@ -319,10 +325,12 @@ class Kernel:
 
     async def restart(self) -> None:
         """A fresh kernel with empty variables, in place of the current one."""
+        log.info("kernel %s restarting", self.label)
         await self._stop(reason="The kernel was restarted")
         await self.start()
 
     async def _stop(self, reason: str) -> None:
+        log.debug("kernel %s: %s", self.label, reason.lower())
         async with self._life_lock:
             # Set under the lock: a start in progress would otherwise clear it.
             self._stop_reason = reason
@@ -490,6 +498,7 @@ class Kernel:
         if died is not None:
             res.status = "timeout" if killed else "died"
             res.message = died
+            log.warning("kernel %s: %s", self.label, died)
             tail = self._log_tail(800) if proc.poll() is not None and not self._stop_reason else ""
             if tail:
                 res.message += f"\nKernel log:\n{tail}"

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
@@ -127,8 +128,11 @@ class ModelProcess:
             link.reader = threading.Thread(target=self._read, args=(link,),
                                            name=f"model-{self.spec.name}", daemon=True)
             link.reader.start()
+        t0 = time.monotonic()
         try:
             self._info = self._call("load", **self._load)
+            log.info("model %s loaded in %.2f s (process %s, %s)", self.spec.name,
+                     time.monotonic() - t0, self.pid, self.spec.path)
         except ModelCrashedError:
             raise
         except ProviderError:
@@ -211,6 +215,7 @@ class ModelProcess:
         waiting = link.end()
         if waiting and code != 0:
             self.crashes += 1
+            log.warning("the model process of %s %s", self.spec.name, exit_text)
         if waiting:
             tail = self.stderr_tail(600).strip().splitlines()
             hint = f" (its last words: {tail[-1][:200]})" if tail else ""

@@ -11,6 +11,7 @@ atomically (temp file + rename) so a crash or a non-finite loss leaves the last 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -31,6 +32,8 @@ from torch import nn
 from .data import IGNORE, MixSampler, collate
 from .lora import trainable_parameters
 from .schedule import MixLike, ScheduleLike, apply_hyperparameters, cosine, default_lr, warmup
+
+log = logging.getLogger(__name__)  # dialogue.train.loop
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "finetune", "default_lr_schedule",
            "CHECKPOINT", "peak_memory_bytes"]
@@ -252,6 +255,7 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
     model.train()
     t0, tokens_seen, hyper = time.perf_counter(), 0, []
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    log.info("training steps %d to %d of %d (world %d)", start + 1, end, cfg.steps, world)
     try:
         for step in range(start, end):
             p = step / cfg.steps
@@ -291,6 +295,9 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
                    "tokens_per_s": tokens_seen * world / elapsed if elapsed else 0.0,
                    "peak_mem_mb": peak_memory_bytes(device) / 2**20,
                    "mix": sampler.history[-1]["weights"] if sampler.history else {}}
+            log.debug("step %d/%d: loss %.4f, lr %.3g, %.0f tokens/s, peak %.0f MB", step + 1,
+                      cfg.steps, loss, hp.get("lr", float("nan")), rec["tokens_per_s"],
+                      rec["peak_mem_mb"])
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
