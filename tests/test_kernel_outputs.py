@@ -9,7 +9,10 @@ import random
 
 import nbformat
 
-from dialogue.kernel.outputs import OutputCap, fold_output, stored_outputs
+import re
+
+from dialogue.kernel.outputs import (OutputCap, collapse_stream, fold_output, shown_stream,
+                                     stored_outputs)
 
 
 def stream(text: str, name: str = "stdout") -> dict:
@@ -164,7 +167,7 @@ def test_followers_agree_with_the_stored_outputs_on_any_stream_of_messages():
             did = rng.choice([None, "a", "b", "c"])
             kind = rng.choice(["stream", "stream", "display_data", "update_display_data",
                                "clear_output", "execute_result", "error", "status"])
-            text = "t" * rng.randrange(0, 40)
+            text = "".join(rng.choice("tttt\r\n\b") for _ in range(rng.randrange(0, 40)))
             if kind == "stream":
                 msgs.append((kind, {"name": rng.choice(["stdout", "stderr"]), "text": text}))
             elif kind in ("display_data", "update_display_data", "execute_result"):
@@ -184,3 +187,78 @@ def test_followers_agree_with_the_stored_outputs_on_any_stream_of_messages():
         assert stored_outputs(follow(items)) == stored, msgs
         assert not any(i.get("wait") for i in items)
         assert all("transient" not in o for o in stored)
+
+
+# ---------------------------------------------------------------- carriage returns, backspaces
+
+
+def jupyterlab(text: str) -> str:
+    """JupyterLab's `removeOverwrittenChars` (packages/outputarea/src/model.ts), ported with
+    JavaScript's regex meanings (`.` stops at \\r as at \\n, and in multiline mode `^` and `$`
+    match at both): the reference for what a stream shows."""
+    bol, eol, dot = r"(?:^|(?<=[\n\r]))", r"(?=[\n\r]|\Z)", r"[^\n\r]"
+    tmp = text
+    while True:  # fixBackspace
+        text = tmp
+        tmp = re.sub(r"[^\n]\x08", "", text)
+        if len(tmp) == len(text):
+            break
+    text = re.sub(r"\r+\n", "\n", text)  # fixCarriageReturn
+    while re.search(r"\r[^$]", text):
+        base = re.search(bol + f"({dot}*)\\r+", text).group(1)
+        insert = re.search(f"\\r+({dot}*)" + eol, text).group(1)
+        insert = insert + base[len(insert):]
+        text = re.sub(f"\\r+{dot}*" + eol, "\r", text, count=1)
+        text = re.sub(bol + f"{dot}*\\r", lambda _: insert, text, count=1)
+    # a last \\r shows nothing; a backspace with nothing before it on its line deletes nothing,
+    # and JupyterLab leaves it in the text, where a page shows nothing for it either
+    return (text[:-1] if text.endswith("\r") else text).replace("\b", "")
+
+
+def test_carriage_returns_and_backspaces_are_applied_as_jupyterlab_applies_them():
+    assert shown_stream("  0%\r 50%\r100%\ndone\n") == "100%\ndone\n"
+    assert shown_stream("Downloading 10 of 10\rDone") == "Doneloading 10 of 10"
+    assert shown_stream("Downloading 10 of 10\r\x1b[2KDone") == "Done"  # rich / pip erase the line
+    assert shown_stream("a\r\nb\r\n") == "a\nb\n"
+    assert shown_stream("abc\b\bX\n\bq") == "aX\nq"  # a backspace never crosses a line
+    # colour codes stay, with the characters they colour
+    assert shown_stream("\x1b[31mbad\x1b[0m\r\x1b[32mgood\x1b[0m") == "\x1b[0m\x1b[32mgood\x1b[0m"
+    rng = random.Random(5)
+    for _ in range(2000):  # the reference has no escape codes and mixes no \r with \b
+        alphabet = rng.choice(["ab\r\n", "ab\b\n", "abc \r\r\n"])
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        if "\b\b" in text:  # JupyterLab's regex lets a backspace delete the backspace before it
+            continue
+        assert shown_stream(text) == jupyterlab(text), repr(text)
+    assert shown_stream("ab\b\b\b!") == "!"  # three back from two: the line is empty
+
+
+def test_a_stream_collapses_the_same_however_the_kernel_split_it():
+    """The chunks a kernel sends may end anywhere: on a \\r, before the \\b that takes back
+    their last character, inside an escape code. Folding them one by one gives what collapsing
+    the whole stream gives, and the stored form collapses to itself."""
+    rng = random.Random(7)
+    pieces = ["a", "b", "xyz", " ", "\r", "\n", "\b", "\x1b[31m", "\x1b[0m", "\x1b[2K", "\x1b[K",
+              "\r\n", "\x1b[?25l", "\x1b[3G"]
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 25)))
+        whole = collapse_stream(text)
+        assert collapse_stream(whole) == whole, repr(text)
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randrange(0, 6))))
+        outs: list[dict] = []
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            if a < b:
+                fold_output(outs, stream(text[a:b]))
+        got = outs[0]["text"] if outs else ""
+        assert shown_stream(got) == shown_stream(whole), (repr(text), cuts)
+
+
+def test_a_progress_bar_redrawn_many_times_is_one_line_and_costs_one_line_of_the_cap():
+    msgs = [("stream", {"name": "stdout", "text": f"\rstep {i}"}) for i in range(5000)]
+    msgs.append(("stream", {"name": "stdout", "text": "\ndone\n"}))
+    msgs.insert(10, ("stream", {"name": "stderr", "text": "warning\n"}))
+    cap, items, stored = run_cap(msgs, cap=200)  # 5000 redraws are 50,000 characters
+    assert cap.cut == 0
+    assert [(o["name"], o["text"]) for o in stored] == [
+        ("stdout", "step 9"), ("stderr", "warning\n"), ("stdout", "step 4999\ndone\n")]
+    assert stored_outputs(follow(items)) == stored

@@ -14,9 +14,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from dialogue.render import (highlight_code, highlight_css, image_data_uri, pick_mime,
-                             render_markdown, render_output, render_outputs, sanitize_html,
-                             strip_ansi)
+from dialogue.render import (LONG_LINES, ansi_html, highlight_code, highlight_css,
+                             image_data_uri, output_css, pick_mime, plain_text, render_markdown,
+                             render_output, render_outputs, sanitize_html, strip_ansi)
 
 # Payloads from the usual sources of XSS tests (OWASP filter-evasion cheat sheet, known mutation
 # XSS against sanitizers, markdown-specific link tricks). Each sets window.__xss when it runs.
@@ -70,11 +70,20 @@ XSS_PAYLOADS = [
     "```html\n<script>window.__xss=1</script>\n```",
     "```\"><script>window.__xss=1</script>\nx\n```",
     "<a href=\"https://ok.example/\" target=_blank>ok</a>",
+    # maths, rendered to MathML: LaTeX that tries to smuggle markup in or out of it
+    "$\\text{<img src=x onerror=window.__xss=1>}$",
+    "$x</math><script>window.__xss=1</script>$",
+    "$$\n\\text{</mtext></math><img src=x onerror=window.__xss=1>}\n$$",
+    "$\\href{javascript:window.__xss=1}{click}$",
+    "$\\color{red}{x}$ $\\style{background:url(javascript:x)}{y}$",
+    "<math><mi href=\"javascript:window.__xss=1\">x</mi><annotation-xml encoding=\"text/html\">"
+    "<img src=x onerror=window.__xss=1></annotation-xml></math>",
+    "<span style=\"color:#ff0000;position:fixed\">styled span</span>",
 ]
 
 _FORBIDDEN_TAGS = {"script", "iframe", "object", "embed", "form", "input", "button", "textarea",
                    "select", "style", "link", "meta", "base", "frame", "frameset", "applet",
-                   "svg", "math", "template", "noscript", "body", "html", "head", "video",
+                   "svg", "template", "noscript", "body", "html", "head", "video",
                    "audio", "source", "x"}
 _URL_ATTRS = {"href", "src", "action", "formaction", "xlink:href", "background", "poster",
               "cite", "data", "srcset", "lowsrc", "dynsrc"}
@@ -100,7 +109,11 @@ def assert_inert(fragment: str, *, allow_tags: frozenset[str] = frozenset()) -> 
         assert tag not in _FORBIDDEN_TAGS - allow_tags, f"forbidden tag <{tag}> in {fragment!r}"
         for name, value in attrs:
             assert not name.startswith("on"), f"event handler {name} on <{tag}>"
-            assert name not in ("style", "srcdoc"), f"attribute {name} on <{tag}>"
+            assert name != "srcdoc", f"attribute {name} on <{tag}>"
+            # the one inline style let through: an exact colour on a span (ANSI colours)
+            assert name != "style" or (tag == "span" and re.fullmatch(
+                r"(color:#[0-9a-f]{6};)?(background-color:#[0-9a-f]{6};)?", value or "")), \
+                f"style {value!r} on <{tag}>"
             if name in _URL_ATTRS and value:
                 v = re.sub(r"[\x00-\x20]+", "", htmlmod.unescape(value)).lower()
                 scheme = v.split(":", 1)[0] if re.match(r"^[a-z][a-z0-9+.-]*:", v) else ""
@@ -192,8 +205,86 @@ def test_strip_ansi_and_error_output():
     assert strip_ansi(tb[1]) == "ZeroDivisionError: division by zero"
     out = render_output({"output_type": "error", "ename": "ZeroDivisionError",
                          "evalue": "division by zero", "traceback": tb})
-    assert "\x1b" not in out and "ZeroDivisionError: division by zero" in out
-    assert out.startswith('<pre class="output error">')
+    # the colours become classed spans, as in Jupyter; no escape code reaches the page
+    assert out == ('<pre class="output error"><span class="ansi-red-fg">---------</span>\n'
+                   '<span class="ansi-red-fg">ZeroDivisionError</span>: division by zero</pre>')
+
+
+def test_ansi_colours_become_spans_and_only_colours_pass_the_sanitizer():
+    assert ansi_html("plain <b> & \"text\"") == "plain &lt;b&gt; &amp; &quot;text&quot;"
+    assert ansi_html("\x1b[1;31mbold red\x1b[0m \x1b[42mon green\x1b[49m back") == (
+        '<span class="ansi-red-intense-fg ansi-bold">bold red</span> '
+        '<span class="ansi-green-bg">on green</span> back')
+    # IPython's 256-colour and 24-bit codes: an exact colour style; cursor codes and titles go
+    assert ansi_html("\x1b[38;5;241;43m1\x1b[39;49m\x1b[?25l\x1b]0;title\x07 "
+                     "\x1b[38;2;255;128;0m<x>\x1b[0m") == (
+        '<span class="ansi-yellow-bg" style="color:#626262;">1</span> '
+        '<span style="color:#ff8000;">&lt;x&gt;</span>')
+    assert ansi_html("\x1b[7minverse\x1b[27m \x1b[3;4;9mx\x1b[m") == (
+        '<span class="ansi-default-inverse-fg ansi-default-inverse-bg">inverse</span> '
+        '<span class="ansi-italic ansi-underline ansi-strike">x</span>')
+    colour = '<span style="color:#626262;">1</span>'
+    assert sanitize_html(colour) == colour  # the colour a span carries survives sanitizing...
+    for style in ("color:red", "color:#626262;position:fixed", "background:url(x)",
+                  "color:#626262; ", "color:expression(1)"):  # ...and nothing else does
+        assert "style" not in sanitize_html(f'<span style="{style}">1</span>'), style
+    css = output_css()
+    assert ".ansi-red-fg { color:" in css and ".ansi-bold { font-weight: bold; }" in css
+
+
+def test_a_stream_shows_what_its_carriage_returns_left():
+    out = render_output({"output_type": "stream", "name": "stdout",
+                         "text": "\r  0%\r 50%\r\x1b[32m100%\x1b[0m\nok\b\b\bdone\n"})
+    assert out == '<pre class="output stdout"><span class="ansi-green-fg">100%</span>\ndone\n</pre>'
+    assert plain_text("\r  0%\r 50%\r\x1b[32m100%\x1b[0m\n") == "100%\n"
+
+
+def test_long_outputs_scroll_with_a_toggle_that_needs_no_script():
+    short = render_output({"output_type": "stream", "name": "stdout", "text": "x\n" * LONG_LINES})
+    assert "output-long" not in short
+    text = "".join(f"line {i}\n" for i in range(500))
+    for out in (render_output({"output_type": "stream", "name": "stdout", "text": text}),
+                render_output({"output_type": "execute_result", "data": {"text/plain": text}}),
+                render_output({"output_type": "stream", "name": "stdout", "text": "y" * 10_000})):
+        assert out.startswith('<div class="output-long"><pre class="output ')
+        assert '<details class="output-more"><summary>' in out and out.endswith("</details></div>")
+    assert "Show all 500 lines" in render_output({"output_type": "stream", "name": "stdout",
+                                                  "text": text})
+    assert ".output-long:has(> details[open]) > pre.output { max-height: none; }" in output_css()
+
+
+MATH_CASES = [
+    # (markdown, what must be in the HTML, what must not)
+    ("Let $y = f(x)$ be", ['<span class="math inline"><math', "<mi>y</mi>", "<mi>f</mi>"], ["$"]),
+    ("$$\n\\frac{a}{b}\n$$", ['<span class="math display"><math', 'display="block"', "<mfrac>"],
+     ["$$"]),
+    ("It costs $5 and $10.", ["It costs $5 and $10."], ["<math"]),
+    ("Between $ 1 and 2 $ no", ["$ 1 and 2 $"], ["<math"]),
+    ("`$x$` and\n\n```\n$$y$$\n```", ["<code>$x$</code>", "$$y$$"], ["<math"]),
+    ("\\$x\\$ escaped", ["$x$ escaped"], ["<math"]),
+    ("\\begin{equation}\nE = mc^2\n\\end{equation}", ["<math", "<msup>"], ["begin"]),
+    ("bad $\\frac{$ and $\\unknowncommand$", ["math-error", "\\unknowncommand"], []),
+]
+
+
+@pytest.mark.parametrize("md,present,absent", MATH_CASES)
+def test_maths_renders_to_mathml_and_prose_dollars_stay_prose(md, present, absent):
+    out = render_markdown(md)
+    for p in present:
+        assert p in out, (p, out)
+    for a in absent:
+        assert a not in out, (a, out)
+    assert_inert(out)
+
+
+def test_latex_outputs_render_as_maths():
+    sympy = render_output({"output_type": "execute_result",
+                           "data": {"text/latex": "$\\displaystyle x^{2} + 1$", "text/plain": "x**2 + 1"}})
+    assert sympy.startswith('<div class="output latex"><span class="math inline"><math')
+    assert "<msup><mi>x</mi>" in sympy
+    display = render_output({"output_type": "display_data",
+                             "data": {"text/latex": "\\[\\int_0^1 x\\,dx\\]"}})
+    assert 'display="block"' in display and "∫" in display
 
 
 def test_render_outputs_kinds():

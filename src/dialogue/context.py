@@ -47,7 +47,7 @@ from markdown_it import MarkdownIt
 
 from .document import Dialogue, Kind, Message
 from .llm.base import Part, Request, ToolSpec, Turn
-from .render import strip_ansi
+from .render import plain_text
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -330,26 +330,12 @@ def output_limit_of(dialogue: Dialogue) -> OutputLimit | None:
     return parse_output_limit(dialogue.meta.get("output_limit", "default"))
 
 
-_ERASE_LINE = re.compile(r"\x1b\[[02]?K")
-
-
 def terminal_text(text: str) -> str:
-    """Output text as a terminal shows it: what a carriage return goes back over is overwritten
-    by what follows (a progress bar redrawn 500 times is its last state), an erase-line code
-    after it clears the line, and colour and cursor codes are removed. Jupyter's output area
-    applies the same overwrite rule, so the model sees what the user saw. No terminal emulator
-    library: a full one (pyte) is a heavy dependency for this one rule."""
-    if "\r" not in text:
-        return strip_ansi(text)
-    lines = []
-    for line in re.sub(r"\r+\n", "\n", text).split("\n"):
-        shown = ""
-        for seg in line.split("\r"):
-            erased = bool(_ERASE_LINE.match(seg))
-            seg = strip_ansi(seg)
-            shown = seg if erased else seg + shown[len(seg):]
-        lines.append(shown)
-    return "\n".join(lines)
+    """Output text as the page shows it, as plain text: what carriage returns, backspaces and
+    erase-line codes take back is gone (a progress bar redrawn 500 times is its last state;
+    `kernel.outputs.collapse_stream`, Jupyter's rule) and colour and cursor codes are removed,
+    so the model sees what the user saw."""
+    return plain_text(text)
 
 
 def cut_text(text: str, limit: OutputLimit | None) -> tuple[str, dict[str, int] | None]:
@@ -420,7 +406,7 @@ def render_outputs(outputs: Sequence[dict[str, Any]], *, images: bool = True,
 
     def flush() -> None:
         if texts:
-            text, cut = cut_text(terminal_text("".join(texts)).rstrip("\n"), limit)
+            text, cut = cut_text("".join(texts).rstrip("\n"), limit)
             parts.append(Part(text=text))
             if cut and cuts is not None:
                 cuts.append(cut)
@@ -429,7 +415,9 @@ def render_outputs(outputs: Sequence[dict[str, Any]], *, images: bool = True,
     for o in outputs:
         t = o.get("output_type")
         if t == "stream":
-            texts.append(_text(o.get("text", "")))
+            # each output as the page shows it: a stdout line a \r left open is not
+            # overwritten by the stderr block after it
+            texts.append(terminal_text(_text(o.get("text", ""))))
         elif t in ("execute_result", "display_data"):
             data = o.get("data", {})
             img = next((m for m in _IMAGE_MIMES if m in data), None)
@@ -441,10 +429,11 @@ def render_outputs(outputs: Sequence[dict[str, Any]], *, images: bool = True,
             if txt is None and img:
                 txt = f"[{img} image]"
             if txt:
+                txt = terminal_text(txt)
                 texts.append(txt if txt.endswith("\n") else txt + "\n")
         elif t == "error":
             tb = "\n".join(o.get("traceback", []))
-            texts.append((tb or f"{o.get('ename', '')}: {o.get('evalue', '')}") + "\n")
+            texts.append(terminal_text(tb or f"{o.get('ename', '')}: {o.get('evalue', '')}") + "\n")
     flush()
     return parts
 

@@ -11,9 +11,11 @@ form at the end. It imports only the standard library: importing it does not sta
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-__all__ = ["DEFAULT_OUTPUT_CAP", "OUTPUT_TYPES", "fold_output", "stored_outputs", "OutputCap"]
+__all__ = ["DEFAULT_OUTPUT_CAP", "OUTPUT_TYPES", "fold_output", "stored_outputs", "OutputCap",
+           "collapse_stream", "shown_stream"]
 
 DEFAULT_OUTPUT_CAP = 1_000_000
 """Characters of output kept per run. Beyond it outputs are counted and dropped as they arrive,
@@ -27,6 +29,129 @@ controls that change the list and are never stored."""
 Output = dict[str, Any]
 
 
+# ---------------------------------------------------------------- carriage returns, backspaces
+
+# A terminal control sequence: CSI (ESC [ ... final byte), OSC (ESC ] ... BEL or ESC \\), or a
+# two-character escape; or one of the two characters that move back on a line.
+_CONTROL = re.compile(r"\x1b\[([0-?]*)[ -/]*([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]?|[\r\b]")
+_MOVES = re.compile(r"[\r\b]|\x1b\[[0-?]*[ -/]*[KGCD]")
+
+
+def _line(text: str) -> tuple[list[str], int, str]:
+    """One line (no newline) written to a terminal: its cells (each one visible character,
+    preceded by the colour codes written just before it), where the cursor ends, and colour
+    codes written after the last character. Jupyter's rules (JupyterLab's
+    `removeOverwrittenChars`, which VS Code copies): a carriage return goes back to the start
+    of the line and what follows overwrites it character by character (a shorter write leaves
+    the end of the longer one, as a terminal does); a backspace deletes the character before
+    it. As a terminal does, erase-line codes (ESC[K, ESC[2K: rich's and pip's progress bars)
+    clear, and ESC[nG / ESC[nC / ESC[nD move the cursor on the line. Other codes (colours, and
+    those no page applies: cursor shape, titles) are kept where they were written, as they are
+    on lines with nothing to take back; `render` turns colours into HTML and strips the rest."""
+    cells: list[str] = []
+    cur = 0
+    pending = ""  # codes waiting for the next character
+    pos = 0
+    for m in [*_CONTROL.finditer(text), None]:
+        for ch in text[pos:m.start() if m else len(text)]:
+            if cur == len(cells):
+                cells.append(pending + ch)
+            else:  # an overwritten character keeps its codes unless new ones come with it
+                cells[cur] = (pending or cells[cur][:-1]) + ch
+            pending = ""
+            cur += 1
+        if m is None:
+            break
+        pos = m.end()
+        tok = m.group(0)
+        if tok == "\r":
+            cur = 0
+        elif tok == "\b":
+            if 0 < cur <= len(cells):
+                del cells[cur - 1]
+            cur = max(0, cur - 1)
+        elif m.group(2) and m.group(2) in "KGCD":
+            final, arg = m.group(2), m.group(1)
+            n = int(arg) if arg.isdigit() else 0
+            if final == "K":
+                if n == 2:
+                    cells.clear()
+                elif n == 1:
+                    cells[:cur] = " " * min(cur, len(cells))
+                else:
+                    del cells[cur:]
+            elif final == "G":
+                cur = max(1, n) - 1
+            elif final == "C":
+                cur += max(1, n)
+            elif final == "D":
+                cur = max(0, cur - max(1, n))
+            # a move past the end leaves blanks, so the cursor stays where the text says
+            cells.extend(" " * (cur - len(cells)))
+        else:  # colours, and codes no page applies (stripped where text is shown)
+            pending += tok
+    return cells, cur, pending
+
+
+_PARTIAL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*)?$")
+
+
+def collapse_stream(text: str) -> str:
+    """Stream text with what carriage returns, backspaces and erase-line codes take back applied
+    (see `_line`): a progress bar redrawn 500 times is its last state. Lines without them are
+    left as they are, colour codes included.
+
+    The last line may still be written over by the next chunk of the stream (a `\\r` at the
+    end of a chunk, the next chunk's `\\b`), so it keeps where its cursor is: `shown`, then
+    `\\r` and the characters before the cursor when the cursor is not at the end (Jupyter
+    front ends show that as `shown`), then colour codes after the last character and an escape
+    sequence the chunk cut in two. That form collapses to itself, so collapsing the end of a
+    stream again with the next chunk appended (`fold_output`) gives the same text as
+    collapsing the whole stream at once, however it was split."""
+    if "\r" not in text and "\b" not in text and "\x1b[" not in text:
+        return text
+    text = re.sub(r"\r+\n", "\n", text)
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        cut = _PARTIAL.search(line) if last and "\x1b" in line else None
+        rest = line[cut.start():] if cut else ""
+        if cut:
+            line = line[:cut.start()]
+        if not _MOVES.search(line):
+            lines[i] = line + rest
+            continue
+        cells, cur, tail = _line(line)
+        shown = "".join(cells)
+        if last and cur < len(cells):
+            shown += "\r" + "".join(cells[:cur])
+        lines[i] = shown + tail + rest
+    return "\n".join(lines)
+
+
+def shown_stream(text: str) -> str:
+    """What a stream shows: `collapse_stream`, without the cursor and the cut escape sequence
+    its last line keeps for the next chunk."""
+    text = collapse_stream(text)
+    last = text.rfind("\n") + 1
+    cr = text.find("\r", last)
+    if cr >= 0:
+        text = text[:cr]
+    cut = _PARTIAL.search(text, last) if "\x1b" in text[last:] else None
+    return text[:cut.start()] if cut else text
+
+
+def _merge_stream(prev: str, chunk: str) -> str:
+    """`collapse_stream(prev + chunk)` for a `prev` that is collapsed already: only its last
+    line can change, and a chunk that moves nothing back is appended as it is."""
+    last = prev.rfind("\n") + 1
+    if "\r" not in prev[last:] and "\x1b" not in prev[last:] and not _MOVES.search(chunk):
+        return prev + chunk
+    return prev[:last] + collapse_stream(prev[last:] + chunk)
+
+
+# ---------------------------------------------------------------- folding
+
 def _display_id(o: Output) -> str | None:
     return (o.get("transient") or {}).get("display_id")
 
@@ -37,7 +162,11 @@ def fold_output(outputs: list[Output], item: Output, clear_pending: bool = False
 
     - An output is appended; if a `clear_output(wait=True)` is pending, the list is emptied
       first. Waiting that way is what lets a loop that clears and redraws never show an empty
-      cell. Consecutive stream chunks stay separate items (`stored_outputs` joins them).
+      cell.
+    - A stream chunk that follows output of the same stream (stdout, stderr) is joined to it,
+      and what its carriage returns and backspaces take back is applied (`collapse_stream`),
+      as JupyterLab's output area does: `print('\\rstep', i, end='')` in a loop leaves one
+      line, whatever the chunks the kernel sent. The joined output is a new dict.
     - `{"output_type": "clear_output"}` empties the list now; with `"wait": True`, when the
       next output arrives.
     - `update_display_data` (its display id in `"display_id"` or in its own `transient`) replaces
@@ -65,6 +194,14 @@ def fold_output(outputs: list[Output], item: Output, clear_pending: bool = False
         return clear_pending
     if clear_pending:
         outputs.clear()
+    if t == "stream":
+        prev = outputs[-1] if outputs else None
+        if prev is not None and prev.get("output_type") == "stream" and prev.get("name") == item.get("name"):
+            outputs[-1] = {**prev, "text": _merge_stream(prev.get("text", ""), item.get("text", ""))}
+            return False
+        text = item.get("text", "")
+        if _MOVES.search(text):
+            item = {**item, "text": collapse_stream(text)}
     outputs.append(item)
     return False
 
@@ -77,7 +214,7 @@ def stored_outputs(outputs: list[Output]) -> list[Output]:
 
     def close() -> None:
         if chunks:
-            out[-1] = {**out[-1], "text": "".join(chunks)}
+            out[-1] = {**out[-1], "text": collapse_stream("".join(chunks))}
             chunks.clear()
 
     for o in outputs:
@@ -140,7 +277,15 @@ class OutputCap:
             return []
         item, cost = got
         was_pending = self._clear_pending
+        n = len(self.outputs)
+        before = len(self.outputs[-1].get("text", "")) if msg_type == "stream" and n else 0
         self._clear_pending = fold_output(self.outputs, item, was_pending)
+        if msg_type == "stream":
+            # what the stream's carriage returns took back frees its room (a progress bar
+            # redrawn all night costs one line); joined to the stream before it, the chunk
+            # costs what it added
+            joined = not was_pending and len(self.outputs) == n
+            cost = len(self.outputs[-1].get("text", "")) - (before if joined else 0)
         if msg_type == "clear_output":
             if self._clear_pending:
                 return []
