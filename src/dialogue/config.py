@@ -53,7 +53,7 @@ SETTINGS: tuple[Setting, ...] = (
             "where the local model's prefix KV states are saved"),
     Setting("kv_cache_max_bytes", "DIALOGUE_KV_CACHE_MAX_BYTES", int, "4 GiB",
             "the size the KV cache is trimmed to"),
-    Setting("threads", "DIALOGUE_THREADS", int, "the physical cores",
+    Setting("threads", "DIALOGUE_THREADS", int, "half the CPUs (decode), all but one (prompt)",
             "CPU threads the local model uses"),
     Setting("gpu_layers", "DIALOGUE_GPU_LAYERS", int, "all with a GPU build, else 0",
             "layers of the local model offloaded to the GPU (-1: all)"),
