@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from .document import FLAGS, ContextItem, Dialogue, Kind, Message
 from .runs import Answer, LiveState, RunAll, RunError, RunEvent, Runs, follow, run_status
 from .llm.base import ModelInfo, Progress, ProviderError, TextDelta, Usage
+from .progress import OnProgress, Step
 from .store import (HIT_END, HIT_START, ConflictError, NameTakenError, NotFoundError, SearchHit,
                     Store, StoreError, TrashItem, Version, default_db_path)
 from .trust import import_record
@@ -30,7 +31,7 @@ __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "An
            # (tests/test_layout.py): errors, search-hit markers, model listings and events
            "ConflictError", "NameTakenError", "NotFoundError", "StoreError", "ProviderError",
            "HIT_START", "HIT_END", "SearchHit", "TrashItem", "Version", "ModelInfo", "Progress",
-           "TextDelta", "Usage", "default_db_path"]
+           "TextDelta", "Usage", "default_db_path", "Step", "OnProgress"]
 
 DEFAULT_MODEL = "local:default"
 
@@ -248,17 +249,19 @@ class DialogueService:
             context=[c for c in d.context if c.name != name])
 
     def import_dialogue(self, doc: Dialogue, *, name: str | None = None,
-                        trust: bool = False) -> Dialogue:
+                        trust: bool = False, on_progress: OnProgress | None = None) -> Dialogue:
         """Store a dialogue read from elsewhere (a notebook), messages and all, in one
         transaction: either all of it is created or nothing is.
 
         The file is data, not configuration (`trust.vet_import`): its model is kept only when the
         user configured it, its system prompt only with `trust=True`, and its ids never address
         anything (the dialogue gets a fresh id). What was set aside is in the returned dialogue's
-        ``meta["import"]``, with ``["warnings"]`` to show the user (`trust.import_record`)."""
+        ``meta["import"]``, with ``["warnings"]`` to show the user (`trust.import_record`).
+        `on_progress` hears the store write (one transaction: a spinner)."""
+        from .progress import Steps
         from .trust import vet_import
         safe = vet_import(doc, default_model=default_model(), trust=trust).dialogue
-        with self.store.tx():
+        with Steps(on_progress, f"storing {len(safe.messages):,} messages", total=None), self.store.tx():
             d = self.store.create_dialogue(name or safe.name, model=safe.model,
                                            system=safe.system, context=safe.context,
                                            meta=safe.meta)
@@ -709,13 +712,14 @@ class DialogueService:
 
     @staticmethod
     def add_adapter(source: str, *, name: str | None = None, base: str = "default",
-                    copy: bool = False, replace: bool = False) -> Any:
+                    copy: bool = False, replace: bool = False, on_progress: OnProgress | None = None) -> Any:
         """Register a GGUF LoRA file, a PEFT directory (converted) or a Hub repo for a local
-        base model; with `copy` the registry keeps a copy of its own. Its AdapterInfo."""
+        base model; with `copy` the registry keeps a copy of its own. Its AdapterInfo.
+        `on_progress` hears the long steps as `Step`s (progress.py)."""
         from .local import adapters as A
         if copy:
-            return A.copy_into_registry(source, name, base=base, replace=replace)
-        return A.add(source, name, base=base, replace=replace)
+            return A.copy_into_registry(source, name, base=base, replace=replace, on_progress=on_progress)
+        return A.add(source, name, base=base, replace=replace, on_progress=on_progress)
 
     @staticmethod
     def list_adapters() -> list[Any]:
@@ -737,10 +741,19 @@ class DialogueService:
         A.remove(name)
         return managed
 
+    def load_model(self, ref: str, on_progress: OnProgress | None = None) -> bool:
+        """Load a dialogue's local model now, reporting the load to `on_progress` (surfaces that
+        show the wait call it before a run; the run would load it anyway). False when the model
+        is not local or already loaded."""
+        from .llm.base import get_provider
+        provider = get_provider(self.open(ref, messages=False).model or default_model())
+        load = getattr(provider, "load", None)
+        return bool(load(on_progress)) if load is not None else False
+
     @staticmethod
     def merge_adapters(parents: list[str], weights: list[float], out: str, **options: Any) -> Any:
         """Merge adapters into a new registered one (linear, TIES or DARE: `options` as
-        `local.adapters.merge` takes them). Models are never merged."""
+        `local.adapters.merge` takes them, `on_progress` among them). Models are never merged."""
         from .local import adapters as A
         return A.merge(parents, weights, out, **options)
 

@@ -79,6 +79,7 @@ from nbformat.validator import ValidationError, normalize
 from dialogue.artifacts.module import export_directive
 from dialogue.document import ContextItem, Dialogue, Kind, Message, new_id
 from dialogue.trust import is_local_id
+from dialogue.progress import OnProgress, Steps
 
 __all__ = ["read_notebook", "write_notebook", "to_ipynb_bytes", "NotebookError",
            "NotebookTooLarge", "NotebookVersionError", "DEFAULT_MAX_BYTES", "SEPARATOR",
@@ -386,7 +387,7 @@ def _cell_to_message(cell: NotebookNode, i: int, label: str, keep_ids: bool,
 
 
 def read_notebook(src: Source, *, name: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                  keep_ids: bool = True) -> Dialogue:
+                  keep_ids: bool = True, on_progress: OnProgress | None = None) -> Dialogue:
     """Read a notebook (a path, notebook JSON as bytes or text, a binary or text stream, or an
     already-parsed dict) into a Dialogue.
 
@@ -394,16 +395,18 @@ def read_notebook(src: Source, *, name: str | None = None, max_bytes: int = DEFA
     `keep_ids` keeps cell ids that have the shape of our ids as message ids (and such a dialogue
     id as the dialogue's), so re-importing what we exported keeps message identity; any other
     cell gets a fresh id. Pass False to get fresh ids throughout. Raises NotebookError; returns
-    nothing partial."""
+    nothing partial. `on_progress` hears the reading and parsing, then the cells converted."""
     if max_bytes <= 0:
         raise ValueError("max_bytes must be positive")
     if isinstance(src, dict):
         label, d = "notebook", src
     else:
-        raw, label = _read_limited(src, max_bytes)
-        d = _parse_json(raw, label)
-    major, minor = _check_structure(d, label)
-    nb = _to_v4(d, major, minor, label)
+        with Steps(on_progress, "reading the notebook", total=None):
+            raw, label = _read_limited(src, max_bytes)
+            d = _parse_json(raw, label)
+    with Steps(on_progress, "checking the notebook", total=None):
+        major, minor = _check_structure(d, label)
+        nb = _to_v4(d, major, minor, label)
 
     nb_meta = _plain(nb.metadata)
     ours = nb_meta.pop(_KEY, None)
@@ -411,7 +414,12 @@ def read_notebook(src: Source, *, name: str | None = None, max_bytes: int = DEFA
         raise NotebookError(f"{label}: metadata.dialogue must be an object")
     ours = ours or {}
     seen: set[str] = set()
-    messages = [_cell_to_message(c, i, label, keep_ids, seen) for i, c in enumerate(nb.cells)]
+    steps = Steps(on_progress, "converting cells", total=len(nb.cells), unit="cells")
+    messages = []
+    for i, c in enumerate(nb.cells):
+        messages.append(_cell_to_message(c, i, label, keep_ids, seen))
+        steps.advance()
+    steps.finish()
 
     default_name = "notebook"
     if isinstance(src, os.PathLike) or (isinstance(src, str) and label != "notebook"):

@@ -27,6 +27,7 @@ from rich.table import Table
 from ..service import (Answer, ConflictError, DialogueService, ProviderError, RunError,
                        StoreError, follow)
 from ..terminal import StreamWriter, markup, plain
+from .progress import Bars
 
 __all__ = ["adapters_main", "build_parser", "parse_set", "set_text", "COMMANDS"]
 
@@ -148,8 +149,9 @@ def adapters_main(argv: list[str], svc: DialogueService | None = None) -> int:
         return int(e.code or 0)
     try:
         if a.action == "add":
-            got = DialogueService.add_adapter(a.source, name=a.name, base=a.base, copy=a.copy,
-                                              replace=a.replace)
+            with Bars(err) as bars:  # a PEFT conversion and a base's first scan take a while
+                got = DialogueService.add_adapter(a.source, name=a.name, base=a.base, copy=a.copy,
+                                                  replace=a.replace, on_progress=bars)
             how = {"peft": " (converted from PEFT)", "hub": " (from the Hub)"}.get(got.source, "")
             out.print(plain(f"added adapter {got.name}{how}: rank {got.rank}, {len(got.targets)} "
                             f"targets, {_size(got.size)}, for {got.base} -> {got.path}"))
@@ -186,9 +188,10 @@ def adapters_main(argv: list[str], svc: DialogueService | None = None) -> int:
             out.print(plain(f"removed adapter {a.name}"
                             + ("" if managed else " (the file itself is left alone)")))
         elif a.action == "merge":
-            got = DialogueService.merge_adapters(
-                a.parents, a.weights, a.out, method=a.method, rank=a.rank, density=a.density,
-                seed=a.seed, dtype=a.dtype, replace=a.replace)
+            with Bars(err) as bars:  # one SVD per tensor for ties and dare
+                got = DialogueService.merge_adapters(
+                    a.parents, a.weights, a.out, method=a.method, rank=a.rank, density=a.density,
+                    seed=a.seed, dtype=a.dtype, replace=a.replace, on_progress=bars)
             out.print(plain(f"merged {' + '.join(a.parents)} ({a.method}) into adapter {got.name}: "
                             f"rank {got.rank}, {_size(got.size)} -> {got.path}"))
         elif a.action in ("use", "compare"):

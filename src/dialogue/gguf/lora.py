@@ -30,6 +30,7 @@ from typing import Any, Collection, Mapping, Sequence
 import numpy as np
 
 from ..errors import ProviderError
+from ..progress import OnProgress, Steps
 from . import files
 
 __all__ = [
@@ -202,7 +203,8 @@ def load_factors(path: str | os.PathLike[str]) -> tuple[LoraFile, dict[str, tupl
 
 def write_lora(path: str | os.PathLike[str], architecture: str,
                factors: Mapping[str, tuple[np.ndarray, np.ndarray]], *, alpha: float | None = None,
-               meta: Mapping[str, Any] | None = None, dtype: str = "f16") -> Path:
+               meta: Mapping[str, Any] | None = None, dtype: str = "f16",
+               on_progress: OnProgress | None = None) -> Path:
     """Write a GGUF LoRA adapter llama.cpp loads: factors A (r x in) and B (out x r) per base tensor
     name (`blk.0.attn_q.weight`). `alpha` None writes alpha = rank (scale 1: B @ A is the delta as
     given); every tensor must then have the same rank. `meta`: full keys; strings as strings,
@@ -245,9 +247,11 @@ def write_lora(path: str | os.PathLike[str], architecture: str,
             w.add_tensor(f"{n}.lora_b", np.ascontiguousarray(B, dtype=np_dt))  # (out, r) -> ne [r, out]
         w.write_header_to_file()
         w.write_kv_data_to_file()
+        steps = Steps(on_progress, f"writing {path.name}", total=None)
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, path)
+        steps.finish()
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -289,7 +293,8 @@ def _permute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_hf_lora(path: str | os.PathLike[str], adapters: Sequence[HFLora], *, arch: str, n_layers: int,
                   n_head: int, n_kv: int, base_tensors: Collection[str] | None = None, base_name: str | None = None,
-                  dtype: str = "f16", meta: Mapping[str, Any] | None = None) -> Path:
+                  dtype: str = "f16", meta: Mapping[str, Any] | None = None,
+                  on_progress: OnProgress | None = None) -> Path:
     """Write Hugging Face LoRA factors as a GGUF adapter for a base of GGUF architecture `arch`
     (`n_head`, `n_kv`: its query and key/value heads, for the llama q/k permutation). With
     `base_tensors` (the base GGUF's tensor names) every adapted tensor must be one of them:
@@ -313,7 +318,9 @@ def write_hf_lora(path: str | os.PathLike[str], adapters: Sequence[HFLora], *, a
                                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the adapter "
                                "was not trained on this base")
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    steps = Steps(on_progress, "converting LoRA factors", total=len(adapters), unit="tensors")
     for a in adapters:
+        steps.advance()
         name = names[a.name]
         B = a.B * (a.scaling / (alpha / a.r))  # fold any per-layer scale difference into B
         if arch in GGUF_PERMUTED_ARCHS:
@@ -328,7 +335,8 @@ def write_hf_lora(path: str | os.PathLike[str], adapters: Sequence[HFLora], *, a
     m["dialogue.rank"] = int(r)
     m["dialogue.targets"] = ",".join(sorted({a.name.rsplit(".", 1)[-1] for a in adapters}))
     m.update({f"dialogue.{k}": str(v) for k, v in (meta or {}).items()})
-    return write_lora(path, arch, factors, alpha=alpha, meta=m, dtype=dtype)
+    steps.finish()
+    return write_lora(path, arch, factors, alpha=alpha, meta=m, dtype=dtype, on_progress=on_progress)
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -358,10 +366,12 @@ def _count(v: Any) -> int:
 
 
 def peft_to_gguf(adapter_dir: str | os.PathLike[str], out_path: str | os.PathLike[str],
-                 base_gguf: str | os.PathLike[str], dtype: str = "f16", meta: Mapping[str, Any] | None = None) -> Path:
+                 base_gguf: str | os.PathLike[str], dtype: str = "f16", meta: Mapping[str, Any] | None = None,
+                 on_progress: OnProgress | None = None) -> Path:
     """Convert a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) to a GGUF
     adapter for the GGUF base it was trained on, without loading any model weights: the base's
-    architecture, layer and head counts come from its metadata."""
+    architecture, layer and head counts come from its metadata. `on_progress` hears each stage
+    (reading the tensors, the base's metadata, converting the factors, writing the file)."""
     d = Path(adapter_dir)
     cfg_path, st_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.is_file() or not st_path.is_file():
@@ -378,7 +388,8 @@ def peft_to_gguf(adapter_dir: str | os.PathLike[str], out_path: str | os.PathLik
         raise AdapterError("per-module rank or alpha patterns are not supported")
     r, alpha = int(pc["r"]), float(pc["lora_alpha"])
     scaling = alpha / (r ** 0.5 if pc.get("use_rslora") else r)
-    sd = _load_safetensors(st_path)
+    with Steps(on_progress, f"reading {st_path.name}", total=None):
+        sd = _load_safetensors(st_path)
     if any("lora_magnitude_vector" in k for k in sd):
         raise AdapterError(f"{d} is a DoRA adapter. {DORA_REFUSAL}.")
     ads: list[HFLora] = []
@@ -390,11 +401,13 @@ def peft_to_gguf(adapter_dir: str | os.PathLike[str], out_path: str | os.PathLik
             raise AdapterError(f"{st_path}: {stem} has a lora_A but no lora_B")
         ads.append(HFLora(stem.removeprefix("base_model.model."), sd[k], sd[f"{stem}.lora_B.weight"], r, scaling))
     try:
-        base = files.read(base_gguf)
+        with Steps(on_progress, f"reading the base {Path(base_gguf).name}", total=None):
+            base = files.read(base_gguf)
         arch = base.architecture
     except files.GGUFError as e:
         raise AdapterError(str(e)) from e
     n_head = _count(base.field(f"{arch}.attention.head_count"))
     return write_hf_lora(out_path, ads, arch=arch, n_layers=_count(base.field(f"{arch}.block_count")),
                          n_head=n_head, n_kv=_count(base.field(f"{arch}.attention.head_count_kv")) or n_head,
-                         base_tensors=set(base.tensors), base_name=base.path.name, dtype=dtype, meta=meta)
+                         base_tensors=set(base.tensors), base_name=base.path.name, dtype=dtype, meta=meta,
+                         on_progress=on_progress)

@@ -42,6 +42,7 @@ from typing import AsyncIterator
 from ..gguf import models as local_models
 from ..local.process import ModelProcess, get_model_process
 from ..local.runtime import DEFAULT_N_CTX, GenStats, Prompt, Sampling
+from ..progress import OnProgress
 from .base import ModelInfo, register_models
 from .base import (ContextTooLongError, Done, ProviderError, Event, Progress, Request, TextDelta, ToolCall, ToolSpec, Turn,
                    Usage, register)
@@ -160,6 +161,15 @@ class LocalProvider:
 
     def count_tokens(self, text: str) -> int | None:
         return self.runtime.count_tokens(text)
+
+    def load(self, on_progress: OnProgress | None = None) -> bool:
+        """Load the model now (in its process), reporting to `on_progress`; False if it was
+        loaded already. A prompt loads it anyway: this is for surfaces that show the wait."""
+        rt = self.runtime
+        if rt.alive:
+            return False
+        rt.start(on_progress)
+        return True
 
     def build(self, request: Request) -> Prompt:
         """The exact prompt (text, tokens, cache boundaries) a request turns into."""

@@ -35,6 +35,7 @@ from ..gguf.lora import (AdapterError, AdapterMismatchError, LoraFile, check_fit
                          read_lora)
 from ..gguf.models import ModelSpec, data_dir, model_hash, registry_lock
 from ..gguf.models import resolve as resolve_model
+from ..progress import OnProgress, Steps
 from .merge import MERGE_METHODS, merge_files
 
 __all__ = [
@@ -71,9 +72,9 @@ def _lock() -> Any:
     return registry_lock(registry_path())
 
 
-def _base_shapes(base: ModelSpec) -> tuple[str, str, dict[str, tuple[int, ...]]]:
+def _base_shapes(base: ModelSpec, on_progress: OnProgress | None = None) -> tuple[str, str, dict[str, tuple[int, ...]]]:
     """(content hash, architecture, tensor name -> ne) of a base GGUF, from memory, the registry
-    file, or (once per base) the file itself."""
+    file, or (once per base) the file itself: that scan is reported to `on_progress`."""
     h = model_hash(base.path)
     with _lock():
         if h in _base_cache:
@@ -84,8 +85,10 @@ def _base_shapes(base: ModelSpec) -> tuple[str, str, dict[str, tuple[int, ...]]]
             arch, shapes = got["architecture"], {k: tuple(v) for k, v in got["tensors"].items()}
         else:
             try:
-                g = files.read(base.path)  # the one cached reader of a base (training's too)
-                kind, arch, shapes = g.kind, g.architecture, g.shapes()
+                # gguf-py reads the whole tensor table in one call: a spinner, not a bar
+                with Steps(on_progress, f"reading the tensor shapes of {base.path.name}", total=None):
+                    g = files.read(base.path)  # the one cached reader of a base (training's too)
+                    kind, arch, shapes = g.kind, g.architecture, g.shapes()
             except files.GGUFError as e:
                 raise AdapterError(str(e)) from e
             if kind == "adapter":
@@ -97,11 +100,12 @@ def _base_shapes(base: ModelSpec) -> tuple[str, str, dict[str, tuple[int, ...]]]
         return h, arch, shapes
 
 
-def check_against_base(lora: LoraFile, base: str | ModelSpec = "default") -> str:
+def check_against_base(lora: LoraFile, base: str | ModelSpec = "default",
+                       on_progress: OnProgress | None = None) -> str:
     """Refuse an adapter that does not fit the base (AdapterMismatchError naming the
     architecture, the tensor and both shapes); return the base's content hash."""
     spec = base if isinstance(base, ModelSpec) else resolve_model(base)
-    h, arch, shapes = _base_shapes(spec)
+    h, arch, shapes = _base_shapes(spec, on_progress)
     check_fits(lora, arch, shapes, spec.name)
     return h
 
@@ -281,7 +285,7 @@ def _download(repo: str) -> Path:
                        f"add one as {repo_id}/<file>.gguf")
 
 
-def _convert_peft(d: Path, base: ModelSpec, name: str) -> Path:
+def _convert_peft(d: Path, base: ModelSpec, name: str, on_progress: OnProgress | None = None) -> Path:
     """PEFT LoRA -> GGUF (`gguf.lora.peft_to_gguf`, the trainer's converter too) into a temporary
     file in the registry's folder."""
     try:
@@ -293,7 +297,8 @@ def _convert_peft(d: Path, base: ModelSpec, name: str) -> Path:
     os.close(fd)
     try:
         peft_to_gguf(d, tmp, base.path, meta={"converted_from": str(d),
-                                              "peft_base": str(cfg.get("base_model_name_or_path") or "")})
+                                              "peft_base": str(cfg.get("base_model_name_or_path") or "")},
+                     on_progress=on_progress)
     except AdapterError:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -304,14 +309,14 @@ def _convert_peft(d: Path, base: ModelSpec, name: str) -> Path:
 
 
 def add(path_or_repo: str | os.PathLike[str], name: str | None = None, *, base: str | ModelSpec | None = None,
-        replace: bool = False) -> AdapterInfo:
+        replace: bool = False, on_progress: OnProgress | None = None) -> AdapterInfo:
     """Register an adapter for a base model (`base`: a local model name, default the bundled one).
 
     A GGUF LoRA file is checked against the base and registered where it is (like a model, the file
     stays the user's). A PEFT directory (adapter_config.json + adapter_model.safetensors) is
     converted to GGUF into the registry's own folder. Anything else that is not a path but looks
     like `owner/name[/file.gguf]` is downloaded from the Hub first. Nothing is registered unless
-    every check passes."""
+    every check passes. `on_progress` hears the long steps (a conversion, the base's first scan)."""
     spec = base if isinstance(base, ModelSpec) else resolve_model(base or "default")
     src = str(path_or_repo)
     p = Path(src).expanduser()
@@ -341,7 +346,7 @@ def add(path_or_repo: str | os.PathLike[str], name: str | None = None, *, base: 
                 raise AdapterError(f"{p} is not a PEFT adapter directory (it needs adapter_config.json and "
                                    "adapter_model.safetensors) and holds no single .gguf adapter")
     if p.is_dir():
-        gguf_path = _convert_peft(p, spec, name)
+        gguf_path = _convert_peft(p, spec, name, on_progress)
         managed = True
         source = "peft" if source == "gguf" else source
         sidecars = [p / "train_config.json", p.parent / "train_config.json"]
@@ -350,7 +355,7 @@ def add(path_or_repo: str | os.PathLike[str], name: str | None = None, *, base: 
         sidecars = [p.with_name(p.name + ".json"), p.with_suffix(".json"), p.parent / "train_config.json"]
     try:
         lora = read_lora(gguf_path)
-        h = check_against_base(lora, spec)
+        h = check_against_base(lora, spec, on_progress)
         if source == "hub":
             extra["repo"] = src
         prov = _provenance(lora, sidecars, extra)
@@ -463,9 +468,10 @@ def resolve_set(adapters: Mapping[str, Any] | None, *, base: str | ModelSpec | N
 
 def merge(parents: Sequence[str], weights: Sequence[float], out_name: str, *, method: str = "linear",
           rank: int | None = None, density: float | None = None, seed: int = 0, dtype: str = "f16",
-          replace: bool = False) -> AdapterInfo:
+          replace: bool = False, on_progress: OnProgress | None = None) -> AdapterInfo:
     """Merge registered adapters (or .gguf paths) into a new registered adapter `out_name`, kept in
-    the registry's folder. The parents must belong to one base; the result is checked against it."""
+    the registry's folder. The parents must belong to one base; the result is checked against it.
+    `on_progress` hears the tensors merged and the file written."""
     _check_name(out_name)
     doc = _read_doc()
     if out_name in doc["adapters"] and not replace:
@@ -491,9 +497,9 @@ def merge(parents: Sequence[str], weights: Sequence[float], out_name: str, *, me
     os.close(fd)
     try:
         merge_files(paths, weights, tmp, method=method, rank=rank, density=density, seed=seed, dtype=dtype,
-                    meta={"dialogue.parents": ",".join(str(p) for p in parents)})
+                    meta={"dialogue.parents": ",".join(str(p) for p in parents)}, on_progress=on_progress)
         lora = read_lora(tmp)
-        h = check_against_base(lora, spec)
+        h = check_against_base(lora, spec, on_progress)
         prov = _provenance(lora, [])
         dest = _adopt(Path(tmp), out_name)
     except BaseException:
@@ -506,13 +512,14 @@ def merge(parents: Sequence[str], weights: Sequence[float], out_name: str, *, me
 
 
 def copy_into_registry(path: str | os.PathLike[str], name: str | None = None, *,
-                       base: str | ModelSpec | None = None, replace: bool = False) -> AdapterInfo:
+                       base: str | ModelSpec | None = None, replace: bool = False,
+                       on_progress: OnProgress | None = None) -> AdapterInfo:
     """Register a copy of a GGUF adapter that the registry owns (for a file in a temporary place,
     e.g. a training run's output the user will delete); `rm` deletes the copy. A PEFT directory
     or a Hub repo goes through `add`, whose conversion is already the registry's own file."""
     src = Path(path).expanduser()
     if not src.is_file():
-        return add(path, name, base=base, replace=replace)
+        return add(path, name, base=base, replace=replace, on_progress=on_progress)
     name = name or _default_name(str(path))
     _check_name(name)
     read_lora(src)
@@ -523,7 +530,7 @@ def copy_into_registry(path: str | os.PathLike[str], name: str | None = None, *,
     existed = dest.exists()
     shutil.copyfile(src, dest)
     try:
-        add(dest, name, base=base, replace=replace)
+        add(dest, name, base=base, replace=replace, on_progress=on_progress)
     except BaseException:
         if not existed:
             dest.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import numpy as np
 from ..gguf.lora import (TOKEN_EMBD, AdapterError, AdapterMismatchError, LoraFile, check_scale, load_factors,
                          write_lora)
 from ..gguf.models import model_hash
+from ..progress import OnProgress, Steps
 
 __all__ = ["MERGE_METHODS", "merge_files"]
 
@@ -96,9 +97,11 @@ def _pad(B: np.ndarray, A: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _merge_tensors(loaded: Sequence[tuple[LoraFile, dict[str, tuple[np.ndarray, np.ndarray]]]],
                    w: Sequence[float], shapes: Mapping[str, tuple[int, int]], method: str, k: int, dens: float,
-                   rng: np.random.Generator, svd_rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                   rng: np.random.Generator, svd_rng: np.random.Generator,
+                   on_progress: OnProgress | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per base tensor: the parents' weighted deltas combined by `method`, as rank-k (A, B)."""
     merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    steps = Steps(on_progress, f"merging adapters ({method})", total=len(shapes), unit="tensors")
     for n in sorted(shapes):
         present = [(wi, fac[n]) for wi, (_, fac) in zip(w, loaded) if n in fac]
         if method == "linear":
@@ -123,17 +126,20 @@ def _merge_tensors(loaded: Sequence[tuple[LoraFile, dict[str, tuple[np.ndarray, 
             B, A = _truncated_svd(dense, k, svd_rng)
         B, A = _pad(B, A, k)
         merged[n] = (A, B)
+        steps.advance()
+    steps.finish()
     return merged
 
 
 def merge_files(parents: Sequence[str | os.PathLike[str]], weights: Sequence[float], out: str | os.PathLike[str],
                 *, method: str = "linear", rank: int | None = None, density: float | None = None,
-                seed: int = 0, dtype: str = "f16", meta: Mapping[str, Any] | None = None) -> Path:
+                seed: int = 0, dtype: str = "f16", meta: Mapping[str, Any] | None = None,
+                on_progress: OnProgress | None = None) -> Path:
     """Merge GGUF LoRA adapters into a new GGUF LoRA adapter at `out` (see the module docstring for
     the methods). `rank` defaults to the sum of the parents' ranks for linear (exact) and their
     largest rank for ties/dare; `density` (fraction kept) defaults to 0.5. Parents must adapt the
     same architecture with the same tensor shapes; a tensor only some parents adapt counts as
-    zero in the others."""
+    zero in the others. `on_progress` hears the tensors merged (one SVD each for ties/dare)."""
     if method not in MERGE_METHODS:
         raise AdapterError(f"unknown merge method {method!r}: use one of {', '.join(MERGE_METHODS)}")
     if len(parents) < 1:
@@ -168,7 +174,7 @@ def merge_files(parents: Sequence[str | os.PathLike[str]], weights: Sequence[flo
     rng = np.random.default_rng(seed)
     svd_rng = np.random.default_rng([seed, 1])
     with _one_blas_thread():
-        merged = _merge_tensors(loaded, w, shapes, method, k, dens, rng, svd_rng)
+        merged = _merge_tensors(loaded, w, shapes, method, k, dens, rng, svd_rng, on_progress)
     info_meta = {"method": method, "rank": k, "weights": w, "seed": seed if method == "dare" else None,
                  "density": dens if method != "linear" else None,
                  "parents": [{"file": lora.path.name, "hash": model_hash(lora.path)[:16]} for lora, _ in loaded]}
@@ -177,5 +183,5 @@ def merge_files(parents: Sequence[str | os.PathLike[str]], weights: Sequence[flo
     if len(bases) == 1:
         m["dialogue.base"] = bases.pop()
     m.update(meta or {})
-    return write_lora(out, arch, merged, alpha=None, meta=m, dtype=dtype)
+    return write_lora(out, arch, merged, alpha=None, meta=m, dtype=dtype, on_progress=on_progress)
 

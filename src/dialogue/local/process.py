@@ -38,6 +38,7 @@ from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 from ..errors import ProviderError
 from ..gguf.models import ModelSpec
 from .runtime import DEFAULT_N_CTX, GenStats, Prompt, shared
+from ..progress import OnProgress, Steps
 
 __all__ = ["ModelProcess", "ModelCrashedError", "get_model_process"]
 
@@ -99,8 +100,9 @@ class ModelProcess:
         link = self._link
         return link is not None and not link.ended and link.proc.poll() is None
 
-    def start(self) -> dict[str, Any]:
-        """Start the process and load the model, if not running. Returns its `info`."""
+    def start(self, on_progress: OnProgress | None = None) -> dict[str, Any]:
+        """Start the process and load the model, if not running. Returns its `info`.
+        `on_progress` hears the load as `Step`s in percent (from llama.cpp's load callback)."""
         with self._lock:
             if self.alive:
                 return self._info
@@ -128,11 +130,13 @@ class ModelProcess:
             link.reader = threading.Thread(target=self._read, args=(link,),
                                            name=f"model-{self.spec.name}", daemon=True)
             link.reader.start()
+        steps = Steps(on_progress, f"loading the model {self.spec.name}", total=100, unit="%")
         t0 = time.monotonic()
         try:
-            self._info = self._call("load", **self._load)
+            self._info = self._call("load", on_event=lambda pct: steps.update(pct), **self._load)
             log.info("model %s loaded in %.2f s (process %s, %s)", self.spec.name,
                      time.monotonic() - t0, self.pid, self.spec.path)
+            steps.finish()
         except ModelCrashedError:
             raise
         except ProviderError:
@@ -238,8 +242,9 @@ class ModelProcess:
                                     "next prompt") from e
         return link
 
-    def _call(self, op: str, **kw: Any) -> Any:
-        """One request, one answer, blocking."""
+    def _call(self, op: str, on_event: Callable[[Any], None] | None = None, **kw: Any) -> Any:
+        """One request, one answer, blocking; `on_event` hears its "progress" replies (in the
+        reader thread)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         rid = next(self._ids)
 
@@ -248,6 +253,11 @@ class ModelProcess:
                 fut.set_result(val)
             elif kind in ("error", "crashed"):
                 fut.set_exception(val)
+            elif kind == "progress" and on_event is not None:
+                try:
+                    on_event(val)
+                except Exception:  # noqa: BLE001 - a display's failure must not kill the reader
+                    log.exception("a progress callback failed")
 
         link = self._send(rid, op, kw, cb)
         try:

@@ -158,7 +158,9 @@ class Runtime:
 
     def __init__(self, spec: ModelSpec, *, n_ctx: int = DEFAULT_N_CTX, cache: KVCache | None = None,
                  n_threads: int | None = None, n_gpu_layers: int | None = None,
-                 extra_bufts: bool | None = None, verbose: bool = False):
+                 extra_bufts: bool | None = None, verbose: bool = False,
+                 on_load: Callable[[float], None] | None = None):
+        """Load `spec`; `on_load(fraction)` hears llama.cpp's load progress (0..1, a few dozen calls)."""
         global _loads
         try:
             import llama_cpp
@@ -174,7 +176,7 @@ class Runtime:
         self.gpu_layers = gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self.extra_bufts = extra_buffers() if extra_bufts is None else extra_bufts
         try:
-            with model_params(extra_bufts=self.extra_bufts):
+            with model_params(extra_bufts=self.extra_bufts, on_load=on_load):
                 self.llm: Llama = Llama(str(spec.path), n_ctx=n_ctx, n_batch=512, verbose=verbose,
                                         n_threads=threads, n_threads_batch=batch_threads,
                                         n_gpu_layers=self.gpu_layers)
@@ -620,21 +622,34 @@ _params_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def model_params(*, extra_bufts: bool) -> Iterator[None]:
+def model_params(*, extra_bufts: bool, on_load: Callable[[float], None] | None = None) -> Iterator[None]:
     """While loading a `Llama`, make its model parameters use (or not) extra buffer types.
 
     `Llama()` has no argument for it: it starts from `llama_model_default_params()` and sets the
     fields it knows, so the default is swapped for the duration of the load (under a lock: the
     swap is process-wide). The constructed `Llama.model_params` shows the value in effect, which
-    the runtime checks after loading."""
+    the runtime checks after loading. `on_load(fraction)` becomes llama.cpp's load progress
+    callback (`Llama()` does not take one either); an exception in it is logged, not raised
+    into C, and the load goes on."""
     import llama_cpp.llama as wrapper
     c = wrapper.llama_cpp
+    callback = None
+    if on_load is not None:
+        def report(fraction: float, _user_data: Any) -> bool:
+            try:
+                on_load(float(fraction))
+            except Exception:  # noqa: BLE001 - never unwind through llama.cpp's C frames
+                log.exception("the model load progress callback failed")
+            return True  # False would abort the load
+        callback = c.llama_progress_callback(report)  # kept alive by this frame for the load
     with _params_lock:
         orig = c.llama_model_default_params
 
         def params() -> Any:
             p = orig()
             p.use_extra_bufts = extra_bufts
+            if callback is not None:
+                p.progress_callback = callback
             return p
 
         c.llama_model_default_params = params

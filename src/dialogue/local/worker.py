@@ -93,13 +93,21 @@ class Worker:
 
     # ------------------------------------------------------------ ops
 
-    def op_load(self, spec: Any, n_ctx: int, n_threads: int | None, n_gpu_layers: int | None,
+    def op_load(self, rid: int, spec: Any, n_ctx: int, n_threads: int | None, n_gpu_layers: int | None,
                 extra_bufts: bool | None, cache_dir: str | None) -> dict:
         from .kvcache import KVCache
         from .runtime import Runtime
         cache = KVCache(cache_dir) if cache_dir else None
+        sent = [-1]
+
+        def on_load(fraction: float) -> None:  # llama.cpp calls it per tensor: send whole percents
+            pct = int(fraction * 100)
+            if pct > sent[0]:
+                sent[0] = pct
+                self.send((rid, "progress", pct))
+
         self.rt = Runtime(spec, n_ctx=n_ctx, cache=cache, n_threads=n_threads,
-                          n_gpu_layers=n_gpu_layers, extra_bufts=extra_bufts)
+                          n_gpu_layers=n_gpu_layers, extra_bufts=extra_bufts, on_load=on_load)
         return self.info()
 
     def info(self) -> dict:
@@ -160,7 +168,7 @@ class Worker:
                 self.send((rid, "error", PermissionError("test hooks are off in this model process")))
                 continue
             if op == "load":
-                self.reply(rid, lambda: self.op_load(**kw))
+                self.reply(rid, lambda: self.op_load(rid, **kw))
             elif op in ("tokenize", "count_tokens", "detokenize", "build_prompt", "render"):
                 # the vocabulary and templates only: alongside a running generation
                 self.reply(rid, lambda: getattr(self.rt, op)(*kw.get("args", ()), **kw.get("kw", {})))
