@@ -2,25 +2,37 @@
 
     d = Dialogue.create("scratch")
     m = d.add_code("1+1")
+    d.run(m).outputs
+    d.ask("What is 1+1?").response
     d.messages
 
 A `Dialogue` here is a live handle on a stored dialogue (every read goes to the store, every write
 is versioned); `dialogue.document.Dialogue` is the plain data it reads. Edits pass the version of
 the message they were made from, so an edit based on a stale copy raises `ConflictError` instead of
 overwriting someone else's change.
+
+Running (`run`, `ask`, `run_all`) is synchronous: it works the same in a script and in Jupyter,
+whose own event loop is busy running the cell. The runs go to a private event loop in a daemon
+thread, with a service of its own on the same database file (SQLite serializes the two
+connections' writes, as it does a CLI's and a server's), so the caller's thread never shares a
+connection with a run that is writing.
 """
 from __future__ import annotations
 
+import asyncio
 import html
 import os
+import queue
+import threading
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import document
 from .document import Kind, Message
 from .service import DialogueService, SearchHit, TextDelta, Version, default_db_path
 
-__all__ = ["Dialogue", "service"]
+__all__ = ["Dialogue", "AnswerStream", "service", "shutdown"]
 
 _services: dict[Path, DialogueService] = {}
 
@@ -31,6 +43,106 @@ def service(db: str | os.PathLike | None = None) -> DialogueService:
     if path not in _services:
         _services[path] = DialogueService(path)
     return _services[path]
+
+
+class _Runner:
+    """An event loop in a daemon thread and a service of its own on one database file: where the
+    API's runs happen (kernels, the model), so that a synchronous call works under a running loop
+    (Jupyter's) as well as in a script."""
+
+    def __init__(self, path: Path):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="dialogue-runs",
+                                       daemon=True)
+        self.thread.start()
+
+        async def make() -> DialogueService:
+            return DialogueService(path)
+        self.svc = self.call(lambda: make())
+
+    def call(self, work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """Run a coroutine on the loop and wait for its result (its exception is raised here).
+        Ctrl+C while waiting cancels it there (a run in flight is stopped, as Stop does)."""
+        fut = asyncio.run_coroutine_threadsafe(work(), self.loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise
+
+
+_runners: dict[Path, _Runner] = {}
+_runners_lock = threading.Lock()
+
+
+def _runner(path: Path) -> _Runner:
+    with _runners_lock:
+        if path not in _runners:
+            _runners[path] = _Runner(path)
+        return _runners[path]
+
+
+def shutdown() -> None:
+    """Stop every run and kernel the API started, and close their services (a process exiting
+    does this by itself: kernels end with it)."""
+    with _runners_lock:
+        runners = list(_runners.values())
+        _runners.clear()
+    for r in runners:
+        r.call(lambda r=r: r.svc.aclose())
+        r.loop.call_soon_threadsafe(r.loop.stop)
+        r.thread.join(10)
+
+
+class AnswerStream:
+    """The answer to `Dialogue.ask(..., stream=True)`: iterate it for the text as the model
+    writes it; `message` is the stored prompt with its answer once the iteration is over.
+    Leaving the loop early (break) ends the answer where it is, as Stop does: what was written
+    is kept."""
+
+    def __init__(self, runner: _Runner, did: str, mid: str, prefill: str | None):
+        self._runner, self._did, self._mid = runner, did, mid
+        self._q: queue.Queue = queue.Queue()
+        self.message: Message | None = None
+        self._done = False
+        runner.call(lambda: self._start(prefill))
+
+    async def _start(self, prefill: str | None) -> None:
+        svc = self._runner.svc
+        svc.start(self._did, self._mid, prefill=prefill)
+
+        async def pump() -> None:
+            try:
+                async for ev in svc.subscribe(self._mid):
+                    if ev.type == "text":
+                        self._q.put(("text", ev.data))
+                self._q.put(("done", await svc.wait(self._mid)))
+            except BaseException as e:  # told to the reader, whatever it is
+                self._q.put(("error", e))
+        asyncio.get_running_loop().create_task(pump())
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while not self._done:
+                kind, value = self._q.get()
+                if kind == "text":
+                    yield value
+                elif kind == "done":
+                    self.message, self._done = value, True
+                else:
+                    self._done = True
+                    raise value
+        finally:
+            if not self._done:  # left early: end the answer where it is
+                self._runner.call(lambda: self._runner.svc.stop(self._mid))
+                self.message = self._runner.call(lambda: self._runner.svc.wait(self._mid))
+                self._done = True
+
+    def __str__(self) -> str:
+        """The whole answer (waits for it)."""
+        for _ in self:
+            pass
+        return self.message.response if self.message else ""
 
 
 class Dialogue:
@@ -144,6 +256,40 @@ class Dialogue:
             self.id, prompt, adapters=adapters or {}, max_tokens=max_tokens)
             if isinstance(ev, TextDelta)])
 
+    # ------------------------------------------------------------ running
+
+    @property
+    def _runner(self) -> _Runner:
+        return _runner(self._svc.path)
+
+    def run(self, msg: Message | str, *, timeout: float | None = None) -> Message:
+        """Run a code message in the dialogue's kernel (or send a prompt to its model) and return
+        the stored result: `outputs`, or `response`; `meta["run"]["status"]` says how it ended.
+        A message: a Message, an id, an id prefix or a 1-based position as a string ("-1")."""
+        mid = self._svc.message_id(self.id, msg)
+        return self._runner.call(lambda: self._runner.svc.run(self.id, mid, timeout=timeout))
+
+    def ask(self, prompt: str, *, prefill: str | None = None,
+            stream: bool = False) -> Message | AnswerStream:
+        """Add a prompt at the end and answer it with the dialogue's model: the stored message
+        (its `response`), or with `stream=True` an `AnswerStream` to iterate for the text as it
+        comes (`for piece in d.ask("...", stream=True): print(piece, end="")`)."""
+        m = self.add_prompt(prompt)
+        if stream:
+            return AnswerStream(self._runner, self.id, m.id, prefill)
+        return self._runner.call(lambda: self._runner.svc.run(self.id, m.id, prefill=prefill))
+
+    def run_all(self, *, stop_on_error: bool = True) -> list[Message]:
+        """Run every code message top to bottom in the dialogue's kernel, as the page's Run all
+        does; returns the stored messages that ran (stopping after the first failure unless
+        `stop_on_error=False`)."""
+        return self._runner.call(lambda: self._runner.svc.run_all(
+            self.id, stop_on_error=stop_on_error))
+
+    def restart_kernel(self) -> None:
+        """Restart the dialogue's kernel: its variables are gone."""
+        self._runner.call(lambda: self._runner.svc.restart(self.id))
+
     def __len__(self) -> int:
         return len(self.messages)
 
@@ -192,11 +338,13 @@ class Dialogue:
     # ------------------------------------------------------------ display
 
     def __repr__(self) -> str:
-        return f"Dialogue({self.name!r}, {len(self)} messages)"
+        n = len(self)
+        return f"Dialogue({self.name!r}, {n} message{'s' * (n != 1)})"
 
     def _repr_markdown_(self) -> str:
         d = self.doc
-        out = [f"**{_md_escape(d.name)}** · `{d.model}` · {len(d.messages)} messages\n"]
+        n = len(d.messages)
+        out = [f"**{_md_escape(d.name)}** · `{d.model}` · {n} message{'s' * (n != 1)}\n"]
         for m in d.messages:
             flags = " ".join(f for f in document.FLAGS if getattr(m, f))
             head = f"*{m.kind.value}* `{m.id}`" + (f" ({flags})" if flags else "")
