@@ -120,3 +120,50 @@ def test_the_access_log_is_off_by_default(client, access_lines):
     client.get("/healthz")
     client.get("/")
     assert access_lines == []
+
+
+# ---------------------------------------------------------------- dialogue serve, end to end
+
+def test_dialogue_serve_takes_the_access_log_from_the_config_file_and_refuses_a_bad_ping(tmp_path):
+    """`dialogue serve` as a supervisor runs it: /healthz answers, the access log is on from the
+    config file and goes to stderr, and a bad sse_ping is refused at start."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "config.toml"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DIALOGUE_")},
+           "DIALOGUE_HOME": str(tmp_path / "home"), "DIALOGUE_CONFIG": str(cfg),
+           "DIALOGUE_CACHE_DIR": str(tmp_path / "kv"), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "dialogue", "serve", "--db", str(tmp_path / "d.db"),
+            "--no-browser", "--port", str(port)]
+
+    cfg.write_text("sse_ping = -1\n")
+    bad = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "sse_ping" in bad.stderr and "Traceback" not in bad.stderr
+
+    cfg.write_text("access_log = true\nsse_ping = 0.5\n")
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz")
+                break
+            except httpx.TransportError:
+                assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+                time.sleep(0.1)
+        assert r.json() == {"status": "ok"}
+        httpx.get(f"http://127.0.0.1:{port}/nothing-here")
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    recs = [json.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
+    assert [(r["path"], r["status"]) for r in recs][-2:] == [("/healthz", 200), ("/nothing-here", 404)]
