@@ -73,3 +73,93 @@ def test_trash_on_the_dialogues_page_lists_deleted_cells(page: Page, server) -> 
     expect(page.locator("details.trash summary")).to_have_text("Trash (3)")
     assert [m.source for m in stored(server, did).messages] == ["v2 = 2", "v4 = 4"]
     check_clean(page, server)
+
+
+def cells(page: Page):
+    return page.locator("#cells > .cell")
+
+
+def sources(server, did: str) -> list[str]:
+    return [m.source for m in stored(server, did).messages]
+
+
+def test_esc_in_the_answer_editor_saves(page: Page, server) -> None:
+    did, (pid,) = seed(server, "answers", [("prompt", "Say hi")])
+    svc = DialogueService(server.db)
+    svc.edit(did, pid, base_version=None, response="Old answer")
+    svc.close()
+    page.goto(f"{server.url}/d/{did}")
+    page.locator(f"#m-{pid} [data-act=edit-answer]").click()
+    editor = page.locator(f"#m-{pid} .answer-edit .CodeMirror")
+    expect(editor).to_be_visible()
+    page.keyboard.press("Control+a")
+    page.keyboard.type("New answer, edited")
+    page.keyboard.press("Escape")
+    expect(page.locator(f"#m-{pid} .answer-edit .CodeMirror")).to_have_count(0)
+    expect(page.locator(f"#m-{pid} .answer")).to_contain_text("New answer, edited")
+    assert stored(server, did).messages[0].response == "New answer, edited"
+    # unchanged: Esc just closes, writing no version
+    v = stored(server, did).messages[0].version
+    page.locator(f"#m-{pid} [data-act=edit-answer]").click()
+    expect(page.locator(f"#m-{pid} .answer-edit .CodeMirror")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator(f"#m-{pid} .answer-edit .CodeMirror")).to_have_count(0)
+    assert stored(server, did).messages[0].version == v
+    check_clean(page, server)
+
+
+def test_jupyter_cell_keys(page: Page, server) -> None:
+    did, (a, b) = seed(server, "keys", [("code", "a = 1"), ("code", "b = 2")])
+    page.goto(f"{server.url}/d/{did}#m-{a}")
+    expect(page.locator(f"#m-{a}")).to_have_class(re.compile(r"\bselected\b"))
+    # c copies, v pastes below (selecting the copy), x cuts it to the trash, Shift+V pastes above
+    page.keyboard.press("c")
+    expect(page.locator("#toast")).to_contain_text("Copied")
+    page.keyboard.press("v")
+    expect(cells(page)).to_have_count(3)
+    assert sources(server, did) == ["a = 1", "a = 1", "b = 2"]
+    expect(cells(page).nth(1)).to_have_class(re.compile(r"\bselected\b"))
+    page.keyboard.press("x")
+    expect(cells(page)).to_have_count(2)
+    assert sources(server, did) == ["a = 1", "b = 2"]
+    page.keyboard.press("Shift+V")
+    expect(cells(page)).to_have_count(3)
+    assert sources(server, did) == ["a = 1", "a = 1", "b = 2"]
+    # m makes a note (markdown), y code again
+    page.keyboard.press("m")
+    expect(cells(page).nth(1)).to_have_attribute("data-kind", "note")
+    page.keyboard.press("y")
+    expect(cells(page).nth(1)).to_have_attribute("data-kind", "code")
+    # Shift+M merges the selected cell with the one below
+    page.keyboard.press("Shift+M")
+    expect(cells(page)).to_have_count(2)
+    assert sources(server, did) == ["a = 1", "a = 1\nb = 2"]
+    # split at the cursor: Ctrl+Shift+Minus in the editor
+    page.keyboard.press("Enter")
+    expect(cells(page).nth(1)).to_have_class(re.compile(r"\bediting\b"))
+    page.keyboard.press("Control+End")
+    page.keyboard.press("Home")
+    page.keyboard.press("Control+Shift+Minus")
+    expect(cells(page)).to_have_count(3)
+    assert sources(server, did) == ["a = 1", "a = 1", "b = 2"]
+    expect(cells(page).nth(2)).to_have_class(re.compile(r"\bediting\b"))
+    page.keyboard.press("Escape")
+    # s: Jupyter's save; ours says there is nothing to do
+    page.keyboard.press("s")
+    expect(page.locator("#toast")).to_contain_text("every change is stored")
+    # Alt+Enter runs and adds a code cell below, in its editor
+    page.keyboard.press("Alt+Enter")
+    expect(cells(page)).to_have_count(4)
+    expect(cells(page).nth(3)).to_have_class(re.compile(r"\bediting\b"))
+    page.keyboard.type("import time; time.sleep(60)")
+    page.keyboard.press("Control+Enter")
+    expect(cells(page).nth(3).locator(".result.running")).to_have_count(1, timeout=60_000)
+    # i i interrupts (Jupyter's meaning); Shift+I pins
+    page.keyboard.press("i")
+    page.keyboard.press("i")
+    expect(cells(page).nth(3).locator(".result.running")).to_have_count(0, timeout=30_000)
+    expect(cells(page).nth(3)).to_contain_text("interrupted")
+    page.keyboard.press("Shift+I")
+    expect(cells(page).nth(3)).to_have_class(re.compile(r"\bis-pinned\b"))
+    assert stored(server, did).messages[3].pinned
+    check_clean(page, server)

@@ -167,7 +167,7 @@ def test_keyboard_add_run_move_delete(page: Page, server) -> None:
     expect(cells(page).first).to_have_attribute("data-id", first)
     assert [m.id for m in stored(server, did).messages] == [first, second]
 
-    # a adds above; n makes it a note; h hides it, i pins it
+    # a adds above; n makes it a note; h hides it, Shift+I pins it (i i interrupts, as in Jupyter)
     page.keyboard.press("a")
     expect(cells(page).nth(1)).to_have_class(re.compile(r"\bediting\b"))
     page.keyboard.type("# A note")
@@ -177,7 +177,7 @@ def test_keyboard_add_run_move_delete(page: Page, server) -> None:
     expect(cells(page).nth(1).locator(".view h1")).to_have_text("A note")
     page.keyboard.press("h")
     expect(cells(page).nth(1)).to_have_class(re.compile(r"\bis-hidden\b"))
-    page.keyboard.press("i")
+    page.keyboard.press("Shift+I")
     expect(cells(page).nth(1)).to_have_class(re.compile(r"\bis-pinned\b"))
     note = stored(server, did).messages[1]
     assert (note.kind.value, note.source, note.hidden, note.pinned) == ("note", "# A note", True, True)

@@ -427,14 +427,23 @@ HELP = [
     ("Command mode (a cell is selected, no editor has focus)", [
         ("Enter", "edit the selected cell"), ("Shift+Enter", "run, then select the next cell"),
         ("Ctrl+Enter", "run in place"), ("j / k or ↓ / ↑", "select the next / previous cell"),
+        ("Alt+Enter", "run, then add a code cell below"),
         ("Shift+J / Shift+K", "move the cell down / up"), ("a / b", "add a code cell above / below"),
-        ("c / n / p", "make it code / a note / a prompt"), ("d d", "delete (to the trash)"),
-        ("z", "undo the last delete"), ("h", "hide from the model / show"),
-        ("i", "pin (never trimmed from the context)"), ("f", "fold / unfold"),
-        ("e", "mark exported / not"), ("s", "stop the cell's run"), ("?", "this help")]),
+        ("y / m / p", "make it code / a note (markdown) / a prompt (n: a note too)"),
+        ("c / x", "copy / cut the cell (a cut goes to the trash)"),
+        ("v / Shift+V", "paste below / above"), ("Shift+M", "merge with the cell below"),
+        ("d d", "delete (to the trash)"), ("z", "undo the last delete"),
+        ("h", "hide from the model / show"), ("i i", "interrupt: stop the running cell"),
+        ("Shift+I", "pin (never trimmed from the context); Jupyter has no pin"),
+        ("f", "fold / unfold"), ("e", "mark exported / not"),
+        ("s", "save: nothing to do, every change is stored as you make it"), ("?", "this help")]),
     ("Edit mode (typing in a cell)", [
         ("Esc", "save and go back to command mode"), ("Shift+Enter", "save, run, select the next cell"),
-        ("Ctrl+Enter", "save and run in place"), ("Ctrl+S", "save")]),
+        ("Ctrl+Enter", "save and run in place"), ("Alt+Enter", "save, run, add a code cell below"),
+        ("Ctrl+Shift+Minus", "split the cell at the cursor"), ("Ctrl+S", "save")]),
+    ("Editing a model's answer", [
+        ("Esc", "save the answer (Cancel throws the edit away)"),
+        ("Shift+Enter / Ctrl+Enter / Ctrl+S", "save the answer")]),
 ]
 
 

@@ -69,7 +69,10 @@ async def add_cell(did: str, req: Request) -> Any:
     d = svc.dialogue_id(did)
     kind = text(f.get("kind")) or "code"
     after, before = text(f.get("after")) or None, text(f.get("before")) or None
-    m = svc.add(d, kind, "", after=after, before=before)
+    # a paste (the page's v / Shift+V) brings a copied cell's source and opens no editor; not
+    # "source", which an add button inside a cell sends as that cell's own (hx-include)
+    paste = text(f.get("paste"))
+    m = svc.add(d, kind, paste or "", after=after, before=before)
     if after:
         target, swap = f"#m-{svc.message_id(d, after)}", "afterend"
     elif before:
@@ -77,7 +80,7 @@ async def add_cell(did: str, req: Request) -> Any:
     else:
         target, swap = "#cells", "beforeend"
     return (HtmxResponseHeaders(retarget=target, reswap=swap),
-            render(svc, d, m, editing=True, new=True))
+            render(svc, d, m) if paste is not None else render(svc, d, m, editing=True, new=True))
 
 
 @rt(paths.cell)
@@ -203,6 +206,41 @@ async def restore_version(did: str, mid: str, req: Request) -> Any:
     m = svc.restore_version(d, mid, int_field(f.get("to"), "version to restore"),
                             base_version=opt_int(f.get("version"), "version"))
     return render(svc, d, m), Div(id="modal", hx_swap_oob="true")
+
+
+@rt(paths.merge, methods=["post"])
+async def merge(did: str, mid: str, req: Request) -> Any:
+    """Shift+M: this cell takes the source of the one below, which goes to the trash."""
+    svc = site(req).service
+    d = svc.dialogue_id(did)
+    f = await form(req)
+    below = _below(svc, d, svc.message_id(d, mid))
+    if below is not None and (svc.running(below) or svc.running(svc.message_id(d, mid))):
+        return refuse("A cell is running: stop it before merging.", 409)
+    m = svc.merge_below(d, mid, base_version=opt_int(f.get("version"), "version"))
+    return (render(svc, d, m), Div(id=f"m-{below}", hx_swap_oob="delete"),
+            V.toast("Merged with the cell below (it is in the trash; the history has both).",
+                    level="info"))
+
+
+def _below(svc: DialogueService, did: str, mid: str) -> str | None:
+    ids = [x.id for x in svc.messages(did)]
+    i = ids.index(mid)
+    return ids[i + 1] if i + 1 < len(ids) else None
+
+
+@rt(paths.split, methods=["post"])
+async def split(did: str, mid: str, req: Request) -> Any:
+    """Ctrl+Shift+Minus in the editor: split the cell at the cursor (the editor's text, saved)."""
+    svc = site(req).service
+    d = svc.dialogue_id(did)
+    f = await form(req)
+    if svc.running(svc.message_id(d, mid)):
+        return refuse("This cell is running: stop it before splitting it.", 409)
+    first, second = svc.split_at(d, mid, int_field(f.get("at"), "split position"),
+                                 base_version=opt_int(f.get("version"), "version"),
+                                 source=text(f.get("source")))
+    return render(svc, d, first), render(svc, d, second)
 
 
 @rt(paths.fork, methods=["post"])
