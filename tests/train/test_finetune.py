@@ -58,7 +58,7 @@ def test_thirty_steps_teach_a_fact(smol, taught):
     h = res.sampler.history
     assert h[0]["weights"]["docs"] == pytest.approx(0.3) and h[-1]["weights"]["docs"] == pytest.approx(0.3 / 30)
     assert set(res.exported) == {"peft", "gguf"}
-    assert (out / "metrics.jsonl").exists() and (out / "loss.png").exists()
+    assert (out / "metrics.jsonl").exists() and (out / "training.svg").exists()
 
 
 @pytest.mark.slow

@@ -41,8 +41,12 @@ def test_every_hyperparameter_follows_its_schedule(tiny, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 9)) and all(x["loss"] > 0 for x in lines)
     assert all(x["tokens_per_s"] > 0 and x["peak_mem_mb"] > 0 for x in lines)
-    png = (tmp_path / "loss.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 100
+    # the labelled plot: loss (and its smoothed curve), learning rate, the data mix, with values
+    import xml.etree.ElementTree as ET
+    root = ET.fromstring((tmp_path / "training.svg").read_text())
+    words = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"loss", "learning rate", "data mix (weight per source)", "step (of 8)"} <= set(words)
+    assert f"8 steps; first {lines[0]['loss']:.3g}, last {lines[-1]['loss']:.3g}" in words[1]
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_dir):

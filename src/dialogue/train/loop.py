@@ -16,10 +16,8 @@ import math
 import os
 import random
 import resource
-import struct
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +34,10 @@ from .schedule import MixLike, ScheduleLike, apply_hyperparameters, cosine, defa
 log = logging.getLogger(__name__)  # dialogue.train.loop
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "finetune", "default_lr_schedule",
-           "CHECKPOINT", "peak_memory_bytes"]
+           "CHECKPOINT", "PLOT", "write_plot", "peak_memory_bytes"]
 
 CHECKPOINT = "checkpoint.pt"
+PLOT = "training.svg"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -316,44 +315,24 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
         if metrics:
             metrics.close()
     if out and rank == 0 and losses:
-        write_loss_png(losses, out / "loss.png")
+        write_plot(out)
     return TrainResult(losses=losses, steps=len(losses), tokens=tokens_seen * world,
                        seconds=time.perf_counter() - t0, out_dir=out, resumed_from=start, hyper=hyper)
 
 
 # ---------------------------------------------------------------- loss curve
 
-def write_loss_png(values: list[float], path: Path, width: int = 640, height: int = 320) -> None:
-    """A plain line chart of the loss, written with zlib: matplotlib is a heavy dependency for one
-    picture, and a PNG is a few lines of bytes."""
-    img = [[255] * width for _ in range(height)]
-    pad = 20
-    for x in range(pad, width - pad):
-        img[height - pad][x] = 0
-    for y in range(pad, height - pad + 1):
-        img[y][pad] = 0
-    finite = [v for v in values if math.isfinite(v)]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        span = (hi - lo) or 1.0
-        n = max(1, len(values) - 1)
-        pts = [(pad + int((width - 2 * pad - 1) * i / n),
-                height - pad - 1 - int((height - 2 * pad - 2) * (v - lo) / span)) for i, v in enumerate(values)
-               if math.isfinite(v)]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:] or pts):
-            steps = max(abs(x1 - x0), abs(y1 - y0), 1)
-            for s in range(steps + 1):
-                x, y = x0 + (x1 - x0) * s // steps, y0 + (y1 - y0) * s // steps
-                for dy in (0, 1):
-                    if 0 <= y + dy < height:
-                        img[y + dy][x] = 40
-    raw = b"".join(b"\x00" + bytes(row) for row in img)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path.write_bytes(png)
+def write_plot(out: Path) -> Path:
+    """`training.svg` in the run folder, from its metrics.jsonl (resumed runs included): loss with
+    its smoothed curve, learning rate and data mix over the steps, with axes and values
+    (`dialogue.charts`: why SVG and not matplotlib is said there)."""
+    from ..charts import training_records, training_svg
+    records = training_records((out / "metrics.jsonl").read_text("utf-8").splitlines())
+    path = out / PLOT
+    tmp = path.with_suffix(".svg.tmp")
+    tmp.write_text(training_svg(records, title=f"training: {out.name}"), "utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------- the whole recipe

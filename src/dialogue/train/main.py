@@ -178,7 +178,7 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
 
     import torch
 
-    from .loop import TrainConfig, finetune
+    from .loop import PLOT, TrainConfig, finetune
     from .quant import load_base
 
     distributed = is_distributed_launch()
@@ -209,6 +209,13 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
             last = f"{r.losses[-1]:.4f}" if r.losses else "-"
             print(f"trained {r.steps} steps (from step {r.resumed_from}) in {r.seconds:.1f}s, "
                   f"{r.tokens_per_s:.0f} tokens/s; loss {first} -> {last}")
+            plot = Path(args.out) / PLOT
+            if plot.is_file():  # the curves at a glance, the labelled picture beside the adapter
+                from ..charts import training_records, training_summary
+                for line in training_summary(training_records(
+                        (Path(args.out) / "metrics.jsonl").read_text("utf-8").splitlines())):
+                    print(f"  {line}")
+                print(f"plot: {plot}")
             if res.offloader is not None:
                 st = res.offloader.stats
                 print(f"offload: {res.offloader.host_bytes / 2**20:.0f} MiB of frozen layers in host memory; at most "
