@@ -225,7 +225,8 @@ def add_from_hub(repo_id: str, filename: str, *, name: str | None = None,
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:
-        raise UnknownModelError("adding a model from the Hub needs `pip install huggingface_hub`") from e
+        raise UnknownModelError("adding a model from the Hugging Face Hub needs the `hub` extra: "
+                                "pip install 'dialogue[hub]'") from e
     try:
         local = hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
     except Exception as e:  # the SDK raises many kinds (offline, 404, gated, auth): all end here

@@ -24,14 +24,13 @@ __all__ = ["HostedProvider", "TRANSPORT_ERRORS", "error_body", "MAX_RETRY_AFTER"
 #: the longest Retry-After (seconds) we wait for before a retry; a longer one fails the request
 MAX_RETRY_AFTER = 60.0
 
-# The SDKs stream over httpx2 (SDK >= 2) or httpx (older SDKs); a connection that breaks while a
-# stream is read surfaces as the transport library's error, not the SDK's, so catch both.
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = ()
-for _mod in ("httpx2", "httpx"):
-    try:
-        TRANSPORT_ERRORS += (__import__(_mod).TransportError,)
-    except (ImportError, AttributeError):
-        pass
+# The SDKs stream over httpx2; a connection that breaks while a stream is read surfaces as its
+# error, not the SDK's, so catch it too. (It comes with the SDKs: not a dependency of ours.)
+try:
+    from httpx2 import TransportError as _TransportError
+    TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (_TransportError,)
+except ImportError:  # pragma: no cover - an SDK release that moved off httpx2
+    TRANSPORT_ERRORS = ()
 
 
 async def _no_retry_after_long_waits(response: Any) -> None:
