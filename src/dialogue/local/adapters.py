@@ -264,7 +264,8 @@ def _download(repo: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError as e:
-        raise AdapterError("adding an adapter from the Hub needs `pip install huggingface_hub`") from e
+        raise AdapterError("adding an adapter from the Hugging Face Hub needs the `hub` extra: "
+                           "pip install 'dialogue[hub]'") from e
     parts = repo.split("/")
     repo_id = "/".join(parts[:2])
     try:
