@@ -4,32 +4,19 @@ JUPYTER_PATH; stored with the dialogue, written to exported notebooks, and never
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from kernelenvs import make_venv, write_kernelspec
 
 from dialogue.artifacts import read_notebook, to_ipynb_bytes
 from dialogue.document import Kind
 from dialogue.service import DialogueService
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
-
-
-def make_venv(root: Path, *, with_ipykernel: bool) -> str:
-    """A real second interpreter: a venv (no pip, so it takes a second). With `with_ipykernel`,
-    a .pth file puts this environment's site-packages on its path, so it can import ipykernel."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    py = root / "bin" / "python"
-    if with_ipykernel:
-        site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        Path(site, "app-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    return str(py)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +32,8 @@ def jupyter_path(tmp_path, monkeypatch, envs):
     """A kernelspec 'otherpy' (the usual ipykernel command line, run by the venv's python) in a
     temporary JUPYTER_PATH."""
     good, _ = envs
-    kdir = tmp_path / "jupyter" / "kernels" / "otherpy"
-    kdir.mkdir(parents=True)
-    (kdir / "kernel.json").write_text(json.dumps({
-        "argv": [good, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Other Python", "language": "python",
-        "env": {"DIALOGUE_TEST_SPEC_ENV": "from-the-spec"}}))
+    kdir = write_kernelspec(tmp_path / "jupyter", "otherpy", good, "Other Python",
+                            {"DIALOGUE_TEST_SPEC_ENV": "from-the-spec"})
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     return kdir
 

@@ -51,6 +51,8 @@ class RunEvent:
     type: "output" (data: an nbformat output, or a clear_output / update_display_data control),
     "text" (data: a piece of the model's answer), "tool_call" / "tool_result" (data: dicts),
     "progress" (data: {"read", "total", "eta_s"}: how far a local model has read the prompt),
+    "input" (data: {"prompt", "password"}: the cell waits for a line of input, see
+    `Runs.reply`; None: the question was answered),
     "error" (data: a message for the user), and last "done" (data: the stored Message)."""
 
     type: str
@@ -71,6 +73,7 @@ class LiveState:
     # starts: only the latest report counts, and the first piece of text replaces it.
     progress: dict[str, Any] | None = None
     clear_pending: bool = False  # a clear_output(wait=True) that waits for the next output
+    input: dict[str, Any] | None = None  # the question a cell waits on ({"prompt", "password"})
 
     @classmethod
     def from_message(cls, m: Message) -> "LiveState":
@@ -94,6 +97,8 @@ class LiveState:
                     c.update(result=ev.data.get("result"), error=ev.data.get("error"))
         elif ev.type == "error":
             self.errors.append(str(ev.data))
+        elif ev.type == "input":
+            self.input = dict(ev.data) if ev.data else None
 
 
 class _Signal:
@@ -300,7 +305,7 @@ class Runs:
     # ------------------------------------------------------------ one message
 
     def start(self, did: str, mid: str, *, prefill: str | None = None,
-              timeout: float | None = None) -> str:
+              timeout: float | None = None, stdin: Any = False) -> str:
         if mid in self.active:
             raise RunError(f"message {mid} is already running")
         if who := self.store.stream_writer(mid):
@@ -310,7 +315,8 @@ class Runs:
         if m.kind == Kind.code:
             state = LiveState(m.kind)
             coro = self._run_code
-            args: tuple = (did, m, timeout if timeout is not None else self.host.run_timeout)
+            args: tuple = (did, m, timeout if timeout is not None else self.host.run_timeout,
+                           stdin)
         elif m.kind == Kind.prompt:
             if not m.source.strip():
                 raise RunError("the prompt is empty")
@@ -412,7 +418,35 @@ class Runs:
             await ex.kernel.restart()
         await asyncio.wait([run.task], timeout=10)
 
-    async def _run_code(self, run: Run, did: str, m: Message, timeout: float | None) -> None:
+    def reply(self, msg_id: str, text: str) -> None:
+        """Answer the input() that the running cell `msg_id` waits on."""
+        run = self.active.get(msg_id)
+        ex = run.execution if run is not None else None
+        if ex is None or not ex.waiting_for_input:
+            raise RunError("This cell is not waiting for input.")
+        ex.reply(text)
+        run.publish(RunEvent("input", msg_id, None))
+
+    async def _answer(self, run: Run, question: dict[str, Any], stdin: Callable) -> None:
+        """Ask `stdin(prompt, password)` (a coroutine function, or a plain one run in a thread)
+        and pass its answer on; EOFError or KeyboardInterrupt from it interrupts the cell."""
+        import inspect
+        try:
+            if inspect.iscoroutinefunction(stdin):
+                text = await stdin(question["prompt"], question["password"])
+            else:
+                text = await asyncio.to_thread(stdin, question["prompt"], question["password"])
+        except (EOFError, KeyboardInterrupt):
+            run.publish(RunEvent("error", run.message_id, "No input was given; the cell was "
+                                                           "interrupted."))
+            if run.execution is not None:
+                await run.execution.interrupt()
+            return
+        with contextlib.suppress(RunError):
+            self.reply(run.message_id, str(text))
+
+    async def _run_code(self, run: Run, did: str, m: Message, timeout: float | None,
+                        stdin: Any = False) -> None:
         store = self.store
         res = None
         store.begin_stream(m.id)
@@ -423,8 +457,17 @@ class Runs:
         extra: list[dict] = []
         try:
             kernel = await self.host.kernel(did)
-            ex = run.execution = kernel.execute(m.source, timeout=timeout)
+            ex = run.execution = kernel.execute(m.source, timeout=timeout, allow_stdin=bool(stdin))
+            asking: set[asyncio.Task] = set()
             async for out in ex:
+                if out.get("output_type") == "input_request":  # a question, not an output
+                    q = {"prompt": out["prompt"], "password": out["password"]}
+                    run.publish(RunEvent("input", m.id, q))
+                    if callable(stdin):
+                        t = asyncio.get_running_loop().create_task(self._answer(run, q, stdin))
+                        asking.add(t)
+                        t.add_done_callback(asking.discard)
+                    continue
                 run.publish(RunEvent("output", m.id, out))
             res = await ex
         except asyncio.CancelledError:
@@ -575,13 +618,14 @@ class Runs:
 
     def start_all(self, d: Dialogue, todo: list[str], *, what: str = "message",
                   allow_errors: bool = False, on_start: Callable | None = None,
-                  on_done: Callable | None = None) -> "RunAll":
+                  on_done: Callable | None = None, stdin: Any = False) -> "RunAll":
         """Run the messages `todo` (ids of `d`) one after another in the background."""
         job = self.alls.get(d.id)
         if job is not None and not job.done:
             raise RunError("Run all is already running in this dialogue.")
         job = self.alls[d.id] = RunAll(self, d.id, todo, what=what, allow_errors=allow_errors,
                                        on_start=on_start, on_done=on_done)
+        job.stdin = stdin
         job.task = asyncio.get_running_loop().create_task(job._drive())
         return job
 
@@ -603,6 +647,7 @@ class RunAll:
         self.stopped = ""  # why it ended early, for the user
         self.error: Exception | None = None  # what ended it, if a run could not even start
         self.task: asyncio.Task | None = None
+        self.stdin: Any = False  # how input() in its cells is answered (Runs.start)
         self._signal = _Signal()
 
     def progress(self) -> tuple[int, int]:
@@ -649,7 +694,7 @@ class RunAll:
                     continue
                 if self.on_start:
                     self.on_start(i, len(self.todo), m)
-                runs.start(self.did, mid)
+                runs.start(self.did, mid, stdin=self.stdin)
                 self.started.append(mid)
                 self._signal.poke()
                 final = await runs.wait(mid)

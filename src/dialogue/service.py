@@ -384,51 +384,6 @@ class DialogueService:
             base_version = self.store.get_message(mid).version
         return self.store.restore_version(mid, version, base_version=base_version)
 
-    def merge_below(self, ref: str, msg: str, *, base_version: int | None = None) -> Message:
-        """Jupyter's Shift+M: the message takes the source of the one below after its own (a new
-        line between), and the one below goes to the trash; outputs are cleared (they belong to
-        neither source). Code and notes only: a prompt's answer has no place in a merge."""
-        did = self.dialogue_id(ref)
-        mid = self.message_id(did, msg)
-        ids = [m.id for m in self.store.messages(did)]
-        i = ids.index(mid)
-        if i + 1 >= len(ids):
-            raise StoreError("there is no message below to merge with")
-        a, b = self.store.get_message(mid), self.store.get_message(ids[i + 1])
-        if Kind.prompt in (a.kind, b.kind):
-            raise StoreError("prompts are not merged: their answers would be lost")
-        if base_version is None:
-            base_version = a.version
-        src = a.source.rstrip("\n") + "\n" + b.source if a.source and b.source else \
-            a.source or b.source
-        with self.store.tx():
-            merged = self.store.update_message(mid, base_version=base_version, op="merge",
-                                               source=src, outputs=[], execution_count=None)
-            self.store.delete_message(b.id, base_version=b.version)
-        return merged
-
-    def split_at(self, ref: str, msg: str, at: int, *, base_version: int | None = None,
-                 source: str | None = None) -> tuple[Message, Message]:
-        """Jupyter's split at the cursor: the message keeps its source up to character `at`, a new
-        message of the same kind below gets the rest. `source`, when given, is the text the
-        cursor was in (an editor's unsaved text), stored as the split's starting point."""
-        did = self.dialogue_id(ref)
-        mid = self.message_id(did, msg)
-        m = self.store.get_message(mid)
-        if m.kind == Kind.prompt and m.response:
-            raise StoreError("a prompt with an answer is not split: the answer would be lost")
-        text = m.source if source is None else source
-        if not 0 <= at <= len(text):
-            raise StoreError(f"split position {at} is outside the cell (0 to {len(text)})")
-        if base_version is None:
-            base_version = m.version
-        head, tail = text[:at].rstrip("\n"), text[at:].lstrip("\n")
-        with self.store.tx():
-            first = self.store.update_message(mid, base_version=base_version, op="split",
-                                              source=head, outputs=[], execution_count=None)
-            second = self.store.add_message(did, Message(kind=m.kind, source=tail), after=mid)
-        return first, second
-
 
     # ------------------------------------------------------------ kernels
 
@@ -581,13 +536,25 @@ class DialogueService:
         return self._runs.running(msg_id)
 
     def start(self, ref: str, msg: str, *, prefill: str | None = None,
-              timeout: float | None = None) -> str:
+              timeout: float | None = None, stdin: Any = False) -> str:
         """Start running a code message in the dialogue's kernel, or sending a prompt to the
         dialogue's model, in the background; returns the message id. The run goes on if every
         listener goes away (a closed tab): what it produces is written to the store as it
-        arrives. Listen with `subscribe` or `watch`, stop with `stop`."""
+        arrives. Listen with `subscribe` or `watch`, stop with `stop`.
+
+        `stdin` says how `input()` (and `getpass()`) in the cell is answered: False (the
+        default), it raises StdinNotImplementedError in the cell; True, the run's listeners hear
+        an "input" event ({"prompt", "password"}) and one of them answers with `reply_input`;
+        a callable `(prompt, password) -> str` (a coroutine function, or a plain one, run in a
+        thread) answers, and raising EOFError from it interrupts the cell."""
         did = self.dialogue_id(ref)
-        return self._runs.start(did, self.message_id(did, msg), prefill=prefill, timeout=timeout)
+        return self._runs.start(did, self.message_id(did, msg), prefill=prefill, timeout=timeout,
+                                stdin=stdin)
+
+    def reply_input(self, msg_id: str, text: str) -> None:
+        """Answer the input() that the running code message `msg_id` waits on (RunError if it
+        waits on none)."""
+        self._runs.reply(msg_id, text)
 
     def subscribe(self, msg_id: str) -> AsyncIterator[RunEvent]:
         """Every event of the run of `msg_id` from its first, ending with "done", however late the
@@ -608,9 +575,10 @@ class DialogueService:
         return await self._runs.wait(msg_id)
 
     async def run(self, ref: str, msg: str, *, prefill: str | None = None,
-                  timeout: float | None = None) -> Message:
-        """Run a message and wait for the stored result."""
-        return await self.wait(self.start(ref, msg, prefill=prefill, timeout=timeout))
+                  timeout: float | None = None, stdin: Any = False) -> Message:
+        """Run a message and wait for the stored result (`stdin`: see `start`)."""
+        return await self.wait(self.start(ref, msg, prefill=prefill, timeout=timeout,
+                                          stdin=stdin))
 
     async def stop(self, msg_id: str) -> None:
         """Stop a run: interrupt a running cell, end a model's answer where it is. What was
@@ -627,7 +595,7 @@ class DialogueService:
 
     def start_all(self, ref: str, *, code_only: bool = True, above: str | None = None,
                   allow_errors: bool = False, on_start: Any = None,
-                  on_done: Any = None) -> RunAll:
+                  on_done: Any = None, stdin: Any = False) -> RunAll:
         """Start running the dialogue's code messages (and prompts unless `code_only`) top to
         bottom in the background, only those above `above` when given; each is an ordinary run
         (`watch` it). Stops at the first that does not end well unless `allow_errors`. One at a
@@ -639,7 +607,7 @@ class DialogueService:
                            else "There is nothing to run.")
         return self._runs.start_all(d, todo, what="code cell" if code_only else "message",
                                     allow_errors=allow_errors, on_start=on_start,
-                                    on_done=on_done)
+                                    on_done=on_done, stdin=stdin)
 
     def _todo(self, ref: str, code_only: bool, above: str | None) -> tuple[Dialogue, list[str]]:
         d = self.open(ref)
@@ -670,15 +638,17 @@ class DialogueService:
     run_status = staticmethod(run_status)
 
     async def run_through(self, ref: str, *, allow_errors: bool = False,
-                          on_start: Any = None, on_done: Any = None) -> list[Message]:
+                          on_start: Any = None, on_done: Any = None,
+                          stdin: Any = False) -> list[Message]:
         """The headless run: every code message and prompt, top to bottom, like
         `jupyter nbconvert --execute`. Stops at the first failure unless `allow_errors`; a kernel
         that dies is then replaced by a fresh one for the next message. Returns the failures.
-        `on_start(i, n, message)` and `on_done(i, n, stored)` report each message."""
+        `on_start(i, n, message)` and `on_done(i, n, stored)` report each message; `stdin`
+        answers input() in the cells (see `start`)."""
         if not self._todo(ref, False, None)[1]:
             return []
         job = self.start_all(ref, code_only=False, allow_errors=allow_errors,
-                             on_start=on_start, on_done=on_done)
+                             on_start=on_start, on_done=on_done, stdin=stdin)
         return await job.wait()
 
     @staticmethod

@@ -36,8 +36,21 @@ def test_kernel_status_restart_interrupt(client, db):
     d = db.create("Kernel")
     r = client.get(f"/d/{d.id}/kernel", headers=HX)
     assert r.status_code == 200 and "no kernel" in r.text
+    # the ⟳ button asks first, in the page's modal
+    r = client.get(f"/d/{d.id}/kernel/restart", headers=HX)
+    assert r.status_code == 200 and 'id="restart-confirm"' in r.text and "Restart the kernel?" in r.text
+    # confirmed: the badge says "restarting…" at once and looks again often until it is idle
     r = client.post(f"/d/{d.id}/kernel/restart", headers=HX)
-    assert r.status_code == 200 and "kernel idle" in r.text and "restarted" in r.text
+    assert r.status_code == 200 and "restarting…" in r.text and 'hx-trigger="every 0.5s"' in r.text
+    deadline = time.monotonic() + 60
+    while "kernel idle" not in (r := client.get(f"/d/{d.id}/kernel", headers=HX)).text:
+        assert "restarting…" in r.text and time.monotonic() < deadline, r.text
+        time.sleep(0.1)
+    assert 'hx-trigger="every 3s"' in r.text
+    # no cell waits for input: an answer is refused
+    m = db.add(d.id, "code", "1")
+    r = client.post(f"/d/{d.id}/m/{m.id}/input", data={"value": "x"}, headers=HX)
+    assert r.status_code == 409 and "not waiting for input" in r.text
     r = client.post(f"/d/{d.id}/kernel/interrupt", headers=HX)
     assert r.status_code == 200 and "kernel idle" in r.text
     assert "kernel idle" in client.get(f"/d/{d.id}").text

@@ -392,14 +392,21 @@ class Kernel:
 
     # ------------------------------------------------------------ running code
 
-    def execute(self, code: str, *, timeout: float | None = None) -> "Execution":
+    def execute(self, code: str, *, timeout: float | None = None,
+                allow_stdin: bool = False) -> "Execution":
         """Run `code` as a cell. Iterate the result for outputs as they arrive; await it for the
-        RunResult. The run proceeds whether or not anyone iterates."""
+        RunResult. The run proceeds whether or not anyone iterates.
+
+        With `allow_stdin`, `input()` and `getpass()` in the cell ask: the iteration yields
+        ``{"output_type": "input_request", "prompt", "password"}`` and the cell waits until
+        `Execution.reply` answers (or it is interrupted). Without, they raise
+        StdinNotImplementedError in the cell."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         ex = Execution(self)
+        ex.allow_stdin = allow_stdin
         task = asyncio.get_running_loop().create_task(self._execute(code, timeout, ex))
         ex._task = task
         return ex
@@ -442,8 +449,16 @@ class Kernel:
             await self._start_locked()
         kc, proc, tree = self._kc, self._proc, self._tree
         outs = OutputCap(self.output_cap)
-        msg_id = kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
+        msg_id = kc.execute(code, store_history=True, allow_stdin=ex.allow_stdin,
+                            stop_on_error=False)
         self._current_msg = ex.msg_id = msg_id
+        poller = None
+        if ex.allow_stdin:  # wait on the outputs and on the kernel's questions at once
+            import zmq
+            import zmq.asyncio
+            poller = zmq.asyncio.Poller()
+            poller.register(kc.iopub_channel.socket, zmq.POLLIN)
+            poller.register(kc.stdin_channel.socket, zmq.POLLIN)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
         timed_out_at: float | None = None
@@ -468,6 +483,17 @@ class Kernel:
             if deadline is not None and timed_out_at is None:
                 wait = min(_POLL, max(0.0, deadline - now))
             try:
+                if poller is not None:
+                    ready = dict(await poller.poll(int(wait * 1000)))
+                    for out in ex._take_echo():  # an answer given: before what follows it
+                        for o in outs.add("stream", out):
+                            ex._put(o)
+                    if kc.stdin_channel.socket in ready:
+                        await self._stdin_request(kc, msg_id, ex)
+                        continue
+                    if kc.iopub_channel.socket not in ready:
+                        raise queue.Empty
+                    wait = 0
                 msg = await kc.get_iopub_msg(timeout=wait)
             except queue.Empty:
                 if proc.poll() is not None:
@@ -489,6 +515,10 @@ class Kernel:
                 continue
             for out in outs.add(mt, content):
                 ex._put(out)
+        ex._pending = None  # a question the kernel no longer waits for
+        for out in ex._take_echo():
+            for o in outs.add("stream", out):
+                ex._put(o)
         stored, last = outs.finish()
         for out in last:
             ex._put(out)
@@ -522,6 +552,20 @@ class Kernel:
             res.status = "error"
             res.message = "The kernel aborted this run."
         return res
+
+    async def _stdin_request(self, kc: Any, msg_id: str, ex: "Execution") -> None:
+        """The kernel asks for a line (input(), getpass()): pass the question to the run's
+        listener, who answers with `Execution.reply`."""
+        try:
+            msg = await kc.get_stdin_msg(timeout=0)
+        except queue.Empty:
+            return
+        if msg["msg_type"] != "input_request" or msg["parent_header"].get("msg_id") != msg_id:
+            return
+        c = msg["content"]
+        ex._pending = {"output_type": "input_request", "prompt": str(c.get("prompt", "")),
+                       "password": bool(c.get("password"))}
+        ex._put(dict(ex._pending))
 
     async def _reply(self, msg_id: str, deadline: float | None) -> dict[str, Any] | None:
         """The shell reply to `msg_id`, or None if the kernel died first. Raises KernelTimeout
@@ -651,12 +695,38 @@ class Execution:
         self.kernel = kernel
         self.result: RunResult | None = None
         self.msg_id: str | None = None  # set once the code is sent to the kernel
+        self.allow_stdin = False
+        self._pending: dict[str, Any] | None = None  # the kernel's unanswered question
+        self._echo: list[dict[str, Any]] = []  # answers to show in the output, in order
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._iterated = False
 
     def _put(self, out: dict[str, Any]) -> None:
         self._queue.put_nowait(out)
+
+    @property
+    def waiting_for_input(self) -> dict[str, Any] | None:
+        """The question the cell waits on ({"prompt", "password"}), or None."""
+        return dict(self._pending) if self._pending else None
+
+    def reply(self, text: str) -> None:
+        """Answer the cell's input() (one line; a password is not echoed in the output)."""
+        q = self._pending
+        if q is None or not self.running:
+            raise KernelError("this cell is not waiting for input")
+        if not isinstance(text, str):
+            raise TypeError(f"an answer is a str, not {type(text).__name__}")
+        text = text.split("\n", 1)[0].rstrip("\r")  # one line, as a terminal gives it
+        self._pending = None
+        self.kernel._kc.input(text)
+        # what a terminal shows: the prompt and the typed line (a password: nothing)
+        shown = q["prompt"] + ("" if q["password"] else text) + "\n"
+        self._echo.append({"name": "stdout", "text": shown})
+
+    def _take_echo(self) -> list[dict[str, Any]]:
+        out, self._echo = self._echo, []
+        return out
 
     def _finish(self, res: RunResult) -> None:
         self.result = res

@@ -37,7 +37,8 @@ __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dial
            "dversion_input", "model_picker", "answer_editor", "toolbar", "model_input", "HTMX_CONFIG",
            "adapter_badges", "adapters_control", "adapter_rows", "trial_dialog", "trial_out",
            "trial_column", "trial_status", "keep_button", "adapter_origin", "run_all_control",
-           "run_all_progress", "AdapterView", "read_progress"]
+           "run_all_progress", "AdapterView", "read_progress", "input_box", "kernel_picker",
+           "restart_confirm", "python_dialog"]
 
 STATIC = "/static"
 VENDOR = f"{STATIC}/vendor"
@@ -269,16 +270,78 @@ def model_input(d: Dialogue, oob: bool = False) -> Any:
 
 def kernel_badge(did: str, status: str) -> Any:
     label = {"none": "no kernel", "idle": "kernel idle", "busy": "kernel busy",
-             "dead": "kernel dead"}.get(status, status)
-    return Div(Span(Span(cls="dot"), label, cls=f"kstatus {status}", title="Python kernel status"),
+             "dead": "kernel dead", "restarting": "restarting…"}.get(status, status)
+    restarting = status == "restarting"
+    return Div(Span(Span(cls="dot"), label, cls=f"kstatus {status}", title="Kernel status",
+                    role="status"),
                Button("■", title="Interrupt the kernel", hx_post=urls.kernel_interrupt.to(did=did),
                       hx_target="#kernel", hx_swap="outerHTML", cls="icon",
-                      disabled=status in ("none", "dead")),
+                      disabled=status in ("none", "dead", "restarting")),
+               # asks first (restart_confirm): a restart loses every variable
                Button("⟳", title="Restart the kernel (variables are lost)",
-                      hx_post=urls.kernel_restart.to(did=did), hx_target="#kernel",
-                      hx_swap="outerHTML", cls="icon"),
-               id="kernel", cls="kernel", hx_get=urls.kernel.to(did=did), hx_trigger="every 3s",
-               hx_swap="outerHTML")
+                      hx_get=urls.kernel_restart.to(did=did), hx_target="#modal",
+                      hx_swap="innerHTML", cls="icon", data_act="restart-kernel",
+                      disabled=restarting),
+               id="kernel", cls="kernel", hx_get=urls.kernel.to(did=did),
+               # while it restarts, look often: the page says "idle" as soon as it is
+               hx_trigger="every 0.5s" if restarting else "every 3s", hx_swap="outerHTML")
+
+
+def restart_confirm(did: str, status: str) -> Any:
+    """The question before a restart, in the page's modal (not window.confirm)."""
+    running = " The cell running now is stopped." if status == "busy" else ""
+    return Dialog(Div(Header(H3("Restart the kernel?"),
+                             Button("×", data_act="close-modal", cls="icon", type="button",
+                                    aria_label="Close")),
+                      P("A fresh kernel starts; every variable of this dialogue is lost." + running),
+                      Div(Button("Restart", hx_post=urls.kernel_restart.to(did=did),
+                                 hx_target="#kernel", hx_swap="outerHTML",
+                                 data_act="confirm-restart", autofocus=True),
+                          Button("Cancel", data_act="close-modal", type="button",
+                                 cls="secondary"),
+                          cls="modal-actions"),
+                      cls="modal-body"),
+                  open=True, id="restart-confirm", cls="modal", aria_label="Restart the kernel")
+
+
+PYTHON_CHOICE = "python:"  # the picker's "Python interpreter…" entry
+
+
+def kernel_picker(d: Dialogue, specs: dict[str, str], label: str, oob: bool = False) -> Any:
+    """Which kernel runs the dialogue's code: the app's own Python, an installed Jupyter
+    kernelspec, or a Python interpreter by path (asked for in `python_dialog`)."""
+    current = d.meta.get("kernel") if isinstance(d.meta.get("kernel"), dict) else {}
+    value = (f"spec:{current['spec']}" if current.get("spec") else
+             f"python:{current['python']}" if current.get("python") else "")
+    opts = [Option("Python 3 (dialogue)", value="", selected=value == "")]
+    opts += [Option(name_, value=f"spec:{n}", selected=value == f"spec:{n}")
+             for n, name_ in specs.items()]
+    if value and not any(o.value == value for o in opts):  # a path, or a spec since removed
+        opts.append(Option(label, value=value, selected=True))
+    opts.append(Option("Python interpreter…", value=PYTHON_CHOICE))
+    return Select(*opts, name="kernel", aria_label="Kernel", id="kernel-pick",
+                  hx_post=urls.kernel_choice.to(did=d.id), hx_trigger="change",
+                  hx_include="#dversion", title=f"The kernel that runs this dialogue's code: {label}",
+                  hx_swap_oob="true" if oob else None)
+
+
+def python_dialog(did: str) -> Any:
+    """Asks for the path of a Python interpreter to run the dialogue's kernel."""
+    return Dialog(Div(Header(H3("Run the kernel with a Python interpreter"),
+                             Button("×", hx_get=urls.kernel_choice.to(did=did), hx_swap="none",
+                                    cls="icon", type="button", aria_label="Close")),
+                      Form(Label("Path of the interpreter",
+                                 Input(name="python", placeholder="/path/to/venv/bin/python",
+                                       autocomplete="off", required=True, autofocus=True)),
+                           P("It needs ipykernel (python -m pip install ipykernel).", cls="hint"),
+                           Input(type="hidden", name="kernel", value=PYTHON_CHOICE),
+                           Div(Button("Use it", type="submit", data_act="use-python"),
+                               Button("Cancel", hx_get=urls.kernel_choice.to(did=did),
+                                      hx_swap="none", type="button", cls="secondary"),
+                               cls="modal-actions"),
+                           hx_post=urls.kernel_choice.to(did=did), hx_include="#dversion"),
+                      cls="modal-body"),
+                  open=True, id="python-kernel", cls="modal", aria_label="Python interpreter")
 
 
 def _usage_sum(msgs: Iterable[Message]) -> tuple[int, int, int, float, bool]:
@@ -427,23 +490,14 @@ HELP = [
     ("Command mode (a cell is selected, no editor has focus)", [
         ("Enter", "edit the selected cell"), ("Shift+Enter", "run, then select the next cell"),
         ("Ctrl+Enter", "run in place"), ("j / k or ↓ / ↑", "select the next / previous cell"),
-        ("Alt+Enter", "run, then add a code cell below"),
         ("Shift+J / Shift+K", "move the cell down / up"), ("a / b", "add a code cell above / below"),
-        ("y / m / p", "make it code / a note (markdown) / a prompt (n: a note too)"),
-        ("c / x", "copy / cut the cell (a cut goes to the trash)"),
-        ("v / Shift+V", "paste below / above"), ("Shift+M", "merge with the cell below"),
-        ("d d", "delete (to the trash)"), ("z", "undo the last delete"),
-        ("h", "hide from the model / show"), ("i i", "interrupt: stop the running cell"),
-        ("Shift+I", "pin (never trimmed from the context); Jupyter has no pin"),
-        ("f", "fold / unfold"), ("e", "mark exported / not"),
-        ("s", "save: nothing to do, every change is stored as you make it"), ("?", "this help")]),
+        ("c / n / p", "make it code / a note / a prompt"), ("d d", "delete (to the trash)"),
+        ("z", "undo the last delete"), ("h", "hide from the model / show"),
+        ("i", "pin (never trimmed from the context)"), ("f", "fold / unfold"),
+        ("e", "mark exported / not"), ("s", "stop the cell's run"), ("?", "this help")]),
     ("Edit mode (typing in a cell)", [
         ("Esc", "save and go back to command mode"), ("Shift+Enter", "save, run, select the next cell"),
-        ("Ctrl+Enter", "save and run in place"), ("Alt+Enter", "save, run, add a code cell below"),
-        ("Ctrl+Shift+Minus", "split the cell at the cursor"), ("Ctrl+S", "save")]),
-    ("Editing a model's answer", [
-        ("Esc", "save the answer (Cancel throws the edit away)"),
-        ("Shift+Enter / Ctrl+Enter / Ctrl+S", "save the answer")]),
+        ("Ctrl+Enter", "save and run in place"), ("Ctrl+S", "save")]),
 ]
 
 
@@ -459,9 +513,11 @@ def help_dialog() -> Any:
 
 def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str,
                   running: set[str], live: dict[str, LiveState] | None = None, *,
-                  adapters: "AdapterView | None" = None, run_all: Any = None) -> tuple:
+                  adapters: "AdapterView | None" = None, run_all: Any = None,
+                  kernels: tuple[dict[str, str], str] = ({}, "Python 3 (dialogue)")) -> tuple:
     """`adapters`: the dialogue's adapter set as the picker shows it; `run_all`: the progress of a
-    Run all in flight (see `run_all_control`)."""
+    Run all in flight (see `run_all_control`); `kernels`: the installed kernelspecs {name:
+    display name} and the label of the dialogue's kernel (see `kernel_picker`)."""
     live = live or {}
     cells = [cell(d.id, m, running=m.id in running, live=live.get(m.id)) for m in d.messages]
     return (Title(f"{d.name} · dialogue"),
@@ -469,6 +525,7 @@ def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str
                    right=[model_picker(d, models),
                           adapters_control(d, adapters or AdapterView()),
                           run_all_control(d.id, run_all),
+                          kernel_picker(d, *kernels),
                           kernel_badge(d.id, kernel_status), totals(d),
                           export_menu(d.id),
                           Button("?", title="Keyboard shortcuts (?)", data_act="help",
@@ -713,6 +770,21 @@ def text_chunk(text: str) -> str:
     return f"<span>{html.escape(text)}</span>"
 
 
+def input_box(did: str, mid: str, question: dict[str, Any] | None) -> Any:
+    """The line a cell's input() or getpass() waits for, asked under its output; empty when it
+    waits for none. A password is typed into a password field and never shown."""
+    if not question:
+        return ""
+    prompt = str(question.get("prompt") or "")
+    return Form(Label(Span(prompt or "Input", cls="stdin-prompt"),
+                      Input(type="password" if question.get("password") else "text",
+                            name="value", autocomplete="off", autofocus=True, cls="stdin-value",
+                            aria_label=prompt or "Input requested by the cell")),
+                Button("Send", type="submit", cls="small"),
+                hx_post=urls.cell_input.to(did=did, mid=mid), hx_swap="none",
+                hx_disabled_elt="find button", cls="stdin", data_act="stdin")
+
+
 def error_box(message: str) -> Any:
     return Div(message, cls="run-error", role="alert")
 
@@ -772,6 +844,7 @@ def live_body(did: str, m: Message, live: LiveState) -> list[Any]:
     """The inside of a running message's live area: what it produced so far."""
     if m.kind == Kind.code:
         return [Div(*outputs_html(live.outputs), id=f"o-{m.id}", cls="outputs"),
+                Div(input_box(did, m.id, live.input) if live.input else "", id=f"i-{m.id}"),
                 Div(*[error_box(e) for e in live.errors], id=f"e-{m.id}")]
     return [read_progress(m.id, live.progress),
             Div(*tool_calls_html(live.tool_calls), id=f"t-{m.id}", cls="tools-calls"),
@@ -793,6 +866,7 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
                  Div(sse_swap="text", hx_target=f"#a-{m.id}", hx_swap="beforeend", hidden=True),
                  Div(sse_swap="progress", hx_target=f"#p-{m.id}", hx_swap="outerHTML", hidden=True),
                  Div(sse_swap="tools", hx_target=f"#t-{m.id}", hx_swap="innerHTML", hidden=True),
+                 Div(sse_swap="input", hx_target=f"#i-{m.id}", hx_swap="innerHTML", hidden=True),
                  # "run-error", not "error": that name is EventSource's own event for a lost
                  # connection, which would swap `undefined` into the cell
                  Div(sse_swap="run-error", hx_target=f"#e-{m.id}", hx_swap="beforeend", hidden=True),

@@ -192,7 +192,8 @@ async def dialogue(did: str, req: Request) -> Any:
     job = svc.run_all_of(d.id)
     page = V.dialogue_page(d, s.models(), svc.kernel_status(d.id), running, live,
                            adapters=svc.adapter_view(d),
-                           run_all=job.progress() if job is not None else None)
+                           run_all=job.progress() if job is not None else None,
+                           kernels=(svc.kernel_specs(), svc.kernel_choice(d).label()))
     notice = import_notice(d) if req.query_params.get("imported") else None
     if notice is not None:  # the page's empty #toast holds it
         page = tuple(notice if getattr(x, "id", None) == "toast" else x for x in page)

@@ -37,7 +37,7 @@ async def run_cell(did: str, mid: str, req: Request) -> Any:
     if isinstance(m, HTMLResponse):
         return m
     prefill = (text(f.get("prefill")) or None) if m.kind == Kind.prompt else None
-    svc.start(d, m.id, prefill=prefill)
+    svc.start(d, m.id, prefill=prefill, stdin=True)  # input() asks on the page (input_box)
     m = svc.message(d, m.id)
     return V.cell(d, m, running=True, live=svc.live(m.id) or LiveState(m.kind, prefill or ""))
 
@@ -46,6 +46,16 @@ async def run_cell(did: str, mid: str, req: Request) -> Any:
 async def stop_cell(did: str, mid: str, req: Request) -> Any:
     svc = site(req).service
     await svc.stop(svc.message(did, mid).id)
+    return Response(status_code=204)
+
+
+@rt(paths.cell_input, methods=["post"])
+async def cell_input(did: str, mid: str, req: Request) -> Any:
+    """Answer the input() the running cell waits on; its stream then takes the question away
+    and shows the answered line in the output."""
+    svc = site(req).service
+    f = await form(req)
+    svc.reply_input(svc.message(did, mid).id, text(f.get("value")) or "")
     return Response(status_code=204)
 
 
@@ -79,6 +89,8 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
                     yield V.sse("outputs", V.frag(V.outputs_html(state.outputs)))
                 else:
                     yield V.sse("output", V.frag(V.output_fragment(ev.data)))
+            elif ev.type == "input":  # the cell asks for a line, or was answered
+                yield V.sse("input", V.frag(V.input_box(d, m0.id, ev.data)))
             elif ev.type in ("tool_call", "tool_result"):
                 yield V.sse("tools", V.frag(V.tool_calls_html(state.tool_calls)))
             elif ev.type == "error":  # not "error": EventSource's own connection-error event
@@ -110,7 +122,7 @@ async def run_all(did: str, req: Request) -> Any:
     svc = site(req).service
     d = svc.dialogue_id(did)
     try:
-        job = svc.start_all(d)
+        job = svc.start_all(d, stdin=True)
     except RunError as e:
         if svc.run_all_of(d) is not None:
             raise  # one is running in this dialogue already: 409

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fasthtml.common import APIRouter, HtmxResponseHeaders
+from fasthtml.common import APIRouter, Div, HtmxResponseHeaders
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ...document import Dialogue
 from .. import paths
 from .. import views as V
-from ..common import Site, form, opt_int, refuse, site, text
+from ..common import Site, form, oob, opt_int, refuse, site, text
 
 rt = APIRouter()
 
@@ -126,10 +126,60 @@ async def kernel_interrupt(did: str, req: Request) -> Any:
     return V.kernel_badge(d, svc.kernel_status(d))
 
 
-@rt(paths.kernel_restart, methods=["post"])
-async def kernel_restart(did: str, req: Request) -> Any:
+@rt(paths.kernel_restart, methods=["get"])
+async def kernel_restart_confirm(did: str, req: Request) -> Any:
+    """The question before a restart (the ⟳ button opens it in the page's modal)."""
     svc = site(req).service
     d = svc.dialogue_id(did)
-    await svc.restart(d)
-    return (V.kernel_badge(d, svc.kernel_status(d)),
-            V.toast("Kernel restarted: its variables are gone.", level="info"))
+    return V.restart_confirm(d, svc.kernel_status(d))
+
+
+@rt(paths.kernel_restart, methods=["post"])
+async def kernel_restart(did: str, req: Request) -> Any:
+    """Restart in the background: the badge says "restarting…" and looks again every half
+    second until the new kernel is ready."""
+    svc = site(req).service
+    d = svc.dialogue_id(did)
+    svc.start_restart(d)
+    return (V.kernel_badge(d, svc.kernel_status(d)), Div(id="modal", hx_swap_oob="true"))
+
+
+def kernel_controls(svc: Any, d: Dialogue) -> tuple:
+    """The kernel picker and badge, swapped out of band, and the modal closed."""
+    return (V.kernel_picker(d, svc.kernel_specs(), svc.kernel_choice(d).label(), oob=True),
+            oob(V.kernel_badge(d.id, svc.kernel_status(d.id))), Div(id="modal", hx_swap_oob="true"))
+
+
+@rt(paths.kernel_choice, methods=["get"])
+async def kernel_choice_view(did: str, req: Request) -> Any:
+    """The picker as stored (after a cancelled "Python interpreter…")."""
+    svc = site(req).service
+    return (HtmxResponseHeaders(reswap="none"), *kernel_controls(svc, svc.open(did, messages=False)))
+
+
+@rt(paths.kernel_choice, methods=["post"])
+async def kernel_choice(did: str, req: Request) -> Any:
+    """Choose the dialogue's kernel: "" (the app's own Python), "spec:NAME", or "python:" with
+    a `python` path (without one: ask for it). The running kernel is shut down; the next run
+    starts the chosen one. A bad choice is refused in one line and nothing changes."""
+    svc = site(req).service
+    f = await form(req)
+    d = svc.open(did, messages=False)
+    base = opt_int(f.get("dversion"), "dversion")
+    value = text(f.get("kernel")) or ""
+    python = (text(f.get("python")) or "").strip()
+    if value == V.PYTHON_CHOICE and not python:
+        return (HtmxResponseHeaders(retarget="#modal", reswap="innerHTML"), V.python_dialog(d.id))
+    if value.startswith("spec:"):
+        d = await svc.use_kernel(d.id, value.removeprefix("spec:"), base_version=base)
+    elif value.startswith("python:"):
+        d = await svc.use_kernel(d.id, python=python or value.removeprefix("python:"),
+                                 base_version=base)
+    elif value:
+        return refuse(f"unknown kernel choice {value!r}")
+    else:
+        d = await svc.use_kernel(d.id, None, base_version=base)
+    label = svc.kernel_choice(d).label()
+    return (HtmxResponseHeaders(reswap="none"), V.dversion_input(d, oob=True),
+            *kernel_controls(svc, d),
+            V.toast(f"Kernel: {label}. The next run starts it.", level="info"))
