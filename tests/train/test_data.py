@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dialogue.document import Dialogue, Kind, Message
 from dialogue.train import data as D
@@ -57,7 +58,11 @@ def test_docs_pack_into_sequences(smol, tmp_path):
     texts = D.read_docs([tmp_path])
     assert len(texts) == 2 and texts[0].startswith("# Zorblax")
     seqs = D.pack_text(texts, tok, seq_len=64)
-    assert all(len(s) == 64 for s in seqs[:-1]) and all(s.labels == s.input_ids for s in seqs)
+    assert all(len(s) == 64 for s in seqs[:-1])
+    # every token is trained except where a document (or a piece's part of one) starts
+    for s in seqs:
+        assert [lab == -100 for lab in s.labels] == [p == 0 for p in s.position_ids]
+        assert all(lab == t for lab, t, p in zip(s.labels, s.input_ids, s.position_ids) if p)
     stream = [t for s in seqs for t in s.input_ids]
     assert stream.count(tok.eos_token_id) == 2
     with pytest.raises(FileNotFoundError):
@@ -114,3 +119,37 @@ def test_sampler_state_resumes_exactly_and_shards_by_rank():
         D.MixSampler({"docs": []})
     with pytest.raises(KeyError):
         D.MixSampler(_fake_sources(), mix={"code": 1.0})
+
+
+def test_packed_documents_do_not_see_each_other(smol, smol_model):
+    """Three documents packed into one sequence: each one's loss in the pack equals its loss
+    alone (per-document positions and a block-diagonal mask), where the old packing (one
+    causal attention over the whole stream) gives the later documents a different loss."""
+    from dialogue.train.loop import _token_loss_sum
+    tok = smol.tokenizer
+    docs = ["Zorblax is a planet with three moons and a ring of ice.",
+            "def add(a, b):\n    return a + b\n",
+            "Quimby, the capital, is built on canals; its bridges are made of glass."]
+    [packed] = D.pack_text(docs, tok, seq_len=256)
+    alone = [D.pack_text([d], tok, seq_len=256, min_tail=1)[0] for d in docs]
+    assert len(packed) == sum(len(a) for a in alone)
+    assert packed.position_ids == [p for a in alone for p in a.position_ids]
+    smol_model.eval()
+    batch = D.collate([packed], pad_id=tok.pad_token_id, pad_to=len(packed) + 5)  # with padding
+    assert "position_ids" in batch
+    leaky = {k: v for k, v in batch.items() if k != "position_ids"}  # the old packing
+    start = 0
+    with torch.no_grad():
+        for a in alone:
+            only = batch["labels"].clone()
+            keep = torch.zeros_like(only, dtype=torch.bool)
+            keep[0, start: start + len(a)] = True
+            only[~keep] = -100
+            in_pack, n = _token_loss_sum(smol_model, {**batch, "labels": only})
+            ref, n_alone = _token_loss_sum(smol_model, D.collate([a], pad_id=tok.pad_token_id))
+            assert n == n_alone == a.n_targets > 5
+            assert torch.allclose(in_pack, ref, rtol=1e-4), (start, float(in_pack), float(ref))
+            crossed, _ = _token_loss_sum(smol_model, {**leaky, "labels": only})
+            if start:  # a later document, attending across the boundary, is not alone
+                assert abs(float(crossed) - float(ref)) > 1e-3 * float(ref)
+            start += len(a)

@@ -6,7 +6,10 @@
   serves the model with (`quant.serving_chat_template`: Gemma's turns for `local:gemma3-270m`,
   else ChatML), so the adapter learns the turn markers it will see; a HF directory without one is
   refused with a clear error.
-- Plain text (strings, files, folders) becomes packed language-model sequences.
+- Plain text (strings, files, folders) becomes packed language-model sequences in which each
+  document sees only itself: per-document position ids, from which transformers builds a
+  block-diagonal causal mask (varlen attention with flash-attention), and no loss on a
+  document's first token, which nothing before it in its own document predicts.
 - `MixSampler` draws every batch's examples from the sources with the probabilities `mix(p)`
   gives at that batch's progress, and records what it drew, so the mix is a curve, not phases.
 """
@@ -45,6 +48,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     source: str = ""
+    # positions within each packed document (restarting at 0 where one starts); None: 0..n-1
+    position_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -174,30 +179,50 @@ def read_docs(paths: Iterable[str | Path], suffixes: Sequence[str] = TEXT_SUFFIX
 
 def pack_text(texts: Iterable[str], tokenizer: Any, seq_len: int = 1024, source: str = "docs",
               min_tail: int = 16) -> list[Example]:
-    """Concatenate documents (each followed by EOS) and cut the stream into `seq_len` pieces, all
-    tokens trained; a short tail (< min_tail tokens) is dropped rather than padded."""
+    """Concatenate documents (each with the tokenizer's own special tokens, e.g. Gemma's <bos>,
+    and followed by EOS) and cut the stream into `seq_len` pieces; a short tail (< min_tail
+    tokens) is dropped rather than padded.
+
+    Documents do not leak into each other: each piece carries per-document position ids
+    (restarting at 0 where a document, or the part of one that a piece starts with, begins), so
+    attention stays inside each document and a packed document's loss equals its loss alone.
+    The first token of each document part has no target, since nothing before it in its own
+    document predicts it."""
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     eos = tokenizer.eos_token_id
     stream: list[int] = []
+    starts: list[bool] = []
     for t in texts:
         if not isinstance(t, str):
             raise DataError(f"text must be str, got {type(t).__name__}")
-        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+        ids = list(tokenizer(t)["input_ids"])
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        stream.extend(ids)
+        starts.extend([True] + [False] * (len(ids) - 1))
     out = []
     for i in range(0, len(stream), seq_len):
         chunk = stream[i: i + seq_len]
-        if len(chunk) >= min(min_tail, seq_len):
-            out.append(Example(chunk, list(chunk), source))
+        if len(chunk) < min(min_tail, seq_len):
+            continue
+        pos, labels, p = [], [], 0
+        for k, tok in enumerate(chunk):
+            p = 0 if (k == 0 or starts[i + k]) else p + 1
+            pos.append(p)
+            labels.append(IGNORE if p == 0 else tok)
+        out.append(Example(chunk, labels, source, pos))
     return out
 
 
 # ---------------------------------------------------------------- batches
 
 def collate(examples: Sequence[Example], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest (or `pad_to`); padded positions have label -100 and mask 0."""
+    """Right-pad to the longest (or `pad_to`); padded positions have label -100 and mask 0.
+
+    A batch holding a packed example also gets `position_ids` (the loss then runs the model
+    on those instead of the 2D mask: see loop._forward_hidden). Padding continues the last
+    document's positions; being on the right, causal attention never shows it to a real token."""
     n = max(pad_to or 0, max(len(e) for e in examples))
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
@@ -207,7 +232,16 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int | None = None)
         ids[i, :k] = torch.tensor(e.input_ids)
         labels[i, :k] = torch.tensor(e.labels)
         mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any(e.position_ids is not None for e in examples):
+        pos = torch.arange(n).repeat(len(examples), 1)
+        for i, e in enumerate(examples):
+            if e.position_ids is not None:
+                k = len(e)
+                pos[i, :k] = torch.tensor(e.position_ids)
+                pos[i, k:] = torch.arange(n - k) + (e.position_ids[-1] + 1 if k else 0)
+        out["position_ids"] = pos
+    return out
 
 
 class MixSampler:

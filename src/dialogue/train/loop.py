@@ -63,6 +63,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     precision: str = "auto"  # auto | fp32 | bf16
     progress: bool = True
+    # tokens per chunk of the LM head + loss (None: LOSS_CHUNK_ELEMENTS / vocabulary; 0: all
+    # logits at once, as before chunking)
+    loss_chunk: int | None = None
+    compile: bool = False  # torch.compile the adapters' forward (lora.compile_adapters)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -71,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be >= 0")
+        if self.loss_chunk is not None and self.loss_chunk < 0:
+            raise ValueError("loss_chunk must be >= 0 (0: no chunking) or None (automatic)")
 
 
 @dataclass
@@ -189,27 +195,142 @@ def _load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sampler: Mix
     return int(state["step"]), list(state["losses"])
 
 
-def _token_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss over the target tokens, and their count.
+# ---------------------------------------------------------------- the loss, in chunks
 
-    Only positions whose next token is a target (in any row) go through the LM head: for chat
-    data, where only the answers are trained, that skips most of the vocabulary projection, the
-    largest single matmul of a small model (transformers' `logits_to_keep` takes the indices)."""
+# Logits per loss chunk (tokens x vocabulary). 2**25 fp32 values are 128 MiB: 128 tokens of
+# Gemma 3's 262,144-entry vocabulary, 682 of SmolLM2's 49,152. Only one chunk's logits (and their
+# gradient) exist at a time; the full-sequence logits (2 GiB at 2,048 Gemma tokens) never do.
+LOSS_CHUNK_ELEMENTS = 2 ** 25
+
+
+class _HiddenTap(nn.Module):
+    """Stands in for the LM head during the forward pass: keeps the final hidden states and
+    returns empty logits, so the model's own forward (FSDP hooks, offload hooks, logit slicing
+    and all) runs unchanged while the vocabulary projection is left to `_token_nll`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.hidden = h
+        return h.new_zeros(*h.shape[:-1], 0)
+
+
+def _head_of(model: nn.Module) -> tuple[nn.Module, str, nn.Module, float | None]:
+    """The transformers model under any wrapper, the attribute name of its LM head, the head,
+    and the final logit soft-cap (Gemma 2 style models) or None."""
+    from .lora import unwrap
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    for name, child in inner.named_children():
+        if child is head:
+            cap = getattr(inner.config, "final_logit_softcapping", None)
+            return inner, name, head, (float(cap) if cap else None)
+    raise ValueError(f"cannot find the LM head of {type(inner).__name__}")
+
+
+def _chunk_nll(head: nn.Module, cap: float | None, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, t, reduction="none")
+
+
+def _liger_loss_sum(head: nn.Module, cap: float | None, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """On CUDA with a plain linear head: Liger's fused linear + cross-entropy kernel (the `gpu`
+    extra), which never materialises the logits either; None where it does not apply."""
+    if h.device.type != "cuda" or type(head) is not nn.Linear:
+        return None
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", softcap=cap)
+    return fn(head.weight, h.to(head.weight.dtype), t, head.bias)
+
+
+def _forward_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """The final hidden states at the positions `keep`, from the model's own forward. A packed
+    batch (with `position_ids`) goes without the 2D mask: transformers then builds the
+    block-diagonal mask from the position ids (each document sees only itself); its padding is
+    on the right, which causal attention never lets a real token see."""
+    inner, name, head, _ = _head_of(model)
+    tap = _HiddenTap()
+    kw: dict[str, Any] = {"input_ids": batch["input_ids"], "logits_to_keep": keep, "use_cache": False}
+    if "position_ids" in batch:
+        kw["position_ids"] = batch["position_ids"]
+    else:
+        kw["attention_mask"] = batch["attention_mask"]
+    setattr(inner, name, tap)
+    try:
+        model(**kw)
+    finally:
+        setattr(inner, name, head)
+    assert tap.hidden is not None
+    return tap.hidden
+
+
+def _nll_from_hidden(head: nn.Module, cap: float | None, hidden: torch.Tensor, tgt: torch.Tensor,
+                     chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses of the targets in `tgt` (rows x kept positions, -100 = none) given the
+    hidden states at those positions, flat in row-major order, and the batch row of each.
+
+    The head and the loss run `chunk` tokens at a time (None: LOSS_CHUNK_ELEMENTS / vocabulary),
+    each chunk under non-reentrant activation checkpointing: its logits are freed after the
+    forward and recomputed in backward, one chunk at a time. Plain chunking would not help, since
+    autograd keeps every chunk's logits for backward. `chunk=0` materialises all logits at once
+    (the reference the tests and the benchmark compare against)."""
+    rows = torch.arange(tgt.shape[0], device=tgt.device)[:, None].expand_as(tgt)
+    sel = tgt != IGNORE
+    h, t, rows = hidden[sel], tgt[sel], rows[sel]
+    if chunk is None:
+        vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // int(vocab))
+    if chunk <= 0 or h.shape[0] <= chunk:
+        return _chunk_nll(head, cap, h, t), rows
+    from torch.utils.checkpoint import checkpoint
+    parts = [checkpoint(_chunk_nll, head, cap, h[i: i + chunk], t[i: i + chunk], use_reentrant=False)
+             for i in range(0, h.shape[0], chunk)]
+    return torch.cat(parts), rows
+
+
+def _kept(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose next token is a target in any row (transformers' `logits_to_keep` takes
+    the indices), and the targets there. For chat data, where only the answers are trained,
+    that skips most of the vocabulary projection, the largest single matmul of a small model."""
     tgt = batch["labels"][:, 1:]
     keep = (tgt != IGNORE).any(0).nonzero().squeeze(1)
-    n = int((tgt != IGNORE).sum())
     if keep.numel() == 0:
         keep = torch.zeros(1, dtype=torch.long, device=tgt.device)
-    if keep.numel() < tgt.shape[1]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=keep).logits
-        tgt = tgt[:, keep]
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    logits = logits.float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, n
+    return keep, tgt[:, keep]
+
+
+def _token_nll(model: nn.Module, batch: Mapping[str, torch.Tensor],
+               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token losses of every target token of the batch (flat) and the row of each, with the
+    LM head and the loss in checkpointed chunks (`_nll_from_hidden`)."""
+    keep, tgt = _kept(batch)
+    hidden = _forward_hidden(model, batch, keep)
+    _, _, head, cap = _head_of(model)
+    return _nll_from_hidden(head, cap, hidden, tgt, chunk)
+
+
+def _token_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                    chunk: int | None = None) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the target tokens, and their count. On CUDA with Liger
+    installed (the `gpu` extra) its fused linear + cross-entropy kernel computes the sum; else
+    the checkpointed chunks of `_nll_from_hidden` (`chunk=0`: all logits at once)."""
+    keep, tgt = _kept(batch)
+    n = int((tgt != IGNORE).sum())
+    hidden = _forward_hidden(model, batch, keep)
+    _, _, head, cap = _head_of(model)
+    if chunk != 0:
+        fused = _liger_loss_sum(head, cap, hidden.reshape(-1, hidden.shape[-1]), tgt.reshape(-1))
+        if fused is not None:
+            return fused, n
+    nll, _ = _nll_from_hidden(head, cap, hidden, tgt, chunk)
+    return nll.sum(), n
 
 
 def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = None, *, pad_id: int = 0,
@@ -270,7 +391,7 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
             for b in micro:
                 b = {k: v.to(device) for k, v in b.items()}
                 with _autocast(cfg.precision, device):
-                    loss_sum, _ = _token_loss_sum(model, b)
+                    loss_sum, _ = _token_loss_sum(model, b, cfg.loss_chunk)
                 # FSDP averages gradients over ranks; scale by world so the result is sum/denom.
                 (loss_sum * world / denom).backward()
                 total += loss_sum.detach().double().cpu()
