@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import secrets
 import time
 from collections import OrderedDict
 from typing import Any, Iterable
@@ -148,14 +149,18 @@ def dialogues_page(items: list[dict], trash: list[TrashItem], *, q: str = "",
                      aria_label="New dialogue name", autocomplete="off"),
                Button("New dialogue", type="submit"),
                hx_post=urls.new, cls="inline-form", id="new-form")
+    job = secrets.token_urlsafe(12)  # names this page's import, whose progress the box follows
     imp = Form(Label(Input(type="file", name="file", accept=".ipynb,application/x-ipynb+json",
                            required=True), cls="file-label"),
+               Input(type="hidden", name="job", value=job),
                Button("Import .ipynb", type="submit", cls="secondary"),
                hx_post=urls.import_notebook, hx_encoding="multipart/form-data", cls="inline-form",
                id="import-form")
+    imp_progress = Div(id="import-progress", hx_get=urls.progress_box.to(job=job),
+                       hx_trigger="submit from:#import-form", hx_swap="innerHTML")
     return (Title("dialogue"),
             topbar(right=[search]),
-            Main(Section(new, imp, cls="actions"),
+            Main(Section(new, imp, cls="actions"), imp_progress,
                  Div(search_results(hits, q) if hits is not None else "", id="search-results"),
                  dialogue_list(items, trash), cls="container page-list"),
             Div(id="toast"), Div(id="modal"))
@@ -825,6 +830,17 @@ def usage_line(m: Message) -> Any:
     if m.meta.get("dropped"):
         bits.append(f"{int(m.meta['dropped'])} earlier message(s) left out to fit the context")
     return Small(" · ".join(bits), cls="usage")
+
+
+def steps_view(steps: list[Any]) -> Any:
+    """A long step's progress (the service's `Step`s, one per task): a bar where the amount is
+    known, a busy bar where it is not, and the same words as the terminal."""
+    rows = []
+    for s in steps:
+        bar = (Progress_(value=f"{s.fraction:.3f}", max="1") if s.fraction is not None
+               else Progress_())  # no value: the browser's indeterminate bar
+        rows.append(Div(bar, Small(s.describe()), cls="step" + (" finished" if s.finished else "")))
+    return Div(*rows, cls="steps-list")
 
 
 def read_progress(mid: str, progress: dict[str, Any] | None) -> Any:

@@ -15,6 +15,7 @@ from ...service import ConflictError, DialogueService, NameTakenError, NotFoundE
 from .. import paths
 from .. import views as V
 from ..common import form, opt_int, refuse, site, status_of, text
+from .progress import JOBS
 
 rt = APIRouter()
 
@@ -93,13 +94,21 @@ async def import_notebook(req: Request) -> Any:
     if not isinstance(up, UploadFile) or not up.filename:
         return refuse("Choose an .ipynb file to import.", 400)
     stem = Path(up.filename).stem or "notebook"
-    # read_notebook reads the spooled upload in chunks and refuses it past the limit
+    # the page's job id: its progress box shows the steps below while they run (routes/progress.py)
+    job = JOBS.begin(text(f.get("job")))
+    on_progress = JOBS.reporter(job)
     try:
-        doc = await asyncio.to_thread(read_notebook, up.file, name=stem, keep_ids=True)
-    except NotebookError as e:
-        why = str(e).removeprefix("notebook: ")
-        return refuse(f"Cannot import {up.filename}: {why}", status_of(e))
-    d = svc.import_dialogue(doc, name=free_name(svc, doc.name or stem))
+        # read_notebook reads the spooled upload in chunks and refuses it past the limit
+        try:
+            doc = await asyncio.to_thread(read_notebook, up.file, name=stem, keep_ids=True,
+                                          on_progress=on_progress)
+        except NotebookError as e:
+            why = str(e).removeprefix("notebook: ")
+            return refuse(f"Cannot import {up.filename}: {why}", status_of(e))
+        # on the loop, as every store write of the app (one transaction, its step a spinner)
+        d = svc.import_dialogue(doc, name=free_name(svc, doc.name or stem), on_progress=on_progress)
+    finally:
+        JOBS.end(job)
     # what the import set aside (a model, the system prompt) is told on the dialogue's page
     return Redirect(paths.dialogue.to(did=d.id, imported=1 if import_notice(d) is not None else None))
 
