@@ -262,6 +262,9 @@ MATH_CASES = [
     ("Between $ 1 and 2 $ no", ["$ 1 and 2 $"], ["<math"]),
     ("`$x$` and\n\n```\n$$y$$\n```", ["<code>$x$</code>", "$$y$$"], ["<math"]),
     ("\\$x\\$ escaped", ["$x$ escaped"], ["<math"]),
+    # a price's dollar does not pair with one in a code span after it
+    ("It costs $10, see `$z$` and *this*", ["It costs $10, see <code>$z$</code> and <em>this</em>"],
+     ["<math"]),
     ("\\begin{equation}\nE = mc^2\n\\end{equation}", ["<math", "<msup>"], ["begin"]),
     ("bad $\\frac{$ and $\\unknowncommand$", ["math-error", "\\unknowncommand"], []),
 ]

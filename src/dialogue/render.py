@@ -175,6 +175,23 @@ def _amsmath_rule(self, tokens, idx, options, env) -> str:
     return f'<div class="math-block">{render_math(tokens[idx].content, True)}</div>\n'
 
 
+def _not_across_code(rule):
+    """dollarmath's inline rule, refusing a span that would take in a backtick: in "costs $10,
+    see `$x$`" the dollar of the price would otherwise pair with the one inside the code span
+    (dollarmath runs before the code-span rule), eating the code."""
+    def guarded(state, silent: bool) -> bool:
+        start, n, pending = state.pos, len(state.tokens), state.pending
+        if not rule(state, silent):
+            return False
+        if "`" not in state.src[start:state.pos]:
+            return True
+        state.pos = start
+        del state.tokens[n:]  # the math token, and the text before it that pushing it flushed
+        state.pending = pending
+        return False
+    return guarded
+
+
 @lru_cache(maxsize=1)
 def _md() -> MarkdownIt:
     md = MarkdownIt("commonmark", {"html": True, "highlight": _md_highlight})
@@ -182,6 +199,9 @@ def _md() -> MarkdownIt:
     # pandoc's rules: no space inside the dollars, no digit after the closing one
     md.use(dollarmath_plugin, allow_space=False, allow_digits=False, double_inline=True,
            allow_labels=False).use(amsmath_plugin)
+    rules = md.inline.ruler.__rules__
+    math = rules[md.inline.ruler.__find__("math_inline")].fn
+    md.inline.ruler.at("math_inline", _not_across_code(math))
     md.add_render_rule("math_inline", _math_rule(False))
     md.add_render_rule("math_inline_double", _math_rule(True))
     md.add_render_rule("math_block", _math_rule(True, block=True))

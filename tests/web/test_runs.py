@@ -106,8 +106,32 @@ def test_a_late_stream_gets_what_came_before_it(client, db, tmp_path):
     events = _stream(client, d.id, m.id)
     snap = dict(events)["snapshot"]
     assert "early" in snap and "late" not in snap
-    assert any(e == "output" and "late" in data for e, data in events)
+    # the late print joins the early one's output (one stream, as Jupyter shows it): that
+    # output is sent again whole, to replace the one the page shows
+    assert any(e == "output-last" and "early" in data and "late" in data for e, data in events)
     assert "early" in dict(events)["done"] and "late" in dict(events)["done"]
+
+
+def test_a_progress_bar_streams_as_one_line(client, db):
+    """A loop printing `\\rstep i` (flushed, so the kernel sends one message each): every event
+    after the first replaces the cell's last output with the line as it now stands, and the
+    stored result is that one line, never one line per step."""
+    d = db.create("Progress")
+    code = ("import time, sys\nfor i in range(30):\n    print(f'\\rstep {i:2d}', end='', flush=True)\n"
+            "    time.sleep(0.02)\nprint(' done')\nprint('\\x1b[31mred\\x1b[0m', file=sys.stderr)")
+    m = db.add(d.id, "code", code)
+    assert client.post(f"/d/{d.id}/m/{m.id}/run", headers=HX).status_code == 200
+    events = _stream(client, d.id, m.id)
+    swaps = [(e, data) for e, data in events if e in ("output", "output-last")]
+    assert len(swaps) > 3, events  # several messages: the test sees the joining at work
+    for e, data in swaps:
+        assert data.count("step") <= 1, data  # never two steps shown
+    assert sum(e == "output" for e, _ in swaps) <= 2  # stdout's first chunk, stderr's
+    done = dict(events)["done"]
+    assert "step 29 done" in done and "step 28" not in done
+    assert '<span class="ansi-red-fg">red</span>' in done
+    stored = db.message(d.id, m.id)
+    assert [o["text"] for o in stored.outputs] == ["step 29 done\n", "\x1b[31mred\x1b[0m\n"]
 
 
 def test_what_does_not_run_is_refused(client, db):

@@ -30,8 +30,8 @@ from dialogue.artifacts.markdown import (code_language, front_matter_title, merg
                                          shows_output, tool_calls_json, visible_messages)
 from dialogue.artifacts.module import strip_directives
 from dialogue.document import Dialogue, Kind
-from dialogue.render import (highlight_code, highlight_css, image_data_uri, render_markdown,
-                             render_outputs, sanitize_html)
+from dialogue.render import (highlight_code, highlight_css, image_data_uri, output_css,
+                             render_markdown, render_outputs, sanitize_html)
 
 __all__ = ["to_html", "CSP", "CSP_REMOTE_IMAGES"]
 
@@ -155,7 +155,7 @@ def to_html(dialogue: Dialogue, *, with_ai: bool = False, title: str | None = No
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="generator" content="dialogue">\n'
         f"<title>{html.escape(page_title)}</title>\n"
-        f"<style>{_CSS}\n{highlight_css()}</style>\n</head>\n<body>\n<main>\n"
+        f"<style>{_CSS}\n{highlight_css()}\n{output_css()}</style>\n</head>\n<body>\n<main>\n"
         + content
         + f"\n<footer>Exported from the dialogue {html.escape(dialogue.name)}.</footer>\n"
         "</main>\n</body>\n</html>\n")

@@ -26,7 +26,7 @@ from urllib.parse import unquote
 
 from dialogue.artifacts.module import directives, strip_directives
 from dialogue.document import Dialogue, Kind, Message
-from dialogue.render import IMAGE_MIMES, image_data_uri, sanitize_html, strip_ansi
+from dialogue.render import IMAGE_MIMES, image_data_uri, plain_text, sanitize_html, strip_ansi
 
 __all__ = ["to_markdown", "write_markdown", "MarkdownExport", "visible_messages", "code_language",
            "merge_streams", "has_own_title", "hidden_left_out", "front_matter_title",
@@ -175,7 +175,7 @@ def resolve_attachments(m: Message, url: Callable[[str, Any, str], str | None]) 
 def _output_md(o: dict[str, Any], images: _Images, stem: str) -> str:
     t = o.get("output_type")
     if t == "stream":
-        return fence(strip_ansi(_text(o.get("text", ""))), "text")
+        return fence(plain_text(_text(o.get("text", ""))), "text")  # progress bars collapsed
     if t == "error":
         tb = o.get("traceback") or [f"{o.get('ename', '')}: {o.get('evalue', '')}"]
         return fence(strip_ansi("\n".join(tb)), "text")

@@ -26,7 +26,8 @@ from fasthtml.common import Progress as Progress_  # the <progress> tag
 
 from ..artifacts.markdown import merge_streams
 from ..document import Dialogue, Kind, Message
-from ..render import highlight_code, highlight_css, pick_mime, render_markdown, render_output
+from ..render import (highlight_code, highlight_css, output_css, pick_mime, render_markdown,
+                      render_output)
 from . import paths as urls
 from ..service import (HIT_END, HIT_START, AdapterView, LiveState, SearchHit, TrashItem,
                        Version)
@@ -88,7 +89,9 @@ def page_hdrs() -> list:
 
 
 def highlight_stylesheet() -> str:
-    return highlight_css("default")
+    """Code highlighting, and the classes of what `render` writes (ANSI colours, maths, the
+    box of a long output): the same rules as the HTML export."""
+    return highlight_css("default") + "\n" + output_css()
 
 
 # ---------------------------------------------------------------- small pieces
@@ -878,6 +881,9 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
         live = live or LiveState.from_message(m)
         sinks = [Div(sse_swap="snapshot", hx_target=f"#live-{m.id}", hx_swap="innerHTML", hidden=True),
                  Div(sse_swap="output", hx_target=f"#o-{m.id}", hx_swap="beforeend", hidden=True),
+                 # a stream chunk joined to the output before it (its \r may rewrite that line)
+                 Div(sse_swap="output-last", hx_target=f"#o-{m.id} > :last-child", hx_swap="outerHTML",
+                     hidden=True),
                  Div(sse_swap="outputs", hx_target=f"#o-{m.id}", hx_swap="innerHTML", hidden=True),
                  Div(sse_swap="text", hx_target=f"#a-{m.id}", hx_swap="beforeend", hidden=True),
                  Div(sse_swap="progress", hx_target=f"#p-{m.id}", hx_swap="outerHTML", hidden=True),

@@ -76,6 +76,7 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
                 continue
             ev = item
             reading = state.progress is not None
+            shown = len(state.outputs)
             state.apply(ev)
             if ev.type == "text":
                 if reading:  # the answer has started: it replaces the reading progress
@@ -87,8 +88,12 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
                 t = ev.data.get("output_type")
                 if t in ("clear_output", "update_display_data"):
                     yield V.sse("outputs", V.frag(V.outputs_html(state.outputs)))
-                else:
-                    yield V.sse("output", V.frag(V.output_fragment(ev.data)))
+                elif t == "stream" and state.outputs and len(state.outputs) == shown:
+                    # joined to the stream before it, whose last line it may have rewritten
+                    # (a progress bar's \r): that output is sent again, whole
+                    yield V.sse("output-last", V.frag(V.output_fragment(state.outputs[-1])))
+                elif state.outputs:
+                    yield V.sse("output", V.frag(V.output_fragment(state.outputs[-1])))
             elif ev.type == "input":  # the cell asks for a line, or was answered
                 yield V.sse("input", V.frag(V.input_box(d, m0.id, ev.data)))
             elif ev.type in ("tool_call", "tool_result"):

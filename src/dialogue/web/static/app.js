@@ -618,6 +618,17 @@
     if (S.sel === d.id) select(el, { focus: !el.classList.contains("editing") });
   }
 
+  // A long output of a running cell scrolls in its box (render.py's .output-long): show its
+  // end as it grows, as Jupyter does.
+  function followOutput(elt) {
+    var boxes = elt.matches && elt.matches(".output-long") ? [elt]
+      : Array.prototype.slice.call(elt.querySelectorAll ? elt.querySelectorAll(".output-long") : []);
+    boxes.forEach(function (box) {
+      var pre = box.querySelector("pre.output");
+      if (pre && box.closest(".result.running")) pre.scrollTop = pre.scrollHeight;
+    });
+  }
+
   function onBeforeUnload(e) {
     var dirty = allCells().some(function (c) { return c.classList.contains("editing") && isDirty(c); });
     if (dirty) { e.preventDefault(); e.returnValue = ""; }
@@ -638,6 +649,7 @@
     window.addEventListener("beforeunload", onBeforeUnload);
     watchConnection();
     htmx.onLoad(prepare);
+    htmx.onLoad(followOutput);
     var target = location.hash && document.getElementById(location.hash.slice(1));
     if (target && cellOf(target) === target) select(target);
   }
