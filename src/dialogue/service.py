@@ -375,14 +375,77 @@ class DialogueService:
         return self.store.restore_message(self.trashed_message(ref, msg).id)
 
     def history(self, ref: str, msg: str) -> list[Version]:
+        """Every version of a message, oldest first (the append-only record)."""
         return self.store.history(self.message_id(ref, msg))
+
+    def history_steps(self, ref: str, msg: str) -> list[Any]:
+        """The history read as steps (`history.Step`), oldest first: consecutive versions of one
+        source are one step (an edit, its run and its result), each with a diff of its source
+        against the step before."""
+        from .history import steps
+        return steps(self.history(ref, msg))
 
     def restore_version(self, ref: str, msg: str, version: int, *,
                         base_version: int | None = None) -> Message:
+        """Make an earlier version current again, as a new version. Its source comes back with
+        the outputs (or answer) that a run of that source produced, or with none if it never
+        ran: never beside the outputs of other code (`history.belonging_state`)."""
+        from .history import belonging_state
         mid = self.message_id(ref, msg)
         if base_version is None:
             base_version = self.store.get_message(mid).version
-        return self.store.restore_version(mid, version, base_version=base_version)
+        try:
+            state = belonging_state(self.store.history(mid), version)
+        except KeyError:
+            raise NotFoundError(f"message {mid!r} has no version {version}") from None
+        state["kind"] = Kind(state["kind"])
+        return self.store.update_message(mid, base_version=base_version,
+                                         op=f"restore:{version}", **state)
+
+    def merge_below(self, ref: str, msg: str, *, base_version: int | None = None) -> Message:
+        """Jupyter's Shift+M: the message takes the source of the one below after its own (a new
+        line between), and the one below goes to the trash; outputs are cleared (they belong to
+        neither source). Code and notes only: a prompt's answer has no place in a merge."""
+        did = self.dialogue_id(ref)
+        mid = self.message_id(did, msg)
+        ids = [m.id for m in self.store.messages(did)]
+        i = ids.index(mid)
+        if i + 1 >= len(ids):
+            raise StoreError("there is no message below to merge with")
+        a, b = self.store.get_message(mid), self.store.get_message(ids[i + 1])
+        if Kind.prompt in (a.kind, b.kind):
+            raise StoreError("prompts are not merged: their answers would be lost")
+        if base_version is None:
+            base_version = a.version
+        src = a.source.rstrip("\n") + "\n" + b.source if a.source and b.source else \
+            a.source or b.source
+        with self.store.tx():
+            merged = self.store.update_message(mid, base_version=base_version, op="merge",
+                                               source=src, outputs=[], execution_count=None)
+            self.store.delete_message(b.id, base_version=b.version)
+        return merged
+
+    def split_at(self, ref: str, msg: str, at: int, *, base_version: int | None = None,
+                 source: str | None = None) -> tuple[Message, Message]:
+        """Jupyter's split at the cursor: the message keeps its source up to character `at`, a new
+        message of the same kind below gets the rest. `source`, when given, is the text the
+        cursor was in (an editor's unsaved text), stored as the split's starting point."""
+        did = self.dialogue_id(ref)
+        mid = self.message_id(did, msg)
+        m = self.store.get_message(mid)
+        if m.kind == Kind.prompt and m.response:
+            raise StoreError("a prompt with an answer is not split: the answer would be lost")
+        text = m.source if source is None else source
+        if not 0 <= at <= len(text):
+            raise StoreError(f"split position {at} is outside the cell (0 to {len(text)})")
+        if base_version is None:
+            base_version = m.version
+        head, tail = text[:at].rstrip("\n"), text[at:].lstrip("\n")
+        with self.store.tx():
+            first = self.store.update_message(mid, base_version=base_version, op="split",
+                                              source=head, outputs=[], execution_count=None)
+            second = self.store.add_message(did, Message(kind=m.kind, source=tail), after=mid)
+        return first, second
 
 
     # ------------------------------------------------------------ kernels

@@ -163,3 +163,34 @@ def test_jupyter_cell_keys(page: Page, server) -> None:
     expect(cells(page).nth(3)).to_have_class(re.compile(r"\bis-pinned\b"))
     assert stored(server, did).messages[3].pinned
     check_clean(page, server)
+
+
+def test_history_panel_shows_steps_with_a_diff_and_restores(page: Page, server) -> None:
+    did, (mid,) = seed(server, "history", [("code", "total = sum(range(10))\ntotal")])
+    svc = DialogueService(server.db)
+    svc.store.begin_stream(mid)
+    svc.store.finish_stream(mid, outputs=[{"output_type": "stream", "name": "stdout",
+                                           "text": "forty-five\n"}], meta={"run": {"status": "ok"}})
+    svc.edit(did, mid, base_version=None, source="total = sum(range(10))\n  total")
+    svc.store.begin_stream(mid)
+    svc.store.finish_stream(mid, outputs=[{"output_type": "error", "ename": "IndentationError",
+                                           "evalue": "unexpected indent", "traceback": []}],
+                            meta={"run": {"status": "error"}})
+    svc.close()
+    page.goto(f"{server.url}/d/{did}#m-{mid}")
+    cell = page.locator(f"#m-{mid}")
+    expect(cell).to_contain_text("IndentationError")
+    cell.locator(".view").hover()
+    cell.locator("details.cell-menu summary, .cell-menu summary").first.click()
+    cell.locator("[data-act=history]").click()
+    modal = page.locator("dialog#history")
+    expect(modal).to_be_visible()
+    expect(modal.locator(".hist-item")).to_have_count(2)
+    expect(modal.locator(".hist-item").first.locator(".diff-add")).to_have_text("+  total")
+    expect(modal.locator(".hist-item").first.locator(".diff-del")).to_have_text("-total")
+    modal.locator("[data-act=restore-version]").click()
+    expect(modal).to_have_count(0)
+    expect(cell).to_contain_text("forty-five")
+    expect(cell).not_to_contain_text("IndentationError")
+    assert stored(server, did).messages[0].source == "total = sum(range(10))\ntotal"
+    check_clean(page, server)

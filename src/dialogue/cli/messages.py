@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
 
-from ..document import FLAGS, Kind, Message
+from ..document import FLAGS, Kind, Message, output_text
 from ..service import DialogueService
 from ..terminal import markup, plain, visible
 from .common import UserError, err, out, text_arg, when
@@ -136,6 +136,9 @@ def cmd_history(svc: DialogueService, a: argparse.Namespace) -> None:
     if a.json:
         print(json.dumps([v.__dict__ for v in vs]))
         return
+    if not a.versions:
+        _print_steps(svc.history_steps(a.name, a.msg), a.name, a.msg)
+        return
     t = Table("version", "op", "when", "kind", "flags", "source", box=None)
     for v in vs:
         s = v.state
@@ -143,6 +146,38 @@ def cmd_history(svc: DialogueService, a: argparse.Namespace) -> None:
         t.add_row(str(v.version), plain(v.op), when(v.at), plain(s["kind"]),
                   " ".join(f for f in FLAGS if s.get(f)), plain(first[:60]))
     out.print(t)
+
+
+def _print_steps(steps: list[Any], name: str, msg: str) -> None:
+    """Each step (an edit with its run: `history.Step`): its versions, when, what happened, the
+    diff of its source against the step before (the whole source for the first), and the first
+    line of what it produced."""
+    for st in steps:
+        flags = " ".join(f for f in FLAGS if st.state.get(f))
+        head = plain(f"step {st.number}", style="bold")
+        head.append(f"  {st.versions_text()}  {when(st.at)}  {st.kind}  ", style="dim")
+        head.append_text(plain(st.summary()))
+        if flags:
+            head.append(f"  {flags}", style="yellow")
+        out.print(head)
+        if st.number == 1:
+            for line in st.source.splitlines() or [""]:
+                out.print(plain("  " + line))
+        for line in st.diff.splitlines():
+            style = ("bold" if line.startswith(("---", "+++")) else "cyan" if line.startswith("@@")
+                     else "green" if line.startswith("+") else "red" if line.startswith("-")
+                     else "")
+            out.print(plain("  " + line, style=style))
+        if st.number > 1 and not st.diff:
+            out.print(plain("  (same source)", style="dim"))
+        result = (st.state.get("response") or
+                  output_text(st.state.get("outputs") or [])) if st.ran else ""
+        if result.strip():
+            first = result.strip().splitlines()[0]
+            out.print(plain(f"  → {first[:100]}", style="dim"))
+    if steps:
+        out.print(plain(f"restore one: `dialogue restore {name} {msg} V` (its source, with its "
+                        "own outputs); every version: --versions", style="dim"))
 
 
 def _flag_options(p: argparse.ArgumentParser) -> None:
@@ -197,6 +232,9 @@ def _args_mv(sp: argparse.ArgumentParser) -> None:
 def _args_history(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name")
     sp.add_argument("msg")
+    sp.add_argument("--versions", action="store_true",
+                    help="every stored version, one a line (default: steps, each edit with its "
+                         "run, and the diff from the step before)")
     sp.add_argument("--json", action="store_true")
 
 
@@ -205,5 +243,6 @@ COMMANDS = {
     "add": (cmd_add, "add a message (TEXT '-' reads standard input)", _args_add),
     "edit": (cmd_edit, "change a message (MSG: id, id prefix or 1-based position)", _args_edit),
     "mv": (cmd_mv, "move a message", _args_mv),
-    "history": (cmd_history, "list every version of a message", _args_history),
+    "history": (cmd_history, "the history of a message: its steps, each with a diff",
+                _args_history),
 }

@@ -82,6 +82,8 @@ answer = Route("/d/{did}/m/{mid}/answer")
 history = Route("/d/{did}/m/{mid}/history")
 restore_version = Route("/d/{did}/m/{mid}/restore_version")
 fork = Route("/d/{did}/m/{mid}/fork")
+merge = Route("/d/{did}/m/{mid}/merge")
+split = Route("/d/{did}/m/{mid}/split")
 
 # ---------------------------------------------------------------- runs (routes/runs.py)
 run_cell = Route("/d/{did}/m/{mid}/run")

@@ -29,8 +29,7 @@ from ..document import Dialogue, Kind, Message
 from ..render import (highlight_code, highlight_css, output_css, pick_mime, render_markdown,
                       render_output)
 from . import paths as urls
-from ..service import (HIT_END, HIT_START, AdapterView, LiveState, SearchHit, TrashItem,
-                       Version)
+from ..service import HIT_END, HIT_START, AdapterView, LiveState, SearchHit, TrashItem
 
 __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dialogue_row_edit",
            "search_results", "dialogue_page", "cell", "result", "outputs_html", "toast",
@@ -498,14 +497,23 @@ HELP = [
     ("Command mode (a cell is selected, no editor has focus)", [
         ("Enter", "edit the selected cell"), ("Shift+Enter", "run, then select the next cell"),
         ("Ctrl+Enter", "run in place"), ("j / k or ↓ / ↑", "select the next / previous cell"),
+        ("Alt+Enter", "run, then add a code cell below"),
         ("Shift+J / Shift+K", "move the cell down / up"), ("a / b", "add a code cell above / below"),
-        ("c / n / p", "make it code / a note / a prompt"), ("d d", "delete (to the trash)"),
-        ("z", "undo the last delete"), ("h", "hide from the model / show"),
-        ("i", "pin (never trimmed from the context)"), ("f", "fold / unfold"),
-        ("e", "mark exported / not"), ("s", "stop the cell's run"), ("?", "this help")]),
+        ("y / m / p", "make it code / a note (markdown) / a prompt (n: a note too)"),
+        ("c / x", "copy / cut the cell (a cut goes to the trash)"),
+        ("v / Shift+V", "paste below / above"), ("Shift+M", "merge with the cell below"),
+        ("d d", "delete (to the trash)"), ("z", "undo the last delete"),
+        ("h", "hide from the model / show"), ("i i", "interrupt: stop the running cell"),
+        ("Shift+I", "pin (never trimmed from the context); Jupyter has no pin"),
+        ("f", "fold / unfold"), ("e", "mark exported / not"),
+        ("s", "save: nothing to do, every change is stored as you make it"), ("?", "this help")]),
     ("Edit mode (typing in a cell)", [
         ("Esc", "save and go back to command mode"), ("Shift+Enter", "save, run, select the next cell"),
-        ("Ctrl+Enter", "save and run in place"), ("Ctrl+S", "save")]),
+        ("Ctrl+Enter", "save and run in place"), ("Alt+Enter", "save, run, add a code cell below"),
+        ("Ctrl+Shift+Minus", "split the cell at the cursor"), ("Ctrl+S", "save")]),
+    ("Editing a model's answer", [
+        ("Esc", "save the answer (Cancel throws the edit away)"),
+        ("Shift+Enter / Ctrl+Enter / Ctrl+S", "save the answer")]),
 ]
 
 
@@ -958,40 +966,63 @@ def answer_editor(did: str, m: Message) -> Any:
 
 # ---------------------------------------------------------------- history
 
-def history_modal(did: str, m: Message, versions: list[Version]) -> Any:
+def history_modal(did: str, m: Message, steps: list[Any]) -> Any:
+    """A message's history as steps (`history.Step`: an edit with its run and result), newest
+    first: what happened, the diff of the source against the step before, what it produced, and
+    Restore (its source with its own outputs). Every version stays listed under each step."""
     rows = []
-    for v in reversed(versions):
-        st = v.state
-        preview = (st.get("source") or "")[:300]
-        ans = st.get("response") or ""
-        outs = st.get("outputs") or []
+    for st in reversed(steps):
+        state = st.state
+        current = any(v.version == m.version for v in st.versions)
+        flags = [f for f in ("hidden", "pinned", "collapsed", "exported") if state.get(f)]
+        if st.diff:
+            body = Pre(*[Span(line + "\n", cls=_diff_class(line))
+                         for line in st.diff.splitlines()], cls="hist-diff")
+        else:
+            src = st.source
+            body = Pre(src[:600] + ("…" if len(src) > 600 else ""), cls="hist-src")
         detail = []
-        if ans:
+        if st.ran and (ans := state.get("response") or ""):
             detail.append(Div(Small("answer: "), (ans[:300] + ("…" if len(ans) > 300 else "")),
                               cls="hist-answer"))
-        if outs and isinstance(outs, list):
+        outs = state.get("outputs") or []
+        if st.ran and isinstance(outs, list) and outs:
             detail.append(Small(f"{len(outs)} output{'s' if len(outs) != 1 else ''}"))
-        flags = [f for f in ("hidden", "pinned", "collapsed", "exported") if st.get(f)]
-        current = v.version == m.version
+        versions = Details(Summary(Small(f"{len(st.versions)} version"
+                                         f"{'s' * (len(st.versions) != 1)}")),
+                           Ul(*[Li(Small(f"v{v.version} {v.op} · {_when(v.at)}"))
+                                for v in st.versions], cls="hist-versions"))
         rows.append(Li(
-            Div(Strong(f"v{v.version}"), Span(v.op, cls="op"), Small(_when(v.at)),
-                Span(st.get("kind", ""), cls="kind-chip"),
+            Div(Strong(f"Step {st.number}"), Small(st.versions_text()),
+                Span(st.summary(), cls="op"), Small(_when(st.at)),
+                Span(st.kind, cls="kind-chip"),
                 *[Span(f, cls="flag-mark") for f in flags],
                 Span("current", cls="current") if current else
                 Button("Restore", hx_post=urls.restore_version.to(did=did, mid=m.id),
-                       hx_vals={"to": v.version, "version": m.version},
+                       hx_vals={"to": st.last, "version": m.version},
                        hx_target=f"#m-{m.id}", hx_swap="outerHTML", cls="small",
-                       data_act="restore-version"),
+                       data_act="restore-version",
+                       title="Make this step's source current again, with its own outputs"),
                 cls="hist-head"),
-            Pre(preview + ("…" if len(st.get("source") or "") > 300 else ""), cls="hist-src"),
-            *detail, cls="hist-item"))
+            body, *detail, versions, cls="hist-item"))
+    n = sum(len(st.versions) for st in steps)
     return Dialog(Div(Header(H3(f"History of this {KIND_LABEL[m.kind].lower()}"),
                              Button("×", data_act="close-modal", cls="icon", type="button",
                                     aria_label="Close")),
-                      P(f"{len(versions)} versions, newest first. Restoring makes an old version "
-                        "current again as a new version; nothing is erased.", cls="hint"),
+                      P(f"{len(steps)} step{'s' * (len(steps) != 1)} ({n} versions), newest first: "
+                        "an edit and its run are one step, shown as a diff from the step before. "
+                        "Restoring brings a step's source back with its own outputs, as a new "
+                        "version; nothing is erased.", cls="hint"),
                       Ul(*rows, cls="history"), cls="modal-body"),
                   open=True, id="history", cls="modal")
+
+
+def _diff_class(line: str) -> str:
+    if line.startswith(("---", "+++")):
+        return "diff-file"
+    if line.startswith("@@"):
+        return "diff-hunk"
+    return {"+": "diff-add", "-": "diff-del"}.get(line[:1], "diff-ctx")
 
 
 # ---------------------------------------------------------------- SSE

@@ -195,7 +195,7 @@ async def history(did: str, mid: str, req: Request) -> Any:
     svc = site(req).service
     d = svc.dialogue_id(did)
     m = svc.message(d, mid)
-    return V.history_modal(d, m, svc.history(d, m.id))
+    return V.history_modal(d, m, svc.history_steps(d, m.id))
 
 
 @rt(paths.restore_version, methods=["post"])

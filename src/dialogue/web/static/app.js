@@ -97,12 +97,20 @@
   function onBeforeRequest(e) {
     var c = cellOf(e.detail.elt);
     if (!c || !e.detail.xhr) return;
-    e.detail.xhr._cellId = c.dataset.id;
+    var xhr = e.detail.xhr;
+    xhr._cellId = c.dataset.id;
     inflight[c.dataset.id] = (inflight[c.dataset.id] || 0) + 1;
+    // htmx:afterRequest fires on the element that sent it: one replaced meanwhile (a Stop
+    // button whose run ended) is out of the page, and its event never reaches the body
+    xhr.addEventListener("loadend", function () { requestOver(xhr); });
   }
 
-  function onAfterRequest(e) {
-    var id = e.detail.xhr && e.detail.xhr._cellId;
+  function onAfterRequest(e) { if (e.detail.xhr) requestOver(e.detail.xhr); }
+
+  function requestOver(xhr) {
+    if (xhr._over) return;
+    xhr._over = true;
+    var id = xhr._cellId;
     if (!id || !inflight[id]) return;
     inflight[id] -= 1;
     if (inflight[id] > 0) return;
@@ -129,7 +137,10 @@
       "Shift-Enter": function () { isAnswer ? act(cell, "save-answer") : run(cell, true); },
       "Ctrl-Enter": function () { isAnswer ? act(cell, "save-answer") : run(cell, false); },
       "Cmd-Enter": function () { isAnswer ? act(cell, "save-answer") : run(cell, false); },
-      "Esc": function () { isAnswer ? cancelAnswer(cell) : leaveEdit(cell); },
+      "Esc": function () { isAnswer ? leaveAnswer(cell, ta) : leaveEdit(cell); },
+      "Alt-Enter": function () { if (!isAnswer) runAndInsert(cell); },
+      "Shift-Ctrl--": function (cm) { if (!isAnswer) splitAt(cell, cm); },
+      "Shift-Cmd--": function (cm) { if (!isAnswer) splitAt(cell, cm); },
       "Ctrl-S": function () { isAnswer ? act(cell, "save-answer") : save(cell); },
       "Cmd-S": function () { isAnswer ? act(cell, "save-answer") : save(cell); },
       "Tab": function (cm) {
@@ -221,6 +232,70 @@
     if (cm) { cm.refresh(); cm.focus(); } else ta.focus();
   }
 
+  // Esc leaves the answer's editor as it leaves a cell's: saving what changed (the help says
+  // so); Cancel throws the edit away. A refused save's editor stays until the user chooses.
+  function leaveAnswer(cell, ta) {
+    if (!cell || (ta && ta.closest(".conflict"))) return;
+    if (ta && ta._cm) ta._cm.save();
+    if (ta && ta.value !== ta.defaultValue) act(cell, "save-answer");
+    else cancelAnswer(cell);
+  }
+
+  // ------------------------------------------------------------------ Jupyter's cell keys
+
+  function cellsUrl() {
+    var b = document.querySelector('[data-act="append-code"]');
+    return b ? b.getAttribute("hx-post") : null;
+  }
+
+  function copyCell(cell) {
+    var ta = sourceArea(cell);
+    if (ta && ta._cm) ta._cm.save();
+    S.clip = { kind: cell.dataset.kind, source: ta ? ta.value : "" };
+  }
+
+  function paste(cell, where) {
+    var url = cellsUrl();
+    if (!S.clip || !url) { notice("Nothing to paste: copy a cell with c, or cut one with x."); return; }
+    var values = { kind: S.clip.kind, paste: S.clip.source };
+    if (cell) values[where] = cell.dataset.id;
+    htmx.ajax("POST", url, { values: values, target: "#cells", swap: "beforeend" }).then(function () {
+      var pasted = cell ? neighbour(cell, where === "after" ? 1 : -1) : allCells().slice(-1)[0];
+      if (pasted) select(pasted);
+    });
+  }
+
+  function merge(cell) {
+    later(cell, function (c) {
+      htmx.ajax("POST", c.dataset.url + "/merge", { source: c, target: c, swap: "outerHTML" });
+    });
+  }
+
+  function splitAt(cell, cm) {
+    cm.save();
+    var at = cm.indexFromPos(cm.getCursor());
+    htmx.ajax("POST", cell.dataset.url + "/split", {
+      source: cell, target: cell, swap: "outerHTML", values: { at: at }
+    }).then(function () {
+      var first = document.getElementById("m-" + cell.dataset.id);
+      var second = first && neighbour(first, 1);
+      if (second) { select(second); enterEdit(second); }
+    });
+  }
+
+  function runAndInsert(cell) {
+    if (cell.dataset.kind === "note" || cell.dataset.kind === "raw") leaveEdit(cell, { keepFocus: false });
+    else act(cell, "run");
+    act(cell, "add-code-below");
+  }
+
+  function interrupt(cell) {
+    var running = cell && cell.querySelector('.result.running [data-act="stop"]') ? cell
+      : cellOf(document.querySelector('#cells .result.running [data-act="stop"]'));
+    if (running) act(running, "stop");
+    else notice("Nothing is running to interrupt.");
+  }
+
   function cancelAnswer(cell) {
     if (!cell) return;
     cell.classList.remove("editing-answer");
@@ -283,7 +358,7 @@
       if (!c || (t.closest && t.closest(".CodeMirror"))) return; // CodeMirror has its own keys
       if (t.closest(".stdin")) return; // a line for the cell's input(): Enter sends it
       if (t.classList.contains("answer-editor")) {
-        if (e.key === "Escape") { e.preventDefault(); cancelAnswer(c); }
+        if (e.key === "Escape") { e.preventDefault(); leaveAnswer(c, t); }
         return;
       }
       if (e.key === "Escape") { e.preventDefault(); leaveEdit(c); }
@@ -295,9 +370,14 @@
     }
     if (help && help.open) return; // the dialog handles Esc itself
     if ((e.key === "Enter" || e.key === " ") && t.closest && t.closest("button, a, summary")) return;
-    if (!cellsBox() || e.altKey) return;
-    if ((e.ctrlKey || e.metaKey) && e.key !== "Enter") return;
+    if (!cellsBox()) return;
     var cell = selected();
+    if (e.altKey) {
+      if (e.key === "Enter" && cell) { e.preventDefault(); runAndInsert(cell); }
+      return;
+    }
+    if ((e.ctrlKey || e.metaKey) && e.key === "s") { e.preventDefault(); saved(); return; }
+    if ((e.ctrlKey || e.metaKey) && e.key !== "Enter") return;
     var k = e.key;
     var now = Date.now();
     var twice = S.lastKey === k && now - S.lastKeyAt < 800;
@@ -309,6 +389,7 @@
       if (["j", "k", "ArrowDown", "ArrowUp", "Enter"].indexOf(k) >= 0 && first) { e.preventDefault(); select(first); return; }
       if (k === "a" || k === "b") { e.preventDefault(); document.querySelector('[data-act="append-code"]').click(); }
       if (k === "z") { var u0 = document.querySelector('#toast [data-act="undo"]'); if (u0) u0.click(); }
+      if (k === "v" || k === "V") { e.preventDefault(); paste(null, "after"); }
       return;
     }
     var handled = true;
@@ -324,9 +405,20 @@
       case "K": act(cell, "up"); break;
       case "a": act(cell, "add-code-above"); break;
       case "b": act(cell, "add-code-below"); break;
-      case "c": setKind(cell, "code"); break;
-      case "n": setKind(cell, "note"); break;
+      // Jupyter's meanings: y code, m markdown (a note); c x v copy, cut, paste; Shift+M merge
+      case "y": setKind(cell, "code"); break;
+      case "m": case "n": setKind(cell, "note"); break;
       case "p": setKind(cell, "prompt"); break;
+      case "c": copyCell(cell); notice("Copied the cell: v pastes it below, Shift+V above."); break;
+      case "x":
+        copyCell(cell);
+        var next = neighbour(cell, 1) || neighbour(cell, -1);
+        act(cell, "delete");
+        if (next) select(next);
+        break;
+      case "v": paste(cell, "after"); break;
+      case "V": paste(cell, "before"); break;
+      case "M": merge(cell); break;
       case "d":
         if (twice) {
           S.lastKey = "";
@@ -337,14 +429,17 @@
         break;
       case "z": var u = document.querySelector('#toast [data-act="undo"]'); if (u) u.click(); break;
       case "h": act(cell, "flag-hidden"); break;
-      case "i": act(cell, "flag-pinned"); break;
+      case "i": if (twice) { S.lastKey = ""; interrupt(cell); } break; // i i, as in Jupyter
+      case "I": act(cell, "flag-pinned"); break;
       case "f": act(cell, "flag-collapsed"); break;
       case "e": act(cell, "flag-exported"); break;
-      case "s": act(cell, "stop"); break;
+      case "s": saved(); break; // Jupyter's save: ours is always saved
       default: handled = false;
     }
     if (handled) e.preventDefault();
   }
+
+  function saved() { notice("Saved: every change is stored as you make it (and every version kept)."); }
 
   function setKind(cell, kind) {
     later(cell, function (c) {
