@@ -59,7 +59,14 @@ assert get_provider("local:default").name
     assert loaded_after('from dialogue.llm import get_provider\nget_provider("claude-sonnet-4-5")', tmp_path) \
         == ["anthropic"]
     assert loaded_after('from dialogue.llm import get_provider\nget_provider("o3-mini")', tmp_path) == ["openai"]
-    # pricing a hosted answer needs no SDK either
+    # listing every model (`dialogue models`, the web's picker) needs no SDK either
+    listing = """
+from dialogue.llm import list_models
+names = [m.name for m in list_models()]
+assert names[0].startswith("local:") and "claude-sonnet-4-5" in names and "gpt-5" in names, names
+"""
+    assert loaded_after(listing, tmp_path) == []
+    # nor does pricing a hosted answer
     assert loaded_after('from dialogue.llm import cost, Usage\nassert cost("gpt-5", Usage(9, 9)) > 0', tmp_path) == []
 
 

@@ -36,13 +36,10 @@ from .base import (
     ProviderNetworkError, RateLimitError, Request, TextDelta, Turn, UnknownModelError,
     Usage, parse_retry_after, register, tool_call_from_json,
 )
-from .base import ModelInfo, register_models
+from .catalog import ANTHROPIC_MODELS as MODELS, anthropic_models as models  # noqa: F401 - listed there, no SDK needed
 from .hosted import HostedProvider, asked_wait, error_body
 
 __all__ = ["AnthropicProvider", "MODELS", "models"]
-
-# What a model picker offers; any other claude-* name works too.
-MODELS = ("claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5")
 
 _STOP = {"end_turn": "end", "pause_turn": "end", "max_tokens": "max_tokens", "stop_sequence": "stop",
          "tool_use": "tool_use", "refusal": "refusal", "model_context_window_exceeded": "max_tokens"}
@@ -300,14 +297,3 @@ def _messages(turns: list[Turn]) -> list[dict[str, Any]]:
 
 
 register("claude-", lambda model: AnthropicProvider(model))
-
-
-def models() -> list[ModelInfo]:
-    """The Claude models offered, ready when ANTHROPIC_API_KEY is set."""
-    import os
-    key = bool(os.environ.get("ANTHROPIC_API_KEY"))
-    about = "key set" if key else "set ANTHROPIC_API_KEY to use"
-    return [ModelInfo(m, m, "Anthropic API", about, key) for m in MODELS]
-
-
-register_models(models)

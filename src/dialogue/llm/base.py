@@ -311,7 +311,8 @@ def register_models(lister: Callable[[], list[ModelInfo]]) -> None:
 def list_models() -> list[ModelInfo]:
     """Every model the providers offer, local ones first: what `dialogue models` prints and the
     web's model picker offers (its `ready` ones)."""
-    _load_builtin()
+    _load_builtin("local:")
+    from . import catalog  # noqa: F401 - registers the hosted models' listings; imports no SDK
     order = {"dialogue.llm.local": 0}
     return [m for f in sorted(_LISTERS, key=lambda f: order.get(f.__module__, 1)) for m in f()]
 

@@ -70,16 +70,12 @@ from .base import (
     ProviderNetworkError, RateLimitError, Request, TextDelta, Turn, UnknownModelError,
     Usage, parse_retry_after, register, tool_call_from_json,
 )
-from .base import ModelInfo, register_models
+from .catalog import COMPATIBLE, OPENAI_MODELS as MODELS, openai_models as models  # noqa: F401 - listed there, no SDK needed
 from .hosted import HostedProvider, asked_wait, error_body
 
 __all__ = ["OpenAIProvider", "parse_compatible", "configured_base", "configured_bases",
            "KEY_ENV", "BASE_URL_ENV", "MODELS", "models"]
 
-# What a model picker offers; any other gpt-*, o1*, o3*, o4* name works too.
-MODELS = ("gpt-5", "gpt-5-mini", "gpt-4.1", "gpt-4.1-mini", "o4-mini")
-
-COMPATIBLE = "openai-compatible:"
 KEY_ENV = "OPENAI_COMPATIBLE_API_KEY"
 BASE_URL_ENV = "OPENAI_COMPATIBLE_BASE_URL"
 _NO_KEY = "sk-no-key-required"
@@ -392,16 +388,3 @@ def _factory(model: str) -> OpenAIProvider:
 
 for _prefix in ("gpt-", "o1", "o3", "o4", "chatgpt-", COMPATIBLE):
     register(_prefix, _factory)
-
-
-def models() -> list[ModelInfo]:
-    """The OpenAI models offered (ready when OPENAI_API_KEY is set), and the form of name for any
-    server that speaks the OpenAI API."""
-    key = bool(os.environ.get("OPENAI_API_KEY"))
-    about = "key set" if key else "set OPENAI_API_KEY to use"
-    return [*(ModelInfo(m, m, "OpenAI API", about, key) for m in MODELS),
-            ModelInfo(f"{COMPATIBLE}<base_url>/<model>", where="any server speaking the OpenAI API",
-                      ready=False, template=True)]
-
-
-register_models(models)
