@@ -66,7 +66,7 @@ def test_usage_chart_counts_only_known_costs_and_says_so():
            {"input": 300, "output": 30, "cache_read": 150, "cost": 0.02}]
     t = texts(usage_svg(pts))
     assert "cost not known for 1 of 3 answers (not counted)" in t and "total $ 0.03" in t
-    assert "in 300" in t and "from cache 150" in t and {"1", "2", "3"} <= set(t)
+    assert "new in 300" in t and "from cache 150" in t and {"1", "2", "3"} <= set(t)
     local = texts(usage_svg([{"input": 10, "output": 5, "cost": None}]))
     assert "cost: not known for this model" in local and "cost so far (USD)" not in local
 

@@ -329,3 +329,19 @@ def make_lora(path: Path, seed: int, rank: int = 4, std: float = 0.3) -> str:
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def test_hit_and_miss_counters_are_the_folders_across_processes(rt, cache, tmp_path):
+    """Two generations in a new process each (the model's process is not the one reading the
+    stats): the first finds nothing, the second restores the system prompt's state; the folder's
+    counters add both, a clear starts them over."""
+    msgs = [{"role": "system", "content": "You are terse. " * 40}, {"role": "user", "content": "Hi?"}]
+    env = {**os.environ, "DIALOGUE_CACHE_DIR": str(cache.root)}
+    _in_new_process(msgs, True, env)
+    _in_new_process(msgs, True, env)
+    st = KVCache(cache.root).stats()
+    assert (st.hits, st.misses, st.lookups, st.hit_rate) == (1, 1, 2, 0.5) and st.saves >= 1
+    assert st.since is not None and st.since <= time.time()
+    KVCache(cache.root).clear()
+    st = KVCache(cache.root).stats()
+    assert (st.lookups, st.hit_rate, st.since) == (0, None, None)

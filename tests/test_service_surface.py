@@ -3,6 +3,7 @@ model names checked wherever a model is set, the models every provider offers, a
 added and removed, from Python, the CLI (a real process) and the Python handle alike."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -179,9 +180,16 @@ def test_cli_cache_stats_and_clear_after_a_real_answer(tmp_path):
     assert r.returncode == 0, r.stderr
     stats = cli(tmp_path, "cache").stdout
     assert stats.startswith(str(tmp_path / "kv")) and " 0 states" not in stats.splitlines()[0]
+    # the counters are the folder's: the model's own process counted, this process reads them
+    assert "hit rate 0%: 0 of 1 lookups found a saved prefix" in stats.splitlines()[1]
+    r = cli(tmp_path, "ask", "c", "Say hi.")  # a new process: the system prompt's state is on disk
+    assert r.returncode == 0, r.stderr
+    js = json.loads(cli(tmp_path, "cache", "stats", "--json").stdout)
+    assert (js["hits"], js["lookups"], js["hit_rate"]) == (1, 2, 0.5) and js["saves"] >= 1
     r = cli(tmp_path, "cache", "clear")
     assert r.returncode == 0 and "deleted" in r.stdout and " 0 cached" not in r.stdout
-    assert " 0 states" in cli(tmp_path, "cache").stdout.splitlines()[0]
+    after = cli(tmp_path, "cache").stdout.splitlines()
+    assert " 0 states" in after[0] and after[1].startswith("no lookups yet")  # counters start over
 
 
 def test_the_python_handle_attaches_and_detaches(tmp_path, home):

@@ -265,7 +265,7 @@ def usage_svg(points: Sequence[Mapping[str, Any]], *, title: str = "tokens and c
     def num(p: Mapping[str, Any], k: str) -> float:
         v = p.get(k)
         return float(v) if isinstance(v, (int, float)) else 0.0
-    panels = [Panel("tokens", [Series("in", xs, [num(p, "input") for p in points], PALETTE[0], dots=True),
+    panels = [Panel("tokens", [Series("new in", xs, [num(p, "input") for p in points], PALETTE[0], dots=True),
                                Series("from cache", xs, [num(p, "cache_read") for p in points], PALETTE[2], dots=True),
                                Series("out", xs, [num(p, "output") for p in points], PALETTE[1], dots=True)],
                     y_label="tokens", y_min=0, height=120)]

@@ -776,6 +776,34 @@ class DialogueService:
         cache = KVCache()
         return cache.clear(), cache.root
 
+    # -- numbers as pictures (charts.py) ----------------------------------------------------
+
+    @staticmethod
+    def training_runs() -> list[Any]:
+        """The training runs started here (`training_runs.TrainingRun`), newest first."""
+        from .training_runs import runs
+        return runs()
+
+    @staticmethod
+    def training_run(run_id: str) -> tuple[Any, str, list[str]]:
+        """A run, its plot (SVG built from its metrics: safe to inline) and its summary lines."""
+        from .charts import training_summary, training_svg
+        from .training_runs import find, records
+        run = find(run_id)
+        if run is None:
+            raise NotFoundError(f"no training run {run_id!r}")
+        recs = records(run)
+        return run, training_svg(recs, title=f"training: {run.name}"), training_summary(recs)
+
+    @staticmethod
+    def usage_chart(d: Dialogue) -> str | None:
+        """Tokens and cost over a dialogue's answers as an SVG (safe to inline); None before
+        its first answer. A cost of None (a model with no known price) is drawn as unknown."""
+        from .charts import usage_svg
+        points = [{k: (m.usage or {}).get(k) for k in ("input", "output", "cache_read", "cost")}
+                  for m in d.messages if m.kind == Kind.prompt and m.usage]
+        return usage_svg(points) if points else None
+
     def train(self, argv: list[str]) -> int:
         """`dialogue train ARGS`: fine-tune an adapter on stored dialogues (named in ARGS, read
         through this service). The trainer parses its own arguments; returns its exit status."""

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from rich.table import Table
 
 from ..service import DialogueService
 from ..terminal import plain
-from .common import UserError, emit_json, out
+from .common import UserError, emit_json, out, when
 
 
 def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -47,15 +48,26 @@ def cmd_cache(svc: DialogueService, a: argparse.Namespace) -> None:
         return
     st = svc.cache_stats()
     if a.json:
-        emit_json(st)
+        import dataclasses
+        emit_json({**dataclasses.asdict(st), "lookups": st.lookups, "hit_rate": st.hit_rate})
         return
     out.print(plain(f"{st.root}: {st.entries} states, {st.bytes / 1e6:.1f} MB of "
                     f"{st.max_bytes / 1e6:.0f} MB"))
+    out.print(plain(cache_use(st)))
     for ns in st.namespaces:
         info = ns.get("info", {})
         what = info.get("model") or info.get("model_path") or ns["namespace"]
         out.print(plain(f"  {what}: {ns['entries']} states, {ns['bytes'] / 1e6:.1f} MB, "
                         f"longest prefix {ns['longest']} tokens"))
+
+
+def cache_use(st: Any) -> str:
+    """How often prompts found a saved prefix, counted by every process using the cache."""
+    if not st.lookups:
+        return "no lookups yet (a local model's prompt looks for a saved prefix)"
+    since = f" since {when(st.since)}" if st.since else ""
+    return (f"hit rate {st.hit_rate:.0%}: {st.hits:,} of {st.lookups:,} lookups found a saved prefix{since}; "
+            f"{st.saves:,} saved, {st.evicted:,} evicted, {st.corrupt:,} damaged")
 
 
 def _args_models(sp: argparse.ArgumentParser) -> None:

@@ -52,6 +52,8 @@ DEFAULT_MAX_BYTES = 4 << 30  # 4 GiB: ~45 prefixes of 4,000 tokens of SmolLM2 (2
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^(\d{7})-([0-9a-f]{32})-(\d+)-([0-9a-f]{8})\.kv$")
 _STALE_TMP_S = 3600
+COUNTERS = "counters.json"   # hits, misses, saves... of every process using this folder
+_COUNTED = ("hits", "misses", "saves", "corrupt", "evicted")
 
 
 class CacheError(RuntimeError):
@@ -176,6 +178,16 @@ class CacheStats:
     saves: int = 0
     corrupt: int = 0
     evicted: int = 0
+    since: float | None = None  # when the counters started (the cache's first use or last clear)
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Hits per lookup (a prompt's search for a saved prefix), None before any lookup."""
+        return self.hits / self.lookups if self.lookups else None
 
 
 class KVCache:
@@ -267,8 +279,48 @@ class KVCache:
         except (OSError, ValueError):
             return False
 
+    def _count(self, **inc: int) -> None:
+        """Add to this object's counters and to the folder's (`counters.json`), which every
+        process using the folder adds to under a file lock: the model runs in its own process,
+        and `dialogue cache stats` or the web app read the totals from another. A folder that
+        cannot be written counts in memory only (a cache that cannot count is not an error)."""
+        import fcntl
+        for k, n in inc.items():
+            setattr(self, k, getattr(self, k) + n)
+        root = self.root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / ".counters.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                got = self._read_counters()
+                got.setdefault("since", time.time())
+                for k, n in inc.items():
+                    got[k] = int(got.get(k, 0)) + n
+                tmp = root / f".tmp-counters-{os.getpid()}-{time.monotonic_ns()}"
+                tmp.write_text(json.dumps(got), "utf-8")
+                os.replace(tmp, root / COUNTERS)
+        except OSError:
+            pass
+
+    def missed(self) -> None:
+        """Count a lookup that found no saved prefix (the runtime looked with `find`)."""
+        self._count(misses=1)
+
+    def _read_counters(self) -> dict[str, Any]:
+        try:
+            got = json.loads((self.root / COUNTERS).read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(got, dict):
+            return {}
+        out: dict[str, Any] = {k: int(v) for k, v in got.items()
+                               if k in _COUNTED and isinstance(v, int) and v >= 0}
+        if isinstance(got.get("since"), (int, float)):
+            out["since"] = float(got["since"])
+        return out
+
     def _discard(self, e: CacheEntry) -> None:
-        self.corrupt += 1
+        self._count(corrupt=1)
         e.path.unlink(missing_ok=True)
 
     def restore(self, llm: "Llama", namespace: str, tokens: Sequence[int],
@@ -279,7 +331,7 @@ class KVCache:
         import llama_cpp
         cands = self.find(namespace, tokens, lengths, min_len)
         if not cands:
-            self.misses += 1
+            self._count(misses=1)
             return 0
         cap = len(tokens)
         buf = (llama_cpp.llama_token * max(1, cap))()
@@ -303,11 +355,11 @@ class KVCache:
                     os.utime(e.path, (now, now))
                 except OSError:
                     pass
-                self.hits += 1
+                self._count(hits=1)
                 return e.n_tokens
             truncate_to(llm, 0)
             self._discard(e)
-        self.misses += 1
+        self._count(misses=1)
         return 0
 
     def save(self, llm: "Llama", namespace: str, tokens: Sequence[int]) -> CacheEntry | None:
@@ -334,7 +386,7 @@ class KVCache:
         except OSError:
             tmp.unlink(missing_ok=True)
             return None
-        self.saves += 1
+        self._count(saves=1)
         entry = CacheEntry.parse(final)
         self.evict()
         return entry
@@ -359,7 +411,8 @@ class KVCache:
             e.path.unlink(missing_ok=True)
             total -= size
             removed += 1
-        self.evicted += removed
+        if removed:
+            self._count(evicted=removed)
         return removed
 
     def _sweep_tmp(self) -> None:
@@ -375,7 +428,8 @@ class KVCache:
                 pass
 
     def stats(self) -> CacheStats:
-        """Totals per namespace (with what each namespace is), for `dialogue cache stats`."""
+        """Totals per namespace (with what each namespace is), for `dialogue cache stats`; the
+        counters are the folder's (every process's since its first use or last clear)."""
         by_ns: dict[str, dict[str, Any]] = {}
         total = 0
         for e in self.entries():
@@ -395,12 +449,14 @@ class KVCache:
                 ns["info"] = json.loads(meta.read_text("utf-8"))
             except (OSError, ValueError):
                 ns["info"] = {}
+        counted = self._read_counters()
         return CacheStats(str(self.root), sum(n["entries"] for n in by_ns.values()), total,
                           self.max_bytes, sorted(by_ns.values(), key=lambda n: -n["bytes"]),
-                          self.hits, self.misses, self.saves, self.corrupt, self.evicted)
+                          *(int(counted.get(k, 0)) for k in _COUNTED), since=counted.get("since"))
 
     def clear(self, namespace: str | None = None) -> int:
-        """Delete every cached state (or those of one namespace). Returns how many were deleted."""
+        """Delete every cached state (or those of one namespace). Returns how many were deleted.
+        Clearing the whole cache starts its counters over."""
         n = 0
         for e in self.entries(namespace):
             e.path.unlink(missing_ok=True)
@@ -415,4 +471,6 @@ class KVCache:
                     d.rmdir()
                 except OSError:
                     pass
+            if namespace is None:
+                (root / COUNTERS).unlink(missing_ok=True)
         return n

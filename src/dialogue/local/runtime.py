@@ -435,6 +435,8 @@ class Runtime:
                 start, st.restored = got, got
             else:  # only damaged files: the context was cleared on the way
                 start = 0
+        elif use_cache:
+            self.cache.missed()  # nothing longer on disk: a lookup that found nothing
         if start == mem:
             start = truncate_to(llm, mem)
         st.cached = start

@@ -348,6 +348,8 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        from ..training_runs import record
+        record(out)  # listed (the web's training page) while it trains
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters: add adapters first")

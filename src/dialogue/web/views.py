@@ -161,7 +161,8 @@ def dialogues_page(items: list[dict], trash: list[TrashItem], *, q: str = "",
     imp_progress = Div(id="import-progress", hx_get=urls.progress_box.to(job=job),
                        hx_trigger="submit from:#import-form", hx_swap="innerHTML")
     return (Title("dialogue"),
-            topbar(right=[search]),
+            topbar(A("Training", href=urls.training, cls="secondary small"),
+                   A("Cache", href=urls.cache, cls="secondary small"), right=[search]),
             Main(Section(new, imp, cls="actions"), imp_progress,
                  Div(search_results(hits, q) if hits is not None else "", id="search-results"),
                  dialogue_list(items, trash), cls="container page-list"),
@@ -377,11 +378,15 @@ def _money(c: float | None) -> str:
 
 def totals(d: Dialogue, oob: bool = False) -> Any:
     tin, tout, tcache, cost, unknown = _usage_sum(d.messages)
+    from ..service import DialogueService
+    chart = DialogueService.usage_chart(d)  # SVG built from the stored numbers, words escaped
     return Div(Span(f"{tin + tcache:,} in", title=f"prompt tokens: {tin:,} new + {tcache:,} from cache"),
                Span(f"{tout:,} out", title="answer tokens"),
                Span(_money(cost) + ("+?" if unknown else ""),
                     title="cost of every answer in this dialogue" +
                           (" (some models have no known price)" if unknown else "")),
+               Details(Summary("chart", title="tokens and cost over the answers"),
+                       Div(NotStr(chart), cls="chart-box"), cls="menu usage-chart") if chart else "",
                id="totals", cls="totals", hx_swap_oob="true" if oob else None)
 
 
