@@ -194,3 +194,30 @@ def test_history_panel_shows_steps_with_a_diff_and_restores(page: Page, server) 
     expect(cell).not_to_contain_text("IndentationError")
     assert stored(server, did).messages[0].source == "total = sum(range(10))\ntotal"
     check_clean(page, server)
+
+
+@pytest.mark.parametrize("width", [1280, 1024])
+def test_header_fits_with_a_long_name_and_grown_counters(page: Page, server, width) -> None:
+    name = "A rather long dialogue name about quarterly revenue forecasting " + str(width)
+    did, (pid,) = seed(server, name, [("prompt", "q")])
+    svc = DialogueService(server.db)
+    svc.edit(did, pid, base_version=None, response="a",
+             usage={"input": 123_456_789, "output": 98_765_432, "cache_read": 1_234_567,
+                    "cost": 1234.56, "model": "local:default"})
+    svc.close()
+    page.set_viewport_size({"width": width, "height": 800})
+    page.goto(f"{server.url}/d/{did}")
+    expect(page.locator("#totals")).to_contain_text("98,765,432 out")
+    # nothing of the header lies beyond the window, and the page does not scroll sideways
+    overflow = page.evaluate("""() => {
+        const w = document.documentElement.clientWidth;
+        return [...document.querySelectorAll('.topbar *')]
+          .filter(e => e.getClientRects().length && e.getBoundingClientRect().right > w + 1)
+          .map(e => e.outerHTML.slice(0, 80));
+    }""")
+    assert overflow == []
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    # the whole name shows: the title's box is as wide as its text
+    title = page.locator(".title-input")
+    assert title.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), "the name is cut"
+    assert title.get_attribute("title") == name

@@ -253,7 +253,7 @@ def search_results(hits: list[SearchHit] | None, q: str) -> Any:
 
 def dialogue_title(d: Dialogue, oob: bool = False) -> Any:
     return Form(Input(name="name", value=d.name, aria_label="Dialogue name", cls="title-input",
-                      required=True, autocomplete="off"),
+                      required=True, autocomplete="off", title=d.name),
                 hx_post=urls.settings.to(did=d.id), hx_trigger="change, submit",
                 hx_include="#dversion", id="dlg-title", cls="title-form",
                 hx_swap_oob="true" if oob else None)
