@@ -16,7 +16,8 @@ import pytest
 
 from dialogue.render import (LONG_LINES, ansi_html, highlight_code, highlight_css,
                              image_data_uri, output_css, pick_mime, plain_text, render_markdown,
-                             render_output, render_outputs, sanitize_html, strip_ansi)
+                             render_output, render_outputs, sanitize_html, stream_update_html,
+                             strip_ansi)
 
 # Payloads from the usual sources of XSS tests (OWASP filter-evasion cheat sheet, known mutation
 # XSS against sanitizers, markdown-specific link tricks). Each sets window.__xss when it runs.
@@ -237,6 +238,22 @@ def test_a_stream_shows_what_its_carriage_returns_left():
                          "text": "\r  0%\r 50%\r\x1b[32m100%\x1b[0m\nok\b\b\bdone\n"})
     assert out == '<pre class="output stdout"><span class="ansi-green-fg">100%</span>\ndone\n</pre>'
     assert plain_text("\r  0%\r 50%\r\x1b[32m100%\x1b[0m\n") == "100%\n"
+
+
+def test_a_live_stream_is_updated_by_its_last_line_only():
+    """A running cell's stream output is shown with its open last line in a span; a chunk that
+    joins it is sent as that line again and what follows, colours carried over."""
+    live = render_output({"output_type": "stream", "name": "stdout",
+                          "text": "done 1\n\x1b[31mred\nstep 3\r"}, live=True)
+    assert live == ('<pre class="output stdout">done 1\n<span class="ansi-red-fg">red\n</span>'
+                    '<span class="open-line"><span class="ansi-red-fg">step 3</span></span></pre>')
+    assert stream_update_html("a\nstep 3\r", "a\nstep 4\r") == \
+        '<span class="open-line">step 4</span>'
+    assert stream_update_html("a\nstep 3", "a\nstep 3 done\nnext") == \
+        'step 3 done\n<span class="open-line">next</span>'
+    assert stream_update_html("\x1b[32mok\nb", "\x1b[32mok\nb\bc") == \
+        '<span class="open-line"><span class="ansi-green-fg">c</span></span>'
+    assert stream_update_html("a\nb", "x\nb") is None  # its lines changed: show it all
 
 
 def test_long_outputs_scroll_with_a_toggle_that_needs_no_script():

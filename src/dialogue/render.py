@@ -46,6 +46,7 @@ from .kernel.outputs import shown_stream
 
 __all__ = ["render_markdown", "sanitize_html", "highlight_code", "highlight_css", "strip_ansi",
            "plain_text", "ansi_html", "render_math", "output_css", "render_output",
+           "stream_tail_html", "stream_update_html",
            "render_outputs", "image_data_uri", "pick_mime", "output_mimes", "IMAGE_MIMES",
            "LONG_LINES"]
 
@@ -406,13 +407,19 @@ def image_data_uri(mime: str, value: Any) -> str:
 
 
 def render_output(output: dict[str, Any], *,
-                  image_src: Callable[[str, Any], str] | None = None) -> str:
+                  image_src: Callable[[str, Any], str] | None = None, live: bool = False) -> str:
     """One nbformat output -> sanitized HTML. `image_src(mime, value)` returns the URL an image
-    gets (default: an inline data URI)."""
+    gets (default: an inline data URI). `live`: a stream's last line goes in a
+    `<span class="open-line">`, which the page replaces as the stream goes on
+    (`stream_tail_html`)."""
     t = output.get("output_type")
     if t == "stream":
         cls = "stderr" if output.get("name") == "stderr" else "stdout"
-        return _text_block(shown_stream(_text(output.get("text", ""))), cls)
+        text = shown_stream(_text(output.get("text", "")))
+        if live:
+            cut = text.rfind("\n") + 1
+            return _text_block(text, cls, body=ansi_html(text[:cut]) + stream_tail_html(text[:cut], text[cut:]))
+        return _text_block(text, cls)
     if t == "error":
         tb = output.get("traceback") or [f"{output.get('ename', '')}: {output.get('evalue', '')}"]
         return _text_block("\n".join(tb), "error")
@@ -444,11 +451,13 @@ LONG_LINES = 40
 outputs."""
 
 
-def _text_block(text: str, cls: str, ansi: bool = True) -> str:
-    """A text output as `<pre class="output CLS">`, its ANSI colours as spans; a long one in a
-    box that scrolls, with a `<details>` toggle (`output_css` opens the box when it is open:
-    no script, so the same markup works in the page and in an exported file)."""
-    body = ansi_html(text) if ansi else html.escape(text)
+def _text_block(text: str, cls: str, ansi: bool = True, body: str | None = None) -> str:
+    """A text output as `<pre class="output CLS">`, its ANSI colours as spans (or `body`, the
+    HTML for it); a long one in a box that scrolls, with a `<details>` toggle (`output_css`
+    opens the box when it is open: no script, so the same markup works in the page and in an
+    exported file)."""
+    if body is None:
+        body = ansi_html(text) if ansi else html.escape(text)
     pre = f'<pre class="output {cls}">{body}</pre>'
     lines = text.count("\n") + (not text.endswith("\n"))
     if lines <= LONG_LINES and len(text) <= 80 * LONG_LINES:
@@ -456,6 +465,41 @@ def _text_block(text: str, cls: str, ansi: bool = True) -> str:
     return (f'<div class="output-long">{pre}<details class="output-more"><summary>'
             f'<span class="closed">Show all {lines:,} lines</span>'
             f'<span class="opened">Scroll it again</span></summary></details></div>')
+
+
+def _sgr_since_reset(text: str) -> str:
+    """The colour codes that set the style at the end of `text`: those since its last reset
+    (so a long coloured output is not scanned whole for every chunk)."""
+    if "\x1b" not in text:
+        return ""
+    start = max(text.rfind("\x1b[0m"), text.rfind("\x1b[m"), 0)
+    return "".join(m.group(0) for m in _SGR.finditer(text, start))
+
+
+def stream_tail_html(settled: str, tail: str) -> str:
+    """The HTML for the end of a stream's text from where its lines `settled` end: the rest of
+    its lines, then its last (open) line in `<span class="open-line">`. A stream chunk only
+    ever rewrites the open line, so a running cell's page replaces that span with this instead
+    of the whole output (which would send a chatty cell's output again with every print).
+    Colours still set at the end of `settled` carry on."""
+    carry = _sgr_since_reset(settled)
+    cut = tail.rfind("\n") + 1
+    lines, last = tail[:cut], tail[cut:]
+    out = ansi_html(carry + lines) if lines else ""
+    if "\x1b" in lines:
+        carry = _sgr_since_reset(carry + lines)
+    return f'{out}<span class="open-line">{ansi_html(carry + last)}</span>'
+
+
+def stream_update_html(old: str, new: str) -> str | None:
+    """What replaces the open line of a stream output shown live (`render_output(live=True)`)
+    when its text goes from `old` to `new` (`kernel.outputs.fold_output` joined a chunk to it):
+    `stream_tail_html` from where `old`'s lines end; None when those lines changed too (then
+    the whole output must be shown again)."""
+    cut = old.rfind("\n") + 1
+    if not new.startswith(old[:cut]):
+        return None
+    return stream_tail_html(old[:cut], shown_stream(new[cut:]))
 
 
 _LATEX_MATH = re.compile(r"^\s*(\$\$?)(.*?)\1\s*$|^\s*\\\[(.*?)\\\]\s*$|^\s*\\\((.*?)\\\)\s*$", re.S)

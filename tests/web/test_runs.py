@@ -5,6 +5,7 @@ thread (the TestClient delivers a streamed body only once it is complete)."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -106,9 +107,10 @@ def test_a_late_stream_gets_what_came_before_it(client, db, tmp_path):
     events = _stream(client, d.id, m.id)
     snap = dict(events)["snapshot"]
     assert "early" in snap and "late" not in snap
-    # the late print joins the early one's output (one stream, as Jupyter shows it): that
-    # output is sent again whole, to replace the one the page shows
-    assert any(e == "output-last" and "early" in data and "late" in data for e, data in events)
+    # the late print joins the early one's output (one stream, as Jupyter shows it): the page
+    # is sent what follows the lines it has, to replace the output's open last line
+    assert any(e == "output-tail" and "late" in data and "early" not in data
+               and data.endswith('<span class="open-line"></span>') for e, data in events)
     assert "early" in dict(events)["done"] and "late" in dict(events)["done"]
 
 
@@ -122,11 +124,14 @@ def test_a_progress_bar_streams_as_one_line(client, db):
     m = db.add(d.id, "code", code)
     assert client.post(f"/d/{d.id}/m/{m.id}/run", headers=HX).status_code == 200
     events = _stream(client, d.id, m.id)
-    swaps = [(e, data) for e, data in events if e in ("output", "output-last")]
-    assert len(swaps) > 3, events  # several messages: the test sees the joining at work
-    for e, data in swaps:
-        assert data.count("step") <= 1, data  # never two steps shown
-    assert sum(e == "output" for e, _ in swaps) <= 2  # stdout's first chunk, stderr's
+    swaps = [(e, data) for e, data in events if e.startswith("output")]
+    tails = [data for e, data in swaps if e == "output-tail"]
+    assert len(tails) > 3, events  # several messages: the test sees the joining at work
+    for data in tails:  # each the progress line as it now stands, never two steps
+        assert re.fullmatch(r'<span class="open-line">step +\d+( done)?</span>|'
+                            r'step 29 done\n<span class="open-line"></span>', data), data
+    assert [e for e, _ in swaps].count("output") == 2  # stdout's first chunk, stderr's
+    assert "output-last" not in [e for e, _ in swaps]  # the page is never sent it all again
     done = dict(events)["done"]
     assert "step 29 done" in done and "step 28" not in done
     assert '<span class="ansi-red-fg">red</span>' in done

@@ -27,7 +27,7 @@ from fasthtml.common import Progress as Progress_  # the <progress> tag
 from ..artifacts.markdown import merge_streams
 from ..document import Dialogue, Kind, Message
 from ..render import (highlight_code, highlight_css, output_css, pick_mime, render_markdown,
-                      render_output)
+                      render_output, stream_update_html)
 from . import paths as urls
 from ..service import HIT_END, HIT_START, AdapterView, LiveState, SearchHit, TrashItem
 
@@ -761,7 +761,13 @@ def output_fragment(o: dict[str, Any]) -> Any:
     if t in ("execute_result", "display_data") and pick_mime(o.get("data") or {}) == "text/html":
         v = o["data"]["text/html"]
         return _iframe_output("".join(v) if isinstance(v, list) else str(v))
-    return NotStr(render_output(o))
+    return NotStr(render_output(o, live=True))
+
+
+def stream_update(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The HTML replacing the last line of a running cell's stream output that went from `old`
+    to `new` (None: show the whole output again)."""
+    return stream_update_html(str(old.get("text", "")), str(new.get("text", "")))
 
 
 def outputs_html(outputs: list[dict[str, Any]]) -> list[Any]:
@@ -894,7 +900,10 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
         live = live or LiveState.from_message(m)
         sinks = [Div(sse_swap="snapshot", hx_target=f"#live-{m.id}", hx_swap="innerHTML", hidden=True),
                  Div(sse_swap="output", hx_target=f"#o-{m.id}", hx_swap="beforeend", hidden=True),
-                 # a stream chunk joined to the output before it (its \r may rewrite that line)
+                 # a stream chunk joined to the output before it (its \r may rewrite that line):
+                 # the output's last line again and what follows it, or the whole output
+                 Div(sse_swap="output-tail", hx_target=f"#o-{m.id} > :last-child .open-line",
+                     hx_swap="outerHTML", hidden=True),
                  Div(sse_swap="output-last", hx_target=f"#o-{m.id} > :last-child", hx_swap="outerHTML",
                      hidden=True),
                  Div(sse_swap="outputs", hx_target=f"#o-{m.id}", hx_swap="innerHTML", hidden=True),

@@ -77,6 +77,7 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
             ev = item
             reading = state.progress is not None
             shown = len(state.outputs)
+            last = state.outputs[-1] if shown else None
             state.apply(ev)
             if ev.type == "text":
                 if reading:  # the answer has started: it replaces the reading progress
@@ -88,10 +89,14 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
                 t = ev.data.get("output_type")
                 if t in ("clear_output", "update_display_data"):
                     yield V.sse("outputs", V.frag(V.outputs_html(state.outputs)))
-                elif t == "stream" and state.outputs and len(state.outputs) == shown:
+                elif t == "stream" and last is not None and len(state.outputs) == shown:
                     # joined to the stream before it, whose last line it may have rewritten
-                    # (a progress bar's \r): that output is sent again, whole
-                    yield V.sse("output-last", V.frag(V.output_fragment(state.outputs[-1])))
+                    # (a progress bar's \r): that line again and what follows it
+                    tail = V.stream_update(last, state.outputs[-1])
+                    if tail is not None:
+                        yield V.sse("output-tail", tail)
+                    else:
+                        yield V.sse("output-last", V.frag(V.output_fragment(state.outputs[-1])))
                 elif state.outputs:
                     yield V.sse("output", V.frag(V.output_fragment(state.outputs[-1])))
             elif ev.type == "input":  # the cell asks for a line, or was answered

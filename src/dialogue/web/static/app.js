@@ -713,15 +713,13 @@
     if (S.sel === d.id) select(el, { focus: !el.classList.contains("editing") });
   }
 
-  // A long output of a running cell scrolls in its box (render.py's .output-long): show its
-  // end as it grows, as Jupyter does.
+  // A running cell's output scrolls in a box (app.css; render.py's .output-long once it is
+  // done): show its end as it grows, as Jupyter does.
   function followOutput(elt) {
-    var boxes = elt.matches && elt.matches(".output-long") ? [elt]
-      : Array.prototype.slice.call(elt.querySelectorAll ? elt.querySelectorAll(".output-long") : []);
-    boxes.forEach(function (box) {
-      var pre = box.querySelector("pre.output");
-      if (pre && box.closest(".result.running")) pre.scrollTop = pre.scrollHeight;
-    });
+    if (!elt.closest || !elt.closest(".result.running")) return;
+    var own = elt.closest("pre.output");
+    var pres = own ? [own] : Array.prototype.slice.call(elt.querySelectorAll("pre.output"));
+    pres.forEach(function (pre) { pre.scrollTop = pre.scrollHeight; });
   }
 
   function onBeforeUnload(e) {
