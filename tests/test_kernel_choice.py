@@ -16,8 +16,6 @@ from dialogue.artifacts import read_notebook, to_ipynb_bytes
 from dialogue.document import Kind
 from dialogue.service import DialogueService
 
-pytestmark = pytest.mark.asyncio(loop_scope="function")
-
 
 @pytest.fixture(scope="module")
 def envs(tmp_path_factory):
@@ -159,3 +157,22 @@ async def test_an_imported_notebook_never_picks_the_command_line(svc, jupyter_pa
                                                      "language": "julia"}}))
     assert "kernel" not in d.meta
     assert any("'julia-1.9' is not installed here" in w for w in d.meta["import"]["warnings"])
+
+
+def test_the_python_api_chooses_the_kernel_and_answers_input(tmp_path, envs, monkeypatch):
+    from dialogue import Dialogue, api
+    good, _ = envs
+    monkeypatch.setenv("DIALOGUE_HOME", str(tmp_path / "home"))
+    try:
+        d = Dialogue.create("api", db=tmp_path / "a.db")
+        assert d.kernel is None
+        d.set_kernel(python=good)
+        assert d.kernel == {"python": good}
+        m = d.add_code("import sys\nprint(sys.executable, input('Who? '))")
+        done = d.run(m, stdin=lambda prompt, password: prompt.strip("? ").lower())
+        assert done.outputs[0]["text"] == f"Who? who\n{good} who\n"
+        d.set_kernel()
+        assert d.kernel is None
+        assert "StdinNotImplementedError" in d.run(m).meta["run"]["message"]
+    finally:
+        api.shutdown()

@@ -262,12 +262,16 @@ class Dialogue:
     def _runner(self) -> _Runner:
         return _runner(self._svc.path)
 
-    def run(self, msg: Message | str, *, timeout: float | None = None) -> Message:
+    def run(self, msg: Message | str, *, timeout: float | None = None,
+            stdin: Callable[[str, bool], str] | None = None) -> Message:
         """Run a code message in the dialogue's kernel (or send a prompt to its model) and return
         the stored result: `outputs`, or `response`; `meta["run"]["status"]` says how it ended.
-        A message: a Message, an id, an id prefix or a 1-based position as a string ("-1")."""
+        A message: a Message, an id, an id prefix or a 1-based position as a string ("-1").
+        `stdin(prompt, password)` answers input() and getpass() in the cell (`stdin=lambda p, _:
+        input(p)` asks at a terminal); without it they raise StdinNotImplementedError."""
         mid = self._svc.message_id(self.id, msg)
-        return self._runner.call(lambda: self._runner.svc.run(self.id, mid, timeout=timeout))
+        return self._runner.call(lambda: self._runner.svc.run(self.id, mid, timeout=timeout,
+                                                              stdin=stdin or False))
 
     def ask(self, prompt: str, *, prefill: str | None = None,
             stream: bool = False) -> Message | AnswerStream:
@@ -285,6 +289,18 @@ class Dialogue:
         `stop_on_error=False`)."""
         return self._runner.call(lambda: self._runner.svc.run_all(
             self.id, stop_on_error=stop_on_error))
+
+    @property
+    def kernel(self) -> dict[str, str] | None:
+        """The kernel that runs this dialogue's code: {"spec": name} (an installed Jupyter
+        kernelspec), {"python": path}, or None (this interpreter, the default)."""
+        return self._svc.kernel_choice(self.id).to_meta()
+
+    def set_kernel(self, spec: str | None = None, *, python: str | None = None) -> None:
+        """Choose the kernel: an installed kernelspec's name (`jupyter kernelspec list`), or a
+        Python interpreter's path (it needs ipykernel), or neither for the default. Checked now;
+        the next run starts it."""
+        self._svc.set_kernel(self.id, spec, python=python)
 
     def restart_kernel(self) -> None:
         """Restart the dialogue's kernel: its variables are gone."""

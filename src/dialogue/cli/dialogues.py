@@ -160,7 +160,8 @@ def cmd_config(svc: DialogueService, a: argparse.Namespace) -> None:
     d = svc.update(a.name, **changes) if changes else svc.open(a.name, messages=False)
     m = d.meta
     lim = m.get("output_limit")
-    rows = [("model", d.model), ("system", d.system or "(none)"),
+    rows = [("model", d.model), ("kernel", svc.kernel_choice(d).label()),
+            ("system", d.system or "(none)"),
             ("max tokens", str(m.get("max_tokens", "the model's default"))),
             ("sampling", ", ".join(f"{k}={v}" for k, v in (m.get("sampling") or {}).items()) or "defaults"),
             ("output limit", "off" if lim == 0 else (",".join(str(lim[k]) for k in ("head", "tail", "chars"))

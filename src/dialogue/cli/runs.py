@@ -10,7 +10,7 @@ from typing import Any
 
 from ..document import Kind, Message, output_text
 from ..service import DialogueService, Progress, ProviderError
-from ..terminal import StreamWriter, markup, plain
+from ..terminal import StreamWriter, markup, plain, visible
 from .common import EXIT_ERROR, emit_json, err, text_arg
 
 
@@ -33,6 +33,30 @@ def run_record(svc: DialogueService, m: Message) -> dict[str, Any]:
             "response": m.response, "outputs": m.outputs, "text": output_text(m.outputs),
             "execution_count": m.execution_count, "tool_calls": m.tool_calls, "usage": m.usage,
             "error": m.meta.get("error") or run.get("message") or None}
+
+
+def terminal_input(pause: Any = None, echoes: list[str] | None = None) -> Any:
+    """How a cell's input() is answered from here: on a terminal, an answerer that asks on it
+    (getpass for a password: nothing is echoed), pausing `pause` (a live progress display)
+    meanwhile, and noting in `echoes` the line the cell's output will repeat; False when
+    standard input is not a terminal, so input() in a cell fails at once instead of waiting."""
+    if not sys.stdin.isatty():
+        return False
+    import getpass
+
+    async def answer(prompt: str, password: bool) -> str:
+        shown = visible(prompt)
+        if pause is not None:
+            pause.stop()
+        try:
+            text = await asyncio.to_thread(getpass.getpass if password else input, shown)
+        finally:
+            if pause is not None:
+                pause.start()
+        if echoes is not None:  # the output shows what the terminal just did: once is enough
+            echoes.append(prompt + ("" if password else text) + "\n")
+        return text
+    return answer
 
 
 def _progress(data: dict[str, Any]) -> Progress:
@@ -94,7 +118,8 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
                     await asyncio.to_thread(svc.load_model, name, bars)
                 except ProviderError:
                     pass  # the run meets it again and stores and prints it as an answer's error
-        svc.start(name, mid, prefill=prefill)
+        echoes: list[str] = []
+        svc.start(name, mid, prefill=prefill, stdin=terminal_input(echoes=echoes))
         if prefill:
             write(prefill)
         final = None
@@ -107,6 +132,9 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
                 write(ev.data)
             elif ev.type == "output":
                 text = output_text([ev.data]) if ev.data.get("output_type") != "stream" else ev.data.get("text", "")
+                if echoes and text == echoes[0]:  # the answered line, already on the terminal
+                    echoes.pop(0)
+                    continue
                 if text:
                     write(text if text.endswith("\n") else text + "\n")
             elif ev.type == "tool_call":
@@ -200,6 +228,8 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
         status = svc.run_status(m)
         if status != "ok":
             why = m.meta.get("error") or m.meta.get("run", {}).get("message") or status
+            if "StdinNotImplementedError" in why:
+                why += " (input() in a cell is answered on a terminal; standard input is not one)"
             progress.console.print(f"[red]message {place.get(m.id, '?')} ({markup(m.id)}) "
                                    f"failed:[/red] "
                                    f"{markup(why)}", markup=True)
@@ -207,7 +237,7 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
     async def go() -> list[Message]:
         try:
             return await svc.run_through(d.id, allow_errors=a.allow_errors, on_start=on_start,
-                                         on_done=on_done)
+                                         on_done=on_done, stdin=terminal_input(progress))
         finally:
             await svc.shutdown_kernels()
 
