@@ -52,3 +52,25 @@ def test_dialogues_jsonl_round_trip(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"nope": 1}\n')
     with pytest.raises(ValueError, match="not a dialogue"):
         dialogues_from_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_a_run_ends_with_its_curves_and_plot_and_is_listed(tiny_chat, tmp_path, monkeypatch, capsys):
+    """`dialogue train` prints the loss and learning rate as sparklines with their values and the
+    labelled plot's path; the run is recorded for the web's training page while it trains."""
+    import xml.etree.ElementTree as ET
+
+    from dialogue.service import DialogueService
+    monkeypatch.setenv("DIALOGUE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "run-a"
+    assert train_main(["--model", str(tiny_chat / "model"), "--quant", "none", "--docs", str(tiny_chat / "docs.md"),
+                       "--seq-len", "32", "--steps", "4", "--lr", "1e-2", "--r", "2", "--no-progress",
+                       "--no-export", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    loss = next(x for x in printed if x.strip().startswith("loss "))
+    assert "->" in loss and "smoothed" in loss and any(c in loss for c in "▁▂▃▄▅▆▇█")
+    assert any(x.strip().startswith("lr ") and "peak " in x and ", last " in x for x in printed)
+    assert f"plot: {out / 'training.svg'}" in printed
+    root = ET.fromstring((out / "training.svg").read_text())
+    assert "step (of 4)" in ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    [run] = DialogueService.training_runs()
+    assert run.path == str(out.resolve()) and run.steps == 4 and run.last_loss is not None
