@@ -762,12 +762,32 @@ class DialogueService:
         from .gguf import models as lm
         lm.remove(name)
 
-    @staticmethod
-    def cache_stats() -> Any:
-        """The local model's prefix KV cache on disk (`KVCache.stats`): entries, size, limit, and
-        each model's share."""
+    def load_model(self, ref: str, on_progress: OnProgress | None = None) -> bool:
+        """Load a dialogue's local model now, reporting the load to `on_progress` (surfaces that
+        show the wait call it before a run; the run would load it anyway). False when the model
+        is not local or already loaded."""
+        from .llm.base import get_provider
+        provider = get_provider(self.open(ref, messages=False).model or default_model())
+        load = getattr(provider, "load", None)
+        return bool(load(on_progress)) if load is not None else False
+
+    def cache_stats(self) -> Any:
+        """The local model's prefix KV cache on disk (`KVCache.stats`): entries, size, limit, each
+        model's share, and each saved prefix (its length in tokens, when a prompt last used it,
+        and `dialogue`: the name of the dialogue it was saved for, from this database, "" when
+        unknown: saved before prefixes were noted, or for a dialogue of another database)."""
         from .local.kvcache import KVCache
-        return KVCache().stats()
+        st = KVCache().stats()
+        origins = [p["origin"] for ns in st.namespaces for p in ns.get("prefixes", [])
+                   if p.get("origin")]
+        places = self.store.message_places(sorted(set(origins))) if origins else {}
+        for ns in st.namespaces:
+            for p in ns.get("prefixes", []):
+                did, name, gone = places.get(p.get("origin") or "", ("", "", False))
+                p["dialogue"], p["dialogue_id"] = name, did
+                if gone:
+                    p["dialogue"] += " (in the trash)"
+        return st
 
     @staticmethod
     def clear_cache() -> tuple[int, Path]:

@@ -872,6 +872,19 @@ class Store:
             d.messages = self.messages(dialogue_id)
         return d
 
+    def message_places(self, msg_ids: list[str]) -> dict[str, tuple[str, str, bool]]:
+        """{message id: (dialogue id, dialogue name, whether either is in the trash)} for the
+        ids that exist: what a note that names a message (a cached prefix's) belongs to."""
+        out: dict[str, tuple[str, str, bool]] = {}
+        for i in range(0, len(msg_ids), 500):
+            chunk = msg_ids[i:i + 500]
+            for mid, did, name, gone in self._x(
+                    "SELECT m.id, d.id, d.name, m.deleted IS NOT NULL OR d.deleted IS NOT NULL "
+                    "FROM messages m JOIN dialogues d ON d.id = m.dialogue_id WHERE m.id IN "
+                    f"({', '.join('?' * len(chunk))})", tuple(chunk)):
+                out[mid] = (did, name, bool(gone))
+        return out
+
     def messages(self, dialogue_id: str) -> list[Message]:
         with _gc_paused():  # the rows are as many new tuples as the objects made from them
             rows = self._x(f"SELECT {', '.join(_MSG_FIELDS)} FROM messages WHERE "

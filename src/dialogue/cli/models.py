@@ -57,8 +57,18 @@ def cmd_cache(svc: DialogueService, a: argparse.Namespace) -> None:
     for ns in st.namespaces:
         info = ns.get("info", {})
         what = info.get("model") or info.get("model_path") or ns["namespace"]
+        adapters = info.get("adapters") or {}
+        if adapters:  # two sets of one model are two caches: say which is which
+            what += " + " + ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else str(k)
+                                      for k, v in sorted(dict(adapters).items()))
         out.print(plain(f"  {what}: {ns['entries']} states, {ns['bytes'] / 1e6:.1f} MB, "
                         f"longest prefix {ns['longest']} tokens"))
+        t = Table("tokens", "size", "last used", "saved for", box=None, padding=(0, 1, 0, 4))
+        for p in ns.get("prefixes", []):
+            t.add_row(f"{p['tokens']:,}", f"{p['bytes'] / 1e6:.1f} MB", when(p["last_used"]),
+                      plain(p.get("dialogue") or "(unknown dialogue)"))
+        if ns.get("prefixes"):
+            out.print(t)
 
 
 def cache_use(st: Any) -> str:

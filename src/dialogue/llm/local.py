@@ -184,6 +184,7 @@ class LocalProvider:
         prompt = await asyncio.to_thread(
             lambda: self.runtime.build_prompt(msgs, prefill, chat_format=self.spec.chat_format))
         rt = self.runtime
+        prompt.origin = str(request.meta.get("upto") or "")  # noted beside saved prefix states
         if len(prompt) >= rt.n_ctx:
             raise ContextTooLongError(
                 f"the prompt is {len(prompt)} tokens but {self.spec.name} runs with a context of "

@@ -165,6 +165,18 @@ class CacheEntry:
     def last_used(self) -> float:
         return self.path.stat().st_mtime
 
+    @property
+    def note_path(self) -> Path:
+        """The entry's note (`<name>.json`): what it was saved for (`save(origin=...)`)."""
+        return self.path.with_name(self.path.name + ".json")
+
+    def note(self) -> dict[str, Any]:
+        try:
+            got = json.loads(self.note_path.read_text("utf-8"))
+            return got if isinstance(got, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
 
 @dataclass
 class CacheStats:
@@ -322,6 +334,7 @@ class KVCache:
     def _discard(self, e: CacheEntry) -> None:
         self._count(corrupt=1)
         e.path.unlink(missing_ok=True)
+        e.note_path.unlink(missing_ok=True)
 
     def restore(self, llm: "Llama", namespace: str, tokens: Sequence[int],
                 lengths: Iterable[int] | None = None, min_len: int = 1) -> int:
@@ -362,10 +375,12 @@ class KVCache:
         self._count(misses=1)
         return 0
 
-    def save(self, llm: "Llama", namespace: str, tokens: Sequence[int]) -> CacheEntry | None:
+    def save(self, llm: "Llama", namespace: str, tokens: Sequence[int], *,
+             origin: str = "") -> CacheEntry | None:
         """Persist the context's sequence 0, which must hold exactly `tokens` (the caller evaluates
         up to a boundary, saves, then goes on). Returns the entry, or None if llama.cpp refused or
-        the disk is full (a cache that cannot write is a slower cache, not an error)."""
+        the disk is full (a cache that cannot write is a slower cache, not an error). `origin`
+        (the message whose prompt this prefix starts) goes in the entry's note, for stats."""
         import llama_cpp
         n = len(tokens)
         if n == 0 or llm.n_tokens != n or evaluated_tokens(llm) != list(tokens):
@@ -388,6 +403,12 @@ class KVCache:
             return None
         self._count(saves=1)
         entry = CacheEntry.parse(final)
+        if origin and entry is not None:
+            try:
+                entry.note_path.write_text(json.dumps({"origin": origin, "saved": time.time()}),
+                                           "utf-8")
+            except OSError:
+                pass
         self.evict()
         return entry
 
@@ -409,6 +430,7 @@ class KVCache:
             if total <= cap:
                 break
             e.path.unlink(missing_ok=True)
+            e.note_path.unlink(missing_ok=True)
             total -= size
             removed += 1
         if removed:
@@ -443,7 +465,16 @@ class KVCache:
             ns["entries"] += 1
             ns["bytes"] += size
             ns["longest"] = max(ns["longest"], e.n_tokens)
+            try:
+                used = e.last_used
+            except OSError:
+                continue
+            # each prefix: its length, when a prompt last used it, what it was saved for
+            ns.setdefault("prefixes", []).append({"tokens": e.n_tokens, "bytes": size,
+                                                  "last_used": used,
+                                                  "origin": e.note().get("origin", "")})
         for ns in by_ns.values():
+            ns.setdefault("prefixes", []).sort(key=lambda p: -p["last_used"])
             meta = self.root / ns["namespace"] / "meta.json"
             try:
                 ns["info"] = json.loads(meta.read_text("utf-8"))
@@ -460,6 +491,7 @@ class KVCache:
         n = 0
         for e in self.entries(namespace):
             e.path.unlink(missing_ok=True)
+            e.note_path.unlink(missing_ok=True)
             n += 1
         root = self.root
         if root.is_dir():

@@ -78,6 +78,9 @@ class Prompt:
     # the prompt ends at the assistant's header (no prefill): the next prompt of the dialogue has
     # a boundary exactly here, so the state at the end is worth saving too (see SAVE_END_MIN)
     ends_turn: bool = False
+    # the message this prompt answers (a store id), noted beside the prefix states it saves so
+    # that `dialogue cache stats` can say which dialogue each belongs to
+    origin: str = ""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -471,7 +474,7 @@ class Runtime:
             if use_cache and ((end in prompt.save and end < n) or at_end) \
                     and not self._saved_near(ns, toks, end):
                 try:
-                    saved = self.cache.save(llm, ns, toks[:end])
+                    saved = self.cache.save(llm, ns, toks[:end], origin=prompt.origin)
                 except CacheError as e:  # an unusable cache dir makes a slower cache, not an error
                     saved = None
                     if not self._warned:
