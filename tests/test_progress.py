@@ -161,3 +161,27 @@ def test_terminal_bars_only_on_a_terminal():
         for s in steps:
             bars(s)
     assert piped.getvalue() == "" and bars.steps == steps  # heard, not drawn
+
+
+def test_the_cli_draws_bars_on_a_terminal_and_nothing_in_a_pipe(tmp_path):
+    """`dialogue ask` on the bundled model loads it in a fresh process: on a terminal stderr shows
+    the load as a bar, stdout stays the answer; `dialogue import` shows the cells converted.
+    Piped, neither prints a bar."""
+    from dialogue.service import DialogueService
+    from test_cli_progress import cli
+    db = tmp_path / "cli.db"
+    svc = DialogueService(db)
+    svc.create("d", model="local:default")
+    svc.update("d", meta={"max_tokens": 2})
+    svc.close()
+    rc, out, err = cli(db, "ask", "d", "Hi", stderr_tty=True)
+    assert rc == 0, err
+    assert "loading the model smollm2" in err and "100%" in err
+    assert "loading the model" not in out
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"x = {i}") for i in range(300)])
+    path = tmp_path / "n.ipynb"
+    path.write_text(nbformat.writes(nb))
+    rc, out, err = cli(db, "import", str(path), stderr_tty=True)
+    assert rc == 0 and "converting cells" in err and "storing 300 messages" in err
+    rc, out, err = cli(db, "import", str(path), "--name", "again")
+    assert rc == 0 and "converting cells" not in err and "imported 300 messages" in out

@@ -109,6 +109,14 @@ def _finite(ys: Iterable[float | None]) -> list[float]:
     return [y for y in ys if y is not None and math.isfinite(y)]
 
 
+def _line(x1: float, y1: float, x2: float, y2: float, stroke: str) -> str:
+    return f'<line x1="{x1:.1f}" x2="{x2:.1f}" y1="{y1:.1f}" y2="{y2:.1f}" stroke="{stroke}"/>'
+
+
+def _text(x: float, y: float, text: str, anchor: str, cls: str) -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" class="{cls}">{xml_escape(text)}</text>'
+
+
 def svg(panels: Sequence[Panel], *, title: str, x_label: str, width: int = 720,
         x_ticks: Sequence[float] | None = None, x_format: Any = fmt) -> str:
     """Panels stacked over one shared x axis, each with its own y axis, ticks with values, grid
@@ -152,23 +160,18 @@ def svg(panels: Sequence[Panel], *, title: str, x_label: str, width: int = 720,
             lx -= wtext
             parts.append(f'<rect x="{lx:.1f}" y="{y + 6}" width="10" height="10" fill="{color}" '
                          f'opacity="{s.opacity}"/><text x="{lx + 14:.1f}" y="{y + 15}">{xml_escape(text)}</text>')
-        # grid, y ticks with values, the y label
+        # grid, y ticks with values, the y label, x ticks with values, the axes
         for t in ticks:
-            ty = Y(t)
-            parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#e3e3e3"/>')
-            parts.append(f'<text x="{left - 6}" y="{ty + 4:.1f}" text-anchor="end" class="tick">{xml_escape(fmt(t))}</text>')
+            parts += [_line(left, Y(t), left + plot_w, Y(t), "#e3e3e3"),
+                      _text(left - 6, Y(t) + 4, fmt(t), "end", "tick")]
         if p.y_label:
             cy = top + h / 2
             parts.append(f'<text x="14" y="{cy:.1f}" transform="rotate(-90 14 {cy:.1f})" text-anchor="middle" '
                          f'class="axis">{xml_escape(p.y_label)}</text>')
         for t in xt:
-            tx = X(t)
-            parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{top}" y2="{top + h}" stroke="#f0f0f0"/>')
-            parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{top + h}" y2="{top + h + 4}" stroke="#333"/>')
-            parts.append(f'<text x="{tx:.1f}" y="{top + h + 16}" text-anchor="middle" class="tick">'
-                         f'{xml_escape(x_format(t))}</text>')
-        parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + h}" stroke="#333"/>')
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + h}" y2="{top + h}" stroke="#333"/>')
+            parts += [_line(X(t), top, X(t), top + h, "#f0f0f0"), _line(X(t), top + h, X(t), top + h + 4, "#333"),
+                      _text(X(t), top + h + 16, x_format(t), "middle", "tick")]
+        parts += [_line(left, top, left, top + h, "#333"), _line(left, top + h, left + plot_w, top + h, "#333")]
         for i, s in enumerate(p.series):
             color = s.color or PALETTE[i % len(PALETTE)]
             runs: list[list[str]] = [[]]
