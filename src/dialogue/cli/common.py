@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import json
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def _jsonable(o: Any) -> Any:
         return dataclasses.asdict(o)
     if isinstance(o, Path):
         return str(o)
-    if hasattr(o, "value") and hasattr(o, "name"):  # an Enum (a message's kind)
+    if isinstance(o, enum.Enum):  # a message's kind
         return o.value
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 

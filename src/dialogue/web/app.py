@@ -27,6 +27,7 @@ import webbrowser
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from fasthtml.common import APIRouter, FastHTML, FileResponse, HTMLResponse, Response, to_xml
 from starlette.middleware import Middleware
@@ -146,7 +147,6 @@ class AccessLog:
 
     @staticmethod
     def record(scope: dict, status: int, sent: int, seconds: float) -> dict[str, Any]:
-        from urllib.parse import parse_qsl, urlencode
         query = [(k, "***" if k == "token" else v)
                  for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                                        keep_blank_values=True)]
