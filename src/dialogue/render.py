@@ -467,13 +467,17 @@ def _text_block(text: str, cls: str, ansi: bool = True, body: str | None = None)
             f'<span class="opened">Scroll it again</span></summary></details></div>')
 
 
-def _sgr_since_reset(text: str) -> str:
-    """The colour codes that set the style at the end of `text`: those since its last reset
-    (so a long coloured output is not scanned whole for every chunk)."""
-    if "\x1b" not in text:
-        return ""
-    start = max(text.rfind("\x1b[0m"), text.rfind("\x1b[m"), 0)
-    return "".join(m.group(0) for m in _SGR.finditer(text, start))
+def _sgr_since_reset(text: str, stop: int | None = None) -> str:
+    """The colour codes that set the style at the end of `text[:stop]`: those since its last
+    reset (so a long coloured output is not scanned whole for every chunk)."""
+    limit = len(text) if stop is None else stop
+    start = end = limit
+    while start > 0:  # back from the end to the last reset, code by code
+        start = text.rfind("\x1b[", 0, end)
+        if start < 0 or text.startswith(("\x1b[0m", "\x1b[m"), start):
+            break
+        end = start
+    return "".join(m.group(0) for m in _SGR.finditer(text, max(start, 0), limit))
 
 
 def stream_tail_html(settled: str, tail: str) -> str:
@@ -482,7 +486,10 @@ def stream_tail_html(settled: str, tail: str) -> str:
     ever rewrites the open line, so a running cell's page replaces that span with this instead
     of the whole output (which would send a chatty cell's output again with every print).
     Colours still set at the end of `settled` carry on."""
-    carry = _sgr_since_reset(settled)
+    return _tail_html(_sgr_since_reset(settled), tail)
+
+
+def _tail_html(carry: str, tail: str) -> str:
     cut = tail.rfind("\n") + 1
     lines, last = tail[:cut], tail[cut:]
     out = ansi_html(carry + lines) if lines else ""
@@ -497,9 +504,11 @@ def stream_update_html(old: str, new: str) -> str | None:
     `stream_tail_html` from where `old`'s lines end; None when those lines changed too (then
     the whole output must be shown again)."""
     cut = old.rfind("\n") + 1
-    if not new.startswith(old[:cut]):
+    # fold_output keeps a stream's lines and rewrites only its last one; the end of those lines
+    # is compared, not all of them (a whole comparison per chunk would be quadratic)
+    if len(new) < cut or new[max(0, cut - 256):cut] != old[max(0, cut - 256):cut]:
         return None
-    return stream_tail_html(old[:cut], shown_stream(new[cut:]))
+    return _tail_html(_sgr_since_reset(old, cut), shown_stream(new[cut:]))
 
 
 _LATEX_MATH = re.compile(r"^\s*(\$\$?)(.*?)\1\s*$|^\s*\\\[(.*?)\\\]\s*$|^\s*\\\((.*?)\\\)\s*$", re.S)
