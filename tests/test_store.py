@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dialogue.document import ContextItem, Kind, Message
+from dialogue.document import ContextItem, Kind, Message, new_id
 from dialogue.store import (HIT_END, HIT_START, SCHEMA_VERSION, ConflictError, MIGRATIONS,
                             NameTakenError, NotFoundError, SchemaError, Store, StoreError)
 
@@ -352,6 +352,35 @@ def test_versions_store_only_what_differs_and_read_back_whole(store):
     # each read gets its own lists and dicts
     hist[0].state["outputs"].append(1)
     assert store.history(m.id)[0].state["outputs"] == []
+
+
+@pytest.mark.parametrize("copies", [1, 3])  # fewer messages than _BULK, and more
+def test_a_bulk_insert_writes_the_same_versions_as_the_general_path(store, copies):
+    """Messages with only a kind and a source get their search row and first version made by
+    SQLite from the inserted rows (the import's fast path): the same state as the general path
+    (`_compact_state`) writes, and a search row with the source, mixed with messages that take
+    the general path in one batch."""
+    from dialogue.store import _BULK, _compact_state, _dumps
+    d = store.create_dialogue("a")
+    sources = ["", "x", 'a "quoted" \\ back\\slash', "line\nbreak\ttab\x01\x1f\x7f",
+               "naïve café ✓ 🐍 \u2028\u2029", "</script>&<b>"]
+    msgs = [Message(kind=k, source=src) for k in Kind for src in sources]
+    out = [{"output_type": "stream", "name": "stdout", "text": "walrus\n"}]
+    msgs[3:3] = [Message(source="print('walrus')", outputs=out), Message(source="y", hidden=True)]
+    msgs += [m.copy(id=new_id()) for _ in range(copies - 1) for m in msgs[:26]]
+    assert (len(msgs) >= _BULK) == (copies > 1)
+    added = store.add_messages(d.id, msgs)
+    for m in added:
+        stored = store._one("SELECT state FROM versions WHERE message_id = ?", (m.id,))[0]
+        assert json.loads(stored) == json.loads(_dumps(_compact_state(m.state()))), m
+        assert store.history(m.id)[0].state == m.state()
+    assert [m.source for m in store.messages(d.id)] == [m.source for m in msgs]
+    assert store._one("SELECT count(*) FROM versions WHERE dialogue_id = ?", (d.id,))[0] == \
+        len(msgs) + 1  # and the dialogue's own
+    assert {h.message_id for h in store.search("walrus")} == {m.id for m in added if m.outputs}
+    assert {h.message_id for h in store.search("naïve")} == {m.id for m in added
+                                                               if "naïve" in m.source}
+    assert {h.snippet for h in store.search("script")} == {"</\ue000script\ue001>&<b>"}
 
 
 def test_messages_read_back_equal_to_what_was_written(store):

@@ -18,6 +18,7 @@ import httpx
 import psutil
 import pytest
 
+from dialogue.document import Message
 from dialogue.service import DialogueService, RunError
 from dialogue.store import (APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, DamagedError,
                             ForeignDatabaseError, Store, StoreError)
@@ -201,6 +202,55 @@ def test_a_damaged_database_is_reported_in_one_line_and_never_written(tmp_path):
         one_line_error(cli(header, *args), "cannot open database", "header.db: it is not an "
                        "SQLite file", "nothing was written")
         assert digest(header) == before and siblings(header) == ["header.db"]
+
+
+def _small_db(path: Path) -> tuple[Path, str]:
+    with Store(path) as s:
+        d = s.create_dialogue("demo")
+        s.add_messages(d.id, [Message(source=f"x = {i}  # " + "walrus " * 60) for i in range(40)])
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    return path, d.id
+
+
+@pytest.mark.parametrize("table", ["messages", "messages_order", "versions",
+                                   "sqlite_autoindex_versions_1", "search_data", "search_content",
+                                   "search_docsize"])
+def test_the_check_before_writing_finds_a_damaged_page_in_any_table(tmp_path, table):
+    """The check before a first write leaves out what SQLite 3.44+ adds to quick_check beyond
+    the file's structure (FTS5 re-tokenizing, CHECK expressions), not any of the file: a garbage
+    page of a table, an index or the search index's own tables is refused, and stays refused."""
+    path, did = _small_db(tmp_path / "d.db")
+    page = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    pages = _pages_of(path, table)
+    assert pages, table
+    _overwrite(path, (max(pages) - 1) * page, page)
+    before = digest(path)
+    with Store(path) as s:  # the check itself finds it (a problem listed, or SQLite's error)
+        with contextlib.suppress(DamagedError):
+            assert s._structure_check() != ["ok"]
+    for _ in range(2):
+        with Store(path) as s, pytest.raises(DamagedError, match="d.db is damaged"):
+            s.add_message(did, kind="code", source="x = 4")
+        assert digest(path) == before
+
+
+def test_a_search_index_out_of_step_with_its_texts_is_found_by_the_full_check(tmp_path):
+    """What the check before writing leaves to `integrity_check`: whether the search index
+    agrees with the texts it indexes (a logical fault, not a damaged page; the index is derived
+    from the messages, which stay as they were)."""
+    path, did = _small_db(tmp_path / "d.db")
+    con = sqlite3.connect(path)  # another program rewrites an indexed text behind FTS5's back
+    con.execute("UPDATE search_content SET c0 = 'giraffe' WHERE id = 1")
+    con.commit()
+    con.close()
+    with Store(path) as s:
+        assert "fts5" in s.integrity_check().lower()
+        assert s.quick_checks == 0
+        s.add_message(did, kind="code", source="x = 41")  # the file's structure is sound
+        assert s.quick_checks == 1
+        assert len(s.messages(did)) == 41 and s.messages(did)[0].source.startswith("x = 0")
 
 
 def test_our_databases_are_marked_and_old_ones_get_marked(tmp_path):

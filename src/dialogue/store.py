@@ -27,7 +27,8 @@ Design choices, and why:
   clocks or pid reuse. Every open recovers the streams of dead writers, never a live one's.
 - The file is ours only if it says so (`PRAGMA application_id`): another application's SQLite
   file is refused before anything is written to it, and a damaged file is reported in one line
-  and never written to (`PRAGMA quick_check` before a connection's first write).
+  and never written to (a `PRAGMA quick_check` of the file's structure before a connection's
+  first write, unless the file is exactly as a checked Store of ours closed it).
 - Full-text search is an FTS5 table keyed by the message's integer row number; it holds the source
   and the text of the output or answer, and is kept in step in the same transaction.
 """
@@ -44,13 +45,13 @@ import os
 import secrets
 import time
 import urllib.parse
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import apsw
-from fastlite import database
 
 # apswutils (under fastlite) forwards SQLite's own log to the "apsw" logger; unconfigured, Python
 # prints those records to stderr ("SQLITE_LOG: database corruption at line ..."), around the one
@@ -75,6 +76,7 @@ INTERRUPTED_RUN = ("The run was cut off: the process running it stopped (it was 
                    "crashed) before the run finished; the outputs are what it produced until then.")
 HIT_START, HIT_END = "\ue000", "\ue001"  # snippet highlight markers (private-use code points)
 _BLOB_MIN = 2048  # outputs JSON at least this long is stored once, by hash
+_BULK = 32  # from this many messages on, an insert makes search rows and versions in SQL
 
 
 class StoreError(Exception):
@@ -270,6 +272,8 @@ def _search_output(kind: str, outputs: list, response: str) -> str:
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # made once
+# what _JSON writes for a str (the C encoder's own function): a JSON string literal, quotes and all
+_json_string = json.encoder.encode_basestring
 
 
 def _dumps(v: Any) -> str:
@@ -296,7 +300,6 @@ assert {f.name for f in dataclasses.fields(Message)} == set(_MSG_FIELDS), \
 _STATE_DEFAULTS = Message().state()
 assert [k for k, v in _STATE_DEFAULTS.items() if v] == ["kind"]  # as _compact_state assumes
 _STATE_TYPES = {k: type(v) for k, v in _STATE_DEFAULTS.items()}
-_BARE_STATE = {"kind", "source"}  # a message state with only these is all column defaults else
 
 
 def _compact_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -305,6 +308,14 @@ def _compact_state(state: dict[str, Any]) -> dict[str, Any]:
     types = _STATE_TYPES
     return {k: v for k, v in state.items()
             if (v or type(v) is not types.get(k)) and (k != "kind" or v != "code")}
+
+
+def _bare_state(kind: str, source: str) -> str:
+    """`_dumps(_compact_state(...))` of a message with nothing but a kind and a source."""
+    if kind == "code":
+        return '{"source":' + _json_string(source) + "}" if source else "{}"
+    return ('{"kind":"' + kind + '","source":' + _json_string(source) + "}" if source
+            else '{"kind":"' + kind + '"}')
 
 
 def _compact_message_state(m: Message) -> dict[str, Any]:
@@ -391,6 +402,7 @@ class _Locks:
     def __init__(self, db_path: Path):
         self.db_path = db_path
         self.dir = db_path.with_name(db_path.name + "-locks")
+        self._note = str(self.dir / "checked")
 
     def hold_run(self) -> tuple[str, int]:
         """A new owner token and the descriptor that holds its lock."""
@@ -413,19 +425,42 @@ class _Locks:
         except OSError as e:
             raise StoreError(f"cannot create a lock file in {self.dir}: {e.strerror}") from e
 
+    # The note is rewritten in place, at a fixed size, with the CRC of what it says: a rename or a
+    # truncation makes ext4 flush the file's data (0.15-0.2 ms of CPU measured here, on a CLI
+    # command that writes one message in under 1 ms), an overwrite of as many bytes does not. A
+    # note read half-written (two Stores closing at once, a crash) fails its CRC and means
+    # "not noted": the next writer runs the whole check, the safe way to be wrong.
+    _NOTE_SIZE = 256
+
     def read_checked(self) -> str | None:
         """The fingerprint of the database as the last Store that checked it left it."""
         try:
-            return (self.dir / "checked").read_text().strip() or None
+            fd = os.open(self._note, os.O_RDONLY)
         except OSError:
             return None
+        try:
+            note = os.read(fd, self._NOTE_SIZE).decode("ascii", "replace")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        fingerprint, _, crc = note.rstrip(" \n").rpartition(" crc ")
+        return fingerprint if crc == f"{zlib.crc32(fingerprint.encode()):08x}" else None
 
     def write_checked(self, fingerprint: str) -> None:
+        note = f"{fingerprint} crc {zlib.crc32(fingerprint.encode()):08x}\n".encode()
+        if len(note) > self._NOTE_SIZE:
+            return  # (cannot happen: a fingerprint is four numbers and a dash, or eight numbers)
         with contextlib.suppress(OSError):  # no note: the next writer checks the whole file
-            self.dir.mkdir(mode=0o700, exist_ok=True)
-            tmp = self.dir / f".checked-{os.getpid()}-{secrets.token_hex(4)}"
-            tmp.write_text(fingerprint + "\n")
-            os.replace(tmp, self.dir / "checked")
+            try:
+                fd = os.open(self._note, os.O_WRONLY | os.O_CREAT, 0o600)
+            except FileNotFoundError:
+                self.dir.mkdir(mode=0o700, exist_ok=True)
+                fd = os.open(self._note, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.pwrite(fd, note.ljust(self._NOTE_SIZE), 0)
+            finally:
+                os.close(fd)
 
     def release_run(self, token: str, fd: int) -> None:
         with contextlib.suppress(OSError):
@@ -535,24 +570,34 @@ class Store:
         self._token_fd: int | None = None
         self._server_fd: int | None = None
         self._closed = False
+        self._wal = str(self.path) + "-wal"
+        self._busy_timeout_ms = int(busy_timeout_ms)
         # taken before the connection opens: opening one writes to the WAL by itself
         self._as_left = self._locks.read_checked() == self._fingerprint()
-        self._identify(busy_timeout_ms)
+        if not self._as_left:
+            # A file exactly as a checked Store of ours closed it is ours: identifying it again
+            # would open it a second time (its schema parsed twice) to learn what we know.
+            self._identify(busy_timeout_ms)
         try:
-            self.db = database(self.path, wal=False)  # fastlite over apsw; WAL is set below,
-        except apsw.Error as e:                       # once the file is known to be ours
+            # apsw directly: the store needs a connection, not fastlite's table helpers. SQLite
+            # itself creates nothing until the first statement; WAL is set below, once the file
+            # is known to be ours.
+            self.conn = apsw.Connection(str(self.path))
+            self.conn.set_busy_timeout(self._busy_timeout_ms)
+            # NORMAL in WAL mode is safe against process crashes (what SIGKILL is); only a power
+            # loss can roll back the last commits. FULL would fsync every edit.
+            version, app, mode = self._one(
+                "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; "
+                "SELECT (SELECT user_version FROM pragma_user_version), "
+                "(SELECT application_id FROM pragma_application_id), "
+                "(SELECT journal_mode FROM pragma_journal_mode)")
+        except apsw.Error as e:
             raise self._bad_file(e) from None
-        self.conn = self.db.conn
-        self._x(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        self._x("PRAGMA foreign_keys = ON")
-        if self._one("PRAGMA journal_mode")[0] != "wal":
+        if mode != "wal":
             self._x("PRAGMA journal_mode = wal")
-        # NORMAL in WAL mode is safe against process crashes (what SIGKILL is); only a power
-        # loss can roll back the last commits. FULL would fsync every edit.
-        self._x("PRAGMA synchronous = NORMAL")
         if migrate:
-            self.migrate()
-        if self.schema_version == SCHEMA_VERSION:
+            version = self._migrate(version, app)
+        if version == SCHEMA_VERSION:
             self.recover_interrupted()
 
     def _identify(self, busy_timeout_ms: int) -> None:
@@ -655,19 +700,19 @@ class Store:
     def _check_before_writing(self) -> None:
         """Refuse to write to a damaged file. SQLite notices damage only on the pages a statement
         reads, so a write that misses them would succeed and bury good data deeper in a broken
-        file. quick_check reads every page once (about 0.1 s for 200 MB), once per connection."""
+        file. The check (`_structure_check`) reads every page once, once per connection."""
         if self._checked:
             return
         if self._as_left:
             # The file is exactly as a Store of ours left it after a check: nothing has written
             # to it since (its size and modification time would have moved), so a whole-file
-            # check (about 0.3 s on a 100,000-message database, most of it re-tokenizing the
-            # FTS index) would only repeat the last one. A CLI command writing one message pays
-            # it only when something else touched the file.
+            # check (about 0.1 s on a 100,000-message database) would only repeat the last one.
+            # A CLI command writing one message pays it only when something else touched the
+            # file.
             self._checked = True
             return
         self.quick_checks += 1
-        problems = [r[0] for r in self._x("PRAGMA quick_check(3)")]
+        problems = self._structure_check()
         if problems != ["ok"]:
             self._damaged = True
             raise DamagedError(
@@ -675,6 +720,34 @@ class Store:
                 f"Restore it from a backup, or salvage what is readable with: "
                 f"sqlite3 {self.path} .recover")
         self._checked = True
+
+    def _structure_check(self) -> list[str]:
+        """`PRAGMA quick_check` of every b-tree in the file (every page, every record, the free
+        list, NOT NULL), on a read-only connection of its own without the FTS5 module and with
+        CHECK constraints off. Since SQLite 3.44 quick_check also asks FTS5 to re-tokenize every
+        indexed text and compare it with the index, and evaluates each row's CHECK expressions:
+        on 100,000 messages those two are more than half of the check, and they look for
+        logical mistakes, not damage. The search index's own pages are still read and checked
+        here (its shadow tables are ordinary tables); what is left to `integrity_check` is
+        whether its contents agree with the texts, and that index is derived data (`_m2`
+        rebuilds it from the messages), whose damage FTS5 reports as SQLITE_CORRUPT_VTAB (a
+        DamagedError) when it reads it. Writes go through the main connection, where the CHECK
+        constraints hold."""
+        try:
+            con = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
+        except apsw.Error as e:
+            raise self._bad_file(e) from None
+        try:
+            con.set_busy_timeout(self._busy_timeout_ms)
+            # an FTS5 table whose module is not registered is skipped by the check: sqlite's
+            # pragma.c, "if( sqlite3HashFind(&db->aModule, zMod)==0 ) continue;"
+            con.drop_modules(None)
+            return [r[0] for r in con.execute("PRAGMA ignore_check_constraints = ON; "
+                                              "PRAGMA quick_check(3)")]
+        except (apsw.CorruptError, apsw.NotADBError) as e:
+            raise self._bad_file(e) from None
+        finally:
+            con.close()
 
     @contextmanager
     def tx(self) -> Iterator[None]:
@@ -706,7 +779,11 @@ class Store:
     def migrate(self, to: int = SCHEMA_VERSION) -> None:
         """Bring the schema up to `to`, one migration per transaction, and mark the file as a
         dialogue database (application_id) if it was made before files were marked."""
-        v = self.schema_version
+        self._migrate(self.schema_version, self._one("PRAGMA application_id")[0], to)
+
+    def _migrate(self, v: int, app: int, to: int = SCHEMA_VERSION) -> int:
+        """`migrate` from schema version `v` and application id `app` as just read; returns the
+        schema version now."""
         if v > SCHEMA_VERSION:
             raise SchemaError(f"{self.path} has schema version {v}, newer than this dialogue "
                               f"({SCHEMA_VERSION}); upgrade the dialogue package to open it")
@@ -721,10 +798,13 @@ class Store:
                     raise self._bad_file(e) from None
                 self._x(f"PRAGMA user_version = {v + 1}")
                 self._x(f"PRAGMA application_id = {APPLICATION_ID}")
+                app = APPLICATION_ID
             v += 1
-        if self._one("PRAGMA application_id")[0] != APPLICATION_ID:
+        if app != APPLICATION_ID:
             with self.tx():
-                self._x(f"PRAGMA application_id = {APPLICATION_ID}")
+                if self._one("PRAGMA application_id")[0] != APPLICATION_ID:
+                    self._x(f"PRAGMA application_id = {APPLICATION_ID}")
+        return v
 
     def close(self) -> None:
         """Close the connection. Streams this Store began and never finished cannot be finished
@@ -754,11 +834,11 @@ class Store:
         time): any write to either, by anything, changes it. An empty WAL counts as none: opening
         a connection creates one, and it holds nothing."""
         parts = []
-        for f in (self.path, self.path.with_name(self.path.name + "-wal")):
+        for f in (self.path, self._wal):
             try:
                 st = os.stat(f)
                 parts.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-                             if st.st_size or f == self.path else "-")
+                             if st.st_size or f is self.path else "-")
             except OSError:
                 parts.append("-")
         return " ".join(parts)
@@ -778,6 +858,9 @@ class Store:
         self.close()
 
     def integrity_check(self) -> str:
+        """The full check, "ok" or the first problem: what the check before writing does, and
+        also every index against its table, the CHECK constraints, and the search index
+        against the texts it indexes (FTS5 re-tokenizes them all)."""
         return self._one("PRAGMA integrity_check")[0]
 
     # ------------------------------------------------------------ rows <-> objects
@@ -1038,31 +1121,52 @@ class Store:
                      op: str = "create") -> list[Message]:
         """Insert several messages in order, in one transaction (an import, a fork)."""
         with self.tx(), _gc_paused():
-            self._dialogue_row(dialogue_id)
-            if after is not None:
-                index = self._index_of(dialogue_id, after) + 1
-            elif before is not None:
-                index = self._index_of(dialogue_id, before)
             now = time.time()
-            if index is None:  # append: the common case, no need to list positions
-                last = self._one("SELECT max(pos) FROM messages WHERE dialogue_id = ?",
-                                 (dialogue_id,))[0]
-                self._insert(dialogue_id, msgs, [(last or 0.0) + 1.0 + i for i in range(len(msgs))],
-                             now, op)
+            if after is None and before is None and index is None:
+                # append, the common case: the dialogue, its last position and the next row
+                # number in one query, no need to list positions
+                row = self._one("SELECT deleted, (SELECT max(pos) FROM messages WHERE "
+                                "dialogue_id = ?1), (SELECT coalesce(max(n), 0) + 1 FROM messages) "
+                                "FROM dialogues WHERE id = ?1", (dialogue_id,))
+                if row is None or row[0] is not None:
+                    self._dialogue_row(dialogue_id)  # raises the NotFoundError that says which
+                last = row[1] or 0.0
+                self._insert(dialogue_id, msgs, [last + 1.0 + i for i in range(len(msgs))], now,
+                             op, first=row[2])
             else:
+                self._dialogue_row(dialogue_id)
+                if after is not None:
+                    index = self._index_of(dialogue_id, after) + 1
+                elif before is not None:
+                    index = self._index_of(dialogue_id, before)
                 for i, m in enumerate(msgs):
                     # _pos_at needs the row to exist to place the next one after it
                     self._insert(dialogue_id, [m], [self._pos_at(dialogue_id, index + i)], now, op)
             self._touch(dialogue_id, now)
-        return [_copy_message(m) for m in msgs]
+            return [_copy_message(m) for m in msgs]  # (10,000 dicts: still with the GC paused)
 
     def _insert(self, dialogue_id: str, msgs: list[Message], positions: list[float], now: float,
-                op: str) -> None:
+                op: str, first: int | None = None) -> None:
         """Insert messages, their search rows and first versions with one statement per table
         (executemany): an import of 10,000 messages is then bound by SQLite, not by Python
         calls. Row numbers are given, not taken from SQLite, so the search rows can name them;
         the write lock of the transaction keeps max(n) ours. An id already stored (or twice in
-        `msgs`) is replaced by a new one, as ids are random and short."""
+        `msgs`) is replaced by a new one, as ids are random and short: the rows go in under a
+        savepoint, and only if the UNIQUE id constraint refuses them are the ids looked up
+        (rather than looking up every id of every import first)."""
+        if first is None:
+            first = self._one("SELECT coalesce(max(n), 0) + 1 FROM messages")[0]
+        self._x("SAVEPOINT insert_messages")
+        try:
+            self._insert_rows(dialogue_id, msgs, positions, now, op, first)
+        except apsw.ConstraintError:
+            self._x("ROLLBACK TO insert_messages")
+            self._fresh_ids(msgs)
+            self._insert_rows(dialogue_id, msgs, positions, now, op, first)
+        self._x("RELEASE insert_messages")
+
+    def _fresh_ids(self, msgs: list[Message]) -> None:
+        """Give a new id to each message whose id is stored already or came earlier in `msgs`."""
         ids = [m.id for m in msgs]
         taken: set[str] = set()
         for i in range(0, len(ids), 500):
@@ -1076,24 +1180,41 @@ class Store:
                 while m.id in seen or self._one("SELECT 1 FROM messages WHERE id = ?", (m.id,)):
                     m.id = new_id()
             seen.add(m.id)
-        first = self._one("SELECT coalesce(max(n), 0) + 1 FROM messages")[0]
-        # A message with nothing but a kind and a source (most of an import) leaves every other
-        # column to its default, which is what the full statement would have bound.
-        bare_rows, msg_rows, search_rows, version_rows = [], [], [], []
+
+    def _insert_rows(self, dialogue_id: str, msgs: list[Message], positions: list[float],
+                     now: float, op: str, first: int) -> None:
+        # In a batch (an import), a message with nothing but a kind and a source (most of them)
+        # leaves every other column to its default; its search row and first version are then
+        # made by SQLite from the row just inserted (one INSERT ... SELECT each, no Python per
+        # message), its state {"kind": ..., "source": ...} without a code kind or an empty
+        # source, as _compact_state writes it. Only the other messages' rows are made here. A
+        # few messages (a CLI command adding one) take the plain statements: on a new connection
+        # preparing those INSERT ... SELECTs would cost more than they save.
+        bulk = len(msgs) >= _BULK
+        bare_rows, msg_rows, search_rows, version_rows, full = [], [], [], [], []
+        bare = bare_rows.append
         for n, m, pos in zip(range(first, first + len(msgs)), msgs, positions):
-            m.version, m.created, m.updated = 1, now, now
-            kind, state = m.kind.value, _compact_message_state(m)
-            if state.keys() <= _BARE_STATE:
-                bare_rows.append((n, m.id, dialogue_id, pos, kind, m.source, now, now))
-                search_rows.append((n, m.source, ""))
-            else:
-                msg_rows.append((n, m.id, dialogue_id, pos, kind, m.source, _dumps(m.outputs),
-                                 m.execution_count, m.response, _dumps(m.tool_calls),
-                                 _dumps(m.usage), _dumps(m.attachments), _dumps(m.meta),
-                                 int(m.hidden), int(m.pinned), int(m.collapsed), int(m.exported),
-                                 now, now))
-                search_rows.append((n, m.source, _search_output(kind, m.outputs, m.response)))
-            version_rows.append((dialogue_id, m.id, op, now, self._state_json(state)))
+            d = m.__dict__
+            d["version"], d["created"], d["updated"] = 1, now, now
+            kind = d["kind"].value
+            if (d["execution_count"] is None and not (
+                    d["outputs"] or d["response"] or d["tool_calls"] or d["usage"]
+                    or d["attachments"] or d["meta"] or d["hidden"] or d["pinned"]
+                    or d["collapsed"] or d["exported"])):
+                source = d["source"]
+                bare((n, d["id"], dialogue_id, pos, kind, source, now, now))
+                if not bulk:  # the same rows as the INSERT ... SELECTs below make
+                    search_rows.append((n, source, ""))
+                    version_rows.append((dialogue_id, d["id"], op, now, _bare_state(kind, source)))
+                continue
+            full.append(n)
+            msg_rows.append((n, m.id, dialogue_id, pos, kind, m.source, _dumps(m.outputs),
+                             m.execution_count, m.response, _dumps(m.tool_calls), _dumps(m.usage),
+                             _dumps(m.attachments), _dumps(m.meta), int(m.hidden), int(m.pinned),
+                             int(m.collapsed), int(m.exported), now, now))
+            search_rows.append((n, m.source, _search_output(kind, m.outputs, m.response)))
+            version_rows.append((dialogue_id, m.id, op, now,
+                                 self._state_json(_compact_message_state(m))))
         self._many("INSERT INTO messages(n, id, dialogue_id, pos, kind, source, created, updated) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", bare_rows)
         self._many(
@@ -1101,6 +1222,19 @@ class Store:
             "response, tool_calls, usage, attachments, meta, hidden, pinned, collapsed, exported, "
             "version, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
             "1, ?, ?)", msg_rows)
+        if bare_rows and bulk:
+            # the bare rows are the new row numbers but those of the others
+            where = ("FROM messages WHERE n BETWEEN ?1 AND ?2 AND n NOT IN "
+                     "(SELECT value FROM json_each(?3)) ORDER BY n")
+            args = (first, first + len(msgs) - 1, _dumps(full))
+            self._x(f"INSERT INTO search(rowid, source, output) SELECT n, source, '' {where}", args)
+            self._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
+                    "SELECT dialogue_id, id, 1, ?4, ?5, CASE "  # _bare_state, in SQL
+                    "WHEN kind = 'code' AND source = '' THEN '{}' "
+                    "WHEN kind = 'code' THEN json_object('source', source) "
+                    "WHEN source = '' THEN json_object('kind', kind) "
+                    f"ELSE json_object('kind', kind, 'source', source) END {where}",
+                    (*args, op, now))
         self._many("INSERT INTO search(rowid, source, output) VALUES (?, ?, ?)", search_rows)
         self._many("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
                    "VALUES (?, ?, 1, ?, ?, ?)", version_rows)
@@ -1194,6 +1328,10 @@ class Store:
     def _owner_token(self) -> str:
         """This Store's owner token, its lock taken the first time it begins a stream."""
         if self._token is None:
+            # Lock files are made only here, so this is where the ones of Stores that died
+            # without a stream to recover are cleared: a command that never streams (most of
+            # them) does no lock-file work at all.
+            self._locks.sweep(keep=set())
             self._token, self._token_fd = self._locks.hold_run()
         return self._token
 
@@ -1244,8 +1382,6 @@ class Store:
         finally:
             for owner, (_, fd) in verdicts.items():
                 self._locks.forget(owner, fd)
-        if self._locks.dir.is_dir():
-            self._locks.sweep(keep={self._token} if self._token else set())
         return done
 
     def _recover_one(self, msg_id: str, owner: str | None) -> bool:
