@@ -832,7 +832,8 @@ class DialogueService:
         except ImportError as e:
             raise RunError("training needs the train extra: pip install 'dialogue[train]' "
                            f"({e})") from None
-        return train_main(argv, load_dialogues=lambda names: [self.open(n) for n in names])
+        return train_main(argv, load_dialogues=lambda names: [self.open(n) for n in names],
+                          load_history=self.store.history)  # read-only: --preferences' edited answers
 
     # -- the adapter registry --------------------------------------------------------------
 

@@ -10,6 +10,8 @@
   document sees only itself: per-document position ids, from which transformers builds a
   block-diagonal causal mask (varlen attention with flash-attention), and no loss on a
   document's first token, which nothing before it in its own document predicts.
+- Edited answers become preference pairs: the model's answer (rejected) and the user's edit of
+  it (chosen), for the same conversation up to that prompt (`preference_pairs`).
 - `MixSampler` draws every batch's examples from the sources with the probabilities `mix(p)`
   gives at that batch's progress, and records what it drew, so the mix is a curve, not phases.
 """
@@ -28,7 +30,8 @@ from .schedule import MixLike, resolve_mix
 
 __all__ = [
     "Example", "dialogue_messages", "chat_example", "dialogue_examples", "read_docs", "pack_text",
-    "MixSampler", "collate", "DataError", "TEXT_SUFFIXES", "sources_from",
+    "MixSampler", "collate", "DataError", "TEXT_SUFFIXES", "sources_from", "PreferencePair",
+    "preference_pairs", "edited_answers",
 ]
 
 IGNORE = -100
@@ -102,8 +105,9 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool) -> str:
 
 
 def chat_example(messages: Sequence[Mapping[str, str]], tokenizer: Any, max_len: int = 1024,
-                 source: str = "dialogues") -> Example | None:
-    """Tokenize a conversation with the model's chat template; labels only on assistant text.
+                 source: str = "dialogues", last_only: bool = False) -> Example | None:
+    """Tokenize a conversation with the model's chat template; labels only on assistant text
+    (`last_only`: only on the last answer, the others being context).
 
     The assistant spans are found by rendering the template up to each answer (with and without
     the answer) and mapping characters to tokens with the fast tokenizer's offsets, so it works
@@ -130,6 +134,8 @@ def chat_example(messages: Sequence[Mapping[str, str]], tokenizer: Any, max_len:
             raise DataError("the chat template does not render the conversation as a growing prefix; "
                             "cannot tell the assistant's tokens apart")
         spans.append((len(start_text), len(end_text)))
+    if last_only:
+        spans = spans[-1:]
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE] * len(ids)
@@ -154,6 +160,66 @@ def dialogue_examples(dialogues: Iterable[Dialogue], tokenizer: Any, max_len: in
         ex = chat_example(dialogue_messages(d), tokenizer, max_len, source)
         if ex is not None:
             out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------- preferences
+
+# the store's ops whose version holds what a run of the message produced (the model's answer);
+# any later version with another answer is the user's
+RESULT_OPS = ("result", "recovered")
+
+
+@dataclass
+class PreferencePair:
+    """The same conversation ending in the answer the user wanted (`chosen`) and in the one the
+    model gave (`rejected`); labels only on that last answer."""
+
+    chosen: Example
+    rejected: Example
+    source: str = "preferences"
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+def edited_answers(d: Dialogue, history: Any) -> list[tuple[Message, str, str]]:
+    """(prompt message, the model's answer, the answer now) for every visible prompt whose answer
+    the user changed after the model wrote it. `history(message_id)` gives the message's versions
+    oldest first (`store.Version`: `.op` and `.state`); the model's answer is the last one a run
+    of the prompt's current source wrote."""
+    out = []
+    for m in d.messages:
+        if m.kind != Kind.prompt or m.hidden or not m.response.strip():
+            continue
+        model_answer = None
+        for v in history(m.id):
+            st = v.state
+            if v.op in RESULT_OPS and st.get("response", "").strip() and st.get("source") == m.source:
+                model_answer = st["response"]
+        if model_answer is not None and model_answer.strip() != m.response.strip():
+            out.append((m, model_answer, m.response))
+    return out
+
+
+def preference_pairs(dialogues: Iterable[Dialogue], history: Any, tokenizer: Any, max_len: int = 1024,
+                     source: str = "preferences") -> list[PreferencePair]:
+    """A pair per edited answer (`edited_answers`): the conversation up to that prompt as the
+    dialogue holds it now, ending once in the edited answer and once in the model's."""
+    import dataclasses
+    out = []
+    for d in dialogues:
+        for m, rejected, chosen in edited_answers(d, history):
+            i = next(k for k, x in enumerate(d.messages) if x is m)
+            upto = dataclasses.replace(d, messages=d.messages[: i + 1])
+            msgs = dialogue_messages(upto)
+            if not msgs or msgs[-1]["role"] != "assistant":
+                continue
+            good = chat_example(msgs, tokenizer, max_len, source, last_only=True)
+            bad = chat_example([*msgs[:-1], {"role": "assistant", "content": rejected}], tokenizer, max_len,
+                               source, last_only=True)
+            if good is not None and bad is not None:
+                out.append(PreferencePair(good, bad, source))
     return out
 
 
@@ -323,8 +389,10 @@ class MixSampler:
 
 
 def sources_from(dialogues: Iterable[Dialogue] = (), docs: Iterable[str | Path] = (),
-                 texts: Iterable[str] = (), tokenizer: Any = None, seq_len: int = 1024) -> dict[str, list[Example]]:
-    """The two standard sources, `dialogues` and `docs`, from what the caller has."""
+                 texts: Iterable[str] = (), tokenizer: Any = None, seq_len: int = 1024,
+                 history: Any = None) -> dict[str, list[Any]]:
+    """The standard sources, `dialogues` and `docs`, from what the caller has; with `history`
+    (message id -> its versions) also `preferences`, the pairs of the dialogues' edited answers."""
     if tokenizer is None:
         raise DataError("a tokenizer is needed to build examples")
     out: dict[str, list[Example]] = {}
@@ -334,6 +402,11 @@ def sources_from(dialogues: Iterable[Dialogue] = (), docs: Iterable[str | Path] 
         if not out["dialogues"]:
             raise DataError(f"none of the given dialogues has an answered prompt to learn from within "
                             f"the first {seq_len} tokens (hidden messages are left out)")
+    if history is not None:
+        out["preferences"] = preference_pairs(dl, history, tokenizer, seq_len)
+        if not out["preferences"]:
+            raise DataError("none of the given dialogues has an edited answer to learn preferences from "
+                            "(edit a model's answer: the model's version and yours become a pair)")
     all_texts = [*read_docs(docs), *texts]
     if all_texts:
         out["docs"] = pack_text(all_texts, tokenizer, seq_len)

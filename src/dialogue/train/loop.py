@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE, MixSampler, collate
+from .data import IGNORE, MixSampler, PreferencePair, collate
 from .lora import trainable_parameters
 from .schedule import MixLike, ScheduleLike, apply_hyperparameters, cosine, default_lr, warmup
 
@@ -67,6 +67,7 @@ class TrainConfig:
     # logits at once, as before chunking)
     loss_chunk: int | None = None
     compile: bool = False  # torch.compile the adapters' forward (lora.compile_adapters)
+    dpo_beta: float = 0.1  # preference pairs: DPO's beta (how far from the base the adapter may go)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -333,6 +334,43 @@ def _token_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor],
     return nll.sum(), n
 
 
+def _split(drawn: list[Any], pad_id: int) -> tuple[dict[str, torch.Tensor] | None, list[PreferencePair]]:
+    """A drawn micro-batch as a supervised batch (or None) and its preference pairs."""
+    pairs = [e for e in drawn if isinstance(e, PreferencePair)]
+    plain = [e for e in drawn if not isinstance(e, PreferencePair)]
+    return (collate(plain, pad_id) if plain else None), pairs
+
+
+def _answer_logps(model: nn.Module, pairs: list[PreferencePair], pad_id: int, device: torch.device,
+                  chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-likelihood of the chosen and of the rejected answer of each pair."""
+    b = collate([x.chosen for x in pairs] + [x.rejected for x in pairs], pad_id)
+    b = {k: v.to(device) for k, v in b.items()}
+    nll, rows = _token_nll(model, b, chunk)
+    logp = torch.zeros(2 * len(pairs), dtype=nll.dtype, device=nll.device).index_add(0, rows, -nll)
+    return logp[: len(pairs)], logp[len(pairs):]
+
+
+def _preference_loss_sum(model: nn.Module, pairs: list[PreferencePair], pad_id: int, device: torch.device,
+                         cfg: TrainConfig, ref_cache: dict[int, tuple[float, float]]) -> tuple[torch.Tensor, float]:
+    """DPO (Rafailov et al. 2023) summed over the pairs, and the summed reward margin.
+
+    The reference model is the frozen base itself, i.e. the model with its adapters switched off
+    (`lora.adapters_disabled`): no second copy. Its log-likelihoods never change, so each pair's
+    are computed once per run and kept (`ref_cache`, by the pair's identity in the sampler)."""
+    from .lora import adapters_disabled
+    todo = [x for x in pairs if id(x) not in ref_cache]
+    if todo:
+        with torch.no_grad(), adapters_disabled(model):
+            rc, rr = _answer_logps(model, todo, pad_id, device, cfg.loss_chunk)
+        for x, c, r in zip(todo, rc.tolist(), rr.tolist()):
+            ref_cache[id(x)] = (c, r)
+    ref = torch.tensor([ref_cache[id(x)] for x in pairs], dtype=torch.float32, device=device)
+    pc, pr = _answer_logps(model, pairs, pad_id, device, cfg.loss_chunk)
+    margin = cfg.dpo_beta * ((pc - ref[:, 0]) - (pr - ref[:, 1]))
+    return -F.logsigmoid(margin).sum(), float(margin.detach().sum())
+
+
 def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = None, *, pad_id: int = 0,
           resume: bool = True, n_params: int | None = None, rank_hint: int = 16,
           on_step: Callable[[dict[str, Any]], None] | None = None, stop_after: int | None = None) -> TrainResult:
@@ -353,6 +391,9 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters: add adapters first")
+    if world > 1 and any(isinstance(e, PreferencePair) for v in sampler.sources.values() for e in v[:1]):
+        # ranks would run different numbers of backward passes (FSDP's collectives must match)
+        raise ValueError("preference pairs train in one process; run without --nproc")
     if n_params is None:
         from .quant import n_params as count
         n_params = count(model)
@@ -374,7 +415,11 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+    if cfg.compile:
+        from .lora import compile_adapters
+        compile_adapters(model, dynamic=True)  # sequence lengths vary from batch to batch
     model.train()
+    ref_cache: dict[int, tuple[float, float]] = {}  # reference log-likelihoods per pair (frozen base)
     t0, tokens_seen, hyper = time.perf_counter(), 0, []
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     log.info("training steps %d to %d of %d (world %d)", start + 1, end, cfg.steps, world)
@@ -383,24 +428,34 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
             p = step / cfg.steps
             hp = apply_hyperparameters(opt, schedules, p)
             # the mix is evaluated for every micro-batch, at its own progress
-            micro = [collate(sampler.draw(step, p=(step + k / cfg.grad_accum) / cfg.steps), pad_id)
+            micro = [_split(sampler.draw(step, p=(step + k / cfg.grad_accum) / cfg.steps), pad_id)
                      for k in range(cfg.grad_accum)]
-            n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)))
+            counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b, _ in micro if b)),
+                                   float(sum(len(pairs) for _, pairs in micro))], dtype=torch.float64)
             if world > 1:
-                torch.distributed.all_reduce(n_tok)
-            denom = max(1.0, float(n_tok))
-            total = torch.zeros((), dtype=torch.float64)
-            for b in micro:
-                b = {k: v.to(device) for k, v in b.items()}
-                with _autocast(cfg.precision, device):
-                    loss_sum, _ = _token_loss_sum(model, b, cfg.loss_chunk)
-                # FSDP averages gradients over ranks; scale by world so the result is sum/denom.
-                (loss_sum * world / denom).backward()
-                total += loss_sum.detach().double().cpu()
-                tokens_seen += int(b["attention_mask"].sum())
+                torch.distributed.all_reduce(counts)
+            denom, n_pairs = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
+            # the step's loss: mean over target tokens (supervised) + mean over pairs (preference)
+            total = torch.zeros(3, dtype=torch.float64)  # supervised sum, preference sum, margin sum
+            for b, pairs in micro:
+                if b is not None:
+                    b = {k: v.to(device) for k, v in b.items()}
+                    with _autocast(cfg.precision, device):
+                        loss_sum, _ = _token_loss_sum(model, b, cfg.loss_chunk)
+                    # FSDP averages gradients over ranks; scale by world so the result is sum/denom.
+                    (loss_sum * world / denom).backward()
+                    total[0] += loss_sum.detach().double().cpu()
+                    tokens_seen += int(b["attention_mask"].sum())
+                if pairs:
+                    with _autocast(cfg.precision, device):
+                        pref_sum, margin_sum = _preference_loss_sum(model, pairs, pad_id, device, cfg, ref_cache)
+                    (pref_sum * world / n_pairs).backward()
+                    total[1] += pref_sum.detach().double().cpu()
+                    total[2] += margin_sum
+                    tokens_seen += sum(len(x.chosen) + len(x.rejected) for x in pairs)
             if world > 1:
                 torch.distributed.all_reduce(total)
-            loss = float(total / denom)
+            loss = float(total[0] / denom + total[1] / n_pairs)
             if not math.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 where = f"; the last good checkpoint ({ckpt}) is intact" if ckpt and ckpt.exists() else ""
@@ -417,6 +472,9 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
                    "tokens_per_s": tokens_seen * world / elapsed if elapsed else 0.0,
                    "peak_mem_mb": peak_memory_bytes(device) / 2**20,
                    "mix": sampler.history[-1]["weights"] if sampler.history else {}}
+            if counts[1]:  # preference pairs in this step: their loss and reward margin
+                rec.update(sft_loss=float(total[0] / denom) if counts[0] else None,
+                           pref_loss=float(total[1] / n_pairs), pref_margin=float(total[2] / n_pairs))
             log.debug("step %d/%d: loss %.4f, lr %.3g, %.0f tokens/s, peak %.0f MB", step + 1,
                       cfg.steps, loss, hp.get("lr", float("nan")), rec["tokens_per_s"],
                       rec["peak_mem_mb"])
@@ -482,14 +540,18 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
              seq_len: int = 512, mix: MixLike = None, config: TrainConfig | None = None,
              gradient_checkpointing: bool = False, export: bool = True, base: Any = None,
              resume: bool = True, dtype: torch.dtype = torch.float32, offload: bool = False,
-             offload_prefetch: int = 1) -> FinetuneResult:
+             offload_prefetch: int = 1, history: Any = None) -> FinetuneResult:
     """Load the base, build the data, put adapters on, train, and export the adapter (PEFT
     safetensors always; GGUF for LoRA on a GGUF base). Only the data is required.
 
     `offload=True` keeps the frozen base in host memory and brings one decoder layer at a time
     (plus `offload_prefetch` ahead) to the device (`offload.py`); it turns gradient checkpointing on,
     since offload needs it. With several processes it is FSDP2's CPUOffloadPolicy instead
-    (`fsdp.shard(offload=True)`), which also keeps the adapter shards and the optimizer on the CPU."""
+    (`fsdp.shard(offload=True)`), which also keeps the adapter shards and the optimizer on the CPU.
+
+    `history` (a message id -> its stored versions, oldest first) adds a `preferences` source:
+    the dialogues' edited answers as (model's answer, user's answer) pairs, trained with DPO
+    against the adapter-off base and mixed with the other sources by `mix` like any of them."""
     from . import export as ex
     from .data import sources_from
     from .lora import DEFAULT_TARGETS, AdapterSpec, add_adapters, enable_checkpointing
@@ -506,7 +568,7 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
         b = load_base(model, quant=quant, dtype=dtype, device="cpu" if offload else dev,
                       quant_storage=dtype if world > 1 else torch.uint8)
     dialogues, docs = list(dialogues), list(docs)
-    sources = sources_from(dialogues, docs, texts, tokenizer=b.tokenizer, seq_len=seq_len)
+    sources = sources_from(dialogues, docs, texts, tokenizer=b.tokenizer, seq_len=seq_len, history=history)
     sampler = MixSampler(sources, mix=mix, batch_size=cfg.batch_size, total_steps=cfg.steps,
                          seed=cfg.seed, rank=rank, world_size=world)
     spec = AdapterSpec(method=method, r=r, alpha=alpha, dropout=dropout,

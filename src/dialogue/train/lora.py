@@ -26,7 +26,7 @@ from .quant import GGUFLinear, dense_weight
 __all__ = [
     "AdapterSpec", "AdapterLinear", "AdapterTensors", "add_adapters", "remove_adapters",
     "adapter_tensors", "trainable_parameters", "enable_checkpointing", "is_peft", "DEFAULT_TARGETS",
-    "AdapterError", "unwrap",
+    "AdapterError", "unwrap", "compile_adapters",
 ]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -277,3 +277,19 @@ def adapters_disabled(model: nn.Module):
     finally:
         for m, f in zip(layers, saved):
             m.forward = f  # type: ignore[method-assign]
+
+
+def compile_adapters(model: nn.Module, **options: Any) -> int:
+    """`torch.compile` every adapted linear in place (its base layer and the LoRA/DoRA update
+    together, so the update's small matmuls, scaling and DoRA's norm fuse); returns how many.
+    `nn.Module.compile` keeps parameter names, so checkpoints and export are unchanged. The
+    decoder layers are left alone: gradient checkpointing and offload hook them."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, AdapterLinear) or (hasattr(m, "lora_A") and hasattr(m, "base_layer")
+                                            and isinstance(getattr(m, "lora_A"), nn.ModuleDict)):
+            m.compile(**options)
+            n += 1
+    if not n:
+        raise AdapterError("no adapters to compile: add adapters first")
+    return n

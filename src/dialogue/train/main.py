@@ -22,6 +22,7 @@ from ..document import ContextItem, Dialogue, Message
 __all__ = ["train_main", "build_parser", "dialogues_to_jsonl", "dialogues_from_jsonl", "parse_mix"]
 
 LoadDialogues = Callable[[list[str]], list[Dialogue]]
+LoadHistory = Callable[[str], list[Any]]  # a message id -> its stored versions, oldest first
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--docs", nargs="+", default=[], metavar="PATH", help="text files or folders")
     d.add_argument("--mix", nargs="+", default=None, metavar="SOURCE=START[:END]",
                    help="source weights, constant or linear in progress, e.g. docs=0.75:0.25 dialogues=0.25:0.75")
+    d.add_argument("--preferences", action="store_true",
+                   help="also learn from your corrections: each answer you edited in the given dialogues is a "
+                        "pair (the model's answer, yours), trained with DPO against the adapter-off base; a "
+                        "source named 'preferences' for --mix (e.g. --mix preferences=1 for pairs only)")
+    d.add_argument("--beta", type=float, default=0.1, help="DPO's beta for --preferences (default 0.1)")
     d.add_argument("--seq-len", type=int, default=512)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="local:default", help="local:default, a .gguf file or a HF model directory")
@@ -69,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-export", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--nproc", type=int, default=1, help="processes (FSDP2 via torchrun)")
+    t.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
+                   help="tokens per chunk of the LM head and loss (default: 128 MiB of logits; 0: no chunking)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the adapters' forward")
     return p
 
 
@@ -121,21 +130,30 @@ def dialogues_from_jsonl(path: Path) -> list[Dialogue]:
     return out
 
 
-def train_main(argv: list[str], load_dialogues: LoadDialogues | None = None) -> int:
-    """Entry point of `dialogue train`; returns the exit status."""
+def train_main(argv: list[str], load_dialogues: LoadDialogues | None = None,
+               load_history: LoadHistory | None = None) -> int:
+    """Entry point of `dialogue train`; returns the exit status. `load_history` reads a
+    message's versions (for --preferences)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed by argparse
         return int(e.code or 0)
     try:
-        return _run(args, argv, load_dialogues)
+        return _run(args, argv, load_dialogues, load_history)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
-def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogues | None) -> int:
+def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogues | None,
+         load_history: LoadHistory | None = None) -> int:
+    if args.preferences:
+        if not args.data_dialogues or load_history is None:
+            raise ValueError("--preferences needs --data-dialogues from the dialogue store (run through "
+                             "`dialogue train`): the edited answers are in its version history")
+        if args.nproc > 1:
+            raise ValueError("--preferences trains in one process; leave out --nproc")
     dialogues: list[Dialogue] = []
     if args.data_dialogues:
         if load_dialogues is None:
@@ -196,12 +214,14 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                           lr=_lr_schedule(args, base.info["n_params"]), weight_decay=args.weight_decay,
                           seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
-                          precision="bf16" if args.bf16 else "auto", progress=not args.no_progress)
+                          precision="bf16" if args.bf16 else "auto", progress=not args.no_progress,
+                          loss_chunk=args.loss_chunk, compile=args.compile, dpo_beta=args.beta)
         res = finetune(base=base, dialogues=dialogues, docs=args.docs, method=args.method, quant=args.quant,
                        r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
                        seq_len=args.seq_len, mix=mix, config=cfg, gradient_checkpointing=args.gradient_checkpointing,
                        export=not args.no_export, resume=not args.no_resume, offload=args.offload,
-                       offload_prefetch=args.offload_prefetch)
+                       offload_prefetch=args.offload_prefetch,
+                       history=load_history if args.preferences else None)
         rank = torch.distributed.get_rank() if distributed else 0
         if rank == 0:
             r = res.result
