@@ -185,3 +185,24 @@ def test_the_cli_draws_bars_on_a_terminal_and_nothing_in_a_pipe(tmp_path):
     assert rc == 0 and "converting cells" in err and "storing 300 messages" in err
     rc, out, err = cli(db, "import", str(path), "--name", "again")
     assert rc == 0 and "converting cells" not in err and "imported 300 messages" in out
+
+
+async def test_a_first_prompt_reports_the_models_load_before_its_answer(tmp_path, monkeypatch):
+    """The local provider's first prompt loads the model: the stream says how far (a Progress
+    with the task, as the web cell and the terminal show it), then reads and answers."""
+    from dialogue.llm.base import Progress, Request, TextDelta, Turn, get_provider
+    monkeypatch.setenv("DIALOGUE_CACHE_DIR", str(tmp_path / "kv"))
+    prov = get_provider("local:default")
+    # a context size no other test uses: a process of its own, not started yet
+    req = Request(model="local:default", max_tokens=2, meta={"n_ctx": 1536, "kv_cache": False},
+                  messages=[Turn("user", "Hi")])
+    try:
+        events = [e async for e in prov.stream(req)]
+    finally:
+        prov.runtime.close()
+    loads = [e for e in events if isinstance(e, Progress) and e.task]
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    assert loads and all(events.index(p) < first_text for p in loads)
+    assert loads[0].read == 0 and loads[-1].read == 100 and loads[-1].total == 100
+    assert loads[0].describe() == "loading the model smollm2: 0%"
+    assert loads[-1].describe() == "loading the model smollm2: 100%"

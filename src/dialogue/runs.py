@@ -50,7 +50,8 @@ class RunEvent:
 
     type: "output" (data: an nbformat output, or a clear_output / update_display_data control),
     "text" (data: a piece of the model's answer), "tool_call" / "tool_result" (data: dicts),
-    "progress" (data: {"read", "total", "eta_s"}: how far a local model has read the prompt),
+    "progress" (data: {"read", "total", "eta_s", "task"}: how far a local model has read the prompt,
+    or with a task, loaded itself, in percent),
     "input" (data: {"prompt", "password"}: the cell waits for a line of input, see
     `Runs.reply`; None: the question was answered),
     "error" (data: a message for the user), and last "done" (data: the stored Message)."""
@@ -543,7 +544,7 @@ class Runs:
                     run.publish(RunEvent("tool_call", m.id, answer.tool_calls[-1]))
                 elif isinstance(ev, Progress):
                     run.publish(RunEvent("progress", m.id, {"read": ev.read, "total": ev.total,
-                                                             "eta_s": ev.eta_s}))
+                                                             "eta_s": ev.eta_s, "task": ev.task}))
                 elif getattr(ev, "type", "") == "tool_result":
                     run.publish(RunEvent("tool_result", m.id, ev.to_dict()))
         except asyncio.CancelledError:

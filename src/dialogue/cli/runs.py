@@ -60,7 +60,8 @@ def terminal_input(pause: Any = None, echoes: list[str] | None = None) -> Any:
 
 
 def _progress(data: dict[str, Any]) -> Progress:
-    return Progress(int(data.get("read") or 0), int(data.get("total") or 0), data.get("eta_s"))
+    return Progress(int(data.get("read") or 0), int(data.get("total") or 0), data.get("eta_s"),
+                    str(data.get("task") or ""))
 
 
 class ReadingLine:

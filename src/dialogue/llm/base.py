@@ -118,11 +118,16 @@ class Progress:
     read: int
     total: int
     eta_s: float | None = None
+    # another wait before the answer, in percent (read of total 100): "loading the model X"
+    task: str = ""
     type: Literal["progress"] = "progress"
 
     def describe(self) -> str:
         """The words every surface shows ("reading the prompt: 1,024 / 5,354 tokens · about
-        40 s left"), so the web cell and the terminal say the same thing."""
+        40 s left", "loading the model smollm2: 45%"), so the web cell and the terminal say the
+        same thing."""
+        if self.task:
+            return f"{self.task}: {round(100 * self.read / max(1, self.total))}%"
         text = f"reading the prompt: {self.read:,} / {self.total:,} tokens"
         if self.eta_s is None or self.read >= self.total:
             return text

@@ -42,7 +42,7 @@ from typing import AsyncIterator
 from ..gguf import models as local_models
 from ..local.process import ModelProcess, get_model_process
 from ..local.runtime import DEFAULT_N_CTX, GenStats, Prompt, Sampling
-from ..progress import OnProgress
+from ..progress import OnProgress, Step
 from .base import ModelInfo, register_models
 from .base import (ContextTooLongError, Done, ProviderError, Event, Progress, Request, TextDelta, ToolCall, ToolSpec, Turn,
                    Usage, register)
@@ -180,6 +180,9 @@ class LocalProvider:
         if request.meta.get("n_ctx") and self._runtime is None:
             self._n_ctx = int(request.meta["n_ctx"])
         msgs, prefill = request_messages(request)
+        if not self.runtime.alive:  # the first prompt loads the model: say how far it is
+            async for step in _loading(self.runtime):
+                yield Progress(int(step.done), int(step.total or 100), None, task=step.task)
         # loading the model and rendering a long dialogue take long enough to stall a server
         prompt = await asyncio.to_thread(
             lambda: self.runtime.build_prompt(msgs, prefill, chat_format=self.spec.chat_format))
@@ -245,6 +248,29 @@ class LocalProvider:
         yield Usage(input=stats.prompt_tokens - stats.cached - write, output=stats.generated,
                     cache_read=stats.cached, cache_write=write)
         yield Done(stop_reason)
+
+
+async def _loading(rt: ModelProcess) -> AsyncIterator[Step]:
+    """Start the model process in a thread, yielding its load `Step`s as they come; a load
+    error is raised here, as the prompt would have met it."""
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue[Step] = asyncio.Queue()
+    started = loop.run_in_executor(None, rt.start, lambda s: loop.call_soon_threadsafe(steps.put_nowait, s))
+    while True:
+        got = asyncio.ensure_future(steps.get())
+        await asyncio.wait({got, started}, return_when=asyncio.FIRST_COMPLETED)
+        if got.done():
+            step = got.result()
+            if not step.finished:
+                yield step
+            continue
+        got.cancel()
+        break
+    while not steps.empty():  # what landed just before the load returned
+        step = steps.get_nowait()
+        if not step.finished:
+            yield step
+    started.result()
 
 
 def _partial(text: str, marker: str) -> int:

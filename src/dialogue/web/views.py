@@ -872,7 +872,7 @@ def read_progress(mid: str, progress: dict[str, Any] | None) -> Any:
         return Div(id=f"p-{mid}", cls="read-progress", hidden=True)
     from ..service import Progress
     p = Progress(int(progress.get("read") or 0), int(progress.get("total") or 0),
-                 progress.get("eta_s"))
+                 progress.get("eta_s"), str(progress.get("task") or ""))
     return Div(Progress_(value=str(p.read), max=str(max(p.total, 1))),
                Span(p.describe(), cls="read-progress-text"),
                id=f"p-{mid}", cls="read-progress", role="status")
