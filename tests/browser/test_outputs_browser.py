@@ -124,3 +124,32 @@ def test_maths_in_a_note_is_mathml_and_prose_dollars_stay_prose(page: Page, serv
     expect(view.locator("code")).to_have_text("$z$")
     assert not re.search(r"\$y|\$\$", view.inner_text())
     check_clean(page, server)
+
+
+def test_the_html_export_shows_maths_colours_and_a_long_output_without_script(page: Page, server) -> None:
+    """The exported page (no script allowed by its policy) has the same behaviours: MathML laid
+    out, colours, and a long output's box opened by its toggle."""
+    from dialogue.artifacts import to_html
+    from dialogue.document import Dialogue, Message
+
+    d = Dialogue(name="export", messages=[
+        Message(kind="note", source="Let $y = f(x)$ and $$\\sum_{i=1}^n i = \\frac{n(n+1)}{2}$$"),
+        Message(kind="code", source="progress()", outputs=[
+            {"output_type": "stream", "name": "stderr",
+             "text": "\r  0%|\r 50%|#####\r100%|##########| \x1b[32mdone\x1b[0m\n"},
+            {"output_type": "stream", "name": "stdout",
+             "text": "".join(f"line {i}\n" for i in range(300))}])])
+    page.set_content(to_html(d))
+    expect(page.locator("math")).to_have_count(2)
+    assert page.locator("mfrac").bounding_box()["height"] > 0
+    bar = page.locator("pre.output.stderr")
+    expect(bar).to_have_text("100%|##########| done\n")
+    assert bar.locator("span.ansi-green-fg").evaluate("s => getComputedStyle(s).color") == "rgb(0, 162, 80)"
+    pre = page.locator(".output-long pre.output")
+    size = "p => [p.clientHeight, p.scrollHeight]"
+    client, full = pre.evaluate(size)
+    assert client < full / 3
+    page.locator(".output-long summary").click()
+    client, full = pre.evaluate(size)
+    assert client >= full - 1
+    assert page.watch.errors == [], page.watch.errors
