@@ -33,7 +33,6 @@ from functools import lru_cache
 from typing import Any
 
 import nh3
-import latex2mathml.converter
 from markdown_it import MarkdownIt
 from mdit_py_plugins.amsmath import amsmath_plugin
 from mdit_py_plugins.dollarmath import dollarmath_plugin
@@ -155,6 +154,8 @@ def render_math(latex: str, display: bool = False) -> str:
     """LaTeX maths -> MathML (latex2mathml), wrapped in `<span class="math inline">` or
     `<span class="math display">`. LaTeX it cannot read is shown as written, in a code span
     with class `math-error` (and its reason as the title), never dropped."""
+    import latex2mathml.converter  # on the first formula: 15 ms of import a CLI call rarely needs
+
     cls = "math display" if display else "math inline"
     try:
         mathml = latex2mathml.converter.convert(latex.strip(),
