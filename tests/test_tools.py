@@ -106,7 +106,10 @@ async def test_run_tool_results_and_errors(fresh_calls: Kernel):
     text, err = await run_tool(k, "run_python", {"code": "__import__('time').sleep(30)"}, timeout=1)
     assert err and "did not finish" in text
     assert await run_tool(k, "run_python", {"code": "1 + 1"}) == ("2", False)  # the kernel lives on
-    assert (await k.eval("len(calls)")) == "3"  # list_files, the run_python that timed out, 1 + 1
+    # what a tool prints reaches the model as a page shows it: the progress bar's last state
+    assert await run_tool(k, "run_python", {"code": "print(' 50%\\r\\x1b[32m100%\\x1b[0m') or 7"}) == \
+        ("100%\n7", False)
+    assert (await k.eval("len(calls)")) == "4"  # list_files, the run_python that timed out, 1 + 1, 7
 
 
 # ---------------------------------------------------------------- the loop, over HTTP

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Literal, Sequence
 
 from .llm.base import Done, Event, Provider, Request, TextDelta, ToolCall, ToolCallReq, ToolSpec, Turn
+from .render import plain_text
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -117,7 +118,8 @@ async def run_tool(kernel: "Kernel", name: str, arguments: dict[str, Any], *, ti
     except ExecutionError as e:  # KeyboardInterrupt and the like, outside the function's try
         return f"{name} was stopped: {e}", True
     got = json.loads(raw or "null") or {"ok": False, "text": "no result came back"}
-    return _cap(got["text"], limit), not got["ok"]
+    # what the tool printed as a page shows it: a progress bar's last state, no escape codes
+    return _cap(plain_text(got["text"]), limit), not got["ok"]
 
 
 async def tool_loop(provider: Provider, request: Request, kernel: "Kernel", *, max_steps: int = 10,
