@@ -496,3 +496,19 @@ def test_fresh_kernel_outputs_round_trip(tmp_path):
     assert d.messages[8].outputs[0]["ename"] == "ZeroDivisionError"
     back = nbformat.reads(to_ipynb_bytes(d).decode(), as_version=4)
     assert canonical(back, ids=True) == canonical(nbformat.read(path, as_version=4), ids=True)
+
+
+def test_a_saved_progress_bar_is_stored_as_jupyter_shows_it():
+    """A notebook saved with a progress bar's raw text (every redraw, \r between them) is stored
+    as its last state, as JupyterLab keeps it once it opened the file; other text is kept as is."""
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("train()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr",
+                               text="".join(f"\r{i:3d}%|{'#' * (i // 10)}" for i in range(101)) + "\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="\x1b[32mok\x1b[0m\n"),
+        nbformat.v4.new_output("execute_result", data={"text/plain": "a\rb"}, execution_count=1)]
+    nb.cells = [cell]
+    outs = read_notebook(nbformat.writes(nb)).messages[0].outputs
+    assert outs[0]["text"] == "100%|##########\n"
+    assert outs[1]["text"] == "\x1b[32mok\x1b[0m\n" and outs[2]["data"]["text/plain"] == "a\rb"

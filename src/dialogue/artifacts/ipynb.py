@@ -78,6 +78,7 @@ from nbformat.validator import ValidationError, normalize
 
 from dialogue.artifacts.module import export_directive
 from dialogue.document import ContextItem, Dialogue, Kind, Message, new_id
+from dialogue.kernel.outputs import collapse_stream
 from dialogue.trust import is_local_id
 from dialogue.progress import OnProgress, Steps
 
@@ -302,6 +303,18 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def _outputs(outputs: Any) -> Any:
+    """A code cell's outputs as plain data, each stream's text as Jupyter shows it: a notebook
+    saved with the raw text of a progress bar (one redraw a line once its \\r are lost) is
+    stored as its last state, as JupyterLab keeps it once it has opened the file."""
+    out = _plain(outputs)
+    if isinstance(out, list):
+        out = [{**o, "text": collapse_stream(o["text"])}
+               if isinstance(o, dict) and o.get("output_type") == "stream"
+               and isinstance(o.get("text"), str) else o for o in out]
+    return out
+
+
 def _truthy_flag(meta: dict[str, Any], key: str) -> bool:
     """Pop `key` when it is set (true or 1) and say so; leave a falsy value in place."""
     v = meta.get(key)
@@ -351,7 +364,7 @@ def _cell_to_message(cell: NotebookNode, i: int, label: str, keep_ids: bool,
     ct = cell.cell_type
     fields: dict[str, Any] = {"meta": meta, "source": source}
     if ct == "code":
-        fields.update(kind=Kind.code, outputs=_plain(cell.get("outputs", [])),
+        fields.update(kind=Kind.code, outputs=_outputs(cell.get("outputs", [])),
                       execution_count=cell.get("execution_count"))
     elif ct == "raw":
         fields["kind"] = Kind.raw
