@@ -528,7 +528,7 @@ class Kernel:
         if died is not None:
             res.status = "timeout" if killed else "died"
             res.message = died
-            log.warning("kernel %s: %s", self.label, died)
+            log.info("kernel %s: %s", self.label, died)  # the run reports it to the user
             tail = self._log_tail(800) if proc.poll() is not None and not self._stop_reason else ""
             if tail:
                 res.message += f"\nKernel log:\n{tail}"

@@ -219,7 +219,7 @@ class ModelProcess:
         waiting = link.end()
         if waiting and code != 0:
             self.crashes += 1
-            log.warning("the model process of %s %s", self.spec.name, exit_text)
+            log.info("the model process of %s %s", self.spec.name, exit_text)
         if waiting:
             tail = self.stderr_tail(600).strip().splitlines()
             hint = f" (its last words: {tail[-1][:200]})" if tail else ""
