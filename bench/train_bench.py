@@ -16,12 +16,29 @@ that way (adapters start as the identity): the report ends with it per base mode
 hqq), on the same batch, with its difference from served. Ratios are against `peft-lora-nf4`, in
 the same run.
 
+Logits table (`--logits`): peak memory and step time of one training step at several sequence
+lengths, each configuration in its own process (its own peak RSS): `before` (the LM head and loss
+over the whole sequence at once, as the trainer did), `after` (the checkpointed loss chunks), both
+on the served GGUF weights with our LoRA, and `peft-bnb` (plain PEFT + bitsandbytes NF4 with the
+whole-sequence loss, what users run elsewhere); `compiled` adds `after` with torch.compile'd
+adapters. `step MB` is the peak over the RSS after loading, i.e. what the step itself needed:
+
+    python bench/train_bench.py --logits --model local:gemma3-270m --seqs 512 1024 2048 [--compile]
+
 GPU mode, a Llama-3-8B-shaped model with random weights (nothing downloaded), quantized to NF4
 layer by layer as it is built, reporting tokens/s, peak memory and model FLOPs utilisation against
 the chip's bf16 peak:
 
     python bench/train_bench.py --gpu [--batch 1] [--seq 2048] [--steps 5]
     python bench/train_bench.py --gpu --dry-run    # same code, tiny shape, on CPU (a shape check)
+
+On the GPU machine, one script, a few minutes (random weights: nothing to download; the
+environment needs the `train` and `gpu` extras with a CUDA torch):
+
+    python bench/train_bench.py --gpu --steps 3 --seq 2048 --json [--compile]
+
+peft-* rows are plain PEFT + bitsandbytes (the baseline); ours-* rows add Liger's kernels and
+the fused loss; bf16 compute over the NF4 base in every row.
 """
 from __future__ import annotations
 
@@ -55,7 +72,8 @@ BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
                     "L4": 121.0, "RTX 4090": 165.0, "B200": 2250.0, "GH200": 989.0}
 
 
-def _step_loop(model, batch: dict, steps: int, precision: str, device: torch.device) -> dict:
+def _step_loop(model, batch: dict, steps: int, precision: str, device: torch.device,
+               loss_chunk: int | None = None) -> dict:
     from dialogue.train.lora import trainable_parameters
     from dialogue.train.loop import _token_loss_sum
     params = list(trainable_parameters(model).values())
@@ -69,7 +87,7 @@ def _step_loop(model, batch: dict, steps: int, precision: str, device: torch.dev
             torch.cuda.synchronize()
         t = time.perf_counter()
         with ac:
-            loss, n = _token_loss_sum(model, batch)
+            loss, n = _token_loss_sum(model, batch, loss_chunk)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -227,6 +245,71 @@ def first_batch_loss_by_mode(rows: dict) -> dict[str, float]:
     return out
 
 
+# ---------------------------------------------------------------- logits table
+
+LOGITS_CONFIGS = {
+    # name: (quant, impl, loss_chunk (None: automatic chunks, 0: whole sequence), compile)
+    "before": ("served", "ours", 0, False),
+    "after": ("served", "ours", None, False),
+    "peft-bnb": ("nf4", "peft", 0, False),
+    "compiled": ("served", "ours", None, True),
+}
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_one_logits(name: str, args: argparse.Namespace) -> dict:
+    """One configuration of the logits table, in this (fresh) process."""
+    from dialogue.train.lora import AdapterSpec, add_adapters, compile_adapters
+    from dialogue.train.quant import load_base
+    quant, impl, chunk, compiled = LOGITS_CONFIGS[name]
+    b = load_base(args.model, quant=quant)
+    m = add_adapters(b.model, AdapterSpec(method="lora", r=args.r, impl=impl, seed=0))
+    if compiled:
+        compile_adapters(m, dynamic=False)
+    batch = _cpu_batch(b.tokenizer, args.batch, args.seq)
+    loaded = _rss_mb()
+    res = _step_loop(m, batch, args.steps, "fp32", torch.device("cpu"), loss_chunk=chunk)
+    peak = _peak_rss_mb()
+    res.update(name=name, seq=args.seq, peak_rss_mb=peak, loaded_rss_mb=loaded, step_mb=peak - loaded)
+    return res
+
+
+def logits_main(args: argparse.Namespace) -> None:
+    names = ["before", "after", "peft-bnb"] + (["compiled"] if args.compile else [])
+    rows = []
+    for seq in args.seqs:
+        for n in names:
+            cmd = [sys.executable, __file__, "--one-logits", n, "--steps", str(args.steps), "--batch",
+                   str(args.batch), "--seq", str(seq), "--r", str(args.r), "--model", args.model]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{n} at {seq}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(f"  done {n:9s} seq {seq:5d}: {r['s_per_step']:.1f} s/step, peak {r['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
+    print(f"CPU, {args.model}, batch {args.batch}, r={args.r}, all linears; mean of {args.steps} step(s) after a "
+          f"warm-up; one process per row; {torch.get_num_threads()} threads")
+    print(f"{'seq':>5s} {'config':9s} {'s/step':>7s} {'tok/s':>7s} {'peak MB':>8s} {'step MB':>8s} "
+          f"{'vs before':>9s} {'1st loss':>9s}")
+    for seq in args.seqs:
+        by = {r["name"]: r for r in rows if r["seq"] == seq}
+        ref = by.get("before")
+        for n, r in by.items():
+            ratio = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:8.2f}x" if ref else "      n/a"
+            print(f"{seq:5d} {n:9s} {r['s_per_step']:7.2f} {r['tokens_per_s']:7.1f} {r['peak_rss_mb']:8.0f} "
+                  f"{r['step_mb']:8.0f} {ratio} {r['first_batch_loss']:9.4f}")
+    if args.json:
+        print(json.dumps(rows))
+
+
 # ---------------------------------------------------------------- GPU (Llama-3-8B shape)
 
 def llama3_8b_config(dry_run: bool):
@@ -289,6 +372,19 @@ def gpu_peak_tflops(override: float | None) -> tuple[float | None, str]:
     return None, name
 
 
+def _apply_liger(model) -> str:
+    """Liger's RMSNorm, RoPE and SwiGLU kernels on this model (the `gpu` extra); the loss's fused
+    linear + cross-entropy is the trainer's own CUDA path (loop._liger_loss_sum)."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError:
+        return "none (pip install 'dialogue[gpu]' for Liger's kernels)"
+    from dialogue.train.lora import unwrap
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=unwrap(model))
+    return "Liger RMSNorm, RoPE, SwiGLU, fused linear+CE"
+
+
 def gpu_main(args: argparse.Namespace) -> None:
     from dialogue.train.lora import AdapterSpec, add_adapters, enable_checkpointing, remove_adapters
     device = torch.device("cuda") if (torch.cuda.is_available() and not args.dry_run) else torch.device("cpu")
@@ -307,14 +403,25 @@ def gpu_main(args: argparse.Namespace) -> None:
     print(f"Llama-3-8B shape{' (dry run: tiny)' if args.dry_run else ''}: {cfg.num_hidden_layers} layers, "
           f"hidden {cfg.hidden_size}; NF4 base built in {build_s:.1f}s on {chip}; batch {args.batch} x seq {seq}")
     rows = {}
-    for impl, method in (("peft", "lora"), ("ours", "lora"), ("peft", "dora"), ("ours", "dora")):
+    # peft-*: plain PEFT + bitsandbytes as users run it (stock modules, the loss over whole-sequence
+    # logits); ours-*: with Liger's RMSNorm, RoPE and SwiGLU kernels patched in and the fused
+    # linear + cross-entropy loss (the trainer's CUDA path), or the chunked loss without Liger.
+    # Liger patches the model in place, so the plain rows run first.
+    kernels = "none"
+    for impl, method in (("peft", "lora"), ("peft", "dora"), ("ours", "lora"), ("ours", "dora")):
         name = f"{impl}-{method}-nf4"
+        if impl == "ours" and kernels == "none":
+            kernels = _apply_liger(model) if device.type == "cuda" else "none (CPU)"
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         m = add_adapters(model, AdapterSpec(method=method, r=args.r, impl=impl))
         enable_checkpointing(m)
-        r = _step_loop(m, batch, args.steps, "bf16" if device.type == "cuda" else "fp32", device)
+        if impl == "ours" and args.compile:
+            from dialogue.train.lora import compile_adapters
+            compile_adapters(m)
+        r = _step_loop(m, batch, args.steps, "bf16" if device.type == "cuda" else "fp32", device,
+                       loss_chunk=0 if impl == "peft" else None)
         r["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
         r["mfu"] = (r["tokens_per_s"] * fpt / (peak * 1e12)) if peak else None
@@ -323,6 +430,7 @@ def gpu_main(args: argparse.Namespace) -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"  {name:15s} {r['tokens_per_s']:9.1f} tok/s  peak {r['peak_mem_gb']:6.2f} GB  MFU {mfu}  "
               f"loss {r['first_batch_loss']:.3f}", flush=True)
+    print(f"fused kernels in the ours-* rows: {kernels}")
     base = rows["peft-lora-nf4"]
     print(f"ratios vs peft-lora-nf4 (same run; MFU vs {peak or 'unknown'} TFLOP/s bf16):")
     for n, r in rows.items():
@@ -335,7 +443,19 @@ def main(argv: list[str] | None = None) -> None:
     p = bench_parser(__doc__)
     p.add_argument("--configs", nargs="+", choices=list(CPU_CONFIGS))
     p.add_argument("--checkpointing", action="store_true")
-    dispatch(p.parse_args(argv), gpu_main=gpu_main, one=run_one_cpu, cpu_main=cpu_main)
+    p.add_argument("--logits", action="store_true", help="the logits table (see above)")
+    p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--compile", action="store_true", help="--logits: add a row with torch.compile'd adapters; --gpu: compile the ours-* adapters")
+    p.add_argument("--one-logits", choices=list(LOGITS_CONFIGS), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one_logits:
+        torch.manual_seed(0)
+        print(json.dumps(run_one_logits(args.one_logits, args)))
+    elif args.logits:
+        torch.manual_seed(0)
+        logits_main(args)
+    else:
+        dispatch(args, gpu_main=gpu_main, one=run_one_cpu, cpu_main=cpu_main)
 
 
 def bench_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -20,10 +20,10 @@ _EXPORTS = {
     "NonFiniteLossError": "loop",
     "load_base": "quant", "Base": "quant", "ModelLoadError": "quant", "GGUFLinear": "quant",
     "AdapterSpec": "lora", "add_adapters": "lora", "remove_adapters": "lora", "adapter_tensors": "lora",
-    "AdapterError": "lora",
+    "AdapterError": "lora", "compile_adapters": "lora",
     "save_peft": "export", "save_gguf": "export",
     "MixSampler": "data", "dialogue_examples": "data", "pack_text": "data", "read_docs": "data",
-    "DataError": "data",
+    "DataError": "data", "PreferencePair": "data", "preference_pairs": "data",
     "train_main": "main",
     "Offloader": "offload", "OffloadError": "offload", "get_offloader": "offload",
 }
