@@ -137,11 +137,16 @@ def test_loss_over_answer_positions_only_equals_full_logits(tiny):
     assert n == 6 and torch.allclose(loss, ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, None])
-def test_chunked_loss_equals_unchunked_loss_and_gradients(tiny, chunk):
-    """The LM head and the loss run a few tokens at a time under checkpointing; the loss and
-    every adapter gradient equal those of the full logits (`chunk=0`) within float tolerance."""
+@pytest.mark.parametrize("chunk,cap,head_trained", [(1, None, False), (3, None, False), (7, None, False),
+                                                   (None, None, False), (3, 2.0, False), (3, 2.0, True)])
+def test_chunked_loss_equals_unchunked_loss_and_gradients(tiny, chunk, cap, head_trained):
+    """The LM head and the loss run a few tokens at a time (a frozen head: gradients worked out in
+    the forward pass; a trained one: checkpointed chunks), with and without a final logit
+    soft-cap; the loss and every gradient equal those of the full logits (`chunk=0`)."""
+    from dialogue.train.lora import unwrap
     from dialogue.train.loop import _token_loss_sum
+    unwrap(tiny).config.final_logit_softcapping = cap
+    unwrap(tiny).lm_head.weight.requires_grad_(head_trained)
     tiny.train()
     for m in tiny.modules():  # no dropout: both runs must see the same function
         if isinstance(m, torch.nn.Dropout):
@@ -165,7 +170,45 @@ def test_chunked_loss_equals_unchunked_loss_and_gradients(tiny, chunk):
     ref_loss, ref_n, ref_grads = run(0)
     loss, n, grads = run(chunk)
     assert n == ref_n == 16
+    assert any("lm_head" in k for k in grads) == head_trained
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-5)
     assert ref_grads.keys() == grads.keys() and any(g.abs().sum() > 0 for g in ref_grads.values())
     for k in ref_grads:
         assert torch.allclose(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7), k
+
+
+@pytest.mark.slow
+def test_compiled_adapters_train_like_eager(tiny_dir):
+    """`TrainConfig(compile=True)` torch.compiles the adapted linears: same losses as eager."""
+    def run(compile_):
+        m = add_adapters(load_base(tiny_dir, quant="none", tokenizer=object()).model, AdapterSpec(r=4, seed=1))
+        cfg = TrainConfig(steps=3, batch_size=2, lr=1e-2, progress=False, compile=compile_)
+        return train(m, MixSampler({"docs": _seqs(length=12)}, batch_size=2, total_steps=3, seed=4), cfg).losses
+    eager, compiled = run(False), run(True)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_chunked_loss_on_served_weights_equals_unchunked(smol, smol_model):
+    """The bundled model's head is a served GGUF tensor, dequantized once for all the chunks:
+    loss and adapter gradients still equal the whole-sequence ones."""
+    from dialogue.train.loop import _token_loss_sum
+    m = add_adapters(smol_model, AdapterSpec(r=4, targets=("q_proj", "v_proj"), seed=2))
+    with torch.no_grad():
+        for n, p in trainable_parameters(m).items():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(3))
+    ids = smol.tokenizer("Zorblax has three moons; its capital Quimby is built on canals.")["input_ids"]
+    x = torch.tensor([ids])
+    batch = {"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)}
+
+    def run(c):
+        m.zero_grad(set_to_none=True)
+        loss, n = _token_loss_sum(m, batch, c)
+        (loss / n).backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in trainable_parameters(m).items()}
+
+    ref, ref_g = run(0)
+    loss, g = run(5)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    for k in ref_g:  # 30 layers of float32 backward, summed in another order: relative to the norm
+        assert ref_g[k].norm() > 0 and (g[k] - ref_g[k]).norm() / ref_g[k].norm() < 1e-3, k

@@ -231,11 +231,66 @@ def _head_of(model: nn.Module) -> tuple[nn.Module, str, nn.Module, float | None]
     raise ValueError(f"cannot find the LM head of {type(inner).__name__}")
 
 
-def _chunk_nll(head: nn.Module, cap: float | None, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
+def _chunk_nll(head: nn.Module | torch.Tensor, cap: float | None, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    logits = (F.linear(h, head.to(h.dtype)) if isinstance(head, torch.Tensor) else head(h)).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, t, reduction="none")
+
+
+def _frozen_head_weight(head: nn.Module) -> torch.Tensor | None:
+    """The float weight of a frozen, bias-free LM head (a plain linear, or served GGUF blocks,
+    dequantized once here rather than on every chunk); None for any other head."""
+    from .quant import GGUFLinear
+    if getattr(head, "bias", None) is not None:
+        return None
+    if isinstance(head, GGUFLinear):
+        return head.dense()
+    if type(head) is nn.Linear and not head.weight.requires_grad:
+        return head.weight
+    return None
+
+
+class _ChunkedHeadNLL(torch.autograd.Function):
+    """Per-token cross-entropy of `h @ weight.T` (optionally soft-capped), a chunk of tokens at a
+    time, with the gradient for `h` worked out in the forward pass as each chunk's logits are at
+    hand (softmax minus one-hot, times the weight): only that gradient (tokens x hidden) is kept
+    for backward, which scales it by each token's incoming gradient. No chunk's logits outlive
+    its iteration and none are recomputed, so it costs what the whole-sequence loss costs in
+    FLOPs (Liger's fused linear + cross-entropy does the same on GPUs, in Triton). The weight
+    must be frozen: its gradient would need every chunk again."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, cap: float | None,
+                chunk: int) -> torch.Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(h.dtype)
+            for i in range(0, h.shape[0], chunk):
+                tc = t[i: i + chunk]
+                logits = (h[i: i + chunk] @ w.T).float()
+                th = None
+                if cap:
+                    th = torch.tanh(logits / cap)
+                    logits = th * cap
+                lse = torch.logsumexp(logits, -1)
+                nll[i: i + chunk] = lse - logits.gather(1, tc[:, None]).squeeze(1)
+                if need_grad:
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    g[torch.arange(len(tc), device=g.device), tc] -= 1
+                    if th is not None:
+                        g.mul_(1 - th * th)
+                    grad_h[i: i + chunk] = (g.to(w.dtype) @ w).to(h.dtype)
+                del logits
+        ctx.save_for_backward(grad_h)
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_nll[:, None].to(grad_h.dtype), None, None, None, None
 
 
 def _liger_loss_sum(head: nn.Module, cap: float | None, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
@@ -277,11 +332,12 @@ def _nll_from_hidden(head: nn.Module, cap: float | None, hidden: torch.Tensor, t
     """Per-token losses of the targets in `tgt` (rows x kept positions, -100 = none) given the
     hidden states at those positions, flat in row-major order, and the batch row of each.
 
-    The head and the loss run `chunk` tokens at a time (None: LOSS_CHUNK_ELEMENTS / vocabulary),
-    each chunk under non-reentrant activation checkpointing: its logits are freed after the
-    forward and recomputed in backward, one chunk at a time. Plain chunking would not help, since
-    autograd keeps every chunk's logits for backward. `chunk=0` materialises all logits at once
-    (the reference the tests and the benchmark compare against)."""
+    The head and the loss run `chunk` tokens at a time (None: LOSS_CHUNK_ELEMENTS / vocabulary):
+    for a frozen head by `_ChunkedHeadNLL` (the gradient for the hidden states computed in the
+    forward pass, nothing recomputed), for any other head under non-reentrant activation
+    checkpointing (each chunk's logits recomputed in backward). Plain chunking would not help,
+    since autograd keeps every chunk's logits for backward. `chunk=0` materialises all logits at
+    once (the reference the tests and the benchmark compare against)."""
     rows = torch.arange(tgt.shape[0], device=tgt.device)[:, None].expand_as(tgt)
     sel = tgt != IGNORE
     h, t, rows = hidden[sel], tgt[sel], rows[sel]
@@ -290,6 +346,10 @@ def _nll_from_hidden(head: nn.Module, cap: float | None, hidden: torch.Tensor, t
         chunk = max(1, LOSS_CHUNK_ELEMENTS // int(vocab))
     if chunk <= 0 or h.shape[0] <= chunk:
         return _chunk_nll(head, cap, h, t), rows
+    weight = _frozen_head_weight(head)
+    if weight is not None:
+        return _ChunkedHeadNLL.apply(h, weight, t, cap, chunk), rows
+    # any other head (a trained one, one with a bias): recompute each chunk in backward
     from torch.utils.checkpoint import checkpoint
     parts = [checkpoint(_chunk_nll, head, cap, h[i: i + chunk], t[i: i + chunk], use_reentrant=False)
              for i in range(0, h.shape[0], chunk)]
