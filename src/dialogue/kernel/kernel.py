@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
 from jupyter_client import AsyncKernelManager
+from jupyter_client.asynchronous import AsyncKernelClient
 
 from . import inside
-from .outputs import DEFAULT_OUTPUT_CAP, OutputCap
+from .outputs import DEFAULT_OUTPUT_CAP, OutputCap, fold_output
 from .process import INFO, LIVE, LIVE_LOCK, Specs, Tree, death_message, end_tree, install_hooks, private_dir
 
 log = logging.getLogger(__name__)  # dialogue.kernel.kernel
@@ -50,6 +51,18 @@ __all__ = ["Kernel", "Execution", "RunResult", "Status", "KernelError", "KernelS
 
 _HELPERS = "_dialogue_kernel"  # the module name of inside/helpers.py in the kernel
 _POLL = 0.2  # seconds between liveness checks while waiting on the kernel
+# After a run's execute_reply, how long the IOPub stream may stay quiet before the run ends without
+# its `status: idle`. IOPub is a PUB socket: when the reader falls behind by more than the
+# high-water marks, ZeroMQ drops messages, and the idle that ends a run may be one of them (the
+# shell reply, on a DEALER socket, is never dropped). nbclient waits `iopub_timeout` (4 s) the same way.
+IDLE_GRACE = 3.0
+# ... and at most this long after the reply in all (a thread the cell started may keep printing)
+IDLE_GRACE_MAX = 30.0
+# Messages the client's IOPub socket queues before ZeroMQ drops (its default: 1000); the kernel's
+# side is raised likewise by inside/launcher.py.
+IOPUB_RCVHWM = 10_000
+LOST_OUTPUT = "Some output may be missing: the kernel sent it faster than it could be read"
+LOST_OUTPUT_NOTE = f"\n[{LOST_OUTPUT[0].lower()}{LOST_OUTPUT[1:]}]\n"
 
 Status = Literal["ok", "error", "timeout", "died", "interrupted"]
 
@@ -104,6 +117,16 @@ class RunResult:
         return self.status == "ok"
 
 
+@dataclass
+class _Progress:
+    """What reading a run's IOPub found (see `Kernel._iopub_loop`)."""
+    died: str | None = None  # the kernel ended: why, in words
+    killed: bool = False  # stopped because it ignored the interrupt after a timeout
+    timed_out_at: float | None = None
+    count: int | None = None  # execution_count from execute_input
+    lost: bool = False  # no idle within the grace after the reply: IOPub dropped messages
+
+
 def _install_code(module: str, source: str, filename: str | None = None) -> str:
     """Code that (re)creates `module` in the kernel's sys.modules from `source`, compiled as
     `filename` (its real file, so tracebacks name it and show its lines). It binds one unlikely
@@ -132,10 +155,14 @@ class Kernel:
     Runs are serialized: a second `execute` waits for the first. `interrupt`, `restart` and
     `shutdown` act at once, even while a run is in progress."""
 
+    # The jupyter_client class that talks to the kernel. A subclass may observe or filter the
+    # messages it returns (the tests drop IOPub messages this way, as a slow reader loses them).
+    client_class: type[AsyncKernelClient] = AsyncKernelClient
+
     def __init__(self, *, cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
                  output_cap: int = DEFAULT_OUTPUT_CAP, python: str | None = None,
                  startup_timeout: float = 60.0, interrupt_grace: float = 5.0, name: str = "",
-                 choice: Any = None):
+                 choice: Any = None, idle_grace: float = IDLE_GRACE):
         if output_cap < 0:
             raise ValueError(f"output_cap must be >= 0, got {output_cap}")
         self.cwd = str(cwd) if cwd is not None else os.getcwd()
@@ -149,6 +176,7 @@ class Kernel:
         self.language_info: dict[str, Any] = {}  # from the running kernel's kernel_info reply
         self.startup_timeout = startup_timeout
         self.interrupt_grace = interrupt_grace
+        self.idle_grace = idle_grace  # see IDLE_GRACE
         self.name = name
         self.last_used = time.monotonic()
         self.generation = 0  # how many kernel processes this object has started
@@ -255,7 +283,11 @@ class Kernel:
         with LIVE_LOCK:
             LIVE[tree.proc.pid] = tree
         self._km, self._dir, self._tree = km, d, tree
+        km.client_factory = self.client_class
         kc = km.client()
+        import zmq
+        # before the sockets exist: a high-water mark applies to connections made after it is set
+        kc.context.setsockopt(zmq.RCVHWM, IOPUB_RCVHWM)
         kc.start_channels()
         self._kc = kc
         try:
@@ -461,26 +493,100 @@ class Kernel:
             poller.register(kc.stdin_channel.socket, zmq.POLLIN)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
-        timed_out_at: float | None = None
-        count: int | None = None
-        died: str | None = None
-        killed = False  # stopped because it ignored the interrupt after a timeout
+        # The run ends with its execute_reply (shell) and its `status: idle` (IOPub), in either
+        # order; IOPub may have lost the idle (see IDLE_GRACE), so the reply is awaited alongside.
+        reply_task = loop.create_task(self._reply(msg_id, None))
+        reply: dict[str, Any] | None = None
+        try:
+            st = await self._iopub_loop(kc, proc, tree, msg_id, ex, outs, poller, reply_task,
+                                        deadline, timeout)
+            if st.died is None:
+                reply = await reply_task  # (the idle came first; the reply follows at once)
+        finally:
+            if not reply_task.done():
+                reply_task.cancel()
+        ex._pending = None  # a question the kernel no longer waits for
+        for out in ex._take_echo():
+            for o in outs.add("stream", out):
+                ex._put(o)
+        if st.lost:  # not silently: the idle never came, so other messages may be gone too
+            note = {"output_type": "stream", "name": "stderr", "text": LOST_OUTPUT_NOTE}
+            fold_output(outs.outputs, note)
+            ex._put(note)
+            log.info("kernel %s: no idle within %g s of the reply; IOPub messages were lost",
+                     self.label, self.idle_grace)
+        stored, last = outs.finish()
+        for out in last:
+            ex._put(out)
+        interrupted = msg_id in self._interrupted
+        self._interrupted.discard(msg_id)
+        res = RunResult(outputs=stored, execution_count=st.count, truncated=outs.cut)
+        if st.died is not None:
+            res.status = "timeout" if st.killed else "died"
+            res.message = st.died
+            log.info("kernel %s: %s", self.label, st.died)  # the run reports it to the user
+            tail = self._log_tail(800) if proc.poll() is not None and not self._stop_reason else ""
+            if tail:
+                res.message += f"\nKernel log:\n{tail}"
+            return res
+        if reply is not None:
+            res.execution_count = reply.get("execution_count", st.count)
+        status = (reply or {}).get("status", "ok")
+        if st.timed_out_at is not None:
+            res.status = "timeout"
+            res.message = (f"The cell timed out after {timeout:g} s and was interrupted; the "
+                           f"kernel and its variables are kept.")
+        elif interrupted and status != "ok":
+            res.status = "interrupted"
+            res.message = "Interrupted; the kernel and its variables are kept."
+        elif status == "error":
+            res.status = "error"
+            res.message = f"{reply.get('ename', 'Error')}: {reply.get('evalue', '')}"
+        elif status == "aborted":
+            res.status = "error"
+            res.message = "The kernel aborted this run."
+        if st.lost:
+            res.message = "; ".join(filter(None, [res.message, LOST_OUTPUT]))
+        return res
+
+    async def _iopub_loop(self, kc: Any, proc: subprocess.Popen, tree: Tree, msg_id: str,
+                          ex: "Execution", outs: OutputCap, poller: Any, reply_task: asyncio.Task,
+                          deadline: float | None, timeout: float | None) -> "_Progress":
+        """Read the run's IOPub messages (and the kernel's questions) until its idle, the
+        kernel's death, or `idle_grace` of quiet after its reply; times the cell out at
+        `deadline`."""
+        loop = asyncio.get_running_loop()
+        st = _Progress()
+        replied_at: float | None = None  # when the reply came
+        heard_at = 0.0  # when the run's IOPub last spoke
         while True:
             now = loop.time()
-            if deadline is not None and timed_out_at is None and now >= deadline:
-                timed_out_at = now
+            if replied_at is None and reply_task.done():
+                if reply_task.result() is None:  # the kernel died first
+                    st.died = death_message(proc.poll(), self._stop_reason)
+                    break
+                replied_at = heard_at = now
+            if replied_at is not None and (now >= heard_at + self.idle_grace
+                                           or now >= replied_at + max(IDLE_GRACE_MAX, self.idle_grace)):
+                st.lost = True
+                break
+            if replied_at is None and deadline is not None and st.timed_out_at is None and now >= deadline:
+                st.timed_out_at = now
                 self._interrupted.discard(msg_id)
                 await self._km.interrupt_kernel()
-            if timed_out_at is not None and now >= timed_out_at + self.interrupt_grace:
+            if (replied_at is None and st.timed_out_at is not None
+                    and now >= st.timed_out_at + self.interrupt_grace):
                 # The cell ignores SIGINT (e.g. stuck in C code): stop the kernel.
                 await end_tree(tree)
-                killed = True
-                died = (f"The cell timed out after {timeout:g} s and did not stop when "
-                        f"interrupted; the kernel was stopped, its variables are lost. "
-                        f"The next run starts a fresh kernel.")
+                st.killed = True
+                st.died = (f"The cell timed out after {timeout:g} s and did not stop when "
+                           f"interrupted; the kernel was stopped, its variables are lost. "
+                           f"The next run starts a fresh kernel.")
                 break
             wait = _POLL
-            if deadline is not None and timed_out_at is None:
+            if replied_at is not None:
+                wait = min(_POLL, max(0.0, heard_at + self.idle_grace - now))
+            elif deadline is not None and st.timed_out_at is None:
                 wait = min(_POLL, max(0.0, deadline - now))
             try:
                 if poller is not None:
@@ -497,61 +603,26 @@ class Kernel:
                 msg = await kc.get_iopub_msg(timeout=wait)
             except queue.Empty:
                 if proc.poll() is not None:
-                    died = death_message(proc.poll(), self._stop_reason)
+                    st.died = death_message(proc.poll(), self._stop_reason)
                     break
                 continue
             except Exception:  # sockets closed under us by shutdown
-                died = death_message(proc.poll(), self._stop_reason)
+                st.died = death_message(proc.poll(), self._stop_reason)
                 break
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
+            heard_at = loop.time()
             mt, content = msg["msg_type"], msg["content"]
             if mt == "status":
                 if content.get("execution_state") == "idle":
                     break
                 continue
             if mt == "execute_input":
-                count = content.get("execution_count", count)
+                st.count = content.get("execution_count", st.count)
                 continue
             for out in outs.add(mt, content):
                 ex._put(out)
-        ex._pending = None  # a question the kernel no longer waits for
-        for out in ex._take_echo():
-            for o in outs.add("stream", out):
-                ex._put(o)
-        stored, last = outs.finish()
-        for out in last:
-            ex._put(out)
-        interrupted = msg_id in self._interrupted
-        self._interrupted.discard(msg_id)
-        res = RunResult(outputs=stored, execution_count=count, truncated=outs.cut)
-        if died is not None:
-            res.status = "timeout" if killed else "died"
-            res.message = died
-            log.info("kernel %s: %s", self.label, died)  # the run reports it to the user
-            tail = self._log_tail(800) if proc.poll() is not None and not self._stop_reason else ""
-            if tail:
-                res.message += f"\nKernel log:\n{tail}"
-            return res
-        reply = await self._reply(msg_id, deadline=None)
-        if reply is not None:
-            count = reply.get("execution_count", count)
-            res.execution_count = count
-        status = (reply or {}).get("status", "ok")
-        if timed_out_at is not None:
-            res.status = "timeout"
-            res.message = (f"The cell timed out after {timeout:g} s and was interrupted; the "
-                           f"kernel and its variables are kept.")
-        elif interrupted and status != "ok":
-            res.status = "interrupted"
-            res.message = "Interrupted; the kernel and its variables are kept."
-        elif status == "error":
-            res.status = "error"
-            res.message = f"{reply.get('ename', 'Error')}: {reply.get('evalue', '')}"
-        elif status == "aborted":
-            res.status = "error"
-            res.message = "The kernel aborted this run."
-        return res
+        return st
 
     async def _stdin_request(self, kc: Any, msg_id: str, ex: "Execution") -> None:
         """The kernel asks for a line (input(), getpass()): pass the question to the run's
