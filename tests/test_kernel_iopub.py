@@ -100,6 +100,18 @@ async def test_a_lost_idle_of_a_failing_cell_keeps_its_error_and_says_both():
         assert res.message == f"ZeroDivisionError: division by zero; {LOST_OUTPUT}"
 
 
+async def test_a_lost_idle_with_stdin_allowed_ends_too():
+    """The run that may ask for input waits on IOPub and stdin at once: the same grace."""
+    async with LossyKernel(idle_grace=0.5) as k:
+        ex = k.execute(f"{LOSE_IDLE}\nname = input('who? ')\nprint('hi', name)", allow_stdin=True)
+        async for out in ex:
+            if out["output_type"] == "input_request":
+                ex.reply("ann")
+        res = await ex
+        assert res.status == "ok" and res.message == LOST_OUTPUT
+        assert stream_text(res).startswith("who? ann\nhi ann\n")
+
+
 async def test_an_idle_before_the_reply_still_takes_the_replys_count_and_status():
     async with LossyKernel(idle_grace=0.5) as k:
         await k.run("x = 1")
