@@ -23,7 +23,7 @@ on the served GGUF weights with our LoRA, and `peft-bnb` (plain PEFT + bitsandby
 whole-sequence loss, what users run elsewhere); `compiled` adds `after` with torch.compile'd
 adapters. `step MB` is the peak over the RSS after loading, i.e. what the step itself needed:
 
-    python bench/train_bench.py --logits --model local:gemma3-270m --seqs 512 1024 2048 [--compile]
+    python bench/train_bench.py --logits --model local:gemma3-270m --seqs 512 1024 2048 [--compile] [--checkpointing]
 
 GPU mode, a Llama-3-8B-shaped model with random weights (nothing downloaded), quantized to NF4
 layer by layer as it is built, reporting tokens/s, peak memory and model FLOPs utilisation against
@@ -272,6 +272,9 @@ def run_one_logits(name: str, args: argparse.Namespace) -> dict:
     m = add_adapters(b.model, AdapterSpec(method="lora", r=args.r, impl=impl, seed=0))
     if compiled:
         compile_adapters(m, dynamic=False)
+    if args.checkpointing:
+        from dialogue.train.lora import enable_checkpointing
+        enable_checkpointing(m)
     batch = _cpu_batch(b.tokenizer, args.batch, args.seq)
     loaded = _rss_mb()
     res = _step_loop(m, batch, args.steps, "fp32", torch.device("cpu"), loss_chunk=chunk)
@@ -281,12 +284,14 @@ def run_one_logits(name: str, args: argparse.Namespace) -> dict:
 
 
 def logits_main(args: argparse.Namespace) -> None:
-    names = ["before", "after", "peft-bnb"] + (["compiled"] if args.compile else [])
+    names = args.rows or (["before", "after", "peft-bnb"] + (["compiled"] if args.compile else []))
     rows = []
     for seq in args.seqs:
         for n in names:
             cmd = [sys.executable, __file__, "--one-logits", n, "--steps", str(args.steps), "--batch",
                    str(args.batch), "--seq", str(seq), "--r", str(args.r), "--model", args.model]
+            if args.checkpointing:
+                cmd.append("--checkpointing")
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{n} at {seq}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -296,7 +301,8 @@ def logits_main(args: argparse.Namespace) -> None:
             print(f"  done {n:9s} seq {seq:5d}: {r['s_per_step']:.1f} s/step, peak {r['peak_rss_mb']:.0f} MB",
                   file=sys.stderr, flush=True)
     print(f"CPU, {args.model}, batch {args.batch}, r={args.r}, all linears; mean of {args.steps} step(s) after a "
-          f"warm-up; one process per row; {torch.get_num_threads()} threads")
+          f"warm-up; one process per row; {torch.get_num_threads()} threads"
+          f"{'; gradient checkpointing' if args.checkpointing else ''}")
     print(f"{'seq':>5s} {'config':9s} {'s/step':>7s} {'tok/s':>7s} {'peak MB':>8s} {'step MB':>8s} "
           f"{'vs before':>9s} {'1st loss':>9s}")
     for seq in args.seqs:
@@ -446,6 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--logits", action="store_true", help="the logits table (see above)")
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--compile", action="store_true", help="--logits: add a row with torch.compile'd adapters; --gpu: compile the ours-* adapters")
+    p.add_argument("--rows", nargs="+", choices=list(LOGITS_CONFIGS), help="--logits: only these rows")
     p.add_argument("--one-logits", choices=list(LOGITS_CONFIGS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one_logits:
