@@ -868,15 +868,6 @@ class DialogueService:
         A.remove(name)
         return managed
 
-    def load_model(self, ref: str, on_progress: OnProgress | None = None) -> bool:
-        """Load a dialogue's local model now, reporting the load to `on_progress` (surfaces that
-        show the wait call it before a run; the run would load it anyway). False when the model
-        is not local or already loaded."""
-        from .llm.base import get_provider
-        provider = get_provider(self.open(ref, messages=False).model or default_model())
-        load = getattr(provider, "load", None)
-        return bool(load(on_progress)) if load is not None else False
-
     @staticmethod
     def merge_adapters(parents: list[str], weights: list[float], out: str, **options: Any) -> Any:
         """Merge adapters into a new registered one (linear, TIES or DARE: `options` as
