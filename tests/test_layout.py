@@ -163,3 +163,14 @@ def test_nothing_below_the_service_imports_it():
                    if _package(mod) not in ABOVE_SERVICE and _package(mod) != "dialogue.service"
                    and any(d == "dialogue.service" or d.startswith("dialogue.service.") for d in deps))
     assert below == [], f"modules below the service import it: {below}"
+
+
+def test_no_two_test_files_share_a_name():
+    """pytest imports test files by their base name (rootdir mode, no packages): two files of one
+    name in different folders stop the collection of the whole suite."""
+    tests = Path(__file__).resolve().parent
+    names: dict[str, list[str]] = {}
+    for f in tests.rglob("*.py"):
+        if f.name != "conftest.py" and "__pycache__" not in f.parts:
+            names.setdefault(f.name, []).append(str(f.relative_to(tests)))
+    assert not {n: fs for n, fs in names.items() if len(fs) > 1}

@@ -149,7 +149,11 @@ def test_loading_the_model_reports_llama_cpps_progress_from_its_process(monkeypa
 def test_terminal_bars_only_on_a_terminal():
     steps = [Step("merging adapters (ties)", 0, 4, "tensors"), Step("merging adapters (ties)", 2, 4, "tensors"),
              Step("merging adapters (ties)", 4, 4, "tensors", finished=True), Step("reading [b]x[/b].gguf")]
-    tty = io.StringIO()
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal()
     with Bars(Console(file=tty, force_terminal=True, width=100)) as bars:
         for s in steps:
             bars(s)
@@ -161,6 +165,17 @@ def test_terminal_bars_only_on_a_terminal():
         for s in steps:
             bars(s)
     assert piped.getvalue() == "" and bars.steps == steps  # heard, not drawn
+    # FORCE_COLOR (rich then takes a pipe for a terminal) colours a log but draws no bars in it
+    forced = io.StringIO()
+    with Bars(Console(file=forced, force_terminal=True)) as bars:
+        for s in steps:
+            bars(s)
+    assert forced.getvalue() == ""
+    # a command that has no long step draws nothing at all, not even a hidden cursor
+    idle = Terminal()
+    with Bars(Console(file=idle, force_terminal=True)):
+        pass
+    assert idle.getvalue() == ""
 
 
 def test_the_cli_draws_bars_on_a_terminal_and_nothing_in_a_pipe(tmp_path):

@@ -73,6 +73,8 @@ def test_adapters_picker_trial_and_run_all(page: Page, server, registered) -> No
     picker.locator("summary").click()
     row = picker.locator(".adapter-row[data-adapter=weak]")
     expect(row).to_contain_text("rank 4")
+    box = picker.locator(".adapter-pop").bounding_box()  # opens inside the window, whole
+    assert box["x"] >= 0 and box["x"] + box["width"] <= page.viewport_size["width"], box
     row.locator("input[type=checkbox]").check()
     row.locator("input.adapter-scale").fill("1.5")
     shot(page, "adapters.png")

@@ -7,6 +7,7 @@ are our words but may hold a file's name: they go through `terminal.markup` (ric
 description as markup)."""
 from __future__ import annotations
 
+import threading
 from types import TracebackType
 from typing import Any
 
@@ -24,7 +25,14 @@ class Bars:
 
     def __init__(self, console: Console | None = None):
         self.console = console if console is not None else err
-        self.live = self.console.is_terminal
+        # the stream itself, not rich's is_terminal: FORCE_COLOR makes rich treat a pipe as a
+        # terminal, and colour in a log is fine where redrawn lines and cursor codes are not
+        try:
+            self.live = bool(self.console.file.isatty())
+        except (AttributeError, ValueError):
+            self.live = False
+        self._lock = threading.Lock()
+        self._started = False
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  TaskProgressColumn(), TimeElapsedColumn(), console=self.console,
                                  transient=False, disable=not self.live)
@@ -33,6 +41,10 @@ class Bars:
 
     def __call__(self, step: Step) -> None:
         self.steps.append(step)
+        with self._lock:  # drawn from the first step on: a command with no long step draws nothing
+            if not self._started:
+                self._started = True
+                self.progress.start()
         desc = markup(step.task)
         tid = self.tasks.get(step.task)
         total = step.total if step.total is not None else None
@@ -45,9 +57,10 @@ class Bars:
             self.progress.update(tid, total=done, completed=done)
 
     def __enter__(self) -> "Bars":
-        self.progress.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.progress.stop()
+        with self._lock:
+            if self._started:
+                self.progress.stop()
