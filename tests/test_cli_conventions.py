@@ -57,6 +57,13 @@ def test_db_is_accepted_before_or_after_the_command(tmp_path, env):
     assert [r["name"] for r in js("--db", str(b), "list", env=env)] == ["second"]
     # given twice, the one after the command is nearer the command and wins
     assert [r["name"] for r in js("--db", str(a), "list", "--db", str(b), env=env)] == ["second"]
+    # the commands with parsers of their own (adapters, train) take them after their name too
+    r = run("adapters", "use", "second", "--db", str(b), "-v", env=env)
+    assert r.returncode == 0, r.stderr
+    r = run("adapters", "use", "first", "--db", str(b), env=env)
+    assert r.returncode != 0 and "first" in r.stderr  # b has no dialogue 'first': b was used
+    r = run("train", "--db", str(b), "--help", env=env)
+    assert r.returncode == 0 and "--preferences" in r.stdout  # the trainer's own help, whole
 
 
 # ---------------------------------------------------------------- --json

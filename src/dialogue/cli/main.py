@@ -98,13 +98,39 @@ def setup_logging(verbose: int = 0, level: str | None = None) -> int:
     return lv
 
 
+def _hoist_common(tail: list[str]) -> tuple[list[str], list[str]]:
+    """A delegated command's arguments split into our common options (--db, -v, --log-level, as
+    every other command takes them after its name) and the rest, its own. A literal `--` ends
+    the search: what follows it is the command's, whatever it looks like."""
+    common: list[str] = []
+    rest: list[str] = []
+    j = 0
+    while j < len(tail):
+        t = tail[j]
+        if t == "--":
+            rest += tail[j:]
+            break
+        if t in _VALUED and j + 1 < len(tail):
+            common += tail[j:j + 2]
+            j += 2
+            continue
+        if t.split("=", 1)[0] in _VALUED or t == "--verbose" or (
+                len(t) > 1 and t[0] == "-" and set(t[1:]) == {"v"}):
+            common.append(t)
+        else:
+            rest.append(t)
+        j += 1
+    return common, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     i = 0
     while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
         i += 2 if argv[i] in _VALUED else 1
     if i < len(argv) and argv[i] in _DELEGATED:
-        argv = [*argv[:i], argv[i], "--", *argv[i + 1:]]
+        common, rest = _hoist_common(argv[i + 1:])
+        argv = [*argv[:i], *common, argv[i], "--", *rest]
     parser = build_parser()
     a = parser.parse_args(argv)
     if getattr(a, "args", None) and a.args[0] == "--":
