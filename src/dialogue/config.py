@@ -61,6 +61,8 @@ SETTINGS: tuple[Setting, ...] = (
             "let llama.cpp repack weights into extra (AMX) CPU buffers"),
     Setting("kernel_no_cgroup", "DIALOGUE_KERNEL_NO_CGROUP", bool, "false",
             "track a kernel's processes with a subreaper even where a cgroup would work"),
+    Setting("kernel_iopub_hwm", "DIALOGUE_KERNEL_IOPUB_HWM", int, "100000",
+            "messages a kernel queues for a slow reader before ZeroMQ drops its output"),
     Setting("log_level", "DIALOGUE_LOG_LEVEL", str, "warning",
             "the `dialogue.*` log level (debug, info, warning, error; `-v` / `--log-level` win)"),
     Setting("access_log", "DIALOGUE_ACCESS_LOG", bool, "false",

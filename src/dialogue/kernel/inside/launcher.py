@@ -46,7 +46,7 @@ def _patch_pipe(private_dir):
 
 
 IOPUB_SNDHWM = 100_000  # messages (small stream chunks mostly: a flushed print is one each)
-HWM_ENV = "DIALOGUE_KERNEL_IOPUB_HWM"  # in the kernel's environment: another number (tests)
+HWM_ENV = "DIALOGUE_KERNEL_IOPUB_HWM"  # the kernel_iopub_hwm setting, inherited from the app
 
 
 def _raise_iopub_hwm():
