@@ -173,9 +173,9 @@ async def form(req: Request) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- responses
 
-def event_stream(events: AsyncIterator[str], ping: float = SSE_PING) -> EventSourceResponse:
+def event_stream(req: Request, events: AsyncIterator[str]) -> EventSourceResponse:
     """Server-sent events, never cached or buffered by a proxy. sse-starlette's response sends a
-    comment (`: ping`) every `ping` seconds, so a proxy or a browser does not close a stream whose
+    comment (`: ping`) every `sse_ping` seconds (the app's setting, read here for every stream), so a proxy or a browser does not close a stream whose
     cell is quiet (a long computation, a model reading a long prompt), ends the stream when the
     client goes away, and when the server shuts down. Our events are already encoded (`views.sse`
     keeps every line break of a streamed answer): they go out as bytes, which it sends as is."""
@@ -184,7 +184,8 @@ def event_stream(events: AsyncIterator[str], ping: float = SSE_PING) -> EventSou
         async for chunk in events:
             yield chunk.encode("utf-8")
 
-    return EventSourceResponse(encoded(), ping=ping, headers={"Cache-Control": "no-cache"})
+    return EventSourceResponse(encoded(), ping=site(req).sse_ping,
+                               headers={"Cache-Control": "no-cache"})
 
 
 def oob(el: Any) -> Any:

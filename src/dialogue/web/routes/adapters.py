@@ -155,7 +155,7 @@ async def trial_stream(did: str, tid: str, req: Request) -> StreamingResponse:
             log.exception("trial %s failed", t.id)
         yield V.sse("close", "")
 
-    return event_stream(events(), ping=site(req).sse_ping)
+    return event_stream(req, events())
 
 
 async def side_events(svc: DialogueService, t: Trial, side: str) -> AsyncIterator[str]:

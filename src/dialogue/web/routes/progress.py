@@ -120,4 +120,4 @@ async def progress_stream(job: str, req: Request) -> Any:
                 break
         yield V.sse("done", "")
 
-    return event_stream(events())
+    return event_stream(req, events())

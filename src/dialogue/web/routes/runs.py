@@ -124,7 +124,7 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
             oob(V.kernel_badge(d, svc.kernel_status(d)))])))
         yield V.sse("close", "")
 
-    return event_stream(events(), ping=site(req).sse_ping)
+    return event_stream(req, events())
 
 
 @rt(paths.run_all, methods=["post"])
@@ -183,4 +183,4 @@ async def run_all_stream(did: str, req: Request) -> Response:
         yield V.sse("done", V.frag(end))
         yield V.sse("close", "")
 
-    return event_stream(events(), ping=site(req).sse_ping)
+    return event_stream(req, events())
