@@ -7,6 +7,7 @@ kernel or an SDK directly.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from dataclasses import dataclass, field
@@ -532,7 +533,10 @@ class DialogueService:
         if k is not None and k.busy:
             raise RunError("A cell is running in this dialogue's kernel: stop it before "
                            "choosing another kernel.")
-        d = self.set_kernel(did, spec, python=python, base_version=base_version)
+        # set_kernel starts the chosen interpreter to check it has ipykernel (seconds): off the
+        # event loop, which serves every other page and stream meanwhile
+        d = await asyncio.to_thread(self.set_kernel, did, spec, python=python,
+                                    base_version=base_version)
         if k is not None and k.choice != self.kernel_choice(d):
             await self._kernels.shutdown(did)
         return d
