@@ -40,3 +40,15 @@ def test_hidden_messages_are_told_or_kept(db, tmp_path, fmt):
     out = tmp_path / f"post.{fmt}"
     r = run(db, "export", "post", "--to", fmt, "-o", str(out), "--with-hidden")
     assert r.returncode == 0 and "secret" in out.read_text() and f"wrote {out}" in r.stdout
+
+
+def test_the_hidden_count_leaves_out_what_with_hidden_would_not_show(tmp_path):
+    """A hidden code cell marked `#| hide` stays out of a post even with --with-hidden, so it is
+    not counted among the hidden messages the export says it left out."""
+    path = tmp_path / "h.db"
+    ok(path, "new", "post")
+    ok(path, "add", "post", "--note", "prose")
+    ok(path, "add", "post", "--code", "a = 1", "--hide")
+    ok(path, "add", "post", "--code", "#| hide\nb = 2", "--hide")
+    r = run(path, "export", "post", "--to", "md", "-o", "-", cwd=tmp_path)
+    assert r.returncode == 0 and "1 hidden message left out" in r.stderr, r.stderr

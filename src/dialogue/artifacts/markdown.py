@@ -234,8 +234,7 @@ def _prompt_md(m: Message) -> str:
 def hidden_left_out(dialogue: Dialogue, with_ai: bool) -> int:
     """How many hidden messages a post leaves out (those it would show were they not hidden):
     what an export tells its user, who may want them (`with_hidden`)."""
-    return sum(1 for m in dialogue.messages
-               if m.hidden and (with_ai or m.kind != Kind.prompt))
+    return len(visible_messages(dialogue, with_ai, True)) - len(visible_messages(dialogue, with_ai))
 
 
 def to_markdown(dialogue: Dialogue, *, with_ai: bool = False, images: ImageMode = "inline",
