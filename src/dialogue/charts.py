@@ -274,7 +274,7 @@ def usage_svg(points: Sequence[Mapping[str, Any]], *, title: str = "tokens and c
                     y_label="tokens", y_min=0, height=120)]
     costs = [p.get("cost") for p in points]
     unknown = sum(1 for c in costs if not isinstance(c, (int, float)))
-    if any(isinstance(c, (int, float)) and c for c in costs) or unknown < len(costs):
+    if unknown < len(costs):  # some answer has a known cost
         run, total = [], 0.0
         for c in costs:
             if isinstance(c, (int, float)):

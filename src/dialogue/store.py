@@ -299,6 +299,10 @@ assert {f.name for f in dataclasses.fields(Message)} == set(_MSG_FIELDS), \
 # this read the same way.
 _STATE_DEFAULTS = Message().state()
 assert [k for k, v in _STATE_DEFAULTS.items() if v] == ["kind"]  # as _compact_state assumes
+# _insert_rows names the fields a bare message (kind and source only) leaves empty: a new field
+# must be added there too, or an import would drop it
+assert set(STATE_FIELDS) == {"kind", "source", "outputs", "execution_count", "response",
+                             "tool_calls", "usage", "attachments", "meta", *FLAGS}
 _STATE_TYPES = {k: type(v) for k, v in _STATE_DEFAULTS.items()}
 
 

@@ -37,7 +37,7 @@ class Bars:
                                  TaskProgressColumn(), TimeElapsedColumn(), console=self.console,
                                  transient=False, disable=not self.live)
         self.tasks: dict[str, Any] = {}
-        self.steps: list[Step] = []  # everything heard, for tests and for `last`
+        self.steps: list[Step] = []  # everything heard, in order
 
     def __call__(self, step: Step) -> None:
         self.steps.append(step)
@@ -47,11 +47,10 @@ class Bars:
                 self.progress.start()
         desc = markup(step.task)
         tid = self.tasks.get(step.task)
-        total = step.total if step.total is not None else None
         if tid is None:
-            tid = self.tasks[step.task] = self.progress.add_task(desc, total=total, completed=step.done)
+            tid = self.tasks[step.task] = self.progress.add_task(desc, total=step.total, completed=step.done)
         else:
-            self.progress.update(tid, total=total, completed=step.done)
+            self.progress.update(tid, total=step.total, completed=step.done)
         if step.finished:
             done = step.total if step.total is not None else 1
             self.progress.update(tid, total=done, completed=done)

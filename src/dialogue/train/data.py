@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..document import Dialogue, Kind, Message
+from ..history import RESULT_OPS
 from .schedule import MixLike, resolve_mix
 
 __all__ = [
@@ -165,9 +166,8 @@ def dialogue_examples(dialogues: Iterable[Dialogue], tokenizer: Any, max_len: in
 
 # ---------------------------------------------------------------- preferences
 
-# the store's ops whose version holds what a run of the message produced (the model's answer);
-# any later version with another answer is the user's
-RESULT_OPS = ("result", "recovered")
+# the store's ops whose version holds what a run of the message produced (the model's answer),
+# history.RESULT_OPS; any later version with another answer is the user's
 
 
 @dataclass
