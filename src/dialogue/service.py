@@ -409,11 +409,11 @@ class DialogueService:
         neither source). Code and notes only: a prompt's answer has no place in a merge."""
         did = self.dialogue_id(ref)
         mid = self.message_id(did, msg)
-        ids = [m.id for m in self.store.messages(did)]
-        i = ids.index(mid)
-        if i + 1 >= len(ids):
+        ms = self.store.messages(did)
+        i = next(j for j, m in enumerate(ms) if m.id == mid)
+        if i + 1 >= len(ms):
             raise StoreError("there is no message below to merge with")
-        a, b = self.store.get_message(mid), self.store.get_message(ids[i + 1])
+        a, b = ms[i], ms[i + 1]
         if Kind.prompt in (a.kind, b.kind):
             raise StoreError("prompts are not merged: their answers would be lost")
         if base_version is None:

@@ -667,7 +667,8 @@ def model_params(*, extra_bufts: bool, on_load: Callable[[float], None] | None =
 def extra_buffers() -> bool:
     """Whether models load with extra (repacked, AMX) weight buffers: off unless
     `DIALOGUE_LLAMA_REPACK=1` (see the comment above)."""
-    return os.environ.get("DIALOGUE_LLAMA_REPACK", "").strip().lower() in ("1", "true", "yes", "on")
+    from .. import config
+    return config.flag("llama_repack")
 
 
 def gpu_offload() -> bool:
