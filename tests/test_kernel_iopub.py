@@ -165,7 +165,12 @@ async def test_a_slow_reader_with_zmqs_default_hwm_loses_output_and_the_run_stil
         assert res.status == "ok" and res.execution_count == 1
         assert len(lines) < 20_000  # the drop is real
         assert lines[:1000] == [str(i) for i in range(1000)]  # what came first is kept, in order
-        assert res.message == LOST_OUTPUT and LOST_OUTPUT_NOTE.strip() in stream_text(res)
+        # which messages ZeroMQ drops is up to timing: the run can tell only when the idle was
+        # among them (IOPub has no sequence numbers), and then the note and the message say so
+        # together (test_a_lost_idle_ends_the_run_after_the_grace_with_its_outputs_and_a_note
+        # drops the idle on purpose)
+        assert res.message in ("", LOST_OUTPUT)
+        assert (res.message == LOST_OUTPUT) == (LOST_OUTPUT_NOTE.strip() in stream_text(res))
 
 
 @pytest.mark.slow
