@@ -527,9 +527,11 @@ class Runs:
                 meta["dropped"] = req.dropped
             if req.meta.get("cut"):
                 meta["cut"] = req.meta["cut"]  # the code outputs the model saw shortened
-            if req.tools and kernel is not None:
+            tools = self.toolbox(d, m, kernel, req)
+            if tools:
                 from .tools import tool_loop
-                inner = tool_loop(provider, req, kernel)
+                req.tools = list(tools.specs)
+                inner = tool_loop(provider, req, tools)
             else:
                 inner = provider.stream(req)
             async with contextlib.aclosing(inner) as evs:
@@ -570,6 +572,15 @@ class Runs:
             final = store.finish_stream(m.id, response=prefill + answer.text,
                                         tool_calls=answer.tool_calls, usage=u, meta=meta)
             self._finish(run, final)
+
+    def toolbox(self, d: Dialogue, m: Message, kernel: Any, req: Any) -> Any:
+        """The tools answering prompt `m` may call, each routed to where it runs: the kernel
+        functions the dialogue references (&`fn`, already specified in `req.tools`)."""
+        from .tools import KernelTools, Toolbox
+        box = Toolbox()
+        if req.tools and kernel is not None:
+            box.add(KernelTools(kernel), req.tools)
+        return box
 
     async def request(self, d: Dialogue, m: Message, provider: Any,
                       adapters: Any) -> tuple[Any, Any]:

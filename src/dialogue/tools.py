@@ -12,9 +12,16 @@ API::
 
     specs = await schemas(kernel, ["search", "fetch"])          # -> list[ToolSpec]
     text, is_error = await run_tool(kernel, "search", {"q": "x"})
-    async for ev in tool_loop(provider, request, kernel, max_steps=10, approve=ask_user):
+    box = Toolbox()
+    box.add(KernelTools(kernel), specs)                          # route names to where they run
+    async for ev in tool_loop(provider, request, box, max_steps=10, approve=ask_user):
         ...  # TextDelta / ToolCall / Usage from the provider, ToolResult after each call,
              # and one Done at the end
+
+A `ToolSource` is anything with `async call(name, arguments) -> (text, is_error)`: the kernel's
+functions (`KernelTools`), and the other places a tool can live, each added to the answer's
+`Toolbox` with the specs it offers. `tool_loop` also takes a bare kernel (its functions are the
+request's tools).
 
 Every ToolCall the model makes is answered by exactly one ToolResult (run, refused because the
 tool was not offered, denied by `approve`, or not run because the step limit was reached), so a
@@ -26,7 +33,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Literal, Protocol, Sequence
 
 from .llm.base import Done, Event, Provider, Request, TextDelta, ToolCall, ToolCallReq, ToolSpec, Turn
 from .render import plain_text
@@ -34,7 +41,8 @@ from .render import plain_text
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-__all__ = ["ToolResult", "ToolSchemaError", "schemas", "run_tool", "tool_loop", "Approve"]
+__all__ = ["ToolResult", "ToolSchemaError", "schemas", "run_tool", "tool_loop", "Approve",
+           "ToolSource", "KernelTools", "Toolbox"]
 
 
 class ToolSchemaError(ValueError):
@@ -59,6 +67,59 @@ class ToolResult:
 
 
 Approve = Callable[[ToolCall], Awaitable[bool]]
+
+
+class ToolSource(Protocol):
+    """Where some of an answer's tools run. `call` never raises for a tool's own failure: it
+    returns (text, True) so the model is told and can carry on."""
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> tuple[str, bool]: ...
+
+
+class KernelTools:
+    """The dialogue's kernel functions (&`fn` references) as a ToolSource."""
+
+    def __init__(self, kernel: "Kernel", *, timeout: float = 60.0, limit: int = 20_000):
+        self.kernel, self.timeout, self.limit = kernel, timeout, limit
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
+        return await run_tool(self.kernel, name, arguments, timeout=self.timeout, limit=self.limit)
+
+
+class Toolbox:
+    """The tools one answer may call: their specs, in the order offered, each routed to the
+    source that runs it. Two sources offering one name is an error (the model could not tell
+    them apart)."""
+
+    def __init__(self) -> None:
+        self.specs: list[ToolSpec] = []
+        self._routes: dict[str, ToolSource] = {}
+
+    def add(self, source: ToolSource, specs: Sequence[ToolSpec]) -> None:
+        for spec in specs:
+            if spec.name in self._routes:
+                raise ToolSchemaError(f"two tools are named {spec.name!r}; rename one of them")
+        for spec in specs:
+            self._routes[spec.name] = source
+            self.specs.append(spec)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._routes
+
+    def __bool__(self) -> bool:
+        return bool(self._routes)
+
+    def spec(self, name: str) -> ToolSpec | None:
+        return next((s for s in self.specs if s.name == name), None)
+
+    def source(self, name: str) -> ToolSource | None:
+        return self._routes.get(name)
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
+        source = self._routes.get(name)
+        if source is None:
+            return f"there is no tool named {name!r}", True
+        return await source.call(name, arguments)
 
 _MODULE = "_dialogue_tools"  # what kernel/inside/tools.py is called in the kernel
 
@@ -122,11 +183,12 @@ async def run_tool(kernel: "Kernel", name: str, arguments: dict[str, Any], *, ti
     return _cap(plain_text(got["text"]), limit), not got["ok"]
 
 
-async def tool_loop(provider: Provider, request: Request, kernel: "Kernel", *, max_steps: int = 10,
+async def tool_loop(provider: Provider, request: Request, tools: "Toolbox | Kernel", *, max_steps: int = 10,
                     approve: Approve | None = None, timeout: float = 60.0, limit: int = 20_000
                     ) -> AsyncIterator[Event | ToolResult]:
-    """Stream `request`, running the model's tool calls in `kernel` and sending their results
-    back, until the model answers without calling a tool.
+    """Stream `request`, running the model's tool calls through `tools` (a Toolbox, or a kernel
+    whose functions are the request's tools) and sending their results back, until the model
+    answers without calling a tool.
 
     Yields the provider's TextDelta, ToolCall and Usage events, a ToolResult after each call,
     and a single Done at the end: the model's own last stop reason, or "max_steps" when the
@@ -136,6 +198,10 @@ async def tool_loop(provider: Provider, request: Request, kernel: "Kernel", *, m
     Closing the iterator closes the provider's stream."""
     if max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    if not isinstance(tools, Toolbox):
+        box = Toolbox()
+        box.add(KernelTools(tools, timeout=timeout, limit=limit), request.tools)
+        tools = box
     offered = {t.name for t in request.tools}
     req = replace(request, messages=list(request.messages))
     rounds = 0
@@ -160,7 +226,7 @@ async def tool_loop(provider: Provider, request: Request, kernel: "Kernel", *, m
             ToolCallReq(id=c.id, name=c.name, arguments=c.arguments) for c in calls]))
         over = rounds >= max_steps
         for c in calls:
-            res = await _answer(c, kernel, offered, approve, over, max_steps, timeout, limit)
+            res = await _answer(c, tools, offered, approve, over, max_steps)
             yield res
             req.messages.append(Turn(role="tool", content=res.result, tool_call_id=c.id, name=c.name))
         if over:
@@ -169,12 +235,12 @@ async def tool_loop(provider: Provider, request: Request, kernel: "Kernel", *, m
         rounds += 1
 
 
-async def _answer(c: ToolCall, kernel: "Kernel", offered: set[str], approve: Approve | None,
-                  over: bool, max_steps: int, timeout: float, limit: int) -> ToolResult:
+async def _answer(c: ToolCall, tools: Toolbox, offered: set[str], approve: Approve | None,
+                  over: bool, max_steps: int) -> ToolResult:
     def result(text: str, error: bool) -> ToolResult:
         return ToolResult(id=c.id, name=c.name, arguments=c.arguments, result=text, error=error)
 
-    if c.name not in offered:
+    if c.name not in offered or c.name not in tools:
         avail = ", ".join(sorted(offered)) or "none"
         return result(f"there is no tool named {c.name!r} (tools offered: {avail}); it was not run", True)
     if getattr(c, "error", ""):
@@ -183,5 +249,5 @@ async def _answer(c: ToolCall, kernel: "Kernel", offered: set[str], approve: App
         return result(f"not run: the limit of {max_steps} rounds of tool calls was reached", True)
     if approve is not None and not await approve(c):
         return result("the user declined to run this call", True)
-    text, err = await run_tool(kernel, c.name, c.arguments, timeout=timeout, limit=limit)
+    text, err = await tools.call(c.name, c.arguments)
     return result(text, err)
