@@ -71,7 +71,17 @@ def test_golden_request():
         ],
         tools=[], max_tokens=1024, dropped=0,
         meta={"upto": "p2", "tokens": 84, "token_count": "estimate (~4 characters per token)",
-              "refs": "", "ref_errors": [], "cut": []},
+              "refs": "", "ref_errors": [], "cut": [],
+              "tokens_by_part": {"system": 3, "context": 22, "prompt": 4, "tools": 0},
+              "turn_messages": [["n1", "c1", "p1"], ["p1"], ["c2", "p2"]],
+              "messages": [
+                  {"id": "n1", "kind": "note", "status": "sent", "tokens": 4, "pinned": False},
+                  {"id": "c1", "kind": "code", "status": "sent", "tokens": 21, "pinned": False},
+                  {"id": "p1", "kind": "prompt", "status": "sent", "tokens": 8, "pinned": False},
+                  {"id": "h1", "kind": "note", "status": "hidden",
+                   "reason": "hidden from the model by the user"},
+                  {"id": "c2", "kind": "code", "status": "sent", "tokens": 22, "pinned": False},
+                  {"id": "p2", "kind": "prompt", "status": "sent", "tokens": 4, "prompt": True}]},
     )
 
 
@@ -95,9 +105,11 @@ def test_hidden_messages_are_left_out():
         Message(id="p", kind=Kind.prompt, source="question"),
     ])
     req = build(d, "p")
-    text = json.dumps(req.to_dict())
+    # what the model sees; the request's meta lists the hidden messages by id, for the user
+    text = json.dumps({k: v for k, v in req.to_dict().items() if k != "meta"})
     assert "visible note" in text
     assert "hidden" not in text
+    assert [e["status"] for e in req.meta["messages"]] == ["sent", "hidden", "hidden", "sent"]
     assert [t.role for t in req.messages] == ["user"]
 
 
@@ -286,7 +298,8 @@ async def test_variables_shell_and_tools_from_the_kernel(kernel: Kernel):
     assert total == ToolSpec(
         name="total", description="Add up numbers.\n\nReturns:\n- type: integer",
         parameters={"type": "object", "required": ["xs"], "properties": {
-            "xs": {"description": "numbers to add", "type": "array", "items": {"type": "integer"}}}})
+            "xs": {"description": "numbers to add", "type": "array", "items": {"type": "integer"}}}},
+        source="kernel")
     # The stored block of an earlier prompt is replayed as it was, not re-evaluated.
     d.messages[-1].response = "Done."
     d.messages[-1].meta["refs"] = req.meta["refs"]

@@ -88,7 +88,8 @@ async def test_schema_is_computed_in_the_kernel(kernel: Kernel):
         description="Evaluate a Python expression in the kernel and return its repr.\n\nReturns:\n- type: string",
         parameters={"type": "object", "required": ["code"], "properties": {
             "code": {"description": "Python expression to evaluate", "type": "string"},
-            "timeout": {"description": "seconds allowed", "default": 10, "type": "integer"}}})
+            "timeout": {"description": "seconds allowed", "default": 10, "type": "integer"}}},
+        source="kernel")  # a kernel function may change anything: not reads_only
     assert specs[1].parameters["required"] == ["path"]
     with pytest.raises(ToolSchemaError, match="calls is not a function"):
         await schemas(kernel, ["calls"])

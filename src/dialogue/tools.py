@@ -142,7 +142,8 @@ async def schemas(kernel: "Kernel", names: Sequence[str], *, timeout: float = 30
     if errors:
         raise ToolSchemaError("cannot offer these tools: " + "; ".join(errors))
     return [ToolSpec(name=n, description=got[n]["ok"].get("description", ""),
-                     parameters=got[n]["ok"].get("parameters", {"type": "object", "properties": {}}))
+                     parameters=got[n]["ok"].get("parameters", {"type": "object", "properties": {}}),
+                     source="kernel")
             for n in names]
 
 

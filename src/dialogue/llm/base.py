@@ -68,11 +68,15 @@ class Turn:
 
 @dataclass
 class ToolSpec:
-    """A tool offered to the model: a JSON schema for its parameters."""
+    """A tool offered to the model: a JSON schema for its parameters. `reads_only` marks a tool
+    that changes and runs nothing (it may run without asking the user); `source` says where it
+    runs ("kernel", "dialogue", "mcp:<server>"), for people, never sent to the model."""
 
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    reads_only: bool = False
+    source: str = ""
 
 
 @dataclass
