@@ -502,6 +502,7 @@ class Runs:
     async def _run_prompt(self, run: Run, did: str, m: Message, prefill: str | None) -> None:
         from . import context
         from .llm.base import Progress, TextDelta, ToolCall, Usage, get_provider
+        from .provenance import finish as finish_provenance, produced_by
         store = self.store
         d = store.get_dialogue(did)
         prefill = prefill or ""
@@ -510,6 +511,8 @@ class Runs:
         meta = dict(m.meta)
         meta.pop("error", None)
         meta.pop("interrupted", None)  # a new answer: whatever cut off the last one is history
+        meta.pop("provenance", None)
+        prov: dict[str, Any] = {}
         store.begin_stream(m.id, response=prefill)
         flusher = _Flusher(store, run, self.host.flush_every)
         flushing = asyncio.get_running_loop().create_task(flusher.loop())
@@ -534,6 +537,8 @@ class Runs:
                 inner = tool_loop(provider, req, tools)
             else:
                 inner = provider.stream(req)
+            # what produced this answer (model and adapter hashes, sampling, tools offered)
+            prov.update(await asyncio.to_thread(produced_by, req, provider, d.meta.get("adapters")))
             async with contextlib.aclosing(inner) as evs:
                 async for ev in evs:
                     yield ev
@@ -569,6 +574,8 @@ class Runs:
             u = answer.record(d.model)
             if estimated:
                 u["estimated"] = True
+            if prov:
+                meta["provenance"] = finish_provenance(prov, answer.tool_calls, answer.usage)
             final = store.finish_stream(m.id, response=prefill + answer.text,
                                         tool_calls=answer.tool_calls, usage=u, meta=meta)
             self._finish(run, final)
@@ -600,6 +607,14 @@ class Runs:
             kernel, req = None, context.build(d, m.id, **kw)
         if d.meta.get("sampling"):
             req.meta["sampling"] = d.meta["sampling"]  # the local model's repetition settings
+        if d.meta.get("temperature") is not None:
+            req.temperature = float(d.meta["temperature"])
+        if d.meta.get("seed") is not None:
+            req.meta["seed"] = int(d.meta["seed"])
+        elif req.temperature and d.model.startswith("local:"):
+            # a sampled local answer gets a seed of its own, recorded with it, so it can be replayed
+            import secrets
+            req.meta["seed"] = secrets.randbelow(2 ** 31)
         if adapters and any(_scale_of(v) for v in adapters.values()):
             # the adapter set {name or path: scale}, applied at run time on the quantized base
             # (never merged); the provider keys its KV cache by it. Reading a base's shapes the
@@ -625,6 +640,42 @@ class Runs:
         async with contextlib.aclosing(provider.stream(req)) as evs:
             async for ev in evs:
                 yield ev
+
+    async def replay(self, d: Dialogue, m: Message,
+                     on_text: Callable[[str], Any] | None = None) -> dict[str, Any]:
+        """Answer prompt `m` of `d` again under the settings its answer's provenance records
+        (model, adapter set, max tokens, temperature, seed, repetition settings, prefill), with
+        the messages above it as they are now and tools off, storing nothing. Returns
+        `provenance.compare`'s verdict plus "usage" and "error". `on_text` hears each piece."""
+        from .llm.base import TextDelta, get_provider
+        from .provenance import compare, produced_by, replay_settings
+        then = m.meta.get("provenance")
+        d.messages = d.messages[: d.index(m.id) + 1]
+        if then:
+            d.model = then.get("model") or d.model
+        adapters = ((then.get("adapters") or {}).get("set") if then else d.meta.get("adapters"))
+        provider = get_provider(d.model)
+        _, req = await self.request(d, m, provider, adapters)
+        req.tools = []
+        if then:
+            s = replay_settings(then)
+            req.max_tokens = int(s["max_tokens"] or req.max_tokens)
+            req.temperature = s["temperature"]
+            for key in ("seed", "sampling"):
+                if s[key] is None:
+                    req.meta.pop(key, None)
+                else:
+                    req.meta[key] = s[key]
+            req.prefill = then.get("prefill") or ""
+        now = await asyncio.to_thread(produced_by, req, provider, adapters)
+        answer = Answer()
+        async for ev in follow(provider.stream(req), answer):
+            if isinstance(ev, TextDelta) and on_text is not None:
+                on_text(ev.text)
+        out = compare(m.response, req.prefill + answer.text, then, now)
+        out.update(message=m.id, usage=answer.record(d.model), error=answer.error,
+                   provenance=now)
+        return out
 
     # ------------------------------------------------------------ a dialogue top to bottom
 

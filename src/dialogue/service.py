@@ -12,7 +12,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .document import FLAGS, ContextItem, Dialogue, Kind, Message
 from .runs import Answer, LiveState, RunAll, RunError, RunEvent, Runs, follow, run_status
@@ -984,6 +984,21 @@ class DialogueService:
                                                         max_tokens=max_tokens)) as evs:
             async for ev in evs:
                 yield ev
+
+    async def replay(self, ref: str, msg: str, *,
+                     on_text: Callable[[str], Any] | None = None) -> dict[str, Any]:
+        """Regenerate prompt `msg`'s answer under the settings its provenance records and compare
+        it with the stored one, storing nothing: {"same", "diff", "stored", "replayed",
+        "changes" (settings that differ now: a replaced model file, a changed adapter), "notes",
+        "usage", "error", "provenance"}. NotFoundError for a message that is not an answered
+        prompt; a model or adapter that cannot be used now raises before anything is sent."""
+        did = self.dialogue_id(ref)
+        d = self.store.get_dialogue(did)
+        m = d.message(self.message_id(d, msg))
+        if m.kind != Kind.prompt or not (m.response or m.tool_calls):
+            raise NotFoundError(f"message {m.id} is not an answered prompt: there is nothing to "
+                                "replay")
+        return await self._runs.replay(d, m, on_text)
 
 
 def __getattr__(name: str) -> Any:

@@ -19,17 +19,17 @@ from typing import Callable
 from .. import config
 from ..service import ConflictError, DialogueService, ProviderError, StoreError
 from ..terminal import plain
-from . import adapters, dialogues, io, kernels, messages, models, runs, serve, train
+from . import adapters, dialogues, io, kernels, messages, models, replay, runs, serve, train
 from .common import EXIT_CONFLICT, EXIT_ERROR, UserError, err
 
 # (function, help, add_arguments) by command name, from each command group's module
 _COMMANDS: dict[str, tuple[Callable, str, Callable | None]] = {
     **dialogues.COMMANDS, **messages.COMMANDS, **runs.COMMANDS, **io.COMMANDS, **models.COMMANDS,
-    **serve.COMMANDS, **adapters.COMMANDS, **train.COMMANDS, **kernels.COMMANDS}
+    **serve.COMMANDS, **adapters.COMMANDS, **train.COMMANDS, **kernels.COMMANDS, **replay.COMMANDS}
 
 # the order `dialogue --help` lists them in
 _ORDER = ("new", "list", "show", "add", "ask", "exec", "run", "import", "export", "edit", "rm",
-          "mv", "history", "restore", "fork", "rename", "config", "kernel", "search", "trash", "attach", "detach",
+          "mv", "history", "replay", "restore", "fork", "rename", "config", "kernel", "search", "trash", "attach", "detach",
           "models", "cache", "serve", "adapters", "train")
 
 # Commands with their own argument parser: everything after the command name is theirs, so that
