@@ -84,6 +84,7 @@ delete_cell = Route("/d/{did}/m/{mid}/delete")
 undelete = Route("/d/{did}/m/{mid}/undelete")
 answer = Route("/d/{did}/m/{mid}/answer")
 history = Route("/d/{did}/m/{mid}/history")
+replay = Route("/d/{did}/m/{mid}/replay")  # an answer again, under its recorded settings
 restore_version = Route("/d/{did}/m/{mid}/restore_version")
 fork = Route("/d/{did}/m/{mid}/fork")
 merge = Route("/d/{did}/m/{mid}/merge")

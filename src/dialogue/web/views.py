@@ -955,7 +955,14 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
                 Div(id=f"ae-{m.id}", cls="answer-edit"),
                 Div(usage_line(m),
                     Button("Edit answer", hx_get=urls.answer.to(did=did, mid=m.id), hx_target=f"#ae-{m.id}",
-                           data_act="edit-answer", cls="link small"), cls="answer-foot"),
+                           data_act="edit-answer", cls="link small"),
+                    Button("Replay", hx_post=urls.replay.to(did=did, mid=m.id), hx_target=f"#rp-{m.id}",
+                           hx_indicator=f"#rp-{m.id}", hx_disabled_elt="this", data_act="replay",
+                           cls="link small",
+                           title="Answer again under the settings this answer recorded (model, "
+                                 "adapters, sampling, seed) and show any difference; stores nothing"),
+                    cls="answer-foot"),
+                Div(Small("replaying…", cls="htmx-indicator"), id=f"rp-{m.id}", cls="replay"),
                 cls="answer-box"))
         if m.meta.get("error"):
             parts.append(error_box(str(m.meta["error"])))
