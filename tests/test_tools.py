@@ -181,8 +181,8 @@ async def test_approval_can_deny_a_call(fresh_calls: Kernel):
         sent_back = srv.requests[1].json["messages"][-1]
     assert asked == ["run_python", "list_files"]
     denied = next(ev for ev in events if isinstance(ev, ToolResult) and ev.name == "list_files")
-    assert denied.error and denied.result == "the user declined to run this call"
-    assert sent_back["content"] == "the user declined to run this call"
+    assert denied.error and denied.result == "denied by the user"
+    assert sent_back["content"] == "denied by the user"
     assert await k.eval("[c[0] for c in calls]") == "['run_python']"
 
 

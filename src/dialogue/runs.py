@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from .document import Dialogue, Kind, Message
 from .kernel.outputs import fold_output, stored_outputs
+from .approvals import settle_pending
 from .store import StoreError
 
 log = logging.getLogger(__name__)  # dialogue.runs
@@ -54,6 +55,8 @@ class RunEvent:
     or with a task, loaded itself, in percent),
     "input" (data: {"prompt", "password"}: the cell waits for a line of input, see
     `Runs.reply`; None: the question was answered),
+    "approval" (data: {"id", "name", "arguments", "preview", ...}: a tool call waits for the
+    user's answer, see `Runs.decide`; or {"id", "name", "decision", "reason"}: it was decided),
     "error" (data: a message for the user), and last "done" (data: the stored Message)."""
 
     type: str
@@ -75,6 +78,7 @@ class LiveState:
     progress: dict[str, Any] | None = None
     clear_pending: bool = False  # a clear_output(wait=True) that waits for the next output
     input: dict[str, Any] | None = None  # the question a cell waits on ({"prompt", "password"})
+    pending: list[dict[str, Any]] = field(default_factory=list)  # tool calls awaiting approval
 
     @classmethod
     def from_message(cls, m: Message) -> "LiveState":
@@ -100,6 +104,11 @@ class LiveState:
             self.errors.append(str(ev.data))
         elif ev.type == "input":
             self.input = dict(ev.data) if ev.data else None
+        elif ev.type == "approval":
+            if "decision" in ev.data:
+                self.pending = [p for p in self.pending if p.get("id") != ev.data.get("id")]
+            else:
+                self.pending.append(dict(ev.data))
 
 
 class _Signal:
@@ -129,6 +138,7 @@ class Run:
         self.execution: Any = None  # the kernel's Execution of a code run, once it has one
         self.stopping: asyncio.Task | None = None  # a Stop in progress (a second Stop joins it)
         self.restarted = ""  # why Stop restarted the kernel under this run, if it did
+        self.gate: Any = None  # a prompt's approvals.Gate, once its tools are known
         self.outputs_changed = 0  # bumped by every output event: the flusher writes them then
         self._signal = _Signal()
 
@@ -306,7 +316,8 @@ class Runs:
     # ------------------------------------------------------------ one message
 
     def start(self, did: str, mid: str, *, prefill: str | None = None,
-              timeout: float | None = None, stdin: Any = False) -> str:
+              timeout: float | None = None, stdin: Any = False, approve: Any = None,
+              tools: bool = True) -> str:
         if mid in self.active:
             raise RunError(f"message {mid} is already running")
         if who := self.store.stream_writer(mid):
@@ -322,7 +333,7 @@ class Runs:
             if not m.source.strip():
                 raise RunError("the prompt is empty")
             state = LiveState(m.kind, prefill or "")
-            coro, args = self._run_prompt, (did, m, prefill)
+            coro, args = self._run_prompt, (did, m, prefill, approve, tools)
         else:
             raise RunError(f"a {m.kind.value} message does not run")
         run = self.active[mid] = Run(mid, did, m.kind, state)
@@ -419,6 +430,16 @@ class Runs:
             await ex.kernel.restart()
         await asyncio.wait([run.task], timeout=10)
 
+    def decide(self, msg_id: str, call_id: str, decision: Any) -> None:
+        """Answer the approval tool call `call_id` of the running answer `msg_id` waits on
+        (approvals.decision_of: once / always / deny)."""
+        from .approvals import ApprovalError
+        run = self.active.get(msg_id)
+        if run is None or run.gate is None:
+            raise ApprovalError("This answer is not running any more; its calls that were "
+                                "waiting were denied.")
+        run.gate.decide(call_id, decision)
+
     def reply(self, msg_id: str, text: str) -> None:
         """Answer the input() that the running cell `msg_id` waits on."""
         run = self.active.get(msg_id)
@@ -458,7 +479,8 @@ class Runs:
         extra: list[dict] = []
         try:
             kernel = await self.host.kernel(did)
-            ex = run.execution = kernel.execute(m.source, timeout=timeout, allow_stdin=bool(stdin))
+            ex = run.execution = kernel.execute(m.source, timeout=timeout, allow_stdin=bool(stdin),
+                                                cell_id=m.id)
             asking: set[asyncio.Task] = set()
             async for out in ex:
                 if out.get("output_type") == "input_request":  # a question, not an output
@@ -499,7 +521,8 @@ class Runs:
                     meta={**m.meta, "run": {"status": "interrupted"}})
             self._finish(run, final)
 
-    async def _run_prompt(self, run: Run, did: str, m: Message, prefill: str | None) -> None:
+    async def _run_prompt(self, run: Run, did: str, m: Message, prefill: str | None,
+                          approve: Any = None, offer_tools: bool = True) -> None:
         from . import context
         from .llm.base import Progress, TextDelta, ToolCall, Usage, get_provider
         from .provenance import finish as finish_provenance, produced_by
@@ -530,11 +553,17 @@ class Runs:
                 meta["dropped"] = req.dropped
             if req.meta.get("cut"):
                 meta["cut"] = req.meta["cut"]  # the code outputs the model saw shortened
-            tools = self.toolbox(d, m, kernel, req)
+            tools = self.toolbox(d, m, kernel, req) if offer_tools else None
+            if tools is not None and getattr(self.host, "mcp", None) is not None:
+                from .mcptools import offer  # the MCP servers it enables (started on first use)
+                await offer(self.host.mcp, d, tools)
+            if not offer_tools:
+                req.tools = []  # --no-tools: none offered, so none called
             if tools:
                 from .tools import tool_loop
                 req.tools = list(tools.specs)
-                inner = tool_loop(provider, req, tools)
+                run.gate = self._gate(run, did, tools, approve, meta)
+                inner = tool_loop(provider, req, tools, approve=run.gate)
             else:
                 inner = provider.stream(req)
             # what produced this answer (model and adapter hashes, sampling, tools offered)
@@ -561,6 +590,9 @@ class Runs:
             if answer.error:
                 meta["error"] = answer.error
                 run.publish(RunEvent("error", m.id, answer.error))
+            # a call still waiting for the user (Stop, a closed server) is stored as denied
+            meta, answer.tool_calls = settle_pending({**meta, "pending": run.state.pending},
+                                                     answer.tool_calls)
             usage = answer.usage or Usage()
             estimated = False
             if answer.stop_reason == "cancelled" and req is not None \
@@ -578,29 +610,63 @@ class Runs:
                 meta["provenance"] = finish_provenance(prov, answer.tool_calls, answer.usage)
             final = store.finish_stream(m.id, response=prefill + answer.text,
                                         tool_calls=answer.tool_calls, usage=u, meta=meta)
+            if req is not None:
+                _keep_request(store, final, req, provider)
             self._finish(run, final)
+
+    def _gate(self, run: Run, did: str, tools: Any, approve: Any, meta: dict[str, Any]) -> Any:
+        """The approvals of one answer's tool calls (approvals.Gate): each approval event is
+        published, and a pending one is written to the message at once, so a reloaded page,
+        another process and a recovery after a crash all see it."""
+        from .approvals import Gate
+        store = self.store
+
+        def event(data: dict[str, Any]) -> None:
+            was = any(p.get("id") == data["id"] for p in run.state.pending)
+            run.publish(RunEvent("approval", run.message_id, data))
+            if "decision" not in data or was:  # the pending calls changed
+                pending = run.state.pending
+                store.stream_append(run.message_id, tool_calls=run.state.tool_calls,
+                                    meta={**meta, "pending": pending} if pending else meta)
+
+        return Gate(tools, approve,
+                    settings=lambda: store.get_dialogue(did, with_messages=False).meta,
+                    remember=lambda name: self.host.allow_tool(did, name), event=event)
 
     def toolbox(self, d: Dialogue, m: Message, kernel: Any, req: Any) -> Any:
         """The tools answering prompt `m` may call, each routed to where it runs: the kernel
-        functions the dialogue references (&`fn`, already specified in `req.tools`)."""
+        functions the dialogue references (&`fn`, already specified in `req.tools`), and the
+        document tools the dialogue turned on (`meta["doc_tools"]`), acting for answer `m`."""
         from .tools import KernelTools, Toolbox
         box = Toolbox()
         if req.tools and kernel is not None:
             box.add(KernelTools(kernel), req.tools)
+        if d.meta.get("doc_tools"):
+            from .doc_tools import DocumentTools
+            docs = DocumentTools(self.host, d.id, author="model", cause=m.id,
+                                 enabled=d.meta["doc_tools"])
+            box.add(docs, docs.specs())
         return box
 
     async def request(self, d: Dialogue, m: Message, provider: Any,
-                      adapters: Any) -> tuple[Any, Any]:
+                      adapters: Any, *, estimate: bool = False) -> tuple[Any, Any]:
         """The request answering prompt `m` of `d` (which must contain it), with `adapters` (a set
         {name or path: scale}, or None) resolved into `req.meta["adapters"]`. A kernel is started
-        only when the prompt has references or the dialogue offers tools."""
+        only when the prompt has references or the dialogue offers tools. `estimate`: the request
+        as it would be sent, for counting, evaluating nothing (no kernel is started: $`x` may be
+        slow and !`cmd` has effects), so references count without their values and tools by
+        name only."""
         from . import context
         window = getattr(provider, "context_window", None)
         max_tokens = int(d.meta.get("max_tokens", getattr(provider, "default_max_tokens", 1024)))
         kw = dict(budget=(window - max_tokens) if window else None, max_tokens=max_tokens,
-                  count_tokens=getattr(provider, "count_tokens", None))
+                  count_tokens=getattr(provider, "count_tokens", None),
+                  folders=self.host.folder_context(d))  # its folders' notes, outermost first
+        _check_images(d, m, provider)
         needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
-        if needs_kernel:
+        if needs_kernel and estimate:
+            kernel, req = None, context.build(d, m.id, resolved=_unevaluated(d, m), **kw)
+        elif needs_kernel:
             kernel = await self.host.kernel(d.id)
             req = await context.build_async(d, m.id, kernel=kernel, **kw)
         else:
@@ -681,7 +747,8 @@ class Runs:
 
     def start_all(self, d: Dialogue, todo: list[str], *, what: str = "message",
                   allow_errors: bool = False, on_start: Callable | None = None,
-                  on_done: Callable | None = None, stdin: Any = False) -> "RunAll":
+                  on_done: Callable | None = None, stdin: Any = False, approve: Any = None,
+                  tools: bool = True) -> "RunAll":
         """Run the messages `todo` (ids of `d`) one after another in the background."""
         job = self.alls.get(d.id)
         if job is not None and not job.done:
@@ -689,8 +756,51 @@ class Runs:
         job = self.alls[d.id] = RunAll(self, d.id, todo, what=what, allow_errors=allow_errors,
                                        on_start=on_start, on_done=on_done)
         job.stdin = stdin
+        job.approve, job.tools = approve, tools
         job.task = asyncio.get_running_loop().create_task(job._drive())
         return job
+
+
+def _check_images(d: Dialogue, m: Message, provider: Any) -> None:
+    """Refuse, before anything is evaluated or sent, a prompt whose visible notes and prompts
+    hold images when the model cannot see them (`provider.sees_images`). Code outputs' images are
+    not counted: they reach such a model as a mention, as they always have."""
+    from .context import attached_images
+    from .errors import ImagesNotSupportedError
+    if getattr(provider, "sees_images", False):
+        return
+    upto = d.messages[:d.index(m.id) + 1]
+    found = attached_images([x for x in upto if not x.hidden or x.id == m.id])
+    if not found:
+        return
+    n, where = len(found), sorted({f["message"] for f in found})
+    names = ", ".join(f["name"] for f in found[:5]) + (", ..." if n > 5 else "")
+    raise ImagesNotSupportedError(
+        f"model {d.model} cannot see images; the prompt has {n} image{'s' if n != 1 else ''} "
+        f"({names}) in message{'s' if len(where) != 1 else ''} {', '.join(where)}. Nothing was "
+        "sent: choose a model that can (claude-*, gpt-4o and later; an openai-compatible one "
+        "listed in DIALOGUE_VISION_MODELS), or hide those messages or remove the images.")
+
+
+def _unevaluated(d: Dialogue, m: Message) -> Any:
+    """Stand-ins for the values of prompt `m`'s references and its dialogue's tools: empty
+    values, tools by name (see `Runs.request(estimate=True)`)."""
+    from .context import Resolved, references, tool_names
+    from .llm.base import ToolSpec
+    refs = references(m.source)
+    return Resolved(values=dict.fromkeys(refs.exprs, ""), shell=dict.fromkeys(refs.cmds, ""),
+                    tools=[ToolSpec(n) for n in tool_names(d, m.id)])
+
+
+def _keep_request(store: Any, final: Message, req: Any, provider: Any) -> None:
+    """Record the request this answer was sent with (`sent.record`), beside its version. The
+    answer is stored already: a record that cannot be made is logged, never the answer's loss.
+    A tool loop's later steps send this request plus the calls and results the answer keeps."""
+    from . import sent
+    try:
+        store.save_request(final.id, final.version, sent.record(req, provider))
+    except Exception:
+        log.exception("could not record the request of message %s", final.id)
 
 
 class RunAll:
@@ -711,6 +821,8 @@ class RunAll:
         self.error: Exception | None = None  # what ended it, if a run could not even start
         self.task: asyncio.Task | None = None
         self.stdin: Any = False  # how input() in its cells is answered (Runs.start)
+        self.approve: Any = None  # how its prompts' tool calls are approved (approvals.py)
+        self.tools = True  # whether its prompts offer tools
         self._signal = _Signal()
 
     def progress(self) -> tuple[int, int]:
@@ -757,7 +869,7 @@ class RunAll:
                     continue
                 if self.on_start:
                     self.on_start(i, len(self.todo), m)
-                runs.start(self.did, mid, stdin=self.stdin)
+                runs.start(self.did, mid, stdin=self.stdin, approve=self.approve, tools=self.tools)
                 self.started.append(mid)
                 self._signal.poke()
                 final = await runs.wait(mid)

@@ -12,18 +12,23 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
 
 from .document import FLAGS, ContextItem, Dialogue, Kind, Message
 from .runs import Answer, LiveState, RunAll, RunError, RunEvent, Runs, follow, run_status
 from .llm.base import ModelInfo, Progress, ProviderError, TextDelta, Usage
 from .progress import OnProgress, Step
-from .store import (HIT_END, HIT_START, ConflictError, NameTakenError, NotFoundError, SearchHit,
-                    Store, StoreError, TrashItem, Version, default_db_path)
+from .store import (HIT_END, HIT_START, ConflictError, Folder, NameTakenError, NotFoundError,
+                    SearchHit, Store, StoreError, TrashItem, Version, default_db_path)
+from .modes import MODES, ModeError, is_edited, mode_of, with_mode
 from .trust import import_record
+from . import images as _images
+from .images import ImageError
+from .approvals import ApprovalError, describe_call
 
 if TYPE_CHECKING:
     from .kernel import Kernel, KernelPool
+    from .mcptools import MCPPool
 
 __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "Answer", "follow",
            "AdapterView", "import_record",
@@ -32,7 +37,8 @@ __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "An
            # (tests/test_layout.py): errors, search-hit markers, model listings and events
            "ConflictError", "NameTakenError", "NotFoundError", "StoreError", "ProviderError",
            "HIT_START", "HIT_END", "SearchHit", "TrashItem", "Version", "ModelInfo", "Progress",
-           "TextDelta", "Usage", "default_db_path", "Step", "OnProgress"]
+           "TextDelta", "Usage", "default_db_path", "Step", "OnProgress", "ImageError",
+           "Folder", "MODES", "ModeError", "mode_of", "is_edited", "ApprovalError", "describe_call"]
 
 DEFAULT_MODEL = "local:default"
 
@@ -92,6 +98,7 @@ class DialogueService:
         self._restart_tasks: set[Any] = set()
         self._ran: dict[str, tuple[Any, dict]] = {}  # dialogue -> (kernel choice, language_info)
         self._runs = Runs(self)
+        self._mcp: "MCPPool | None" = None  # the MCP servers started, on first use
 
     def close(self) -> None:
         self.store.close()
@@ -101,6 +108,8 @@ class DialogueService:
         await self._runs.cancel_all()
         if self._kernels is not None:
             await self._kernels.shutdown_all()
+        if self._mcp is not None:
+            await self._mcp.close()
 
     async def aclose(self) -> None:
         """Stop every run and kernel, then close the store."""
@@ -143,17 +152,37 @@ class DialogueService:
 
     def create(self, name: str, *, model: str | None = None, system: str = "",
                context: list[ContextItem] | None = None, meta: dict | None = None,
-               output_limit: str | None = None) -> Dialogue:
+               output_limit: str | None = None, folder: str | None = None,
+               template: bool = True) -> Dialogue:
         """A new dialogue. A model named here is checked first (`check_model`); without one the
         dialogue gets the configured default, which is not (it may be a provider registered
-        later in the process). A bad `output_limit` is refused before anything is stored."""
+        later in the process). A bad `output_limit` is refused before anything is stored.
+
+        In a `folder` (a path or id) with a template, the dialogue starts from the template (its
+        messages, model, system prompt, attached context and settings), unless `template` is
+        False; a model or system prompt named here still wins over the template's."""
         if model:  # "" or None: the default
             self.check_model(model)
+        fid = self.folder_id(folder) if folder else ""
+        tpl = self.store.get_folder(fid).template if fid and template else ""
+        if tpl:
+            try:
+                self.store.get_dialogue(tpl, with_messages=False)
+            except NotFoundError:
+                raise NotFoundError(
+                    f"the template of folder {self.store.get_folder(fid).path!r} (dialogue {tpl}) "
+                    "is in the trash or gone: set another (`dialogue folder template`) or create "
+                    "the dialogue without it") from None
+            d = self.store.from_template(tpl, name, folder=fid)
+            changes = {k: v for k, v in (("model", model), ("system", system)) if v}
+            if output_limit is not None:
+                changes["output_limit"] = output_limit
+            return self.update(d.id, **changes) if changes else d
         if output_limit is not None:
             from .context import with_output_limit
             meta = with_output_limit(meta or {}, output_limit)
         return self.store.create_dialogue(name, model=model or default_model(), system=system,
-                                          context=context, meta=meta)
+                                          context=context, meta=meta, folder=fid)
 
     def open(self, ref: str, *, messages: bool = True) -> Dialogue:
         """The dialogue as stored; without its messages when `messages` is False (its settings)."""
@@ -185,7 +214,8 @@ class DialogueService:
         return self.update(ref, base_version=base_version, name=new_name)
 
     def update(self, ref: str, *, base_version: int | None = None, **settings: Any) -> Dialogue:
-        """Change name, model, system, attached context, meta, or `output_limit` (how much of
+        """Change name, model, system, attached context, meta, `mode` / `mode_prompt` (see
+        `set_mode`), or `output_limit` (how much of
         long code outputs the model sees, kept in meta: see context.parse_output_limit; a bad
         value is refused now, not at the next prompt). Without `base_version` the current
         version is used: fine for a one-shot CLI command, while a long-lived surface (a browser
@@ -206,6 +236,12 @@ class DialogueService:
                 meta = self.store.get_dialogue(did, with_messages=False).meta
             settings["meta"] = with_output_limit(
                 meta, settings.pop("output_limit", meta.get("output_limit", "default")))
+        if "mode" in settings or "mode_prompt" in settings:  # see set_mode
+            meta = settings.get("meta")
+            if meta is None:
+                meta = self.store.get_dialogue(did, with_messages=False).meta
+            name = settings.pop("mode", None) or mode_of(meta)[0]
+            settings["meta"] = with_mode(meta, name, settings.pop("mode_prompt", None))
         if base_version is None:
             base_version = self.store.get_dialogue(did, with_messages=False).version
         return self.store.update_dialogue(did, base_version=base_version, **settings)
@@ -228,15 +264,107 @@ class DialogueService:
 
     def attach_file(self, ref: str, path: str | os.PathLike, *, name: str | None = None,
                     base_version: int | None = None) -> Dialogue:
-        """Attach a text file's content under its file name (or `name`), remembering where it
-        came from."""
-        p = Path(path)
+        """Attach a text file (or a folder's text files) under its name (or `name`), remembering
+        where it came from: `attach_source` with a path."""
+        return self.attach_source(ref, path=path, name=name, base_version=base_version)[0]
+
+    def attach_source(self, ref: str, *, path: str | os.PathLike | None = None,
+                      package: str | None = None, url: str | None = None, name: str | None = None,
+                      base_version: int | None = None) -> tuple[Dialogue, Any]:
+        """Attach exactly one of: a text file or a folder's text files (`path`), an installed
+        package's documentation (`package`), a web page's text (`url`), under `name` (default: the
+        file's, folder's or package's name, the URL's host and last path part). Returns the
+        dialogue and what was read (`sources.Loaded`: the files, what was skipped and why). The
+        source is read first (a package in a subprocess, a URL over the network: call this off an
+        event loop); one that cannot be read raises StoreError and nothing is stored."""
+        from . import sources
+        if sum(x is not None and str(x) != "" for x in (path, package, url)) != 1:
+            raise StoreError("attach one thing: a path, a package or a URL")
         try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise StoreError(f"cannot attach {p}: {e}") from e
-        return self.attach(ref, name or p.name, text, kind="file", source=str(p.resolve()),
-                           base_version=base_version)
+            if path is not None and str(path) != "":
+                loaded = sources.read_path(path, name=name)
+            elif package:
+                loaded = sources.read_package(package, name=name)
+            else:
+                loaded = sources.read_url(str(url), name=name)
+        except sources.SourceError as e:
+            raise StoreError(str(e)) from e
+        d = self.attach(ref, loaded.name, loaded.content, kind=loaded.kind, source=loaded.source,
+                        base_version=base_version)
+        return d, loaded
+
+    def refresh(self, ref: str, item: str | None = None, *,
+                base_version: int | None = None) -> tuple[Dialogue, list[dict[str, Any]]]:
+        """Read attached items again from their sources: the one named `item`, or every item
+        that has a source (pasted text has none and is listed as skipped). One record per item:
+        name, and `changed` with `before`/`after` characters, or `error` (that item is kept as it
+        was; the others are still refreshed), or `skipped`. A named item that cannot be read
+        raises StoreError. Changed items are stored in one settings version."""
+        from . import sources
+        d = self.open(ref, messages=False)
+        if item is not None and not any(c.name == item for c in d.context):
+            there = ", ".join(repr(c.name) for c in d.context) or "none"
+            raise NotFoundError(f"no attached item {item!r} in dialogue {d.name!r} (attached: {there})")
+        items, report = list(d.context), []
+        for i, c in enumerate(d.context):
+            if item is not None and c.name != item:
+                continue
+            try:
+                loaded = sources.read_source(c.kind, c.source, c.name)
+            except sources.SourceError as e:
+                if item is not None:
+                    raise StoreError(f"cannot refresh {c.name!r}: {e}") from e
+                report.append({"name": c.name, ("skipped" if "no source" in str(e) or "uploaded" in str(e)
+                                                else "error"): str(e)})
+                continue
+            items[i] = ContextItem(c.name, loaded.content, loaded.kind, loaded.source)
+            report.append({"name": c.name, "changed": loaded.content != c.content,
+                           "before": len(c.content), "after": len(loaded.content)})
+        if any(r.get("changed") for r in report):
+            d = self.store.update_dialogue(
+                d.id, base_version=d.version if base_version is None else base_version,
+                context=items)
+        return d, report
+
+    def context_status(self, ref: str) -> list[dict[str, Any]]:
+        """Each attached item as its dialogue's model sees it: name, kind, source, chars, tokens
+        (by the model's tokenizer where it has one: `exact`; else estimated) and `cached`: for a
+        local model, whether the persistent KV cache holds the prompt prefix through the attached
+        context (system prompt, attached context: a prompt reads them from disk, not again);
+        None where that cannot be said (a hosted model, a dialogue with adapters or tools, whose
+        prefix differs). Counting with a local model's tokenizer starts its process."""
+        from .llm.base import get_provider
+        d = self.open(ref, messages=False)
+        if not d.context:
+            return []
+        provider = get_provider(d.model or default_model())
+        counter = getattr(provider, "count_tokens", None)
+        rows = []
+        for c in d.context:
+            n = _count_tokens(d.model, counter, c.content)
+            rows.append({"name": c.name, "kind": c.kind, "source": c.source, "chars": len(c.content),
+                         "tokens": n if n is not None else _estimate(c.content),
+                         "exact": n is not None, "cached": None})
+        probe = getattr(provider, "cached_prefix", None)
+        if probe is not None and not d.meta.get("adapters"):
+            try:
+                prompt, held = probe(self._prefix_request(d))
+            except (ProviderError, ValueError, OSError):
+                return rows
+            # the system message (system prompt, folder notes, attached context) ends at the
+            # prompt's first boundary: the prefix a dialogue's every prompt shares
+            if held is not None and prompt.boundaries:
+                for r in rows:
+                    r["cached"] = held >= prompt.boundaries[0]
+        return rows
+
+    def _prefix_request(self, d: Dialogue) -> Any:
+        """A request for a one-word prompt as the first message of `d`: the system message every
+        prompt of `d` starts with (mode, folder notes and attached context included)."""
+        from . import context
+        from dataclasses import replace
+        probe = Message(kind=Kind.prompt, source="?")
+        return context.build(replace(d, messages=[probe]), probe.id, folders=self.folder_context(d))
 
     def detach(self, ref: str, name: str, *, base_version: int | None = None) -> Dialogue:
         """Remove an attached context item by name; NotFoundError names the ones there are."""
@@ -293,6 +421,130 @@ class DialogueService:
     def delete(self, ref: str) -> None:
         self.store.delete_dialogue(self.dialogue_id(ref))
 
+    # ------------------------------------------------------------ folders
+
+    def folders(self) -> list[Folder]:
+        """Every folder, in path order ("a", "a/b", "c"), each with its count of dialogues."""
+        return self.store.folders()
+
+    def folder_id(self, ref: str | Folder) -> str:
+        """A folder's id from its path ("a/b") or id; "" or "/" is the top level."""
+        return ref.id if isinstance(ref, Folder) else self.store.find_folder(ref)
+
+    def folder(self, ref: str | Folder) -> Folder:
+        fid = self.folder_id(ref)
+        if not fid:
+            raise NotFoundError("the top level is not a folder")
+        return self.store.get_folder(fid)
+
+    def new_folder(self, path: str, *, exist_ok: bool = False) -> Folder:
+        """Make a folder ("a/b" makes a too when it is missing)."""
+        return self.store.create_folder(path, exist_ok=exist_ok)
+
+    def rename_folder(self, ref: str, new_path: str, *, base_version: int | None = None) -> Folder:
+        """Rename a folder or move it: `new_path` is its whole new path ("a/c" renames a/b to
+        a/c; "c" moves it to the top level), the folders above it made when missing. What it
+        holds goes with it."""
+        f = self.folder(ref)
+        parent_path, _, name = new_path.strip().strip("/").rpartition("/")
+        with self.store.tx():
+            parent = self.store.create_folder(parent_path, exist_ok=True).id \
+                if parent_path.strip() else ""
+            return self.store.update_folder(f.id, base_version=base_version, op="rename",
+                                            name=name, parent=parent)
+
+    def remove_folder(self, ref: str, *, move_up: bool = False) -> Folder:
+        """Delete a folder: only an empty one, unless `move_up` moves its dialogues and folders
+        into the folder above it first. Its history stays."""
+        return self.store.delete_folder(self.folder(ref).id, move_up=move_up)
+
+    def set_folder(self, ref: str, *, note: str | None = None, template: str | None = None,
+                   base_version: int | None = None) -> Folder:
+        """Set a folder's context note (what every dialogue in it and below it sees first) and/or
+        its template (a dialogue's name or id; "" for none), as a new version of its settings."""
+        f = self.folder(ref)
+        changes: dict[str, Any] = {}
+        if note is not None:
+            changes["note"] = note.replace("\r\n", "\n").rstrip()  # a file's last newline
+        if template is not None:
+            changes["template"] = self.dialogue_id(template) if template.strip() else ""
+        return self.store.update_folder(f.id, base_version=base_version, **changes)
+
+    def folder_history(self, ref: str) -> list[Version]:
+        return self.store.folder_history(self.folder(ref).id)
+
+    def move_to(self, ref: str, folder: str, *, base_version: int | None = None) -> Dialogue:
+        """Move a dialogue into a folder (a path or id; "" or "/" for the top level)."""
+        did = self.dialogue_id(ref)
+        if base_version is None:
+            base_version = self.store.get_dialogue(did, with_messages=False).version
+        return self.store.update_dialogue(did, base_version=base_version, op="move",
+                                          folder=self.folder_id(folder))
+
+    def folder_context(self, d: Dialogue) -> list[ContextItem]:
+        """The context notes a dialogue sees first: its folder's and those above it, outermost
+        first, as context items of kind "folder" named by the folder's path."""
+        if not d.folder:
+            return []
+        return [ContextItem(f.path, f.note, kind="folder")
+                for f in self.store.folder_chain(self.store.live_folder(d.folder))
+                if f.note.strip()]
+
+    # ------------------------------------------------------------ modes
+
+    MODES = MODES
+
+    def set_mode(self, ref: str, name: str, prompt: str | None = None, *,
+                 base_version: int | None = None) -> Dialogue:
+        """Put a dialogue in mode `name` (learning, concise, standard): its preset text, or
+        `prompt` (an edited text), is appended to the system prompt of every request."""
+        d = self.open(ref, messages=False)
+        return self.store.update_dialogue(
+            d.id, base_version=d.version if base_version is None else base_version, op="mode",
+            meta=with_mode(d.meta, name, prompt))
+
+    # -- document tools: the model reads and edits its own dialogue (doc_tools) ---------------
+
+    @staticmethod
+    def document_tools() -> list[tuple[str, str, bool]]:
+        """Every document tool: (name, description, reads only), and `doc_tool_groups` the
+        names a user may turn on together (read, edit, run, all)."""
+        from .doc_tools import TOOLS
+        return [(n, desc, ro) for n, (desc, _, ro) in TOOLS.items()]
+
+    @staticmethod
+    def doc_tool_groups() -> dict[str, list[str]]:
+        from .doc_tools import GROUPS
+        return {k: list(v) for k, v in GROUPS.items()}
+
+    def doc_tools(self, ref: str | Dialogue) -> list[str]:
+        """The document tools the dialogue's model is offered ([]: off, the default)."""
+        from .doc_tools import resolve_enabled
+        d = ref if isinstance(ref, Dialogue) else self.open(ref, messages=False)
+        return resolve_enabled(d.meta.get("doc_tools"))
+
+    def doc_tools_for(self, ref: str, *, author: str, cause: str = "", enabled: Any = "all"
+                      ) -> Any:
+        """The document tools over dialogue `ref` acting as `author` (store.AUTHORS) for message
+        `cause`: a `doc_tools.DocumentTools` (what an answer's toolbox holds; `dialogue.here`
+        uses one from a cell, as author "kernel")."""
+        from .doc_tools import DocumentTools
+        return DocumentTools(self, self.dialogue_id(ref), author=author, cause=cause,
+                             enabled=enabled)
+
+    def set_doc_tools(self, ref: str, tools: Any, *, base_version: int | None = None) -> Dialogue:
+        """Turn the document tools on ("all", or tool and group names: a list or "read,find")
+        or off (None, False, [], ""). Kept as `meta["doc_tools"]`: "all" or the tool names."""
+        from .doc_tools import TOOLS, resolve_enabled
+        names = resolve_enabled(tools)  # DocToolError (a ValueError) for an unknown name
+        d = self.open(ref, messages=False)
+        meta = {k: v for k, v in d.meta.items() if k != "doc_tools"}
+        if names:
+            meta["doc_tools"] = "all" if names == list(TOOLS) else names
+        return self.store.update_dialogue(
+            d.id, base_version=d.version if base_version is None else base_version,
+            op="doc tools", meta=meta)
+
     def restore(self, ref: str) -> Dialogue:
         """Bring back a trashed dialogue by id or by name (the most recently deleted of that name)."""
         trashed = [t for t in self.store.trash() if t.type == "dialogue" and ref in (t.id, t.name)]
@@ -311,25 +563,136 @@ class DialogueService:
     def trash(self) -> list[TrashItem]:
         return self.store.trash()
 
+    # ------------------------------------------------------------ MCP servers
+
+    @property
+    def mcp(self) -> "MCPPool":
+        """The MCP servers this service has started (one per configuration), kept running
+        until `shutdown_kernels` / `aclose`."""
+        if self._mcp is None:
+            from .mcptools import MCPPool
+            self._mcp = MCPPool()
+        return self._mcp
+
+    def mcp_servers(self, ref: str | Dialogue | None = None) -> list[dict[str, Any]]:
+        """The MCP servers configured (globally, and `ref`'s own), each as {"name", "origin"
+        ("global" or "dialogue"), "transport", "runs" (command line or URL), "enabled" (by
+        `ref`), "running"}. A bad config file raises MCPConfigError (a ValueError)."""
+        from . import mcptools
+        d = None if ref is None else (ref if isinstance(ref, Dialogue)
+                                      else self.open(ref, messages=False))
+        on = mcptools.enabled_names(d) if d is not None else []
+        out = []
+        for name, cfg in mcptools.configured(d).items():
+            conn = self._mcp.peek(cfg) if self._mcp is not None else None
+            out.append({"name": name, "origin": cfg.origin, "transport": cfg.transport,
+                        "runs": cfg.describe(), "enabled": name in on,
+                        "running": bool(conn is not None and conn.running)})
+        return out
+
+    async def mcp_list(self, ref: str | Dialogue | None = None, name: str | None = None
+                       ) -> list[dict[str, Any]]:
+        """`mcp_servers` with each server's tools ({"name", "offered_as", "description",
+        "reads_only", "parameters"}) or, for one that cannot start, its "error". Starts the
+        servers it lists (all, or the one `name`d) in parallel."""
+        from . import mcptools
+        servers = self.mcp_servers(ref)
+        if name is not None:
+            servers = [s for s in servers if s["name"] == name]
+            if not servers:
+                raise NotFoundError(f"no MCP server {name!r} is configured (global file "
+                                    f"{mcptools.global_path()}, or the dialogue's own)")
+        d = None if ref is None else (ref if isinstance(ref, Dialogue)
+                                      else self.open(ref, messages=False))
+        cfgs = mcptools.configured(d)
+
+        async def one(s: dict[str, Any]) -> dict[str, Any]:
+            try:
+                tools = await self.mcp.connection(cfgs[s["name"]]).tools()
+            except mcptools.MCPServerError as e:
+                return {**s, "running": False, "tools": [], "error": str(e)}
+            return {**s, "running": True, "error": None, "tools": [
+                {"name": t.name, "offered_as": mcptools.tool_name(s["name"], t.name),
+                 "description": t.description, "reads_only": t.reads_only,
+                 "parameters": t.parameters} for t in tools]}
+        return list(await asyncio.gather(*(one(s) for s in servers)))
+
+    def set_mcp(self, ref: str, *, enable: Iterable[str] = (), disable: Iterable[str] = (),
+                servers: dict[str, Any] | None = None, remove: Iterable[str] = (),
+                base_version: int | None = None) -> Dialogue:
+        """Change which MCP servers the dialogue uses (`enable` / `disable`, names configured
+        globally or by the dialogue), and its own servers: `servers` (an mcpServers mapping,
+        checked, added or replaced by name) and `remove` (names). A versioned settings change;
+        enabling a name configured nowhere is refused (MCPConfigError), and nothing changes."""
+        from . import mcptools
+        d = self.open(ref, messages=False)
+        meta = mcptools.with_mcp(d.meta, enable=list(enable), disable=list(disable),
+                                 servers=servers, remove=list(remove))
+        probe = Dialogue(name=d.name, id=d.id, meta=meta)
+        mcptools.servers_for(probe)  # every enabled name is configured somewhere
+        return self.store.update_dialogue(
+            d.id, base_version=d.version if base_version is None else base_version,
+            op="mcp", meta=meta)
+
     # ------------------------------------------------------------ messages
 
     def add(self, ref: str, kind: str | Kind, source: str = "", *, after: str | None = None,
-            before: str | None = None, index: int | None = None, **fields: Any) -> Message:
+            before: str | None = None, index: int | None = None,
+            images: "Iterable[str | os.PathLike | bytes | tuple[str, bytes]]" = (),
+            **fields: Any) -> Message:
+        """Add a message. `images` (files, bytes, or (name, bytes)) go into a note or prompt as
+        its attachments, each referenced on a line of its own after the text (ImageError for a
+        file that is not a PNG, JPEG, GIF or WebP, or is too big; nothing is added then)."""
         did = self.dialogue_id(ref)
+        images = list(images)
+        if images:
+            source, fields["attachments"] = self._with_images(kind, source,
+                                                              fields.get("attachments") or {}, images)
         msg = Message(kind=kind, source=source, **fields)
         return self.store.add_message(
             did, msg, after=self.message_id(did, after) if after else None,
             before=self.message_id(did, before) if before else None, index=index)
 
+    @staticmethod
+    def _with_images(kind: str | Kind, source: str, attachments: dict[str, Any],
+                     images: list[Any]) -> tuple[str, dict[str, Any]]:
+        if Kind(kind) not in (Kind.note, Kind.prompt):
+            raise ImageError(f"images go in notes and prompts, not in a {Kind(kind).value} message "
+                             "(a code cell's images are its outputs)")
+        return _images.with_images(source, attachments, images)
+
+    image_ref = staticmethod(_images.image_ref)  # the markdown showing an attachment
+
+    def add_images(self, ref: str, msg: str, images: "Iterable[Any]", *, base_version: int | None,
+                   reference: bool = True) -> tuple[Message, list[str]]:
+        """Attach `images` (as `add` takes them) to a note or prompt: (the message, the new
+        attachments' names). `reference`: also append `![name](attachment:name)` lines to the
+        source (the web page puts the reference at the cursor itself, so it passes False)."""
+        m = self.message(ref, msg)
+        source, atts = self._with_images(m.kind, m.source, m.attachments, list(images))
+        names = [n for n in atts if n not in m.attachments]
+        changes: dict[str, Any] = {"attachments": atts}
+        if reference:
+            changes["source"] = source
+        return self.edit(ref, m.id, base_version=base_version, **changes), names
+
     def message(self, ref: str, msg: str) -> Message:
         return self.store.get_message(self.message_id(ref, msg))
 
-    def edit(self, ref: str, msg: str, *, base_version: int | None, **changes: Any) -> Message:
+    def edit(self, ref: str, msg: str, *, base_version: int | None, prune_attachments: bool = False,
+             **changes: Any) -> Message:
         """Change a message. `base_version` is the version the change was based on: a stale one is
-        refused with ConflictError. None means "the current one" (one-shot CLI use only)."""
+        refused with ConflictError. None means "the current one" (one-shot CLI use only).
+        `prune_attachments`: a new source drops the images it no longer refers to (as Jupyter
+        does when a cell is edited; the history keeps them), what the web editor asks for."""
         mid = self.message_id(ref, msg)
-        if base_version is None:
-            base_version = self.store.get_message(mid).version
+        if base_version is None or (prune_attachments and "source" in changes):
+            cur = self.store.get_message(mid)
+            base_version = cur.version if base_version is None else base_version
+            if prune_attachments and "source" in changes and cur.attachments:
+                kept = _images.referenced(changes["source"], cur.attachments)
+                if kept != cur.attachments:
+                    changes["attachments"] = kept
         return self.store.update_message(mid, base_version=base_version, **changes)
 
     def set_flags(self, ref: str, msg: str, *, base_version: int | None = None,
@@ -462,7 +825,9 @@ class DialogueService:
         """The dialogue's kernel, started if need be: the one it chose (`set_kernel`)."""
         did = self.dialogue_id(ref)
         choice = self.kernel_choice(did)
-        k = await self.kernels.get(did, choice=choice)
+        # dialogue.here in a cell opens this database and edits this dialogue
+        env = {"DIALOGUE_DB": str(self.store.path), "DIALOGUE_DIALOGUE": did}
+        k = await self.kernels.get(did, choice=choice, env=env)
         self._ran[did] = (choice, k.language_info)  # for exports, after the kernel is gone
         return k
 
@@ -558,9 +923,13 @@ class DialogueService:
     def for_notebook(self, d: Dialogue) -> Dialogue:
         """`d` with the notebook metadata of its kernel (`notebook_kernel`), for writing it as a
         notebook: Jupyter then opens the file without asking which kernel to use. The kernel
-        choice itself (a path on this machine) stays out of the file. Changes and returns `d`."""
+        choice itself (a path on this machine) stays out of the file, and so do its MCP servers
+        (programs and URLs of this machine, whose env and headers may hold keys). Changes and
+        returns `d`."""
         from .kernel.specs import KEY
-        d.meta = {**{k: v for k, v in d.meta.items() if k != KEY}, **self.notebook_kernel(d)}
+        from .mcptools import META_KEY
+        d.meta = {**{k: v for k, v in d.meta.items() if k not in (KEY, META_KEY)},
+                  **self.notebook_kernel(d)}
         return d
 
     async def interrupt(self, ref: str) -> None:
@@ -603,7 +972,8 @@ class DialogueService:
         return self._runs.running(msg_id)
 
     def start(self, ref: str, msg: str, *, prefill: str | None = None,
-              timeout: float | None = None, stdin: Any = False) -> str:
+              timeout: float | None = None, stdin: Any = False, approve: Any = None,
+              tools: bool = True) -> str:
         """Start running a code message in the dialogue's kernel, or sending a prompt to the
         dialogue's model, in the background; returns the message id. The run goes on if every
         listener goes away (a closed tab): what it produces is written to the store as it
@@ -613,10 +983,40 @@ class DialogueService:
         default), it raises StdinNotImplementedError in the cell; True, the run's listeners hear
         an "input" event ({"prompt", "password"}) and one of them answers with `reply_input`;
         a callable `(prompt, password) -> str` (a coroutine function, or a plain one, run in a
-        thread) answers, and raising EOFError from it interrupts the cell."""
+        thread) answers, and raising EOFError from it interrupts the cell.
+
+        `approve` says how a prompt's tool calls that need the user's approval are asked
+        (approvals.py: reading tools and tools allowed "always" never ask): "ask" (an "approval"
+        event; `approve` answers it, as the page does), True (allow all), False or None (nobody
+        to ask: denied), or a callable `(call info) -> "once" | "always" | "deny" | bool`.
+        `tools=False` offers the model no tools at all."""
         did = self.dialogue_id(ref)
         return self._runs.start(did, self.message_id(did, msg), prefill=prefill, timeout=timeout,
-                                stdin=stdin)
+                                stdin=stdin, approve=approve, tools=tools)
+
+    def approve(self, msg_id: str, call_id: str, decision: Any) -> None:
+        """Answer the tool call `call_id` that the running answer `msg_id` waits on: "once",
+        "always" (this tool in this dialogue, from now on: stored in its settings) or "deny"
+        (the model is told "denied by the user" and goes on). ApprovalError if it waits on
+        no such call."""
+        self._runs.decide(msg_id, call_id, decision)
+
+    def allow_tool(self, ref: str, name: str, allow: bool = True) -> Dialogue:
+        """Always allow tool `name` in this dialogue (or stop: `allow=False`), as a new version of
+        its settings."""
+        from .approvals import with_always
+        did = self.dialogue_id(ref)
+        d = self.store.get_dialogue(did, with_messages=False)
+        return self.store.update_dialogue(did, base_version=d.version,
+                                          meta=with_always(d.meta, name, allow))
+
+    def set_ask_reads(self, ref: str, ask: bool) -> Dialogue:
+        """Whether tools that only read ask too, in this dialogue (by default they do not)."""
+        from .approvals import with_ask_reads
+        did = self.dialogue_id(ref)
+        d = self.store.get_dialogue(did, with_messages=False)
+        return self.store.update_dialogue(did, base_version=d.version,
+                                          meta=with_ask_reads(d.meta, ask))
 
     def reply_input(self, msg_id: str, text: str) -> None:
         """Answer the input() that the running code message `msg_id` waits on (RunError if it
@@ -642,10 +1042,12 @@ class DialogueService:
         return await self._runs.wait(msg_id)
 
     async def run(self, ref: str, msg: str, *, prefill: str | None = None,
-                  timeout: float | None = None, stdin: Any = False) -> Message:
-        """Run a message and wait for the stored result (`stdin`: see `start`)."""
+                  timeout: float | None = None, stdin: Any = False, approve: Any = None,
+                  tools: bool = True) -> Message:
+        """Run a message and wait for the stored result (`stdin`, `approve`, `tools`: see
+        `start`)."""
         return await self.wait(self.start(ref, msg, prefill=prefill, timeout=timeout,
-                                          stdin=stdin))
+                                          stdin=stdin, approve=approve, tools=tools))
 
     async def stop(self, msg_id: str) -> None:
         """Stop a run: interrupt a running cell, end a model's answer where it is. What was
@@ -662,7 +1064,8 @@ class DialogueService:
 
     def start_all(self, ref: str, *, code_only: bool = True, above: str | None = None,
                   allow_errors: bool = False, on_start: Any = None,
-                  on_done: Any = None, stdin: Any = False) -> RunAll:
+                  on_done: Any = None, stdin: Any = False, approve: Any = None,
+                  tools: bool = True) -> RunAll:
         """Start running the dialogue's code messages (and prompts unless `code_only`) top to
         bottom in the background, only those above `above` when given; each is an ordinary run
         (`watch` it). Stops at the first that does not end well unless `allow_errors`. One at a
@@ -674,7 +1077,7 @@ class DialogueService:
                            else "There is nothing to run.")
         return self._runs.start_all(d, todo, what="code cell" if code_only else "message",
                                     allow_errors=allow_errors, on_start=on_start,
-                                    on_done=on_done, stdin=stdin)
+                                    on_done=on_done, stdin=stdin, approve=approve, tools=tools)
 
     def _todo(self, ref: str, code_only: bool, above: str | None) -> tuple[Dialogue, list[str]]:
         d = self.open(ref)
@@ -706,16 +1109,18 @@ class DialogueService:
 
     async def run_through(self, ref: str, *, allow_errors: bool = False,
                           on_start: Any = None, on_done: Any = None,
-                          stdin: Any = False) -> list[Message]:
+                          stdin: Any = False, approve: Any = None,
+                          tools: bool = True) -> list[Message]:
         """The headless run: every code message and prompt, top to bottom, like
         `jupyter nbconvert --execute`. Stops at the first failure unless `allow_errors`; a kernel
         that dies is then replaced by a fresh one for the next message. Returns the failures.
         `on_start(i, n, message)` and `on_done(i, n, stored)` report each message; `stdin`
-        answers input() in the cells (see `start`)."""
+        answers input() in the cells, `approve` the prompts' tool calls (see `start`)."""
         if not self._todo(ref, False, None)[1]:
             return []
         job = self.start_all(ref, code_only=False, allow_errors=allow_errors,
-                             on_start=on_start, on_done=on_done, stdin=stdin)
+                             on_start=on_start, on_done=on_done, stdin=stdin, approve=approve,
+                             tools=tools)
         return await job.wait()
 
     @staticmethod
@@ -999,6 +1404,107 @@ class DialogueService:
             raise NotFoundError(f"message {m.id} is not an answered prompt: there is nothing to "
                                 "replay")
         return await self._runs.replay(d, m, on_text)
+
+    # -- what was sent -------------------------------------------------------------------------
+
+    def sent_request(self, ref: str, msg: str, *, version: int | None = None) -> dict[str, Any]:
+        """The exact request an answer was sent with (`sent.record`, as the run kept it): its
+        latest answer's, or answer `version`'s. NotFoundError for a message that is not a prompt
+        or whose answer has no record (answered before records were kept, or imported)."""
+        did = self.dialogue_id(ref)
+        m = self.store.get_message(self.message_id(did, msg))
+        if m.kind != Kind.prompt:
+            raise NotFoundError(f"message {m.id} is a {m.kind.value} message: only a prompt's "
+                                "answer has a request")
+        rec = self.store.request_record(m.id, version)
+        if rec is None:
+            which = f"answer version {version}" if version is not None else "its answer"
+            raise NotFoundError(f"no request is recorded for {which} of message {m.id} (answered "
+                                "before requests were kept, imported, or not answered yet)")
+        return {**rec, "message": m.id}
+
+    async def estimate(self, ref: str, msg: str, *, source: str | None = None) -> dict[str, Any]:
+        """What prompt `msg` would send now, before it is sent: {"tokens", "exact", "cached",
+        "cached_label", "label", ...} (`sent.estimate`); `source` stands for the prompt's text
+        when the user is still typing it. Nothing is evaluated, no kernel is started and no model
+        is loaded for it: a local model that is not loaded yet is estimated at about 4 characters
+        a token, with its cache unknown. A request that cannot be built gives {"error": why}."""
+        from . import context, sent
+        from .llm.base import get_provider
+        d = self.store.get_dialogue(self.dialogue_id(ref))
+        m = d.message(self.message_id(d, msg))
+        if m.kind != Kind.prompt:
+            raise NotFoundError(f"message {m.id} is a {m.kind.value} message: only a prompt is sent")
+        if source is not None:
+            d.messages[d.index(m.id)] = m = m.copy(source=source)
+        try:
+            provider = get_provider(d.model)
+        except ProviderError as e:
+            return {"error": str(e)}
+        runtime = getattr(provider, "runtime", None) if d.model.startswith("local:") else None
+        loaded = runtime is not None and runtime.alive
+        counting = provider if runtime is None or loaded else _Uncounted(provider)
+        try:
+            _, req = await self._runs.request(d, m, counting, d.meta.get("adapters"), estimate=True)
+        except (ProviderError, context.ContextError, ValueError) as e:
+            return {"error": str(e)}
+        unresolved = len(context.references(m.source).exprs) + len(context.references(m.source).cmds)
+        previous = usage = None
+        for p in reversed(d.messages[:d.index(m.id)]):
+            if p.kind == Kind.prompt and not p.hidden and p.response:
+                previous, usage = self.store.request_record(p.id), p.usage
+                break
+        local = (lambda r: _local_cached(provider, r)) if loaded else None
+        return await asyncio.to_thread(sent.estimate, req, provider=provider, previous=previous,
+                                       previous_usage=usage, local_cached=local,
+                                       unresolved=unresolved)
+
+
+_TOKENS: dict[tuple[str, str], int] = {}  # (model, content hash) -> tokens: counted once
+
+
+def _count_tokens(model: str, counter: Any, text: str) -> int | None:
+    """`text`'s tokens by the model's tokenizer (None when it has none), remembered per model
+    and content, so a settings page does not tokenize the same long docs at every look."""
+    if counter is None:
+        return None
+    import hashlib
+    key = (model, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+    if key not in _TOKENS:
+        n = counter(text)
+        if n is None:
+            return None
+        if len(_TOKENS) > 1024:
+            _TOKENS.clear()
+        _TOKENS[key] = int(n)
+    return _TOKENS[key]
+
+
+def _estimate(text: str) -> int:
+    from .context import estimate_tokens
+    return estimate_tokens(text)
+
+
+class _Uncounted:
+    """A provider without its tokenizer: an estimate never loads a local model to count."""
+
+    def __init__(self, provider: Any):
+        self._provider = provider
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._provider, name)
+
+    def count_tokens(self, text: str) -> None:
+        return None
+
+
+def _local_cached(provider: Any, req: Any) -> tuple[int, int | None, str]:
+    """(the prompt's tokens, how many of them a prefix on the local model's disk KV cache
+    holds, a label) for `req`, by the loaded model's own tokenizer and chat template."""
+    prompt, held = provider.cached_prefix(req)
+    if held is None:
+        return len(prompt.tokens), None, "the KV cache is not looked up under an adapter set"
+    return len(prompt.tokens), held, "the local model's KV cache on disk"
 
 
 def __getattr__(name: str) -> Any:

@@ -47,6 +47,7 @@ import time
 import urllib.parse
 import zlib
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -58,14 +59,16 @@ import apsw
 # line we report a damaged file with. A library leaves that choice to the application: NullHandler.
 logging.getLogger("apsw").addHandler(logging.NullHandler())
 
+from .approvals import settle_pending
 from .document import FLAGS, STATE_FIELDS, ContextItem, Dialogue, Kind, Message, new_id, output_text
 
 __all__ = ["Store", "StoreError", "NotFoundError", "ConflictError", "NameTakenError",
            "SchemaError", "ForeignDatabaseError", "DamagedError", "ServerRunningError", "Version",
+           "Folder",
            "SearchHit", "TrashItem", "default_db_path", "SCHEMA_VERSION", "APPLICATION_ID",
-           "HIT_START", "HIT_END"]
+           "HIT_START", "HIT_END", "acting", "author_of", "AUTHORS"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 7
 # `PRAGMA application_id` of every dialogue database ("dlg1"): a file without it is another
 # application's (or, with our tables and no id, one of ours from before ids were set).
 APPLICATION_ID = 0x646C6731
@@ -133,6 +136,65 @@ class Version:
     op: str
     at: float
     state: dict[str, Any]
+    # who made it (user, model, kernel, restore, import, fork, ...; `author_of`) and the message
+    # whose answer or cell caused it ("" when a person did it by hand)
+    author: str = "user"
+    cause: str = ""
+
+
+# The author of the versions the current task writes, and the message that caused them: set with
+# `acting("model", answer_id)` around a change (a ContextVar, so concurrent answers on one event
+# loop do not mix, and a run started inside inherits it as a task copies its context).
+_ACTOR: ContextVar[tuple[str, str]] = ContextVar("dialogue_actor", default=("", ""))
+AUTHORS = ("user", "model", "kernel", "restore", "import", "fork", "template", "system")
+
+
+@contextmanager
+def acting(author: str, cause: str = "") -> Iterator[None]:
+    """Record every version written inside as made by `author` (one of AUTHORS), caused by
+    message `cause` (the answer or cell that made the change)."""
+    if author not in AUTHORS:
+        raise ValueError(f"unknown author {author!r}; one of {', '.join(AUTHORS)}")
+    token = _ACTOR.set((author, cause))
+    try:
+        yield
+    finally:
+        _ACTOR.reset(token)
+
+
+def author_of(op: str, author: str) -> str:
+    """Who made a version: its recorded author, else (a version written before authors were
+    recorded, or by hand) what its op says: a restore, an import, a fork, or the user."""
+    if author:
+        return author
+    if op.startswith("restore:"):
+        return "restore"
+    if op in ("import", "fork", "template"):
+        return op
+    if op == "recovered":
+        return "system"
+    return "user"
+
+
+@dataclass
+class Folder:
+    """A folder as the surfaces show it: `path` is its names from the top joined by "/"."""
+
+    id: str
+    name: str
+    parent: str  # the parent folder's id, "" at the top level
+    path: str
+    note: str = ""  # the context note every dialogue in it (and below it) sees first
+    template: str = ""  # the id of the dialogue new dialogues in it start from, "" for none
+    version: int = 1
+    created: float = 0.0
+    updated: float = 0.0
+    dialogues: int = 0  # live dialogues directly in it
+
+    def settings(self) -> dict[str, Any]:
+        """The folder's versioned state."""
+        return {"name": self.name, "parent": self.parent, "note": self.note,
+                "template": self.template}
 
 
 @dataclass
@@ -263,7 +325,70 @@ def _m4(db) -> None:
     """)
 
 
-MIGRATIONS: list[Callable] = [_m1, _m2, _m3, _m4]  # MIGRATIONS[i]: schema version i -> i+1
+def _m5(db) -> None:
+    """Folders. A folder is a row with a parent (nesting: "a/b" is b under a; '' is the top
+    level), so renaming or moving a folder writes one row however much it holds. Its settings (the
+    context note its dialogues see first, the dialogue new ones start from) are versioned like a
+    dialogue's, in an append-only table of their own. A dialogue names its folder in a column, and
+    a move is a version of the dialogue's settings."""
+    db.execute("""
+    CREATE TABLE folders(
+      id TEXT PRIMARY KEY,
+      name TEXT NOT NULL,
+      parent TEXT NOT NULL DEFAULT '',
+      note TEXT NOT NULL DEFAULT '',
+      template TEXT NOT NULL DEFAULT '',
+      version INTEGER NOT NULL DEFAULT 1,
+      created REAL NOT NULL,
+      updated REAL NOT NULL,
+      deleted REAL
+    );
+    CREATE UNIQUE INDEX folders_live_name ON folders(parent, name) WHERE deleted IS NULL;
+    CREATE TABLE folder_versions(
+      n INTEGER PRIMARY KEY,
+      folder_id TEXT NOT NULL,
+      version INTEGER NOT NULL,
+      op TEXT NOT NULL,
+      at REAL NOT NULL,
+      state TEXT NOT NULL,
+      UNIQUE (folder_id, version)
+    );
+    CREATE TRIGGER folder_versions_no_update BEFORE UPDATE ON folder_versions
+      BEGIN SELECT RAISE(ABORT, 'versions are append-only'); END;
+    CREATE TRIGGER folder_versions_no_delete BEFORE DELETE ON folder_versions
+      BEGIN SELECT RAISE(ABORT, 'versions are append-only'); END;
+    ALTER TABLE dialogues ADD COLUMN folder TEXT NOT NULL DEFAULT '';
+    CREATE INDEX dialogues_folder ON dialogues(folder) WHERE deleted IS NULL;
+    """)
+
+
+def _m6(db) -> None:
+    """The request each answer was sent with (`dialogue.sent.record`), one row per answer
+    version, apart from the message: a record is not part of the message's state (its versions,
+    an export, an import never carry it) and is written once, never edited. Long texts in it are
+    stored once in `blobs` by content hash."""
+    db.execute("""
+    CREATE TABLE requests(
+      message_id TEXT NOT NULL,
+      version INTEGER NOT NULL,
+      at REAL NOT NULL,
+      record TEXT NOT NULL,
+      PRIMARY KEY (message_id, version)
+    ) WITHOUT ROWID;
+    """)
+
+
+def _m7(db) -> None:
+    """Authorship: each version records who made it (`author`: user, model, kernel, ...) and the
+    message whose answer or cell caused it (`cause`). Existing rows read '' and are named from
+    their op (`author_of`): a restore, an import, a fork, else the user."""
+    db.execute("""
+    ALTER TABLE versions ADD COLUMN author TEXT NOT NULL DEFAULT '';
+    ALTER TABLE versions ADD COLUMN cause TEXT NOT NULL DEFAULT '';
+    """)
+
+
+MIGRATIONS: list[Callable] = [_m1, _m2, _m3, _m4, _m5, _m6, _m7]  # MIGRATIONS[i]: schema version i -> i+1
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -274,6 +399,29 @@ def _search_output(kind: str, outputs: list, response: str) -> str:
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # made once
 # what _JSON writes for a str (the C encoder's own function): a JSON string literal, quotes and all
 _json_string = json.encoder.encode_basestring
+
+
+_REQUEST_BLOB_MIN = 256  # a request record's text at least this long is stored once, by hash
+
+
+def _texts_out(obj: Any, put: Callable[[str], dict[str, str]]) -> Any:
+    """`obj` with each long string under a "text" key replaced by `put(string)`."""
+    if isinstance(obj, dict):
+        return {k: put(v) if k == "text" and isinstance(v, str) and len(v) >= _REQUEST_BLOB_MIN
+                else _texts_out(v, put) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_texts_out(v, put) for v in obj]
+    return obj
+
+
+def _texts_in(obj: Any, get: Callable[[str], str]) -> Any:
+    """The inverse of `_texts_out`."""
+    if isinstance(obj, dict):
+        return {k: get(v["$blob"]) if k == "text" and isinstance(v, dict) and "$blob" in v
+                else _texts_in(v, get) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_texts_in(v, get) for v in obj]
+    return obj
 
 
 def _dumps(v: Any) -> str:
@@ -385,7 +533,7 @@ def _copy_message(m: Message) -> Message:
     c.__dict__ = m.__dict__.copy()
     return c
 _DLG_COLS = ("id", "name", "model", "system", "context", "meta", "version", "created", "updated",
-             "deleted")
+             "folder", "deleted")  # deleted last: _dialogue_row reads row[-1]
 
 
 class _Locks:
@@ -880,12 +1028,20 @@ class Store:
         return Dialogue(**d)
 
     def _state_json(self, state: dict[str, Any]) -> str:
-        """A version's state as stored, with a large `outputs` list stored once in `blobs`."""
+        """A version's state as stored, with a large `outputs` list, and large `attachments` (a
+        note's pasted images), stored once in `blobs`: an edit of a note holding a screenshot
+        does not copy the screenshot. Attachments are a dict, so their marker is a list
+        (["$blob", hash]), which no attachments value can be."""
         out = _dumps(state["outputs"]) if "outputs" in state else ""
         if len(out) >= _BLOB_MIN:
             h = hashlib.sha256(out.encode()).hexdigest()
             self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, out))
             state = {**state, "outputs": {"$blob": h}}
+        atts = _dumps(state["attachments"]) if state.get("attachments") else ""
+        if len(atts) >= _BLOB_MIN:
+            h = hashlib.sha256(atts.encode()).hexdigest()
+            self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, atts))
+            state = {**state, "attachments": ["$blob", h]}
         return _dumps(state)
 
     def _state_load(self, s: str, message: bool = True) -> dict[str, Any]:
@@ -893,14 +1049,18 @@ class Store:
         if isinstance(state.get("outputs"), dict) and "$blob" in state["outputs"]:
             state["outputs"] = json.loads(self._one("SELECT data FROM blobs WHERE hash = ?",
                                                     (state["outputs"]["$blob"],))[0])
+        atts = state.get("attachments")
+        if isinstance(atts, list) and len(atts) == 2 and atts[0] == "$blob":
+            state["attachments"] = json.loads(self._one("SELECT data FROM blobs WHERE hash = ?",
+                                                        (atts[1],))[0])
         return _full_state(state) if message else state
 
     def _write_version(self, dialogue_id: str, message_id: str, version: int, op: str,
                        state: dict[str, Any], at: float) -> None:
-        self._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+        self._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, state, author, "
+                "cause) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (dialogue_id, message_id, version, op, at,
-                 self._state_json(_compact_state(state) if message_id else state)))
+                 self._state_json(_compact_state(state) if message_id else state), *_ACTOR.get()))
 
     def _index(self, n: int, kind: str, source: str, outputs: list, response: str,
                replace: bool = True) -> None:
@@ -913,13 +1073,15 @@ class Store:
 
     def create_dialogue(self, name: str, *, model: str = "", system: str = "",
                         context: list[ContextItem] | None = None, meta: dict | None = None,
-                        id: str | None = None) -> Dialogue:
+                        id: str | None = None, folder: str = "") -> Dialogue:
         name = _check_name(name)
         now = time.time()
         d = Dialogue(name=name, id=id or new_id(), model=model, system=system,
                      context=list(context or []), meta=dict(meta or {}), version=1,
-                     created=now, updated=now)
+                     created=now, updated=now, folder=folder)
         with self.tx():
+            if folder:
+                self._folder_row(folder)  # a live folder, or NotFoundError
             if self._one("SELECT 1 FROM dialogues WHERE name = ? AND deleted IS NULL", (name,)):
                 raise NameTakenError(f"a dialogue named {name!r} already exists")
             while self._one("SELECT 1 FROM dialogues WHERE id = ?", (d.id,)):
@@ -927,9 +1089,9 @@ class Store:
                     raise NameTakenError(f"a dialogue with id {id!r} already exists")
                 d.id = new_id()
             self._x("INSERT INTO dialogues(id, name, model, system, context, meta, version, "
-                    "created, updated) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    "created, updated, folder) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
                     (d.id, name, model, system, _dumps([c.to_dict() for c in d.context]),
-                     _dumps(d.meta), now, now))
+                     _dumps(d.meta), now, now, folder))
             self._write_version(d.id, "", 1, "create", d.settings(), now)
         return d
 
@@ -989,10 +1151,11 @@ class Store:
         rows = self._x(
             "SELECT d.id, d.name, d.model, d.created, d.updated, d.deleted, "
             "(SELECT count(*) FROM messages m WHERE m.dialogue_id = d.id AND m.deleted IS NULL), "
-            "json_extract(d.meta, '$.adapters') "
+            "json_extract(d.meta, '$.adapters'), d.folder "
             f"FROM dialogues d WHERE d.deleted IS {'NOT ' if deleted else ''}NULL "
             "ORDER BY d.updated DESC")
         keys = ("id", "name", "model", "created", "updated", "deleted", "messages")
+        paths = self._folder_paths()
         out = []
         for r in rows:
             item = dict(zip(keys, r))
@@ -1001,14 +1164,17 @@ class Store:
             except ValueError:
                 ad = {}
             item["adapters"] = ad if isinstance(ad, dict) else {}
+            item["folder"] = r[8] if r[8] in paths else ""
+            item["folder_path"] = paths.get(r[8], "")
             out.append(item)
         return out
 
     def update_dialogue(self, dialogue_id: str, *, base_version: int | None, op: str = "edit",
                         **changes: Any) -> Dialogue:
-        """Change name, model, system, context or meta. `base_version` None skips the conflict
-        check (for system writers, never for a user's edit)."""
-        bad = set(changes) - {"name", "model", "system", "context", "meta"}
+        """Change name, model, system, context, meta or folder (an id, "" for the top level).
+        `base_version` None skips the conflict check (for system writers, never for a user's
+        edit)."""
+        bad = set(changes) - {"name", "model", "system", "context", "meta", "folder"}
         if bad:
             raise StoreError(f"cannot change {', '.join(sorted(bad))} of a dialogue")
         if "name" in changes:
@@ -1021,6 +1187,8 @@ class Store:
                     "SELECT 1 FROM dialogues WHERE name = ? AND deleted IS NULL",
                     (changes["name"],)):
                 raise NameTakenError(f"a dialogue named {changes['name']!r} already exists")
+            if changes.get("folder"):
+                self._folder_row(changes["folder"])  # a live folder, or NotFoundError
             if "context" in changes:
                 changes["context"] = [c if isinstance(c, ContextItem) else ContextItem.from_dict(c)
                                       for c in changes["context"]]
@@ -1032,9 +1200,9 @@ class Store:
             d.version += 1
             d.updated = time.time()
             self._x("UPDATE dialogues SET name = ?, model = ?, system = ?, context = ?, meta = ?, "
-                    "version = ?, updated = ? WHERE id = ?",
+                    "version = ?, updated = ?, folder = ? WHERE id = ?",
                     (d.name, d.model, d.system, _dumps([c.to_dict() for c in d.context]),
-                     _dumps(d.meta), d.version, d.updated, d.id))
+                     _dumps(d.meta), d.version, d.updated, d.folder, d.id))
             self._write_version(d.id, "", d.version, op, d.settings(), d.updated)
         d.messages = self.messages(dialogue_id)
         return d
@@ -1060,13 +1228,204 @@ class Store:
                 name = f"{d.name} (restored{'' if i == 1 else f' {i}'})"
                 i += 1
             d.name, d.deleted, d.version, d.updated = name, None, d.version + 1, time.time()
-            self._x("UPDATE dialogues SET name = ?, deleted = NULL, version = ?, updated = ? "
-                    "WHERE id = ?", (name, d.version, d.updated, d.id))
+            d.folder = self.live_folder(d.folder)  # its folder may have gone meanwhile
+            self._x("UPDATE dialogues SET name = ?, deleted = NULL, version = ?, updated = ?, "
+                    "folder = ? WHERE id = ?", (name, d.version, d.updated, d.folder, d.id))
             self._write_version(d.id, "", d.version, "restore", d.settings(), d.updated)
         return self.get_dialogue(d.id)
 
     def _touch(self, dialogue_id: str, now: float) -> None:
         self._x("UPDATE dialogues SET updated = ? WHERE id = ?", (now, dialogue_id))
+
+    # ------------------------------------------------------------ folders
+
+    _FOLDER_COLS = ("id", "name", "parent", "note", "template", "version", "created", "updated")
+
+    def _folder_row(self, folder_id: str) -> tuple:
+        row = self._one(f"SELECT {', '.join(self._FOLDER_COLS)} FROM folders "
+                        "WHERE id = ? AND deleted IS NULL", (folder_id,))
+        if row is None:
+            raise NotFoundError(f"no folder with id {folder_id!r}")
+        return row
+
+    def _folder_paths(self) -> dict[str, str]:
+        """{id: path} of every live folder (a folder whose parent is gone has none)."""
+        rows = {i: (n, p) for i, n, p in self._x(
+            "SELECT id, name, parent FROM folders WHERE deleted IS NULL")}
+        paths: dict[str, str] = {}
+
+        def path(i: str, depth: int = 0) -> str | None:
+            if i in paths:
+                return paths[i]
+            if i not in rows or depth > len(rows):  # a gone parent, or a cycle
+                return None
+            name, parent = rows[i]
+            up = path(parent, depth + 1) if parent else ""
+            if up is None:
+                return None
+            paths[i] = f"{up}/{name}" if up else name
+            return paths[i]
+
+        for i in rows:
+            path(i)
+        return paths
+
+    def folders(self) -> list[Folder]:
+        """Every live folder, in path order, with its count of live dialogues."""
+        paths = self._folder_paths()
+        counts = dict(self._x("SELECT folder, count(*) FROM dialogues WHERE deleted IS NULL "
+                              "AND folder != '' GROUP BY folder"))
+        out = [Folder(*row[:3], paths[row[0]], *row[3:], dialogues=counts.get(row[0], 0))
+               for row in self._x(f"SELECT {', '.join(self._FOLDER_COLS)} FROM folders "
+                                  "WHERE deleted IS NULL") if row[0] in paths]
+        return sorted(out, key=lambda f: f.path.split("/"))
+
+    def get_folder(self, folder_id: str) -> Folder:
+        row = self._folder_row(folder_id)
+        count = self._one("SELECT count(*) FROM dialogues WHERE deleted IS NULL AND folder = ?",
+                          (folder_id,))[0]
+        return Folder(*row[:3], self._folder_paths().get(folder_id, row[1]), *row[3:],
+                      dialogues=count)
+
+    def find_folder(self, ref: str) -> str:
+        """A live folder's id from its path ("a/b") or id; "" (or "/") is the top level."""
+        path = _folder_path(ref, allow_top=True)
+        if not path:
+            return ""
+        for i, p in self._folder_paths().items():
+            if p == path:
+                return i
+        if self._one("SELECT 1 FROM folders WHERE id = ? AND deleted IS NULL", (ref.strip(),)):
+            return ref.strip()
+        raise NotFoundError(f"no folder {path!r} (`dialogue folder list` shows them)")
+
+    def folder_chain(self, folder_id: str) -> list[Folder]:
+        """The folder and the folders above it, outermost first ([] for the top level)."""
+        chain: list[Folder] = []
+        while folder_id and len(chain) < 1000:
+            f = self.get_folder(folder_id)
+            chain.append(f)
+            folder_id = f.parent
+        return chain[::-1]
+
+    def create_folder(self, path: str, *, exist_ok: bool = False) -> Folder:
+        """Make the folder at `path` and any missing folders above it ("a/b/c")."""
+        names = _folder_path(path).split("/")
+        with self.tx():
+            parent, made = "", False
+            for name in names:
+                row = self._one("SELECT id FROM folders WHERE parent = ? AND name = ? AND "
+                                "deleted IS NULL", (parent, name))
+                if row is None:
+                    now, fid = time.time(), new_id()
+                    while self._one("SELECT 1 FROM folders WHERE id = ?", (fid,)):
+                        fid = new_id()
+                    self._x("INSERT INTO folders(id, name, parent, created, updated) "
+                            "VALUES (?, ?, ?, ?, ?)", (fid, name, parent, now, now))
+                    self._write_folder_version(fid, 1, "create",
+                                               Folder(fid, name, parent, "").settings(), now)
+                    row, made = (fid,), True
+                parent = row[0]
+            if not made and not exist_ok:
+                raise NameTakenError(f"a folder {'/'.join(names)!r} already exists")
+            return self.get_folder(parent)
+
+    def _write_folder_version(self, folder_id: str, version: int, op: str,
+                              state: dict[str, Any], at: float) -> None:
+        self._x("INSERT INTO folder_versions(folder_id, version, op, at, state) "
+                "VALUES (?, ?, ?, ?, ?)", (folder_id, version, op, at, _dumps(state)))
+
+    def update_folder(self, folder_id: str, *, base_version: int | None, op: str = "edit",
+                      **changes: Any) -> Folder:
+        """Change a folder's name, parent (an id, "" for the top level: a move), note or
+        template (a dialogue id, "" for none), as a new version. A stale `base_version` raises
+        ConflictError; a name its new parent already holds, NameTakenError."""
+        bad = set(changes) - {"name", "parent", "note", "template"}
+        if bad:
+            raise StoreError(f"cannot change {', '.join(sorted(bad))} of a folder")
+        if "name" in changes:
+            changes["name"] = _folder_path(changes["name"])
+            if "/" in changes["name"]:
+                raise StoreError("a folder's name cannot hold '/' (a path is names joined by '/')")
+        with self.tx():
+            f = self.get_folder(folder_id)
+            if base_version is not None and base_version != f.version:
+                raise ConflictError(f"folder {f.path!r}", base_version, f.version)
+            new = {k: v for k, v in changes.items() if getattr(f, k) != v}
+            if not new:
+                return f
+            parent = new.get("parent", f.parent)
+            if "parent" in new and parent:
+                up = parent
+                while up:  # the new parent must be live and not the folder itself or below it
+                    if up == folder_id:
+                        raise StoreError(f"cannot move folder {f.path!r} into itself")
+                    up = self._folder_row(up)[2]
+            name = new.get("name", f.name)
+            if ("name" in new or "parent" in new) and self._one(
+                    "SELECT 1 FROM folders WHERE parent = ? AND name = ? AND deleted IS NULL "
+                    "AND id != ?", (parent, name, folder_id)):
+                where = self._folder_paths().get(parent, "") if parent else ""
+                raise NameTakenError(f"a folder {(where + '/' if where else '') + name!r} "
+                                     "already exists")
+            if new.get("template"):
+                self._dialogue_row(new["template"])  # a live dialogue, or NotFoundError
+            for k, v in new.items():
+                setattr(f, k, v)
+            f.version += 1
+            f.updated = time.time()
+            self._x("UPDATE folders SET name = ?, parent = ?, note = ?, template = ?, version = ?, "
+                    "updated = ? WHERE id = ?",
+                    (f.name, f.parent, f.note, f.template, f.version, f.updated, f.id))
+            self._write_folder_version(f.id, f.version, op, f.settings(), f.updated)
+        return self.get_folder(folder_id)
+
+    def delete_folder(self, folder_id: str, *, move_up: bool = False) -> Folder:
+        """Delete a folder. One that holds dialogues or folders is refused unless `move_up`,
+        which first moves what it holds into its parent (each dialogue's move a version). The
+        folder's row and history stay (a dialogue restored from the trash into it goes to the
+        nearest folder above it that is still there)."""
+        with self.tx():
+            f = self.get_folder(folder_id)
+            subs = self._x("SELECT id, name FROM folders WHERE parent = ? AND deleted IS NULL",
+                           (folder_id,))
+            dialogues = [r[0] for r in self._x(
+                "SELECT id FROM dialogues WHERE folder = ? AND deleted IS NULL", (folder_id,))]
+            if (subs or dialogues) and not move_up:
+                held = [f"{len(dialogues)} dialogue{'s' * (len(dialogues) != 1)}"] * bool(dialogues)
+                held += [f"{len(subs)} folder{'s' * (len(subs) != 1)}"] * bool(subs)
+                raise StoreError(f"folder {f.path!r} holds {' and '.join(held)}: move them out "
+                                 "first, or delete it with its contents moved up a level")
+            for sub_id, _ in subs:
+                self.update_folder(sub_id, base_version=None, op="move up", parent=f.parent)
+            for did in dialogues:
+                self.update_dialogue(did, base_version=None, op="move up", folder=f.parent)
+            now = time.time()
+            self._x("UPDATE folders SET deleted = ?, version = ?, updated = ? WHERE id = ?",
+                    (now, f.version + 1, now, folder_id))
+            self._write_folder_version(folder_id, f.version + 1, "delete", f.settings(), now)
+        return f
+
+    def live_folder(self, folder_id: str) -> str:
+        """`folder_id` if it is live, else the nearest live folder above it ("" for none)."""
+        for _ in range(1000):
+            if not folder_id:
+                return ""
+            row = self._one("SELECT parent, deleted FROM folders WHERE id = ?", (folder_id,))
+            if row is None:
+                return ""
+            if row[1] is None:
+                return folder_id
+            folder_id = row[0]
+        return ""
+
+    def folder_history(self, folder_id: str) -> list[Version]:
+        """Every version of a folder's settings (name, parent, note, template), oldest first."""
+        rows = self._x("SELECT version, op, at, state FROM folder_versions WHERE folder_id = ? "
+                       "ORDER BY version", (folder_id,))
+        if not rows:
+            raise NotFoundError(f"no folder with id {folder_id!r}")
+        return [Version("", v, op, at, json.loads(st)) for v, op, at, st in rows]
 
     # ------------------------------------------------------------ messages
 
@@ -1237,16 +1596,17 @@ class Store:
                      "(SELECT value FROM json_each(?3)) ORDER BY n")
             args = (first, first + len(msgs) - 1, _dumps(full))
             self._x(f"INSERT INTO search(rowid, source, output) SELECT n, source, '' {where}", args)
-            self._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
-                    "SELECT dialogue_id, id, 1, ?4, ?5, CASE "  # _bare_state, in SQL
+            self._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, author, "
+                    "cause, state) SELECT dialogue_id, id, 1, ?4, ?5, ?6, ?7, CASE "  # _bare_state
                     "WHEN kind = 'code' AND source = '' THEN '{}' "
                     "WHEN kind = 'code' THEN json_object('source', source) "
                     "WHEN source = '' THEN json_object('kind', kind) "
                     f"ELSE json_object('kind', kind, 'source', source) END {where}",
-                    (*args, op, now))
+                    (*args, op, now, *_ACTOR.get()))
         self._many("INSERT INTO search(rowid, source, output) VALUES (?, ?, ?)", search_rows)
-        self._many("INSERT INTO versions(dialogue_id, message_id, version, op, at, state) "
-                   "VALUES (?, ?, 1, ?, ?, ?)", version_rows)
+        actor = _ACTOR.get()
+        self._many("INSERT INTO versions(dialogue_id, message_id, version, op, at, state, author, "
+                   "cause) VALUES (?, ?, 1, ?, ?, ?, ?, ?)", [(*r, *actor) for r in version_rows])
 
     def update_message(self, msg_id: str, *, base_version: int | None, op: str = "edit",
                        **changes: Any) -> Message:
@@ -1345,10 +1705,18 @@ class Store:
         return self._token
 
     def stream_append(self, msg_id: str, *, text: str = "", output: dict | None = None,
-                      outputs: list | None = None) -> None:
+                      outputs: list | None = None, tool_calls: list | None = None,
+                      meta: dict | None = None) -> None:
         """Append streamed text to a prompt's answer, or one output (or replace all outputs) of a
-        code message. Committed at once, without a version: `finish_stream` writes that."""
+        code message; replace an answer's tool calls so far, or its meta (a pending approval:
+        approvals.py). Committed at once, without a version: `finish_stream` writes that."""
         with self.tx():
+            if tool_calls is not None:
+                self._x("UPDATE messages SET tool_calls = ?, updated = ? WHERE id = ?",
+                        (_dumps(tool_calls), time.time(), msg_id))
+            if meta is not None:
+                self._x("UPDATE messages SET meta = ?, updated = ? WHERE id = ?",
+                        (_dumps(meta), time.time(), msg_id))
             if text:
                 self._x("UPDATE messages SET response = response || ?, updated = ? WHERE id = ?",
                         (text, time.time(), msg_id))
@@ -1399,10 +1767,11 @@ class Store:
             if not row or not row[0] or row[1] != owner:
                 return False  # finished, or recovered by another process meanwhile
             m = self.get_message(msg_id, deleted_ok=True)
-            meta = {**m.meta, "interrupted": True}
+            # a tool call still waiting for the user's approval is stored as denied
+            meta, calls = settle_pending({**m.meta, "interrupted": True}, m.tool_calls)
             if m.kind == Kind.code:
                 meta["run"] = {"status": "interrupted", "message": INTERRUPTED_RUN}
-            self.finish_stream(msg_id, op="recovered", meta=meta)
+            self.finish_stream(msg_id, op="recovered", meta=meta, tool_calls=calls)
         return True
 
     def stream_writer(self, msg_id: str) -> str | None:
@@ -1489,18 +1858,58 @@ class Store:
 
     # ------------------------------------------------------------ history
 
+    # ------------------------------------------------------------ what was sent
+
+    def save_request(self, msg_id: str, version: int, record: dict[str, Any]) -> None:
+        """Keep the request answer `version` of message `msg_id` was sent with. Every string of
+        at least `_REQUEST_BLOB_MIN` characters under a "text" key is stored once in `blobs` by
+        its hash (the turns a dialogue's earlier prompts sent repeat in every later request)."""
+        def put(text: str) -> dict[str, str]:
+            h = hashlib.sha256(text.encode()).hexdigest()
+            self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, text))
+            return {"$blob": h}
+
+        with self.tx():
+            self._x("INSERT OR REPLACE INTO requests(message_id, version, at, record) "
+                    "VALUES (?, ?, ?, ?)",
+                    (msg_id, int(version), float(record.get("at") or time.time()),
+                     _dumps(_texts_out(record, put))))
+
+    def request_record(self, msg_id: str, version: int | None = None) -> dict[str, Any] | None:
+        """The request kept for answer `version` of `msg_id` (the latest one kept when None), its
+        texts read back from `blobs`; None when none was kept (an answer from before requests were
+        recorded, an imported one, or one whose request was never built)."""
+        if version is None:
+            row = self._one("SELECT version, record FROM requests WHERE message_id = ? "
+                            "ORDER BY version DESC LIMIT 1", (msg_id,))
+        else:
+            row = self._one("SELECT version, record FROM requests WHERE message_id = ? AND version = ?",
+                            (msg_id, int(version)))
+        if row is None:
+            return None
+
+        def get(h: str) -> str:
+            got = self._one("SELECT data FROM blobs WHERE hash = ?", (h,))
+            if got is None:
+                raise DamagedError(f"{self.path}: the request of message {msg_id} names a text "
+                                   "that is not in the database")
+            return got[0]
+
+        return {**_texts_in(json.loads(row[1]), get), "answer_version": row[0]}
+
     def history(self, msg_id: str) -> list[Version]:
         """Every version of a message, oldest first (a dialogue id lists the dialogue's own
         settings history)."""
-        rows = self._x("SELECT message_id, version, op, at, state FROM versions WHERE "
-                       "message_id = ? ORDER BY version", (msg_id,))
+        cols = "message_id, version, op, at, state, author, cause"
+        rows = self._x(f"SELECT {cols} FROM versions WHERE message_id = ? ORDER BY version",
+                       (msg_id,))
         if not rows:
-            rows = self._x("SELECT message_id, version, op, at, state FROM versions WHERE "
-                           "dialogue_id = ? AND message_id = '' ORDER BY version", (msg_id,))
+            rows = self._x(f"SELECT {cols} FROM versions WHERE dialogue_id = ? AND "
+                           "message_id = '' ORDER BY version", (msg_id,))
         if not rows:
             raise NotFoundError(f"no message or dialogue with id {msg_id!r}")
-        return [Version(m, v, op, at, self._state_load(s, message=bool(m)))
-                for m, v, op, at, s in rows]
+        return [Version(m, v, op, at, self._state_load(s, message=bool(m)), author_of(op, who),
+                        cause) for m, v, op, at, s, who, cause in rows]
 
     def restore_version(self, msg_id: str, version: int, *, base_version: int | None) -> Message:
         """Make an earlier version current again, as a new version (history is never rewritten)."""
@@ -1525,14 +1934,28 @@ class Store:
             i = 2
             while self._one("SELECT 1 FROM dialogues WHERE name = ? AND deleted IS NULL", (name,)):
                 name, i = f"{base} {i}", i + 1
+        return self._copy(src, src.messages[:upto], name, folder=src.folder, op="fork",
+                          mark="forked_from", origin={"dialogue": src.id, "message": at})
+
+    def from_template(self, template_id: str, name: str, *, folder: str) -> Dialogue:
+        """A new dialogue in `folder` starting from dialogue `template_id`: its messages (copies
+        with new ids), model, system prompt, attached context and settings."""
+        src = self.get_dialogue(template_id)
+        return self._copy(src, src.messages, name, folder=folder, op="template",
+                          mark="from_template", origin={"dialogue": src.id, "name": src.name})
+
+    def _copy(self, src: Dialogue, msgs: list[Message], name: str, *, folder: str, op: str,
+              mark: str, origin: dict[str, Any]) -> Dialogue:
+        """A new dialogue holding copies of `msgs` and `src`'s settings, in one transaction; the
+        dialogue's meta[mark] says where it came from and each copy's meta[mark] its original.
+        A template's or fork's own origin marks are not passed on."""
+        meta = {k: v for k, v in src.meta.items() if k not in ("forked_from", "from_template")}
         with self.tx():
             d = self.create_dialogue(name, model=src.model, system=src.system,
-                                     context=src.context,
-                                     meta={**src.meta, "forked_from": {"dialogue": src.id,
-                                                                       "message": at}})
-            copies = [m.copy(id=new_id(), meta={**m.meta, "forked_from": m.id})
-                      for m in src.messages[:upto]]
-            self.add_messages(d.id, copies, op="fork")
+                                     context=src.context, meta={**meta, mark: origin},
+                                     folder=folder)
+            copies = [m.copy(id=new_id(), meta={**m.meta, mark: m.id}) for m in msgs]
+            self.add_messages(d.id, copies, op=op)
         return self.get_dialogue(d.id)
 
     # ------------------------------------------------------------ search
@@ -1577,6 +2000,23 @@ def _fts_query(text: str) -> str:
         if w:
             terms.append(f'"{w}"' + ("*" if prefix else ""))
     return " ".join(terms)
+
+
+def _folder_path(path: str, *, allow_top: bool = False) -> str:
+    """A folder path as stored: names joined by "/", each stripped, none empty ("a / b/" is
+    "a/b"). "" or "/" is the top level where `allow_top`, else refused."""
+    if not isinstance(path, str):
+        raise StoreError("a folder path must be text")
+    names = [n.strip() for n in path.strip().strip("/").split("/")]
+    if names == [""]:
+        if allow_top:
+            return ""
+        raise StoreError("a folder needs a non-empty name")
+    if any(not n for n in names):
+        raise StoreError(f"folder path {path!r} has an empty name between slashes")
+    if any(len(n) > 200 for n in names):
+        raise StoreError("a folder name is at most 200 characters")
+    return "/".join(names)
 
 
 def _check_name(name: str) -> str:

@@ -24,8 +24,8 @@ functions (`KernelTools`), and the other places a tool can live, each added to t
 request's tools).
 
 Every ToolCall the model makes is answered by exactly one ToolResult (run, refused because the
-tool was not offered, denied by `approve`, or not run because the step limit was reached), so a
-surface that keeps `ToolResult.to_dict()` on the response message keeps every call and result.
+tool was not offered, denied by `approve` (see approvals.py), or not run because the step limit
+was reached), so a surface that keeps `ToolResult.to_dict()` on the response message keeps every call and result.
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ class ToolResult:
         return asdict(self)
 
 
-Approve = Callable[[ToolCall], Awaitable[bool]]
+# True runs the call; False, or a text saying why, does not (the text is the call's result)
+Approve = Callable[[ToolCall], Awaitable["bool | str"]]
 
 
 class ToolSource(Protocol):
@@ -195,7 +196,8 @@ async def tool_loop(provider: Provider, request: Request, tools: "Toolbox | Kern
     and a single Done at the end: the model's own last stop reason, or "max_steps" when the
     model still wanted tools after `max_steps` rounds of calls (those calls are answered with an
     error result and not run). A call to a tool the request did not offer is refused without
-    running anything; `approve(call)` returning False denies a call. `request` is not modified.
+    running anything; `approve(call)` returning False (or a text: the reason the model is told)
+    denies a call. `request` is not modified.
     Closing the iterator closes the provider's stream."""
     if max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
@@ -248,7 +250,9 @@ async def _answer(c: ToolCall, tools: Toolbox, offered: set[str], approve: Appro
         return result(c.error, True)
     if over:
         return result(f"not run: the limit of {max_steps} rounds of tool calls was reached", True)
-    if approve is not None and not await approve(c):
-        return result("the user declined to run this call", True)
+    if approve is not None:
+        ok = await approve(c)
+        if ok is not True:  # False, or why it was not run (approvals.Gate's texts)
+            return result(ok if isinstance(ok, str) and ok else "denied by the user", True)
     text, err = await tools.call(c.name, c.arguments)
     return result(text, err)
