@@ -63,12 +63,22 @@ SETTINGS: tuple[Setting, ...] = (
             "track a kernel's processes with a subreaper even where a cgroup would work"),
     Setting("kernel_iopub_hwm", "DIALOGUE_KERNEL_IOPUB_HWM", int, "100000",
             "messages a kernel queues for a slow reader before ZeroMQ drops its output"),
+    Setting("dialogue", "DIALOGUE_DIALOGUE", str, "set in each dialogue's kernel to its id",
+            "the dialogue `dialogue.here` reads and edits (with `DIALOGUE_DB`, its database)"),
     Setting("log_level", "DIALOGUE_LOG_LEVEL", str, "warning",
             "the `dialogue.*` log level (debug, info, warning, error; `-v` / `--log-level` win)"),
     Setting("access_log", "DIALOGUE_ACCESS_LOG", bool, "false",
             "`dialogue serve`: one JSON line per request on stderr (`--access-log` wins)"),
+    Setting("vision_models", "DIALOGUE_VISION_MODELS", str, "none",
+            "openai-compatible models that can see images (full names; * matches any text)"),
     Setting("sse_ping", "DIALOGUE_SSE_PING", float, "15",
             "`dialogue serve`: seconds between keep-alive comments on a quiet event stream"),
+    Setting("mcp_config", "DIALOGUE_MCP_CONFIG", str, "mcp.json beside config.toml",
+            "the global MCP servers file (the `mcpServers` JSON shape)"),
+    Setting("mcp_start_timeout", "DIALOGUE_MCP_START_TIMEOUT", float, "30",
+            "seconds an MCP server gets to start and list its tools"),
+    Setting("mcp_call_timeout", "DIALOGUE_MCP_CALL_TIMEOUT", float, "60",
+            "seconds an MCP tool call gets before it fails (and its server is restarted)"),
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 _BY_ENV = {s.env: s for s in SETTINGS}

@@ -15,10 +15,15 @@ upload, `DialogueService.import_dialogue` from Python, `dialogue run FILE.ipynb`
 - **System prompt.** Never adopted silently: it is set aside in ``meta["import"]["system"]`` and
   the dialogue's system prompt is left empty, unless the caller passes ``trust=True`` (``dialogue
   import --trust``; the web's "Use it" button).
+- **Mode.** A mode's text (``meta["mode"]``, see `modes`) is appended to the system prompt, so it
+  is treated as one: set aside in ``meta["import"]["mode"]`` unless ``trust=True``.
 - **Adapters.** Registered adapter names are the user's own; an adapter given as a file path is
   dropped (set aside like the system prompt).
 - **Kernel.** Our own kernel setting in a file (an interpreter's path) is set aside; the file's
   Jupyter `kernelspec` selects a kernel only when one of that name is installed here.
+- **MCP servers.** A file never configures or enables one (``meta["mcp"]``): a server is a
+  program to run or a URL to call. Set aside, by name only (an entry's env and headers may hold
+  keys).
 - **Ids.** The dialogue's id is always ours (the store makes one). A message id is kept only when
   it has the shape of the ids we make (`is_local_id`: 8 lower-case hex digits, at least one a
   letter, so it is never read as a position); anything else gets a fresh id. The store still
@@ -128,6 +133,13 @@ def vet_import(doc: Dialogue, *, default_model: str, trust: bool = False) -> Vet
         system = ""
         warnings.append(f"the notebook's system prompt ({len(record['system']):,} characters) "
                         "was not adopted")
+    mode = meta.get("mode")
+    if mode is not None and not (trust and isinstance(mode, dict)) and not (
+            isinstance(mode, dict) and mode.get("prompt") == ""):  # a mode is system prompt text
+        record["mode"] = meta.pop("mode")
+        text = mode.get("prompt", "") if isinstance(mode, dict) else mode
+        warnings.append(f"the notebook's mode text ({len(str(text)):,} characters) was not "
+                        "adopted")
     adapters = meta.get("adapters")
     if isinstance(adapters, dict) and adapters:
         from .local.adapters import looks_like_path
@@ -146,6 +158,7 @@ def vet_import(doc: Dialogue, *, default_model: str, trust: bool = False) -> Vet
         warnings.append("the notebook's adapter set is not a mapping {name: scale} and was "
                         "not used")
     _vet_kernel(meta, record, warnings)
+    _vet_mcp(meta, record, warnings)
     if record:
         record["warnings"] = warnings
         meta[IMPORT_KEY] = record
@@ -184,6 +197,25 @@ def _vet_kernel(meta: dict[str, Any], record: dict[str, Any], warnings: list[str
         record["kernelspec"] = name
         warnings.append(f"the notebook's kernel {model_text(name)} is not installed here; the "
                         "dialogue uses the default Python kernel")
+
+
+def _vet_mcp(meta: dict[str, Any], record: dict[str, Any], warnings: list[str]) -> None:
+    """A file never starts a program or picks a URL: its MCP servers and the servers it enables
+    (``meta["mcp"]``, see `mcptools`) are set aside, named in the warning (names only: an entry's
+    env and headers may hold someone's keys, and are not repeated)."""
+    from .mcptools import META_KEY
+    if META_KEY not in meta:
+        return
+    got = meta.pop(META_KEY)
+    servers = got.get("servers") if isinstance(got, dict) else None
+    enabled = got.get("enabled") if isinstance(got, dict) else None
+    record["mcp"] = {"servers": [str(n) for n in servers] if isinstance(servers, dict) else [],
+                     "enabled": [str(n) for n in enabled] if isinstance(enabled, list) else []}
+    names = sorted({*record["mcp"]["servers"], *record["mcp"]["enabled"]})
+    warnings.append("the notebook's MCP servers were not used: a file does not start programs "
+                    "or choose servers" + (f" ({', '.join(model_text(n, 40) for n in names)})"
+                                           if names else "")
+                    + "; configure and enable servers with `dialogue mcp`")
 
 
 def model_text(model: str, limit: int = 120) -> str:
