@@ -282,3 +282,20 @@ def test_settings_from_a_file_are_data():
         [{"id": "a", "name": "f", "arguments": {}}, {"id": "b", "result": "3", "error": False}])
     assert meta == {"x": 1} and calls[0]["result"] == ENDED and calls[1]["result"] == "3"
     assert json.loads(json.dumps(calls))  # stored as JSON
+
+
+def test_the_approval_box_escapes_what_the_model_sent():
+    from fasthtml.common import to_xml
+
+    from dialogue.web.views import approval_box, tool_calls_html
+    bad = "<img src=x onerror=alert(1)>"
+    pending = [{"id": "c<1>", "name": f"f{bad}", "arguments": {"x": bad}, "source": "kernel"},
+               {"id": "c2", "name": "edit", "arguments": {}, "preview": {"kind": "diff",
+                                                                       "text": f"-a\n+{bad}"}},
+               {"id": "c3", "name": "run", "arguments": {}, "preview": {"kind": "code",
+                                                                      "text": f"print('{bad}')"}}]
+    html = to_xml(approval_box("d1", "m1", pending)) + to_xml(tool_calls_html(
+        [{"id": "c", "name": bad, "arguments": {"x": bad}, "result": bad, "error": True}]))
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert html.count("data-act=\"approve-once\"") == 3
+    assert 'class="diff-add"' in html  # an edit shows its diff

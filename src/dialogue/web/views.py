@@ -34,7 +34,7 @@ from ..service import HIT_END, HIT_START, AdapterView, LiveState, SearchHit, Tra
 __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dialogue_row_edit",
            "search_results", "dialogue_page", "cell", "result", "outputs_html", "toast",
            "kernel_badge", "totals", "history_modal", "settings_panel", "dialogue_title",
-           "sse", "frag", "gutter", "output_fragment", "text_chunk", "error_box", "tool_calls_html", "live_body", "version_input",
+           "sse", "frag", "gutter", "output_fragment", "text_chunk", "error_box", "tool_calls_html", "approval_box", "live_body", "version_input",
            "dversion_input", "model_picker", "answer_editor", "toolbar", "model_input", "HTMX_CONFIG",
            "adapter_badges", "adapters_control", "adapter_rows", "trial_dialog", "trial_out",
            "trial_column", "trial_status", "keep_button", "adapter_origin", "run_all_control",
@@ -407,6 +407,33 @@ def export_menu(did: str) -> Any:
                    cls="menu export")
 
 
+def context_status(d: Dialogue, rows: list[dict[str, Any]]) -> Any:
+    """The attached items' tokens, whether the local model's KV cache holds them, and a refresh
+    button for those read from a source (a path here, a package, a URL)."""
+    cached = {True: ("cached", "its KV state is in the local prefix cache: read from disk"),
+              False: ("not cached", "the next prompt reads it, then it is cached"),
+              None: ("", "")}
+    body = []
+    for r in rows:
+        label, why = cached[r["cached"]]
+        tokens = f"{r['tokens']:,}" if r["exact"] else f"~{r['tokens']:,}"
+        again = r["kind"] in ("package", "url") or (r["kind"] in ("file", "folder")
+                                                     and r["source"].startswith("/"))
+        body.append(Tr(Td(r["name"]), Td(r["kind"]), Td(tokens, cls="num ctx-tokens"),
+                       Td(label, title=why, cls=f"ctx-cached {label.replace(' ', '-')}"),
+                       Td(Button("Refresh", hx_post=urls.context.to(did=d.id),
+                                 hx_vals={"action": "refresh", "name": r["name"]},
+                                 hx_include="#dversion", type="button", cls="secondary small",
+                                 aria_label=f"Refresh {r['name']}") if again else "")))
+    total = sum(r["tokens"] for r in rows)
+    exact = all(r["exact"] for r in rows)
+    return Div(Table(Thead(Tr(Th("Item"), Th("Kind"), Th("Tokens"), Th("Cache"), Th(""))),
+                     Tbody(*body), cls="ctx-table"),
+               P(f"{total:,} tokens in all" + ("" if exact else " (estimated: this model's "
+                                                   "tokenizer is not available here)"), cls="hint"),
+               id="ctx-status")
+
+
 def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> Any:
     ctx_items = [Details(Summary(Strong(c.name), Small(f" {c.kind} · {len(c.content):,} chars"
                                                       + (f" · {c.source}" if c.source else ""))),
@@ -431,6 +458,25 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                    Button("Attach", type="submit", cls="small"), cls="row"),
                hx_post=urls.context.to(did=d.id), hx_include="#dversion",
                hx_encoding="multipart/form-data", cls="ctx-add")
+    # read on the server: a file or folder there, an installed package's docs, a web page
+    fetch = Form(Input(type="hidden", name="action", value="source"),
+                 Div(Input(name="path", placeholder="File or folder path (on the server)",
+                           aria_label="File or folder path to attach"),
+                     Input(name="package", placeholder="Installed package, e.g. httpx",
+                           aria_label="Package whose docs to attach"),
+                     Input(name="url", type="url", placeholder="https://… page",
+                           aria_label="URL to attach"), cls="row ctx-sources"),
+                 Div(Input(name="name", placeholder="Name (optional)",
+                           aria_label="Name of the attached source"),
+                     Button("Attach source", type="submit", cls="small"), cls="row"),
+                 hx_post=urls.context.to(did=d.id), hx_include="#dversion",
+                 hx_disabled_elt="find button", cls="ctx-add ctx-fetch")
+    # tokens and the KV cache state need the model's tokenizer (a local model's process):
+    # asked for when the panel is shown, not with every page
+    status = Div(P("Counting tokens…", cls="hint"), id="ctx-status",
+                 hx_get=urls.context_status.to(did=d.id), hx_swap="outerHTML",
+                 hx_trigger="load" if open_ else "toggle once from:closest details") \
+        if d.context else None
     return Details(
         Summary("Settings: system prompt, model, answers, attached context"
                 + (f" ({len(d.context)} attached)" if d.context else "")),
@@ -445,7 +491,7 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
             Div(H3("Attached context"),
                 P("Sent to the model before the dialogue, as part of the stable prefix that "
                   "caches reuse.", cls="hint"),
-                *ctx_items, add, cls="context"),
+                status, *ctx_items, fetch, add, cls="context"),
             cls="settings-body"),
         id="settings", cls="settings", open=open_, hx_swap_oob="true" if oob else None)
 
@@ -644,7 +690,7 @@ def _source_view(m: Message) -> Any:
     elif m.kind == Kind.raw:
         body = Pre(src, cls="raw")
     else:
-        body = NotStr(render_markdown(src))
+        body = NotStr(render_markdown(src, m.attachments))
     return Div(body, cls="view markdown" if m.kind in (Kind.note, Kind.prompt) else "view")
 
 
@@ -663,7 +709,20 @@ def _editor(m: Message, text: str | None = None) -> Any:
     if m.kind == Kind.prompt:
         parts.append(Input(name="prefill", placeholder="Answer starts with… (optional prefill)",
                            autocomplete="off", cls="prefill", aria_label="Prefill"))
+        # what the prompt would send: app.js fills it when the editor opens and typing pauses
+        parts.append(Small("", cls="estimate", aria_live="polite",
+                           title="Tokens this prompt would send now, and how many are cached"))
+    if m.kind in (Kind.note, Kind.prompt):
+        # no name: the cell's other requests (hx-include) never carry it; app.js uploads the
+        # files to the images route (so do a paste and a drop into the editor)
+        parts.append(Label("Add image…", Input(type="file", accept=",".join(IMAGE_TYPES),
+                                               multiple=True, data_act="image-file", hidden=True),
+                           cls="image-pick small", title="Or paste (Ctrl+V) or drop images "
+                           "into the editor: PNG, JPEG, GIF or WebP, at most 5 MiB each"))
     return Div(*parts, cls="editor-wrap", data_hint=EDIT_HINT[m.kind])
+
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 
 
 # Rendered cells by (dialogue, message, version): a version changes with every stored change of a
@@ -817,14 +876,59 @@ def error_box(message: str) -> Any:
 
 
 def tool_calls_html(calls: list[dict[str, Any]]) -> list[Any]:
+    """Each tool call of an answer, folded (its name and arguments in the summary; opened: the
+    arguments in full and what went back to the model). Every string is escaped."""
     out = []
     for c in calls:
         args = json.dumps(c.get("arguments", {}), ensure_ascii=False)
-        res = c.get("error") or c.get("result")
-        out.append(Details(Summary(Span("tool", cls="tool-chip"), Code(f"{c.get('name', '?')}({args[:120]})")),
+        res = c.get("result")
+        chip = "denied" if c.get("denied") or str(res or "").startswith(("denied", "not run")) \
+            else "tool"
+        out.append(Details(Summary(Span(chip, cls="tool-chip" + (" denied" if chip != "tool" else "")),
+                                   Code(f"{c.get('name', '?')}({args[:120]})")),
+                           Pre(json.dumps(c.get("arguments", {}), ensure_ascii=False, indent=2),
+                               cls="tool-args"),
                            Pre(str(res) if res is not None else "(running…)",
                                cls="tool-result" + (" error" if c.get("error") else "")),
-                           cls="tool-call"))
+                           cls="tool-call", data_tool=str(c.get("name", ""))))
+    return out
+
+
+def approval_box(did: str, mid: str, pending: list[dict[str, Any]]) -> list[Any]:
+    """The tool calls a running answer waits on the user for: what the model wants to do (the
+    tool's preview: a diff for an edit, the code for a run; else its name and arguments) and
+    Allow once / Always allow this tool in this dialogue / Deny. All of it escaped."""
+    out = []
+    for p in pending:
+        name, call = str(p.get("name", "?")), str(p.get("id", ""))
+        pv = p.get("preview") if isinstance(p.get("preview"), dict) else None
+        kind = str(pv.get("kind", "")) if pv else ""
+        if pv and kind == "diff":
+            body = Pre(*[Span(line + "\n", cls=_diff_class(line))
+                         for line in str(pv.get("text", "")).splitlines()], cls="hist-diff")
+        elif pv and kind == "code":
+            body = Pre(Code(str(pv.get("text", ""))), cls="approval-code")
+        else:
+            body = Pre(json.dumps(p.get("arguments", {}), ensure_ascii=False, indent=2),
+                       cls="tool-args")
+            if pv and pv.get("text"):
+                body = Div(Pre(str(pv["text"]), cls="approval-preview"), body)
+        where = str(p.get("source") or "")
+
+        def choice(label: str, decision: str, style: str) -> Any:
+            return Button(label, hx_post=urls.cell_approve.to(did=did, mid=mid),
+                          hx_vals={"call": call, "decision": decision},
+                          hx_swap="none", hx_disabled_elt="this",
+                          data_act=f"approve-{decision}", cls=f"small {style}")
+
+        out.append(Div(
+            P(Strong("The model wants to call "), Code(name),
+              Small(f" ({where})" if where else "", cls="muted")),
+            body,
+            Div(choice("Allow once", "once", ""),
+                choice("Always allow this tool in this dialogue", "always", "secondary"),
+                choice("Deny", "deny", "secondary outline"), cls="approval-actions"),
+            cls="approval", role="alert", data_call=call))
     return out
 
 
@@ -886,6 +990,7 @@ def live_body(did: str, m: Message, live: LiveState) -> list[Any]:
                 Div(*[error_box(e) for e in live.errors], id=f"e-{m.id}")]
     return [read_progress(m.id, live.progress),
             Div(*tool_calls_html(live.tool_calls), id=f"t-{m.id}", cls="tools-calls"),
+            Div(*approval_box(did, m.id, live.pending), id=f"ap-{m.id}", cls="approvals"),
             Div(NotStr(text_chunk(live.text)) if live.text else "", id=f"a-{m.id}",
                 cls="answer streaming"),
             Div(*[error_box(e) for e in live.errors], id=f"e-{m.id}")]
@@ -910,6 +1015,7 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
                  Div(sse_swap="text", hx_target=f"#a-{m.id}", hx_swap="beforeend", hidden=True),
                  Div(sse_swap="progress", hx_target=f"#p-{m.id}", hx_swap="outerHTML", hidden=True),
                  Div(sse_swap="tools", hx_target=f"#t-{m.id}", hx_swap="innerHTML", hidden=True),
+                 Div(sse_swap="approval", hx_target=f"#ap-{m.id}", hx_swap="innerHTML", hidden=True),
                  Div(sse_swap="input", hx_target=f"#i-{m.id}", hx_swap="innerHTML", hidden=True),
                  # "run-error", not "error": that name is EventSource's own event for a lost
                  # connection, which would swap `undefined` into the cell
@@ -963,6 +1069,7 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
                                  "adapters, sampling, seed) and show any difference; stores nothing"),
                     cls="answer-foot"),
                 Div(Small("replaying…", cls="htmx-indicator"), id=f"rp-{m.id}", cls="replay"),
+                request_toggle(did, m),
                 cls="answer-box"))
         if m.meta.get("error"):
             parts.append(error_box(str(m.meta["error"])))
@@ -970,6 +1077,17 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
             parts.append(Small("This answer was cut off: the process writing it stopped before "
                                "it finished.", cls="warn"))
     return Div(*parts, *oob_extra, id=rid, cls="result")
+
+
+def request_toggle(did: str, m: Message) -> Any:
+    """The answer's "Request" toggle: the exact request it was sent with (routes/requests.py),
+    fetched the first time it is opened (a long dialogue would otherwise carry every request)."""
+    return Details(Summary("Request", title="What was sent for this answer: system prompt, "
+                           "context, each message as the model saw it, tools, cache breakpoints, "
+                           "tokens"),
+                   Div(Small("loading…"), id=f"rq-{m.id}"), cls="request-toggle",
+                   hx_get=urls.request_panel.to(did=did, mid=m.id), hx_trigger="toggle once",
+                   hx_target=f"#rq-{m.id}", hx_swap="innerHTML")
 
 
 def answer_editor(did: str, m: Message) -> Any:

@@ -37,7 +37,8 @@ async def run_cell(did: str, mid: str, req: Request) -> Any:
     if isinstance(m, HTMLResponse):
         return m
     prefill = (text(f.get("prefill")) or None) if m.kind == Kind.prompt else None
-    svc.start(d, m.id, prefill=prefill, stdin=True)  # input() asks on the page (input_box)
+    # input() asks on the page (input_box), and so do tool calls that need approval
+    svc.start(d, m.id, prefill=prefill, stdin=True, approve="ask")
     m = svc.message(d, m.id)
     return V.cell(d, m, running=True, live=svc.live(m.id) or LiveState(m.kind, prefill or ""))
 
@@ -56,6 +57,16 @@ async def cell_input(did: str, mid: str, req: Request) -> Any:
     svc = site(req).service
     f = await form(req)
     svc.reply_input(svc.message(did, mid).id, text(f.get("value")) or "")
+    return Response(status_code=204)
+
+
+@rt(paths.cell_approve, methods=["post"])
+async def cell_approve(did: str, mid: str, req: Request) -> Any:
+    """Allow once, always allow (this tool in this dialogue) or deny the tool call the running
+    answer waits on; its stream then takes the question away and shows the call's result."""
+    svc = site(req).service
+    f = await form(req)
+    svc.approve(svc.message(did, mid).id, text(f.get("call")) or "", text(f.get("decision")) or "")
     return Response(status_code=204)
 
 
@@ -103,6 +114,8 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
                 yield V.sse("input", V.frag(V.input_box(d, m0.id, ev.data)))
             elif ev.type in ("tool_call", "tool_result"):
                 yield V.sse("tools", V.frag(V.tool_calls_html(state.tool_calls)))
+            elif ev.type == "approval":  # a call waits for the user, or was decided
+                yield V.sse("approval", V.frag(V.approval_box(d, m0.id, state.pending)))
             elif ev.type == "error":  # not "error": EventSource's own connection-error event
                 yield V.sse("run-error", V.frag(V.error_box(str(ev.data))))
             elif ev.type == "done":
@@ -132,7 +145,7 @@ async def run_all(did: str, req: Request) -> Any:
     svc = site(req).service
     d = svc.dialogue_id(did)
     try:
-        job = svc.start_all(d, stdin=True)
+        job = svc.start_all(d, stdin=True, approve="ask")
     except RunError as e:
         if svc.run_all_of(d) is not None:
             raise  # one is running in this dialogue already: 409
