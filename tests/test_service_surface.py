@@ -146,7 +146,7 @@ def test_cli_attach_detach_and_the_prompt_sees_it(tmp_path):
     f = tmp_path / "notes.md"
     f.write_text("the walrus is 3 m long", encoding="utf-8")
     r = cli(tmp_path, "attach", "d", str(f))
-    assert r.returncode == 0 and "attached notes.md (22 characters)" in r.stdout
+    assert r.returncode == 0 and "attached notes.md (22 characters, 8 tokens)" in r.stdout  # the model's tokenizer
     r = cli(tmp_path, "attach", "d", "-", "--as", "piped", input="from stdin")
     assert r.returncode == 0
     shown = cli(tmp_path, "show", "d").stdout

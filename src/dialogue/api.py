@@ -26,11 +26,11 @@ import queue
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import document
 from .document import Kind, Message
-from .service import DialogueService, SearchHit, TextDelta, Version, default_db_path
+from .service import DialogueService, SearchHit, TextDelta, Version, default_db_path, mode_of
 
 __all__ = ["Dialogue", "AnswerStream", "service", "shutdown"]
 
@@ -154,16 +154,38 @@ class Dialogue:
 
     @classmethod
     def create(cls, name: str, *, db: str | os.PathLike | None = None, model: str | None = None,
-               system: str = "") -> "Dialogue":
-        return cls(service(db).create(name, model=model, system=system).id, db=db)
+               system: str = "", folder: str | None = None, template: bool = True) -> "Dialogue":
+        """A new dialogue; in `folder` (a path, "a/b") it starts from the folder's template, if
+        it has one and `template` is True."""
+        return cls(service(db).create(name, model=model, system=system, folder=folder,
+                                      template=template).id, db=db)
 
     @classmethod
     def open(cls, name: str, *, db: str | os.PathLike | None = None) -> "Dialogue":
         return cls(service(db).dialogue_id(name), db=db)
 
     @classmethod
-    def list(cls, *, db: str | os.PathLike | None = None) -> list[str]:
-        return [d["name"] for d in service(db).list()]
+    def list(cls, *, db: str | os.PathLike | None = None, folder: str | None = None) -> list[str]:
+        """Dialogue names, most recently updated first; with `folder`, those directly in it."""
+        svc = service(db)
+        fid = svc.folder_id(folder) if folder is not None else None
+        return [d["name"] for d in svc.list() if fid is None or d["folder"] == fid]
+
+    @classmethod
+    def folders(cls, *, db: str | os.PathLike | None = None) -> list[str]:
+        """Folder paths ("a", "a/b"), in path order."""
+        return [f.path for f in service(db).folders()]
+
+    @classmethod
+    def new_folder(cls, path: str, *, db: str | os.PathLike | None = None,
+                   note: str | None = None) -> str:
+        """Make a folder (and the folders above it), optionally with its context note: text
+        every dialogue in it sees first. Returns its path."""
+        svc = service(db)
+        f = svc.new_folder(path, exist_ok=True)
+        if note is not None:
+            f = svc.set_folder(f.id, note=note)
+        return f.path
 
     # ------------------------------------------------------------ reading
 
@@ -202,17 +224,32 @@ class Dialogue:
         return self._svc.open(self.id, messages=False).context
 
     def attach(self, path: str | os.PathLike | None = None, *, name: str | None = None,
-               content: str | None = None) -> None:
-        """Attach a text file (`d.attach("schema.sql")`) or a text under a name
-        (`d.attach(name="rules", content="...")`); an item of the same name is replaced."""
-        if (path is None) == (content is None):
-            raise ValueError("attach a file path, or a name and its content, not both")
-        if path is not None:
-            self._svc.attach_file(self.id, path, name=name)
-        else:
+               content: str | None = None, package: str | None = None,
+               url: str | None = None) -> Any:
+        """Attach context every prompt sees, replacing an item of the same name: a text file or
+        a folder's text files (`d.attach("schema.sql")`, `d.attach("src/")`), an installed
+        package's docs (`d.attach(package="httpx")`), a web page's text
+        (`d.attach(url="https://...")`), or a text under a name (`d.attach(name="rules",
+        content="...")`). Returns what was read (`.files`, `.skipped`, `.summary()`); None for
+        a text."""
+        if content is not None:
+            if path is not None or package or url:
+                raise ValueError("attach a path, a package, a URL or a named content: one of them")
             if not name:
                 raise ValueError("attached content needs a name")
             self._svc.attach(self.id, name, content)
+            return None
+        return self._svc.attach_source(self.id, path=path, package=package, url=url, name=name)[1]
+
+    def refresh(self, item: str | None = None) -> list[dict[str, Any]]:
+        """Read the attached `item` (default: every item with a source) again from its file,
+        folder, package or URL; one record per item (`changed`, or why not)."""
+        return self._svc.refresh(self.id, item)[1]
+
+    def context_status(self) -> list[dict[str, Any]]:
+        """Each attached item's name, kind, source, characters, tokens (by the model's tokenizer
+        where it has one) and, for a local model, whether its KV state is in the prefix cache."""
+        return self._svc.context_status(self.id)
 
     def detach(self, name: str) -> None:
         self._svc.detach(self.id, name)
@@ -225,6 +262,28 @@ class Dialogue:
     @max_tokens.setter
     def max_tokens(self, value: int | None) -> None:
         self._svc.update(self.id, max_tokens=value)
+
+    @property
+    def folder(self) -> str:
+        """The path of the folder it is in ("" at the top level); assigning a path moves it
+        (`Dialogue.folders()` lists them, `Dialogue.new_folder(path)` makes one)."""
+        fid = self._svc.open(self.id, messages=False).folder
+        return self._svc.folder(fid).path if fid else ""
+
+    @folder.setter
+    def folder(self, path: str | None) -> None:
+        self._svc.move_to(self.id, path or "")
+
+    @property
+    def mode(self) -> tuple[str, str]:
+        """(name, text) of how the model answers: standard, learning or concise, the text
+        appended to the system prompt. Assign a name for its preset text, or (name, text)."""
+        return mode_of(self._svc.open(self.id, messages=False).meta)
+
+    @mode.setter
+    def mode(self, value: str | tuple[str, str]) -> None:
+        name, text = (value, None) if isinstance(value, str) else value
+        self._svc.set_mode(self.id, name, text)
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -273,15 +332,31 @@ class Dialogue:
         return self._runner.call(lambda: self._runner.svc.run(self.id, mid, timeout=timeout,
                                                               stdin=stdin or False))
 
-    def ask(self, prompt: str, *, prefill: str | None = None,
-            stream: bool = False) -> Message | AnswerStream:
+    def ask(self, prompt: str, *, prefill: str | None = None, stream: bool = False,
+            images: Iterable[str | os.PathLike | bytes | tuple[str, bytes]] = ()
+            ) -> Message | AnswerStream:
         """Add a prompt at the end and answer it with the dialogue's model: the stored message
         (its `response`), or with `stream=True` an `AnswerStream` to iterate for the text as it
-        comes (`for piece in d.ask("...", stream=True): print(piece, end="")`)."""
-        m = self.add_prompt(prompt)
+        comes (`for piece in d.ask("...", stream=True): print(piece, end="")`). `images` (files,
+        bytes, or (name, bytes)) are attached to the prompt and sent to the model as images
+        (`d.ask("What does this plot show?", images=["plot.png"])`)."""
+        m = self.add_prompt(prompt, images=images)
         if stream:
             return AnswerStream(self._runner, self.id, m.id, prefill)
         return self._runner.call(lambda: self._runner.svc.run(self.id, m.id, prefill=prefill))
+
+    def request(self, msg: Message | str, *, version: int | None = None) -> dict[str, Any]:
+        """What was sent for a prompt's answer (its latest, or answer `version`): the system
+        prompt, context, each turn as the model saw it with the messages it came from, what was
+        hidden, shortened or dropped and why, tools, cache breakpoints, token counts, model and
+        max_tokens, as recorded when it was sent (see `dialogue.sent`)."""
+        return self._svc.sent_request(self.id, self._svc.message_id(self.id, msg), version=version)
+
+    def estimate(self, msg: Message | str) -> dict[str, Any]:
+        """What a prompt would send now, before sending it: {"tokens", "cached", "label", ...}
+        (nothing is evaluated, no model is loaded for it)."""
+        mid = self._svc.message_id(self.id, msg)
+        return self._runner.call(lambda: self._runner.svc.estimate(self.id, mid))
 
     def run_all(self, *, stop_on_error: bool = True) -> list[Message]:
         """Run every code message top to bottom in the dialogue's kernel, as the page's Run all
@@ -324,7 +399,12 @@ class Dialogue:
         return self.add(Kind.note, source, **kw)
 
     def add_prompt(self, source: str, **kw: Any) -> Message:
+        """A prompt at the end (not run); `images=[...]` attaches images, as `ask` does."""
         return self.add(Kind.prompt, source, **kw)
+
+    def add_images(self, msg: Message | str, *images: str | os.PathLike | bytes) -> Message:
+        """Attach images to a note or prompt, each referenced on a line after its text."""
+        return self._svc.add_images(self.id, _mid(msg), images, base_version=None)[0]
 
     def edit(self, msg: Message, **changes: Any) -> Message:
         """Change `msg` as you have it: refused if the stored message moved on since."""

@@ -3,8 +3,11 @@
 Order, stable part first so that every prefix cache hits (the local KV store, Anthropic
 `cache_control`, OpenAI's automatic prefix cache):
 
-1. the system prompt;
-2. the dialogue's attached context (`Request.context`);
+1. the system prompt, then the dialogue's mode text (`modes`: learning, concise; standard adds
+   nothing);
+2. the context notes of the dialogue's folders, outermost first (the service passes them:
+   `folders=`), then the dialogue's attached context (`Request.context`; each part listed in
+   `Request.meta["context"]` with its kind, "folder" or the attached item's);
 3. the messages above the prompt, in order: notes and code (with outputs as text, images as image
    parts) folded into user turns, earlier prompts as user turns and their answers as assistant
    turns, hidden messages left out, consecutive user material merged so turns alternate;
@@ -45,8 +48,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from markdown_it import MarkdownIt
 
-from .document import Dialogue, Kind, Message
+from .document import ContextItem, Dialogue, Kind, Message
 from .llm.base import Part, Request, ToolSpec, Turn
+from .modes import ModeError, mode_of
 from .render import plain_text
 
 if TYPE_CHECKING:
@@ -56,7 +60,7 @@ __all__ = [
     "build", "build_async", "references", "resolve", "Refs", "Resolved", "ContextError",
     "DEFAULT_SYSTEM", "estimate_tokens", "tool_names", "render_outputs", "IMAGE_TOKENS", "CHARS_PER_TOKEN",
     "OutputLimit", "parse_output_limit", "output_limit_of", "with_output_limit", "terminal_text",
-    "cut_text",
+    "cut_text", "attached_images",
 ]
 
 DEFAULT_SYSTEM = (
@@ -439,16 +443,28 @@ def render_outputs(outputs: Sequence[dict[str, Any]], *, images: bool = True,
 
 
 def _attachment_parts(m: Message, images: bool) -> list[Part]:
-    """Images attached to a note or prompt, in nbformat's shape {name: {mime: base64}}."""
+    """Images attached to a note or prompt, in nbformat's shape {name: {mime: base64}}. An
+    attachment the models cannot take (another type, such as SVG, or over MAX_IMAGE_BYTES) is
+    refused with a ContextError naming it: nothing the user attached is silently left out."""
+    from .images import MAX_IMAGE_BYTES, decoded_size, describe_size, image_of
+
     parts: list[Part] = []
     for name, bundle in (m.attachments or {}).items():
-        if not isinstance(bundle, dict):
-            continue
-        img = next((k for k in _IMAGE_MIMES if k in bundle), None)
-        if img is None:
-            continue
+        found = image_of(bundle)
+        if found is None:
+            if isinstance(bundle, dict) and any(str(k).startswith("image/") for k in bundle):
+                raise ContextError(
+                    f"attachment {name!r} of message {m.id} is {', '.join(map(str, bundle))}: "
+                    "models take PNG, JPEG, GIF or WebP images; convert it, or hide the message")
+            continue  # not an image (a text attachment of an imported notebook): not for models
+        img, data = found
         if images:
-            data = "".join(_text(bundle[img]).split())
+            data = "".join(data.split())
+            if (size := decoded_size(data)) > MAX_IMAGE_BYTES:
+                raise ContextError(
+                    f"attachment {name!r} of message {m.id} is {describe_size(size)}, over the "
+                    f"{describe_size(MAX_IMAGE_BYTES)} a model takes per image: make it smaller or "
+                    "hide the message")
             try:
                 base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError):
@@ -457,6 +473,17 @@ def _attachment_parts(m: Message, images: bool) -> list[Part]:
         else:
             parts.append(Part(text=f"[attached image {name}]"))
     return parts
+
+
+def attached_images(messages: Iterable[Message]) -> list[dict[str, str]]:
+    """The images attached to notes and prompts among `messages` (not code outputs), as
+    {"message", "name", "mime"}: what a model that cannot see images would miss."""
+    from .images import image_of
+
+    return [{"message": m.id, "name": name, "mime": found[0]}
+            for m in messages if m.kind in (Kind.note, Kind.prompt)
+            for name, bundle in (m.attachments or {}).items()
+            if (found := image_of(bundle)) is not None]
 
 
 def _message_parts(m: Message, *, images: bool, limit: OutputLimit | None,
@@ -539,8 +566,8 @@ def _prompt_parts(m: Message, block: str, images: bool) -> list[Part]:
 def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
           count_tokens: Callable[[str], int | None] | None = None, resolved: Resolved | None = None,
           model: str | None = None, system: str | None = None, max_tokens: int = 1024,
-          temperature: float | None = None, images: bool = True, output_limit: Any = "dialogue"
-          ) -> Request:
+          temperature: float | None = None, images: bool = True, output_limit: Any = "dialogue",
+          folders: Sequence[ContextItem] = ()) -> Request:
     """The request for answering prompt `upto` (an id or the message itself).
 
     `budget` caps the input tokens (system, context, tools and turns); over it, the oldest
@@ -552,6 +579,8 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     values. `images=False` replaces images by a text mention, for models that take none.
     `output_limit` (an OutputLimit, None for no cutting, or what `parse_output_limit` takes)
     shortens long code outputs; by default the dialogue's setting, `meta["output_limit"]`.
+    `folders`: the context notes of the folders the dialogue is in, outermost first (kind
+    "folder", named by the folder's path), sent before the attached context.
     Pinned messages are cut too: pinning keeps a message in the context, it does not make a
     900-line log worth its tokens (a note, never cut, is the way to keep a long text whole).
 
@@ -589,9 +618,12 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     else:
         limit = parse_output_limit(output_limit)
 
-    above = [m for m in dialogue.messages[:idx] if not m.hidden]
+    left_out: dict[str, dict[str, Any]] = {}  # what became of a message not sent, and why
     items: list[_Item] = []
-    for m in above:
+    for m in dialogue.messages[:idx]:
+        if m.hidden:
+            left_out[m.id] = {"status": "hidden", "reason": "hidden from the model by the user"}
+            continue
         cuts: list[dict[str, int]] = []
         if m.kind == Kind.prompt:
             user = _prompt_parts(m, m.meta.get("refs", "") if isinstance(m.meta, dict) else "", images)
@@ -599,6 +631,7 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
         else:
             user, answer = _message_parts(m, images=images, limit=limit, cuts=cuts), ""
         if not user and not answer:
+            left_out[m.id] = {"status": "empty", "reason": "nothing to send"}
             continue
         cut = {"message": m.id, **{k: sum(c[k] for c in cuts) for k in cuts[0]}} if cuts else None
         items.append(_Item(m, user, answer, count.parts(user) + count(answer), cut))
@@ -608,10 +641,25 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     sys_text = dialogue.system if system is None else system
     if system is None and not sys_text:
         sys_text = DEFAULT_SYSTEM
-    ctx = _context_text(dialogue)
+    try:
+        mode, mode_text = mode_of(dialogue.meta)
+    except ModeError as e:
+        raise ContextError(f"dialogue {dialogue.name!r}: {e}") from None
+    if mode_text:  # the mode is text in the system prompt, as the settings show it
+        sys_text = f"{sys_text}\n\n{mode_text}" if sys_text else mode_text
+    notes = [f for f in folders if f.content.strip()]
+    # attached docs may take the budget but a quarter (kept for the conversation) and what the
+    # system prompt, folder notes and the prompt need; over it, the largest are retrieved
+    room = None if budget is None else max(0, budget - budget // 4 - count(sys_text)
+                                           - count(_context_text(notes)) - count.parts(last))
+    attached, attached_meta = _fit_attached(dialogue.context, room, count, prompt.source)
+    parts = [*notes, *attached]
+    ctx = _context_text(parts)
     tools = list(resolved.tools)
-    fixed = count(sys_text) + count(ctx) + count.parts(last) + sum(
-        count(t.name) + count(t.description) + count(json.dumps(t.parameters)) for t in tools)
+    by_part = {"system": count(sys_text), "context": count(ctx), "prompt": count.parts(last),
+               "tools": sum(count(t.name) + count(t.description) + count(json.dumps(t.parameters))
+                            for t in tools)}
+    fixed = sum(by_part.values())
     total = fixed + sum(it.tokens for it in items)
 
     dropped = 0
@@ -621,6 +669,10 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
             if total > budget and not it.msg.pinned:
                 total -= it.tokens
                 dropped += 1
+                left_out[it.msg.id] = {
+                    "status": "dropped", "tokens": it.tokens,
+                    "reason": f"over the token budget of {budget:,}: the oldest unpinned messages "
+                              "are left out first"}
             else:
                 keep.append(it)
         items = keep
@@ -632,14 +684,19 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
                 f"and the prompt take {fixed:,}, pinned messages {pinned:,}. Unpin or shorten something.")
 
     turns: list[Turn] = []
+    turn_ids: list[list[str]] = []  # the messages each turn was made of, for the request record
     pending: list[Part] = []
+    pending_ids: list[str] = []
     for it in items:
         pending += it.user
+        pending_ids.append(it.msg.id)
         if it.answer:
             turns.append(Turn(role="user", content=_merge(pending)))
             turns.append(Turn(role="assistant", content=it.answer))
-            pending = []
+            turn_ids += [pending_ids, [it.msg.id]]
+            pending, pending_ids = [], []
     turns.append(Turn(role="user", content=_merge(pending + last)))
+    turn_ids.append(pending_ids + [prompt.id])
     # The last assistant turn ends the part that the next prompt will share: a cache breakpoint.
     for t in reversed(turns):
         if t.role == "assistant":
@@ -649,16 +706,68 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     return Request(
         model=model if model is not None else dialogue.model, messages=turns, system=sys_text,
         context=ctx, tools=tools, max_tokens=max_tokens, temperature=temperature, dropped=dropped,
-        meta={"upto": prompt.id, "tokens": total,
+        meta={"upto": prompt.id, "tokens": total, "mode": {"name": mode, "chars": len(mode_text)},
+              "context": [{"kind": c.kind, "name": c.name, "source": c.source,
+                           "tokens": count(c.content)} for c in notes] + attached_meta,
               "token_count": "tokenizer" if count.exact else ESTIMATE_NOTE,
               "refs": block, "ref_errors": list(resolved.errors),
-              "cut": [it.cut for it in items if it.cut]})
+              "cut": [it.cut for it in items if it.cut],
+              # only where there are some: the images the user attached, for the request view
+              **({"images": imgs} if (imgs := attached_images([*(it.msg for it in items), prompt]))
+                 else {}),
+              "tokens_by_part": by_part, "turn_messages": turn_ids,
+              "messages": _listing(dialogue.messages[:idx + 1], items, left_out, by_part["prompt"])})
 
 
-def _context_text(dialogue: Dialogue) -> str:
+def _listing(messages: Sequence[Message], items: Sequence[_Item], left_out: dict[str, dict[str, Any]],
+             prompt_tokens: int) -> list[dict[str, Any]]:
+    """Every message up to the prompt and what became of it in the request: sent (its tokens,
+    pinned, what of its output was cut), hidden, empty or dropped for the budget (with why)."""
+    sent = {it.msg.id: it for it in items}
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        e: dict[str, Any] = {"id": m.id, "kind": m.kind.value}
+        if m is messages[-1]:
+            e.update(status="sent", tokens=prompt_tokens, prompt=True)
+        elif m.id in sent:
+            it = sent[m.id]
+            e.update(status="sent", tokens=it.tokens, pinned=m.pinned)
+            if it.cut:
+                e["cut"] = {k: v for k, v in it.cut.items() if k != "message"}
+        else:
+            e.update(left_out.get(m.id, {"status": "empty", "reason": "nothing to send"}))
+        out.append(e)
+    return out
+
+
+def _fit_attached(items: Sequence[ContextItem], room: int | None, count: Callable[[str], int],
+                  query: str) -> tuple[list[ContextItem], list[dict[str, Any]]]:
+    """The attached items as sent, and their `Request.meta["context"]` entries: whole when they
+    fit in `room` tokens (None: no limit), else the largest cut to the chunks that best match
+    `query` (`retrieval.fit`), marked as such in the text the model reads and in the entry
+    (`retrieved`: the chunk numbers sent, `of`: how many there are)."""
+    from dataclasses import replace
+    from .retrieval import fit
+    out: list[ContextItem] = []
+    meta: list[dict[str, Any]] = []
+    for c, f in zip(items, fit([(c.name, c.content) for c in items], room, query, count)):
+        e: dict[str, Any] = {"kind": c.kind, "name": c.name, "source": c.source, "tokens": f.tokens}
+        if f.retrieved is not None:
+            c = replace(c, content=(
+                f"[retrieved: the {len(f.retrieved)} of {f.of} chunks of {c.name!r} that best match "
+                "the prompt; the rest is left out to fit the context]\n\n" + f.text))
+            e.update(tokens=count(c.content), retrieved=f.retrieved, of=f.of)
+        out.append(c)
+        meta.append(e)
+    return out, meta
+
+
+def _context_text(items: Sequence[ContextItem]) -> str:
     out = []
-    for c in dialogue.context:
+    for c in items:
         attrs = f' name="{html.escape(c.name)}"' + (f' source="{html.escape(c.source)}"' if c.source else "")
+        if c.kind == "folder":  # the model can tell a folder's standing note from an attachment
+            attrs = f' folder="{html.escape(c.name)}"'
         out.append(f"<context{attrs}>\n{c.content}\n</context>")
     return "\n\n".join(out)
 

@@ -13,23 +13,39 @@ from .common import UserError, emit_json, out, text_arg, when
 
 
 def cmd_new(svc: DialogueService, a: argparse.Namespace) -> None:
-    d = svc.create(a.name, model=a.model, system=a.system or "", output_limit=a.output_limit or None)
-    out.print(f"created dialogue [b]{markup(d.name)}[/b] ({markup(d.id)}) on model {markup(d.model)}")
+    d = svc.create(a.name, model=a.model, system=a.system or "", output_limit=a.output_limit or None,
+                   folder=a.folder, template=not a.no_template)
+    where = f" in folder {svc.folder(d.folder).path!r}" if d.folder else ""
+    tpl = d.meta.get("from_template")
+    start = (f", starting from template {tpl.get('name', '')!r} ({len(d.messages)} message{'s' * (len(d.messages) != 1)})"
+             if isinstance(tpl, dict) else "")
+    out.print(f"created dialogue [b]{markup(d.name)}[/b] ({markup(d.id)}) on model "
+              f"{markup(d.model)}{markup(where)}{markup(start)}")
 
 
 def cmd_list(svc: DialogueService, a: argparse.Namespace) -> None:
     rows = svc.list(deleted=a.trash)
+    if a.folder is not None:  # that folder and the folders below it
+        path = svc.folder(a.folder).path if svc.folder_id(a.folder) else ""
+        rows = [r for r in rows if not path or r["folder_path"] == path
+                or r["folder_path"].startswith(path + "/")]
     if a.json:
         print(json.dumps(rows))
         return
-    if not rows:
+    folders = [] if a.trash else svc.folders()
+    if not rows and not folders:
         out.print("no dialogues yet: `dialogue new NAME`" if not a.trash else "the trash is empty")
         return
-    t = Table("name", "id", "model", "messages", "updated", box=None)
-    for r in rows:
-        t.add_row(plain(r["name"]), plain(r["id"]), plain(r["model"]), str(r["messages"]),
-                  when(r["updated"]))
-    out.print(t)
+    if rows:
+        t = Table("name", "folder", "id", "model", "messages", "updated", box=None)
+        # grouped by folder (the top level first), most recently updated first within each
+        for r in sorted(rows, key=lambda r: r["folder_path"].split("/") if r["folder_path"] else []):
+            t.add_row(plain(r["name"]), plain(r["folder_path"] or "-"), plain(r["id"]),
+                      plain(r["model"]), str(r["messages"]), when(r["updated"]))
+        out.print(t)
+    if folders:
+        out.print(plain("folders: " + ", ".join(f"{f.path} ({f.dialogues})" for f in folders)),
+                  soft_wrap=True)
 
 
 def cmd_rm(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -116,17 +132,59 @@ def _arg(name: str) -> str:
 
 
 def cmd_attach(svc: DialogueService, a: argparse.Namespace) -> None:
+    """Attach a file, folder, package's docs or URL; refresh items; or list them (no source)."""
+    sources = [x for x in (a.path, a.package, a.url) if x]
+    if len(sources) > 1:
+        raise UserError("attach one thing: a PATH, --package or --url")
+    if a.refresh is not None:
+        if sources:
+            raise UserError("--refresh reads the attached items again from their sources; it takes "
+                            "no PATH, --package or --url")
+        d, report = svc.refresh(a.name, a.refresh or None)
+        for r in report:
+            if "changed" in r:
+                what = (f"changed ({r['before']:,} -> {r['after']:,} characters)" if r["changed"]
+                        else "unchanged")
+                out.print(plain(f"refreshed {r['name']}: {what}"))
+            else:
+                out.print(plain(f"not refreshed {r['name']}: {r.get('error') or r.get('skipped')}"))
+        if any("error" in r for r in report):
+            raise UserError(f"some attached items of dialogue {d.name!r} could not be read again")
+        return
+    if not sources:
+        return _list_attached(svc, a)
+    item_name = a.as_name
     if a.path == "-":
-        if not a.as_name:
-            raise ValueError("name what standard input is attached as: --as ITEM")
-        d = svc.attach(a.name, a.as_name, text_arg("-"))
-        item = a.as_name.strip()
+        if not item_name:
+            raise ValueError("name what standard input is attached as: --name ITEM")
+        d = svc.attach(a.name, item_name, text_arg("-"))
+        item, summary = item_name.strip(), ""
     else:
-        d = svc.attach_file(a.name, a.path, name=a.as_name)
-        item = d.context[-1].name
-    size = len(next(c for c in d.context if c.name == item).content)
-    out.print(plain(f"attached {item} ({size:,} characters) to dialogue {d.name!r}: every prompt "
-                    "of it sees it"))
+        d, loaded = svc.attach_source(a.name, path=a.path, package=a.package, url=a.url,
+                                      name=item_name)
+        item, summary = loaded.name, loaded.summary()
+    row = next(r for r in svc.context_status(d.id) if r["name"] == item)
+    tokens = f"{row['tokens']:,} tokens" if row["exact"] else f"~{row['tokens']:,} tokens (estimated)"
+    chars, _, rest = (summary or f"{row['chars']:,} characters").partition("; ")
+    out.print(plain(f"attached {item} ({chars}, {tokens}{'; ' + rest if rest else ''}) to dialogue "
+                    f"{d.name!r}: every prompt of it sees it"))
+
+
+def _list_attached(svc: DialogueService, a: argparse.Namespace) -> None:
+    rows = svc.context_status(a.name)
+    if a.json:
+        emit_json(rows)
+        return
+    if not rows:
+        out.print(plain("nothing attached"))
+        return
+    t = Table("item", "kind", "tokens", "cached", "source", box=None)
+    for r in rows:
+        cached = {True: "yes", False: "no", None: "-"}[r["cached"]]
+        t.add_row(plain(r["name"]), plain(r["kind"]),
+                  plain(f"{r['tokens']:,}" if r["exact"] else f"~{r['tokens']:,}"), cached,
+                  plain(r["source"]))
+    out.print(t)
 
 
 def cmd_detach(svc: DialogueService, a: argparse.Namespace) -> None:
@@ -189,10 +247,17 @@ def _args_new(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--output-limit", metavar="HEAD,TAIL,CHARS",
                     help="how much of a long code output the model sees: first and last lines and "
                          "at most CHARS characters (default 20,10,2000; 'off' sends it all)")
+    sp.add_argument("--folder", metavar="PATH",
+                    help="create it in this folder; it starts from the folder's template if it "
+                         "has one")
+    sp.add_argument("--no-template", action="store_true",
+                    help="start empty even where the folder has a template")
 
 
 def _args_list(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--trash", action="store_true", help="list trashed dialogues instead")
+    sp.add_argument("--folder", metavar="PATH",
+                    help="only the dialogues in this folder and the folders below it")
     sp.add_argument("--json", action="store_true")
 
 
@@ -227,9 +292,18 @@ def _args_search(sp: argparse.ArgumentParser) -> None:
 
 def _args_attach(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name")
-    sp.add_argument("path", metavar="PATH", help="a text file ('-' reads standard input, with --as)")
-    sp.add_argument("--as", dest="as_name", metavar="ITEM",
-                    help="the item's name (default: the file name); an item of that name is replaced")
+    sp.add_argument("path", metavar="PATH", nargs="?",
+                    help="a text file or a folder (its text files); '-' reads standard input, "
+                         "with --name")
+    sp.add_argument("--package", metavar="P",
+                    help="an installed package's documentation (README, llms.txt, docstrings)")
+    sp.add_argument("--url", metavar="U", help="a web page's text (http or https)")
+    sp.add_argument("--name", "--as", dest="as_name", metavar="ITEM",
+                    help="the item's name (default: the file, folder or package name, the URL's "
+                         "host and page); an item of that name is replaced")
+    sp.add_argument("--refresh", nargs="?", const="", metavar="ITEM",
+                    help="read the attached ITEM (default: every item with a source) again")
+    sp.add_argument("--json", action="store_true", help="with no source: the items as JSON")
 
 
 def _args_detach(sp: argparse.ArgumentParser) -> None:
@@ -254,7 +328,8 @@ COMMANDS = {
     "rename": (cmd_rename, "rename a dialogue", _args_rename),
     "search": (cmd_search, "full-text search across all dialogues", _args_search),
     "trash": (cmd_trash, "list what is in the trash", _args_trash),
-    "attach": (cmd_attach, "attach a text file as context every prompt of the dialogue sees",
+    "attach": (cmd_attach, "attach a file, folder, package's docs or web page as context every "
+                           "prompt of the dialogue sees; refresh or list attached items",
                _args_attach),
     "detach": (cmd_detach, "remove an attached context item", _args_detach),
 }

@@ -146,6 +146,9 @@ class LocalProvider:
     # Small local models loop more readily than they finish a long answer, and each token costs
     # tens of milliseconds on a CPU: a shorter default budget than the hosted models' 1,024.
     default_max_tokens = 512
+    # llama.cpp serves these models' text only (no vision projector is loaded): a note's or a
+    # prompt's image is refused before sending (runs), a code output's becomes IMAGE_NOTE
+    sees_images = False
 
     def __init__(self, model: str):
         self.name = model
@@ -162,14 +165,24 @@ class LocalProvider:
     def count_tokens(self, text: str) -> int | None:
         return self.runtime.count_tokens(text)
 
-    def load(self, on_progress: OnProgress | None = None) -> bool:
-        """Load the model now (in its process), reporting to `on_progress`; False if it was
-        loaded already. A prompt loads it anyway: this is for surfaces that show the wait."""
-        rt = self.runtime
-        if rt.alive:
-            return False
-        rt.start(on_progress)
-        return True
+    @property
+    def context_window(self) -> int:
+        """The model's context in tokens as it runs here: the service budgets requests by it
+        (older messages dropped, attached docs too large cut to their best chunks)."""
+        return self._runtime.n_ctx if self._runtime is not None else self._n_ctx
+
+    def cached_prefix(self, request: Request) -> tuple[Prompt, int | None]:
+        """The prompt `request` becomes (its tokens and turn boundaries, by the model's own
+        tokenizer and chat template) and how many of its leading tokens a prefix in the
+        persistent KV cache on disk holds; None when an adapter set is involved (its prefixes
+        are keyed apart and not looked up). Starts the model process if needed."""
+        from ..local.kvcache import KVCache
+        prompt = self.build(request)
+        status = self.runtime.status()
+        if request.meta.get("adapters") or status.get("adapters"):
+            return prompt, None
+        found = KVCache().find(status["cache_namespace"], prompt.tokens, prompt.boundaries)
+        return prompt, (found[0].n_tokens if found else 0)
 
     def build(self, request: Request) -> Prompt:
         """The exact prompt (text, tokens, cache boundaries) a request turns into."""

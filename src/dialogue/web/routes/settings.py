@@ -1,6 +1,7 @@
 """A dialogue's settings (name, model, system prompt), its attached context, and its kernel."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fasthtml.common import APIRouter, Div, HtmxResponseHeaders
@@ -84,6 +85,23 @@ async def context(did: str, req: Request) -> Any:
     base = opt_int(f.get("dversion"), "dversion")
     action = text(f.get("action")) or "add"
     name = (text(f.get("name")) or "").strip()
+    if action == "source":  # a path on the server, a package's docs or a URL, read there
+        given = {k: (text(f.get(k)) or "").strip() for k in ("path", "package", "url")}
+        if sum(bool(v) for v in given.values()) != 1:
+            return refuse("Give one of: a file or folder path, a package name, a URL.")
+        d, loaded = await asyncio.to_thread(
+            svc.attach_source, d.id, name=name or None, base_version=base,
+            **{k: v for k, v in given.items() if v})
+        return (*saved(s, d, "context")[:-1],
+                V.toast(f"Attached {loaded.name}: {loaded.summary()}", level="info"))
+    if action == "refresh":  # one item (`name`) or all of those with a source
+        d, report = await asyncio.to_thread(svc.refresh, d.id, name or None, base_version=base)
+        changed = [r["name"] for r in report if r.get("changed")]
+        failed = [f"{r['name']}: {r['error']}" for r in report if "error" in r]
+        note = (f"Refreshed: {', '.join(changed)} changed." if changed else "Refreshed: no changes.")
+        return (*saved(s, d, "context")[:-1],
+                V.toast(note + (" Not read: " + "; ".join(failed) if failed else ""),
+                        level="error" if failed else "info"))
     if not name:
         return refuse("An attached context item needs a name.")
     if action == "remove":
@@ -109,6 +127,15 @@ async def context(did: str, req: Request) -> Any:
         kind, source = old.kind, source or old.source
     d = svc.attach(d.id, name, content, kind=kind, source=source, base_version=base)
     return saved(s, d, "context")
+
+
+@rt(paths.context_status)
+async def context_status(did: str, req: Request) -> Any:
+    """The attached items' tokens and KV cache state: counted by the model's tokenizer, which
+    for a local model runs in its process (started if needed), so off the event loop."""
+    svc = site(req).service
+    d = svc.open(did, messages=False)
+    return V.context_status(d, await asyncio.to_thread(svc.context_status, d.id))
 
 
 @rt(paths.kernel)
