@@ -72,6 +72,9 @@ def test_golden_request():
         tools=[], max_tokens=1024, dropped=0,
         meta={"upto": "p2", "tokens": 84, "token_count": "estimate (~4 characters per token)",
               "refs": "", "ref_errors": [], "cut": [],
+              "mode": {"name": "standard", "chars": 0},
+              "context": [{"kind": "text", "name": "fastcore.L", "source": "https://fastcore.fast.ai",
+                           "tokens": 3}],
               "tokens_by_part": {"system": 3, "context": 22, "prompt": 4, "tools": 0},
               "turn_messages": [["n1", "c1", "p1"], ["p1"], ["c2", "p2"]],
               "messages": [

@@ -167,6 +167,7 @@ class Dialogue:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     deleted: float | None = None
+    folder: str = ""  # the id of the folder it lives in ("" at the top level)
 
     def index(self, msg_id: str) -> int:
         for i, m in enumerate(self.messages):
@@ -182,6 +183,7 @@ class Dialogue:
         return self.messages[: self.index(msg_id)]
 
     def settings(self) -> dict[str, Any]:
-        """The dialogue-level versioned state."""
+        """The dialogue-level versioned state (a move between folders is a version too)."""
         return {"name": self.name, "model": self.model, "system": self.system,
-                "context": [c.to_dict() for c in self.context], "meta": self.meta}
+                "context": [c.to_dict() for c in self.context], "meta": self.meta,
+                "folder": self.folder}
