@@ -31,6 +31,7 @@ ONLY: list[tuple[str, set[str]]] = [
     # cli/serve.py starts the web app; dialogue.config (settings from env and file) is a leaf
     ("dialogue.cli", SURFACE_BASE | {"dialogue.terminal", "dialogue.web", "dialogue.config"}),
     ("dialogue.api", SURFACE_BASE),
+    ("dialogue.here", SURFACE_BASE),  # runs in a dialogue's kernel, through its own service
     ("dialogue.web", SURFACE_BASE),
 ]
 
@@ -155,7 +156,7 @@ def test_no_import_cycles_between_packages():
 
 
 # the surfaces (and the package's own __init__, which offers the Python API) are above the service
-ABOVE_SERVICE = {"dialogue.cli", "dialogue.web", "dialogue.api", "dialogue"}
+ABOVE_SERVICE = {"dialogue.cli", "dialogue.web", "dialogue.api", "dialogue.here", "dialogue"}
 
 
 def test_nothing_below_the_service_imports_it():

@@ -326,7 +326,11 @@ def test_migration_from_schema_3_indexes_history_and_reads_its_full_snapshots(tm
     assert "SEARCH versions USING" in plan and "SCAN versions" not in plan
     assert [v.state for v in s.history("m1")] == [full]
     assert [v.state for v in s.history("d1")] == [settings]
-    assert s._x("SELECT * FROM versions ORDER BY n") == before  # copied as it was
+    cols = "n, dialogue_id, message_id, version, op, at, state"
+    assert s._x(f"SELECT {cols} FROM versions ORDER BY n") == before  # copied as it was
+    # authorship came later (schema 7): old rows have none recorded and read as the user's
+    assert s._x("SELECT DISTINCT author, cause FROM versions") == [("", "")]
+    assert [v.author for v in s.history("m1")] == ["user"]
     with pytest.raises(Exception, match="append-only"):
         s._x("DELETE FROM versions")
     m = s.update_message("m1", base_version=1, source="hi there")  # a new, compact version

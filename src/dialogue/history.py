@@ -21,7 +21,7 @@ from typing import Any
 
 from .document import Kind
 
-__all__ = ["Step", "steps", "source_diff", "belonging_state", "RESULT_OPS", "STATE_OF_A_RUN",
+__all__ = ["Step", "steps", "source_diff", "belonging_state", "who", "RESULT_OPS", "STATE_OF_A_RUN",
            "RUN_META"]
 
 # the ops that end a run: the version they write holds what a run of its source produced
@@ -92,18 +92,24 @@ class Step:
         return "error" if (st.get("meta") or {}).get("error") else "ok"
 
     def summary(self) -> str:
-        """What happened in the step, in words: "edited · ran: ok", "created", "restored v3"."""
-        words: list[str] = []
-        for op in self.ops:
+        """What happened in the step, in words: "edited · ran: ok", "created", "restored v3";
+        a change the model or a kernel script made names it: "edited by model, in answer
+        3f2a91c0"."""
+        words: list[tuple[str, str]] = []  # (what happened, by whom: "" for the user's own)
+        for v in self.versions:
+            op = v.op
             w = _OP_WORDS.get(op) or (f"restored v{op.split(':', 1)[1]}" if op.startswith(
                 "restore:") else op)
             if op in RESULT_OPS:
                 w = f"{w}: {self.status}" if self.status else w
-            if not words or words[-1] != w:
-                words.append(w)
-        if "ran" in words and any(w.startswith(("ran:", "cut off:")) for w in words):
-            words.remove("ran")  # "ran · ran: ok" reads as "ran: ok"
-        return " · ".join(words)
+            by = who(v) if getattr(v, "author", "user") in _CAUSED else ""
+            if not words or words[-1] != (w, by):
+                words.append((w, by))
+        ran = [x for x in words if x[0] == "ran"]
+        for x in ran:  # "ran · ran: ok" reads as "ran: ok"
+            if any(w.startswith(("ran:", "cut off:")) and by == x[1] for w, by in words):
+                words.remove(x)
+        return " · ".join(f"{w} by {by}" if by else w for w, by in words)
 
     def versions_text(self) -> str:
         return f"v{self.first}" if self.first == self.last else f"v{self.first}–v{self.last}"
@@ -113,6 +119,18 @@ _OP_WORDS = {"create": "created", "edit": "edited", "run": "ran", "result": "ran
              "recovered": "cut off", "flags": "flags", "delete": "deleted",
              "restore": "restored from the trash", "merge": "merged", "split": "split",
              "import": "imported", "fork": "forked"}
+
+
+# the authors that act for a message of the dialogue (an answer, a cell), named with it
+_CAUSED = {"model": "answer", "kernel": "cell"}
+
+
+def who(v: Any) -> str:
+    """Who made version `v` (a store.Version), in words: "user", "restore", "model, in answer
+    3f2a91c0", "kernel, in cell 8d01bb2e"."""
+    author = getattr(v, "author", "user") or "user"
+    cause = getattr(v, "cause", "")
+    return f"{author}, in {_CAUSED[author]} {cause}" if author in _CAUSED and cause else author
 
 
 def _key(state: dict[str, Any]) -> tuple[str, str]:

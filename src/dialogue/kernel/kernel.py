@@ -425,20 +425,26 @@ class Kernel:
     # ------------------------------------------------------------ running code
 
     def execute(self, code: str, *, timeout: float | None = None,
-                allow_stdin: bool = False) -> "Execution":
+                allow_stdin: bool = False, cell_id: str | None = None) -> "Execution":
         """Run `code` as a cell. Iterate the result for outputs as they arrive; await it for the
         RunResult. The run proceeds whether or not anyone iterates.
 
         With `allow_stdin`, `input()` and `getpass()` in the cell ask: the iteration yields
         ``{"output_type": "input_request", "prompt", "password"}`` and the cell waits until
         `Execution.reply` answers (or it is interrupted). Without, they raise
-        StdinNotImplementedError in the cell."""
+        StdinNotImplementedError in the cell.
+
+        `cell_id` goes in the request's metadata as "cellId" (the Jupyter convention; ipykernel
+        passes it on to IPython): code in the cell reads it with
+        `get_ipython().kernel.get_parent()["metadata"]["cellId"]` (`dialogue.here` does, to name
+        the cell that made a change)."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         ex = Execution(self)
         ex.allow_stdin = allow_stdin
+        ex.cell_id = cell_id
         task = asyncio.get_running_loop().create_task(self._execute(code, timeout, ex))
         ex._task = task
         return ex
@@ -481,8 +487,16 @@ class Kernel:
             await self._start_locked()
         kc, proc, tree = self._kc, self._proc, self._tree
         outs = OutputCap(self.output_cap)
-        msg_id = kc.execute(code, store_history=True, allow_stdin=ex.allow_stdin,
-                            stop_on_error=False)
+        if ex.cell_id:  # KernelClient.execute sends no metadata: the same request, with it
+            msg = kc.session.msg("execute_request", {
+                "code": code, "silent": False, "store_history": True, "user_expressions": {},
+                "allow_stdin": ex.allow_stdin, "stop_on_error": False},
+                metadata={"cellId": ex.cell_id})
+            kc.shell_channel.send(msg)
+            msg_id = msg["header"]["msg_id"]
+        else:
+            msg_id = kc.execute(code, store_history=True, allow_stdin=ex.allow_stdin,
+                                stop_on_error=False)
         self._current_msg = ex.msg_id = msg_id
         poller = None
         if ex.allow_stdin:  # wait on the outputs and on the kernel's questions at once
@@ -767,6 +781,7 @@ class Execution:
         self.result: RunResult | None = None
         self.msg_id: str | None = None  # set once the code is sent to the kernel
         self.allow_stdin = False
+        self.cell_id: str | None = None  # the message this run is (the request's "cellId")
         self._pending: dict[str, Any] | None = None  # the kernel's unanswered question
         self._echo: list[dict[str, Any]] = []  # answers to show in the output, in order
         self._queue: asyncio.Queue = asyncio.Queue()
