@@ -25,6 +25,7 @@ from .trust import import_record
 from . import images as _images
 from .images import ImageError
 from .approvals import ApprovalError, describe_call
+from .sent import entry_words
 
 if TYPE_CHECKING:
     from .kernel import Kernel, KernelPool
@@ -38,7 +39,8 @@ __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "An
            "ConflictError", "NameTakenError", "NotFoundError", "StoreError", "ProviderError",
            "HIT_START", "HIT_END", "SearchHit", "TrashItem", "Version", "ModelInfo", "Progress",
            "TextDelta", "Usage", "default_db_path", "Step", "OnProgress", "ImageError",
-           "Folder", "MODES", "ModeError", "mode_of", "is_edited", "ApprovalError", "describe_call"]
+           "Folder", "MODES", "ModeError", "mode_of", "is_edited", "ApprovalError", "describe_call",
+           "entry_words"]
 
 DEFAULT_MODEL = "local:default"
 

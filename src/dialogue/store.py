@@ -402,6 +402,7 @@ _json_string = json.encoder.encode_basestring
 
 
 _REQUEST_BLOB_MIN = 256  # a request record's text at least this long is stored once, by hash
+_CHAINED = ("turns", "messages")  # a request record's lists that the next request extends
 
 
 def _texts_out(obj: Any, put: Callable[[str], dict[str, str]]) -> Any:
@@ -1861,23 +1862,48 @@ class Store:
     # ------------------------------------------------------------ what was sent
 
     def save_request(self, msg_id: str, version: int, record: dict[str, Any]) -> None:
-        """Keep the request answer `version` of message `msg_id` was sent with. Every string of
-        at least `_REQUEST_BLOB_MIN` characters under a "text" key is stored once in `blobs` by
-        its hash (the turns a dialogue's earlier prompts sent repeat in every later request)."""
+        """Keep the request answer `version` of message `msg_id` was sent with.
+
+        A dialogue's requests grow by appending: the next prompt sends every turn the last one
+        sent, then the answer and itself. So the record's `turns` and `messages` lists are
+        stored as chains in `blobs`, one node per item ({"prev": the node before, "item"}) keyed
+        by its hash, and the record holds the last node's hash: a later request shares every node
+        of the prefix it repeats and adds only its new ones (bench/request_bench.py: the cost per
+        answer stays flat however long the dialogue, where one JSON per request grows with it).
+        Every string of at least `_REQUEST_BLOB_MIN` characters under a "text" key is a blob of
+        its own too, so a turn edited and sent again still shares its unchanged texts."""
         def put(text: str) -> dict[str, str]:
             h = hashlib.sha256(text.encode()).hexdigest()
             self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, text))
             return {"$blob": h}
 
+        def chain(items: list[Any]) -> str:
+            nodes, prev = [], ""
+            for item in items:
+                node = _dumps({"prev": prev, "item": _texts_out(item, put)})
+                prev = hashlib.sha256(node.encode()).hexdigest()
+                nodes.append((prev, node))
+            # a chain's nodes are written in order, so a stored node has its prefix stored too:
+            # only the nodes after the last one stored are new
+            i = len(nodes)
+            while i and self._one("SELECT 1 FROM blobs WHERE hash = ?", (nodes[i - 1][0],)) is None:
+                i -= 1
+            for h, node in nodes[i:]:
+                self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, node))
+            return prev
+
         with self.tx():
+            rec = _texts_out({k: v for k, v in record.items() if k not in _CHAINED}, put)
+            for k in _CHAINED:
+                if isinstance(record.get(k), list):
+                    rec[k] = {"$chain": chain(record[k])}
             self._x("INSERT OR REPLACE INTO requests(message_id, version, at, record) "
                     "VALUES (?, ?, ?, ?)",
-                    (msg_id, int(version), float(record.get("at") or time.time()),
-                     _dumps(_texts_out(record, put))))
+                    (msg_id, int(version), float(record.get("at") or time.time()), _dumps(rec)))
 
     def request_record(self, msg_id: str, version: int | None = None) -> dict[str, Any] | None:
-        """The request kept for answer `version` of `msg_id` (the latest one kept when None), its
-        texts read back from `blobs`; None when none was kept (an answer from before requests were
+        """The request kept for answer `version` of `msg_id` (the latest one kept when None), read
+        back whole from `blobs`; None when none was kept (an answer from before requests were
         recorded, an imported one, or one whose request was never built)."""
         if version is None:
             row = self._one("SELECT version, record FROM requests WHERE message_id = ? "
@@ -1891,11 +1917,20 @@ class Store:
         def get(h: str) -> str:
             got = self._one("SELECT data FROM blobs WHERE hash = ?", (h,))
             if got is None:
-                raise DamagedError(f"{self.path}: the request of message {msg_id} names a text "
+                raise DamagedError(f"{self.path}: the request of message {msg_id} names a part "
                                    "that is not in the database")
             return got[0]
 
-        return {**_texts_in(json.loads(row[1]), get), "answer_version": row[0]}
+        rec = _texts_in(json.loads(row[1]), get)
+        for k in _CHAINED:
+            if isinstance(rec.get(k), dict) and "$chain" in rec[k]:
+                items, h = [], rec[k]["$chain"]
+                while h:
+                    node = json.loads(get(h))
+                    items.append(_texts_in(node["item"], get))
+                    h = node["prev"]
+                rec[k] = items[::-1]
+        return {**rec, "answer_version": row[0]}
 
     def history(self, msg_id: str) -> list[Version]:
         """Every version of a message, oldest first (a dialogue id lists the dialogue's own

@@ -128,6 +128,40 @@
 
   function sourceArea(cell) { return cell.querySelector(".src textarea.editor"); }
 
+  // A prompt's estimate of what it would send (routes/requests.py): asked for when its editor
+  // opens and when typing pauses (ESTIMATE_IDLE ms after the last change), never per key; a
+  // reply to older text than the latest asked for is dropped.
+  var ESTIMATE_IDLE = 800;
+
+  function estimateSoon(cell, delay) {
+    var box = cell && cell.querySelector(".estimate");
+    if (!box) return;
+    clearTimeout(box._timer);
+    box._timer = setTimeout(function () { estimate(cell, box); }, delay === undefined ? ESTIMATE_IDLE : delay);
+  }
+
+  function estimate(cell, box) {
+    var ta = sourceArea(cell);
+    if (!ta || !cell.dataset.url || !document.body.contains(box)) return;
+    if (ta._cm) ta._cm.save();
+    var body = new FormData();
+    body.append("source", ta.value);
+    var seq = (box._seq || 0) + 1;
+    box._seq = seq;
+    box.classList.add("pending");
+    fetch(cell.dataset.url + "/estimate", { method: "POST", body: body, credentials: "same-origin",
+                                            headers: { "HX-Request": "true" } })
+      .then(function (r) { return r.json(); })
+      .then(function (res) {
+        if (seq !== box._seq) return;
+        box.classList.remove("pending");
+        box.classList.toggle("error", !!res.error);
+        box.textContent = res.error ? "Cannot estimate: " + res.error : res.label;
+      }, function () {
+        if (seq === box._seq) { box.classList.remove("pending"); box.textContent = ""; }
+      });
+  }
+
   function ensureEditor(ta, cell) {
     if (ta._cm) return ta._cm;
     if (!window.CodeMirror) return null; // the plain textarea still works
@@ -153,7 +187,7 @@
       mode: mode, indentUnit: 4, lineWrapping: mode !== "python", matchBrackets: true,
       viewportMargin: Infinity, extraKeys: keys, autofocus: false
     });
-    cm.on("change", function () { cm.save(); });
+    cm.on("change", function () { cm.save(); if (!isAnswer) estimateSoon(cell); });
     ta._cm = cm;
     return cm;
   }
@@ -174,6 +208,7 @@
     var ta = sourceArea(cell);
     if (!ta) return;
     var cm = ensureEditor(ta, cell);
+    estimateSoon(cell, 0);
     if (cm) {
       cm.refresh();
       cm.focus();
@@ -732,6 +767,9 @@
     document.addEventListener("click", onClick);
     document.addEventListener("dblclick", onDblClick);
     document.addEventListener("mousedown", onMouseDown, true);
+    document.addEventListener("input", function (e) { // the plain textarea, without CodeMirror
+      if (e.target.matches && e.target.matches(".src textarea.editor")) estimateSoon(cellOf(e.target));
+    });
     document.body.addEventListener("dlgMoved", onMoved);
     document.body.addEventListener("htmx:beforeRequest", onBeforeRequest);
     document.body.addEventListener("htmx:configRequest", onConfigRequest);

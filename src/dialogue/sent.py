@@ -1,0 +1,210 @@
+"""What was sent: the exact request behind an answer, recorded when it is sent, and the estimate a
+prompt cell shows before it is.
+
+`record(request, provider)` turns a `llm.base.Request` (as `context.build` made it and the run
+sent it) into a plain JSON record: the system prompt, the attached context and the entries other
+parts of the builder list in `request.meta["context"]` (folder notes, attached docs, retrieved
+chunks: whatever is there, shown as given), every turn as the model saw it with the messages it
+was made of, what was hidden, shortened (each message's `cut`, from `meta["messages"]`; the
+same figures as `meta["cut"]`) or dropped for the budget and why, the
+tools offered, the prompt-cache breakpoints, token counts per part, model and max_tokens.
+
+Recorded, not rebuilt: a request depends on more than the stored dialogue (the values of
+$`x` and !`cmd` at the time, the kernel's tool signatures, the model's budget, the builder's own
+rules as they were that day), so rebuilding an old answer's request would show today's request,
+not the one sent. The store keeps each record once per answer version (`Store.save_request`), and
+long texts in it are stored once by content hash in the store's `blobs`: the turns that earlier
+prompts of a dialogue already sent repeat from one request to the next, so a long dialogue's
+records cost a hash per repeated turn, not the turn again (bench/request_bench.py measures it).
+Images are recorded by type and size, not their bytes: those stay in the message they came from.
+
+`estimate(...)` is the count a prompt cell shows before sending: the tokens of the request it
+would send now and how many of them are likely cached, with a label saying how that was decided
+(the local model's disk KV prefix cache, Claude's prompt cache as the last answer left it, or
+nothing known).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from typing import Any, Callable, Sequence
+
+from .llm.base import Request, Turn
+
+__all__ = ["record", "cache_plan", "estimate", "entry_words", "RECORD_VERSION", "CLAUDE_CACHE_TTL"]
+
+RECORD_VERSION = 1
+CLAUDE_CACHE_TTL = 300.0
+"""Seconds an Anthropic `ephemeral` cache entry lives after its last use (the API's default)."""
+
+
+def _part(p: Any) -> dict[str, Any]:
+    if p.type == "image":
+        try:
+            size = len(base64.b64decode(p.data, validate=False))
+        except ValueError:
+            size = len(p.data) * 3 // 4
+        return {"type": "image", "mime": p.mime, "bytes": size}
+    return {"type": "text", "text": p.text}
+
+
+def _turn(t: Turn, i: int, ids: Sequence[Sequence[str]]) -> dict[str, Any]:
+    # no cache mark here: a breakpoint moves on with each prompt, the turn stays what it was
+    # (so the next request's record repeats it, and the store keeps it once)
+    out: dict[str, Any] = {"role": t.role, "parts": [_part(p) for p in t.parts()],
+                           "messages": list(ids[i]) if i < len(ids) else []}
+    if t.tool_call_id:
+        out.update(tool_call_id=t.tool_call_id, name=t.name)
+    if t.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in t.tool_calls]
+    return out
+
+
+def entry_words(entry: dict[str, Any]) -> str:
+    """What became of a message in a request, in the words the CLI and the page both show:
+    the prompt, why it was left out, or what of its output was cut."""
+    if entry.get("prompt"):
+        return "the prompt"
+    why = str(entry.get("reason") or "")
+    c = entry.get("cut")
+    if c:
+        why = (f"output shortened: {c['cut_lines']:,} of {c['lines']:,} lines "
+               f"({c['cut_chars']:,} characters) cut")
+    return "; ".join(x for x in ("pinned" if entry.get("pinned") else "", why) if x)
+
+
+def cache_plan(request: Request, provider: Any = None) -> dict[str, Any]:
+    """Where the request's prompt cache applies. Claude: the `cache_control` breakpoints exactly
+    as the Anthropic adapter placed them in the body it sends (read back from `build_body`, not
+    guessed). A local model: llama.cpp's prefix KV cache, saved to disk at turn boundaries. Others
+    (OpenAI and compatible servers): the provider's own automatic prefix cache, no breakpoints."""
+    model = request.model
+    if model.startswith("local:"):
+        return {"kind": "local", "about": "llama.cpp prefix KV cache, kept on disk at turn "
+                                          "boundaries: any prefix read before is not read again",
+                "breakpoints": []}
+    build_body = getattr(provider, "build_body", None)
+    if model.startswith("claude-") and callable(build_body):
+        try:
+            body = build_body(request)
+        except ValueError as e:
+            return {"kind": "anthropic", "about": f"breakpoints unknown: {e}", "breakpoints": []}
+        marks: list[dict[str, Any]] = []
+        if any("cache_control" in b for b in body.get("system") or []):
+            marks.append({"at": "system", "about": "after the system prompt and attached context"})
+        one_to_one = len(body["messages"]) == len(request.messages) + bool(request.prefill.rstrip())
+        for j, m in enumerate(body["messages"]):
+            blocks = m["content"] if isinstance(m["content"], list) else []
+            if any("cache_control" in b for b in blocks):
+                marks.append({"at": "turn", "turn": j} if one_to_one else {"at": "message", "message": j})
+        return {"kind": "anthropic", "about": "Claude prompt-cache breakpoints (cache_control, "
+                                              "ephemeral: 5 minutes)", "breakpoints": marks}
+    return {"kind": "automatic", "about": "the provider's automatic prefix cache (no breakpoints "
+                                          "to place)", "breakpoints": []}
+
+
+def record(request: Request, provider: Any = None, *, at: float | None = None) -> dict[str, Any]:
+    """The JSON record of `request` as sent (see the module's docstring)."""
+    meta = request.meta
+    plan = cache_plan(request, provider)
+    turn_marks = {b["turn"] for b in plan["breakpoints"] if b.get("at") == "turn"}
+    if plan["kind"] != "anthropic":
+        # the builder's own mark (the end of the part the next prompt shares)
+        turn_marks = {i for i, t in enumerate(request.messages) if t.cache}
+    plan["turns"] = sorted(turn_marks)  # the turns a breakpoint follows (0-based)
+    by_part = dict(meta.get("tokens_by_part") or {})
+    ids = meta.get("turn_messages") or []
+    return {
+        "v": RECORD_VERSION,
+        "at": time.time() if at is None else at,
+        "model": request.model,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "stop": list(request.stop),
+        "prefill": request.prefill,
+        "tokens": meta.get("tokens"),
+        "token_count": meta.get("token_count", ""),
+        "system": {"text": request.system, "tokens": by_part.get("system")},
+        "context": {"text": request.context, "tokens": by_part.get("context"),
+                    "entries": [dict(e) for e in meta.get("context") or [] if isinstance(e, dict)]},
+        "tools": [{"name": t.name, "description": t.description, "parameters": t.parameters}
+                  for t in request.tools],
+        "tools_tokens": by_part.get("tools"),
+        "prompt_tokens": by_part.get("prompt"),
+        "turns": [_turn(t, i, ids) for i, t in enumerate(request.messages)],
+        "messages": [dict(e) for e in meta.get("messages") or []],
+        "dropped": request.dropped,
+        "ref_errors": list(meta.get("ref_errors") or []),
+        "adapters": dict(meta.get("adapters") or {}),
+        "cache": plan,
+    }
+
+
+def _digest(rec: dict[str, Any], upto: int) -> str:
+    """A hash of the part of a record a prompt cache keys on: tools, system, context and the
+    first `upto` turns."""
+    h = hashlib.sha256()
+    turns = [(t["role"], t["parts"]) for t in rec["turns"][:upto]]  # not its breakpoint marks
+    for x in (rec.get("tools"), rec["system"]["text"], rec["context"]["text"], turns):
+        h.update(repr(x).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def estimate(request: Request, *, provider: Any = None, previous: dict[str, Any] | None = None,
+             previous_usage: dict[str, Any] | None = None,
+             local_cached: Callable[[Request], tuple[int | None, int | None, str]] | None = None,
+             unresolved: int = 0, now: float | None = None) -> dict[str, Any]:
+    """What a prompt would send now: {"tokens", "exact", "cached", "cached_label", "label"}.
+
+    `previous` is the record of the last answer above the prompt in the same dialogue (None when
+    there is none) and `previous_usage` its stored usage: for Claude, the prefix that answer sent
+    is in the prompt cache when it used the cache (it read or wrote some), is younger than
+    `CLAUDE_CACHE_TTL`, and this request starts with exactly what it sent (same tools, system,
+    context and turns). `local_cached(request)` -> (tokens by the model's tokenizer or None,
+    cached tokens or None, label) asks the local model's disk KV cache. `unresolved`: references
+    whose values are only known when the prompt is sent (not counted)."""
+    now = time.time() if now is None else now
+    tokens = int(request.meta.get("tokens") or 0)
+    exact = request.meta.get("token_count") == "tokenizer"
+    cached: int | None = 0
+    label = "no prompt cache"
+    model = request.model
+    if model.startswith("local:"):
+        if local_cached is None:
+            cached, label = None, "cached: unknown until the model is loaded"
+        else:
+            n, cached, label = local_cached(request)
+            if n is not None:
+                tokens, exact = n, True
+    elif model.startswith("claude-"):
+        cached, label = _claude_cached(request, provider, previous, previous_usage, now)
+    else:
+        cached, label = None, "cached: decided by the provider's automatic prefix cache"
+    if cached is not None:
+        cached = min(cached, tokens)  # Claude's count of the prefix against our estimate of the whole
+    words = f"{'' if exact else '~'}{tokens:,} tokens to send"
+    if unresolved:
+        words += f" (+ the values of {unresolved} reference{'s' if unresolved != 1 else ''})"
+    if cached is not None:
+        words += f" · {'' if exact else '~'}{cached:,} cached"
+    return {"tokens": tokens, "exact": exact, "cached": cached, "cached_label": label,
+            "label": f"{words} ({label})", "dropped": request.dropped, "model": model}
+
+
+def _claude_cached(request: Request, provider: Any, previous: dict[str, Any] | None,
+                   usage: dict[str, Any] | None, now: float) -> tuple[int, str]:
+    if previous is None or not usage:
+        return 0, "no earlier answer in this dialogue wrote Claude's prompt cache"
+    if not (usage.get("cache_read") or usage.get("cache_write")):
+        return 0, "the last answer did not use Claude's prompt cache"
+    age = now - float(previous.get("at") or 0)
+    if age > CLAUDE_CACHE_TTL:
+        return 0, f"Claude's prompt cache from the last answer has expired ({round(age / 60)} min ago; it lasts 5)"
+    current = record(request, provider, at=now)
+    k = len(previous["turns"])
+    if k > len(current["turns"]) or _digest(previous, k) != _digest(current, k):
+        return 0, "the dialogue changed above the last answer: Claude's prompt cache will not match"
+    n = int(usage.get("input") or 0) + int(usage.get("cache_read") or 0) + int(usage.get("cache_write") or 0)
+    return n, f"Claude's prompt cache, written by the last answer {round(age)} s ago; it lasts 5 min"

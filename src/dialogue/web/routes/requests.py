@@ -1,0 +1,119 @@
+"""What was sent: the panel on an answer listing the exact request it was sent with (opened by
+its "Request" toggle, fetched only then), and the estimate a prompt's editor shows before
+sending (fetched by app.js when the editor opens and when typing pauses).
+
+Every text in the panel (the system prompt, context, each turn, tool descriptions, reasons) is
+model or user text: it goes in as FT children, which escape it, never as markup."""
+from __future__ import annotations
+
+from typing import Any
+
+from fasthtml.common import (APIRouter, Code, Details, Div, Li, Pre, Small, Span, Strong, Summary,
+                             Table, Tbody, Td, Th, Thead, Tr, Ul)
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ...service import NotFoundError, entry_words
+from .. import paths
+from ..common import form, site, text
+
+rt = APIRouter()
+
+
+def _n(v: Any) -> str:
+    return "" if v is None else f"{v:,}"
+
+
+def _flag(word: str, why: str = "") -> Any:
+    return Span(word, cls="rq-flag", title=why or None)
+
+
+def _text_part(p: dict[str, Any]) -> Any:
+    if p["type"] == "text":
+        return Pre(p["text"], cls="rq-text")
+    return Small(f"[image {p['mime']}, {p['bytes']:,} bytes]", cls="rq-image")
+
+
+def _breakpoints(rec: dict[str, Any]) -> tuple[bool, str]:
+    plan = rec.get("cache") or {}
+    system = any(b.get("at") == "system" for b in plan.get("breakpoints", []))
+    return system, str(plan.get("about") or "")
+
+
+def panel(rec: dict[str, Any]) -> Any:
+    """The request as a table of its parts (tokens and flags), each part's text one click away,
+    then every message up to the prompt and what became of it."""
+    system_mark, cache_about = _breakpoints(rec)
+    head = Div(Strong(rec["model"]), f" · max_tokens {rec['max_tokens']:,} · ",
+               Span(f"{_n(rec.get('tokens'))} tokens in", title=str(rec.get("token_count") or "")),
+               f" ({rec.get('token_count', '')}) · answer version {rec['answer_version']}",
+               Div(Small(f"cache: {cache_about}")), cls="rq-head")
+    rows: list[Any] = []
+
+    def row(part: str, tokens: Any, flags: list[Any], body: Any) -> None:
+        rows.append(Tr(Td(part), Td(_n(tokens), cls="num"), Td(*flags),
+                       Td(Details(Summary("show"), body) if body is not None else "")))
+
+    row("system prompt", rec["system"].get("tokens"),
+        [_flag("cache breakpoint", "Claude caches everything up to here")] if system_mark else [],
+        Pre(rec["system"]["text"], cls="rq-text"))
+    ctx = rec["context"]
+    for e in ctx.get("entries") or []:
+        row(f"context: {e.get('kind', '')} {e.get('name', '')}".strip(), e.get("tokens"),
+            [_flag(str(e["flag"]))] if e.get("flag") else [], None)
+    if ctx.get("text"):
+        row("context (as sent)", ctx.get("tokens"), [], Pre(ctx["text"], cls="rq-text"))
+    if rec["tools"]:
+        row(f"tools: {', '.join(t['name'] for t in rec['tools'])}", rec.get("tools_tokens"), [],
+            Ul(*[Li(Code(t["name"]), " ", t.get("description") or "") for t in rec["tools"]]))
+    else:
+        row("tools", 0, [_flag("none offered")], None)
+    ids = {e["id"]: e for e in rec["messages"]}
+    marked = set((rec.get("cache") or {}).get("turns") or [])
+    for i, turn in enumerate(rec["turns"], 1):
+        ms = turn.get("messages") or []
+        tokens = sum(int(ids[x].get("tokens") or 0) for x in ms if x in ids) \
+            if turn["role"] == "user" else None
+        flags = [_flag("cache breakpoint", "cached up to the end of this turn")] if i - 1 in marked else []
+        row(f"turn {i}: {turn['role']} ({', '.join(ms) or '-'})", tokens, flags,
+            Div(*[_text_part(p) for p in turn["parts"]]))
+    if rec.get("prefill"):
+        row("prefill", None, [], Pre(rec["prefill"], cls="rq-text"))
+    parts = Table(Thead(Tr(Th("part"), Th("tokens"), Th("flags"), Th(""))), Tbody(*rows), cls="rq-parts")
+
+    mrows = []
+    for e in rec["messages"]:
+        flags = [_flag(e["status"])] + ([_flag("pinned")] if e.get("pinned") else []) + \
+                ([_flag("cut")] if e.get("cut") else [])
+        mrows.append(Tr(Td(Code(e["id"])), Td(e["kind"]), Td(*flags), Td(_n(e.get("tokens")), cls="num"),
+                        Td(entry_words(e)), cls=f"rq-{e['status']}"))
+    msgs = Table(Thead(Tr(Th("message"), Th("kind"), Th("status"), Th("tokens"), Th("why"))),
+                 Tbody(*mrows), cls="rq-messages")
+    notes = []
+    if rec.get("dropped"):
+        notes.append(Small(f"{rec['dropped']} earlier message(s) dropped to fit the token budget"))
+    for err in rec.get("ref_errors") or []:
+        notes.append(Small(f"reference failed: {err}", cls="warn"))
+    return Div(head, parts, msgs, *notes, cls="rq-panel")
+
+
+@rt(paths.request_panel)
+async def request_panel(did: str, mid: str, req: Request) -> Any:
+    svc = site(req).service
+    try:
+        rec = svc.sent_request(did, mid)
+    except NotFoundError as e:
+        return Div(Small(str(e)), cls="rq-panel rq-none")
+    return panel(rec)
+
+
+@rt(paths.estimate, methods=["post"])
+async def estimate(did: str, mid: str, req: Request) -> Any:
+    """{"label", "tokens", "cached", ...} or {"error"} as JSON (app.js writes it as text)."""
+    f = await form(req)
+    svc = site(req).service
+    try:
+        est = await svc.estimate(did, mid, source=text(f.get("source")))
+    except NotFoundError as e:
+        est = {"error": str(e)}
+    return JSONResponse(est)
