@@ -303,3 +303,70 @@ async def test_an_imported_notebook_cannot_configure_or_enable_a_server(svc, mcp
     from dialogue.artifacts import to_ipynb_bytes
     out = to_ipynb_bytes(svc.for_notebook(svc.open(d.id))).decode()
     assert "Bearer secret" not in out and "127.0.0.1:9" not in out, out
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_the_cli_lists_servers_and_tools_and_enables_them(tmp_path, mcp_file):
+    import os
+    path = mcp_file({"calc": stdio(), "gone": {"command": "/nonexistent/mcp-server"}})
+    env = {**os.environ, "DIALOGUE_DB": str(tmp_path / "cli.db"), "COLUMNS": "200",
+           "DIALOGUE_CONFIG": str(tmp_path / "config.toml"), "DIALOGUE_MCP_CONFIG": str(path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dialogue.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=180)
+    assert cli("new", "d").returncode == 0
+    got = cli("mcp", "list")
+    assert got.returncode == 0, got.stderr
+    assert "calc (global, stdio:" in got.stdout and "8 tools" in got.stdout
+    assert "calc__add" in got.stdout and "Add two whole numbers." in got.stdout
+    assert "gone (global, stdio: /nonexistent/mcp-server): cannot start" in got.stdout
+    assert f"global servers: {path}" in got.stdout
+    got = cli("mcp", "enable", "d", "calc")
+    assert got.returncode == 0 and "uses MCP servers: calc" in got.stdout
+    got = cli("mcp", "enable", "d", "zz")
+    assert got.returncode == 1 and "'zz', configured nowhere" in got.stderr
+    got = cli("mcp", "add", "d", "own", "--command", sys.executable, f"--arg={SERVER}",
+              "--env", "SECRET_WORD=x")
+    assert got.returncode == 0 and "uses MCP servers: calc, own" in got.stdout, got.stderr
+    got = cli("mcp", "list", "own", "--dialogue", "d", "--json")
+    data = json.loads(got.stdout)
+    assert [s["name"] for s in data["servers"]] == ["own"]
+    assert data["servers"][0]["origin"] == "dialogue" and data["servers"][0]["enabled"]
+    assert "own__echo" in [t["offered_as"] for t in data["servers"][0]["tools"]]
+    assert cli("mcp", "disable", "d", "calc", "own").stdout.strip().endswith("servers: none")
+    got = cli("mcp", "add", "d", "both", "--command", "x", "--url", "http://h")
+    assert got.returncode == 1 and "give --command" in got.stderr
+    # the servers a command started ended with it
+    left = subprocess.run(["pgrep", "-af", SERVER], capture_output=True, text=True).stdout
+    assert [ln for ln in left.splitlines() if "--http" not in ln] == []
+
+
+# ---------------------------------------------------------------- the Python API
+
+def test_python_api_configures_lists_and_uses_mcp_tools(tmp_path, mcp_file, monkeypatch):
+    from dialogue import Dialogue as Handle
+    from dialogue import api
+    mcp_file({"calc": stdio()})
+    h = Handle.create("api-mcp", db=tmp_path / "api.db", model="claude-sonnet-4-5")
+    try:
+        assert [(s["name"], s["enabled"]) for s in h.mcp] == [("calc", False)]
+        h.enable_mcp("calc")
+        h.add_mcp("own", stdio(), enable=False)
+        assert {s["name"]: s["enabled"] for s in h.mcp} == {"calc": True, "own": False}
+        listed = {s["name"]: s for s in h.mcp_tools("calc")}
+        assert "calc__add" in [t["offered_as"] for t in listed["calc"]["tools"]]
+        with ReplayServer() as srv:
+            srv.push(sse(anthropic_events([], tool_uses=[("toolu_1", "calc__add",
+                                                          {"a": 20, "b": 22})])),
+                     sse(anthropic_events(["42."])))
+            monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
+            monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+            m = h.ask("20 + 22?")
+        assert m.response == "42." and m.tool_calls[0]["result"] == "42"
+        h.remove_mcp("own")
+        h.disable_mcp("calc")
+        assert [(s["name"], s["enabled"]) for s in h.mcp] == [("calc", False)]
+    finally:
+        api.shutdown()

@@ -100,16 +100,18 @@ class AnswerStream:
     Leaving the loop early (break) ends the answer where it is, as Stop does: what was written
     is kept."""
 
-    def __init__(self, runner: _Runner, did: str, mid: str, prefill: str | None):
+    def __init__(self, runner: _Runner, did: str, mid: str, prefill: str | None,
+                 approve: Any = None, tools: bool = True):
         self._runner, self._did, self._mid = runner, did, mid
         self._q: queue.Queue = queue.Queue()
         self.message: Message | None = None
         self._done = False
+        self._approve, self._tools = approve, tools
         runner.call(lambda: self._start(prefill))
 
     async def _start(self, prefill: str | None) -> None:
         svc = self._runner.svc
-        svc.start(self._did, self._mid, prefill=prefill)
+        svc.start(self._did, self._mid, prefill=prefill, approve=self._approve, tools=self._tools)
 
         async def pump() -> None:
             try:
@@ -219,6 +221,17 @@ class Dialogue:
         self._svc.update(self.id, system=value)
 
     @property
+    def doc_tools(self) -> list[str]:
+        """The document tools the model may use to read and edit this dialogue ([]: off, the
+        default). Set "all", tool and group names ("read,run", ["read_message", "edit"]), or
+        None to turn them off; an unknown name raises ValueError and changes nothing."""
+        return self._svc.doc_tools(self.id)
+
+    @doc_tools.setter
+    def doc_tools(self, value: Any) -> None:
+        self._svc.set_doc_tools(self.id, value)
+
+    @property
     def context(self) -> list[document.ContextItem]:
         """The attached context items: text every prompt of this dialogue sees."""
         return self._svc.open(self.id, messages=False).context
@@ -306,6 +319,33 @@ class Dialogue:
     def adapters(self, value: dict[str, float] | None) -> None:
         self._svc.set_adapters(self.id, value)
 
+    @property
+    def mcp(self) -> list[dict[str, Any]]:
+        """The MCP servers this dialogue may use (the global file's, then its own), each
+        {"name", "origin", "transport", "runs", "enabled", "running"}; starts none."""
+        return self._svc.mcp_servers(self.id)
+
+    def mcp_tools(self, name: str | None = None) -> list[dict[str, Any]]:
+        """`mcp` with each server's tools (or the error it could not start with), starting them
+        where this dialogue's answers run, so they stay up for its next answer."""
+        return self._runner.call(lambda: self._runner.svc.mcp_list(self.id, name))
+
+    def enable_mcp(self, *names: str) -> None:
+        """Offer the tools of these MCP servers (configured globally or by `add_mcp`)."""
+        self._svc.set_mcp(self.id, enable=names)
+
+    def disable_mcp(self, *names: str) -> None:
+        self._svc.set_mcp(self.id, disable=names)
+
+    def add_mcp(self, name: str, entry: dict[str, Any], *, enable: bool = True) -> None:
+        """Give this dialogue a server of its own: an mcpServers entry, {"command", "args",
+        "env"} or {"url", "headers"} (checked now), enabled unless `enable=False`."""
+        self._svc.set_mcp(self.id, servers={name: entry}, enable=[name] if enable else [])
+
+    def remove_mcp(self, *names: str) -> None:
+        """Forget servers of this dialogue's own (and stop offering them)."""
+        self._svc.set_mcp(self.id, remove=names)
+
     async def trial(self, prompt: str, adapters: dict[str, float] | None = None, *,
                     max_tokens: int | None = None) -> str:
         """The answer to `prompt` at the end of this dialogue under an adapter set (default: the
@@ -322,28 +362,40 @@ class Dialogue:
         return _runner(self._svc.path)
 
     def run(self, msg: Message | str, *, timeout: float | None = None,
-            stdin: Callable[[str, bool], str] | None = None) -> Message:
+            stdin: Callable[[str, bool], str] | None = None, approve: Any = None,
+            tools: bool = True) -> Message:
         """Run a code message in the dialogue's kernel (or send a prompt to its model) and return
         the stored result: `outputs`, or `response`; `meta["run"]["status"]` says how it ended.
         A message: a Message, an id, an id prefix or a 1-based position as a string ("-1").
         `stdin(prompt, password)` answers input() and getpass() in the cell (`stdin=lambda p, _:
-        input(p)` asks at a terminal); without it they raise StdinNotImplementedError."""
+        input(p)` asks at a terminal); without it they raise StdinNotImplementedError.
+        `approve`, `tools`: a prompt's tool calls, see `ask`."""
         mid = self._svc.message_id(self.id, msg)
-        return self._runner.call(lambda: self._runner.svc.run(self.id, mid, timeout=timeout,
-                                                              stdin=stdin or False))
+        ok = _approve(approve)
+        return self._runner.call(lambda: self._runner.svc.run(
+            self.id, mid, timeout=timeout, stdin=stdin or False, approve=ok, tools=tools))
 
     def ask(self, prompt: str, *, prefill: str | None = None, stream: bool = False,
-            images: Iterable[str | os.PathLike | bytes | tuple[str, bytes]] = ()
-            ) -> Message | AnswerStream:
+            images: Iterable[str | os.PathLike | bytes | tuple[str, bytes]] = (),
+            approve: Any = None, tools: bool = True) -> Message | AnswerStream:
         """Add a prompt at the end and answer it with the dialogue's model: the stored message
         (its `response`), or with `stream=True` an `AnswerStream` to iterate for the text as it
         comes (`for piece in d.ask("...", stream=True): print(piece, end="")`). `images` (files,
         bytes, or (name, bytes)) are attached to the prompt and sent to the model as images
-        (`d.ask("What does this plot show?", images=["plot.png"])`)."""
+        (`d.ask("What does this plot show?", images=["plot.png"])`).
+
+        Tool calls that change or run anything (kernel functions referenced as &`fn`, and the
+        like; reading tools and tools always allowed in this dialogue never ask) need approval:
+        `approve=True` allows them all, a callable `approve(call)` (call: {"name", "arguments",
+        "preview", ...}) answers each with "once", "always" (this tool in this dialogue, stored),
+        "deny" or a bool; by default (None, False) they are denied and the model is told so.
+        `tools=False` offers no tools."""
+        ok = _approve(approve)
         m = self.add_prompt(prompt, images=images)
         if stream:
-            return AnswerStream(self._runner, self.id, m.id, prefill)
-        return self._runner.call(lambda: self._runner.svc.run(self.id, m.id, prefill=prefill))
+            return AnswerStream(self._runner, self.id, m.id, prefill, ok, tools)
+        return self._runner.call(lambda: self._runner.svc.run(self.id, m.id, prefill=prefill,
+                                                              approve=ok, tools=tools))
 
     def request(self, msg: Message | str, *, version: int | None = None) -> dict[str, Any]:
         """What was sent for a prompt's answer (its latest, or answer `version`): the system
@@ -454,6 +506,13 @@ class Dialogue:
                 body = m.source
             out.append(f"{head}\n\n{body}\n")
         return "\n---\n".join(out)
+
+
+def _approve(value: Any) -> Any:
+    """`approve=` as the service takes it; nothing here answers the page's "ask"."""
+    if value is None or isinstance(value, bool) or callable(value):
+        return value
+    raise TypeError(f"approve must be True, False, None or a callable, not {value!r}")
 
 
 def _mid(m: Message | str) -> str:

@@ -423,7 +423,8 @@ class Connection:
             raise
         except Exception as e:
             await self._shutdown()
-            raise MCPServerError(f"{what} could not start: {_why(e)}{self._said(said)}") from None
+            why = str(e) if isinstance(e, MCPServerError) else _why(e)
+            raise MCPServerError(f"{what} could not start: {why}{self._said(said)}") from None
         log.info("MCP server %r started with %d tools", self.cfg.name, len(self._tools))
 
     async def _list(self, client: Any) -> list[ToolInfo]:

@@ -25,7 +25,7 @@ from .trust import import_record
 from . import images as _images
 from .images import ImageError
 from .approvals import ApprovalError, describe_call
-from .sent import entry_words
+from .sent import context_words, entry_words
 
 if TYPE_CHECKING:
     from .kernel import Kernel, KernelPool
@@ -40,9 +40,11 @@ __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "An
            "HIT_START", "HIT_END", "SearchHit", "TrashItem", "Version", "ModelInfo", "Progress",
            "TextDelta", "Usage", "default_db_path", "Step", "OnProgress", "ImageError",
            "Folder", "MODES", "ModeError", "mode_of", "is_edited", "ApprovalError", "describe_call",
-           "entry_words"]
+           "entry_words", "context_words"]
 
 DEFAULT_MODEL = "local:default"
+# serving engines that apply adapter sets themselves (llm/engines.py)
+_ENGINES = ("llama-server:", "vllm:")
 
 
 def default_model() -> str:
@@ -334,7 +336,10 @@ class DialogueService:
         local model, whether the persistent KV cache holds the prompt prefix through the attached
         context (system prompt, attached context: a prompt reads them from disk, not again);
         None where that cannot be said (a hosted model, a dialogue with adapters or tools, whose
-        prefix differs). Counting with a local model's tokenizer starts its process."""
+        prefix differs); and `retrieved`: too large for the model's context with the rest, so
+        each prompt gets its best chunks (context.build), not the whole. Counting with a local
+        model's tokenizer starts its process."""
+        from .context import ContextError
         from .llm.base import get_provider
         d = self.open(ref, messages=False)
         if not d.context:
@@ -346,11 +351,21 @@ class DialogueService:
             n = _count_tokens(d.model, counter, c.content)
             rows.append({"name": c.name, "kind": c.kind, "source": c.source, "chars": len(c.content),
                          "tokens": n if n is not None else _estimate(c.content),
-                         "exact": n is not None, "cached": None})
+                         "exact": n is not None, "cached": None, "retrieved": False})
+        window = getattr(provider, "context_window", None)
+        max_tokens = int(d.meta.get("max_tokens", getattr(provider, "default_max_tokens", 1024)))
+        try:
+            req = self._prefix_request(d, budget=(window - max_tokens) if window else None,
+                                       count_tokens=lambda t: _count_tokens(d.model, counter, t))
+        except ContextError:
+            return rows
+        sent = [e for e in req.meta.get("context", []) if e.get("kind") != "folder"]
+        for r, e in zip(rows, sent):
+            r["retrieved"] = e.get("retrieved") is not None
         probe = getattr(provider, "cached_prefix", None)
         if probe is not None and not d.meta.get("adapters"):
             try:
-                prompt, held = probe(self._prefix_request(d))
+                prompt, held = probe(req)
             except (ProviderError, ValueError, OSError):
                 return rows
             # the system message (system prompt, folder notes, attached context) ends at the
@@ -360,13 +375,15 @@ class DialogueService:
                     r["cached"] = held >= prompt.boundaries[0]
         return rows
 
-    def _prefix_request(self, d: Dialogue) -> Any:
+    def _prefix_request(self, d: Dialogue, **kw: Any) -> Any:
         """A request for a one-word prompt as the first message of `d`: the system message every
-        prompt of `d` starts with (mode, folder notes and attached context included)."""
+        prompt of `d` starts with (mode, folder notes and attached context included); `kw` go to
+        context.build (budget, count_tokens)."""
         from . import context
         from dataclasses import replace
         probe = Message(kind=Kind.prompt, source="?")
-        return context.build(replace(d, messages=[probe]), probe.id, folders=self.folder_context(d))
+        return context.build(replace(d, messages=[probe]), probe.id,
+                             folders=self.folder_context(d), **kw)
 
     def detach(self, ref: str, name: str, *, base_version: int | None = None) -> Dialogue:
         """Remove an attached context item by name; NotFoundError names the ones there are."""
@@ -461,16 +478,21 @@ class DialogueService:
         return self.store.delete_folder(self.folder(ref).id, move_up=move_up)
 
     def set_folder(self, ref: str, *, note: str | None = None, template: str | None = None,
-                   base_version: int | None = None) -> Folder:
-        """Set a folder's context note (what every dialogue in it and below it sees first) and/or
-        its template (a dialogue's name or id; "" for none), as a new version of its settings."""
+                   path: str | None = None, base_version: int | None = None) -> Folder:
+        """Set a folder's context note (what every dialogue in it and below it sees first), its
+        template (a dialogue's name or id; "" for none) and/or its path (`rename_folder`), in one
+        transaction, each change a new version of its settings."""
         f = self.folder(ref)
         changes: dict[str, Any] = {}
         if note is not None:
             changes["note"] = note.replace("\r\n", "\n").rstrip()  # a file's last newline
         if template is not None:
             changes["template"] = self.dialogue_id(template) if template.strip() else ""
-        return self.store.update_folder(f.id, base_version=base_version, **changes)
+        with self.store.tx():
+            if path is not None and path.strip().strip("/") != f.path:
+                f = self.rename_folder(f.id, path, base_version=base_version)
+                base_version = f.version
+            return self.store.update_folder(f.id, base_version=base_version, **changes)
 
     def folder_history(self, ref: str) -> list[Version]:
         return self.store.folder_history(self.folder(ref).id)
@@ -575,6 +597,12 @@ class DialogueService:
             from .mcptools import MCPPool
             self._mcp = MCPPool()
         return self._mcp
+
+    @staticmethod
+    def mcp_config_path() -> Path:
+        """The global MCP servers file (`DIALOGUE_MCP_CONFIG`, else mcp.json beside config.toml)."""
+        from .mcptools import global_path
+        return global_path()
 
     def mcp_servers(self, ref: str | Dialogue | None = None) -> list[dict[str, Any]]:
         """The MCP servers configured (globally, and `ref`'s own), each as {"name", "origin"
@@ -750,6 +778,13 @@ class DialogueService:
         against the step before."""
         from .history import steps
         return steps(self.history(ref, msg))
+
+    @staticmethod
+    def who(v: Version) -> str:
+        """Who made version `v`, in words: "user", "restore", "model, in answer 3f2a91c0",
+        "kernel, in cell 8d01bb2e" (history.who)."""
+        from .history import who
+        return who(v)
 
     def restore_version(self, ref: str, msg: str, version: int, *,
                         base_version: int | None = None) -> Message:
@@ -1130,10 +1165,14 @@ class DialogueService:
         """{name or path: scale} -> {file: scale} for `model`, refusing what does not fit. Pure
         (no store access), so a server may call it in a worker thread."""
         from .llm.base import ProviderError
-        if not model.startswith("local:"):
-            raise ProviderError(f"adapters apply to local models only, not {model}: choose a "
-                                "local model or clear the dialogue's adapters")
         from .local.adapters import resolve_set
+        if model.startswith(_ENGINES):
+            # the engine holds the base: the set's files go to it (llm/engines.py checks them there)
+            return resolve_set(adapters)
+        if not model.startswith("local:"):
+            raise ProviderError(f"adapters apply to local models only (and to the serving "
+                                f"engines llama-server: and vllm:), not {model}: choose one or "
+                                "clear the dialogue's adapters")
         return resolve_set(adapters, base=model)
 
     # -- models, the prefix cache, training ----------------------------------------------------
@@ -1326,6 +1365,9 @@ class DialogueService:
         """Registered adapters (AdapterInfo) that fit the dialogue's local model; [] for any other
         model. An adapter registered on another file of the same architecture and shapes fits."""
         d = self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
+        if d.model.startswith(_ENGINES):  # the engine holds the base: every registered adapter
+            from .local import adapters as A
+            return A.list_adapters()
         if not d.model.startswith("local:"):
             return []
         from .gguf.lora import AdapterError, read_lora
@@ -1353,7 +1395,7 @@ class DialogueService:
         An unknown local model or an unreadable registry is told on every entry, not raised."""
         d = ref if isinstance(ref, Dialogue) else \
             self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
-        if not d.model.startswith("local:"):
+        if not d.model.startswith(("local:", *_ENGINES)):
             return AdapterView()
         current = dict(d.meta.get("adapters") or {})
         try:

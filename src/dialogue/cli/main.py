@@ -19,19 +19,18 @@ from typing import Callable
 from .. import config
 from ..service import ConflictError, DialogueService, ProviderError, StoreError
 from ..terminal import plain
-from . import (adapters, dialogues, folders, io, kernels, messages, models, replay, requests, runs, serve,
-               train)
+from . import adapters, dialogues, doctools, folders, io, kernels, mcpservers, messages, models, replay, requests, runs, serve, train
 from .common import EXIT_CONFLICT, EXIT_ERROR, UserError, err
 
 # (function, help, add_arguments) by command name, from each command group's module
 _COMMANDS: dict[str, tuple[Callable, str, Callable | None]] = {
     **dialogues.COMMANDS, **folders.COMMANDS, **messages.COMMANDS, **runs.COMMANDS, **io.COMMANDS, **models.COMMANDS,
-    **serve.COMMANDS, **adapters.COMMANDS, **train.COMMANDS, **kernels.COMMANDS, **replay.COMMANDS,
-    **requests.COMMANDS}
+    **serve.COMMANDS, **adapters.COMMANDS, **train.COMMANDS, **kernels.COMMANDS,
+    **requests.COMMANDS, **replay.COMMANDS, **mcpservers.COMMANDS, **doctools.COMMANDS}
 
 # the order `dialogue --help` lists them in
 _ORDER = ("new", "list", "folder", "move", "mode", "show", "add", "ask", "exec", "run", "import", "export", "edit", "rm",
-          "mv", "history", "request", "replay", "restore", "fork", "rename", "config", "kernel", "search", "trash", "attach", "detach",
+          "mv", "history", "request", "replay", "restore", "fork", "rename", "config", "kernel", "tools", "mcp", "search", "trash", "attach", "detach",
           "models", "cache", "serve", "adapters", "train")
 
 # Commands with their own argument parser: everything after the command name is theirs, so that

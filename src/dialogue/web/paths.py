@@ -64,6 +64,11 @@ rename = Route("/d/{did}/rename")
 delete = Route("/d/{did}/delete")
 restore = Route("/d/{did}/restore")
 export = Route("/d/{did}/export/{fmt}")
+move_to = Route("/d/{did}/move_to")  # into a folder (routes/folders.py)
+# folders (routes/folders.py): make one, its settings (path, note, template), delete it
+folders = Route("/folders")
+folder = Route("/folders/{fid}")
+folder_delete = Route("/folders/{fid}/delete")
 
 # ---------------------------------------------------------------- settings (routes/settings.py)
 settings = Route("/d/{did}/settings")
@@ -73,6 +78,8 @@ kernel = Route("/d/{did}/kernel")
 kernel_interrupt = Route("/d/{did}/kernel/interrupt")
 kernel_restart = Route("/d/{did}/kernel/restart")
 kernel_choice = Route("/d/{did}/kernel/choice")
+mcp = Route("/d/{did}/mcp")  # its MCP servers (routes/mcp.py); POST switches one on or off
+mcp_tools = Route("/d/{did}/mcp/tools")  # ?name=: one server's tools (starting it)
 
 # ---------------------------------------------------------------- cells (routes/cells.py)
 cells = Route("/d/{did}/cells")

@@ -29,7 +29,8 @@ from ..document import Dialogue, Kind, Message
 from ..render import (highlight_code, highlight_css, output_css, pick_mime, render_markdown,
                       render_output, stream_update_html)
 from . import paths as urls
-from ..service import HIT_END, HIT_START, AdapterView, LiveState, SearchHit, TrashItem
+from ..service import (HIT_END, HIT_START, MODES, AdapterView, Folder, LiveState, SearchHit,
+                       TrashItem, mode_of)
 
 __all__ = ["page_hdrs", "dialogues_page", "dialogue_list", "dialogue_row", "dialogue_row_edit",
            "search_results", "dialogue_page", "cell", "result", "outputs_html", "toast",
@@ -142,13 +143,18 @@ def topbar(*left: Any, right: Iterable[Any] = ()) -> Any:
 # ---------------------------------------------------------------- dialogues page
 
 def dialogues_page(items: list[dict], trash: list[TrashItem], *, q: str = "",
-                   hits: list[SearchHit] | None = None) -> tuple:
+                   hits: list[SearchHit] | None = None, folders: list[Folder] | None = None,
+                   folder: str = "") -> tuple:
     search = Input(type="search", name="q", value=q, placeholder="Search every dialogue…",
                    aria_label="Search every dialogue", hx_get=urls.search,
                    hx_trigger="input changed delay:250ms, search", hx_target="#search-results",
                    id="search", autocomplete="off")
+    folders = folders or []
     new = Form(Input(name="name", placeholder="New dialogue name", required=True,
                      aria_label="New dialogue name", autocomplete="off"),
+               folder_select(folders, folder, label="Folder of the new dialogue (its template, "
+                                                    "if it has one, is where it starts)")
+               if folders else "",
                Button("New dialogue", type="submit"),
                hx_post=urls.new, cls="inline-form", id="new-form")
     job = secrets.token_urlsafe(12)  # names this page's import, whose progress the box follows
@@ -165,21 +171,120 @@ def dialogues_page(items: list[dict], trash: list[TrashItem], *, q: str = "",
                    A("Cache", href=urls.cache, cls="secondary small"), right=[search]),
             Main(Section(new, imp, cls="actions"), imp_progress,
                  Div(search_results(hits, q) if hits is not None else "", id="search-results"),
-                 dialogue_list(items, trash), cls="container page-list"),
+                 folders_section(folders, folder),
+                 dialogue_list(items, trash, folder=folder), cls="container page-list"),
             Div(id="toast"), Div(id="modal"))
 
 
-def dialogue_list(items: list[dict], trash: list[TrashItem]) -> Any:
-    rows = [dialogue_row(d) for d in items]
+def dialogue_list(items: list[dict], trash: list[TrashItem], *, folder: str = "") -> Any:
+    """The dialogues grouped by folder (the top level first, then in path order; most recently
+    updated first within each), only those in `folder` and below it when one is chosen."""
+    if folder:
+        items = [d for d in items if d.get("folder_path") == folder
+                 or str(d.get("folder_path", "")).startswith(folder + "/")]
+    groups: dict[str, list[dict]] = {}
+    for d in sorted(items, key=lambda d: str(d.get("folder_path") or "").split("/")
+                    if d.get("folder_path") else []):
+        groups.setdefault(str(d.get("folder_path") or ""), []).append(d)
+    rows: list[Any] = []
+    for path, ds in groups.items():
+        if path or len(groups) > 1:
+            rows.append(Tr(Th(Span("📁 " if path else "", aria_hidden="true"),
+                              A(path, href=urls.index.to(folder=path)) if path else "Top level",
+                              colspan="5"), cls="folder-group", data_folder=path))
+        rows += [dialogue_row(d) for d in ds]
     body = (Table(Thead(Tr(Th("Name"), Th("Model"), Th("Messages"), Th("Updated"), Th(""))),
                   Tbody(*rows, id="dialogue-rows"), cls="dialogues")
-            if rows else P("No dialogues yet: name one above and press New dialogue, or import a "
+            if rows else P(f"No dialogues in “{folder}” yet." if folder else
+                           "No dialogues yet: name one above and press New dialogue, or import a "
                            "notebook.", cls="empty"))
     trash_section = Details(
         Summary(f"Trash ({len(trash)})"),
         Ul(*[trash_item(t) for t in trash]) if trash else P("The trash is empty.", cls="empty"),
         cls="trash")
-    return Div(H2("Dialogues"), body, trash_section, id="dialogue-list")
+    title = (H2("Dialogues in “", folder, "” ", A("show all", href=urls.index, cls="small"))
+             if folder else H2("Dialogues"))
+    shown = Input(type="hidden", name="shown", value=folder, id="list-folder")
+    return Div(title, shown, body, trash_section, id="dialogue-list")
+
+
+def folder_select(folders: list[Folder], current: str = "", *, label: str,
+                  name: str = "folder") -> Any:
+    """A picker of folders by path, "(top level)" first."""
+    return Select(Option("(top level)", value="", selected=not current),
+                  *[Option(f.path, value=f.path, selected=f.path == current) for f in folders],
+                  name=name, aria_label=label, cls="folder-select")
+
+
+def folders_section(folders: list[Folder], current: str = "") -> Any:
+    """The folders: each a filter of the list, with its settings (path, the note its dialogues
+    see first, the template new ones start from) a click away; a form to make one."""
+    new = Form(Input(name="path", placeholder="New folder, e.g. work/analysis", required=True,
+                     aria_label="New folder path", autocomplete="off"),
+               Button("New folder", type="submit", cls="secondary"),
+               hx_post=urls.folders, cls="inline-form", id="new-folder-form")
+    items = [Li(A(f.path, href=urls.index.to(folder=f.path), cls="folder-link",
+                  aria_current="true" if f.path == current else None),
+                Small(f" {f.dialogues} dialogue{'s' * (f.dialogues != 1)}"),
+                Small(" · note", title=f.note[:300], cls="has-note") if f.note.strip() else "",
+                Small(" · template", cls="has-template") if f.template else "",
+                Button("Settings", hx_get=urls.folder.to(fid=f.id), hx_target="#folder-edit",
+                       cls="outline secondary small", data_act="folder-settings"),
+                data_folder=f.path)
+             for f in folders]
+    return Details(Summary(f"Folders ({len(folders)})"), new,
+                   Ul(*items, cls="folders") if items else
+                   P("No folders yet. A folder groups dialogues; its note is sent first to every "
+                     "dialogue in it, and its template is where new ones start.", cls="empty"),
+                   Div(id="folder-edit"), cls="folders-section", open=bool(current) or None,
+                   id="folders")
+
+
+def folder_form(f: Folder, dialogues: list[dict], *, error: str = "") -> Any:
+    """A folder's settings: its path (a rename or move), its context note, its template, and
+    deleting it (only empty, or with what it holds moved up a level)."""
+    return Form(
+        H3("Folder “", f.path, "”"),
+        Input(type="hidden", name="fversion", value=str(f.version)),
+        Label("Path (renaming moves what it holds with it)",
+              Input(name="path", value=f.path, required=True)),
+        Label("Context note: every dialogue in this folder and below it sees it first, right "
+              "after the system prompt (part of the cached prefix)",
+              Textarea(_ta(f.note), name="note", rows="5",
+                       placeholder="e.g. We use polars, not pandas. Dates are UTC.")),
+        Label("Template: new dialogues in this folder start from this dialogue (its messages, "
+              "model, system prompt and settings)",
+              Select(Option("(none)", value="", selected=not f.template),
+                     *[Option(d["name"], value=d["id"], selected=d["id"] == f.template)
+                       for d in dialogues], name="template")),
+        Small(error, cls="error") if error else "",
+        Div(Button("Save folder", type="submit", cls="small"),
+            Button("Delete folder", hx_post=urls.folder_delete.to(fid=f.id), type="button",
+                   hx_confirm=f"Delete the folder “{f.path}”? Only an empty folder is deleted.",
+                   cls="secondary small danger", data_act="folder-delete"),
+            Button("Delete, moving contents up", hx_post=urls.folder_delete.to(fid=f.id, up=1),
+                   type="button", cls="secondary small danger", data_act="folder-delete-up",
+                   hx_confirm=f"Delete the folder “{f.path}” and move its dialogues and folders "
+                              "into the folder above it?"),
+            Button("Close", type="button", cls="secondary small",
+                   hx_get=urls.folder.to(fid=f.id, close=1), hx_target="#folder-edit"),
+            cls="row"),
+        hx_post=urls.folder.to(fid=f.id), cls="folder-form", id="folder-form")
+
+
+def move_row(d: Dialogue, folders: list[Folder], current: str, *, error: str = "") -> Any:
+    """A dialogue's row as a move form: pick its folder."""
+    return Tr(Td(Form(Strong(d.name), Span(" → "),
+                      folder_select(folders, current, label=f"Folder to move {d.name} into"),
+                      Input(type="hidden", name="dversion", value=str(d.version)),
+                      Button("Move", type="submit", cls="small"),
+                      Button("Cancel", hx_get=urls.row.to(did=d.id), hx_target="closest tr",
+                             hx_swap="outerHTML", type="button", cls="secondary small"),
+                      Small(error, cls="error") if error else "",
+                      hx_post=urls.move_to.to(did=d.id), hx_target="#dialogue-list",
+                      hx_swap="outerHTML", hx_include="#list-folder", cls="inline-form"),
+                 colspan="5"),
+              id=f"row-{d.id}")
 
 
 def trash_item(t: TrashItem) -> Any:
@@ -207,6 +312,8 @@ def dialogue_row(d: dict) -> Any:
         Td(Span(_ago(d.get("updated")), title=_when(d.get("updated")))),
         Td(Button("Rename", hx_get=urls.row.to(did=did, edit=1), hx_target="closest tr",
                   hx_swap="outerHTML", cls="outline secondary small"),
+           Button("Move", hx_get=urls.move_to.to(did=did), hx_target="closest tr",
+                  hx_swap="outerHTML", cls="outline secondary small", data_act="move"),
            Button("Delete", hx_post=urls.delete.to(did=did), hx_target="closest tr",
                   hx_swap="outerHTML", cls="outline secondary small danger"), cls="row-actions"),
         id=f"row-{did}")
@@ -415,7 +522,8 @@ def context_status(d: Dialogue, rows: list[dict[str, Any]]) -> Any:
               None: ("", "")}
     body = []
     for r in rows:
-        label, why = cached[r["cached"]]
+        label, why = cached[r["cached"]] if not r.get("retrieved") else (
+            "retrieved", "too large for the context with the rest: each prompt gets its best chunks")
         tokens = f"{r['tokens']:,}" if r["exact"] else f"~{r['tokens']:,}"
         again = r["kind"] in ("package", "url") or (r["kind"] in ("file", "folder")
                                                      and r["source"].startswith("/"))
@@ -478,22 +586,44 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                  hx_trigger="load" if open_ else "toggle once from:closest details") \
         if d.context else None
     return Details(
-        Summary("Settings: system prompt, model, answers, attached context"
+        Summary("Settings: system prompt, model, answers, attached context, MCP servers"
                 + (f" ({len(d.context)} attached)" if d.context else "")),
         Div(Form(Label("System prompt", Textarea(_ta(d.system), name="system", rows="3",
                                                  placeholder="Instructions the model sees first")),
+                 mode_fields(d),
                  Label("Model name (any provider's: claude-…, gpt-…, "
                        "openai-compatible:URL/model, local:NAME or a .gguf path)",
                        model_input(d)),
                  generation_fields(d),
+                 doc_tools_fields(d),
                  Button("Save settings", type="submit", cls="small"),
                  hx_post=urls.settings.to(did=d.id), hx_include="#dversion"),
             Div(H3("Attached context"),
                 P("Sent to the model before the dialogue, as part of the stable prefix that "
                   "caches reuse.", cls="hint"),
                 status, *ctx_items, fetch, add, cls="context"),
+            # its MCP servers (routes/mcp.py), read when the panel is shown
+            Div(P("MCP servers…", cls="hint"), id="mcp-settings", hx_get=urls.mcp.to(did=d.id),
+                hx_swap="outerHTML",
+                hx_trigger="load" if open_ else "toggle once from:closest details"),
             cls="settings-body"),
         id="settings", cls="settings", open=open_, hx_swap_oob="true" if oob else None)
+
+
+def mode_fields(d: Dialogue) -> Any:
+    """How the model answers: a preset whose text (appended to the system prompt, exactly as
+    sent) is shown and editable. Picking another mode without editing the text takes that
+    mode's preset text."""
+    try:
+        name, prompt = mode_of(d.meta)
+    except ValueError:  # a hand-edited setting that is not a mode: offer to set one
+        name, prompt = "standard", ""
+    return Fieldset(
+        Label("Mode", Select(*[Option(m, value=m, selected=m == name) for m in MODES],
+                             name="mode", aria_label="Mode")),
+        Label("Mode text, added to the system prompt (standard adds nothing)",
+              Textarea(_ta(prompt), name="mode_prompt", rows="3", aria_label="Mode text")),
+        cls="mode-fields")
 
 
 def output_limit_text(meta: dict) -> str:
@@ -537,6 +667,27 @@ def generation_fields(d: Dialogue) -> Any:
             cls="row"),
         Input(type="hidden", name="generation", value="1"),
         cls="generation")
+
+
+def doc_tools_fields(d: Dialogue) -> Any:
+    """Which document tools the model is offered over this dialogue (all off by default): a
+    checkbox each, reading tools first; changing ones ask before they run (approvals)."""
+    from ..service import DialogueService
+    tools = DialogueService.document_tools()
+    chosen = d.meta.get("doc_tools")
+    on = {n for n, _, _ in tools} if chosen == "all" else set(chosen or [])
+    boxes = [Label(Input(type="checkbox", name="doc_tool", value=n, checked=n in on),
+                   Code(n), Small(" reads" if ro else " changes", cls="hint"),
+                   title=desc, cls="doc-tool")
+             for n, desc, ro in tools]
+    return Fieldset(
+        Legend("Document tools"),
+        P("Let the model read and edit this dialogue: list, read and search messages, add, "
+          "edit and run them. Every change it makes is a version you can undo; tools that "
+          "change or run anything ask you first.", cls="hint"),
+        Div(*boxes, cls="doc-tools"),
+        Input(type="hidden", name="doc_tools_form", value="1"),
+        cls="doc-tools-fields")
 
 
 def _ta(text: str) -> str:
@@ -1105,6 +1256,11 @@ def answer_editor(did: str, m: Message) -> Any:
 
 # ---------------------------------------------------------------- history
 
+def _who(v: Any) -> str:
+    from ..service import DialogueService
+    return DialogueService.who(v)
+
+
 def history_modal(did: str, m: Message, steps: list[Any]) -> Any:
     """A message's history as steps (`history.Step`: an edit with its run and result), newest
     first: what happened, the diff of the source against the step before, what it produced, and
@@ -1129,7 +1285,7 @@ def history_modal(did: str, m: Message, steps: list[Any]) -> Any:
             detail.append(Small(f"{len(outs)} output{'s' if len(outs) != 1 else ''}"))
         versions = Details(Summary(Small(f"{len(st.versions)} version"
                                          f"{'s' * (len(st.versions) != 1)}")),
-                           Ul(*[Li(Small(f"v{v.version} {v.op} · {_when(v.at)}"))
+                           Ul(*[Li(Small(f"v{v.version} {v.op} · {_who(v)} · {_when(v.at)}"))
                                 for v in st.versions], cls="hist-versions"))
         rows.append(Li(
             Div(Strong(f"Step {st.number}"), Small(st.versions_text()),
@@ -1278,7 +1434,7 @@ def adapters_control(d: Dialogue, view: AdapterView, oob: bool = False) -> Any:
     shown greyed, with why: the service refuses prompts with it."""
     current = dict(d.meta.get("adapters") or {})
     oob_attr = "true" if oob else None
-    if not d.model.startswith("local:"):
+    if not d.model.startswith(("local:", "llama-server:", "vllm:")):  # the engines apply sets too
         if not current:
             return Div(id="adapters", cls="adapters", hx_swap_oob=oob_attr)
         return Div(adapter_badges(current, inactive=True),

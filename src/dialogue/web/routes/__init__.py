@@ -5,9 +5,9 @@ Each handler is a plain module-level function: it can be imported and called alo
 finds the server's state with `common.site(req)`."""
 from __future__ import annotations
 
-from . import adapters, cells, dialogues, progress, replay, requests, runs, settings, stats
+from . import adapters, cells, dialogues, folders, mcp, progress, replay, requests, runs, settings, stats
 
-ROUTERS = (dialogues.rt, settings.rt, adapters.rt, runs.rt, cells.rt, progress.rt, stats.rt,
-           requests.rt, replay.rt)
+ROUTERS = (dialogues.rt, folders.rt, settings.rt, adapters.rt, runs.rt, cells.rt, progress.rt, stats.rt,
+           requests.rt, replay.rt, mcp.rt)
 
-__all__ = ["ROUTERS", "adapters", "cells", "dialogues", "progress", "replay", "requests", "runs", "settings", "stats"]
+__all__ = ["ROUTERS", "adapters", "cells", "dialogues", "folders", "mcp", "progress", "replay", "requests", "runs", "settings", "stats"]
