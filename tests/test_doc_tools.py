@@ -399,3 +399,63 @@ async def test_the_bundled_model_is_offered_them_and_its_call_routes_here(svc):
     assert (calls[0].name, calls[0].arguments) == ("read_message", {"id": "2"})
     first = next(e for e in events if isinstance(e, ToolResult))
     assert not first.error and BROKEN in first.result and f"id {code}" in first.result
+
+
+# ---------------------------------------------------------------- CLI, Python API, imports
+
+def cli(db, *args):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "DIALOGUE_DB": str(db), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "dialogue.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_cli_turns_them_on_and_history_names_the_author(svc, tmp_path):
+    did, (note, code, prompt) = filled(svc)
+    with acting("model", prompt):
+        svc.edit("t", code, base_version=None, source=BROKEN.replace("prnt(", "print("))
+    db = svc.path
+    r = cli(db, "tools", "t")
+    assert r.returncode == 0 and "document tools are off" in r.stdout
+    r = cli(db, "tools", "t", "--only", "read,replace_text", "--json")
+    assert r.returncode == 0, r.stderr
+    on = [t["name"] for t in json.loads(r.stdout) if t["on"]]
+    assert on == ["list_messages", "read_message", "find_text", "read_variable", "replace_text"]
+    r = cli(db, "tools", "t", "--only", "read,frob")
+    assert r.returncode == 1 and "no document tool 'frob'" in r.stderr
+    assert svc.doc_tools("t") == on  # the refusal changed nothing
+    assert cli(db, "tools", "t", "--on").returncode == 0
+    assert svc.doc_tools("t") == list(TOOLS)
+    assert cli(db, "tools", "t", "--off").returncode == 0 and svc.doc_tools("t") == []
+    r = cli(db, "history", "t", code)
+    assert r.returncode == 0 and f"edited by model, in answer {prompt}" in r.stdout
+    r = cli(db, "history", "t", code, "--versions")
+    assert f"model, in answer {prompt}" in r.stdout
+    r = cli(db, "history", "t", code, "--json")
+    assert [(v["author"], v["cause"]) for v in json.loads(r.stdout)] == [("user", ""),
+                                                                        ("model", prompt)]
+
+
+def test_python_api_turns_them_on(tmp_path, monkeypatch):
+    from dialogue import Dialogue
+    monkeypatch.setenv("DIALOGUE_DB", str(tmp_path / "api.db"))
+    d = Dialogue.create("api", model="claude-sonnet-4-5")
+    assert d.doc_tools == []
+    d.doc_tools = "read,run"
+    assert d.doc_tools == ["list_messages", "read_message", "find_text", "read_variable",
+                           "run_code"]
+    d.doc_tools = None
+    assert d.doc_tools == []
+
+
+def test_an_imported_file_never_turns_them_on(svc):
+    from dialogue.document import Dialogue as Doc, Message
+    doc = Doc(name="x", messages=[Message(kind="code", source="1")], meta={"doc_tools": "all"})
+    d = svc.import_dialogue(doc, name="imported")
+    assert svc.doc_tools(d.id) == []
+    rec = svc.import_record(svc.open(d.id))
+    assert rec["doc_tools"] == "all"
+    assert any("document tools" in w for w in rec["warnings"])
+    assert svc.history(d.id, d.messages[0].id)[0].author == "import"

@@ -98,7 +98,7 @@ TOOLS: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 READING = frozenset(n for n, (_, _, ro) in TOOLS.items() if ro)
 # names a user can turn on together: `dialogue tools NAME --only read,edit`
-GROUPS = {"read": sorted(READING), "edit": ["add_message", "edit_message", "replace_text",
+GROUPS = {"read": [n for n in TOOLS if n in READING], "edit": ["add_message", "edit_message", "replace_text",
                                             "delete_message", "move_message"],
           "run": ["run_code"], "all": list(TOOLS)}
 

@@ -24,6 +24,10 @@ upload, `DialogueService.import_dialogue` from Python, `dialogue run FILE.ipynb`
 - **MCP servers.** A file never configures or enables one (``meta["mcp"]``): a server is a
   program to run or a URL to call. Set aside, by name only (an entry's env and headers may hold
   keys).
+- **Document tools.** A file never turns on the model's tools over the dialogue
+  (``meta["doc_tools"]``): set aside, off until the user turns them on.
+- **Approvals.** A file never allows a tool to run without asking (``meta["approvals"]["always"]``,
+  see `approvals`): the list is set aside; asking for reading tools too is kept (it only asks more).
 - **Ids.** The dialogue's id is always ours (the store makes one). A message id is kept only when
   it has the shape of the ids we make (`is_local_id`: 8 lower-case hex digits, at least one a
   letter, so it is never read as a position); anything else gets a fresh id. The store still
@@ -159,6 +163,8 @@ def vet_import(doc: Dialogue, *, default_model: str, trust: bool = False) -> Vet
                         "not used")
     _vet_kernel(meta, record, warnings)
     _vet_mcp(meta, record, warnings)
+    _vet_doc_tools(meta, record, warnings)
+    _vet_approvals(meta, record, warnings)
     if record:
         record["warnings"] = warnings
         meta[IMPORT_KEY] = record
@@ -216,6 +222,36 @@ def _vet_mcp(meta: dict[str, Any], record: dict[str, Any], warnings: list[str]) 
                     "or choose servers" + (f" ({', '.join(model_text(n, 40) for n in names)})"
                                            if names else "")
                     + "; configure and enable servers with `dialogue mcp`")
+
+
+def _vet_doc_tools(meta: dict[str, Any], record: dict[str, Any], warnings: list[str]) -> None:
+    """A file never lets the model edit and run the dialogue: its document tools setting
+    (``meta["doc_tools"]``, see `doc_tools`) is set aside; they stay off until the user turns
+    them on."""
+    if "doc_tools" not in meta:
+        return
+    got = meta.pop("doc_tools")
+    record["doc_tools"] = got if got == "all" or (
+        isinstance(got, list) and all(isinstance(x, str) for x in got)) else repr(got)[:200]
+    warnings.append("the notebook turned on the model's document tools; they are off here: a "
+                    "file does not let the model edit or run the dialogue (turn them on with "
+                    "`dialogue tools` or the settings)")
+
+
+def _vet_approvals(meta: dict[str, Any], record: dict[str, Any], warnings: list[str]) -> None:
+    """A file never lets the model's tool calls run without asking: its "always allow" list
+    (``meta["approvals"]``, see `approvals`) is set aside; asking for reading tools too stays."""
+    from .approvals import settings_of
+    if "approvals" not in meta:
+        return
+    got = meta.pop("approvals")
+    s = settings_of({"approvals": got})
+    if s["ask_reads"]:
+        meta["approvals"] = {"always": [], "ask_reads": True}
+    if s["always"] or (isinstance(got, dict) and got.get("always")):
+        record["approvals"] = {"always": [model_text(n, 60) for n in s["always"]]}
+        warnings.append("the notebook allowed tools to run without asking; here they ask first "
+                        "(a file does not approve tool calls)")
 
 
 def model_text(model: str, limit: int = 120) -> str:

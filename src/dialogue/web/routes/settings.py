@@ -9,6 +9,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ...document import Dialogue
+from ...service import mode_of
 from .. import paths
 from .. import views as V
 from ..common import Site, form, oob, opt_int, refuse, site, text
@@ -45,13 +46,42 @@ async def settings(did: str, req: Request) -> Any:
             changes[k] = v
     if text(f.get("generation")):
         changes.update(generation_changes(d, f))
-    if not changes:
+    changes.update(mode_changes(d, f))
+    tools = None
+    if text(f.get("doc_tools_form")):  # the checked document tools (none: off)
+        tools = [str(x) for x in (await req.form()).getlist("doc_tool")]
+        if tools == s.service.doc_tools(d):
+            tools = None
+    if not changes and tools is None:
         return (HtmxResponseHeaders(reswap="none"), V.dversion_input(d, oob=True))
     # the service refuses a model no provider serves
-    d = s.service.update(d.id, base_version=base, **changes)
+    if changes:
+        d = s.service.update(d.id, base_version=base, **changes)
+        base = d.version
+    if tools is not None:
+        d = s.service.set_doc_tools(d.id, tools or None, base_version=base)
+        changes["doc_tools"] = tools
     note = "name" if set(changes) == {"name"} else "model" if set(changes) == {"model"} \
         else "settings"
     return saved(s, d, note)
+
+
+def mode_changes(d: Dialogue, f: dict[str, Any]) -> dict[str, Any]:
+    """The mode the form asks for: another mode with its text untouched takes that mode's preset
+    text; an edited text is kept as written (under the mode chosen)."""
+    mode, prompt = text(f.get("mode")), text(f.get("mode_prompt"))
+    if mode is None and prompt is None:
+        return {}
+    try:
+        was, was_text = mode_of(d.meta)
+    except ValueError:
+        was, was_text = "", None
+    prompt = None if prompt is None else prompt.strip()
+    if mode is not None and mode != was and prompt == was_text:
+        return {"mode": mode}  # its preset text
+    if mode not in (None, was) or (prompt is not None and prompt != was_text):
+        return {"mode": mode or was or "standard", "mode_prompt": prompt}
+    return {}
 
 
 def generation_changes(d: Dialogue, f: dict[str, Any]) -> dict[str, Any]:
