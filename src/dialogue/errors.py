@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 __all__ = ["ProviderError", "MissingKeyError", "UnknownModelError", "ContextTooLongError",
-           "ProviderNetworkError", "RateLimitError", "OverloadedError"]
+           "ProviderNetworkError", "RateLimitError", "OverloadedError", "ImagesNotSupportedError"]
 
 
 class ProviderError(Exception):
@@ -21,6 +21,11 @@ class UnknownModelError(ProviderError):
 
 class ContextTooLongError(ProviderError):
     pass
+
+
+class ImagesNotSupportedError(ProviderError):
+    """The request holds images the user attached and the model cannot see images: refused
+    before anything is sent (runs.Runs.request), never silently dropped."""
 
 
 class ProviderNetworkError(ProviderError):

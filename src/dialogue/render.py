@@ -211,9 +211,52 @@ def _md() -> MarkdownIt:
     return md
 
 
-def render_markdown(text: str) -> str:
-    """Markdown (a note, a prompt, a model's answer) -> sanitized HTML."""
-    return sanitize_html(_md().render(text or ""))
+def render_markdown(text: str, attachments: dict[str, Any] | None = None) -> str:
+    """Markdown (a note, a prompt, a model's answer) -> sanitized HTML. `attachments` (a
+    message's, nbformat's {name: {mime: base64}}) are shown where the markdown refers to them
+    (`![](attachment:name.png)`): see `_resolve_attachments`."""
+    md = _md()
+    if not attachments or "attachment:" not in (text or ""):
+        return sanitize_html(md.render(text or ""))
+    env: dict[str, Any] = {}
+    tokens = md.parse(text, env)
+    _resolve_attachments(tokens, attachments)
+    return sanitize_html(md.renderer.render(tokens, md.options, env))
+
+
+def _resolve_attachments(tokens: list[Any], attachments: dict[str, Any]) -> None:
+    """Point the images of `tokens` that say `attachment:NAME` at a `data:` URL of that
+    attachment. Only the image types the sanitizer lets through (`IMAGE_MIMES`, base64 only), and
+    at most `images.MAX_IMAGE_BYTES` each: anything else (a missing name, another type, a
+    too-big image from an imported notebook) shows as a short note saying so, never as a broken
+    link. Done on markdown-it's image tokens, so a reference quoted in code stays text."""
+    from urllib.parse import unquote
+    from .images import MAX_IMAGE_BYTES, decoded_size, describe_size
+
+    for tok in tokens:
+        for child in tok.children or ():
+            if child.type != "image":
+                continue
+            src = str(child.attrGet("src") or "")
+            if not src.startswith("attachment:"):
+                continue
+            name = unquote(src[len("attachment:"):])
+            bundle = attachments.get(name)
+            mime = next((m for m in IMAGE_MIMES if isinstance(bundle, dict) and m in bundle), None)
+            problem = ""
+            if bundle is None:
+                problem = "no such attachment"
+            elif mime is None:
+                problem = "not an image"
+            elif mime != "image/svg+xml" and decoded_size(_text(bundle[mime])) > MAX_IMAGE_BYTES:
+                problem = (f"{describe_size(decoded_size(_text(bundle[mime])))}, over the "
+                           f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB shown inline")
+            if problem:
+                child.type, child.tag, child.children = "html_inline", "", None
+                child.content = (f'<span class="attachment-error">[image {html.escape(name)}: '
+                                 f'{html.escape(problem)}]</span>')
+            else:
+                child.attrSet("src", image_data_uri(mime, bundle[mime]))
 
 
 # ---------------------------------------------------------------- outputs

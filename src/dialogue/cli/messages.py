@@ -93,7 +93,7 @@ def cmd_add(svc: DialogueService, a: argparse.Namespace) -> int:
     kind, text = next((k, getattr(a, k)) for k in ("code", "note", "prompt") if getattr(a, k) is not None)
     flags = {f: True for f in FLAGS if getattr(a, f, False)}
     m = svc.add(a.name, kind, text_arg(text), after=a.after, before=a.before,
-                index=None if a.at is None else a.at - 1, **flags)
+                index=None if a.at is None else a.at - 1, images=a.image or (), **flags)
     err.print(f"added {m.kind.value} message {m.id}")
     if a.run and m.kind in (Kind.code, Kind.prompt):
         import asyncio
@@ -207,6 +207,9 @@ def _args_add(sp: argparse.ArgumentParser) -> None:
                    ("exported", "--export")):
         sp.add_argument(opt, dest=f, action="store_true")
     sp.add_argument("--run", action="store_true", help="run the code or prompt once added")
+    sp.add_argument("--image", action="append", metavar="PATH",
+                    help="a note's or prompt's image (PNG, JPEG, GIF or WebP, at most 5 MiB); "
+                         "repeat for more")
 
 
 def _args_edit(sp: argparse.ArgumentParser) -> None:

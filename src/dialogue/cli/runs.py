@@ -16,7 +16,7 @@ from .common import EXIT_ERROR, emit_json, err, text_arg
 
 def cmd_ask(svc: DialogueService, a: argparse.Namespace) -> int:
     """Add a prompt and stream the model's answer to the terminal."""
-    m = svc.add(a.name, Kind.prompt, text_arg(a.text))
+    m = svc.add(a.name, Kind.prompt, text_arg(a.text), images=a.image or ())
     return asyncio.run(stream_run(svc, a.name, m.id, prefill=a.prefill, as_json=a.json))
 
 
@@ -268,6 +268,8 @@ def _args_ask(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name")
     sp.add_argument("text", help="the prompt ('-' reads standard input)")
     sp.add_argument("--prefill", help="the start of the answer, for the model to continue")
+    sp.add_argument("--image", action="append", metavar="PATH",
+                    help="an image file (PNG, JPEG, GIF or WebP, at most 5 MiB) to attach; repeat for more")
     sp.add_argument("--json", action="store_true", help="print one JSON document at the end (the stored answer)")
 
 

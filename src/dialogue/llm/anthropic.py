@@ -53,6 +53,7 @@ class AnthropicProvider(HostedProvider):
 
     name = "anthropic"
     connection_error = sdk.APIConnectionError
+    sees_images = True  # every Claude model since Claude 3 takes image blocks
 
     def __init__(self, model: str, *, api_key: str | None = None, base_url: str | None = None,
                  attempts: int = 4, timeout: float = 600.0) -> None:

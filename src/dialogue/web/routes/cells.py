@@ -7,12 +7,13 @@ from typing import Any, Callable
 
 from fasthtml.common import APIRouter, Div, HTMLResponse, HtmxResponseHeaders, Redirect, to_xml
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from ...document import FLAGS, Kind, Message
-from ...service import ConflictError, DialogueService
+from ...service import ConflictError, DialogueService, ImageError
 from .. import paths
 from .. import views as V
-from ..common import form, int_field, opt_int, refuse, site, text
+from ..common import MAX_UPLOAD, form, int_field, opt_int, refuse, site, text
 
 rt = APIRouter()
 
@@ -38,7 +39,9 @@ def apply_text(svc: DialogueService, did: str, mid: str, f: dict[str, Any],
         return m
     base = opt_int(f.get("version"), "version")
     try:
-        return svc.edit(did, mid, base_version=base if base is not None else m.version, **changes)
+        # a new source drops the images it no longer shows (the editor's paste adds them)
+        return svc.edit(did, mid, base_version=base if base is not None else m.version,
+                        prune_attachments=True, **changes)
     except ConflictError as e:
         cur = svc.message(did, mid)
         return HTMLResponse(to_xml(show(cur, conflict={
@@ -181,6 +184,34 @@ async def undelete(did: str, mid: str, req: Request) -> Any:
         target, swap = "#cells", "beforeend"
     return (HtmxResponseHeaders(retarget=target, reswap=swap), render(svc, d, m),
             V.toast("Restored.", level="info"))
+
+
+@rt(paths.images, methods=["post"])
+async def add_images(did: str, mid: str, req: Request) -> Any:
+    """Images pasted, dropped or chosen in a note's or prompt's editor (multipart `image` files
+    and the cell's `version`): stored as the message's attachments, checked by their bytes (not
+    the browser's type); JSON back, {names, refs, version}, for the page to put each reference at
+    the cursor and move the cell's version on, or {error} with why nothing was stored."""
+    svc = site(req).service
+    d = svc.dialogue_id(did)
+    f = await req.form(max_part_size=MAX_UPLOAD)
+    files = [x for x in f.getlist("image") if hasattr(x, "read")]
+    if not files:
+        return JSONResponse({"error": "no image came with the request"}, status_code=400)
+    if svc.running(svc.message_id(d, mid)):
+        return JSONResponse({"error": "This cell is running: add images once it has finished."},
+                            status_code=409)
+    images = [(x.filename or "image", await x.read()) for x in files]
+    try:
+        m, names = svc.add_images(d, mid, images, base_version=opt_int(f.get("version"), "version"),
+                                  reference=False)
+    except ImageError as e:
+        return JSONResponse({"error": str(e)}, status_code=400)
+    except ConflictError as e:
+        return JSONResponse({"error": f"{e} Reload the cell, then add the image again."},
+                            status_code=409)
+    return JSONResponse({"names": names, "refs": [svc.image_ref(n) for n in names],
+                         "version": m.version})
 
 
 @rt(paths.answer)

@@ -239,6 +239,99 @@
     htmx.ajax("POST", url + "/save", { source: cell, target: cell, swap: "outerHTML" });
   }
 
+  // ------------------------------------------------------------------ images
+  //
+  // Paste (Ctrl+V), drop, or "Add image…" in a note's or prompt's editor: the files go to the
+  // cell's images route, which checks them by their bytes and stores them as the message's
+  // attachments (nbformat's, so a notebook export keeps them); each one's reference
+  // ![name](attachment:name) goes in at the cursor and the cell's version moves on with the
+  // store's, so saving the edit is not refused as stale. The listeners run in the capture phase,
+  // before CodeMirror's own paste and drop (which would insert a file's bytes as text).
+
+  function imageCell(el, orView) { // a note or prompt being edited (or any, for a drop)
+    var cell = cellOf(el);
+    if (!cell || !(orView || cell.classList.contains("editing"))) return null;
+    var kind = cell.dataset.kind;
+    return kind === "note" || kind === "prompt" ? cell : null;
+  }
+
+  function imageFiles(list) {
+    return Array.prototype.filter.call(list || [], function (f) {
+      return f && f.type && f.type.indexOf("image/") === 0;
+    });
+  }
+
+  function insertAtCursor(cell, text) {
+    var ta = sourceArea(cell);
+    if (!ta) return;
+    var cm = ensureEditor(ta, cell);
+    if (cm) {
+      var cur = cm.getCursor();
+      var before = cm.getLine(cur.line).slice(0, cur.ch);
+      cm.replaceSelection((before.trim() ? "\n" : "") + text + "\n", "end");
+      cm.focus();
+      cm.save();
+    } else {
+      var at = ta.selectionStart || ta.value.length;
+      ta.value = ta.value.slice(0, at) + text + "\n" + ta.value.slice(ta.selectionEnd || at);
+    }
+  }
+
+  function uploadImages(cell, files) {
+    var url = cell && cell.dataset.url;
+    if (!url || !files.length) return;
+    var body = new FormData();
+    files.forEach(function (f) { body.append("image", f, f.name || "image"); });
+    var v = document.getElementById("v-" + cell.dataset.id);
+    if (v) body.append("version", v.value);
+    notice(files.length === 1 ? "Adding the image…" : "Adding " + files.length + " images…");
+    fetch(url + "/images", { method: "POST", body: body, credentials: "same-origin",
+                             headers: { "HX-Request": "true" } })
+      .then(function (r) {
+        return r.json().catch(function () { return { error: "The server refused the image (" + r.status + ")." }; });
+      })
+      .then(function (res) {
+        if (res.error) { notice(res.error, "error"); return; }
+        if (v) v.value = String(res.version);
+        insertAtCursor(cell, res.refs.join("\n"));
+        notice("Added " + res.names.join(", ") + ": it shows when you leave the editor.", "info");
+      }, function () { notice("The image did not reach the server.", "error"); });
+  }
+
+  function onPaste(e) {
+    var cell = imageCell(e.target);
+    var files = cell ? imageFiles(e.clipboardData && e.clipboardData.files) : [];
+    if (!files.length) return; // text pastes as usual
+    e.preventDefault();
+    uploadImages(cell, files);
+  }
+
+  function onDragOver(e) {
+    var dt = e.dataTransfer;
+    if (imageCell(e.target, true) && dt && Array.prototype.indexOf.call(dt.types || [], "Files") >= 0) {
+      e.preventDefault();
+      dt.dropEffect = "copy";
+    }
+  }
+
+  function onDrop(e) {
+    var cell = imageCell(e.target, true);
+    var files = cell ? imageFiles(e.dataTransfer && e.dataTransfer.files) : [];
+    if (!files.length) return;
+    e.preventDefault();
+    if (!cell.classList.contains("editing")) enterEdit(cell);
+    uploadImages(cell, files);
+  }
+
+  function onChange(e) {
+    var t = e.target;
+    if (!t || !t.matches || !t.matches('input[data-act="image-file"]')) return;
+    var files = imageFiles(t.files);
+    if (files.length) uploadImages(cellOf(t), files);
+    else if (t.files && t.files.length) notice("Choose PNG, JPEG, GIF or WebP images.", "error");
+    t.value = "";
+  }
+
   function run(cell, thenNext) {
     if (!cell) return;
     var kind = cell.dataset.kind;
@@ -767,6 +860,10 @@
     document.addEventListener("click", onClick);
     document.addEventListener("dblclick", onDblClick);
     document.addEventListener("mousedown", onMouseDown, true);
+    document.addEventListener("paste", onPaste, true);
+    document.addEventListener("dragover", onDragOver, true);
+    document.addEventListener("drop", onDrop, true);
+    document.addEventListener("change", onChange);
     document.addEventListener("input", function (e) { // the plain textarea, without CodeMirror
       if (e.target.matches && e.target.matches(".src textarea.editor")) estimateSoon(cellOf(e.target));
     });
