@@ -126,6 +126,14 @@ async def test_always_allow_persists_and_later_calls_do_not_ask(svc, srv):
     srv.push(tool_turn("toolu_3", 1), sse(anthropic_events(["6."])))
     m = await svc.run("t", p2, approve=False)
     assert m.tool_calls[0]["result"] == "6" and not m.tool_calls[0]["error"]
+    # the earlier answer's calls and results were replayed to the model as tool turns
+    msgs = srv.requests[3].json["messages"]
+    assert [m_["role"] for m_ in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert [(b["type"], b.get("id") or b.get("tool_use_id")) for b in msgs[1]["content"]] == \
+        [("tool_use", "toolu_1"), ("tool_use", "toolu_2")]
+    assert [b["type"] for b in msgs[2]["content"]] == ["tool_result", "tool_result"]
+    assert msgs[2]["content"][1]["content"] == [{"type": "text", "text": "5"}]
+    assert msgs[3]["content"][0]["text"] == "Total 5."
     # taken back: it asks (here: nobody to ask, denied) again
     svc.allow_tool("t", "bump", False)
     p3 = svc.add("t", "prompt", "And again &`bump`.").id
@@ -299,3 +307,65 @@ def test_the_approval_box_escapes_what_the_model_sent():
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert html.count("data-act=\"approve-once\"") == 3
     assert 'class="diff-add"' in html  # an edit shows its diff
+
+
+def test_python_api_approve_argument(tmp_path, monkeypatch, srv):
+    """Dialogue.ask(approve=...): denied by default, a callable answers each call (and 'always'
+    is stored), True allows all, tools=False offers none; 'ask' has nobody to answer it here."""
+    from dialogue import Dialogue, api
+    monkeypatch.setenv("DIALOGUE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    try:
+        d = Dialogue.create("py", db=tmp_path / "api.db", model="claude-sonnet-4-5")
+        d.run(d.add_code(BUMP))
+        srv.push(tool_turn("toolu_1", 1), sse(anthropic_events(["no"])))
+        m = d.ask("Use &`bump`.")
+        assert m.tool_calls[0]["result"] == UNATTENDED
+        seen = []
+        srv.push(tool_turn("toolu_2", 2), sse(anthropic_events(["2"])))
+        m = d.ask("Use &`bump`.", approve=lambda call: seen.append(call["name"]) or "always")
+        assert seen == ["bump"] and m.tool_calls[0]["result"] == "2"
+        assert d.doc.meta["approvals"]["always"] == ["bump"]
+        srv.push(sse(anthropic_events(["none offered"])))
+        assert d.ask("Use &`bump`.", tools=False).tool_calls == []
+        assert "tools" not in srv.last.json
+        with pytest.raises(TypeError):
+            d.ask("x", approve="ask")
+    finally:
+        api.shutdown()
+
+
+def test_tool_calls_go_into_the_notebook_and_a_file_approves_nothing(svc, tmp_path):
+    from dialogue.artifacts import read_notebook, to_ipynb_bytes
+    svc.create("t", model="claude-sonnet-4-5")
+    p = svc.add("t", "prompt", "Use &`bump`.")
+    calls = [{"id": "toolu_1", "name": "bump", "arguments": {"n": 2}, "result": "2", "error": False}]
+    svc.store.update_message(p.id, base_version=p.version, response="Done.", tool_calls=calls)
+    svc.allow_tool("t", "bump")
+    svc.set_ask_reads("t", True)
+    raw = to_ipynb_bytes(svc.for_notebook(svc.open("t")))
+    cell = json.loads(raw)["cells"][0]
+    assert cell["metadata"]["dialogue"]["tool_calls"] == calls  # exported with the answer
+    path = tmp_path / "t.ipynb"
+    path.write_bytes(raw)
+    back = svc.import_dialogue(read_notebook(path), name="back")
+    assert back.messages[0].tool_calls == calls
+    assert back.meta["approvals"] == {"always": [], "ask_reads": True}  # only asking more is kept
+    assert back.meta["import"]["approvals"] == {"always": ["'bump'"]}
+    assert any("ask first" in w for w in back.meta["import"]["warnings"])
+
+
+def test_tool_calls_replay_as_text_when_no_tools_are_offered():
+    from dialogue.context import build
+    from dialogue.document import Dialogue, Kind, Message
+    done = Message(kind=Kind.prompt, source="Bump it.", response="Total 2.",
+                   tool_calls=[{"id": "t1", "name": "bump", "arguments": {"n": 2}, "result": "2",
+                                "error": False},
+                               {"id": "t2", "name": "bump", "arguments": {"n": 1}}])  # cut off
+    now = Message(kind=Kind.prompt, source="What happened?")
+    req = build(Dialogue(name="x", model="claude-sonnet-4-5", messages=[done, now]), now.id)
+    assert [t.role for t in req.messages] == ["user", "assistant", "user"]
+    assert req.messages[1].content == ('[called bump({"n": 2}); result: 2]\n\n[called bump({"n": 1}); '
+                                       'result: (no result: the answer ended before this call ran)]'
+                                       '\n\nTotal 2.')
+    assert len(req.meta["turn_messages"]) == len(req.messages)

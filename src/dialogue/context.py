@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from markdown_it import MarkdownIt
 
 from .document import ContextItem, Dialogue, Kind, Message
-from .llm.base import Part, Request, ToolSpec, Turn
+from .llm.base import Part, Request, ToolCallReq, ToolSpec, Turn
 from .modes import ModeError, mode_of
 from .render import plain_text
 
@@ -556,6 +556,32 @@ class _Item:
     answer: str
     tokens: int
     cut: dict[str, Any] | None = None
+    calls: list[dict[str, Any]] = field(default_factory=list)  # tool calls replayed as turns
+
+
+NO_RESULT = "(no result: the answer ended before this call ran)"
+
+
+def replayed_calls(m: Message) -> list[dict[str, Any]]:
+    """The tool calls of answer `m` as later requests replay them: each with its id, name,
+    arguments and the result the model got (every call has one: the APIs refuse a call without
+    its result)."""
+    out = []
+    for c in m.tool_calls or []:
+        if not isinstance(c, dict) or not c.get("id") or not c.get("name"):
+            continue
+        res = c.get("result")
+        out.append({"id": str(c["id"]), "name": str(c["name"]),
+                    "arguments": c.get("arguments") if isinstance(c.get("arguments"), dict) else {},
+                    "result": str(res) if res is not None else NO_RESULT})
+    return out
+
+
+def calls_text(calls: Sequence[dict[str, Any]]) -> str:
+    """Tool calls written into an answer's text, for a request that offers no tools (a tool
+    call without the tool offered is refused by some APIs): what was called and what came back."""
+    return "".join(f"[called {c['name']}({json.dumps(c['arguments'], ensure_ascii=False)}); "
+                   f"result: {c['result']}]\n\n" for c in calls)
 
 
 def _prompt_parts(m: Message, block: str, images: bool) -> list[Part]:
@@ -625,16 +651,20 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
             left_out[m.id] = {"status": "hidden", "reason": "hidden from the model by the user"}
             continue
         cuts: list[dict[str, int]] = []
+        calls: list[dict[str, Any]] = []
         if m.kind == Kind.prompt:
             user = _prompt_parts(m, m.meta.get("refs", "") if isinstance(m.meta, dict) else "", images)
-            answer = m.response
+            answer, calls = m.response, replayed_calls(m)
+            if calls and not resolved.tools:  # as text: no tools offered, so no tool turns
+                answer, calls = calls_text(calls) + answer, []
         else:
             user, answer = _message_parts(m, images=images, limit=limit, cuts=cuts), ""
         if not user and not answer:
             left_out[m.id] = {"status": "empty", "reason": "nothing to send"}
             continue
         cut = {"message": m.id, **{k: sum(c[k] for c in cuts) for k in cuts[0]}} if cuts else None
-        items.append(_Item(m, user, answer, count.parts(user) + count(answer), cut))
+        items.append(_Item(m, user, answer, count.parts(user) + count(answer) + sum(
+            count(json.dumps(c["arguments"])) + count(c["result"]) for c in calls), cut, calls))
 
     block = _block(resolved)
     last = _prompt_parts(prompt, block, images)
@@ -690,7 +720,20 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     for it in items:
         pending += it.user
         pending_ids.append(it.msg.id)
-        if it.answer:
+        if it.calls:
+            # an answer that called tools, as the tool loop sent it: its calls, one tool turn per
+            # result, then its text (the text it wrote before a call is stored with the rest)
+            turns.append(Turn(role="user", content=_merge(pending)))
+            turns.append(Turn(role="assistant", content="", tool_calls=[
+                ToolCallReq(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in it.calls]))
+            turns += [Turn(role="tool", content=c["result"], tool_call_id=c["id"], name=c["name"])
+                      for c in it.calls]
+            turn_ids += [pending_ids] + [[it.msg.id]] * (1 + len(it.calls))
+            if it.answer:
+                turns.append(Turn(role="assistant", content=it.answer))
+                turn_ids.append([it.msg.id])
+            pending, pending_ids = [], []
+        elif it.answer:
             turns.append(Turn(role="user", content=_merge(pending)))
             turns.append(Turn(role="assistant", content=it.answer))
             turn_ids += [pending_ids, [it.msg.id]]

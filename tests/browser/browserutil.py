@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from dialogue.service import DialogueService
 
@@ -72,3 +74,19 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@contextmanager
+def claude_server(tmp: Path, db_name: str = "claude.db") -> Iterator[tuple[object, str, Path]]:
+    """A dialogue server whose Claude is a local replay server (ANTHROPIC_BASE_URL in its
+    process): yields (the ReplayServer, the server's URL, its database)."""
+    from servers import ReplayServer
+    with ReplayServer() as srv:
+        port, db = free_port(), tmp / db_name
+        prelude = (f"import os; os.environ['ANTHROPIC_BASE_URL'] = {srv.base_url!r}; "
+                   "os.environ['ANTHROPIC_API_KEY'] = 'sk-ant-test'")
+        proc = start_server(tmp, db, port, prelude=prelude)
+        try:
+            yield srv, f"http://127.0.0.1:{port}", db
+        finally:
+            stop(proc)

@@ -5,25 +5,16 @@ pause survives a reload; Deny makes the model go on with "denied by the user"; A
 the call and later calls of that tool, in this answer and the next, do not ask."""
 from __future__ import annotations
 
-import signal
-import subprocess
-
 import pytest
 from playwright.sync_api import Page, expect
 
-from browserutil import free_port, start_server
+from browserutil import claude_server
 from servers import ReplayServer, anthropic_events, sse
 
 from dialogue.service import DialogueService
+from test_approvals import BUMP  # the &`bump` tool these tests call
 
 pytestmark = [pytest.mark.browser]
-
-BUMP = '''counter = []
-def bump(n: int) -> int:
-    "Add n to the counter and return the total."
-    counter.append(n)
-    return sum(counter)
-'''
 
 
 def call(tid: str, n: int, text: str = "") -> object:
@@ -48,20 +39,8 @@ def run(cell) -> None:
 
 @pytest.fixture
 def claude(tmp_path):
-    """A dialogue server whose Claude is the replay server (ANTHROPIC_BASE_URL in its process)."""
-    with ReplayServer() as srv:
-        port, db = free_port(), tmp_path / "tools.db"
-        prelude = (f"import os; os.environ['ANTHROPIC_BASE_URL'] = {srv.base_url!r}; "
-                   "os.environ['ANTHROPIC_API_KEY'] = 'sk-ant-test'")
-        proc = start_server(tmp_path, db, port, prelude=prelude)
-        try:
-            yield srv, f"http://127.0.0.1:{port}", db
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with claude_server(tmp_path, "tools.db") as got:
+        yield got
 
 
 def test_approve_deny_and_always_allow_a_kernel_tool(page: Page, claude) -> None:

@@ -98,7 +98,7 @@ def cmd_add(svc: DialogueService, a: argparse.Namespace) -> int:
     if a.run and m.kind in (Kind.code, Kind.prompt):
         import asyncio
         from .runs import stream_run
-        return asyncio.run(stream_run(svc, a.name, m.id))
+        return asyncio.run(stream_run(svc, a.name, m.id, yes=a.yes, tools=not a.no_tools))
     return 0
 
 
@@ -207,6 +207,8 @@ def _args_add(sp: argparse.ArgumentParser) -> None:
                    ("exported", "--export")):
         sp.add_argument(opt, dest=f, action="store_true")
     sp.add_argument("--run", action="store_true", help="run the code or prompt once added")
+    from .runs import tool_options
+    tool_options(sp)
     sp.add_argument("--image", action="append", metavar="PATH",
                     help="a note's or prompt's image (PNG, JPEG, GIF or WebP, at most 5 MiB); "
                          "repeat for more")

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..document import Kind, Message, output_text
-from ..service import DialogueService, Progress, ProviderError
+from ..service import DialogueService, Progress, ProviderError, describe_call
 from ..terminal import StreamWriter, markup, plain, visible
 from .common import EXIT_ERROR, emit_json, err, text_arg
 
@@ -17,13 +17,14 @@ from .common import EXIT_ERROR, emit_json, err, text_arg
 def cmd_ask(svc: DialogueService, a: argparse.Namespace) -> int:
     """Add a prompt and stream the model's answer to the terminal."""
     m = svc.add(a.name, Kind.prompt, text_arg(a.text), images=a.image or ())
-    return asyncio.run(stream_run(svc, a.name, m.id, prefill=a.prefill, as_json=a.json))
+    return asyncio.run(stream_run(svc, a.name, m.id, prefill=a.prefill, as_json=a.json,
+                                  yes=a.yes, tools=not a.no_tools))
 
 
 def cmd_exec(svc: DialogueService, a: argparse.Namespace) -> int:
     """Run an existing code message or prompt."""
     return asyncio.run(stream_run(svc, a.name, svc.message_id(a.name, a.msg), prefill=a.prefill,
-                                  as_json=a.json))
+                                  as_json=a.json, yes=a.yes, tools=not a.no_tools))
 
 
 def run_record(svc: DialogueService, m: Message) -> dict[str, Any]:
@@ -57,6 +58,45 @@ def terminal_input(pause: Any = None, echoes: list[str] | None = None) -> Any:
             echoes.append(prompt + ("" if password else text) + "\n")
         return text
     return answer
+
+
+def terminal_approval(yes: bool, pause: Any = None) -> Any:
+    """How the model's tool calls that need approval are answered from here (see
+    DialogueService.start's `approve`): `--yes` allows them all; on a terminal, a question for
+    each (y: allow once, a: always allow this tool in this dialogue, n: deny), pausing `pause`
+    (a live progress display) meanwhile; otherwise False: denied, and `approval_note` says so."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        return False
+
+    def ask(info: dict[str, Any]) -> str:  # run in a thread by the service
+        if pause is not None:
+            pause.stop()
+        try:
+            err.print(plain("\nThe model wants to call " + describe_call(info)), soft_wrap=True)
+            preview = info.get("preview") or {}
+            if preview.get("text"):
+                err.print(plain(str(preview["text"]), style="dim"))
+            while True:
+                try:
+                    got = input("Allow? [y]es once, [a]lways in this dialogue, [n]o: ")
+                except (EOFError, KeyboardInterrupt):
+                    return "deny"
+                if got.strip().lower() in ("y", "yes", "a", "always", "n", "no"):
+                    return got
+        finally:
+            if pause is not None:
+                pause.start()
+    return ask
+
+
+def approval_note(data: dict[str, Any]) -> str | None:
+    """The line on stderr for a tool call denied because nobody was there to approve it."""
+    if data.get("decision") == "deny" and data.get("reason") == "unattended":
+        return (f"tool call {describe_call(data)} needs approval and standard input is not a "
+                "terminal: denied (--yes allows tool calls, --no-tools offers none)")
+    return None
 
 
 def _progress(data: dict[str, Any]) -> Progress:
@@ -104,9 +144,10 @@ class ReadingLine:
 
 
 async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | None = None,
-                     as_json: bool = False) -> int:
+                     as_json: bool = False, yes: bool = False, tools: bool = True) -> int:
     """Run a message, printing what it produces as it arrives (`as_json`: one JSON document
-    at the end instead, `run_record`); exit status 1 if it failed."""
+    at the end instead, `run_record`); exit status 1 if it failed. Tool calls: `yes` allows
+    them all, `tools=False` offers none, else `terminal_approval` asks."""
     reading = ReadingLine()
     # what the model or the code writes reaches the terminal made visible, piece by piece
     stream = StreamWriter()
@@ -120,7 +161,8 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
                 except ProviderError:
                     pass  # the run meets it again and stores and prints it as an answer's error
         echoes: list[str] = []
-        svc.start(name, mid, prefill=prefill, stdin=terminal_input(echoes=echoes))
+        svc.start(name, mid, prefill=prefill, stdin=terminal_input(echoes=echoes),
+                  approve=terminal_approval(yes), tools=tools)
         if prefill:
             write(prefill)
         final = None
@@ -141,6 +183,8 @@ async def stream_run(svc: DialogueService, name: str, mid: str, prefill: str | N
             elif ev.type == "tool_call":
                 call = f"tool call: {ev.data['name']}({json.dumps(ev.data['arguments'])})"
                 err.print(plain(call, style="dim"))
+            elif ev.type == "approval" and (note := approval_note(ev.data)):
+                err.print(plain(note), soft_wrap=True)
             elif ev.type == "error":
                 err.print(plain(f"error: {ev.data}"), soft_wrap=True)  # one line, however long
             elif ev.type == "done":
@@ -213,15 +257,20 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
             asyncio.get_running_loop().create_task(reading(m.id, desc))
 
     async def reading(mid: str, desc: str) -> None:
-        """While the model reads a long prompt, say how far it is in the progress line."""
+        """While the model reads a long prompt, say how far it is in the progress line; say each
+        tool call denied for want of someone to approve it."""
         from contextlib import aclosing
+        reading_shown = False
         async with aclosing(svc.subscribe(mid)) as evs:
             async for ev in evs:
                 if ev.type == "progress":
                     progress.update(task, description=f"{desc} · {_progress(ev.data).describe()}")
-                elif ev.type in ("text", "done"):
+                    reading_shown = True
+                elif ev.type in ("text", "done") and reading_shown:
                     progress.update(task, description=desc)
-                    break
+                    reading_shown = False
+                elif ev.type == "approval" and (note := approval_note(ev.data)):
+                    progress.console.print(plain(note), soft_wrap=True)
 
     def on_done(i: int, n: int, m: Message) -> None:
         progress.update(task, completed=i + 1)
@@ -238,7 +287,9 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
     async def go() -> list[Message]:
         try:
             return await svc.run_through(d.id, allow_errors=a.allow_errors, on_start=on_start,
-                                         on_done=on_done, stdin=terminal_input(progress))
+                                         on_done=on_done, stdin=terminal_input(progress),
+                                         approve=terminal_approval(a.yes, progress),
+                                         tools=not a.no_tools)
         finally:
             await svc.shutdown_kernels()
 
@@ -264,6 +315,14 @@ def cmd_run(svc: DialogueService, a: argparse.Namespace) -> int:
     return 0
 
 
+def tool_options(sp: argparse.ArgumentParser) -> None:
+    """--yes / --no-tools: how the model's tool calls are approved (see terminal_approval)."""
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--yes", action="store_true",
+                   help="allow every tool call the model makes without asking")
+    g.add_argument("--no-tools", action="store_true", help="offer the model no tools")
+
+
 def _args_ask(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name")
     sp.add_argument("text", help="the prompt ('-' reads standard input)")
@@ -271,6 +330,7 @@ def _args_ask(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--image", action="append", metavar="PATH",
                     help="an image file (PNG, JPEG, GIF or WebP, at most 5 MiB) to attach; repeat for more")
     sp.add_argument("--json", action="store_true", help="print one JSON document at the end (the stored answer)")
+    tool_options(sp)
 
 
 def _args_exec(sp: argparse.ArgumentParser) -> None:
@@ -278,6 +338,7 @@ def _args_exec(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("msg")
     sp.add_argument("--prefill")
     sp.add_argument("--json", action="store_true", help="print one JSON document at the end (what the run stored)")
+    tool_options(sp)
 
 
 def _args_run(sp: argparse.ArgumentParser) -> None:
@@ -290,6 +351,7 @@ def _args_run(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--trust", action="store_true",
                     help="adopt the notebook's system prompt (a file's model is used only if you "
                          "configured it)")
+    tool_options(sp)
 
 
 COMMANDS = {
