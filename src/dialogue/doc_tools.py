@@ -210,13 +210,25 @@ class DocumentTools:
 
     def resolve(self, ref: str) -> Message:
         """The message `ref` names (id, id prefix, 1-based position); DocToolError if none."""
+        ref = str(ref).strip()
+        store = self.host.store
         try:
-            return self.host.store.get_message(self.host.message_id(self.did, str(ref)))
+            # an exact id (ours always hold a letter; a short all-digit ref is a position) is
+            # one lookup; prefixes and positions go through the service, which lists them all
+            if not (ref.lstrip("-").isdigit() and len(ref) < 8):
+                try:
+                    m = store.get_message(ref)
+                except NotFoundError:
+                    pass
+                else:
+                    if store.message_dialogue(m.id) == self.did:
+                        return m
+            return store.get_message(self.host.message_id(self.did, ref))
         except NotFoundError as e:
             raise DocToolError(f"{e}; list_messages shows the ids and positions") from None
 
     def _position(self, mid: str) -> int:
-        return next(i for i, m in enumerate(self._messages(), 1) if m.id == mid)
+        return self.host.store.position(mid)
 
     def list_messages(self) -> str:
         ms = self._messages()
@@ -297,7 +309,9 @@ class DocumentTools:
     def _edit(self, m: Message, **changes: Any) -> Message:
         try:
             with acting(self.author, self.cause):
-                new = self.host.edit(self.did, m.id, base_version=self._base(m), **changes)
+                # the store directly: `m` is resolved already (the service would list the
+                # dialogue again to resolve it)
+                new = self.host.store.update_message(m.id, base_version=self._base(m), **changes)
         except ConflictError as e:
             raise self._conflict(m, e) from None
         self.seen[new.id] = new.version
@@ -311,8 +325,8 @@ class DocumentTools:
         if not top:
             after = self.resolve(after).id
         with acting(self.author, self.cause):
-            m = self.host.add(self.did, kind, str(source), **({"index": 0} if top else
-                                                             {"after": after}))
+            m = self.host.store.add_message(self.did, Message(kind=kind, source=str(source)),
+                                            **({"index": 0} if top else {"after": after}))
         self.seen[m.id] = m.version
         self.added = m.id
         return f"added {kind} message {m.id} at position {self._position(m.id)}"
@@ -347,7 +361,7 @@ class DocumentTools:
         m = self.resolve(id)
         try:
             with acting(self.author, self.cause):
-                self.host.delete_message(self.did, m.id, base_version=self._base(m))
+                self.host.store.delete_message(m.id, base_version=self._base(m))
         except ConflictError as e:
             raise self._conflict(m, e) from None
         return f"message {m.id} is in the trash"

@@ -1472,6 +1472,11 @@ class Store:
         for i, (n,) in enumerate(rows):
             self._x("UPDATE messages SET pos = ? WHERE n = ?", (float(i + 1), n))
 
+    def position(self, msg_id: str) -> int:
+        """A live message's 1-based place in its dialogue (ids and positions only: no message
+        is decoded)."""
+        return self._index_of(self.message_dialogue(msg_id), msg_id) + 1
+
     def _index_of(self, dialogue_id: str, msg_id: str) -> int:
         for i, (mid, _) in enumerate(self._positions(dialogue_id)):
             if mid == msg_id:
