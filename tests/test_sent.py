@@ -209,3 +209,26 @@ async def test_local_estimate_uses_the_models_tokenizer_and_disk_cache(svc, tmp_
     assert est["cached"] <= u["cache_read"]
     rec = svc.sent_request("loc", p2.id)
     assert rec["cache"]["kind"] == "local" and rec["token_count"] == "tokenizer"
+
+
+async def test_the_record_lists_folder_notes_attached_docs_and_the_mode(svc, tmp_path, monkeypatch):
+    from dialogue.api import Dialogue as Handle
+    svc.new_folder("team")
+    svc.set_folder("team", note="Team rule: answer in French.")
+    svc.create("ctx", model="claude-sonnet-4-5", folder="team")
+    svc.attach("ctx", "glossary", "chat = cat\n" * 20)
+    svc.set_mode("ctx", "concise")
+    p = svc.add("ctx", "prompt", "What is a chat?")
+    with ReplayServer() as srv:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        srv.push(sse(anthropic_events(["Un chat."])))
+        await _answer(svc, "ctx", p.id)
+        body = srv.last.json
+    rec = Handle(svc.dialogue_id("ctx"), db=svc.path).request(p.id)  # the Python API
+    entries = rec["context"]["entries"]
+    assert [(e["kind"], e["name"]) for e in entries] == [("folder", "team"), ("text", "glossary")]
+    assert all(e["tokens"] > 0 for e in entries)
+    assert rec["context"]["text"] == body["system"][1]["text"]  # the context block as sent
+    assert rec["context"]["tokens"] >= sum(e["tokens"] for e in entries)
+    assert rec["mode"]["name"] == "concise" and rec["system"]["text"] == body["system"][0]["text"]

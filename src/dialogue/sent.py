@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from .llm.base import Request, Turn
 
-__all__ = ["record", "cache_plan", "estimate", "entry_words", "RECORD_VERSION", "CLAUDE_CACHE_TTL"]
+__all__ = ["record", "cache_plan", "estimate", "entry_words", "context_words", "RECORD_VERSION", "CLAUDE_CACHE_TTL"]
 
 RECORD_VERSION = 1
 CLAUDE_CACHE_TTL = 300.0
@@ -59,6 +59,16 @@ def _turn(t: Turn, i: int, ids: Sequence[Sequence[str]]) -> dict[str, Any]:
     if t.tool_calls:
         out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in t.tool_calls]
     return out
+
+
+def context_words(entry: dict[str, Any]) -> str:
+    """A context entry's flags in words: where it came from and, for a document too large for
+    the context, how many of its chunks were retrieved for this prompt."""
+    bits = [str(entry["source"])] if entry.get("source") else []
+    if entry.get("retrieved") is not None:
+        bits.append(f"retrieved {len(entry['retrieved'])} of {entry.get('of', '?')} chunks "
+                    "(the best matches for the prompt)")
+    return " · ".join(bits)
 
 
 def entry_words(entry: dict[str, Any]) -> str:
@@ -137,6 +147,8 @@ def record(request: Request, provider: Any = None, *, at: float | None = None) -
         "dropped": request.dropped,
         "ref_errors": list(meta.get("ref_errors") or []),
         "adapters": dict(meta.get("adapters") or {}),
+        "mode": meta.get("mode"),  # the answering mode whose text ends the system prompt
+        "images": list(meta.get("images") or []),  # images the user attached, where they came from
         "cache": plan,
     }
 

@@ -10,7 +10,7 @@ from typing import Any
 from rich.panel import Panel
 from rich.table import Table
 
-from ..service import DialogueService, NotFoundError, entry_words
+from ..service import DialogueService, NotFoundError, context_words, entry_words
 from ..terminal import plain
 from .common import UserError, emit_json, out, when
 
@@ -40,17 +40,18 @@ def print_request(rec: dict[str, Any]) -> None:
     plan = rec.get("cache") or {}
     out.print(plain(f"cache: {plan.get('about', 'none')}" + (f"; breakpoints {', '.join(marks)}"
                                                                 if marks else "")))
-    sys_title = f"system · {_n(rec['system'].get('tokens'))} tokens" + (
+    mode = (rec.get("mode") or {}).get("name") if (rec.get("mode") or {}).get("chars") else None
+    sys_title = f"system · {_n(rec['system'].get('tokens'))} tokens" + (f" · mode {mode}" if mode else "") + (
         " · cache breakpoint after the context" if system_mark else "")
     out.print(Panel(plain(rec["system"]["text"]), title=plain(sys_title), title_align="left",
                     border_style="dim"))
     ctx = rec["context"]
     if ctx.get("text") or ctx.get("entries"):
         if ctx.get("entries"):
-            t = Table("context entry", "kind", "tokens", box=None)
+            t = Table("context entry", "kind", "tokens", "from / retrieved", box=None)
             for e in ctx["entries"]:
                 t.add_row(plain(str(e.get("name", ""))), plain(str(e.get("kind", ""))),
-                          _n(e.get("tokens")))
+                          _n(e.get("tokens")), plain(context_words(e)))
             out.print(t)
         out.print(Panel(plain(ctx["text"]), title=plain(f"context · {_n(ctx.get('tokens'))} tokens"),
                         title_align="left", border_style="dim"))

@@ -13,7 +13,7 @@ from fasthtml.common import (APIRouter, Code, Details, Div, Li, Pre, Small, Span
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ...service import NotFoundError, entry_words
+from ...service import NotFoundError, context_words, entry_words
 from .. import paths
 from ..common import form, site, text
 
@@ -54,13 +54,17 @@ def panel(rec: dict[str, Any]) -> Any:
         rows.append(Tr(Td(part), Td(_n(tokens), cls="num"), Td(*flags),
                        Td(Details(Summary("show"), body) if body is not None else "")))
 
+    mode = (rec.get("mode") or {}).get("name") if (rec.get("mode") or {}).get("chars") else None
     row("system prompt", rec["system"].get("tokens"),
-        [_flag("cache breakpoint", "Claude caches everything up to here")] if system_mark else [],
+        ([_flag(f"mode: {mode}", "the mode's text ends the system prompt")] if mode else []) +
+        ([_flag("cache breakpoint", "Claude caches everything up to here")] if system_mark else []),
         Pre(rec["system"]["text"], cls="rq-text"))
     ctx = rec["context"]
     for e in ctx.get("entries") or []:
         row(f"context: {e.get('kind', '')} {e.get('name', '')}".strip(), e.get("tokens"),
-            [_flag(str(e["flag"]))] if e.get("flag") else [], None)
+            [_flag("retrieved", "a document too large for the context: only its chunks that "
+                   "best match the prompt were sent")] if e.get("retrieved") is not None else [],
+            Small(context_words(e)) if context_words(e) else None)
     if ctx.get("text"):
         row("context (as sent)", ctx.get("tokens"), [], Pre(ctx["text"], cls="rq-text"))
     if rec["tools"]:
