@@ -269,7 +269,7 @@ async def test_reads_run_changes_ask_and_the_setting_makes_reads_ask():
     assert await gate(ToolCall("2", "write", {"text": "new"})) is True
     assert events[0]["preview"] == {"kind": "diff", "text": "-old\n+new"}
     assert await gate(ToolCall("3", "write", {"text": "x"})) == DENIED
-    meta = approvals.with_ask_reads(meta, True)
+    meta = {"approvals": {"ask_reads": True}}
     assert await gate(ToolCall("4", "read", {})) is True
     assert [e["name"] for e in events] == ["write", "write", "read"]
 
@@ -342,7 +342,7 @@ def test_tool_calls_go_into_the_notebook_and_a_file_approves_nothing(svc, tmp_pa
     calls = [{"id": "toolu_1", "name": "bump", "arguments": {"n": 2}, "result": "2", "error": False}]
     svc.store.update_message(p.id, base_version=p.version, response="Done.", tool_calls=calls)
     svc.allow_tool("t", "bump")
-    svc.set_ask_reads("t", True)
+    svc.set_approvals("t", ask_reads=True)
     raw = to_ipynb_bytes(svc.for_notebook(svc.open("t")))
     cell = json.loads(raw)["cells"][0]
     assert cell["metadata"]["dialogue"]["tool_calls"] == calls  # exported with the answer

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["ONCE", "ALWAYS", "DENY", "DECISIONS", "DENIED", "UNATTENDED", "ENDED",
-           "ApprovalError", "settings_of", "needs_asking", "with_always", "with_ask_reads",
+           "ApprovalError", "settings_of", "needs_asking", "with_always",
            "decision_of", "settle_pending", "describe_call", "Gate"]
 
 ONCE, ALWAYS, DENY = "once", "always", "deny"
@@ -77,10 +77,6 @@ def with_always(meta: dict[str, Any], name: str, allow: bool = True) -> dict[str
     s = settings_of(meta)
     always = [n for n in s["always"] if n != name] + ([name] if allow else [])
     return {**meta, "approvals": {**s, "always": always}}
-
-
-def with_ask_reads(meta: dict[str, Any], ask: bool) -> dict[str, Any]:
-    return {**meta, "approvals": {**settings_of(meta), "ask_reads": bool(ask)}}
 
 
 def decision_of(value: Any) -> str:

@@ -24,7 +24,7 @@ from .modes import MODES, ModeError, is_edited, mode_of, with_mode
 from .trust import import_record
 from . import images as _images
 from .images import ImageError
-from .approvals import ApprovalError, describe_call
+from .approvals import ApprovalError, describe_call, settings_of as approval_settings
 from .sent import context_words, entry_words
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "An
            "HIT_START", "HIT_END", "SearchHit", "TrashItem", "Version", "ModelInfo", "Progress",
            "TextDelta", "Usage", "default_db_path", "Step", "OnProgress", "ImageError",
            "Folder", "MODES", "ModeError", "mode_of", "is_edited", "ApprovalError", "describe_call",
-           "entry_words", "context_words"]
+           "approval_settings", "entry_words", "context_words"]
 
 DEFAULT_MODEL = "local:default"
 # serving engines that apply adapter sets themselves (llm/engines.py)
@@ -1047,13 +1047,21 @@ class DialogueService:
         return self.store.update_dialogue(did, base_version=d.version,
                                           meta=with_always(d.meta, name, allow))
 
-    def set_ask_reads(self, ref: str, ask: bool) -> Dialogue:
-        """Whether tools that only read ask too, in this dialogue (by default they do not)."""
-        from .approvals import with_ask_reads
+    def set_approvals(self, ref: str, *, always: "Iterable[str] | None" = None,
+                      ask_reads: bool | None = None, base_version: int | None = None) -> Dialogue:
+        """This dialogue's approvals (None: unchanged): the tools `always` allowed without
+        asking, and whether tools that only read ask too (`ask_reads`; by default they do not).
+        One new version of its settings."""
+        from .approvals import settings_of
         did = self.dialogue_id(ref)
         d = self.store.get_dialogue(did, with_messages=False)
-        return self.store.update_dialogue(did, base_version=d.version,
-                                          meta=with_ask_reads(d.meta, ask))
+        s = settings_of(d.meta)
+        if always is not None:
+            s["always"] = list(dict.fromkeys(str(n) for n in always))
+        if ask_reads is not None:
+            s["ask_reads"] = bool(ask_reads)
+        return self.store.update_dialogue(did, base_version=d.version if base_version is None
+                                          else base_version, meta={**d.meta, "approvals": s})
 
     def reply_input(self, msg_id: str, text: str) -> None:
         """Answer the input() that the running code message `msg_id` waits on (RunError if it

@@ -525,7 +525,7 @@ def context_status(d: Dialogue, rows: list[dict[str, Any]]) -> Any:
         label, why = cached[r["cached"]] if not r.get("retrieved") else (
             "retrieved", "too large for the context with the rest: each prompt gets its best chunks")
         tokens = f"{r['tokens']:,}" if r["exact"] else f"~{r['tokens']:,}"
-        again = r["kind"] in ("package", "url") or (r["kind"] in ("file", "folder")
+        again = r["kind"] in ("package", "url") or (r["kind"] in ("file", "directory")
                                                      and r["source"].startswith("/"))
         body.append(Tr(Td(r["name"]), Td(r["kind"]), Td(tokens, cls="num ctx-tokens"),
                        Td(label, title=why, cls=f"ctx-cached {label.replace(' ', '-')}"),
@@ -596,6 +596,7 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
                        model_input(d)),
                  generation_fields(d),
                  doc_tools_fields(d),
+                 approvals_fields(d),
                  Button("Save settings", type="submit", cls="small"),
                  hx_post=urls.settings.to(did=d.id), hx_include="#dversion"),
             Div(H3("Attached context"),
@@ -688,6 +689,26 @@ def doc_tools_fields(d: Dialogue) -> Any:
         Div(*boxes, cls="doc-tools"),
         Input(type="hidden", name="doc_tools_form", value="1"),
         cls="doc-tools-fields")
+
+
+def approvals_fields(d: Dialogue) -> Any:
+    """Which tool calls ask first: reading tools too or not, and the tools always allowed in this
+    dialogue (from an answer's "Always allow"), each a box to untick to take it back."""
+    from ..service import approval_settings
+    s = approval_settings(d.meta)
+    allowed = [Label(Input(type="checkbox", name="always_tool", value=n, checked=True),
+                     Code(n), cls="doc-tool") for n in s["always"]]
+    return Fieldset(
+        Legend("Approvals"),
+        P("Tools that change or run anything ask before each call; untick a tool below to make "
+          "it ask again.", cls="hint"),
+        Label(Input(type="checkbox", name="ask_reads", value="1", role="switch",
+                    checked=s["ask_reads"]),
+              "Ask before tools that only read, too"),
+        Div(*allowed, cls="doc-tools") if allowed else
+        P("No tool is always allowed in this dialogue.", cls="hint"),
+        Input(type="hidden", name="approvals_form", value="1"),
+        cls="approvals-fields")
 
 
 def _ta(text: str) -> str:

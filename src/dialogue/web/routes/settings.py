@@ -9,7 +9,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ...document import Dialogue
-from ...service import mode_of
+from ...service import approval_settings, mode_of
 from .. import paths
 from .. import views as V
 from ..common import Site, form, oob, opt_int, refuse, site, text
@@ -52,7 +52,8 @@ async def settings(did: str, req: Request) -> Any:
         tools = [str(x) for x in (await req.form()).getlist("doc_tool")]
         if tools == s.service.doc_tools(d):
             tools = None
-    if not changes and tools is None:
+    approvals = approval_changes(d, f, await req.form()) if text(f.get("approvals_form")) else {}
+    if not changes and tools is None and not approvals:
         return (HtmxResponseHeaders(reswap="none"), V.dversion_input(d, oob=True))
     # the service refuses a model no provider serves
     if changes:
@@ -61,9 +62,26 @@ async def settings(did: str, req: Request) -> Any:
     if tools is not None:
         d = s.service.set_doc_tools(d.id, tools or None, base_version=base)
         changes["doc_tools"] = tools
+    if approvals:
+        d = s.service.set_approvals(d.id, base_version=base, **approvals)
+        changes["approvals"] = approvals
     note = "name" if set(changes) == {"name"} else "model" if set(changes) == {"model"} \
         else "settings"
     return saved(s, d, note)
+
+
+def approval_changes(d: Dialogue, f: dict[str, Any], raw: Any) -> dict[str, Any]:
+    """What the Approvals fields change ({} nothing): reading tools asking or not, and the
+    always-allowed tools still ticked (a box only takes a tool off; "Always allow" adds one)."""
+    now = approval_settings(d.meta)
+    out: dict[str, Any] = {}
+    ask = bool(text(f.get("ask_reads")))
+    if ask != now["ask_reads"]:
+        out["ask_reads"] = ask
+    kept = {str(x) for x in raw.getlist("always_tool")}
+    if any(n not in kept for n in now["always"]):
+        out["always"] = [n for n in now["always"] if n in kept]
+    return out
 
 
 def mode_changes(d: Dialogue, f: dict[str, Any]) -> dict[str, Any]:
