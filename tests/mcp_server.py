@@ -3,7 +3,7 @@
     python tests/mcp_server.py                       # stdio (what a test's mcpServers entry runs)
     python tests/mcp_server.py --http PORT           # streamable HTTP on 127.0.0.1:PORT/mcp
 
-Tools: `add` (read-only), `echo`, `picture` (text and an image), `env` (a variable of its
+Tools: `add` (read-only), `echo`, `big` (n characters), `picture` (text and an image), `env` (a variable of its
 environment), `header` (a header of the HTTP request that called it), `crash` (the process
 exits), `hang` (never answers), `fail` (the tool raises). `--name NAME` renames the server.
 """
@@ -40,6 +40,12 @@ def add(a: int, b: int) -> str:
 def echo(text: str) -> str:
     """Say `text` back."""
     return text
+
+
+@app.tool()
+def big(n: int) -> str:
+    """`n` characters."""
+    return "x" * n
 
 
 @app.tool()

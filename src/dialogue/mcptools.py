@@ -327,8 +327,13 @@ class Connection:
 
     @property
     def running(self) -> bool:
+        """Up, on the loop asking (outside any loop: up on the loop it was started on)."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = self._loop
         return (self._client is not None and self._task is not None and not self._task.done()
-                and self._loop is asyncio.get_running_loop())
+                and self._loop is here)
 
     def stderr_size(self) -> int:
         try:
@@ -581,17 +586,21 @@ def tool_name(server: str, tool: str) -> str:
 
 @dataclass
 class MCPTools:
-    """The ToolSource of an answer's MCP tools: each offered name routed to its server's tool."""
+    """The ToolSource of an answer's MCP tools: each offered name routed to its server's tool.
+    A result longer than `limit` characters is cut (and says so), as a kernel tool's is."""
 
     routes: dict[str, tuple[Connection, str]] = field(default_factory=dict)
+    limit: int = 20_000
 
     async def call(self, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
         if name not in self.routes:
             return f"there is no MCP tool named {name!r}", True
         if not isinstance(arguments, dict):
             return f"arguments must be a JSON object, got {type(arguments).__name__}", True
+        from .tools import _cap
         conn, tool = self.routes[name]
-        return await conn.call(tool, arguments)
+        text, err = await conn.call(tool, arguments)
+        return _cap(text, self.limit), err
 
     async def preview(self, name: str, arguments: dict[str, Any]) -> dict[str, Any] | None:
         """What an approval shows (the approvals' preview shape, kind "text"): the server, how
