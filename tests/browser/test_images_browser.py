@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import base64
 import re
-import signal
-import subprocess
+from contextlib import closing
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from browserutil import free_port, start_server
-from servers import ReplayServer, anthropic_events, sse
+from browserutil import claude_server
 from imagefiles import png
+from servers import anthropic_events, sse
 
 from dialogue.service import DialogueService
 
@@ -34,30 +33,15 @@ PASTE = """([b64, name]) => {
 
 @pytest.fixture
 def claude(tmp_path):
-    """A dialogue server whose Claude is the replay server (ANTHROPIC_BASE_URL in its process)."""
-    with ReplayServer() as srv:
-        port, db = free_port(), tmp_path / "pics.db"
-        prelude = (f"import os; os.environ['ANTHROPIC_BASE_URL'] = {srv.base_url!r}; "
-                   "os.environ['ANTHROPIC_API_KEY'] = 'sk-ant-test'")
-        proc = start_server(tmp_path, db, port, prelude=prelude)
-        try:
-            yield srv, f"http://127.0.0.1:{port}", db
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with claude_server(tmp_path, "pics.db") as c:
+        yield c
 
 
 def test_a_pasted_image_reaches_claude(page: Page, claude) -> None:
     srv, url, db = claude
-    svc = DialogueService(db)
-    try:
+    with closing(DialogueService(db)) as svc:
         d = svc.create("paste", model="claude-sonnet-4-5")
         p = svc.add(d.id, "prompt", "What is in this picture?")
-    finally:
-        svc.close()
     shot = png(4, 3, b"\x10\x80\xf0")
     b64 = base64.b64encode(shot).decode()
 
@@ -84,10 +68,44 @@ def test_a_pasted_image_reaches_claude(page: Page, claude) -> None:
     assert [b["type"] for b in content][:2] == ["text", "image"]
     assert content[0]["text"].startswith("What is in this picture?")
     assert content[1]["source"] == {"type": "base64", "media_type": "image/png", "data": b64}
-    svc = DialogueService(db)
-    try:
+    with closing(DialogueService(db)) as svc:
         msg = svc.message(d.id, p.id)
-    finally:
-        svc.close()
     assert msg.attachments == {"Screenshot-1.png": {"image/png": b64}}
     assert page.watch.errors == [], page.watch.errors
+
+
+def test_add_image_button_and_refusals(page: Page, claude) -> None:
+    srv, url, db = claude
+    with closing(DialogueService(db)) as svc:
+        d = svc.create("picker", model="claude-sonnet-4-5")
+        n = svc.add(d.id, "note", "Figure:")
+        c = svc.add(d.id, "code", "x = 1")
+    page.goto(f"{url}/d/{d.id}")
+    note = page.locator(f"#m-{n.id}")
+    note.locator(".view").dblclick()
+    expect(note).to_have_class(re.compile(r"\bediting\b"), timeout=WAIT)
+    pick = note.locator('input[data-act="image-file"]')
+    # "Add image…" with a file that only calls itself a PNG: refused, nothing inserted
+    pick.set_input_files(files=[{"name": "fake.png", "mimeType": "image/png",
+                                 "buffer": b"GIF? no: just text"}])
+    expect(page.locator("#toast")).to_contain_text("fake.png is not an image we can attach",
+                                                   timeout=WAIT)
+    expect(note.locator(".CodeMirror")).not_to_contain_text("attachment:")
+    pick.set_input_files(files=[{"name": "fig 1.png", "mimeType": "image/png", "buffer": png()}])
+    expect(note.locator(".CodeMirror")).to_contain_text("![fig-1.png](attachment:fig-1.png)",
+                                                        timeout=WAIT)
+    page.keyboard.press("Escape")  # saves; the note shows its image
+    expect(note.locator(".view img")).to_have_count(1, timeout=WAIT)
+    # a paste of an image into a code cell says where images go, and changes nothing
+    code = page.locator(f"#m-{c.id}")
+    code.locator(".view").click()
+    expect(code).to_have_class(re.compile(r"\bediting\b"), timeout=WAIT)
+    assert page.evaluate(PASTE, [base64.b64encode(png()).decode(), "x.png"]) is False
+    expect(page.locator("#toast")).to_contain_text("Images go in notes and prompts", timeout=WAIT)
+    with closing(DialogueService(db)) as svc:
+        assert list(svc.message(d.id, n.id).attachments) == ["fig-1.png"]
+        assert svc.message(d.id, c.id).attachments == {}
+    assert srv.requests == []
+    # the refused upload's 400 is the browser's one console line; nothing else went wrong
+    assert page.watch.errors == ["console error: Failed to load resource: the server responded "
+                                 "with a status of 400 (Bad Request)"], page.watch.errors

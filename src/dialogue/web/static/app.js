@@ -299,11 +299,15 @@
   }
 
   function onPaste(e) {
-    var cell = imageCell(e.target);
-    var files = cell ? imageFiles(e.clipboardData && e.clipboardData.files) : [];
+    var files = imageFiles(e.clipboardData && e.clipboardData.files);
     if (!files.length) return; // text pastes as usual
-    e.preventDefault();
-    uploadImages(cell, files);
+    var cell = imageCell(e.target);
+    if (cell) {
+      e.preventDefault();
+      uploadImages(cell, files);
+    } else if (cellOf(e.target) && !(e.clipboardData.types || []).includes("text/plain")) {
+      notice("Images go in notes and prompts (a code cell's images are its outputs).", "error");
+    }
   }
 
   function onDragOver(e) {
