@@ -114,3 +114,12 @@ def test_run_on_a_terminal_asks(setup, answer, result, always):
     m, d = stored(db, pid)
     assert m.tool_calls[0]["result"] == result
     assert d.meta.get("approvals", {}).get("always") == always
+
+
+def test_show_lists_tool_calls_and_results(setup):
+    srv, env, db, pid = setup
+    push_call(srv)
+    assert cli(env, "run", "t", "--yes").returncode == 0
+    r = cli(env, "show", "t")
+    assert r.returncode == 0, r.stderr
+    assert 'tool bump({"n": 2}) -> 2' in r.stdout

@@ -12,7 +12,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from ..document import FLAGS, Kind, Message, output_text
-from ..service import DialogueService
+from ..service import DialogueService, describe_call
 from ..terminal import markup, plain, visible
 from .common import UserError, err, out, text_arg, when
 
@@ -34,6 +34,13 @@ def render_message(m: Message, index: int | None = None) -> Panel:
             parts.append(plain(text or "[non-text output]", style="red" if errored else "dim"))
     elif m.kind == Kind.prompt:
         parts.append(plain(m.source, style="bold"))
+        waiting = {p.get("id") for p in m.meta.get("pending") or [] if isinstance(p, dict)}
+        for c in m.tool_calls:  # one line each: the call and what went back to the model
+            res = ("waiting for approval" if c.get("id") in waiting
+                   else str(c.get("result") if c.get("result") is not None else "(no result)"))
+            res = res.splitlines()[0][:200] if res.strip() else res
+            parts.append(plain(f"tool {describe_call(c)} -> {res}",
+                               style="red" if c.get("error") else "dim"))
         if m.response:
             parts.append(Markdown(visible(m.response)))
     elif m.kind == Kind.raw:
