@@ -79,3 +79,24 @@ def test_the_lazy_table_names_exactly_what_each_adapter_registers():
         assert registered.get(prefix) == f"dialogue.llm.{module}", prefix
     builtin = {p for p, m in registered.items() if m.startswith("dialogue.llm.")}
     assert builtin == set(base.BUILTIN_PREFIXES)
+
+
+def test_threads_resolving_a_model_while_its_sdk_imports_all_get_it(tmp_path):
+    """The web app resolves models in worker threads: the second thread to ask for a Claude
+    model while the first is still importing the SDK waits for it (it was refused as an unknown
+    model, the module marked tried but not yet registered)."""
+    code = """
+import threading
+from dialogue.llm import base
+errors = []
+def go():
+    try:
+        base.get_provider("claude-sonnet-4-5")
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=go) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert errors == [], errors
+"""
+    assert loaded_after(code, tmp_path) == ["anthropic"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import datetime
+import threading
 import email.utils
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Callable, Literal, Mapping, Protocol, runtime_checkable
@@ -339,6 +340,10 @@ BUILTIN_PREFIXES: dict[str, str] = {
 }
 _tried: set[str] = set()
 
+# Held while an adapter module is imported: a second thread resolving a model meanwhile (the web
+# app resolves in worker threads) waits for the import instead of finding the module marked tried
+# but not yet registered, and refusing the model as unknown.
+_loading = threading.RLock()
 
 def _builtin_module(model: str) -> str | None:
     """The built-in adapter module (its short name) that serves `model`, by the longest prefix."""
@@ -351,12 +356,15 @@ def _load_builtin(model: str | None = None) -> None:
     registers itself. An adapter whose SDK is not installed is simply not offered."""
     import importlib
     wanted = set(BUILTIN_PREFIXES.values()) if model is None else {_builtin_module(model)} - {None}
-    for mod in sorted(wanted - _tried):
-        _tried.add(mod)
-        try:
-            importlib.import_module(f"dialogue.llm.{mod}")
-        except ImportError:
-            pass
+    if not wanted - _tried:
+        return
+    with _loading:
+        for mod in sorted(wanted - _tried):
+            try:
+                importlib.import_module(f"dialogue.llm.{mod}")
+            except ImportError:
+                pass
+            _tried.add(mod)
 
 
 # ---------------------------------------------------------------- pricing

@@ -62,7 +62,11 @@ async def index(req: Request) -> Any:
     svc = site(req).service
     q = req.query_params.get("q", "")
     hits = svc.search(q) if q.strip() else None
-    return V.dialogues_page(svc.list(), svc.trash(), q=q, hits=hits)
+    folder = req.query_params.get("folder", "").strip().strip("/")
+    if folder:
+        folder = svc.folder(folder).path  # an unknown folder: a clear 404, not an empty list
+    return V.dialogues_page(svc.list(), svc.trash(), q=q, hits=hits, folders=svc.folders(),
+                            folder=folder)
 
 
 @rt(paths.search)
@@ -81,7 +85,9 @@ async def search(req: Request) -> Any:
 @rt(paths.new, methods=["post"])
 async def new(req: Request) -> Any:
     f = await form(req)
-    d = site(req).service.create((text(f.get("name")) or "").strip())
+    # in a folder, it starts from the folder's template if it has one
+    d = site(req).service.create((text(f.get("name")) or "").strip(),
+                                 folder=(text(f.get("folder")) or "").strip() or None)
     return Redirect(paths.dialogue.to(did=d.id))
 
 
