@@ -232,3 +232,21 @@ async def test_the_record_lists_folder_notes_attached_docs_and_the_mode(svc, tmp
     assert rec["context"]["text"] == body["system"][1]["text"]  # the context block as sent
     assert rec["context"]["tokens"] >= sum(e["tokens"] for e in entries)
     assert rec["mode"]["name"] == "concise" and rec["system"]["text"] == body["system"][0]["text"]
+
+
+async def test_tools_the_run_adds_are_listed_and_counted(svc, monkeypatch):
+    svc.create("tl", model="claude-sonnet-4-5")
+    svc.set_doc_tools("tl", "read")
+    p = svc.add("tl", "prompt", "What is in this dialogue?")
+    est = await svc.estimate("tl", p.id)
+    with ReplayServer() as srv:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        srv.push(sse(anthropic_events(["Nothing much."])))
+        await _answer(svc, "tl", p.id)
+        body = srv.last.json
+    rec = svc.sent_request("tl", p.id)
+    assert [t["name"] for t in rec["tools"]] == [t["name"] for t in body["tools"]] != []
+    assert rec["tools_tokens"] > 50  # the document tools' schemas, counted where they were added
+    assert rec["tokens"] == rec["system"]["tokens"] + rec["tools_tokens"] + rec["prompt_tokens"]
+    assert est["tokens"] == rec["tokens"]  # the estimate offered the same tools

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -84,6 +85,26 @@ def entry_words(entry: dict[str, Any]) -> str:
     return "; ".join(x for x in ("pinned" if entry.get("pinned") else "", why) if x)
 
 
+def tool_tokens(request: Request, provider: Any = None) -> tuple[int | None, int | None]:
+    """(the request's input tokens, its tools' tokens) for the tools it offers now. The builder
+    counts the kernel functions it was given; the run then offers the whole toolbox (document
+    tools, MCP servers' tools), so the tools are counted again here, as the builder counts them
+    (the provider's tokenizer, else ~4 characters a token), and the total follows."""
+    from .context import estimate_tokens
+    by_part = request.meta.get("tokens_by_part") or {}
+    tokens, counted = request.meta.get("tokens"), by_part.get("tools")
+    if tokens is None or counted is None:
+        return tokens, counted
+    fn = getattr(provider, "count_tokens", None)
+
+    def count(text: str) -> int:
+        n = fn(text) if fn is not None and text else None
+        return estimate_tokens(text) if n is None else int(n)
+    actual = sum(count(t.name) + count(t.description) + count(json.dumps(t.parameters))
+                 for t in request.tools)
+    return int(tokens) - int(counted) + actual, actual
+
+
 def cache_plan(request: Request, provider: Any = None) -> dict[str, Any]:
     """Where the request's prompt cache applies. Claude: the `cache_control` breakpoints exactly
     as the Anthropic adapter placed them in the body it sends (read back from `build_body`, not
@@ -124,6 +145,7 @@ def record(request: Request, provider: Any = None, *, at: float | None = None) -
         turn_marks = {i for i, t in enumerate(request.messages) if t.cache}
     plan["turns"] = sorted(turn_marks)  # the turns a breakpoint follows (0-based)
     by_part = dict(meta.get("tokens_by_part") or {})
+    tokens, by_part["tools"] = tool_tokens(request, provider)
     ids = meta.get("turn_messages") or []
     return {
         "v": RECORD_VERSION,
@@ -133,7 +155,7 @@ def record(request: Request, provider: Any = None, *, at: float | None = None) -
         "temperature": request.temperature,
         "stop": list(request.stop),
         "prefill": request.prefill,
-        "tokens": meta.get("tokens"),
+        "tokens": tokens,
         "token_count": meta.get("token_count", ""),
         "system": {"text": request.system, "tokens": by_part.get("system")},
         "context": {"text": request.context, "tokens": by_part.get("context"),
@@ -178,7 +200,7 @@ def estimate(request: Request, *, provider: Any = None, previous: dict[str, Any]
     cached tokens or None, label) asks the local model's disk KV cache. `unresolved`: references
     whose values are only known when the prompt is sent (not counted)."""
     now = time.time() if now is None else now
-    tokens = int(request.meta.get("tokens") or 0)
+    tokens = int(tool_tokens(request, provider)[0] or 0)
     exact = request.meta.get("token_count") == "tokenizer"
     cached: int | None = 0
     label = "no prompt cache"

@@ -1500,16 +1500,18 @@ class DialogueService:
             _, req = await self._runs.request(d, m, counting, d.meta.get("adapters"), estimate=True)
         except (ProviderError, context.ContextError, ValueError) as e:
             return {"error": str(e)}
-        unresolved = len(context.references(m.source).exprs) + len(context.references(m.source).cmds)
+        if d.meta.get("doc_tools"):  # the document tools the answer will be offered too
+            req.tools = [*req.tools, *self._runs.toolbox(d, m, None, req).specs]
+        refs = context.references(m.source)
         previous = usage = None
         for p in reversed(d.messages[:d.index(m.id)]):
             if p.kind == Kind.prompt and not p.hidden and p.response:
                 previous, usage = self.store.request_record(p.id), p.usage
                 break
         local = (lambda r: _local_cached(provider, r)) if loaded else None
-        return await asyncio.to_thread(sent.estimate, req, provider=provider, previous=previous,
+        return await asyncio.to_thread(sent.estimate, req, provider=counting, previous=previous,
                                        previous_usage=usage, local_cached=local,
-                                       unresolved=unresolved)
+                                       unresolved=len(refs.exprs) + len(refs.cmds))
 
 
 _TOKENS: dict[tuple[str, str], int] = {}  # (model, content hash) -> tokens: counted once
