@@ -95,6 +95,15 @@ async def svc(tmp_path, monkeypatch):
     await s.aclose()
 
 
+@pytest.fixture
+def claude(monkeypatch):
+    """The replay server speaking the Messages API, as Claude for this test's service."""
+    with ReplayServer() as srv:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        yield srv
+
+
 async def _answer(svc, name, mid):
     mid = svc.start(name, mid)
     events = [ev async for ev in svc.subscribe(mid)]
@@ -102,21 +111,18 @@ async def _answer(svc, name, mid):
     return events[-1].data
 
 
-async def test_a_claude_answer_keeps_the_request_it_sent(svc, monkeypatch):
+async def test_a_claude_answer_keeps_the_request_it_sent(svc, claude):
     svc.create("c", model="claude-sonnet-4-5", system="Be exact.")
     svc.update("c", meta={"max_tokens": 300})
     svc.add("c", "note", "visible note")
     h = svc.add("c", "note", "the secret plan")
     svc.set_flags("c", h.id, hidden=True)
     p1 = svc.add("c", "prompt", "first?")
-    with ReplayServer() as srv:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
-        srv.push(sse(anthropic_events(["one"])), sse(anthropic_events(["two"])))
-        await _answer(svc, "c", p1.id)
-        p2 = svc.add("c", "prompt", "second?")
-        final = await _answer(svc, "c", p2.id)
-        body = srv.last.json
+    claude.push(sse(anthropic_events(["one"])), sse(anthropic_events(["two"])))
+    await _answer(svc, "c", p1.id)
+    p2 = svc.add("c", "prompt", "second?")
+    final = await _answer(svc, "c", p2.id)
+    body = claude.last.json
     rec = svc.sent_request("c", p2.id)
     assert rec["message"] == p2.id and rec["answer_version"] == final.version
     assert rec["model"] == body["model"] and rec["max_tokens"] == body["max_tokens"] == 300
@@ -140,19 +146,16 @@ async def test_a_claude_answer_keeps_the_request_it_sent(svc, monkeypatch):
         svc.sent_request("c", h.id)
 
 
-async def test_claude_estimate_counts_the_cached_prefix_only_when_it_can_match(svc, monkeypatch):
+async def test_claude_estimate_counts_the_cached_prefix_only_when_it_can_match(svc, claude):
     svc.create("e", model="claude-sonnet-4-5")
     n = svc.add("e", "note", "some notes " * 50)
     p1 = svc.add("e", "prompt", "first?")
     first = await svc.estimate("e", p1.id)
     assert first["cached"] == 0 and "no earlier answer" in first["label"]
     assert first["tokens"] > 100 and first["exact"] is False and first["label"].startswith("~")
-    with ReplayServer() as srv:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
-        srv.push(sse(anthropic_events(["one"], usage={"input_tokens": 3,
-                                                      "cache_creation_input_tokens": 140})))
-        await _answer(svc, "e", p1.id)
+    claude.push(sse(anthropic_events(["one"], usage={"input_tokens": 3,
+                                                     "cache_creation_input_tokens": 140})))
+    await _answer(svc, "e", p1.id)
     p2 = svc.add("e", "prompt", "second?")
     est = await svc.estimate("e", p2.id)
     assert est["cached"] == 143 and "written by the last answer" in est["cached_label"]
@@ -211,7 +214,7 @@ async def test_local_estimate_uses_the_models_tokenizer_and_disk_cache(svc, tmp_
     assert rec["cache"]["kind"] == "local" and rec["token_count"] == "tokenizer"
 
 
-async def test_the_record_lists_folder_notes_attached_docs_and_the_mode(svc, tmp_path, monkeypatch):
+async def test_the_record_lists_folder_notes_attached_docs_and_the_mode(svc, claude):
     from dialogue.api import Dialogue as Handle
     svc.new_folder("team")
     svc.set_folder("team", note="Team rule: answer in French.")
@@ -219,12 +222,9 @@ async def test_the_record_lists_folder_notes_attached_docs_and_the_mode(svc, tmp
     svc.attach("ctx", "glossary", "chat = cat\n" * 20)
     svc.set_mode("ctx", "concise")
     p = svc.add("ctx", "prompt", "What is a chat?")
-    with ReplayServer() as srv:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
-        srv.push(sse(anthropic_events(["Un chat."])))
-        await _answer(svc, "ctx", p.id)
-        body = srv.last.json
+    claude.push(sse(anthropic_events(["Un chat."])))
+    await _answer(svc, "ctx", p.id)
+    body = claude.last.json
     rec = Handle(svc.dialogue_id("ctx"), db=svc.path).request(p.id)  # the Python API
     entries = rec["context"]["entries"]
     assert [(e["kind"], e["name"]) for e in entries] == [("folder", "team"), ("text", "glossary")]
@@ -234,17 +234,14 @@ async def test_the_record_lists_folder_notes_attached_docs_and_the_mode(svc, tmp
     assert rec["mode"]["name"] == "concise" and rec["system"]["text"] == body["system"][0]["text"]
 
 
-async def test_tools_the_run_adds_are_listed_and_counted(svc, monkeypatch):
+async def test_tools_the_run_adds_are_listed_and_counted(svc, claude):
     svc.create("tl", model="claude-sonnet-4-5")
     svc.set_doc_tools("tl", "read")
     p = svc.add("tl", "prompt", "What is in this dialogue?")
     est = await svc.estimate("tl", p.id)
-    with ReplayServer() as srv:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
-        srv.push(sse(anthropic_events(["Nothing much."])))
-        await _answer(svc, "tl", p.id)
-        body = srv.last.json
+    claude.push(sse(anthropic_events(["Nothing much."])))
+    await _answer(svc, "tl", p.id)
+    body = claude.last.json
     rec = svc.sent_request("tl", p.id)
     assert [t["name"] for t in rec["tools"]] == [t["name"] for t in body["tools"]] != []
     assert rec["tools_tokens"] > 50  # the document tools' schemas, counted where they were added

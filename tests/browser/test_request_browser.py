@@ -5,14 +5,12 @@ opens the exact request: its parts with token counts and flags, every text escap
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from browserutil import free_port, start_server
-from servers import ReplayServer, anthropic_events, sse
+from browserutil import claude_server
+from servers import anthropic_events, sse
 
 from dialogue.service import DialogueService
 
@@ -21,20 +19,8 @@ pytestmark = [pytest.mark.browser]
 
 @pytest.fixture
 def claude(tmp_path):
-    """A dialogue server whose Claude is the replay server (ANTHROPIC_BASE_URL in its process)."""
-    with ReplayServer() as srv:
-        port, db = free_port(), tmp_path / "rq.db"
-        prelude = (f"import os; os.environ['ANTHROPIC_BASE_URL'] = {srv.base_url!r}; "
-                   "os.environ['ANTHROPIC_API_KEY'] = 'sk-ant-test'")
-        proc = start_server(tmp_path, db, port, prelude=prelude)
-        try:
-            yield srv, f"http://127.0.0.1:{port}", db
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with claude_server(tmp_path, "rq.db") as got:
+        yield got
 
 
 def test_estimate_then_the_request_panel_after_claude_answers(page: Page, claude) -> None:
