@@ -31,6 +31,13 @@ PASTE = """([b64, name]) => {
 }"""
 
 
+SLOW_UPLOADS = """() => {
+  const f = window.fetch;
+  window.fetch = (u, o) => String(u).endsWith("/images")
+    ? new Promise(r => setTimeout(r, 1500)).then(() => f(u, o)) : f(u, o);
+}"""
+
+
 @pytest.fixture
 def claude(tmp_path):
     with claude_server(tmp_path, "pics.db") as c:
@@ -71,6 +78,22 @@ def test_a_pasted_image_reaches_claude(page: Page, claude) -> None:
     with closing(DialogueService(db)) as svc:
         msg = svc.message(d.id, p.id)
     assert msg.attachments == {"Screenshot-1.png": {"image/png": b64}}
+
+    # a fast user: paste a second image and send at once, while its upload is still on its way
+    # (held back 1.5 s here): the send waits for it, so nothing conflicts and both images go
+    page.evaluate(SLOW_UPLOADS)
+    cell.locator(".view").dblclick()
+    expect(cell).to_have_class(re.compile(r"\bediting\b"), timeout=WAIT)
+    page.keyboard.press("Control+End")
+    b64b = base64.b64encode(png(2, 2, b"\x00\xff\x00")).decode()
+    assert page.evaluate(PASTE, [b64b, "second.png"]) is True
+    srv.push(sse(anthropic_events(["Blue, then green."])))
+    page.keyboard.press("Control+Enter")
+    expect(cell.locator(".answer.markdown")).to_contain_text("Blue, then green.", timeout=WAIT)
+    images = [b["source"]["data"] for b in srv.last.json["messages"][-1]["content"]
+              if b["type"] == "image"]
+    assert images == [b64, b64b]
+    assert cell.locator(".conflict").count() == 0
     assert page.watch.errors == [], page.watch.errors
 
 

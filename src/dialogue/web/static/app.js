@@ -235,7 +235,7 @@
 
   function save(cell) {
     var url = cell.dataset.url;
-    if (!url) return;
+    if (!url || afterUploads(cell, function () { save(cell); })) return;
     htmx.ajax("POST", url + "/save", { source: cell, target: cell, swap: "outerHTML" });
   }
 
@@ -277,6 +277,14 @@
     }
   }
 
+  // A save or a run asked for while an upload is on its way waits for it: the upload moves the
+  // cell's version on, and the save must carry the reference it puts in.
+  function afterUploads(cell, fn) {
+    if (!cell._uploads) return false;
+    (cell._afterUploads = cell._afterUploads || []).push(fn);
+    return true;
+  }
+
   function uploadImages(cell, files) {
     var url = cell && cell.dataset.url;
     if (!url || !files.length) return;
@@ -285,6 +293,14 @@
     var v = document.getElementById("v-" + cell.dataset.id);
     if (v) body.append("version", v.value);
     notice(files.length === 1 ? "Adding the image…" : "Adding " + files.length + " images…");
+    cell._uploads = (cell._uploads || 0) + 1;
+    function over() {
+      cell._uploads -= 1;
+      if (cell._uploads) return;
+      var waiting = cell._afterUploads || [];
+      cell._afterUploads = [];
+      waiting.forEach(function (fn) { fn(); });
+    }
     fetch(url + "/images", { method: "POST", body: body, credentials: "same-origin",
                              headers: { "HX-Request": "true" } })
       .then(function (r) {
@@ -292,10 +308,12 @@
       })
       .then(function (res) {
         if (res.error) { notice(res.error, "error"); return; }
-        if (v) v.value = String(res.version);
+        var vNow = document.getElementById("v-" + cell.dataset.id);
+        if (vNow) vNow.value = String(res.version);
         insertAtCursor(cell, res.refs.join("\n"));
         notice("Added " + res.names.join(", ") + ": it shows when you leave the editor.", "info");
-      }, function () { notice("The image did not reach the server.", "error"); });
+      }, function () { notice("The image did not reach the server.", "error"); })
+      .then(over, over);
   }
 
   function onPaste(e) {
@@ -337,7 +355,7 @@
   }
 
   function run(cell, thenNext) {
-    if (!cell) return;
+    if (!cell || afterUploads(cell, function () { run(cell, thenNext); })) return;
     var kind = cell.dataset.kind;
     if (kind === "note" || kind === "raw") {
       leaveEdit(cell, { keepFocus: false });
