@@ -148,8 +148,12 @@ class DocumentTools:
     or cell making the changes). `enabled`: what `resolve_enabled` takes ("all" by default)."""
 
     def __init__(self, host: Any, dialogue_id: str, *, author: str = "model", cause: str = "",
-                 enabled: Any = "all", limit: int = 20_000, run_timeout: float | None = None):
+                 enabled: Any = "all", limit: int = 20_000, run_timeout: float | None = None,
+                 on_change: Callable[[str, str], None] | None = None):
         self.host, self.did, self.author, self.cause = host, dialogue_id, author, cause
+        # told (op, message id) after each change: "add", "edit", "delete", "move", and "run"
+        # once a run has started (the answer's page shows each as it happens)
+        self.on_change = on_change
         self.enabled = resolve_enabled(enabled)
         self.limit = limit  # the most characters of one result
         self.run_timeout = run_timeout
@@ -315,7 +319,12 @@ class DocumentTools:
         except ConflictError as e:
             raise self._conflict(m, e) from None
         self.seen[new.id] = new.version
+        self._changed("edit", new.id)
         return new
+
+    def _changed(self, op: str, mid: str) -> None:
+        if self.on_change is not None:
+            self.on_change(op, mid)
 
     def add_message(self, after: str, kind: str, source: str) -> str:
         if kind not in Kind._value2member_map_:
@@ -329,6 +338,7 @@ class DocumentTools:
                                             **({"index": 0} if top else {"after": after}))
         self.seen[m.id] = m.version
         self.added = m.id
+        self._changed("add", m.id)
         return f"added {kind} message {m.id} at position {self._position(m.id)}"
 
     def edit_message(self, id: str, source: str) -> str:
@@ -364,6 +374,7 @@ class DocumentTools:
                 self.host.store.delete_message(m.id, base_version=self._base(m))
         except ConflictError as e:
             raise self._conflict(m, e) from None
+        self._changed("delete", m.id)
         return f"message {m.id} is in the trash"
 
     def move_message(self, id: str, to: int) -> str:
@@ -376,6 +387,7 @@ class DocumentTools:
         if not 1 <= to <= count:
             raise DocToolError(f"position {to} is outside the dialogue (1 to {count})")
         self.host.move(self.did, m.id, to=to - 1)
+        self._changed("move", m.id)
         return f"message {m.id} is now at position {self._position(m.id)}"
 
     async def run_code(self, id: str) -> str:
@@ -384,6 +396,7 @@ class DocumentTools:
             raise DocToolError(f"message {m.id} is a {m.kind.value} message; only code runs")
         with acting(self.author, self.cause):  # the run's versions (its task copies this)
             self.host.start(self.did, m.id, timeout=self.run_timeout)
+        self._changed("run", m.id)
         final = await self.host.wait(m.id)
         self.seen[final.id] = final.version
         return self._describe(final, source=False)

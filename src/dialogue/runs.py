@@ -57,6 +57,8 @@ class RunEvent:
     `Runs.reply`; None: the question was answered),
     "approval" (data: {"id", "name", "arguments", "preview", ...}: a tool call waits for the
     user's answer, see `Runs.decide`; or {"id", "name", "decision", "reason"}: it was decided),
+    "doc" (data: {"op", "id"}: the answer's document tools changed message "id": "add", "edit",
+    "delete", "move", or "run" once its run started),
     "error" (data: a message for the user), and last "done" (data: the stored Message)."""
 
     type: str
@@ -643,8 +645,13 @@ class Runs:
             box.add(KernelTools(kernel), req.tools)
         if d.meta.get("doc_tools"):
             from .doc_tools import DocumentTools
+            run = self.active.get(m.id)
+
+            def changed(op: str, mid: str) -> None:  # a page following the answer shows it
+                if run is not None:
+                    run.publish(RunEvent("doc", m.id, {"op": op, "id": mid}))
             docs = DocumentTools(self.host, d.id, author="model", cause=m.id,
-                                 enabled=d.meta["doc_tools"])
+                                 enabled=d.meta["doc_tools"], on_change=changed)
             box.add(docs, docs.specs())
         return box
 
@@ -664,8 +671,10 @@ class Runs:
                   folders=self.host.folder_context(d))  # its folders' notes, outermost first
         _check_images(d, m, provider)
         needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
-        if needs_kernel and estimate:
-            kernel, req = None, context.build(d, m.id, resolved=_unevaluated(d, m), **kw)
+        if estimate:
+            # off the event loop: a loaded local model counts each text over a pipe
+            kernel, req = None, await asyncio.to_thread(
+                context.build, d, m.id, resolved=_unevaluated(d, m) if needs_kernel else None, **kw)
         elif needs_kernel:
             kernel = await self.host.kernel(d.id)
             req = await context.build_async(d, m.id, kernel=kernel, **kw)

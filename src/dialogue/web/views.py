@@ -1168,6 +1168,22 @@ def live_body(did: str, m: Message, live: LiveState) -> list[Any]:
             Div(*[error_box(e) for e in live.errors], id=f"e-{m.id}")]
 
 
+def doc_change(did: str, op: str, mid: str, m: Message | None, after: str | None, *,
+               live: LiveState | None = None) -> list[Any]:
+    """What the page swaps in when the model's document tools change message `mid` (`op`: add,
+    edit, delete, move, run): the cell as stored now (running, with its own stream, for a run),
+    out of band; an added or moved one goes after message `after` (None: at the top)."""
+    if op == "delete" or m is None:
+        return [Div(id=f"m-{mid}", hx_swap_oob="delete")]
+    if op in ("edit", "run"):
+        el = _cell(did, m, running=op == "run", live=live)
+        el.attrs["hx-swap-oob"] = "true"
+        return [el]
+    place = f"afterend:#m-{after}" if after else "afterbegin:#cells"
+    out = [Div(id=f"m-{mid}", hx_swap_oob="delete")] if op == "move" else []
+    return out + [Div(cell(did, m), hx_swap_oob=place)]
+
+
 def result(did: str, m: Message, *, running: bool = False, live: LiveState | None = None,
            oob_extra: Iterable[Any] = ()) -> Any:
     """What a message produced. While it runs, this element holds the event stream: SSE
@@ -1188,6 +1204,8 @@ def result(did: str, m: Message, *, running: bool = False, live: LiveState | Non
                  Div(sse_swap="progress", hx_target=f"#p-{m.id}", hx_swap="outerHTML", hidden=True),
                  Div(sse_swap="tools", hx_target=f"#t-{m.id}", hx_swap="innerHTML", hidden=True),
                  Div(sse_swap="approval", hx_target=f"#ap-{m.id}", hx_swap="innerHTML", hidden=True),
+                 # the answer's document tools changed other messages: out-of-band cells
+                 Div(sse_swap="doc", hx_swap="innerHTML", hidden=True),
                  Div(sse_swap="input", hx_target=f"#i-{m.id}", hx_swap="innerHTML", hidden=True),
                  # "run-error", not "error": that name is EventSource's own event for a lost
                  # connection, which would swap `undefined` into the cell

@@ -114,6 +114,8 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
                 yield V.sse("input", V.frag(V.input_box(d, m0.id, ev.data)))
             elif ev.type in ("tool_call", "tool_result"):
                 yield V.sse("tools", V.frag(V.tool_calls_html(state.tool_calls)))
+            elif ev.type == "doc":  # the answer's document tools changed a message
+                yield V.sse("doc", V.frag(doc_change(svc, d, ev.data)))
             elif ev.type == "approval":  # a call waits for the user, or was decided
                 yield V.sse("approval", V.frag(V.approval_box(d, m0.id, state.pending)))
             elif ev.type == "error":  # not "error": EventSource's own connection-error event
@@ -138,6 +140,17 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
         yield V.sse("close", "")
 
     return event_stream(req, events())
+
+
+def doc_change(svc: Any, did: str, data: dict[str, Any]) -> list[Any]:
+    """The cells to swap in for a change the model's document tools made (views.doc_change)."""
+    op, mid = data.get("op", ""), data.get("id", "")
+    ids = [x.id for x in svc.messages(did)]
+    if mid not in ids:  # deleted (or gone since)
+        return V.doc_change(did, "delete", mid, None, None)
+    i = ids.index(mid)
+    return V.doc_change(did, op, mid, svc.message(did, mid), ids[i - 1] if i else None,
+                        live=svc.live(mid) if op == "run" else None)
 
 
 @rt(paths.run_all, methods=["post"])

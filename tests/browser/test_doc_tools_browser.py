@@ -1,0 +1,89 @@
+"""The model editing and running its own dialogue, seen in a real browser: a dialogue server whose
+Claude is the local replay server (the official SDK in the server process) scripting document
+tool calls. The answer asks before each change (Allow once), and the page shows each change as it
+happens, without a reload: the replacement in the code cell, the cell running and its new
+output, a note the model adds after it; the history names the model as the edit's author."""
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from browserutil import claude_server
+from servers import anthropic_events, sse
+
+from dialogue.service import DialogueService
+
+pytestmark = [pytest.mark.browser]
+
+BROKEN = 'greeting = "hello"\nprnt(greeting.upper())\n'
+
+
+def call(tid: str, name: str, args: dict) -> object:
+    return sse(anthropic_events(tool_uses=[(tid, name, args)]))
+
+
+def run(cell) -> None:
+    cell.hover()
+    cell.locator("[data-act=run]").click()
+
+
+@pytest.fixture
+def claude(tmp_path):
+    with claude_server(tmp_path, "doc.db") as got:
+        yield got
+
+
+def test_the_model_fixes_and_runs_a_cell_and_the_page_follows(page: Page, claude) -> None:
+    srv, url, db = claude
+    svc = DialogueService(db)
+    try:
+        d = svc.create("agent", model="claude-sonnet-4-5")
+        code = svc.add(d.id, "code", BROKEN)
+        prompt = svc.add(d.id, "prompt", "Fix the failing cell and run it.")
+        svc.set_doc_tools(d.id, "all")
+    finally:
+        svc.close()
+
+    page.goto(f"{url}/d/{d.id}")
+    c = page.locator(f"#m-{code.id}")
+    run(c)
+    expect(c.locator(".kind-tag")).to_have_text("[1]", timeout=60_000)
+    expect(c.locator(".outputs")).to_contain_text("NameError")
+
+    srv.push(call("toolu_1", "replace_text", {"id": code.id, "old": "prnt(", "new": "print("}),
+             call("toolu_2", "run_code", {"id": code.id}),
+             call("toolu_3", "add_message", {"after": code.id, "kind": "note",
+                                             "source": "Fixed the typo: `prnt` was `print`."}),
+             sse(anthropic_events(["Fixed: it prints HELLO."])))
+    a = page.locator(f"#m-{prompt.id}")
+    run(a)
+    box = a.locator(".approval")
+    expect(box).to_have_count(1, timeout=30_000)
+    expect(box).to_contain_text("replace_text")
+    expect(box).to_contain_text("+print(greeting.upper())")  # the diff it would make
+    box.locator("[data-act=approve-once]").click()
+    # the page shows the edit at once, in the cell itself
+    expect(c.locator(".view")).to_contain_text("print(greeting.upper())", timeout=30_000)
+    expect(c.locator(".view")).not_to_contain_text("prnt(")
+    box = a.locator(".approval")
+    expect(box).to_contain_text("run_code", timeout=30_000)
+    box.locator("[data-act=approve-once]").click()
+    expect(c.locator(".outputs")).to_contain_text("HELLO", timeout=60_000)
+    expect(c.locator(".kind-tag")).to_have_text("[2]", timeout=30_000)
+    box = a.locator(".approval")
+    expect(box).to_contain_text("add_message", timeout=30_000)
+    box.locator("[data-act=approve-once]").click()
+    expect(a.locator(".answer.markdown")).to_contain_text("Fixed: it prints HELLO.",
+                                                          timeout=30_000)
+    cells = page.locator("#cells > .cell")
+    expect(cells).to_have_count(3)
+    expect(cells.nth(1)).to_contain_text("Fixed the typo")  # after the code, before the prompt
+    expect(cells.nth(2)).to_have_attribute("id", f"m-{prompt.id}")
+
+    # the history names the model and its answer
+    c.locator(".view").hover()
+    c.locator("details.cell-menu summary, .cell-menu summary").first.click()
+    c.locator("[data-act=history]").click()
+    modal = page.locator("dialog#history")
+    expect(modal).to_be_visible()
+    expect(modal).to_contain_text(f"edited by model, in answer {prompt.id}")
