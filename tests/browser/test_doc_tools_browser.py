@@ -10,6 +10,7 @@ from playwright.sync_api import Page, expect
 
 from browserutil import claude_server
 from servers import anthropic_events, sse
+from test_approvals_browser import run  # a cell run from its toolbar
 
 from dialogue.service import DialogueService
 
@@ -22,19 +23,12 @@ def call(tid: str, name: str, args: dict) -> object:
     return sse(anthropic_events(tool_uses=[(tid, name, args)]))
 
 
-def run(cell) -> None:
-    cell.hover()
-    cell.locator("[data-act=run]").click()
+def test_the_model_fixes_and_runs_a_cell_and_the_page_follows(page: Page, tmp_path) -> None:
+    with claude_server(tmp_path, "doc.db") as (srv, url, db):
+        fixes_and_runs(page, srv, url, db)
 
 
-@pytest.fixture
-def claude(tmp_path):
-    with claude_server(tmp_path, "doc.db") as got:
-        yield got
-
-
-def test_the_model_fixes_and_runs_a_cell_and_the_page_follows(page: Page, claude) -> None:
-    srv, url, db = claude
+def fixes_and_runs(page: Page, srv, url: str, db) -> None:
     svc = DialogueService(db)
     try:
         d = svc.create("agent", model="claude-sonnet-4-5")
