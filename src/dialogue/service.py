@@ -693,6 +693,13 @@ class DialogueService:
 
     image_ref = staticmethod(_images.image_ref)  # the markdown showing an attachment
 
+    @staticmethod
+    def images_of(m: Message) -> list[tuple[str, str, int]]:
+        """(name, mime, bytes) of each image attached to a note or prompt, for listings."""
+        return [(name, found[0], _images.decoded_size(found[1]))
+                for name, bundle in (m.attachments or {}).items()
+                if (found := _images.image_of(bundle)) is not None]
+
     def add_images(self, ref: str, msg: str, images: "Iterable[Any]", *, base_version: int | None,
                    reference: bool = True) -> tuple[Message, list[str]]:
         """Attach `images` (as `add` takes them) to a note or prompt: (the message, the new

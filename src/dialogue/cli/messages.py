@@ -47,6 +47,8 @@ def render_message(m: Message, index: int | None = None) -> Panel:
         parts.append(plain(m.source))
     else:
         parts.append(Markdown(visible(m.source) or " "))
+    for name, mime, size in DialogueService.images_of(m):  # a note's or prompt's images
+        parts.append(plain(f"image {name} ({mime}, {size:,} bytes)", style="dim"))
     if line := _status_line(m):
         parts.append(plain(line, style="yellow"))
     title = f"[b]{index}[/b] " if index is not None else ""
