@@ -45,6 +45,12 @@ async def svc(tmp_path):
     await s.aclose()
 
 
+def stdio_servers() -> list[str]:
+    """The test server's stdio processes running now (their command lines)."""
+    got = subprocess.run(["pgrep", "-af", SERVER], capture_output=True, text=True).stdout
+    return [ln for ln in got.splitlines() if "--http" not in ln]
+
+
 def claude_prompt(svc, name: str, enable: list[str], source: str, monkeypatch, srv) -> Message:
     """A Claude dialogue `name` using MCP servers `enable`, its prompt, the SDK pointed at `srv`."""
     svc.create(name, model="claude-sonnet-4-5")
@@ -341,8 +347,7 @@ def test_the_cli_lists_servers_and_tools_and_enables_them(tmp_path, mcp_file):
     got = cli("mcp", "add", "d", "both", "--command", "x", "--url", "http://h")
     assert got.returncode == 1 and "give --command" in got.stderr
     # the servers a command started ended with it
-    left = subprocess.run(["pgrep", "-af", SERVER], capture_output=True, text=True).stdout
-    assert [ln for ln in left.splitlines() if "--http" not in ln] == []
+    assert stdio_servers() == []
 
 
 # ---------------------------------------------------------------- the Python API
@@ -372,3 +377,21 @@ def test_python_api_configures_lists_and_uses_mcp_tools(tmp_path, mcp_file, monk
         assert [(s["name"], s["enabled"]) for s in h.mcp] == [("calc", False)]
     finally:
         api.shutdown()
+
+
+async def test_an_edited_global_entry_replaces_its_running_server(svc, mcp_file):
+    mcp_file({"calc": stdio()})
+    svc.create("edit")
+    svc.set_mcp("edit", enable=["calc"])
+    box = await toolbox(svc, "edit")
+    old = svc.mcp.peek(mcptools.configured(None)["calc"])
+    assert old.running
+    mcp_file({"calc": stdio(env={"SECRET_WORD": "new"})})
+    box = await toolbox(svc, "edit")
+    assert await box.call("calc__env", {"name": "SECRET_WORD"}) == ("new", False)
+    assert not old.running
+    for _ in range(100):  # the old process ends in the background
+        if len(stdio_servers()) == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert len(stdio_servers()) == 1

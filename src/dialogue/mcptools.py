@@ -558,22 +558,39 @@ class MCPPool:
 
     def __init__(self) -> None:
         self._conns: dict[str, Connection] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def connection(self, cfg: ServerConfig) -> Connection:
         c = self._conns.get(cfg.key)
         if c is None:
+            if cfg.origin == "global":
+                self._retire(cfg)
             c = self._conns[cfg.key] = Connection(cfg, start_timeout=start_timeout(),
                                                   call_timeout=call_timeout())
         else:  # the settings apply to the next call
             c.start_timeout, c.call_timeout = start_timeout(), call_timeout()
         return c
 
+    def _retire(self, cfg: ServerConfig) -> None:
+        """The global file now says something else for `cfg.name`: stop the server it said
+        before (it would otherwise run, unused, until the app stops)."""
+        for key, old in list(self._conns.items()):
+            if old.cfg.origin == "global" and old.cfg.name == cfg.name and key != cfg.key:
+                del self._conns[key]
+                try:
+                    t = asyncio.get_running_loop().create_task(old.close())
+                except RuntimeError:  # no loop here: mark it stopped; its loop's end reaps it
+                    old.close_soon()
+                    continue
+                self._closing.add(t)
+                t.add_done_callback(self._closing.discard)
+
     def peek(self, cfg: ServerConfig) -> Connection | None:
         return self._conns.get(cfg.key)
 
     async def close(self) -> None:
         conns, self._conns = list(self._conns.values()), {}
-        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in conns), *self._closing, return_exceptions=True)
 
 
 def tool_name(server: str, tool: str) -> str:
