@@ -247,3 +247,18 @@ async def test_tools_the_run_adds_are_listed_and_counted(svc, claude):
     assert rec["tools_tokens"] > 50  # the document tools' schemas, counted where they were added
     assert rec["tokens"] == rec["system"]["tokens"] + rec["tools_tokens"] + rec["prompt_tokens"]
     assert est["tokens"] == rec["tokens"]  # the estimate offered the same tools
+
+
+def test_estimate_says_what_was_left_out_and_when_it_will_not_fit():
+    from types import SimpleNamespace
+    d = _dialogue()
+    tools = Resolved(tools=[ToolSpec("add")])
+    full = build(d, "p2", resolved=tools)
+    req = build(d, "p2", resolved=tools, budget=full.meta["tokens"] - 10, max_tokens=50)
+    window = SimpleNamespace(context_window=full.meta["tokens"] + 60, count_tokens=lambda t: None)
+    fits = sent.estimate(req, provider=window)
+    assert fits["dropped"] == 1 and "1 earlier message left out to fit" in fits["label"]
+    assert fits["over"] is False and "over the model's context" not in fits["label"]
+    tight = SimpleNamespace(context_window=req.meta["tokens"] + 10, count_tokens=lambda t: None)
+    over = sent.estimate(req, provider=tight)
+    assert over["over"] is True and f"over the model's context of {req.meta['tokens'] + 10:,}" in over["label"]

@@ -223,8 +223,17 @@ def estimate(request: Request, *, provider: Any = None, previous: dict[str, Any]
         words += f" (+ the values of {unresolved} reference{'s' if unresolved != 1 else ''})"
     if cached is not None:
         words += f" · {'' if exact else '~'}{cached:,} cached"
+    words += f" ({label})"
+    if request.dropped:
+        words += (f" · {request.dropped} earlier message{'s' if request.dropped != 1 else ''} "
+                  "left out to fit")
+    window = getattr(provider, "context_window", None)
+    over = bool(window) and tokens + request.max_tokens > int(window)
+    if over:
+        words += (f" · over the model's context of {int(window):,} tokens with the answer's "
+                  f"{request.max_tokens:,}: shorten or hide something")
     return {"tokens": tokens, "exact": exact, "cached": cached, "cached_label": label,
-            "label": f"{words} ({label})", "dropped": request.dropped, "model": model}
+            "label": words, "dropped": request.dropped, "over": over, "model": model}
 
 
 def _claude_cached(request: Request, provider: Any, previous: dict[str, Any] | None,

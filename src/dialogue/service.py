@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
@@ -1502,7 +1504,7 @@ class DialogueService:
             return {"error": str(e)}
         runtime = getattr(provider, "runtime", None) if d.model.startswith("local:") else None
         loaded = runtime is not None and runtime.alive
-        counting = provider if runtime is None or loaded else _Uncounted(provider)
+        counting = _Counting(provider, d.model, loaded=runtime is None or loaded)
         try:
             _, req = await self._runs.request(d, m, counting, d.meta.get("adapters"), estimate=True)
         except (ProviderError, context.ContextError, ValueError) as e:
@@ -1546,17 +1548,38 @@ def _estimate(text: str) -> int:
     return estimate_tokens(text)
 
 
-class _Uncounted:
-    """A provider without its tokenizer: an estimate never loads a local model to count."""
+class _Counting:
+    """The provider an estimate builds with. Its tokenizer's counts are remembered per model and
+    text (`_ESTIMATE_COUNTS`, the most recent 16,384): between two pauses in typing only the
+    prompt changed, so a long dialogue is not counted again message by message. `loaded` False:
+    no counts at all, so a local model that is not loaded is never loaded to count."""
 
-    def __init__(self, provider: Any):
-        self._provider = provider
+    def __init__(self, provider: Any, model: str, loaded: bool = True):
+        self._provider, self._model, self._loaded = provider, model, loaded
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._provider, name)
 
-    def count_tokens(self, text: str) -> None:
-        return None
+    def count_tokens(self, text: str) -> int | None:
+        if not self._loaded:
+            return None
+        import hashlib
+        key = (self._model, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
+        with _ESTIMATE_LOCK:
+            if key in _ESTIMATE_COUNTS:
+                _ESTIMATE_COUNTS.move_to_end(key)
+                return _ESTIMATE_COUNTS[key]
+        n = self._provider.count_tokens(text)
+        if n is not None:
+            with _ESTIMATE_LOCK:
+                _ESTIMATE_COUNTS[key] = int(n)
+                if len(_ESTIMATE_COUNTS) > 16_384:
+                    _ESTIMATE_COUNTS.popitem(last=False)
+        return n
+
+
+_ESTIMATE_COUNTS: "OrderedDict[tuple[str, bytes], int]" = OrderedDict()
+_ESTIMATE_LOCK = threading.Lock()  # estimates count in worker threads
 
 
 def _local_cached(provider: Any, req: Any) -> tuple[int, int | None, str]:

@@ -165,6 +165,15 @@ class LocalProvider:
     def count_tokens(self, text: str) -> int | None:
         return self.runtime.count_tokens(text)
 
+    def load(self, on_progress: OnProgress | None = None) -> bool:
+        """Load the model now (in its process), reporting to `on_progress`; False if it was
+        loaded already. A prompt loads it anyway: this is for surfaces that show the wait."""
+        rt = self.runtime
+        if rt.alive:
+            return False
+        rt.start(on_progress)
+        return True
+
     @property
     def context_window(self) -> int:
         """The model's context in tokens as it runs here: the service budgets requests by it
