@@ -355,6 +355,7 @@ async def test_a_whole_agentic_turn_fixes_a_failing_cell(svc, monkeypatch, provi
         assert asked[1][1] == {"kind": "code", "text": BROKEN.replace("prnt(", "print(")}
         got = results(srv)
         assert f"2. {code} code v{failed.version} error: greeting" in got[0]
+        assert f"3. {prompt} prompt v" in got[0] and "answering (this answer)" in got[0]
         assert "NameError" in got[1] and BROKEN in got[1]
         assert got[2].startswith("replaced; message")
         assert "· ok" in got[3] and "HELLO" in got[3]

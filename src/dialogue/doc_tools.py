@@ -131,7 +131,9 @@ def _first_line(text: str, n: int = 70) -> str:
     return line if len(line) <= n else line[:n - 1] + "…"
 
 
-def _status(m: Message) -> str:
+def _status(m: Message, running: bool = False) -> str:
+    if running:
+        return "running" if m.kind == Kind.code else "answering"
     if m.kind == Kind.code:
         if m.execution_count is None and not m.outputs and not m.meta.get("run"):
             return "not run"
@@ -241,7 +243,7 @@ class DocumentTools:
         lines = [f"{len(ms)} message{'s' * (len(ms) != 1)} (position. id kind version status: "
                  "first line)"]
         for i, m in enumerate(ms, 1):
-            st = _status(m)
+            st = _status(m, self.host.running(m.id))
             mark = " (this answer)" if m.id == self.cause and self.author == "model" else ""
             lines.append(f"{i}. {m.id} {m.kind.value} v{m.version}{' ' + st if st else ''}"
                          f"{mark}: {_first_line(m.source)}")
@@ -253,7 +255,7 @@ class DocumentTools:
         return self._describe(m)
 
     def _describe(self, m: Message, *, source: bool = True) -> str:
-        st = _status(m)
+        st = _status(m, self.host.running(m.id))
         head = (f"message {self._position(m.id)} · id {m.id} · {m.kind.value} · version "
                 f"{m.version}{' · ' + st if st else ''}")
         parts = [head]
