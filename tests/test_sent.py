@@ -225,7 +225,11 @@ async def test_the_record_lists_folder_notes_attached_docs_and_the_mode(svc, cla
     claude.push(sse(anthropic_events(["Un chat."])))
     await _answer(svc, "ctx", p.id)
     body = claude.last.json
-    rec = Handle(svc.dialogue_id("ctx"), db=svc.path).request(p.id)  # the Python API
+    handle = Handle(svc.dialogue_id("ctx"), db=svc.path)  # the Python API
+    rec = handle.request(p.id)
+    later = handle.add_prompt("And a dog?")
+    est = handle.estimate(later.id)
+    assert est["tokens"] > rec["tokens"] and "Claude's prompt cache" in est["cached_label"]
     entries = rec["context"]["entries"]
     assert [(e["kind"], e["name"]) for e in entries] == [("folder", "team"), ("text", "glossary")]
     assert all(e["tokens"] > 0 for e in entries)
