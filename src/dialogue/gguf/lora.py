@@ -36,7 +36,7 @@ from . import files
 __all__ = [
     "AdapterError", "AdapterMismatchError", "DORA_REFUSAL", "LoraFile", "read_lora", "check_fits",
     "load_factors", "write_lora", "HFLora", "write_hf_lora", "peft_to_gguf", "gguf_tensor_name",
-    "GGUF_PERMUTED_ARCHS", "GGUF_ARCH_OF_MODEL_TYPE", "TOKEN_EMBD", "check_scale",
+    "GGUF_PERMUTED_ARCHS", "GGUF_ARCH_OF_MODEL_TYPE", "TOKEN_EMBD", "check_scale", "gguf_to_peft",
 ]
 
 TOKEN_EMBD = "token_embd.weight"
@@ -411,3 +411,89 @@ def peft_to_gguf(adapter_dir: str | os.PathLike[str], out_path: str | os.PathLik
                          n_head=n_head, n_kv=_count(base.field(f"{arch}.attention.head_count_kv")) or n_head,
                          base_tensors=set(base.tensors), base_name=base.path.name, dtype=dtype, meta=meta,
                          on_progress=on_progress)
+
+
+# HF modules a decoder layer's adapters can target, for the GGUF -> PEFT direction
+_HF_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _unpermute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `_permute_rows`: llama.cpp's rotary row order back to transformers'."""
+    return b.reshape(n_head, b.shape[0] // n_head // 2, 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
+
+
+def gguf_to_peft(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                 base_gguf: str | os.PathLike[str], *, base_model: str = "") -> Path:
+    """Write a GGUF LoRA adapter as a PEFT adapter directory (adapter_config.json +
+    adapter_model.safetensors, float32), the form vLLM and SGLang load: the inverse of
+    `peft_to_gguf`, with transformers' module names and q/k row order, for the GGUF base it was
+    made for (its architecture, layer and head counts come from the base's metadata).
+    `base_model` goes into the config's `base_model_name_or_path` (the server's model id).
+
+    PEFT has one rank and one alpha per adapter; GGUF has a rank per tensor. Tensors of a lower
+    rank are padded with zero rows and columns (which add nothing) and each tensor's
+    alpha / r is folded into its B, with `lora_alpha = r`: the delta is exactly the GGUF's.
+    The directory is written beside its final name and renamed into place, so a reader never
+    sees half of it."""
+    try:
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise AdapterError("writing a PEFT adapter needs `safetensors` (in the [train] extra): "
+                           "pip install 'dialogue[train]'") from e
+    lora, fac = load_factors(path)
+    if TOKEN_EMBD in fac:
+        raise AdapterError(f"{lora.path.name} adapts the token embeddings, which PEFT stores "
+                           "differently; exporting such an adapter is not supported")
+    try:
+        base = files.read(base_gguf)
+    except files.GGUFError as e:
+        raise AdapterError(str(e)) from e
+    arch = base.architecture
+    if arch != lora.architecture:
+        raise AdapterMismatchError(f"{lora.path.name} is a {lora.architecture!r} adapter, the base "
+                                   f"{base.path.name} is {arch!r}")
+    n_layers = _count(base.field(f"{arch}.block_count"))
+    n_head = _count(base.field(f"{arch}.attention.head_count"))
+    n_kv = _count(base.field(f"{arch}.attention.head_count_kv")) or n_head
+    hf_of = {gguf_tensor_name(f"model.layers.{i}.{m}", arch, n_layers): f"model.layers.{i}.{m}"
+             for i in range(n_layers) for m in _HF_LAYER_MODULES}
+    unknown = sorted(n for n in fac if n not in hf_of)
+    if unknown:
+        raise AdapterError(f"{lora.path.name} adapts {unknown[0]}, which has no PEFT module name here")
+    r = max(A.shape[0] for A, _ in fac.values())
+    tensors: dict[str, np.ndarray] = {}
+    for name, (A, B) in fac.items():
+        k = A.shape[0]
+        B = B.astype(np.float32) * np.float32(lora.alpha / k if lora.alpha else 1.0)
+        if arch in GGUF_PERMUTED_ARCHS:
+            if name.endswith("attn_q.weight"):
+                B = _unpermute_rows(B, n_head)
+            elif name.endswith("attn_k.weight"):
+                B = _unpermute_rows(B, n_kv)
+        if k < r:
+            A = np.concatenate([A, np.zeros((r - k, A.shape[1]), A.dtype)])
+            B = np.concatenate([B, np.zeros((B.shape[0], r - k), B.dtype)], axis=1)
+        stem = f"base_model.model.{hf_of[name]}"
+        tensors[f"{stem}.lora_A.weight"] = np.ascontiguousarray(A, np.float32)
+        tensors[f"{stem}.lora_B.weight"] = np.ascontiguousarray(B, np.float32)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(r), "lora_alpha": float(r),
+              "target_modules": sorted({hf_of[n].rsplit(".", 1)[-1] for n in fac}),
+              "base_model_name_or_path": base_model, "bias": "none", "lora_dropout": 0.0,
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "inference_mode": True}
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), "utf-8")
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
