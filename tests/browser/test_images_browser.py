@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import base64
 import re
+import struct
 from contextlib import closing
 
 import pytest
 from playwright.sync_api import Page, expect
 
 from browserutil import claude_server
-from imagefiles import png
+from imagefiles import noise_png, png
 from servers import anthropic_events, sse
 
+from dialogue.images import MAX_IMAGE_BYTES
 from dialogue.service import DialogueService
 
 pytestmark = [pytest.mark.browser]
@@ -132,3 +134,26 @@ def test_add_image_button_and_refusals(page: Page, claude) -> None:
     # the refused upload's 400 is the browser's one console line; nothing else went wrong
     assert page.watch.errors == ["console error: Failed to load resource: the server responded "
                                  "with a status of 400 (Bad Request)"], page.watch.errors
+
+
+def test_a_screenshot_over_the_limit_is_scaled_down_in_the_browser(page: Page, server) -> None:
+    with closing(DialogueService(server.db)) as svc:
+        d = svc.create("big screenshot")
+        n = svc.add(d.id, "note", "")
+    w, h = 1500, 1300  # noise: incompressible, so its PNG is ~5.6 MiB, over the 5 MiB limit
+    big = noise_png(w, h)
+    assert len(big) > MAX_IMAGE_BYTES
+    page.goto(f"{server.url}/d/{d.id}")
+    note = page.locator(f"#m-{n.id}")
+    note.locator(".view").click()
+    expect(note).to_have_class(re.compile(r"\bediting\b"), timeout=WAIT)
+    assert page.evaluate(PASTE, [base64.b64encode(big).decode(), "retina.png"]) is True
+    expect(page.locator("#toast")).to_contain_text(f"retina.png scaled from {w}×{h} to",
+                                                   timeout=WAIT)
+    with closing(DialogueService(server.db)) as svc:
+        stored = svc.message(d.id, n.id).attachments["retina.png"]["image/png"]
+    raw = base64.b64decode(stored)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) <= MAX_IMAGE_BYTES
+    sw, sh = struct.unpack(">II", raw[16:24])  # IHDR: the stored image's own size
+    assert sw < w and sh < h and abs(sw / sh - w / h) < 0.01  # smaller, same shape
+    assert page.watch.errors == [], page.watch.errors

@@ -285,13 +285,38 @@
     return true;
   }
 
+  // The server takes an image of at most 5 MiB (dialogue.images.MAX_IMAGE_BYTES, Claude's limit).
+  // A screenshot over it (a 4K or retina screen's PNG often is) is scaled down here until it
+  // fits, keeping its type where the browser can write it (else PNG), and the notice says so;
+  // one the browser cannot read goes as it is, for the server to say why it refuses it.
+  var MAX_IMAGE_BYTES = 5 * 1024 * 1024;
+
+  function fitImage(f) {
+    if (f.size <= MAX_IMAGE_BYTES || !window.createImageBitmap) return Promise.resolve({ file: f });
+    return createImageBitmap(f).then(function (bmp) {
+      var type = f.type === "image/jpeg" || f.type === "image/webp" ? f.type : "image/png";
+      function attempt(scale) {
+        var c = document.createElement("canvas");
+        c.width = Math.max(1, Math.round(bmp.width * scale));
+        c.height = Math.max(1, Math.round(bmp.height * scale));
+        c.getContext("2d").drawImage(bmp, 0, 0, c.width, c.height);
+        return new Promise(function (done) { c.toBlob(done, type, 0.9); }).then(function (blob) {
+          if (blob && blob.size <= MAX_IMAGE_BYTES) {
+            var name = (f.name || "image").replace(/\.[^.]*$/, "") + "." + type.split("/")[1].replace("jpeg", "jpg");
+            return { file: new File([blob], name, { type: type }),
+                     note: (f.name || "the image") + " scaled from " + bmp.width + "×" + bmp.height +
+                           " to " + c.width + "×" + c.height + " to fit 5 MiB" };
+          }
+          return scale > 0.05 ? attempt(scale * 0.7) : { file: f };
+        });
+      }
+      return attempt(Math.min(1, Math.sqrt(MAX_IMAGE_BYTES / f.size)));
+    }, function () { return { file: f }; });
+  }
+
   function uploadImages(cell, files) {
     var url = cell && cell.dataset.url;
     if (!url || !files.length) return;
-    var body = new FormData();
-    files.forEach(function (f) { body.append("image", f, f.name || "image"); });
-    var v = document.getElementById("v-" + cell.dataset.id);
-    if (v) body.append("version", v.value);
     notice(files.length === 1 ? "Adding the image…" : "Adding " + files.length + " images…");
     cell._uploads = (cell._uploads || 0) + 1;
     function over() {
@@ -301,8 +326,18 @@
       cell._afterUploads = [];
       waiting.forEach(function (fn) { fn(); });
     }
-    fetch(url + "/images", { method: "POST", body: body, credentials: "same-origin",
-                             headers: { "HX-Request": "true" } })
+    var notes = [];
+    Promise.all(files.map(fitImage)).then(function (fitted) {
+      var body = new FormData();
+      fitted.forEach(function (x) {
+        body.append("image", x.file, x.file.name || "image");
+        if (x.note) notes.push(x.note);
+      });
+      var v = document.getElementById("v-" + cell.dataset.id);
+      if (v) body.append("version", v.value);
+      return fetch(url + "/images", { method: "POST", body: body, credentials: "same-origin",
+                                      headers: { "HX-Request": "true" } });
+    })
       .then(function (r) {
         return r.json().catch(function () { return { error: "The server refused the image (" + r.status + ")." }; });
       })
@@ -311,7 +346,8 @@
         var vNow = document.getElementById("v-" + cell.dataset.id);
         if (vNow) vNow.value = String(res.version);
         insertAtCursor(cell, res.refs.join("\n"));
-        notice("Added " + res.names.join(", ") + ": it shows when you leave the editor.", "info");
+        notice("Added " + res.names.join(", ") + (notes.length ? " (" + notes.join("; ") + ")" : "") +
+               ": it shows when you leave the editor.", "info");
       }, function () { notice("The image did not reach the server.", "error"); })
       .then(over, over);
   }
