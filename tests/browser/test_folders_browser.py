@@ -51,6 +51,8 @@ def test_a_dialogue_in_a_folder_with_a_note_sends_the_note_first(page: Page, tmp
         finally:
             svc.close()
         page.reload()
+        info = page.locator("#folder-info")
+        expect(info).to_contain_text("In folder team / docs · 1 folder note sent first")
 
         # concise mode, chosen in the settings: its text is shown, and saved with the dialogue
         page.locator("#settings > summary").click()

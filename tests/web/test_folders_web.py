@@ -69,6 +69,10 @@ def test_folder_settings_note_template_rename_and_delete(client, db):
     march = db.open("March")
     assert march.folder == f.id and [m.source for m in march.messages] == ["# Monthly report"]
     assert march.system == "Write reports."
+    # its page says where it lives and shows the note every prompt of it sends first
+    info = client.get(f"/d/{march.id}").text
+    assert 'id="folder-info"' in info and "1 folder note sent first" in info
+    assert 'href="/?folder=reports"' in info and "Figures in EUR." in info
     # renaming by path; a stale form is refused in the form, nothing changed
     r = client.post(f"/folders/{f.id}", data={"fversion": str(f.version), "path": "archive/reports",
                                               "note": f.note, "template": tpl.id}, headers=HX)

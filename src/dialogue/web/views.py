@@ -611,6 +611,20 @@ def settings_panel(d: Dialogue, *, open_: bool = False, oob: bool = False) -> An
         id="settings", cls="settings", open=open_, hx_swap_oob="true" if oob else None)
 
 
+def folder_info(path: str, notes: list[Any]) -> Any:
+    """Where the dialogue lives, and the folder notes every prompt of it sends first."""
+    crumbs: list[Any] = []
+    parts = path.split("/")
+    for i, name in enumerate(parts):
+        crumbs += [" / " if i else "", A(name, href=urls.index.to(folder="/".join(parts[:i + 1])))]
+    shown = [Details(Summary(Small(f"Note of “{n.name}” · {len(n.content):,} characters")),
+                     Pre(n.content), cls="folder-note") for n in notes]
+    return Div(Small("In folder ", *crumbs,
+                     f" · {len(notes)} folder note{'s' * (len(notes) != 1)} sent first" if notes
+                     else " · no folder note"),
+               *shown, cls="folder-info", id="folder-info")
+
+
 def mode_fields(d: Dialogue) -> Any:
     """How the model answers: a preset whose text (appended to the system prompt, exactly as
     sent) is shown and editable. Picking another mode without editing the text takes that
@@ -753,10 +767,12 @@ def help_dialog() -> Any:
 def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str,
                   running: set[str], live: dict[str, LiveState] | None = None, *,
                   adapters: "AdapterView | None" = None, run_all: Any = None,
-                  kernels: tuple[dict[str, str], str] = ({}, "Python 3 (dialogue)")) -> tuple:
+                  kernels: tuple[dict[str, str], str] = ({}, "Python 3 (dialogue)"),
+                  folder: str = "", folder_notes: Iterable[Any] = ()) -> tuple:
     """`adapters`: the dialogue's adapter set as the picker shows it; `run_all`: the progress of a
     Run all in flight (see `run_all_control`); `kernels`: the installed kernelspecs {name:
-    display name} and the label of the dialogue's kernel (see `kernel_picker`)."""
+    display name} and the label of the dialogue's kernel (see `kernel_picker`); `folder`: the
+    path of its folder, `folder_notes` the notes sent first (`service.folder_context`)."""
     live = live or {}
     cells = [cell(d.id, m, running=m.id in running, live=live.get(m.id)) for m in d.messages]
     return (Title(f"{d.name} · dialogue"),
@@ -770,6 +786,7 @@ def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str
                           Button("?", title="Keyboard shortcuts (?)", data_act="help",
                                  cls="icon help-btn", type="button")]),
             Main(dversion_input(d),
+                 folder_info(folder, list(folder_notes)) if folder else "",
                  settings_panel(d),
                  Div(*cells, id="cells", data_dialogue=d.id, cls="cells"),
                  Div(Span("Add", cls="add-label"),

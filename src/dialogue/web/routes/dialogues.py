@@ -208,7 +208,9 @@ async def dialogue(did: str, req: Request) -> Any:
     page = V.dialogue_page(d, s.models(), svc.kernel_status(d.id), running, live,
                            adapters=svc.adapter_view(d),
                            run_all=job.progress() if job is not None else None,
-                           kernels=(svc.kernel_specs(), svc.kernel_choice(d).label()))
+                           kernels=(svc.kernel_specs(), svc.kernel_choice(d).label()),
+                           folder=svc.folder(d.folder).path if d.folder else "",
+                           folder_notes=svc.folder_context(d))
     notice = import_notice(d) if req.query_params.get("imported") else None
     if notice is not None:  # the page's empty #toast holds it
         page = tuple(notice if getattr(x, "id", None) == "toast" else x for x in page)
