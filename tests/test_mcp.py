@@ -395,3 +395,22 @@ async def test_an_edited_global_entry_replaces_its_running_server(svc, mcp_file)
             break
         await asyncio.sleep(0.1)
     assert len(stdio_servers()) == 1
+
+
+async def test_a_server_that_died_while_idle_is_started_again_by_the_next_answer(svc, mcp_file):
+    import os
+    import signal
+    mcp_file({"calc": stdio()})
+    svc.create("idle")
+    svc.set_mcp("idle", enable=["calc"])
+    await toolbox(svc, "idle")
+    conn = svc.mcp.peek(mcptools.configured(None)["calc"])
+    (pid,) = [int(ln.split()[0]) for ln in stdio_servers()]
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(50):
+        if not stdio_servers():
+            break
+        await asyncio.sleep(0.1)
+    box = await toolbox(svc, "idle")  # the next answer's start pings it, and starts it again
+    assert await box.call("calc__add", {"a": 1, "b": 1}) == ("2", False)
+    assert conn.starts == 2

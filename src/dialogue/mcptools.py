@@ -321,6 +321,8 @@ class Connection:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future | None = None
         self._tools: list[ToolInfo] | None = None
         self._errlog: Any = None
         self.starts = 0  # how many times it was started (tests, the settings page)
@@ -396,7 +398,7 @@ class Connection:
             if not ready.done():
                 ready.cancel()
             raise
-        except BaseException as e:  # noqa: BLE001 - whatever ended it, a caller hears why
+        except Exception as e:  # noqa: BLE001 - whatever ended it (anyio groups too): say why
             log.info("MCP server %r ended: %s", self.cfg.name, _why(e))
             if not ready.done():
                 ready.set_exception(MCPServerError(_why(e)))
@@ -410,6 +412,7 @@ class Connection:
         if self.cfg.command and self._errlog is None:
             self._errlog = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
         ready: asyncio.Future = loop.create_future()
+        self._ready = ready
         self._stop = asyncio.Event()
         self._task = loop.create_task(self._own(ready), name=f"mcp:{self.cfg.name}")
         self.starts += 1
@@ -447,16 +450,30 @@ class Connection:
                 break
         return out
 
-    async def _ensure(self) -> Any:
-        if self._lock is None or self._loop is not asyncio.get_running_loop():
-            self._lock = asyncio.Lock()
+    async def _ensure(self, check: bool = False) -> Any:
+        """The client, started if it is not running. `check`: ask a running server for its tool
+        list first (fresh: what an answer offers), and start it again if it does not answer (it
+        died while idle). Not a ping: the 2026-07-28 protocol removed it."""
+        here = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not here:
+            self._lock, self._lock_loop = asyncio.Lock(), here
         async with self._lock:
+            if self.running and check:
+                try:
+                    async with asyncio.timeout(self.start_timeout):
+                        self._tools = await self._list(self._client)
+                except Exception as e:  # noqa: BLE001 - closed, timed out: start it again
+                    log.info("MCP server %r did not list its tools (%s); starting it again",
+                             self.cfg.name, _why(e))
+                    self.close_soon()
             if not self.running:
                 await self._start()
             return self._client
 
-    async def tools(self) -> list[ToolInfo]:
-        client = await self._ensure()
+    async def tools(self, *, check: bool = False) -> list[ToolInfo]:
+        """Its tools (the cached list). `check`: listed again (an answer's start does, so a
+        server that died since the last answer is started again, and a changed list is seen)."""
+        client = await self._ensure(check)
         if self._tools is None:  # the server said its list changed
             try:
                 async with asyncio.timeout(self.start_timeout):
@@ -511,6 +528,8 @@ class Connection:
             self._stop.set()
         if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             return
+        if self._ready is not None and not self._ready.done():
+            task.cancel()  # still starting (a handshake that never comes): nothing to close
         # the stdio transport's own shutdown is bounded (stdin closed, then SIGTERM, SIGKILL)
         done, _ = await asyncio.wait([task], timeout=10)
         if not done:
@@ -635,7 +654,7 @@ async def specs_of(pool: MCPPool, servers: list[ServerConfig]) -> tuple[MCPTools
     A server that cannot start raises MCPServerError naming it."""
     from .llm.base import ToolSpec
     conns = [pool.connection(s) for s in servers]
-    listed = await asyncio.gather(*(c.tools() for c in conns), return_exceptions=True)
+    listed = await asyncio.gather(*(c.tools(check=True) for c in conns), return_exceptions=True)
     errors = [str(x) for x in listed if isinstance(x, BaseException)]
     if errors:
         raise MCPServerError("; ".join(errors))
