@@ -157,3 +157,38 @@ def test_a_screenshot_over_the_limit_is_scaled_down_in_the_browser(page: Page, s
     sw, sh = struct.unpack(">II", raw[16:24])  # IHDR: the stored image's own size
     assert sw < w and sh < h and abs(sw / sh - w / h) < 0.01  # smaller, same shape
     assert page.watch.errors == [], page.watch.errors
+
+
+DROP = """([b64, name, selector]) => {
+  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+  const dt = new DataTransfer();
+  dt.items.add(new File([bytes], name, { type: "image/png" }));
+  const el = document.querySelector(selector);
+  const over = new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true });
+  el.dispatchEvent(over);
+  const drop = new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true });
+  el.dispatchEvent(drop);
+  return [over.defaultPrevented, drop.defaultPrevented];
+}"""
+
+
+def test_an_image_dropped_on_a_prompt_opens_its_editor_with_the_image(page: Page, server) -> None:
+    with closing(DialogueService(server.db)) as svc:
+        d = svc.create("drop")
+        p = svc.add(d.id, "prompt", "Compare these:")
+    page.goto(f"{server.url}/d/{d.id}")
+    cell = page.locator(f"#m-{p.id}")
+    b64 = base64.b64encode(png(5, 5)).decode()
+    # dropped on the rendered prompt, not in an editor: it opens one, the image goes in
+    assert page.evaluate(DROP, [b64, "chart.png", f"#m-{p.id} .view"]) == [True, True]
+    expect(cell).to_have_class(re.compile(r"\bediting\b"), timeout=WAIT)
+    expect(cell.locator(".CodeMirror")).to_contain_text("![chart.png](attachment:chart.png)",
+                                                        timeout=WAIT)
+    page.keyboard.press("Escape")
+    expect(cell.locator(".view img")).to_have_attribute("src", f"data:image/png;base64,{b64}",
+                                                        timeout=WAIT)
+    with closing(DialogueService(server.db)) as svc:
+        m = svc.message(d.id, p.id)
+    assert m.source == "Compare these:\n![chart.png](attachment:chart.png)\n"
+    assert list(m.attachments) == ["chart.png"]
+    assert page.watch.errors == [], page.watch.errors
