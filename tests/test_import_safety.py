@@ -132,6 +132,8 @@ def test_a_configured_model_is_kept_and_trust_adopts_the_system_prompt(servers, 
     ("openai-compatible:CONFIGURED/other-model", True),
     ("openai-compatible:CONFIGURED/extra/path-model", False),
     ("openai-compatible:http://127.0.0.1:1@evil.example/v1/x", False),
+    ("llama-server:CONFIGURED", True), ("vllm:CONFIGURED#org/model", True),
+    ("llama-server:http://203.0.113.9:8080", False), ("vllm:http://203.0.113.9:8000#m", False),
     ("evil-provider:http://203.0.113.9/v1", False), ("gpt-4o\nrm -rf", False),
     ("gpt-4o " + "x" * 400, False), ("", True),
 ])

@@ -81,6 +81,17 @@ def model_refusal(model: str) -> str | None:
             return (f"its server {base} is not one you configured (list it in {BASE_URL_ENV} "
                     "to use it)")
         return None
+    if model.startswith(("llama-server:", "vllm:")):
+        from .llm.engines import parse_engine
+        from .llm.openai import BASE_URL_ENV, configured_base
+        try:
+            _, root, _ = parse_engine(model)
+        except UnknownModelError:
+            return "it is not a valid serving-engine model name"
+        if not configured_base(root + "/v1"):
+            return (f"its server {root} is not one you configured (list {root}/v1 in "
+                    f"{BASE_URL_ENV} to use it)")
+        return None
     if model.startswith("local:"):
         return _local_refusal(model.removeprefix("local:").strip())
     if "://" in model:  # a provider we do not know that carries its own endpoint
