@@ -282,6 +282,24 @@ async def test_a_server_that_cannot_start_ends_the_answer_with_its_error(svc, mc
                                           "not start")
 
 
+async def test_openai_calls_an_mcp_tool_over_http(svc, mcp_file, monkeypatch, http_server):
+    from servers import openai_chunks
+    mcp_file({"web": {"url": http_server}})
+    svc.create("oa", model="gpt-4o")
+    svc.set_mcp("oa", enable=["web"])
+    m = svc.add("oa", "prompt", "2 + 3?")
+    with ReplayServer() as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.openai_base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        srv.push(sse(openai_chunks([], tool_calls=[("call_1", "web__add", {"a": 2, "b": 3})])),
+                 sse(openai_chunks(["5."])))
+        final = await svc.run("oa", m.id)
+        first, second = (r.json for r in srv.requests)
+    assert final.response == "5." and final.tool_calls[0]["result"] == "5"
+    assert "web__add" in [t["function"]["name"] for t in first["tools"]]
+    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1", "content": "5"}
+
+
 # ---------------------------------------------------------------- files from elsewhere
 
 async def test_an_imported_notebook_cannot_configure_or_enable_a_server(svc, mcp_file, tmp_path):
