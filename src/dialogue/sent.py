@@ -222,7 +222,7 @@ def estimate(request: Request, *, provider: Any = None, previous: dict[str, Any]
     if unresolved:
         words += f" (+ the values of {unresolved} reference{'s' if unresolved != 1 else ''})"
     if cached is not None:
-        words += f" · {'' if exact else '~'}{cached:,} cached"
+        words += f" · {'' if exact or not cached else '~'}{cached:,} cached"
     words += f" ({label})"
     if request.dropped:
         words += (f" · {request.dropped} earlier message{'s' if request.dropped != 1 else ''} "
