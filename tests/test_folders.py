@@ -120,6 +120,9 @@ def test_a_new_dialogue_in_a_folder_starts_from_its_template(svc):
     assert d.meta["output_limit"] == svc.open(tpl.id).meta["output_limit"]
     assert d.meta["from_template"]["dialogue"] == tpl.id and d.folder == svc.folder_id("reports")
     assert {m.id for m in d.messages}.isdisjoint(m.id for m in svc.open(tpl.id).messages)
+    # a fork stays in its dialogue's folder and is not marked as made from the template
+    fork = svc.fork(d.id, d.messages[-1].id)
+    assert fork.folder == d.folder and "from_template" not in fork.meta
     # the template is for its own folder: a subfolder's new dialogue starts empty
     assert svc.create("sub", folder="reports/2026").messages == []
     # a model or system prompt named at creation wins; template=False starts empty
@@ -300,3 +303,31 @@ def test_the_python_handle_has_folders_and_modes(tmp_path):
     assert d.mode == ("learning", "Go slowly.")
     d.folder = None
     assert d.folder == ""
+
+
+async def test_a_folder_note_is_in_the_local_models_cached_prefix(tmp_path, monkeypatch):
+    """On the bundled model: after one answer, the next prompt's estimate finds the prefix
+    through the folder's note already in the disk KV cache; a changed note is a new prefix."""
+    monkeypatch.setenv("DIALOGUE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DIALOGUE_CACHE_DIR", str(tmp_path / "kv"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    svc = DialogueService(tmp_path / "local.db")
+    try:
+        svc.new_folder("lab")
+        note = "House rules for every answer in this folder. " * 12
+        svc.set_folder("lab", note=note)
+        svc.create("q", model="local:default", folder="lab")
+        svc.update("q", max_tokens=4)
+        p = svc.add("q", "prompt", "Say hi.")
+        mid = svc.start("q", p.id)
+        assert [ev async for ev in svc.subscribe(mid)][-1].type == "done"
+        nxt = svc.add("q", "prompt", "And again.")
+        est = await svc.estimate("q", nxt.id)
+        from dialogue.llm.base import get_provider
+        note_tokens = get_provider("local:default").count_tokens(note)
+        assert est["exact"] and est["cached"] > note_tokens, est  # system, note, first turn
+        svc.set_folder("lab", note="Different rules now.")
+        changed = await svc.estimate("q", nxt.id)
+        assert changed["cached"] < note_tokens, changed  # at most the system prompt before it
+    finally:
+        await svc.aclose()
