@@ -288,6 +288,24 @@ def test_cli_folders_templates_moves_and_modes(tmp_path):
     assert r.returncode == 1 and "no folder 'nope'" in r.stderr
 
 
+def test_import_into_a_folder_and_show_says_where(tmp_path):
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# From a file")]
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    r = _cli(tmp_path, "import", str(tmp_path / "nb.ipynb"), "--folder", "nope")
+    assert r.returncode == 1 and "no folder 'nope'" in r.stderr
+    assert "[]" == _ok(tmp_path, "list", "--json").strip()  # nothing was imported
+    _ok(tmp_path, "folder", "new", "inbox")
+    _ok(tmp_path, "folder", "note", "inbox", "Triage first.")
+    assert "in folder 'inbox'" in _ok(tmp_path, "import", str(tmp_path / "nb.ipynb"), "--folder",
+                                      "inbox")
+    _ok(tmp_path, "mode", "nb", "concise")
+    shown = _ok(tmp_path, "show", "nb")
+    assert "folder: inbox (1 folder note sent first)" in shown and "mode: concise" in shown
+    assert json.loads(_ok(tmp_path, "show", "nb", "--json"))["folder_path"] == "inbox"
+
+
 def test_the_python_handle_has_folders_and_modes(tmp_path):
     from dialogue import Dialogue as Handle
     db = tmp_path / "api.db"

@@ -399,7 +399,8 @@ class DialogueService:
             context=[c for c in d.context if c.name != name])
 
     def import_dialogue(self, doc: Dialogue, *, name: str | None = None,
-                        trust: bool = False, on_progress: OnProgress | None = None) -> Dialogue:
+                        trust: bool = False, on_progress: OnProgress | None = None,
+                        folder: str | None = None) -> Dialogue:
         """Store a dialogue read from elsewhere (a notebook), messages and all, in one
         transaction: either all of it is created or nothing is.
 
@@ -407,14 +408,16 @@ class DialogueService:
         user configured it, its system prompt only with `trust=True`, and its ids never address
         anything (the dialogue gets a fresh id). What was set aside is in the returned dialogue's
         ``meta["import"]``, with ``["warnings"]`` to show the user (`trust.import_record`).
-        `on_progress` hears the store write (one transaction: a spinner)."""
+        `on_progress` hears the store write (one transaction: a spinner). `folder` (a path or id,
+        the user's choice, never the file's) is where it goes."""
         from .progress import Steps
         from .trust import vet_import
         safe = vet_import(doc, default_model=default_model(), trust=trust).dialogue
+        fid = self.folder_id(folder) if folder else ""
         with Steps(on_progress, f"storing {len(safe.messages):,} messages", total=None), self.store.tx():
             d = self.store.create_dialogue(name or safe.name, model=safe.model,
                                            system=safe.system, context=safe.context,
-                                           meta=safe.meta)
+                                           meta=safe.meta, folder=fid)
             self.store.add_messages(d.id, safe.messages, op="import")
         return self.store.get_dialogue(d.id)
 

@@ -112,3 +112,19 @@ def test_the_mode_is_shown_and_edited_in_the_settings(client, db):
     client.post(f"/d/{d.id}/settings", data={"dversion": str(d.version), "mode": "standard",
                                              "mode_prompt": "Tiny steps."}, headers=HX)
     assert "mode" not in db.open("m").meta
+
+
+def test_a_notebook_imported_from_a_folders_list_goes_into_it(client, db):
+    import nbformat
+    db.new_folder("inbox")
+    page = client.get("/?folder=inbox").text
+    hidden = [a for a in Tags(page).find("input", name="folder") if a.get("type") == "hidden"]
+    assert [a.get("value") for a in hidden] == ["inbox"]  # the import form carries the folder
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Imported")]
+    r = client.post("/import", files={"file": ("n.ipynb", nbformat.writes(nb).encode(),
+                                               "application/x-ipynb+json")},
+                    data={"folder": "inbox"}, headers=HX)
+    assert r.status_code == 200, r.text
+    did = r.headers["hx-redirect"].rsplit("/", 1)[1]
+    assert db.open(did).folder == db.folder_id("inbox")

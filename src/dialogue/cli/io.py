@@ -33,14 +33,18 @@ def import_warnings(svc: DialogueService, d: Any, command: str, file: str) -> No
 def cmd_import(svc: DialogueService, a: argparse.Namespace) -> None:
     from .. import artifacts  # markdown, sanitizer and nbformat load only for the commands using them
     from .progress import Bars
+    if a.folder:
+        svc.folder_id(a.folder)  # an unknown folder is refused before the file is read
     try:
         with Bars() as bars:  # a large notebook takes seconds to parse, convert and store
             doc = artifacts.read_notebook(a.file, keep_ids=True, on_progress=bars)
-            d = svc.import_dialogue(doc, name=a.new_name, trust=a.trust, on_progress=bars)
+            d = svc.import_dialogue(doc, name=a.new_name, trust=a.trust, on_progress=bars,
+                                    folder=a.folder)
     except NameTakenError as e:
         raise UserError(f"{e}: import it under another name with --name") from None
+    where = f" in folder {svc.folder(d.folder).path!r}" if d.folder else ""
     out.print(f"imported {len(d.messages)} messages into dialogue [b]{markup(d.name)}[/b] "
-              f"({markup(d.id)})")
+              f"({markup(d.id)}){markup(where)}")
     import_warnings(svc, d, "import", a.file)
 
 
@@ -83,6 +87,7 @@ def cmd_export(svc: DialogueService, a: argparse.Namespace) -> None:
 def _args_import(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("file")
     sp.add_argument("--name", dest="new_name")
+    sp.add_argument("--folder", metavar="PATH", help="import it into this folder")
     sp.add_argument("--trust", action="store_true",
                     help="adopt the notebook's system prompt (a file's model is used only if you "
                          "configured it)")

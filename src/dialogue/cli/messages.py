@@ -12,7 +12,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from ..document import FLAGS, Kind, Message, output_text
-from ..service import DialogueService, describe_call
+from ..service import DialogueService, describe_call, mode_of
 from ..terminal import markup, plain, visible
 from .common import UserError, err, out, text_arg, when
 
@@ -79,12 +79,20 @@ def _status_line(m: Message) -> str:
 
 def cmd_show(svc: DialogueService, a: argparse.Namespace) -> None:
     d = svc.open(a.name)
+    folder = svc.folder(d.folder).path if d.folder else ""
     if a.json:
-        print(json.dumps({**d.settings(), "id": d.id, "version": d.version,
+        print(json.dumps({**d.settings(), "id": d.id, "version": d.version, "folder_path": folder,
                           "messages": [m.to_dict() for m in d.messages]}))
         return
     out.print(f"[b]{markup(d.name)}[/b] [dim]{markup(d.id)} v{d.version}[/dim] · model "
               f"{markup(d.model)}")
+    if folder:
+        notes = svc.folder_context(d)
+        out.print(plain(f"folder: {folder}" + (f" ({len(notes)} folder note{'s' * (len(notes) != 1)}"
+                                               " sent first)" if notes else "")))
+    mode, _ = mode_of(d.meta)
+    if mode != "standard":
+        out.print(plain(f"mode: {mode} (`dialogue mode {d.name}` shows its text)"))
     if d.meta.get("adapters"):
         from .adapters import set_text
         out.print(plain("adapters: " + set_text(d.meta["adapters"])))

@@ -161,6 +161,7 @@ def dialogues_page(items: list[dict], trash: list[TrashItem], *, q: str = "",
     imp = Form(Label(Input(type="file", name="file", accept=".ipynb,application/x-ipynb+json",
                            required=True), cls="file-label"),
                Input(type="hidden", name="job", value=job),
+               Input(type="hidden", name="folder", value=folder),  # into the folder shown
                Button("Import .ipynb", type="submit", cls="secondary"),
                hx_post=urls.import_notebook, hx_encoding="multipart/form-data", cls="inline-form",
                id="import-form")

@@ -112,7 +112,8 @@ async def import_notebook(req: Request) -> Any:
             why = str(e).removeprefix("notebook: ")
             return refuse(f"Cannot import {up.filename}: {why}", status_of(e))
         # on the loop, as every store write of the app (one transaction, its step a spinner)
-        d = svc.import_dialogue(doc, name=free_name(svc, doc.name or stem), on_progress=on_progress)
+        d = svc.import_dialogue(doc, name=free_name(svc, doc.name or stem), on_progress=on_progress,
+                                folder=(text(f.get("folder")) or "").strip() or None)
     finally:
         JOBS.end(job)
     # what the import set aside (a model, the system prompt) is told on the dialogue's page
