@@ -75,7 +75,7 @@ def test_request_plain_form_and_errors(answered):
     assert f"request of message {pid} (answer version {version}" in out
     assert "model claude-sonnet-4-5 · max_tokens" in out
     assert "system · 3 tokens · cache breakpoint" in out and "Be exact." in out
-    assert "turn 1 · user · from" in out and "cache breakpoint" in out
+    assert "turn 1: user (" in out and "cache breakpoint" in out
     assert "hidden from the model by the user" in out and "the secret plan" not in out
     assert "\x1b" not in out and "\\x1b[31mred" in out  # the note's escape codes shown, not run
     assert "tools offered: none" in out

@@ -104,8 +104,8 @@ def claude(monkeypatch):
         yield srv
 
 
-async def _answer(svc, name, mid):
-    mid = svc.start(name, mid)
+async def _answer(svc, name, mid, **kw):
+    mid = svc.start(name, mid, **kw)
     events = [ev async for ev in svc.subscribe(mid)]
     assert events[-1].type == "done"
     return events[-1].data
@@ -266,3 +266,25 @@ def test_estimate_says_what_was_left_out_and_when_it_will_not_fit():
     tight = SimpleNamespace(context_window=req.meta["tokens"] + 10, count_tokens=lambda t: None)
     over = sent.estimate(req, provider=tight)
     assert over["over"] is True and f"over the model's context of {req.meta['tokens'] + 10:,}" in over["label"]
+
+
+async def test_tool_calls_and_results_replayed_as_turns_are_shown(svc, claude):
+    from dialogue.service import turn_text, turn_title
+    svc.create("tc", model="claude-sonnet-4-5")
+    code = svc.add("tc", "code", 'def add(a: int, b: int) -> int:\n    "Add two numbers."\n    return a + b')
+    await svc.run("tc", code.id)
+    p1 = svc.add("tc", "prompt", "Add 2 and 3 with &`add`.")
+    claude.push(sse(anthropic_events(tool_uses=[("toolu_1", "add", {"a": 2, "b": 3})])),
+                sse(anthropic_events(["It is 5."])))
+    await _answer(svc, "tc", p1.id, approve=True)
+    p2 = svc.add("tc", "prompt", "Thanks.")
+    claude.push(sse(anthropic_events(["You're welcome."])))
+    await _answer(svc, "tc", p2.id, approve=True)
+    rec = svc.sent_request("tc", p2.id)
+    roles = [t["role"] for t in rec["turns"]]
+    assert roles[:3] == ["user", "assistant", "tool"] and roles[-1] == "user"
+    call, result = rec["turns"][1], rec["turns"][2]
+    assert turn_text(call) == '-> add {"a": 2, "b": 3}'
+    assert turn_title(3, result) == f"turn 3: tool result of add ({p1.id})"
+    assert turn_text(result) == "5"
+    assert [t["name"] for t in rec["tools"]] == ["add"]

@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 
 from .llm.base import Request, Turn
 
-__all__ = ["record", "cache_plan", "estimate", "entry_words", "context_words", "RECORD_VERSION", "CLAUDE_CACHE_TTL"]
+__all__ = ["record", "cache_plan", "estimate", "entry_words", "context_words", "turn_text", "turn_title",
+           "RECORD_VERSION", "CLAUDE_CACHE_TTL"]
 
 RECORD_VERSION = 1
 CLAUDE_CACHE_TTL = 300.0
@@ -60,6 +61,23 @@ def _turn(t: Turn, i: int, ids: Sequence[Sequence[str]]) -> dict[str, Any]:
     if t.tool_calls:
         out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in t.tool_calls]
     return out
+
+
+def turn_text(turn: dict[str, Any]) -> str:
+    """A recorded turn as text, the same on the terminal and the page: its text parts, each
+    image as a line naming its type and size, each tool call the turn made as
+    `-> name {arguments}`."""
+    out = [p["text"] if p["type"] == "text" else f"[image {p['mime']}, {p['bytes']:,} bytes]"
+           for p in turn["parts"] if p["type"] != "text" or p["text"]]
+    out += [f"-> {c['name']} {json.dumps(c['arguments'], ensure_ascii=False)}"
+            for c in turn.get("tool_calls") or []]
+    return "\n\n".join(out)
+
+
+def turn_title(i: int, turn: dict[str, Any]) -> str:
+    """"turn 3: tool result of add (a1b2c3d4)": which turn, whose, from which messages."""
+    role = f"tool result of {turn.get('name') or '?'}" if turn["role"] == "tool" else turn["role"]
+    return f"turn {i}: {role} ({', '.join(turn.get('messages') or []) or '-'})"
 
 
 def context_words(entry: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from rich.panel import Panel
 from rich.table import Table
 
-from ..service import DialogueService, NotFoundError, context_words, entry_words
+from ..service import DialogueService, NotFoundError, context_words, entry_words, turn_text, turn_title
 from ..terminal import plain
 from .common import UserError, emit_json, out, when
 
@@ -62,12 +62,10 @@ def print_request(rec: dict[str, Any]) -> None:
         out.print(plain("tools offered: none"))
     marked = set(plan.get("turns") or [])
     for i, turn in enumerate(rec["turns"], 1):
-        title = f"turn {i} · {turn['role']} · from {', '.join(turn.get('messages') or []) or '-'}"
+        title = turn_title(i, turn)
         if i - 1 in marked:
             title += " · cache breakpoint"
-        body = "\n\n".join(p["text"] if p["type"] == "text" else f"[image {p['mime']}, {p['bytes']:,} bytes]"
-                           for p in turn["parts"])
-        out.print(Panel(plain(body), title=plain(title), title_align="left", border_style="dim"))
+        out.print(Panel(plain(turn_text(turn)), title=plain(title), title_align="left", border_style="dim"))
     if rec.get("prefill"):
         out.print(Panel(plain(rec["prefill"]), title="prefill (the answer's start)", title_align="left"))
     t = Table("message", "kind", "status", "tokens", "why / what", box=None)

@@ -13,7 +13,7 @@ from fasthtml.common import (APIRouter, Code, Details, Div, Li, Pre, Small, Span
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ...service import NotFoundError, context_words, entry_words
+from ...service import NotFoundError, context_words, entry_words, turn_text, turn_title
 from .. import paths
 from ..common import form, site, text
 
@@ -26,12 +26,6 @@ def _n(v: Any) -> str:
 
 def _flag(word: str, why: str = "") -> Any:
     return Span(word, cls="rq-flag", title=why or None)
-
-
-def _text_part(p: dict[str, Any]) -> Any:
-    if p["type"] == "text":
-        return Pre(p["text"], cls="rq-text")
-    return Small(f"[image {p['mime']}, {p['bytes']:,} bytes]", cls="rq-image")
 
 
 def _breakpoints(rec: dict[str, Any]) -> tuple[bool, str]:
@@ -79,8 +73,7 @@ def panel(rec: dict[str, Any]) -> Any:
         tokens = sum(int(ids[x].get("tokens") or 0) for x in ms if x in ids) \
             if turn["role"] == "user" else None
         flags = [_flag("cache breakpoint", "cached up to the end of this turn")] if i - 1 in marked else []
-        row(f"turn {i}: {turn['role']} ({', '.join(ms) or '-'})", tokens, flags,
-            Div(*[_text_part(p) for p in turn["parts"]]))
+        row(turn_title(i, turn), tokens, flags, Pre(turn_text(turn), cls="rq-text"))
     if rec.get("prefill"):
         row("prefill", None, [], Pre(rec["prefill"], cls="rq-text"))
     parts = Table(Thead(Tr(Th("part"), Th("tokens"), Th("flags"), Th(""))), Tbody(*rows), cls="rq-parts")
