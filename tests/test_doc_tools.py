@@ -266,7 +266,9 @@ print(current(), fixed.version, new.id, ids.index(new.id))
 async def test_the_kernel_module_from_a_real_cell(svc):
     did, (note, code, prompt) = filled(svc)
     cell = svc.add("t", "code", HERE_CELL.replace("read(2)", f"read({code!r})"))
-    ran = await svc.run("t", cell.id)
+    svc.start("t", cell.id)
+    events = [ev async for ev in svc.subscribe(cell.id)]
+    ran = svc.message("t", cell.id)
     assert ran.meta["run"]["status"] == "ok", ran.outputs
     out = "".join(o.get("text", "") for o in ran.outputs).split()
     assert out[0] == cell.id and out[1] == "2"
@@ -279,6 +281,14 @@ async def test_the_kernel_module_from_a_real_cell(svc):
     assert svc.history_steps("t", code)[-1].summary() == f"edited by kernel, in cell {cell.id}"
     n = svc.history("t", new_id)[0]
     assert (n.author, n.cause) == ("kernel", cell.id)
+    # the run tells its listeners (a page) what the cell changed, before it ends
+    docs = [ev.data for ev in events if ev.type == "doc"]
+    assert docs == [{"op": "edit", "id": code}, {"op": "add", "id": new_id}]
+    assert events[-1].type == "done"
+    plan = " ".join(str(r) for r in svc.store._x(
+        "EXPLAIN QUERY PLAN SELECT v.message_id FROM versions v WHERE v.n > ? AND v.cause = ?",
+        (0, "x")))
+    assert "SCAN v" not in plan  # only the versions written since the run began are read
     k = await svc.kernel("t")
     assert "cannot be run from a cell" in await k.eval("refused")
     assert "occurs 2 times" in await k.eval("twice")

@@ -22,7 +22,8 @@ has `dialogue` installed too, at a version that reads this database's schema.
 
 A code message cannot be run from a cell: the kernel is busy with the running cell, so the run
 would wait for itself. `run` raises and says so; run it from the page, or let the model do it.
-The page shows a change made here when it reloads the dialogue (or the message).
+The page shows the messages a cell changed when its run ends: the run reads the versions caused
+by its cell (`Store.caused_since`) and tells its listeners, as the model's changes are told.
 """
 from __future__ import annotations
 

@@ -474,6 +474,7 @@ class Runs:
         store = self.store
         res = None
         store.begin_stream(m.id)
+        mark = store.last_version_row()  # what the cell changes through dialogue.here comes after
         m = m.copy(meta={k: v for k, v in m.meta.items() if k != "interrupted"})  # a new run
         flusher = _Flusher(store, run, self.host.flush_every)
         flushing = asyncio.get_running_loop().create_task(flusher.loop())
@@ -521,6 +522,11 @@ class Runs:
                 final = store.finish_stream(
                     m.id, outputs=stored_outputs(run.state.outputs + extra),
                     meta={**m.meta, "run": {"status": "interrupted"}})
+            # the messages the cell changed (dialogue.here, from the kernel's process): a page
+            # following the run shows them now, as it shows the model's changes
+            for mid, first, gone in store.caused_since(mark, m.id):
+                run.publish(RunEvent("doc", m.id, {"op": "delete" if gone else "add" if first == 1
+                                                   else "edit", "id": mid}))
             self._finish(run, final)
 
     async def _run_prompt(self, run: Run, did: str, m: Message, prefill: str | None,

@@ -1937,6 +1937,21 @@ class Store:
                 rec[k] = items[::-1]
         return {**rec, "answer_version": row[0]}
 
+    def last_version_row(self) -> int:
+        """The row number of the newest version (0: none): `caused_since` reads from there."""
+        return self._one("SELECT max(n) FROM versions")[0] or 0
+
+    def caused_since(self, n: int, cause: str) -> list[tuple[str, int, bool]]:
+        """The messages changed by versions after row `n` whose cause is message `cause` (a cell
+        scripting its dialogue through dialogue.here, in whatever process): (message id, the
+        first such version, deleted now), oldest change first. A range of the row numbers, so
+        only the versions written since are read."""
+        rows = self._x("SELECT v.message_id, min(v.version), m.deleted IS NOT NULL, min(v.n) "
+                       "FROM versions v JOIN messages m ON m.id = v.message_id "
+                       "WHERE v.n > ? AND v.cause = ? AND v.message_id != '' "
+                       "GROUP BY v.message_id ORDER BY 4", (n, cause))
+        return [(mid, first, bool(gone)) for mid, first, gone, _ in rows]
+
     def history(self, msg_id: str) -> list[Version]:
         """Every version of a message, oldest first (a dialogue id lists the dialogue's own
         settings history)."""

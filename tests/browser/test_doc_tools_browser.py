@@ -81,3 +81,31 @@ def fixes_and_runs(page: Page, srv, url: str, db) -> None:
     modal = page.locator("dialog#history")
     expect(modal).to_be_visible()
     expect(modal).to_contain_text(f"edited by model, in answer {prompt.id}")
+
+
+SCRIPT = '''from dialogue.here import read, replace, add
+replace(read(1).id, "prnt(", "print(")
+add("A note from the script.", kind="note")
+'''
+
+
+def test_a_cell_scripting_its_dialogue_shows_its_changes(page: Page, tmp_path) -> None:
+    """dialogue.here writes from the kernel's process; the page learns of it when the cell's run
+    ends (the run reports the messages its cell changed) and swaps them in, without a reload."""
+    with claude_server(tmp_path, "here.db") as (srv, url, db):
+        svc = DialogueService(db)
+        try:
+            d = svc.create("script")
+            code = svc.add(d.id, "code", BROKEN)
+            script = svc.add(d.id, "code", SCRIPT)
+        finally:
+            svc.close()
+        page.goto(f"{url}/d/{d.id}")
+        s = page.locator(f"#m-{script.id}")
+        run(s)
+        expect(s.locator(".kind-tag")).to_have_text("[1]", timeout=60_000)
+        c = page.locator(f"#m-{code.id}")
+        expect(c.locator(".view")).to_contain_text("print(greeting.upper())", timeout=10_000)
+        cells = page.locator("#cells > .cell")
+        expect(cells).to_have_count(3)
+        expect(cells.nth(2)).to_contain_text("A note from the script.")  # after the script
