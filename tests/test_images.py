@@ -292,3 +292,19 @@ def test_edits_of_a_note_with_an_image_store_the_image_once(svc):
     restored = svc.restore_version(d.id, n.id, 1, base_version=n.version)
     assert restored.source == "v0\n\n![shot.png](attachment:shot.png)"
     assert restored.attachments == n.attachments
+
+
+def test_which_models_see_images(svc, monkeypatch):
+    from dialogue.llm.catalog import sees_images
+    monkeypatch.delenv("DIALOGUE_VISION_MODELS", raising=False)
+    assert sees_images("claude-haiku-4-5") and sees_images("gpt-4o") and sees_images("o3")
+    assert not sees_images("gpt-3.5-turbo") and not sees_images("gpt-4") and not sees_images("o1-mini")
+    assert not sees_images("local:default")
+    vl = "openai-compatible:http://gpu:8000/v1#Qwen/Qwen2.5-VL-7B"
+    assert not sees_images(vl)  # unknown until the user says so
+    monkeypatch.setenv("DIALOGUE_VISION_MODELS", "vllm:*, openai-compatible:http://gpu:8000/v1#*-VL-*")
+    assert sees_images(vl) and sees_images("vllm:http://gpu:8000/v1#llava")
+    assert not sees_images("local:default")  # a local model never, whatever the list says
+    listed = {m.name: m.images for m in svc.models()}
+    assert listed["claude-sonnet-4-5"] is True and listed["gpt-5"] is True
+    assert listed["local:default"] is False

@@ -782,7 +782,10 @@ def _check_images(d: Dialogue, m: Message, provider: Any) -> None:
     not counted: they reach such a model as a mention, as they always have."""
     from .context import attached_images
     from .errors import ImagesNotSupportedError
-    if getattr(provider, "sees_images", False):
+    from .llm.catalog import sees_images
+    # the provider knows best (a class attribute or property); else the catalog's rule, which
+    # reads DIALOGUE_VISION_MODELS for a name it does not know
+    if getattr(provider, "sees_images", None) or sees_images(d.model):
         return
     upto = d.messages[:d.index(m.id) + 1]
     found = attached_images([x for x in upto if not x.hidden or x.id == m.id])

@@ -35,9 +35,10 @@ def cmd_models(svc: DialogueService, a: argparse.Namespace) -> None:
     t.add_column("where", overflow="fold")
     t.add_column("about")
     t.add_column("runs on")
+    t.add_column("images")  # whether it sees images in notes and prompts
     for m in svc.models():
         t.add_row(plain(m.name), plain(m.where), plain(m.about), plain(m.device or "remote API"),
-                  style=None if m.ready or m.template else "dim")
+                  "yes" if m.images else "", style=None if m.ready or m.template else "dim")
     out.print(t)
 
 

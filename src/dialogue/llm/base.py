@@ -307,6 +307,7 @@ class ModelInfo:
     ready: bool = True
     template: bool = False
     device: str = ""   # where it computes: "CPU", "GPU (all layers)"..., or "" for a remote API
+    images: bool = False  # takes images in prompts (catalog.sees_images)
 
 
 _LISTERS: list[Callable[[], list[ModelInfo]]] = []

@@ -71,16 +71,13 @@ from .base import (
     Usage, parse_retry_after, register, tool_call_from_json,
 )
 from .catalog import COMPATIBLE, OPENAI_MODELS as MODELS, openai_models as models  # noqa: F401 - listed there, no SDK needed
+from .catalog import sees_images
 from .hosted import HostedProvider, asked_wait, error_body
 
 __all__ = ["OpenAIProvider", "parse_compatible", "configured_base", "configured_bases",
            "KEY_ENV", "BASE_URL_ENV", "MODELS", "models"]
 
 KEY_ENV = "OPENAI_COMPATIBLE_API_KEY"
-VISION_ENV = "DIALOGUE_VISION_MODELS"
-# OpenAI models that take no image input (every other gpt-*/o*/chatgpt-* model does)
-_TEXT_ONLY = ("gpt-3.5", "gpt-4-0314", "gpt-4-0613", "gpt-4-32k", "o1-mini", "o1-preview",
-              "o3-mini")
 BASE_URL_ENV = "OPENAI_COMPATIBLE_BASE_URL"
 _NO_KEY = "sk-no-key-required"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -139,14 +136,6 @@ def configured_base(url: str) -> bool:
     return n is not None and n in configured_bases()
 
 
-def sees_images_configured(model: str) -> bool:
-    """Whether `model` (a full model name) matches a pattern of `VISION_ENV` (comma or space
-    separated; fnmatch's * and ?)."""
-    from fnmatch import fnmatchcase
-    pats = [p for p in re.split(r"[\s,]+", os.environ.get(VISION_ENV, "")) if p]
-    return any(fnmatchcase(model, p) for p in pats)
-
-
 async def _no_retry_when_out_of_quota(response: Any) -> None:
     """OpenAI answers 429 both to "slow down" and to "your quota is used up"; the SDK retries every
     429, but waiting does not refill a quota. Only an error's short JSON body is read here (and
@@ -180,13 +169,9 @@ class OpenAIProvider(HostedProvider):
 
     @property
     def sees_images(self) -> bool:
-        """Whether the model takes image parts. OpenAI's own models do, but for the older
-        text-only ones; a compatible server's model only when the user says so in
-        `VISION_ENV` (its name, or a pattern with * such as
-        ``openai-compatible:http://gpu-box:8000/v1#*-VL-*``): what a server runs is unknown."""
-        if self.compatible:
-            return sees_images_configured(self.full_name)
-        return self.model != "gpt-4" and not self.model.startswith(_TEXT_ONLY)
+        """Whether the model takes image parts (`catalog.sees_images`: OpenAI's own but the
+        text-only ones; a compatible server's only when DIALOGUE_VISION_MODELS names it)."""
+        return sees_images(self.full_name)
 
     def _bound(self) -> bool:
         """Whether this provider may send the user's credentials: a key passed in explicitly, the
