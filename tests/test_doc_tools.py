@@ -70,7 +70,9 @@ async def test_list_read_and_find(svc):
     text, err = await call(t, "read_message", id="7")
     assert err and "no message at position 7" in text
     text, err = await call(t, "read_message")
-    assert err and "bad arguments" in text and "id" in text
+    assert err and "bad arguments" in text and "(it takes: id)" in text
+    text, err = await call(t, "read_message", id="1", line=3)
+    assert err and "unexpected keyword argument 'line'" in text
 
 
 async def test_add_edit_delete_move(svc):
@@ -470,3 +472,43 @@ def test_an_imported_file_never_turns_them_on(svc):
     assert rec["doc_tools"] == "all"
     assert any("document tools" in w for w in rec["warnings"])
     assert svc.history(d.id, d.messages[0].id)[0].author == "import"
+
+
+def test_cli_ask_lets_the_model_fix_the_cell_with_yes(svc, tmp_path, monkeypatch):
+    """`dialogue ask --yes` (a real process, the Anthropic SDK against the replay server): the
+    model reads, replaces and runs; without --yes and without a terminal its changes are denied
+    and the cell is untouched."""
+    import os
+    import subprocess
+    import sys
+    did, (note, code, prompt) = filled(svc)
+    svc.set_doc_tools("t", "all")
+    with ReplayServer() as srv:
+        env = {**os.environ, "DIALOGUE_DB": str(svc.path), "COLUMNS": "200",
+               "ANTHROPIC_BASE_URL": srv.base_url, "ANTHROPIC_API_KEY": "test-key",
+               "DIALOGUE_HOME": str(tmp_path / "home")}
+
+        def ask(*extra):
+            return subprocess.run([sys.executable, "-m", "dialogue.cli", "ask", "t",
+                                   "Fix the cell.", *extra], capture_output=True, text=True,
+                                  env=env, timeout=300, stdin=subprocess.DEVNULL)
+
+        srv.push(claude_call("1", "replace_text", {"id": code, "old": "prnt(", "new": "print("}),
+                 sse(anthropic_events(["I may not."])))
+        r = ask()
+        assert r.returncode == 0, r.stderr
+        assert "needs approval and standard input is not a terminal: denied" in r.stderr
+        assert svc.message("t", code).source == BROKEN
+        srv.push(claude_call("2", "read_message", {"id": code}),
+                 claude_call("3", "replace_text", {"id": code, "old": "prnt(", "new": "print("}),
+                 claude_call("4", "run_code", {"id": code}),
+                 sse(anthropic_events(["Fixed."])))
+        r = ask("--yes")
+        assert r.returncode == 0, r.stderr
+        assert "Fixed." in r.stdout
+    fixed = svc.message("t", code)
+    assert fixed.source == BROKEN.replace("prnt(", "print(")
+    assert "HELLO" in "".join(o.get("text", "") for o in fixed.outputs)
+    answer = svc.messages("t")[-1]
+    assert [c["name"] for c in answer.tool_calls] == ["read_message", "replace_text", "run_code"]
+    assert svc.history("t", code)[-1].cause == answer.id

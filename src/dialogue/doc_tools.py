@@ -17,6 +17,7 @@ a `DocToolError` whose text the model (or the cell) can act on.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Callable
 
@@ -175,11 +176,14 @@ class DocumentTools:
             return f"arguments must be a JSON object, got {type(arguments).__name__}", True
         fn: Callable = getattr(self, name)
         try:
-            out = fn(**arguments)
-            if hasattr(out, "__await__"):
-                out = await out
+            inspect.signature(fn).bind(**arguments)
         except TypeError as e:  # missing or unexpected arguments
-            return f"bad arguments for {name}: {e}", True
+            wants = ", ".join(TOOLS[name][1]["properties"]) or "no arguments"
+            return f"bad arguments for {name}: {e} (it takes: {wants})", True
+        try:
+            out = fn(**arguments)
+            if inspect.isawaitable(out):
+                out = await out
         except (DocToolError, StoreError) as e:
             return str(e), True
         return _cap(out, self.limit), False
