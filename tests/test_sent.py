@@ -288,3 +288,19 @@ async def test_tool_calls_and_results_replayed_as_turns_are_shown(svc, claude):
     assert turn_title(3, result) == f"turn 3: tool result of add ({p1.id})"
     assert turn_text(result) == "5"
     assert [t["name"] for t in rec["tools"]] == ["add"]
+
+
+async def test_a_forks_copy_shows_the_request_its_answer_was_sent_with(svc, claude):
+    svc.create("orig", model="claude-sonnet-4-5")
+    p = svc.add("orig", "prompt", "first?")
+    claude.push(sse(anthropic_events(["one"])), sse(anthropic_events(["two"])))
+    await _answer(svc, "orig", p.id)
+    sent_then = svc.sent_request("orig", p.id)
+    fork = svc.fork("orig", p.id, name="branch")
+    copy = svc.messages(fork.id)[-1]
+    time.sleep(0.01)
+    svc.edit("orig", p.id, base_version=None, source="first, changed?")
+    await _answer(svc, "orig", p.id)  # the original answered again, after the fork
+    got = svc.sent_request("branch", copy.id)
+    assert got["copied_from"] == p.id and got["answer_version"] == sent_then["answer_version"]
+    assert got["turns"] == sent_then["turns"] != svc.sent_request("orig", p.id)["turns"]

@@ -1482,6 +1482,14 @@ class DialogueService:
             raise NotFoundError(f"message {m.id} is a {m.kind.value} message: only a prompt's "
                                 "answer has a request")
         rec = self.store.request_record(m.id, version)
+        origin = m.meta.get("forked_from") or m.meta.get("from_template")
+        if rec is None and version is None and isinstance(origin, str):
+            # a copy (a fork, a template's dialogue) not answered since: its answer is the
+            # original's as it was when copied, and so is the request it was sent with
+            copied = self.store.get_dialogue(did, with_messages=False).created
+            rec = self.store.request_record(origin, before=copied)
+            if rec is not None:
+                rec = {**rec, "copied_from": origin}
         if rec is None:
             which = f"answer version {version}" if version is not None else "its answer"
             raise NotFoundError(f"no request is recorded for {which} of message {m.id} (answered "

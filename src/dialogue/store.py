@@ -1906,13 +1906,16 @@ class Store:
                     "VALUES (?, ?, ?, ?)",
                     (msg_id, int(version), float(record.get("at") or time.time()), _dumps(rec)))
 
-    def request_record(self, msg_id: str, version: int | None = None) -> dict[str, Any] | None:
-        """The request kept for answer `version` of `msg_id` (the latest one kept when None), read
-        back whole from `blobs`; None when none was kept (an answer from before requests were
-        recorded, an imported one, or one whose request was never built)."""
+    def request_record(self, msg_id: str, version: int | None = None, *,
+                       before: float | None = None) -> dict[str, Any] | None:
+        """The request kept for answer `version` of `msg_id` (the latest one kept when None, or
+        the latest kept by time `before`), read back whole from `blobs`; None when none was kept
+        (an answer from before requests were recorded, an imported one, or one whose request was
+        never built)."""
         if version is None:
-            row = self._one("SELECT version, record FROM requests WHERE message_id = ? "
-                            "ORDER BY version DESC LIMIT 1", (msg_id,))
+            row = self._one("SELECT version, record FROM requests WHERE message_id = ? AND at <= ? "
+                            "ORDER BY version DESC LIMIT 1",
+                            (msg_id, float("inf") if before is None else float(before)))
         else:
             row = self._one("SELECT version, record FROM requests WHERE message_id = ? AND version = ?",
                             (msg_id, int(version)))

@@ -34,6 +34,8 @@ def print_request(rec: dict[str, Any]) -> None:
     `terminal.plain`: control characters visible, never read as markup)."""
     out.print(plain(f"request of message {rec['message']} (answer version {rec['answer_version']}, "
                     f"sent {when(rec.get('at'))})", "bold"))
+    if rec.get("copied_from"):
+        out.print(plain(f"recorded for message {rec['copied_from']}, which this one was copied from"))
     out.print(plain(f"model {rec['model']} · max_tokens {rec['max_tokens']} · {_n(rec.get('tokens'))} "
                     f"tokens in ({rec.get('token_count', '')})"))
     system_mark, marks = _marks(rec)

@@ -41,6 +41,8 @@ def panel(rec: dict[str, Any]) -> Any:
     head = Div(Strong(rec["model"]), f" · max_tokens {rec['max_tokens']:,} · ",
                Span(f"{_n(rec.get('tokens'))} tokens in", title=str(rec.get("token_count") or "")),
                f" ({rec.get('token_count', '')}) · answer version {rec['answer_version']}",
+               f" of message {rec['copied_from']}, which this one was copied from"
+               if rec.get("copied_from") else "",
                Div(Small(f"cache: {cache_about}")), cls="rq-head")
     rows: list[Any] = []
 
