@@ -31,3 +31,11 @@ def test_approvals_in_the_settings(client, db):
                     data={"approvals_form": "1", "dversion": v})
     assert r.status_code == 409
     assert db.open(d.id).meta["approvals"]["always"] == ["fetch"]
+
+
+def test_answering_a_call_that_is_not_waiting_is_refused(client, db):
+    d = db.create("Idle")
+    p = db.add(d.id, "prompt", "hi")
+    r = client.post(f"/d/{d.id}/m/{p.id}/approve", headers=HX,
+                    data={"call": "toolu_1", "decision": "once"})
+    assert r.status_code == 400 and "not running any more" in r.text
