@@ -54,6 +54,12 @@ async def test_list_read_and_find(svc):
     assert lines[1] == f"1. {note} note v1: # Plan"
     assert lines[2].startswith(f"2. {code} code v2 error: greeting")
     assert lines[3] == f"3. {prompt} prompt v1 no answer (this answer): Fix the failing cell and run it."
+    text, err = await call(t, "list_messages", start=2, count=1)  # a page of a long listing
+    assert not err and text.splitlines() == [
+        "3 messages; positions 2 to 2 shown (position. id kind version status: first line)",
+        lines[2]]
+    text, err = await call(t, "list_messages", start=9)
+    assert err and "past the end: the dialogue has 3 messages" in text
     text, err = await call(t, "read_message", id="2")  # a position
     assert not err and f"id {code}" in text and "version 2" in text
     assert BROKEN in text

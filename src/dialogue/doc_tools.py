@@ -43,12 +43,18 @@ def _obj(props: dict[str, Any], required: list[str]) -> dict[str, Any]:
 _ID = {"type": "string", "description": "The message: its id (as list_messages shows it) or its "
                                         "1-based position (\"1\" is the first, \"-1\" the last)."}
 
+LIST_MAX = 200  # lines of one list_messages: a long dialogue is listed in pages
+
 # name -> (description, JSON schema of its arguments, reads only)
 TOOLS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "list_messages": (
         "List the messages of this dialogue, one line each: position, id, kind (code, note, "
-        "prompt, raw), version, how its last run ended, and its first line.",
-        _obj({}, []), True),
+        "prompt, raw), version, how its last run ended, and its first line. At most `count` "
+        "lines from position `start`; the first line says how many there are in all.",
+        _obj({"start": {"type": "integer", "description": "The first position to list "
+                                                          "(default 1)."},
+              "count": {"type": "integer", "description": f"How many to list (default and "
+                                                          f"at most {LIST_MAX})."}}, []), True),
     "read_message": (
         "Read one message in full: its source and, for code, its outputs as text (long outputs "
         "cut as in your context); for a prompt, its answer. Read a message before editing it.",
@@ -240,13 +246,23 @@ class DocumentTools:
     def _position(self, mid: str) -> int:
         return self.host.store.position(mid)
 
-    def list_messages(self) -> str:
+    def list_messages(self, start: int = 1, count: int = LIST_MAX) -> str:
         ms = self._messages()
         if not ms:
             return "The dialogue has no messages."
-        lines = [f"{len(ms)} message{'s' * (len(ms) != 1)} (position. id kind version status: "
-                 "first line)"]
-        for i, m in enumerate(ms, 1):
+        try:
+            start, count = max(1, int(start)), max(1, min(int(count), LIST_MAX))
+        except (TypeError, ValueError):
+            raise DocToolError("start and count must be whole numbers") from None
+        shown = ms[start - 1:start - 1 + count]
+        if not shown:
+            raise DocToolError(f"start {start} is past the end: the dialogue has {len(ms)} "
+                               "messages")
+        more = f"; positions {start} to {start + len(shown) - 1} shown" \
+            if len(shown) < len(ms) else ""
+        lines = [f"{len(ms)} message{'s' * (len(ms) != 1)}{more} (position. id kind version "
+                 "status: first line)"]
+        for i, m in enumerate(shown, start):
             st = _status(m, self.host.running(m.id))
             mark = " (this answer)" if m.id == self.cause and self.author == "model" else ""
             lines.append(f"{i}. {m.id} {m.kind.value} v{m.version}{' ' + st if st else ''}"
