@@ -126,7 +126,7 @@ def test_the_mcpservers_shape_is_read_and_bad_entries_are_named(tmp_path):
 async def test_a_dialogue_enables_servers_configured_globally_or_its_own(svc, mcp_file):
     mcp_file({"calc": stdio()})
     d = svc.create("cfg")
-    with pytest.raises(ValueError, match="'nope'.*configured nowhere"):
+    with pytest.raises(ValueError, match="'nope'.* configured nowhere"):
         svc.set_mcp("cfg", enable=["nope"])
     assert svc.open("cfg").version == d.version  # nothing changed
     d = svc.set_mcp("cfg", enable=["calc"])
@@ -139,10 +139,21 @@ async def test_a_dialogue_enables_servers_configured_globally_or_its_own(svc, mc
     assert listed["calc"]["enabled"] and not listed["calc"]["running"]
     with pytest.raises(ValueError, match="command"):
         svc.set_mcp("cfg", servers={"bad": {"args": []}})
+    # a server taken out of the global file: shown as missing, an answer says so, and it can
+    # still be switched off (other changes are not blocked by it)
+    mcp_file({})
+    listed = {s["name"]: s for s in svc.mcp_servers("cfg")}
+    assert listed["calc"] == {"name": "calc", "origin": "missing", "transport": "",
+                              "runs": "configured nowhere", "enabled": True, "running": False}
+    (gone,) = await svc.mcp_list("cfg", "calc")
+    assert "enabled but configured nowhere" in gone["error"]
+    with pytest.raises(ValueError, match="'calc'.* configured nowhere"):
+        mcptools.servers_for(svc.open("cfg"))
+    svc.set_mcp("cfg", disable=["own"])
     d = svc.set_mcp("cfg", remove=["own"], disable=["calc"])
     assert "mcp" not in d.meta
     ops = [v.op for v in svc.store.history(d.id)]
-    assert ops.count("mcp") == 3  # versioned like every setting (the refused ones wrote nothing)
+    assert ops.count("mcp") == 4  # versioned like every setting (the refused ones wrote nothing)
 
 
 # ---------------------------------------------------------------- real servers
@@ -352,7 +363,7 @@ def test_the_cli_lists_servers_and_tools_and_enables_them(tmp_path, mcp_file):
     got = cli("mcp", "enable", "d", "calc")
     assert got.returncode == 0 and "uses MCP servers: calc" in got.stdout
     got = cli("mcp", "enable", "d", "zz")
-    assert got.returncode == 1 and "'zz', configured nowhere" in got.stderr
+    assert got.returncode == 1 and "'zz' are configured nowhere" in got.stderr
     got = cli("mcp", "add", "d", "own", "--command", sys.executable, f"--arg={SERVER}",
               "--env", "SECRET_WORD=x")
     assert got.returncode == 0 and "uses MCP servers: calc, own" in got.stdout, got.stderr

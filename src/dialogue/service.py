@@ -413,8 +413,8 @@ class DialogueService:
         the user's choice, never the file's) is where it goes."""
         from .progress import Steps
         from .trust import vet_import
-        safe = vet_import(doc, default_model=default_model(), trust=trust).dialogue
         fid = self.folder_id(folder) if folder else ""
+        safe = vet_import(doc, default_model=default_model(), trust=trust).dialogue
         with Steps(on_progress, f"storing {len(safe.messages):,} messages", total=None), self.store.tx():
             d = self.store.create_dialogue(name or safe.name, model=safe.model,
                                            system=safe.system, context=safe.context,
@@ -613,17 +613,22 @@ class DialogueService:
     def mcp_servers(self, ref: str | Dialogue | None = None) -> list[dict[str, Any]]:
         """The MCP servers configured (globally, and `ref`'s own), each as {"name", "origin"
         ("global" or "dialogue"), "transport", "runs" (command line or URL), "enabled" (by
-        `ref`), "running"}. A bad config file raises MCPConfigError (a ValueError)."""
+        `ref`), "running"}; a name `ref` enables that is configured nowhere (taken out of the
+        global file since) comes last with origin "missing", so it can be seen and disabled. A
+        bad config file raises MCPConfigError (a ValueError)."""
         from . import mcptools
         d = None if ref is None else (ref if isinstance(ref, Dialogue)
                                       else self.open(ref, messages=False))
         on = mcptools.enabled_names(d) if d is not None else []
         out = []
-        for name, cfg in mcptools.configured(d).items():
+        known = mcptools.configured(d)
+        for name, cfg in known.items():
             conn = self._mcp.peek(cfg) if self._mcp is not None else None
             out.append({"name": name, "origin": cfg.origin, "transport": cfg.transport,
                         "runs": cfg.describe(), "enabled": name in on,
                         "running": bool(conn is not None and conn.running)})
+        out += [{"name": n, "origin": "missing", "transport": "", "runs": "configured nowhere",
+                 "enabled": True, "running": False} for n in on if n not in known]
         return out
 
     async def mcp_list(self, ref: str | Dialogue | None = None, name: str | None = None
@@ -643,6 +648,10 @@ class DialogueService:
         cfgs = mcptools.configured(d)
 
         async def one(s: dict[str, Any]) -> dict[str, Any]:
+            if s["name"] not in cfgs:
+                return {**s, "tools": [], "error": f"MCP server {s['name']!r} is enabled but "
+                        f"configured nowhere (global file {mcptools.global_path()}, or the "
+                        "dialogue's own): disable it, or configure it again"}
             try:
                 tools = await self.mcp.connection(cfgs[s["name"]]).tools()
             except mcptools.MCPServerError as e:
@@ -659,13 +668,19 @@ class DialogueService:
         """Change which MCP servers the dialogue uses (`enable` / `disable`, names configured
         globally or by the dialogue), and its own servers: `servers` (an mcpServers mapping,
         checked, added or replaced by name) and `remove` (names). A versioned settings change;
-        enabling a name configured nowhere is refused (MCPConfigError), and nothing changes."""
+        enabling a name configured nowhere is refused (MCPConfigError), and nothing changes (a
+        name enabled before and configured nowhere since can still be disabled)."""
         from . import mcptools
         d = self.open(ref, messages=False)
-        meta = mcptools.with_mcp(d.meta, enable=list(enable), disable=list(disable),
+        enable = list(enable)
+        meta = mcptools.with_mcp(d.meta, enable=enable, disable=list(disable),
                                  servers=servers, remove=list(remove))
-        probe = Dialogue(name=d.name, id=d.id, meta=meta)
-        mcptools.servers_for(probe)  # every enabled name is configured somewhere
+        known = mcptools.configured(Dialogue(name=d.name, id=d.id, meta=meta))
+        missing = [n for n in enable if n not in known]
+        if missing:
+            raise mcptools.MCPConfigError(
+                f"MCP server(s) {', '.join(map(repr, missing))} are configured nowhere (global "
+                f"file {mcptools.global_path()}, or the dialogue's own: dialogue mcp add)")
         return self.store.update_dialogue(
             d.id, base_version=d.version if base_version is None else base_version,
             op="mcp", meta=meta)

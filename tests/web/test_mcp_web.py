@@ -80,3 +80,14 @@ def test_a_global_file_that_cannot_be_read_is_shown(env, db, client, monkeypatch
     d = db.create("badfile")
     html = client.get(f"/d/{d.id}/mcp", headers=HX).text
     assert "is not valid JSON" in html and 'class="error"' in html
+
+
+def test_a_server_enabled_then_taken_out_of_the_file_can_be_switched_off(servers, db, client):
+    d = db.set_mcp(db.create("gone").id, enable=["calc"])
+    servers.write_text(json.dumps({"mcpServers": {}}))
+    html = client.get(f"/d/{d.id}/mcp", headers=HX).text
+    assert "<strong>calc</strong>" in html and "configured nowhere now" in html
+    got = client.post(f"/d/{d.id}/mcp", data={"name": "calc", "dversion": str(d.version)},
+                      headers=HX)
+    assert got.status_code == 200 and "mcp" not in db.open(d.id, messages=False).meta
+    assert "No MCP servers are configured." in got.text

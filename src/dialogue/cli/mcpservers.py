@@ -41,8 +41,9 @@ def _print_list(servers: list[dict[str, Any]], dialogue: str | None) -> None:
         state = "[red]cannot start[/red]" if s["error"] else f"{len(s['tools'])} tools"
         on = ("; [green]enabled[/green]" if s["enabled"] else "; [dim]not enabled[/dim]") \
             if dialogue else ""
-        out.print(f"[b]{markup(s['name'])}[/b] ({s['origin']}, {s['transport']}: "
-                  f"{markup(s['runs'])}): {state}{on}")
+        where = ("configured nowhere" if s["origin"] == "missing" else
+                 f"{s['origin']}, {s['transport']}: {markup(s['runs'])}")
+        out.print(f"[b]{markup(s['name'])}[/b] ({where}): {state}{on}")
         if s["error"]:
             out.print(f"  {markup(s['error'])}", soft_wrap=True)
             continue

@@ -35,6 +35,8 @@ def mcp_section(svc: Any, d: Dialogue) -> Any:
                         hx_include="#dversion", hx_target="#mcp-settings", hx_swap="outerHTML",
                         aria_label=f"Use MCP server {s['name']} in this dialogue"),
                   Strong(s["name"]),
+                  Small(" configured nowhere now: switch it off, or configure it again",
+                        cls="error") if s["origin"] == "missing" else
                   Small(f" {s['origin']} · {s['transport']} · ", Code(s["runs"]))),
             Details(Summary("Tools"),
                     Div(P("Starting the server…", cls="hint"),
