@@ -43,7 +43,7 @@ def test_attach_each_kind_of_source_and_refresh(svc: DialogueService, tmp_path: 
         d, _ = svc.attach_source("d", package="markdownify")
         d, loaded = svc.attach_source("d", url=srv.url("/w.html"), name="walrus page")
         assert [(c.name, c.kind) for c in d.context] == [
-            ("notes.md", "file"), ("project", "folder"), ("markdownify", "package"),
+            ("notes.md", "file"), ("project", "directory"), ("markdownify", "package"),
             ("walrus page", "url")]
         page_text = d.context[-1].content
         assert page_text.startswith("# Walrus facts") and "SCRIPT" not in page_text
@@ -87,7 +87,7 @@ def test_status_counts_tokens_and_a_hosted_model_has_no_cache_state(svc: Dialogu
     svc.attach("h", "rules", "x" * 400)
     assert svc.context_status("h") == [{"name": "rules", "kind": "text", "source": "",
                                         "chars": 400, "tokens": 100, "exact": False,
-                                        "cached": None}]
+                                        "cached": None, "retrieved": False}]
     assert svc.context_status(svc.create("empty").id) == []
 
 
@@ -112,6 +112,11 @@ def test_local_model_tokens_and_kv_cache_state_follow_a_real_answer(svc: Dialogu
     assert svc.context_status("local")[0]["cached"] is True
     svc.attach("local", "facts", "The walrus is 4 m long. " * 20)
     assert svc.context_status("local")[0]["cached"] is False
+    # docs too large for the model's 8,192-token context with the rest: retrieved per prompt
+    svc.attach("local", "sdk docs", _big_doc() * 4)
+    rows = {r["name"]: r for r in svc.context_status("local")}
+    assert rows["sdk docs"]["retrieved"] and rows["sdk docs"]["tokens"] > 8192
+    assert not rows["facts"]["retrieved"]
     assert d.id
 
 
@@ -157,7 +162,7 @@ def test_cli_attach_sources_list_and_refresh(tmp_path: Path) -> None:
         r = cli(tmp_path, "attach", "d", "--package", "markdownify")
         assert r.returncode == 0 and "2 modules documented" in r.stdout, r.stderr
         rows = json.loads(cli(tmp_path, "attach", "d", "--json").stdout)
-        assert [(x["name"], x["kind"]) for x in rows] == [("proj", "folder"), ("walrus", "url"),
+        assert [(x["name"], x["kind"]) for x in rows] == [("proj", "directory"), ("walrus", "url"),
                                                           ("markdownify", "package")]
         assert all(x["tokens"] > 0 and x["cached"] is None for x in rows)
         listed = cli(tmp_path, "attach", "d").stdout

@@ -54,7 +54,7 @@ def _project(root: Path) -> None:
 def test_a_folder_reads_text_files_and_lists_what_it_skipped(tmp_path: Path) -> None:
     _project(tmp_path)
     got = read_path(tmp_path, name="proj")
-    assert (got.name, got.kind, got.source) == ("proj", "folder", str(tmp_path.resolve()))
+    assert (got.name, got.kind, got.source) == ("proj", "directory", str(tmp_path.resolve()))
     assert [n for n, _ in got.files] == ["README.md", "src/pkg/__init__.py"]
     assert "==> src/pkg/__init__.py <==\ndef hello():" in got.content
     assert "should not be read" not in got.content and "SECRET" not in got.content

@@ -141,7 +141,7 @@ class ContextItem:
 
     name: str
     content: str
-    kind: str = "text"  # text | file | url
+    kind: str = "text"  # text | file | directory | package | url (sources.py); folder: a folder's note
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -73,7 +73,7 @@ class Loaded:
     def summary(self) -> str:
         """One line for a person: what was read and what was left out."""
         parts = [f"{len(self.content):,} characters"]
-        if self.kind == "folder":
+        if self.kind == "directory":
             parts.append(f"{len(self.files)} file{'s' * (len(self.files) != 1)}")
         if self.skipped:
             shown = ", ".join(f"{n} ({why})" for n, why in self.skipped[:8])
@@ -172,7 +172,7 @@ def read_path(path: str | os.PathLike[str], *, name: str | None = None) -> Loade
     if not files:
         raise SourceError(f"{root} has no text files to attach"
                           + (f" (skipped: {', '.join(n for n, _ in skipped[:10])})" if skipped else ""))
-    return Loaded(name or root.name, "\n".join(chunks), "folder", str(root), files=files,
+    return Loaded(name or root.name, "\n".join(chunks), "directory", str(root), files=files,
                   skipped=skipped)
 
 
@@ -319,7 +319,7 @@ def _url_name(parts) -> str:
 
 def read_source(kind: str, source: str, name: str) -> Loaded:
     """Read an attached item again from where it came from (refresh)."""
-    if kind in ("file", "folder"):
+    if kind in ("file", "directory"):
         if not source or not os.path.isabs(source):
             raise SourceError(f"{name!r} was uploaded, not read from a path here: attach it again")
         return read_path(source, name=name)
