@@ -235,7 +235,9 @@ def servers_for(d: "Dialogue", path: Path | None = None) -> list[ServerConfig]:
     if missing:
         raise MCPConfigError(f"dialogue {d.name!r} enables MCP server(s) "
                              f"{', '.join(map(repr, missing))}, configured nowhere (global file "
-                             f"{global_path() if path is None else path}, or the dialogue's own)")
+                             f"{global_path() if path is None else path}, or the dialogue's own); "
+                             "configure it again, or switch it off (settings panel, or dialogue "
+                             "mcp disable)")
     return [known[n] for n in names]
 
 
