@@ -190,8 +190,7 @@ def dialogue_list(items: list[dict], trash: list[TrashItem], *, folder: str = ""
     rows: list[Any] = []
     for path, ds in groups.items():
         if path or len(groups) > 1:
-            rows.append(Tr(Th(Span("📁 " if path else "", aria_hidden="true"),
-                              A(path, href=urls.index.to(folder=path)) if path else "Top level",
+            rows.append(Tr(Th(A(path, href=urls.index.to(folder=path)) if path else "Top level",
                               colspan="5"), cls="folder-group", data_folder=path))
         rows += [dialogue_row(d) for d in ds]
     body = (Table(Thead(Tr(Th("Name"), Th("Model"), Th("Messages"), Th("Updated"), Th(""))),
@@ -262,12 +261,12 @@ def folder_form(f: Folder, dialogues: list[dict], *, error: str = "") -> Any:
         Div(Button("Save folder", type="submit", cls="small"),
             Button("Delete folder", hx_post=urls.folder_delete.to(fid=f.id), type="button",
                    hx_confirm=f"Delete the folder “{f.path}”? Only an empty folder is deleted.",
-                   cls="secondary small danger", data_act="folder-delete"),
+                   cls="outline secondary small danger", data_act="folder-delete"),
             Button("Delete, moving contents up", hx_post=urls.folder_delete.to(fid=f.id, up=1),
-                   type="button", cls="secondary small danger", data_act="folder-delete-up",
+                   type="button", cls="outline secondary small danger", data_act="folder-delete-up",
                    hx_confirm=f"Delete the folder “{f.path}” and move its dialogues and folders "
                               "into the folder above it?"),
-            Button("Close", type="button", cls="secondary small",
+            Button("Close", type="button", cls="outline secondary small",
                    hx_get=urls.folder.to(fid=f.id, close=1), hx_target="#folder-edit"),
             cls="row"),
         hx_post=urls.folder.to(fid=f.id), cls="folder-form", id="folder-form")
