@@ -3,7 +3,7 @@
     python tests/mcp_server.py                       # stdio (what a test's mcpServers entry runs)
     python tests/mcp_server.py --http PORT           # streamable HTTP on 127.0.0.1:PORT/mcp
 
-Tools: `add` (read-only), `echo`, `big` (n characters), `picture` (text and an image), `env` (a variable of its
+Tools: `add` (read-only), `echo`, `big` (n characters), `picture`, `doc` (resources) (text and an image), `env` (a variable of its
 environment), `header` (a header of the HTTP request that called it), `crash` (the process
 exits), `hang` (never answers), `fail` (the tool raises). `--name NAME` renames the server.
 """
@@ -16,7 +16,7 @@ import time
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.utilities.types import Image
-from mcp.types import ToolAnnotations
+from mcp.types import EmbeddedResource, ResourceLink, TextResourceContents, ToolAnnotations
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--http", type=int, default=0)
@@ -52,6 +52,14 @@ def big(n: int) -> str:
 def picture() -> list:
     """A caption and a tiny picture."""
     return ["a tiny picture:", Image(data=PNG, format="png")]
+
+
+@app.tool()
+def doc() -> list:
+    """A text resource and a link to another."""
+    return [EmbeddedResource(type="resource", resource=TextResourceContents(
+                uri="file:///notes.txt", mime_type="text/plain", text="the notes")),
+            ResourceLink(type="resource_link", uri="file:///big.bin", name="big")]
 
 
 @app.tool()

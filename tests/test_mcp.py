@@ -188,6 +188,8 @@ async def test_stdio_and_http_servers_list_their_tools_and_answer(svc, mcp_file,
     assert await box.call("web__header", {"name": "x-token"}) == ("tok-123", False)
     text, err = await box.call("calc__picture", {})
     assert not err and text == "a tiny picture:\n[image image/png, 72 bytes, not shown]"
+    assert await box.call("web__doc", {}) == (
+        "[resource file:///notes.txt]\nthe notes\n[resource file:///big.bin (big)]", False)
     text, err = await box.call("calc__big", {"n": 30_000})  # cut like a kernel tool's result
     assert not err and text == "x" * 20_000 + "\n[result cut: 10,000 more characters]"
     text, err = await box.call("calc__fail", {})
@@ -356,7 +358,7 @@ def test_the_cli_lists_servers_and_tools_and_enables_them(tmp_path, mcp_file):
     assert cli("new", "d").returncode == 0
     got = cli("mcp", "list")
     assert got.returncode == 0, got.stderr
-    assert "calc (global, stdio:" in got.stdout and "9 tools" in got.stdout
+    assert "calc (global, stdio:" in got.stdout and "10 tools" in got.stdout
     assert "calc__add" in got.stdout and "Add two whole numbers." in got.stdout
     assert "gone (global, stdio: /nonexistent/mcp-server): cannot start" in got.stdout
     assert f"global servers: {path}" in got.stdout
