@@ -192,3 +192,30 @@ def test_an_image_dropped_on_a_prompt_opens_its_editor_with_the_image(page: Page
     assert m.source == "Compare these:\n![chart.png](attachment:chart.png)\n"
     assert list(m.attachments) == ["chart.png"]
     assert page.watch.errors == [], page.watch.errors
+
+
+def test_text_copied_with_a_picture_of_it_pastes_as_text(page: Page, server) -> None:
+    """Word, Excel and many editors put a selection on the clipboard as text and as an image:
+    that is a text paste, not an image."""
+    with closing(DialogueService(server.db)) as svc:
+        d = svc.create("word paste")
+        n = svc.add(d.id, "note", "")
+    page.goto(f"{server.url}/d/{d.id}")
+    note = page.locator(f"#m-{n.id}")
+    note.locator(".view").click()
+    expect(note).to_have_class(re.compile(r"\bediting\b"), timeout=WAIT)
+    page.evaluate("""(b64) => {
+      const dt = new DataTransfer();
+      dt.setData("text/plain", "Revenue grew 12%");
+      dt.items.add(new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], "image.png",
+                            { type: "image/png" }));
+      const ev = new ClipboardEvent("paste", { clipboardData: dt, bubbles: true, cancelable: true });
+      document.activeElement.dispatchEvent(ev);
+    }""", base64.b64encode(png()).decode())
+    expect(note.locator(".CodeMirror")).to_contain_text("Revenue grew 12%", timeout=WAIT)
+    page.keyboard.press("Escape")
+    expect(note.locator(".view")).to_contain_text("Revenue grew 12%", timeout=WAIT)
+    with closing(DialogueService(server.db)) as svc:
+        assert svc.message(d.id, n.id).attachments == {}
+    assert not any(u.endswith("/images") for u in page.watch.requests)
+    assert page.watch.errors == [], page.watch.errors

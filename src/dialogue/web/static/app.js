@@ -353,13 +353,16 @@
   }
 
   function onPaste(e) {
-    var files = imageFiles(e.clipboardData && e.clipboardData.files);
-    if (!files.length) return; // text pastes as usual
+    var cb = e.clipboardData;
+    var files = imageFiles(cb && cb.files);
+    // Text pastes as usual, also when the clipboard holds a picture of it too: Word, Excel and
+    // many editors copy a selection as text and as an image; a screenshot has no text
+    if (!files.length || (cb.getData("text/plain") || "").trim()) return;
     var cell = imageCell(e.target);
     if (cell) {
       e.preventDefault();
       uploadImages(cell, files);
-    } else if (cellOf(e.target) && !(e.clipboardData.types || []).includes("text/plain")) {
+    } else if (cellOf(e.target)) {
       notice("Images go in notes and prompts (a code cell's images are its outputs).", "error");
     }
   }
