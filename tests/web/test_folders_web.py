@@ -3,6 +3,8 @@ renaming and deleting folders, their note and template, moving a dialogue, a new
 folder's template, and a dialogue's mode in its settings."""
 from __future__ import annotations
 
+import json
+
 from dialogue.service import MODES
 
 from webutil import HX, Tags
@@ -81,6 +83,19 @@ def test_folder_settings_note_template_rename_and_delete(client, db):
                                               "note": "stale", "template": ""}, headers=HX)
     assert r.status_code == 409 and 'class="error"' in r.text
     assert db.folder(f.id).path == "archive/reports" and db.folder(f.id).note == "Figures in EUR."
+    # its history, newest first, offers an earlier note back, as a new version
+    db.set_folder(f.id, note="Figures in USD.")
+    form = client.get(f"/folders/{f.id}", headers=HX).text
+    uses = Tags(form).find("button", data_act="folder-use-note")
+    # (newest first: the rename, the edit that set it, the empty note it was made with)
+    assert [json.loads(b["hx-vals"])["note"] for b in uses] == [
+        "Figures in EUR.", "Figures in EUR.", ""]
+    r = client.post(f"/folders/{f.id}", data={"fversion": str(db.folder(f.id).version),
+                                              "note": "Figures in EUR."}, headers=HX)
+    assert r.status_code == 200 and db.folder(f.id).note == "Figures in EUR."
+    assert db.folder(f.id).path == "archive/reports" and db.folder(f.id).template == tpl.id
+    assert [v.state["note"] for v in db.folder_history(f.id)][-3:] == [
+        "Figures in EUR.", "Figures in USD.", "Figures in EUR."]
     # deleting: refused while it holds dialogues, then with its contents moved up
     r = client.post(f"/folders/{f.id}/delete", headers=HX)
     assert r.status_code == 400 and "holds 2 dialogues" in r.text

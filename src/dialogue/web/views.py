@@ -240,9 +240,29 @@ def folders_section(folders: list[Folder], current: str = "") -> Any:
                    id="folders")
 
 
-def folder_form(f: Folder, dialogues: list[dict], *, error: str = "") -> Any:
+def folder_history(f: Folder, history: list[Any]) -> Any:
+    """A folder's versions, newest first: what each changed, and an earlier note to take back
+    (as a new version: the history itself is never rewritten)."""
+    items = []
+    for v in reversed(history):
+        note = str(v.state.get("note") or "")
+        first = (note.strip().splitlines() or [""])[0]
+        items.append(Li(Small(f"v{v.version} · {v.op} · {_ago(v.at)} · ", title=_when(v.at)),
+                        Small(f"{v.state.get('name')} · "),
+                        Small(f"note: {first[:80]}{'…' if len(note.strip()) > len(first[:80]) else ''}"
+                              if note.strip() else "no note"),
+                        Button("Use this note", type="button", hx_post=urls.folder.to(fid=f.id),
+                               hx_vals={"note": note}, cls="outline secondary small",
+                               data_act="folder-use-note")
+                        if note != f.note else ""))
+    return Details(Summary(Small(f"History ({len(history)} version{'s' * (len(history) != 1)})")),
+                   Ul(*items, cls="folder-history"), cls="folder-history-box")
+
+
+def folder_form(f: Folder, dialogues: list[dict], *, error: str = "",
+                history: list[Any] | None = None) -> Any:
     """A folder's settings: its path (a rename or move), its context note, its template, and
-    deleting it (only empty, or with what it holds moved up a level)."""
+    deleting it (only empty, or with what it holds moved up a level), with its history."""
     return Form(
         H3("Folder “", f.path, "”"),
         Input(type="hidden", name="fversion", value=str(f.version)),
@@ -269,6 +289,7 @@ def folder_form(f: Folder, dialogues: list[dict], *, error: str = "") -> Any:
             Button("Close", type="button", cls="outline secondary small",
                    hx_get=urls.folder.to(fid=f.id, close=1), hx_target="#folder-edit"),
             cls="row"),
+        folder_history(f, history) if history else "",
         hx_post=urls.folder.to(fid=f.id), cls="folder-form", id="folder-form")
 
 

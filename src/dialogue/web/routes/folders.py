@@ -33,7 +33,7 @@ async def folder_settings(fid: str, req: Request) -> Any:
     if req.query_params.get("close"):
         return ""
     svc = site(req).service
-    return V.folder_form(svc.folder(fid), svc.list())
+    return V.folder_form(svc.folder(fid), svc.list(), history=svc.folder_history(fid))
 
 
 @rt(paths.folder, methods=["post"])
@@ -45,7 +45,9 @@ async def save_folder(fid: str, req: Request) -> Any:
         folder = svc.set_folder(fid, path=text(f.get("path")) or None, note=text(f.get("note")),
                                 template=text(f.get("template")), base_version=base)
     except (ConflictError, NameTakenError, StoreError) as e:
-        return HTMLResponse(to_xml(V.folder_form(svc.folder(fid), svc.list(), error=str(e))),
+        form_ = V.folder_form(svc.folder(fid), svc.list(), error=str(e),
+                              history=svc.folder_history(fid))
+        return HTMLResponse(to_xml(form_),
                             status_code=status_of(e), headers={"HX-Retarget": "#folder-edit",
                                                                 "HX-Reswap": "innerHTML"})
     return _to_list(folder.path)
