@@ -232,6 +232,9 @@ async def test_a_prompt_in_a_folder_sends_its_note_first(svc, monkeypatch):
     assert ctx.index("Team rule: answer in French.") < ctx.index("chat = cat")
     assert system[-1]["cache_control"]["type"] == "ephemeral"  # the note is in the cached prefix
     assert svc.message("q", p.id).response == "Un chat est un animal."
+    # the answer's recorded request lists the note as a "folder" part, before the attachment
+    entries = svc.sent_request("q", p.id)["context"]["entries"]
+    assert [(e["kind"], e["name"]) for e in entries] == [("folder", "team"), ("text", "glossary")]
     await svc.shutdown_kernels()
 
 
