@@ -260,13 +260,15 @@ def test_cli_adds_images_and_refuses_non_images(tmp_path, pic):
     assert "report.pdf is not an image we can attach" in r.stderr and "Traceback" not in r.stderr
     r = cli(db, "ask", "shots", "what is it?", "--image", str(pic))  # the bundled model: text only
     assert r.returncode != 0 and "cannot see images; the prompt has 3 images" in r.stdout + r.stderr
+    r = cli(db, "edit", "shots", "1", "--source", "see below", "--image", str(pic))
+    assert r.returncode == 0, r.stderr  # the old images go with their references, the new one in
     shown = cli(db, "show", "shots").stdout
     assert "image red-square.png (image/png, %d bytes)" % len(PNG) in shown
-    assert "image red-square-2.png" in shown
     s = DialogueService(db)
     try:
         note, prompt = s.messages("shots")
-        assert list(note.attachments) == ["red-square.png", "red-square-2.png"]
+        assert list(note.attachments) == ["red-square.png"]
+        assert note.source == "see below\n\n![red-square.png](attachment:red-square.png)"
         assert list(prompt.attachments) == ["red-square.png"]
     finally:
         s.close()

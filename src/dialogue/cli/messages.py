@@ -131,9 +131,15 @@ def cmd_edit(svc: DialogueService, a: argparse.Namespace) -> None:
         v = getattr(a, f)
         if v is not None:
             changes[f] = v
-    if not changes:
-        raise UserError("nothing to change: give --source, --response, --kind or a flag option")
-    m = svc.edit(a.name, a.msg, base_version=a.base_version, **changes)
+    if not changes and not a.image:
+        raise UserError("nothing to change: give --source, --response, --kind, --image or a flag "
+                        "option")
+    base = a.base_version
+    if changes:  # a new source drops the images it no longer shows, as the web editor does
+        m = svc.edit(a.name, a.msg, base_version=base, prune_attachments=True, **changes)
+        base = m.version
+    if a.image:  # then each image goes in, referenced on a line after the text
+        m, _ = svc.add_images(a.name, a.msg, a.image, base_version=base)
     out.print(plain(f"message {m.id} is now at version {m.version}"))
 
 
@@ -237,6 +243,9 @@ def _args_edit(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--source", metavar="TEXT")
     sp.add_argument("--response", metavar="TEXT", help="replace a prompt's answer")
     sp.add_argument("--kind", choices=[k.value for k in Kind])
+    sp.add_argument("--image", action="append", metavar="PATH",
+                    help="add an image to a note or prompt (PNG, JPEG, GIF or WebP, at most 5 MiB); "
+                         "repeat for more")
     sp.add_argument("--base-version", type=int, help="refuse the edit unless the message is still "
                     "at this version")
     _flag_options(sp)
