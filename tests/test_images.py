@@ -310,3 +310,16 @@ def test_which_models_see_images(svc, monkeypatch):
     listed = {m.name: m.images for m in svc.models()}
     assert listed["claude-sonnet-4-5"] is True and listed["gpt-5"] is True
     assert listed["local:default"] is False
+
+
+def test_images_the_text_does_not_place_are_shown_after_it():
+    """A notebook may attach images its markdown never refers to; the model is sent them, so the
+    page shows them too, after the text and marked as such."""
+    atts = {"shown.png": {"image/png": B64}, 'x"><script>.png': {"image/png": B64},
+            "notes.txt": {"text/plain": "not an image: not shown"}}
+    html = render_markdown("Text with ![](attachment:shown.png)", atts)
+    head, _, tail = html.partition('<div class="attachments-unreferenced"')
+    assert head.count("<img") == 1 and tail.count("<img") == 1
+    assert 'alt="x&quot;&gt;&lt;script&gt;.png"' in tail and "<script>" not in html
+    assert "not shown" not in html
+    assert render_markdown("plain", {}) == render_markdown("plain")

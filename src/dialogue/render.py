@@ -214,25 +214,57 @@ def _md() -> MarkdownIt:
 def render_markdown(text: str, attachments: dict[str, Any] | None = None) -> str:
     """Markdown (a note, a prompt, a model's answer) -> sanitized HTML. `attachments` (a
     message's, nbformat's {name: {mime: base64}}) are shown where the markdown refers to them
-    (`![](attachment:name.png)`): see `_resolve_attachments`."""
+    (`![](attachment:name.png)`; see `_resolve_attachments`), and image attachments the text does
+    not refer to (a notebook may hold such) after it, marked as such: the model is sent every
+    image a message holds, so the page shows every one."""
     md = _md()
-    if not attachments or "attachment:" not in (text or ""):
+    if not attachments:
         return sanitize_html(md.render(text or ""))
     env: dict[str, Any] = {}
-    tokens = md.parse(text, env)
-    _resolve_attachments(tokens, attachments)
-    return sanitize_html(md.renderer.render(tokens, md.options, env))
+    tokens = md.parse(text or "", env)
+    used = _resolve_attachments(tokens, attachments)
+    out = md.renderer.render(tokens, md.options, env)
+    rest = [n for n, b in attachments.items()
+            if n not in used and isinstance(b, dict) and any(m in b for m in IMAGE_MIMES)]
+    if rest:
+        shown = []
+        for name in rest:
+            src, problem = _attachment_src(attachments, name)
+            shown.append(f'<img src="{html.escape(src)}" alt="{html.escape(name)}" '
+                         f'title="{html.escape(name)}">' if src else
+                         f'<span class="attachment-error">[image {html.escape(name)}: '
+                         f'{html.escape(problem)}]</span>')
+        out += (f'<div class="attachments-unreferenced" title="Attached to this message and sent '
+                f'to the model, but not placed in its text">{"".join(shown)}</div>')
+    return sanitize_html(out)
 
 
-def _resolve_attachments(tokens: list[Any], attachments: dict[str, Any]) -> None:
-    """Point the images of `tokens` that say `attachment:NAME` at a `data:` URL of that
-    attachment. Only the image types the sanitizer lets through (`IMAGE_MIMES`, base64 only), and
-    at most `images.MAX_IMAGE_BYTES` each: anything else (a missing name, another type, a
-    too-big image from an imported notebook) shows as a short note saying so, never as a broken
-    link. Done on markdown-it's image tokens, so a reference quoted in code stays text."""
-    from urllib.parse import unquote
+def _attachment_src(attachments: dict[str, Any], name: str) -> tuple[str, str]:
+    """(data: URL, "") for attachment `name`, or ("", why it cannot be shown). Only the image types
+    the sanitizer lets through (`IMAGE_MIMES`, base64 only), at most `images.MAX_IMAGE_BYTES`."""
     from .images import MAX_IMAGE_BYTES, decoded_size, describe_size
 
+    bundle = attachments.get(name)
+    mime = next((m for m in IMAGE_MIMES if isinstance(bundle, dict) and m in bundle), None)
+    if bundle is None:
+        return "", "no such attachment"
+    if mime is None:
+        return "", "not an image"
+    if mime != "image/svg+xml" and (size := decoded_size(_text(bundle[mime]))) > MAX_IMAGE_BYTES:
+        return "", (f"{describe_size(size)}, over the {MAX_IMAGE_BYTES // (1024 * 1024)} MiB "
+                    "shown inline")
+    return image_data_uri(mime, bundle[mime]), ""
+
+
+def _resolve_attachments(tokens: list[Any], attachments: dict[str, Any]) -> set[str]:
+    """Point the images of `tokens` that say `attachment:NAME` at a `data:` URL of that
+    attachment (`_attachment_src`); one that cannot be shown (a missing name, another type, a
+    too-big image from an imported notebook) becomes a short note saying so, never a broken
+    link. Done on markdown-it's image tokens, so a reference quoted in code stays text. Returns
+    the names referred to."""
+    from urllib.parse import unquote
+
+    used: set[str] = set()
     for tok in tokens:
         for child in tok.children or ():
             if child.type != "image":
@@ -241,22 +273,15 @@ def _resolve_attachments(tokens: list[Any], attachments: dict[str, Any]) -> None
             if not src.startswith("attachment:"):
                 continue
             name = unquote(src[len("attachment:"):])
-            bundle = attachments.get(name)
-            mime = next((m for m in IMAGE_MIMES if isinstance(bundle, dict) and m in bundle), None)
-            problem = ""
-            if bundle is None:
-                problem = "no such attachment"
-            elif mime is None:
-                problem = "not an image"
-            elif mime != "image/svg+xml" and decoded_size(_text(bundle[mime])) > MAX_IMAGE_BYTES:
-                problem = (f"{describe_size(decoded_size(_text(bundle[mime])))}, over the "
-                           f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB shown inline")
+            used.add(name)
+            url, problem = _attachment_src(attachments, name)
             if problem:
                 child.type, child.tag, child.children = "html_inline", "", None
                 child.content = (f'<span class="attachment-error">[image {html.escape(name)}: '
                                  f'{html.escape(problem)}]</span>')
             else:
-                child.attrSet("src", image_data_uri(mime, bundle[mime]))
+                child.attrSet("src", url)
+    return used
 
 
 # ---------------------------------------------------------------- outputs
