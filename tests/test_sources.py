@@ -171,6 +171,8 @@ def test_a_url_is_fetched_and_reduced(tmp_path: Path) -> None:
     routes = {"/guide.html": page("text/html; charset=utf-8", HTML),
               "/old": page("", b"", status=301, headers={"Location": "/guide.html"}),
               "/notes.txt": page("text/plain; charset=latin-1", "caf\xe9".encode("latin-1")),
+              "/meta.html": page("text/html", '<html><head><meta charset="windows-1252"></head>'
+                                 '<body><p>d\xe9j\xe0 vu</p></body></html>'.encode("cp1252")),
               "/logo.png": page("image/png", PNG),
               "/big.txt": page("text/plain", "y" * 5000),
               "/gone": page("text/plain", "", status=404),
@@ -184,6 +186,7 @@ def test_a_url_is_fetched_and_reduced(tmp_path: Path) -> None:
         assert moved.name == "guide" and "Widgets **spin**" in moved.content
         assert moved.notes == [f"redirected to {srv.url('/guide.html')}"]
         assert read_url(srv.url("/notes.txt")).content == "café\n"  # the declared charset
+        assert read_url(srv.url("/meta.html")).content == "déjà vu\n"  # the page's own
         with pytest.raises(SourceError, match="is image/png, not text"):
             read_url(srv.url("/logo.png"))
         with pytest.raises(SourceError, match="5,000 bytes, over the limit of 1,000"):

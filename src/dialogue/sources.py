@@ -230,7 +230,7 @@ _DROP_TAGS = ("script", "style", "noscript", "template", "svg", "canvas", "ifram
               "embed", "form", "button", "nav", "aside", "footer", "dialog")
 
 
-def html_text(html: str) -> tuple[str, str]:
+def html_text(html: str | bytes) -> tuple[str, str]:
     """(title, readable Markdown text) of an HTML page: its <main> or <article> where it has one,
     else its body, without scripts, styles, menus, forms and footers. Written with markdownify (on
     BeautifulSoup's tree) rather than our own walk: it already gets headings, lists, tables, links
@@ -290,7 +290,7 @@ def read_url(url: str, *, name: str | None = None, max_bytes: int = MAX_URL_BYTE
                     if len(body) > max_bytes:
                         raise SourceError(f"{url} is over the limit of {max_bytes:,} bytes")
                 final = str(r.url)
-                encoding = r.charset_encoding or ("utf-8" if ctype else None)
+                encoding = r.charset_encoding
     except httpx2.TimeoutException:
         raise SourceError(f"{url} did not answer within {timeout:.0f} s") from None
     except httpx2.TooManyRedirects:
@@ -303,8 +303,8 @@ def read_url(url: str, *, name: str | None = None, max_bytes: int = MAX_URL_BYTE
     text = data.decode(encoding or "utf-8", "replace")
     is_html = ctype in _HTML_TYPES or (not ctype and re.match(r"\s*<(!doctype html|html)", text, re.I))
     notes = [] if final == url else [f"redirected to {final}"]
-    if is_html:
-        title, text = html_text(text)
+    if is_html:  # undeclared charset: BeautifulSoup reads the page's <meta charset> or guesses
+        title, text = html_text(text if encoding else data)
         if not text.strip():
             raise SourceError(f"{url} has no readable text (a page drawn by scripts?)")
     return Loaded(name or _url_name(parts), text.strip() + "\n", "url", url, notes=notes)
