@@ -17,6 +17,7 @@ a `DocToolError` whose text the model (or the cell) can act on.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from typing import Any, Callable
@@ -152,6 +153,11 @@ def _status(m: Message, running: bool = False) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(cls: type, name: str) -> inspect.Signature:
+    return inspect.signature(getattr(cls, name))  # the function's, computed once
+
+
 class DocumentTools:
     """The document tools over one dialogue, acting as `author` for message `cause` (the answer
     or cell making the changes). `enabled`: what `resolve_enabled` takes ("all" by default)."""
@@ -182,7 +188,7 @@ class DocumentTools:
             return f"arguments must be a JSON object, got {type(arguments).__name__}", True
         fn: Callable = getattr(self, name)
         try:
-            inspect.signature(fn).bind(**arguments)
+            _signature(type(self), name).bind(self, **arguments)
         except TypeError as e:  # missing or unexpected arguments
             wants = ", ".join(TOOLS[name][1]["properties"]) or "no arguments"
             return f"bad arguments for {name}: {e} (it takes: {wants})", True
