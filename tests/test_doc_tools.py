@@ -518,3 +518,27 @@ def test_cli_ask_lets_the_model_fix_the_cell_with_yes(svc, tmp_path, monkeypatch
     answer = svc.messages("t")[-1]
     assert [c["name"] for c in answer.tool_calls] == ["read_message", "replace_text", "run_code"]
     assert svc.history("t", code)[-1].cause == answer.id
+
+
+async def test_the_kernel_module_refuses_a_stale_edit(svc):
+    """What a cell read is remembered across cells of the kernel: a later edit based on it is
+    refused once the user changed the message, until the cell reads it again."""
+    did, (note, code, prompt) = filled(svc)
+    first = svc.add("t", "code", f"from dialogue.here import read, replace\nm = read({code!r})")
+    assert (await svc.run("t", first.id)).meta["run"]["status"] == "ok"
+    svc.edit("t", code, base_version=None, source=BROKEN + "# the user's line\n")
+    second = svc.add("t", "code", f'''
+try:
+    replace(m.id, "prnt(", "print(")
+except ValueError as e:
+    print(e)
+replace(read(m.id).id, "prnt(", "print(")
+''')
+    ran = await svc.run("t", second.id)
+    assert ran.meta["run"]["status"] == "ok", ran.outputs
+    out = "".join(o.get("text", "") for o in ran.outputs)
+    assert "changed since you read it (you read version 1, it is now version 2)" in out
+    fixed = svc.message("t", code)
+    assert fixed.source == (BROKEN + "# the user's line\n").replace("prnt(", "print(")
+    assert svc.history("t", code)[-1].cause == second.id
+    await svc.shutdown_kernels()
