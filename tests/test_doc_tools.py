@@ -309,7 +309,7 @@ def fixing_turns(code: str, call) -> list:
     """The replies of a model that lists, reads, fixes with a replacement, runs, and answers."""
     return [call("c1", "list_messages", {}), call("c2", "read_message", {"id": code}),
             call("c3", "replace_text", {"id": code, "old": "prnt(", "new": "print("}),
-            call("c4", "run_code", {"id": code})]
+            call("c4", "run_code", {"id": code}), call("c5", "delete_message", {"id": "-1"})]
 
 
 def claude_call(cid, name, args):
@@ -368,7 +368,7 @@ async def test_a_whole_agentic_turn_fixes_a_failing_cell(svc, monkeypatch, provi
         names = [t["name"] if provider == "claude" else t["function"]["name"] for t in sent]
         assert names == list(TOOLS)
         # reading tools did not ask; the replacement showed its diff, the run its code
-        assert [a[0] for a in asked] == ["replace_text", "run_code"]
+        assert [a[0] for a in asked] == ["replace_text", "run_code", "delete_message"]
         assert "+print(greeting.upper())" in asked[0][1]["text"]
         assert asked[1][1] == {"kind": "code", "text": BROKEN.replace("prnt(", "print(")}
         got = results(srv)
@@ -377,10 +377,14 @@ async def test_a_whole_agentic_turn_fixes_a_failing_cell(svc, monkeypatch, provi
         assert "NameError" in got[1] and BROKEN in got[1]
         assert got[2].startswith("replaced; message")
         assert "· ok" in got[3] and "HELLO" in got[3]
+        # the model cannot delete the answer it is writing (a tool error it can act on)
+        assert got[4] == ("this answer is being run or answered now; it cannot be deleted "
+                          "until it finishes")
         # stored with the answer: every call and its result
         assert [c["name"] for c in m.tool_calls] == ["list_messages", "read_message",
-                                                     "replace_text", "run_code"]
-        assert not any(c["error"] for c in m.tool_calls)
+                                                     "replace_text", "run_code", "delete_message"]
+        assert [c["error"] for c in m.tool_calls] == [False, False, False, False, True]
+        assert prompt in [x.id for x in svc.messages("t")]
         fixed = svc.message("t", code)
         assert fixed.source == BROKEN.replace("prnt(", "print(")
         assert fixed.meta["run"]["status"] == "ok"

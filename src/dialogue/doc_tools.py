@@ -397,6 +397,10 @@ class DocumentTools:
 
     def delete_message(self, id: str) -> str:
         m = self.resolve(id)
+        if self.host.running(m.id) or self.host.store.stream_writer(m.id):
+            what = "this answer" if m.id == self.cause else f"message {m.id}"
+            raise DocToolError(f"{what} is being run or answered now; it cannot be deleted "
+                               "until it finishes")
         try:
             with acting(self.author, self.cause):
                 self.host.store.delete_message(m.id, base_version=self._base(m))
