@@ -80,7 +80,8 @@ def test_golden_request():
               "messages": [
                   {"id": "n1", "kind": "note", "status": "sent", "tokens": 4, "pinned": False},
                   {"id": "c1", "kind": "code", "status": "sent", "tokens": 21, "pinned": False},
-                  {"id": "p1", "kind": "prompt", "status": "sent", "tokens": 8, "pinned": False},
+                  {"id": "p1", "kind": "prompt", "status": "sent", "tokens": 8, "pinned": False,
+                   "answer_tokens": 5},
                   {"id": "h1", "kind": "note", "status": "hidden",
                    "reason": "hidden from the model by the user"},
                   {"id": "c2", "kind": "code", "status": "sent", "tokens": 22, "pinned": False},

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dialogue import sent
-from dialogue.context import Resolved, build
+from dialogue.context import Resolved, build, estimate_tokens
 from dialogue.document import Dialogue, Kind, Message
 from dialogue.llm.base import ToolSpec
 from dialogue.service import DialogueService, NotFoundError
@@ -59,6 +59,11 @@ def test_record_lists_hidden_dropped_cut_and_tools():
     parts = rec["system"]["tokens"] + rec["context"]["tokens"] + rec["tools_tokens"] + \
         sum(e.get("tokens", 0) for e in rec["messages"] if e["status"] == "sent")
     assert parts == rec["tokens"]  # the parts add up to what was counted
+    # per turn: the user turns their messages' own parts, the answer its own tokens
+    by_turn = sent.turn_tokens(rec)
+    assert by_turn[1] == status["p1"]["answer_tokens"] == estimate_tokens("first answer")
+    assert sum(by_turn) + rec["system"]["tokens"] + rec["context"]["tokens"] + \
+        rec["tools_tokens"] == rec["tokens"]
 
 
 def test_records_round_trip_and_share_their_long_texts(tmp_path):

@@ -557,6 +557,7 @@ class _Item:
     tokens: int
     cut: dict[str, Any] | None = None
     calls: list[dict[str, Any]] = field(default_factory=list)  # tool calls replayed as turns
+    user_tokens: int = 0  # of `tokens`, the user parts' (the rest is the answer and its calls)
 
 
 NO_RESULT = "(no result: the answer ended before this call ran)"
@@ -663,8 +664,10 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
             left_out[m.id] = {"status": "empty", "reason": "nothing to send"}
             continue
         cut = {"message": m.id, **{k: sum(c[k] for c in cuts) for k in cuts[0]}} if cuts else None
-        items.append(_Item(m, user, answer, count.parts(user) + count(answer) + sum(
-            count(json.dumps(c["arguments"])) + count(c["result"]) for c in calls), cut, calls))
+        utok = count.parts(user)
+        items.append(_Item(m, user, answer, utok + count(answer) + sum(
+            count(json.dumps(c["arguments"])) + count(c["result"]) for c in calls), cut, calls,
+            user_tokens=utok))
 
     block = _block(resolved)
     last = _prompt_parts(prompt, block, images)
@@ -775,6 +778,8 @@ def _listing(messages: Sequence[Message], items: Sequence[_Item], left_out: dict
         elif m.id in sent:
             it = sent[m.id]
             e.update(status="sent", tokens=it.tokens, pinned=m.pinned)
+            if it.tokens > it.user_tokens:
+                e["answer_tokens"] = it.tokens - it.user_tokens  # its answer (and tool calls)
             if it.cut:
                 e["cut"] = {k: v for k, v in it.cut.items() if k != "message"}
         else:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 from .llm.base import Request, Turn
 
-__all__ = ["record", "cache_plan", "estimate", "entry_words", "context_words", "turn_text", "turn_title",
+__all__ = ["record", "cache_plan", "estimate", "entry_words", "context_words", "turn_text", "turn_title", "turn_tokens",
            "RECORD_VERSION", "CLAUDE_CACHE_TTL"]
 
 RECORD_VERSION = 1
@@ -72,6 +72,25 @@ def turn_text(turn: dict[str, Any]) -> str:
     out += [f"-> {c['name']} {json.dumps(c['arguments'], ensure_ascii=False)}"
             for c in turn.get("tool_calls") or []]
     return "\n\n".join(out)
+
+
+def turn_tokens(rec: dict[str, Any]) -> list[int | None]:
+    """Tokens of each recorded turn, from the message listing: a user turn, its messages' user
+    parts (their tokens less their answers'); the first turn of an answer, the answer's tokens
+    (with its tool calls and results, which follow it as turns of their own: None)."""
+    entries = {e["id"]: e for e in rec["messages"]}
+    out: list[int | None] = []
+    answered: set[str] = set()
+    for t in rec["turns"]:
+        ms = [entries[x] for x in t.get("messages") or [] if x in entries]
+        if t["role"] == "user":
+            out.append(sum(int(e.get("tokens") or 0) - int(e.get("answer_tokens") or 0) for e in ms))
+        elif ms and ms[0]["id"] not in answered:
+            answered.add(ms[0]["id"])
+            out.append(int(ms[0].get("answer_tokens") or 0))
+        else:
+            out.append(None)
+    return out
 
 
 def turn_title(i: int, turn: dict[str, Any]) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 from rich.panel import Panel
 from rich.table import Table
 
-from ..service import DialogueService, NotFoundError, context_words, entry_words, turn_text, turn_title
+from ..service import (DialogueService, NotFoundError, context_words, entry_words, turn_text,
+                       turn_title, turn_tokens)
 from ..terminal import plain
 from .common import UserError, emit_json, out, when
 
@@ -63,8 +64,8 @@ def print_request(rec: dict[str, Any]) -> None:
     else:
         out.print(plain("tools offered: none"))
     marked = set(plan.get("turns") or [])
-    for i, turn in enumerate(rec["turns"], 1):
-        title = turn_title(i, turn)
+    for i, (turn, tokens) in enumerate(zip(rec["turns"], turn_tokens(rec)), 1):
+        title = turn_title(i, turn) + ("" if tokens is None else f" · {tokens:,} tokens")
         if i - 1 in marked:
             title += " · cache breakpoint"
         out.print(Panel(plain(turn_text(turn)), title=plain(title), title_align="left", border_style="dim"))

@@ -13,7 +13,7 @@ from fasthtml.common import (APIRouter, Code, Details, Div, Li, Pre, Small, Span
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ...service import NotFoundError, context_words, entry_words, turn_text, turn_title
+from ...service import NotFoundError, context_words, entry_words, turn_text, turn_title, turn_tokens
 from .. import paths
 from ..common import form, site, text
 
@@ -68,12 +68,8 @@ def panel(rec: dict[str, Any]) -> Any:
             Ul(*[Li(Code(t["name"]), " ", t.get("description") or "") for t in rec["tools"]]))
     else:
         row("tools", 0, [_flag("none offered")], None)
-    ids = {e["id"]: e for e in rec["messages"]}
     marked = set((rec.get("cache") or {}).get("turns") or [])
-    for i, turn in enumerate(rec["turns"], 1):
-        ms = turn.get("messages") or []
-        tokens = sum(int(ids[x].get("tokens") or 0) for x in ms if x in ids) \
-            if turn["role"] == "user" else None
+    for i, (turn, tokens) in enumerate(zip(rec["turns"], turn_tokens(rec)), 1):
         flags = [_flag("cache breakpoint", "cached up to the end of this turn")] if i - 1 in marked else []
         row(turn_title(i, turn), tokens, flags, Pre(turn_text(turn), cls="rq-text"))
     if rec.get("prefill"):
