@@ -176,6 +176,7 @@ def test_an_image_dropped_on_a_prompt_opens_its_editor_with_the_image(page: Page
     with closing(DialogueService(server.db)) as svc:
         d = svc.create("drop")
         p = svc.add(d.id, "prompt", "Compare these:")
+        c = svc.add(d.id, "code", "1 + 1")
     page.goto(f"{server.url}/d/{d.id}")
     cell = page.locator(f"#m-{p.id}")
     b64 = base64.b64encode(png(5, 5)).decode()
@@ -191,6 +192,13 @@ def test_an_image_dropped_on_a_prompt_opens_its_editor_with_the_image(page: Page
         m = svc.message(d.id, p.id)
     assert m.source == "Compare these:\n![chart.png](attachment:chart.png)\n"
     assert list(m.attachments) == ["chart.png"]
+    # on a code cell: refused with a word on where images go, and the page stays (the browser
+    # would otherwise leave it to show the file)
+    assert page.evaluate(DROP, [b64, "chart.png", f"#m-{c.id} .view"]) == [True, True]
+    expect(page.locator("#toast")).to_contain_text("Images go in notes and prompts", timeout=WAIT)
+    assert page.url.endswith(f"/d/{d.id}")
+    with closing(DialogueService(server.db)) as svc:
+        assert svc.message(d.id, c.id).attachments == {}
     assert page.watch.errors == [], page.watch.errors
 
 

@@ -367,19 +367,29 @@
     }
   }
 
+  // Files dragged over a cell are ours: on a note or prompt they go in; on another cell the
+  // browser must not take them either (it would leave the page to show the file), so the drop
+  // is refused with a word on where images go. Elsewhere (a file input) the browser's own way.
   function onDragOver(e) {
     var dt = e.dataTransfer;
-    if (imageCell(e.target, true) && dt && Array.prototype.indexOf.call(dt.types || [], "Files") >= 0) {
+    if (cellOf(e.target) && dt && Array.prototype.indexOf.call(dt.types || [], "Files") >= 0) {
       e.preventDefault();
-      dt.dropEffect = "copy";
+      dt.dropEffect = "copy"; // what is not for this cell is refused on the drop, with a word
     }
   }
 
   function onDrop(e) {
+    var dt = e.dataTransfer;
+    if (!cellOf(e.target) || !dt || !dt.files || !dt.files.length) return;
     var cell = imageCell(e.target, true);
-    var files = cell ? imageFiles(e.dataTransfer && e.dataTransfer.files) : [];
-    if (!files.length) return;
+    var files = imageFiles(dt.files);
+    if (!files.length && e.target.closest && e.target.closest(".CodeMirror")) return; // a text file: the editor inserts it
     e.preventDefault();
+    if (!cell || !files.length) {
+      notice(cell ? "Drop PNG, JPEG, GIF or WebP images here." :
+             "Images go in notes and prompts (a code cell's images are its outputs).", "error");
+      return;
+    }
     if (!cell.classList.contains("editing")) enterEdit(cell);
     uploadImages(cell, files);
   }
