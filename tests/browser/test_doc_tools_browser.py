@@ -5,6 +5,8 @@ happens, without a reload: the replacement in the code cell, the cell running an
 output, a note the model adds after it; the history names the model as the edit's author."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -109,3 +111,42 @@ def test_a_cell_scripting_its_dialogue_shows_its_changes(page: Page, tmp_path) -
         cells = page.locator("#cells > .cell")
         expect(cells).to_have_count(3)
         expect(cells.nth(2)).to_contain_text("A note from the script.")  # after the script
+
+
+def test_a_cell_being_edited_is_kept_and_its_save_meets_the_change(page: Page, tmp_path) -> None:
+    """The model changes a cell the user is typing in: the page keeps the editor and the typing
+    (and says why), and the save meets the model's version as a conflict showing both."""
+    with claude_server(tmp_path, "editing.db") as (srv, url, db):
+        svc = DialogueService(db)
+        try:
+            d = svc.create("agent", model="claude-sonnet-4-5")
+            code = svc.add(d.id, "code", BROKEN)
+            prompt = svc.add(d.id, "prompt", "Fix the failing cell.")
+            svc.set_doc_tools(d.id, "all")
+            svc.set_approvals(d.id, always=["replace_text"])
+        finally:
+            svc.close()
+        # the call comes slowly, so the user is typing when it lands
+        srv.push(sse(anthropic_events(tool_uses=[("toolu_1", "replace_text", {
+                     "id": code.id, "old": "prnt(", "new": "print("})]), delay=0.4),
+                 sse(anthropic_events(["Fixed."])))
+        page.goto(f"{url}/d/{d.id}")
+        a = page.locator(f"#m-{prompt.id}")
+        run(a)
+        c = page.locator(f"#m-{code.id}")
+        c.locator(".view").click()
+        expect(c).to_have_class(re.compile(r"\bediting\b"))
+        page.keyboard.press("Control+a")
+        page.keyboard.type("print('mine')")
+        expect(a.locator(".answer.markdown")).to_contain_text("Fixed.", timeout=30_000)
+        expect(page.locator("#toast")).to_contain_text("changed elsewhere")
+        expect(c).to_have_class(re.compile(r"\bediting\b"))  # not swapped under the typing
+        expect(c.locator(".CodeMirror")).to_contain_text("print('mine')")
+        page.keyboard.press("Escape")  # save: refused, both shown
+        expect(c.locator(".conflict")).to_contain_text("changed elsewhere", timeout=10_000)
+        expect(c.locator(".CodeMirror")).to_contain_text("print('mine')")
+        svc = DialogueService(db)
+        try:
+            assert svc.message(d.id, code.id).source == BROKEN.replace("prnt(", "print(")
+        finally:
+            svc.close()

@@ -1211,15 +1211,24 @@ def doc_change(did: str, op: str, mid: str, m: Message | None, after: str | None
     """What the page swaps in when the model's document tools change message `mid` (`op`: add,
     edit, delete, move, run): the cell as stored now (running, with its own stream, for a run),
     out of band; an added or moved one goes after message `after` (None: at the top)."""
+    # data-doc (on the cell, or on a hidden marker app.js takes out) lets the page keep a cell
+    # the user is editing: its save then meets the model's version as a conflict, with the
+    # user's text kept
+    def marker() -> Any:
+        return Span(data_doc=op, data_id=mid, hidden=True)
+
     if op == "delete" or m is None:
-        return [Div(id=f"m-{mid}", hx_swap_oob="delete")]
+        return [Div(marker(), id=f"m-{mid}", hx_swap_oob="delete", data_doc="delete",
+                    data_id=mid)]
     if op in ("edit", "run"):
         el = _cell(did, m, running=op == "run", live=live)
         el.attrs["hx-swap-oob"] = "true"
+        el.attrs["data-doc"] = op
         return [el]
     place = f"afterend:#m-{after}" if after else "afterbegin:#cells"
-    out = [Div(id=f"m-{mid}", hx_swap_oob="delete")] if op == "move" else []
-    return out + [Div(cell(did, m), hx_swap_oob=place)]
+    out = [Div(marker(), id=f"m-{mid}", hx_swap_oob="delete", data_doc=op, data_id=mid)] \
+        if op == "move" else []
+    return out + [Div(marker(), cell(did, m), hx_swap_oob=place)]
 
 
 def result(did: str, m: Message, *, running: bool = False, live: LiveState | None = None,

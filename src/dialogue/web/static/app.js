@@ -859,6 +859,25 @@
     }).catch(function () { notice("The export did not reach the server.", "error"); });
   }
 
+  // The model's document tools (or a cell's script) changed a cell that is open in an editor
+  // here: keep the cell and the typing; a save then meets the new version as a conflict, which
+  // shows both. A run of it still swaps in (the editor closes as for any run).
+  function keepEditedCell(e) {
+    var f = e.detail.fragment, first = f && f.firstElementChild;
+    if (!first || !first.dataset || !first.dataset.doc) return false;
+    var op = first.dataset.doc, id = first.dataset.id || first.id.replace(/^m-/, "");
+    if (first.tagName === "SPAN") first.remove(); // a marker, not content
+    var cell = document.getElementById("m-" + id);
+    if (op === "run" || op === "add" || !cell || !(cell.classList.contains("editing") ||
+                                                   cell.classList.contains("editing-answer"))) return false;
+    e.detail.shouldSwap = false;
+    // the change came from the model's tools or from a cell's script (dialogue.here)
+    notice(op === "delete" ? "The cell you are editing was moved to the trash elsewhere; your text is kept here."
+                           : op === "move" ? "The cell you are editing was moved elsewhere; it stays here until you save."
+                           : "The cell you are editing was changed elsewhere; saving shows both versions.", "info");
+    return true;
+  }
+
   function notice(text, level) {
     var t = document.getElementById("toast");
     if (!t) return;
@@ -931,18 +950,21 @@
     document.addEventListener("click", onClick);
     document.addEventListener("dblclick", onDblClick);
     document.addEventListener("mousedown", onMouseDown, true);
+    document.addEventListener("input", function (e) { // the plain textarea, without CodeMirror
+      if (e.target.matches && e.target.matches(".src textarea.editor")) estimateSoon(cellOf(e.target));
+    });
     document.addEventListener("paste", onPaste, true);
     document.addEventListener("dragover", onDragOver, true);
     document.addEventListener("drop", onDrop, true);
     document.addEventListener("change", onChange);
-    document.addEventListener("input", function (e) { // the plain textarea, without CodeMirror
-      if (e.target.matches && e.target.matches(".src textarea.editor")) estimateSoon(cellOf(e.target));
-    });
     document.body.addEventListener("dlgMoved", onMoved);
     document.body.addEventListener("htmx:beforeRequest", onBeforeRequest);
     document.body.addEventListener("htmx:configRequest", onConfigRequest);
     document.body.addEventListener("htmx:beforeSwap", function (e) { rescueTools(e.detail.target); });
-    document.body.addEventListener("htmx:oobBeforeSwap", function (e) { rescueTools(e.detail.target); });
+    document.body.addEventListener("htmx:oobBeforeSwap", function (e) {
+      if (keepEditedCell(e)) return;
+      rescueTools(e.detail.target);
+    });
     document.addEventListener("mouseover", onHover);
     document.body.addEventListener("htmx:afterRequest", onAfterRequest);
     window.addEventListener("beforeunload", onBeforeUnload);
