@@ -30,15 +30,23 @@ def test_the_model_fixes_and_runs_a_cell_and_the_page_follows(page: Page, tmp_pa
         fixes_and_runs(page, srv, url, db)
 
 
-def fixes_and_runs(page: Page, srv, url: str, db) -> None:
+def agent_dialogue(db, prompt: str, *, always: list[str] = ()) -> tuple:
+    """A Claude dialogue with the broken cell and `prompt`, document tools on: (d, code, prompt)."""
     svc = DialogueService(db)
     try:
         d = svc.create("agent", model="claude-sonnet-4-5")
         code = svc.add(d.id, "code", BROKEN)
-        prompt = svc.add(d.id, "prompt", "Fix the failing cell and run it.")
+        p = svc.add(d.id, "prompt", prompt)
         svc.set_doc_tools(d.id, "all")
+        if always:
+            svc.set_approvals(d.id, always=list(always))
+        return d, code, p
     finally:
         svc.close()
+
+
+def fixes_and_runs(page: Page, srv, url: str, db) -> None:
+    d, code, prompt = agent_dialogue(db, "Fix the failing cell and run it.")
 
     page.goto(f"{url}/d/{d.id}")
     c = page.locator(f"#m-{code.id}")
@@ -117,15 +125,7 @@ def test_a_cell_being_edited_is_kept_and_its_save_meets_the_change(page: Page, t
     """The model changes a cell the user is typing in: the page keeps the editor and the typing
     (and says why), and the save meets the model's version as a conflict showing both."""
     with claude_server(tmp_path, "editing.db") as (srv, url, db):
-        svc = DialogueService(db)
-        try:
-            d = svc.create("agent", model="claude-sonnet-4-5")
-            code = svc.add(d.id, "code", BROKEN)
-            prompt = svc.add(d.id, "prompt", "Fix the failing cell.")
-            svc.set_doc_tools(d.id, "all")
-            svc.set_approvals(d.id, always=["replace_text"])
-        finally:
-            svc.close()
+        d, code, prompt = agent_dialogue(db, "Fix the failing cell.", always=["replace_text"])
         # the call comes slowly, so the user is typing when it lands
         srv.push(sse(anthropic_events(tool_uses=[("toolu_1", "replace_text", {
                      "id": code.id, "old": "prnt(", "new": "print("})]), delay=0.4),
