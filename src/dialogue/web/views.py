@@ -1085,6 +1085,13 @@ def error_box(message: str) -> Any:
     return Div(message, cls="run-error", role="alert")
 
 
+def _tool_name(c: dict[str, Any]) -> str | None:
+    """A call's tool name for the page's attributes: only a name the APIs accept (letters,
+    digits, _ . -); a model may write anything in a call, and that stays in the escaped text."""
+    name = str(c.get("name", ""))
+    return name if re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", name) else None
+
+
 def tool_calls_html(calls: list[dict[str, Any]]) -> list[Any]:
     """Each tool call of an answer, folded (its name and arguments in the summary; opened: the
     arguments in full and what went back to the model). Every string is escaped."""
@@ -1100,7 +1107,7 @@ def tool_calls_html(calls: list[dict[str, Any]]) -> list[Any]:
                                cls="tool-args"),
                            Pre(str(res) if res is not None else "(running…)",
                                cls="tool-result" + (" error" if c.get("error") else "")),
-                           cls="tool-call", data_tool=str(c.get("name", ""))))
+                           cls="tool-call", data_tool=_tool_name(c)))
     return out
 
 
