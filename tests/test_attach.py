@@ -112,6 +112,10 @@ def test_local_model_tokens_and_kv_cache_state_follow_a_real_answer(svc: Dialogu
     assert svc.context_status("local")[0]["cached"] is True
     svc.attach("local", "facts", "The walrus is 4 m long. " * 20)
     assert svc.context_status("local")[0]["cached"] is False
+    # a dialogue offering kernel functions as tools: their specs join the system message,
+    # which the status cannot rebuild without the kernel: not said
+    svc.add("local", "note", "Use &`lookup` when needed.")
+    assert svc.context_status("local")[0]["cached"] is None
     # docs too large for the model's 8,192-token context with the rest: retrieved per prompt
     svc.attach("local", "sdk docs", _big_doc() * 4)
     rows = {r["name"]: r for r in svc.context_status("local")}

@@ -366,7 +366,7 @@ class DialogueService:
         for r, e in zip(rows, sent):
             r["retrieved"] = e.get("retrieved") is not None
         probe = getattr(provider, "cached_prefix", None)
-        if probe is not None and not d.meta.get("adapters"):
+        if probe is not None and not d.meta.get("adapters") and not self._offers_tools(d.id):
             try:
                 prompt, held = probe(req)
             except (ProviderError, ValueError, OSError):
@@ -377,6 +377,13 @@ class DialogueService:
                 for r in rows:
                     r["cached"] = held >= prompt.boundaries[0]
         return rows
+
+    def _offers_tools(self, did: str) -> bool:
+        """Whether the dialogue's notes and prompts reference kernel functions (&`fn`): their
+        specs join its system message, which a probe without a kernel cannot reproduce."""
+        from .context import tool_names
+        full = self.open(did)
+        return bool(full.messages) and bool(tool_names(full, full.messages[-1].id))
 
     def _prefix_request(self, d: Dialogue, **kw: Any) -> Any:
         """A request for a one-word prompt as the first message of `d`: the system message every
@@ -925,18 +932,40 @@ class DialogueService:
         from .kernel.specs import installed
         return {name: ks.display_name or name for name, ks in installed().items()}
 
+    @staticmethod
+    def gateway_specs(quiet: bool = False) -> dict[str, str]:
+        """{name: display name} of the kernels of the gateway the config names (`gateway_url`),
+        any of which a dialogue may choose to run on it; {} when none is configured. Raises
+        GatewayError (in words) when it cannot be reached or refuses the token. `quiet` (for a
+        page's picker): the last answer of the past 30 s, asked with a short timeout, and {}
+        (logged) instead of an error."""
+        from .config import get
+        from .kernel.remote import Gateway, specs_for_picker
+        if not get("gateway_url"):
+            return {}
+        gw = Gateway.configured()
+        specs = specs_for_picker(gw) if quiet else gw.specs()
+        return {n: str(s.get("display_name") or n) for n, s in specs.items()}
+
     def set_kernel(self, ref: str, spec: str | None = None, *, python: str | None = None,
-                   base_version: int | None = None) -> Dialogue:
+                   gateway: str | None = None, base_version: int | None = None) -> Dialogue:
         """Choose the dialogue's kernel: an installed kernelspec by name, or a Python interpreter
         by path (it must have ipykernel: the error says how to install it), or neither: the
-        app's own interpreter. Checked now; a versioned settings change (a stale `base_version`
+        app's own interpreter; or `gateway`, a kernelspec of the configured gateway (asked
+        now whether it has one of that name). Checked now; a versioned settings change (a stale `base_version`
         raises ConflictError). A kernel of the old choice is replaced at the next run
         (`use_kernel` replaces it at once)."""
         from .kernel.specs import KEY, Choice, KernelChoiceError, check_python, kernelspec_of
         spec, python = (spec or "").strip() or None, (python or "").strip() or None
-        if spec and python:
-            raise KernelChoiceError("choose a kernelspec or a Python interpreter, not both")
-        if spec:
+        gateway = (gateway or "").strip() or None
+        if sum(map(bool, (spec, python, gateway))) > 1:
+            raise KernelChoiceError("choose a kernelspec, a Python interpreter or a gateway "
+                                    "kernel, not both")
+        if gateway:
+            from .kernel.remote import Gateway
+            Gateway.configured().check_spec(gateway)
+            choice = Choice(gateway=gateway)
+        elif spec:
             kernelspec_of(spec)
             choice = Choice(spec=spec)
         else:
@@ -955,7 +984,7 @@ class DialogueService:
             meta=meta)
 
     async def use_kernel(self, ref: str, spec: str | None = None, *, python: str | None = None,
-                         base_version: int | None = None) -> Dialogue:
+                         gateway: str | None = None, base_version: int | None = None) -> Dialogue:
         """`set_kernel`, and the dialogue's running kernel (of the old choice) is shut down now;
         refused while one of its cells runs."""
         did = self.dialogue_id(ref)
@@ -965,7 +994,7 @@ class DialogueService:
                            "choosing another kernel.")
         # set_kernel starts the chosen interpreter to check it has ipykernel (seconds): off the
         # event loop, which serves every other page and stream meanwhile
-        d = await asyncio.to_thread(self.set_kernel, did, spec, python=python,
+        d = await asyncio.to_thread(self.set_kernel, did, spec, python=python, gateway=gateway,
                                     base_version=base_version)
         if k is not None and k.choice != self.kernel_choice(d):
             await self._kernels.shutdown(did)
