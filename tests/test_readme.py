@@ -29,6 +29,10 @@ SKIP = {
     "dialogue train": "needs the [train] extra and minutes of CPU (tests/train runs the trainer); "
                       "its adapter.gguf is put in place instead",
     "CMAKE_ARGS=": "rebuilds llama-cpp-python for a GPU",
+    "llama-server ": "starts llama.cpp's server (tests/test_llama_server.py starts a real one)",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=": "starts vLLM, which needs a GPU (tests/test_engines.py "
+                                         "checks the protocol against a local server)",
+    "DIALOGUE_VLLM_MAX_LORA_RANK=": "names a vLLM server on another machine",
 }
 
 pytestmark = pytest.mark.slow
@@ -117,10 +121,12 @@ def test_the_readme_shell_examples_run_as_written(world):
     ran, skips = [], []
     blocks = fenced("sh")
     assert len(blocks) >= 3  # quick start, the command line, models and adapters (at least)
+    prepared = False
     for block in blocks:
         cmds = commands(block, home)
-        if any(c[:2] == ["dialogue", "adapters"] for c in cmds):
+        if not prepared and any(c[:2] == ["dialogue", "adapters"] for c in cmds):
             prepare_adapters(world)
+            prepared = True
         for argv in cmds:
             if (why := skipped(argv)) is not None:
                 skips.append((argv, why))
@@ -150,4 +156,4 @@ def test_the_readme_python_examples_run_as_written(world):
                            cwd=world["cwd"], env=_env(world), capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip().splitlines()[-1] == "Dialogue('scratch', 3 messages)"
+        assert r.stdout.strip().splitlines()[-1] == "Dialogue('scratch', 6 messages)"

@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import httpx
+import httpx2 as httpx  # the HTTP client the SDKs bring (a declared dependency)
 
 from ..gguf.lora import AdapterError as AdapterSetError
 from .base import Event, ProviderError, Request, UnknownModelError, register
