@@ -26,6 +26,16 @@ def test_help_and_usage_errors(capsys):
     assert "no dialogues found" in capsys.readouterr().err
 
 
+def test_checkpointing_is_chosen_unless_told_either_way():
+    from dialogue.train.main import build_parser
+    p = build_parser()
+    assert p.parse_args([]).gradient_checkpointing is None  # the trainer chooses
+    for on in ("--checkpointing", "--gradient-checkpointing"):
+        assert p.parse_args([on]).gradient_checkpointing is True
+    for off in ("--no-checkpointing", "--no-gradient-checkpointing"):
+        assert p.parse_args([off]).gradient_checkpointing is False
+
+
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, dialogue.train, dialogue.train.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -70,6 +80,8 @@ def test_a_run_ends_with_its_curves_and_plot_and_is_listed(tiny_chat, tmp_path, 
     assert "->" in loss and "smoothed" in loss and any(c in loss for c in "▁▂▃▄▅▆▇█")
     assert any(x.strip().startswith("lr ") and "peak " in x and ", last " in x for x in printed)
     assert f"plot: {out / 'training.svg'}" in printed
+    # 32-token sequences of a tiny model: the default leaves checkpointing off, and says why
+    assert any(x.startswith("gradient checkpointing: off (auto: ~") and "under the model's" in x for x in printed)
     root = ET.fromstring((out / "training.svg").read_text())
     assert "step (of 4)" in ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
     [run] = DialogueService.training_runs()

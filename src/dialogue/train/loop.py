@@ -34,7 +34,8 @@ from .schedule import MixLike, ScheduleLike, apply_hyperparameters, cosine, defa
 log = logging.getLogger(__name__)  # dialogue.train.loop
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "finetune", "default_lr_schedule",
-           "CHECKPOINT", "PLOT", "write_plot", "peak_memory_bytes"]
+           "CHECKPOINT", "PLOT", "write_plot", "peak_memory_bytes", "estimate_activations",
+           "choose_checkpointing", "CheckpointingChoice", "ActivationEstimate"]
 
 CHECKPOINT = "checkpoint.pt"
 PLOT = "training.svg"
@@ -465,6 +466,11 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
     ckpt = out / CHECKPOINT if out else None
 
     start, losses = 0, []
+    if world > 1 and resume and ckpt is not None:
+        # every rank reads the checkpoint rank 0 wrote: --out must be one folder all nodes see
+        from .fsdp import same_everywhere
+        same_everywhere(f"the checkpoint in {out} (is --out on a path all nodes share?)",
+                        f"{ckpt.stat().st_size}:{ckpt.stat().st_mtime_ns}" if ckpt.exists() else "none")
     if resume and ckpt is not None and ckpt.exists():
         start, losses = _load(ckpt, model, opt, sampler, meta)
     else:
@@ -479,6 +485,8 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
         from .lora import compile_adapters
         compile_adapters(model, dynamic=True)  # sequence lengths vary from batch to batch
     model.train()
+    from .lora import checkpointing_enabled
+    recompute = checkpointing_enabled(model)  # in every step's metrics, beside the peak memory
     ref_cache: dict[int, tuple[float, float]] = {}  # reference log-likelihoods per pair (frozen base)
     t0, tokens_seen, hyper = time.perf_counter(), 0, []
     end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
@@ -530,7 +538,7 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
             elapsed = time.perf_counter() - t0
             rec = {"step": step + 1, "p": p, "loss": loss, **{k: v for k, v in hp.items()},
                    "tokens_per_s": tokens_seen * world / elapsed if elapsed else 0.0,
-                   "peak_mem_mb": peak_memory_bytes(device) / 2**20,
+                   "peak_mem_mb": peak_memory_bytes(device) / 2**20, "checkpointing": recompute,
                    "mix": sampler.history[-1]["weights"] if sampler.history else {}}
             if counts[1]:  # preference pairs in this step: their loss and reward margin
                 rec.update(sft_loss=float(total[0] / denom) if counts[0] else None,
@@ -576,6 +584,139 @@ def write_plot(out: Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- activations and checkpointing
+
+# The probe's two sequence lengths: short enough to cost a fraction of a second, long enough
+# that an attention which stores its (tokens x tokens) scores shows a quadratic term.
+PROBE_TOKENS = (64, 128)
+# Checkpointing is chosen when the stored activations would exceed the model's own weights (from
+# there on they, not the weights, set the peak) or this share of the memory available.
+CHECKPOINT_AVAILABLE_SHARE = 0.25
+
+
+@dataclass
+class ActivationEstimate:
+    """Bytes autograd would keep for backward in one training forward: `per_token * T +
+    per_token2 * T**2` per sequence of T tokens (the second term: attention that stores its
+    scores, e.g. eager; zero for SDPA's flash kernels), beside the model's own weights."""
+
+    per_token: float
+    per_token2: float
+    weight_bytes: int
+
+    def bytes(self, batch_size: int, seq_len: int) -> int:
+        return int(batch_size * (self.per_token * seq_len + self.per_token2 * seq_len ** 2))
+
+
+def _owned_storages(model: nn.Module) -> dict[int, int]:
+    """Data pointer -> bytes of every storage the model holds (parameters, buffers, and the
+    dequantized weights GGUFLinear keeps outside both)."""
+    from .quant import GGUFLinear
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [m._dense for m in model.modules() if isinstance(m, GGUFLinear) and m._dense is not None]
+    out: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            out[s.data_ptr()] = s.nbytes()
+    return out
+
+
+def estimate_activations(model: nn.Module, precision: str = "auto",
+                         device: torch.device | None = None) -> ActivationEstimate:
+    """Measure, on the model itself, what its training forward stores for backward: two short
+    forwards (PROBE_TOKENS) under `saved_tensors_hooks`, counting each saved storage once and
+    none of the model's own, fitted to a linear plus a quadratic term in the sequence length.
+    Measured rather than worked out from the config, so any family, attention implementation,
+    adapter method or autocast is counted as it runs. The RNG state is left as it was."""
+    from .lora import unwrap
+    device = device or _device(model)
+    owned = _owned_storages(model)
+    vocab = int(getattr(unwrap(model).config.get_text_config(), "vocab_size", 0) or 1000)
+
+    def saved(n: int) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            if s.data_ptr() not in owned and t.device.type != "meta":
+                seen[s.data_ptr()] = s.nbytes()
+            return t
+
+        x = torch.randint(min(3, vocab - 1), vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), \
+                _autocast(precision, device):
+            model(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1, use_cache=False)
+        return sum(seen.values())
+
+    was_training = model.training
+    model.train()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):  # dropout draws must not move the run's RNG
+            a, b = PROBE_TOKENS
+            sa, sb = saved(a), saved(b)
+    finally:
+        model.train(was_training)
+    # s(T) = p T + q T^2 through both points; q clamped at 0 (noise of a few bytes is not attention)
+    q = max(0.0, (sb * a - sa * b) / (a * b * (b - a)))
+    p = max(0.0, (sa - q * a * a) / a)
+    return ActivationEstimate(p, q, sum(owned.values()))
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process could still allocate: free device memory on a GPU, MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass
+class CheckpointingChoice:
+    """Whether decoder layers recompute their activations in backward, and why (for the log,
+    `train_config.json` and the CLI)."""
+
+    on: bool
+    chosen_by: str  # "auto" | "argument" | "offload"
+    reason: str
+    activation_mb: float | None = None  # the estimate at the run's micro-batch, without checkpointing
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"on": self.on, "chosen_by": self.chosen_by, "reason": self.reason,
+                "activation_mb": None if self.activation_mb is None else round(self.activation_mb, 1)}
+
+
+def choose_checkpointing(model: nn.Module, batch_size: int, seq_len: int, *, requested: bool | None = None,
+                         offload: bool = False, precision: str = "auto", device: torch.device | None = None,
+                         available: int | None = None) -> CheckpointingChoice:
+    """Gradient checkpointing for a run of `batch_size` x `seq_len`-token micro-batches.
+
+    `requested` True/False is the user's word; None decides: on when the activations the
+    forward would store (`estimate_activations`) exceed the model's own weights or
+    CHECKPOINT_AVAILABLE_SHARE of the memory available (`available`, measured when None). Then
+    activations set the peak, and keeping one tensor per layer instead of all of them is worth
+    the cost, one more forward of each layer in backward (bench/train_bench.py --logits measures
+    it). Offload always needs it (offload.py)."""
+    if offload:
+        return CheckpointingChoice(True, "offload", "--offload recomputes each layer in backward")
+    if requested is not None:
+        return CheckpointingChoice(bool(requested), "argument", "asked for" if requested else "turned off")
+    device = device or _device(model)
+    est = estimate_activations(model, precision, device)
+    act = est.bytes(batch_size, seq_len)
+    avail = available_memory(device) if available is None else available
+    mb = act / 2**20
+    what = f"~{mb:,.0f} MB of stored activations at {batch_size} x {seq_len} tokens"
+    if act > est.weight_bytes:
+        return CheckpointingChoice(True, "auto", f"{what} > the model's {est.weight_bytes / 2**20:,.0f} MB of weights", mb)
+    if act > CHECKPOINT_AVAILABLE_SHARE * avail:
+        return CheckpointingChoice(True, "auto", f"{what} > {CHECKPOINT_AVAILABLE_SHARE:.0%} of the "
+                                   f"{avail / 2**20:,.0f} MB available", mb)
+    return CheckpointingChoice(False, "auto", f"{what}: under the model's {est.weight_bytes / 2**20:,.0f} MB of "
+                               f"weights and {CHECKPOINT_AVAILABLE_SHARE:.0%} of the {avail / 2**20:,.0f} MB available", mb)
+
+
 # ---------------------------------------------------------------- the whole recipe
 
 def _provenance(dialogues: Any, docs: Any, sources: Mapping[str, Any]) -> dict[str, str]:
@@ -592,15 +733,16 @@ class FinetuneResult:
     sampler: MixSampler
     exported: dict[str, str] = field(default_factory=dict)
     offloader: Any = None  # the offload.Offloader of a one-process offloaded run (its stats)
+    checkpointing: CheckpointingChoice | None = None  # whether layers recompute in backward, and why
 
 
 def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = (), docs: Iterable[str | Path] = (),
              texts: Iterable[str] = (), method: str = "lora", quant: str = "served", r: int = 16,
              alpha: float | None = None, dropout: float = 0.0, targets: Iterable[str] | None = None,
              seq_len: int = 512, mix: MixLike = None, config: TrainConfig | None = None,
-             gradient_checkpointing: bool = False, export: bool = True, base: Any = None,
+             gradient_checkpointing: bool | None = None, export: bool = True, base: Any = None,
              resume: bool = True, dtype: torch.dtype = torch.float32, offload: bool = False,
-             offload_prefetch: int = 1, history: Any = None) -> FinetuneResult:
+             offload_prefetch: int = 1, history: Any = None, stop_after: int | None = None) -> FinetuneResult:
     """Load the base, build the data, put adapters on, train, and export the adapter (PEFT
     safetensors always; GGUF for LoRA on a GGUF base). Only the data is required.
 
@@ -608,6 +750,9 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
     (plus `offload_prefetch` ahead) to the device (`offload.py`); it turns gradient checkpointing on,
     since offload needs it. With several processes it is FSDP2's CPUOffloadPolicy instead
     (`fsdp.shard(offload=True)`), which also keeps the adapter shards and the optimizer on the CPU.
+
+    `gradient_checkpointing` None (the default) chooses it from the activations the largest
+    micro-batch of the data would store (`choose_checkpointing`); True or False decides. The choice and its reason are logged, returned and written to train_config.json.
 
     `history` (a message id -> its stored versions, oldest first) adds a `preferences` source:
     the dialogues' edited answers as (model's answer, user's answer) pairs, trained with DPO
@@ -635,14 +780,40 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
                        targets=tuple(targets) if targets else DEFAULT_TARGETS, seed=cfg.seed)
     n = b.info.get("n_params")
     m = add_adapters(b.model, spec)
-    if gradient_checkpointing or offload:  # offload needs it (see offload.py)
+    # the largest micro-batch the data can make: its longest sequence (seq_len bounds the docs, a
+    # dialogue's examples may be shorter), times two rows per pair where preference pairs train
+    seqs = [e for v in sources.values() for x in v
+            for e in ((x.chosen, x.rejected) if isinstance(x, PreferencePair) else (x,))]
+    longest = max((len(e.input_ids) for e in seqs), default=seq_len)
+    rows = cfg.batch_size * (2 if any(isinstance(x, PreferencePair) for v in sources.values() for x in v) else 1)
+    on_rank0 = world > 1 and bool(b.info.get("load_on_rank0"))  # fsdp.load_base_on_rank0: the others hold no weights
+    if on_rank0 and rank != 0:
+        ckpt = CheckpointingChoice(False, "auto", "rank 0's choice")  # replaced by rank 0's just below
+    else:
+        ckpt = choose_checkpointing(m, rows, longest, requested=gradient_checkpointing, offload=offload,
+                                    precision=cfg.precision)
+    if on_rank0:  # rank 0 measured on the real weights; every rank takes its choice
+        box = [ckpt]
+        torch.distributed.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    elif world > 1 and ckpt.chosen_by == "auto":  # FSDP's collectives need every rank to recompute alike
+        on = torch.tensor([int(ckpt.on)], device=dev)
+        torch.distributed.all_reduce(on, op=torch.distributed.ReduceOp.MAX)
+        if bool(on.item()) != ckpt.on:
+            ckpt = CheckpointingChoice(True, "auto", f"another process needs it ({ckpt.reason})", ckpt.activation_mb)
+    log.info("gradient checkpointing %s (%s: %s)", "on" if ckpt.on else "off", ckpt.chosen_by, ckpt.reason)
+    if ckpt.on:
         enable_checkpointing(m)
     fsdp_info: dict[str, Any] = {}
     offloader = None
     offload_info: dict[str, Any] = {}
     if world > 1:
-        from .fsdp import shard
+        from .fsdp import full_state, materialize, shard
+        full = full_state(m) if on_rank0 else None  # rank 0's weights and initial adapters
         shard(m, offload=offload)
+        if full is not None:
+            materialize(m, full, dev)
+            del full
         params = list(m.parameters())
         fsdp_info = {"params": len(params), "sharded": sum(1 for p in params if hasattr(p, "full_tensor")),
                      "cpu_offload": offload}
@@ -650,7 +821,8 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
         from .offload import offload as offload_model
         offloader = offload_model(m, dev, prefetch=offload_prefetch)
         offload_info = {"device": str(dev), "prefetch": offload_prefetch, "host_mb": offloader.host_bytes / 2**20}
-    res = train(m, sampler, cfg, pad_id=b.tokenizer.pad_token_id or 0, resume=resume, n_params=n, rank_hint=r)
+    res = train(m, sampler, cfg, pad_id=b.tokenizer.pad_token_id or 0, resume=resume, n_params=n, rank_hint=r,
+                stop_after=stop_after)
     if offloader is not None:
         offload_info.update(peak_resident_layers=offloader.stats.peak_resident_layers,
                             peak_resident_mb=offloader.stats.peak_resident_bytes / 2**20)
@@ -668,7 +840,8 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
                 {"model": str(b.path), "method": method, "quant": quant, "r": r, "alpha": spec.lora_alpha,
                  "targets": list(spec.targets), "seq_len": seq_len, "steps": cfg.steps,
                  "batch_size": cfg.batch_size, "world_size": world, "fsdp": fsdp_info, "offload": offload_info,
+                 "checkpointing": ckpt.as_dict(),
                  "sources": {k: len(v) for k, v in sources.items()},
                  "final_loss": res.losses[-1] if res.losses else None}, indent=2))
-    return FinetuneResult(res, b, m, sampler, exported, offloader)
+    return FinetuneResult(res, b, m, sampler, exported, offloader, ckpt)
 

@@ -261,6 +261,15 @@ def enable_checkpointing(model: nn.Module) -> None:
     inner.config.use_cache = False
 
 
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether `enable_checkpointing` (or transformers' own switch) is on for this model."""
+    inner = unwrap(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 / 4 names
+        if hasattr(type(inner), name):
+            return bool(getattr(inner, name))
+    return False
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """Run the bare base (for before/after comparisons) without removing the adapters."""

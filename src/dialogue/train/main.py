@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, default=None, help="default 2*r")
     m.add_argument("--dropout", type=float, default=0.0)
     m.add_argument("--targets", nargs="+", default=None, help="module names (default: all linears of the blocks)")
-    m.add_argument("--gradient-checkpointing", action="store_true")
+    m.add_argument("--gradient-checkpointing", "--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer's activations in backward (about one more forward per step, "
+                        "far less memory). Default: on when the activations the longest micro-batch would store "
+                        "exceed the model's weights or a quarter of the memory available; the choice and why are "
+                        "printed and written to train_config.json")
     m.add_argument("--offload", action="store_true",
                    help="keep the frozen base in CPU memory and copy each decoder layer to the GPU only while "
                         "it runs (adapters, optimizer state, embeddings and LM head stay on the GPU); turns "
@@ -74,7 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
     t.add_argument("--no-export", action="store_true")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--nproc", type=int, default=1, help="processes (FSDP2 via torchrun)")
+    t.add_argument("--nproc", type=int, default=1, help="processes on this machine (FSDP2 via torchrun)")
+    t.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop at this step with a checkpoint (the schedule still spans --steps); run the same "
+                        "command without it to go on")
+    n = p.add_argument_group("several machines", "run the same command, with the same data, on every machine; "
+                             "--out must be a folder all of them see (rank 0 writes it, all resume from it)")
+    n.add_argument("--nnodes", type=int, default=1, help="machines, each running --nproc processes")
+    n.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="where the machines meet (torchrun's c10d rendezvous); the same on every machine")
+    n.add_argument("--rdzv-id", default="dialogue-train", help="the run's id at the rendezvous (default dialogue-train)")
+    n.add_argument("--node-rank", type=int, default=None, metavar="R",
+                   help="fix this machine's place (0..nnodes-1; torchrun's static rendezvous, node 0 being "
+                        "HOST); without it ranks are assigned as the machines join")
+    n.add_argument("--load-on-rank0", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank 0 alone reads the base and broadcasts it; the other processes build it on the meta "
+                        "device and hold only their shards (nf4 or none). Default: on with --nnodes > 1")
     t.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
                    help="tokens per chunk of the LM head and loss (default: 128 MiB of logits; 0: no chunking)")
     t.add_argument("--compile", action="store_true", help="torch.compile the adapters' forward")
@@ -152,8 +171,8 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
         if not args.data_dialogues or load_history is None:
             raise ValueError("--preferences needs --data-dialogues from the dialogue store (run through "
                              "`dialogue train`): the edited answers are in its version history")
-        if args.nproc > 1:
-            raise ValueError("--preferences trains in one process; leave out --nproc")
+        if args.nproc > 1 or args.nnodes > 1:
+            raise ValueError("--preferences trains in one process; leave out --nproc and --nnodes")
     dialogues: list[Dialogue] = []
     if args.data_dialogues:
         if load_dialogues is None:
@@ -174,7 +193,7 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
         raise ValueError(f"--offload-prefetch must be >= 0, got {args.offload_prefetch}")
     if args.offload_prefetch != 1 and not args.offload:
         raise ValueError("--offload-prefetch needs --offload")
-    if args.offload and args.nproc > 1:
+    if args.offload and (args.nproc > 1 or args.nnodes > 1):
         if args.quant == "hqq":
             raise ValueError("--quant hqq cannot be sharded by FSDP (--nproc); use --quant nf4")
         model = str(args.model)
@@ -183,16 +202,32 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
                              "the served GGUF weights are buffers. Use --quant nf4 with --nproc --offload, "
                              "or --offload in one process (which handles served weights)")
 
-    from .fsdp import is_distributed_launch, launch, setup, teardown
-    if args.nproc > 1 and not is_distributed_launch():
-        # Relaunch under torchrun; the store is not reachable from the workers, the file is.
-        rest = _strip(argv, {"--nproc": 1, "--data-dialogues": "*"})
+    from .fsdp import check_nodes, is_distributed_launch, launch, same_everywhere, setup, teardown
+    check_nodes(args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
+        raise ValueError(f"--stop-after must be in 1..{args.steps} (--steps), got {args.stop_after}")
+    load_on_rank0 = args.nnodes > 1 if args.load_on_rank0 is None else args.load_on_rank0
+    if load_on_rank0 and args.nproc * args.nnodes > 1 and args.quant in ("served", "hqq"):
+        model_name = str(args.model)
+        if args.quant == "hqq" or model_name == "default" or model_name.startswith("local:") or model_name.endswith(".gguf"):
+            raise ValueError(f"--load-on-rank0 (the default with --nnodes > 1) broadcasts sharded parameters; "
+                             f"--quant {args.quant} keeps weights FSDP does not shard. Use --quant nf4 (or none), "
+                             "or --no-load-on-rank0")
+    if (args.nproc > 1 or args.nnodes > 1) and not is_distributed_launch():
+        # Relaunch under torchrun; the store is not reachable from the workers, the file is. On
+        # several machines each one's launcher writes its own file from its own store (or files):
+        # the workers check that all ranks hold the same data before training.
+        rest = _strip(argv, {"--nproc": 1, "--data-dialogues": "*", "--nnodes": 1, "--node-rank": 1,
+                             "--rdzv-endpoint": 1, "--rdzv-id": 1})
+        if args.load_on_rank0 is None and load_on_rank0:
+            rest.append("--load-on-rank0")
         with tempfile.TemporaryDirectory() as tmp:
             if dialogues:
                 f = Path(tmp) / "dialogues.jsonl"
                 dialogues_to_jsonl(dialogues, f)
                 rest = _strip(rest, {"--dialogues-file": 1}) + ["--dialogues-file", str(f)]
-            return launch(rest, args.nproc)
+            return launch(rest, args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                          rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
 
     import torch
 
@@ -208,9 +243,16 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
         if args.offload and dev.type == "cpu" and int(os.environ.get("RANK", "0")) == 0:
             print("note: no GPU here, so --offload runs its copies between CPU buffers and saves no memory",
                   file=sys.stderr)
+        if distributed:
+            same_everywhere("the training data", _fingerprint(dialogues, args.docs))
         # with --offload the base is loaded into host memory (it may not fit on the device)
-        base = load_base(args.model, quant=args.quant, device="cpu" if args.offload else dev,
-                         quant_storage=torch.float32 if world > 1 else torch.uint8)
+        load = lambda: load_base(args.model, quant=args.quant, device="cpu" if args.offload else dev,  # noqa: E731
+                                 quant_storage=torch.float32 if world > 1 else torch.uint8)
+        if distributed and load_on_rank0:
+            from .fsdp import load_base_on_rank0
+            base = load_base_on_rank0(load)
+        else:
+            base = load()
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                           lr=_lr_schedule(args, base.info["n_params"]), weight_decay=args.weight_decay,
                           seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
@@ -221,7 +263,7 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
                        seq_len=args.seq_len, mix=mix, config=cfg, gradient_checkpointing=args.gradient_checkpointing,
                        export=not args.no_export, resume=not args.no_resume, offload=args.offload,
                        offload_prefetch=args.offload_prefetch,
-                       history=load_history if args.preferences else None)
+                       history=load_history if args.preferences else None, stop_after=args.stop_after)
         rank = torch.distributed.get_rank() if distributed else 0
         if rank == 0:
             r = res.result
@@ -229,6 +271,9 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
             last = f"{r.losses[-1]:.4f}" if r.losses else "-"
             print(f"trained {r.steps} steps (from step {r.resumed_from}) in {r.seconds:.1f}s, "
                   f"{r.tokens_per_s:.0f} tokens/s; loss {first} -> {last}")
+            if res.checkpointing is not None:
+                c = res.checkpointing
+                print(f"gradient checkpointing: {'on' if c.on else 'off'} ({c.chosen_by}: {c.reason})")
             plot = Path(args.out) / PLOT
             if plot.is_file():  # the curves at a glance, the labelled picture beside the adapter
                 from ..charts import training_records, training_summary
@@ -248,6 +293,19 @@ def _run(args: argparse.Namespace, argv: list[str], load_dialogues: LoadDialogue
     finally:
         if distributed:
             teardown()
+
+
+def _fingerprint(dialogues: Sequence[Dialogue], docs: Sequence[str]) -> str:
+    """A hash of what this process trains on: the dialogues, and each docs file's relative path and bytes."""
+    import hashlib
+    h = hashlib.sha256()
+    for d in dialogues:
+        h.update(json.dumps({**d.settings(), "messages": [m.to_dict() for m in d.messages]}, sort_keys=True).encode())
+    for p in map(Path, docs):
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _strip(argv: Sequence[str], opts: dict[str, Any]) -> list[str]:
