@@ -389,7 +389,8 @@ class DocumentTools:
 
     def replace_text(self, id: str, old: str, new: str) -> str:
         m = self.resolve(id)
-        if m.id in self.seen and self.seen[m.id] != m.version:
+        if m.id in self.seen and self.seen[m.id] != m.version and \
+                self.host.store.changed_since(m.id, self.seen[m.id]):  # a move is no change
             # checked before the text, so a stale read is reported as such, not as "not found"
             raise self._conflict(m, ConflictError(f"message {m.id}", self.seen[m.id], m.version))
         out = self._edit(m, source=self._replaced(m, str(old), str(new)))
@@ -418,7 +419,8 @@ class DocumentTools:
         count = len(self._messages())
         if not 1 <= to <= count:
             raise DocToolError(f"position {to} is outside the dialogue (1 to {count})")
-        self.host.move(self.did, m.id, to=to - 1)
+        with acting(self.author, self.cause):  # a move is a version, attributed like an edit
+            self.host.move(self.did, m.id, to=to - 1)
         self._changed("move", m.id)
         return f"message {m.id} is now at position {self._position(m.id)}"
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from .document import Kind
 
-__all__ = ["Step", "steps", "source_diff", "belonging_state", "who", "RESULT_OPS", "STATE_OF_A_RUN",
-           "RUN_META"]
+__all__ = ["Step", "steps", "source_diff", "belonging_state", "who", "op_words", "moved",
+           "MOVE_NOTE", "RESULT_OPS", "STATE_OF_A_RUN", "RUN_META"]
 
 # the ops that end a run: the version they write holds what a run of its source produced
 RESULT_OPS = ("result", "recovered")
@@ -98,8 +98,7 @@ class Step:
         words: list[tuple[str, str]] = []  # (what happened, by whom: "" for the user's own)
         for v in self.versions:
             op = v.op
-            w = _OP_WORDS.get(op) or (f"restored v{op.split(':', 1)[1]}" if op.startswith(
-                "restore:") else op)
+            w = op_words(op)
             if op in RESULT_OPS:
                 w = f"{w}: {self.status}" if self.status else w
             by = who(v) if getattr(v, "author", "user") in _CAUSED else ""
@@ -119,6 +118,30 @@ _OP_WORDS = {"create": "created", "edit": "edited", "run": "ran", "result": "ran
              "recovered": "cut off", "flags": "flags", "delete": "deleted",
              "restore": "restored from the trash", "merge": "merged", "split": "split",
              "import": "imported", "fork": "forked"}
+
+
+def op_words(op: str) -> str:
+    """A version's op in words: "edited", "restored v3", "moved from 3 to 5" (a move's op is
+    "move:FROM:TO", 1-based places in the dialogue at the time)."""
+    if op in _OP_WORDS:
+        return _OP_WORDS[op]
+    what, _, rest = op.partition(":")
+    if what == "restore" and rest:
+        return f"restored v{rest}"
+    if what == "move" and rest.count(":") == 1:
+        a, b = rest.split(":")
+        return f"moved from {a} to {b}"
+    return op
+
+
+def moved(versions: list[Any]) -> bool:
+    """Whether any of these versions is a move (`MOVE_NOTE` then says what a restore does)."""
+    return any(v.op.startswith("move:") for v in versions)
+
+
+# what a restore does with a moved message, said wherever its history offers a restore
+MOVE_NOTE = ("A move is a version too; restoring a version brings back its content, not its "
+             "place (move the message to put it back).")
 
 
 # the authors that act for a message of the dialogue (an answer, a cell), named with it

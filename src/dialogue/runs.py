@@ -524,9 +524,9 @@ class Runs:
                     meta={**m.meta, "run": {"status": "interrupted"}})
             # the messages the cell changed (dialogue.here, from the kernel's process): a page
             # following the run shows them now, as it shows the model's changes
-            for mid, first, gone in store.caused_since(mark, m.id):
+            for mid, first, gone, moved in store.caused_since(mark, m.id):
                 run.publish(RunEvent("doc", m.id, {"op": "delete" if gone else "add" if first == 1
-                                                   else "edit", "id": mid}))
+                                                   else "move" if moved else "edit", "id": mid}))
             self._finish(run, final)
 
     async def _run_prompt(self, run: Run, did: str, m: Message, prefill: str | None,

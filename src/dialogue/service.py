@@ -821,11 +821,20 @@ class DialogueService:
         from .history import who
         return who(v)
 
+    @staticmethod
+    def history_note(versions: list[Version]) -> str:
+        """What a history showing `versions` should say about restoring: for a message that was
+        moved, that a restore brings back content, not place (history.MOVE_NOTE); else ""."""
+        from .history import MOVE_NOTE, moved
+        return MOVE_NOTE if moved(versions) else ""
+
     def restore_version(self, ref: str, msg: str, version: int, *,
                         base_version: int | None = None) -> Message:
         """Make an earlier version current again, as a new version. Its source comes back with
         the outputs (or answer) that a run of that source produced, or with none if it never
-        ran: never beside the outputs of other code (`history.belonging_state`)."""
+        ran: never beside the outputs of other code (`history.belonging_state`). Content only:
+        the message stays where it is (a move is a version, but restoring one, or one before
+        it, does not move the message back)."""
         from .history import belonging_state
         mid = self.message_id(ref, msg)
         if base_version is None:

@@ -1632,7 +1632,7 @@ class Store:
             m = self._msg_from_row(row[:-1])
             n, dialogue_id = row[-1], row[_MSG_COLS.index("dialogue_id")]
             if base_version is not None:
-                if base_version != m.version:
+                if base_version != m.version and self.changed_since(msg_id, base_version):
                     raise ConflictError(f"message {msg_id}", base_version, m.version)
                 if row[_MSG_COLS.index("streaming")]:
                     raise ConflictError(f"message {msg_id}", base_version, m.version,
@@ -1798,21 +1798,45 @@ class Store:
 
     def move_message(self, msg_id: str, index: int) -> Message:
         """Move a message to list index `index` among its dialogue's live messages (negative counts
-        from the end). One row changes."""
+        from the end). One message row changes, and the move is a version of the message (op
+        "move:FROM:TO", 1-based places), recorded with its author and cause (`acting`) like any
+        change. Its state is the previous version's, copied as stored (a move changes no content,
+        and copying encodes nothing); a move does not make an edit based on the version before
+        it stale (`changed_since`)."""
         with self.tx():
             row = self._msg_row(msg_id)
             dialogue_id = row[_MSG_COLS.index("dialogue_id")]
-            count = self._one("SELECT count(*) FROM messages WHERE dialogue_id = ? AND "
-                              "deleted IS NULL", (dialogue_id,))[0]
+            ids = [i for i, _ in self._positions(dialogue_id)]
             if index < 0:
-                index += count
-            index = max(0, min(index, count - 1))
-            if index == self._index_of(dialogue_id, msg_id):
+                index += len(ids)
+            index = max(0, min(index, len(ids) - 1))
+            old = ids.index(msg_id)
+            if index == old:
                 return self.get_message(msg_id)
             pos = self._pos_at(dialogue_id, index, exclude=msg_id)
-            self._x("UPDATE messages SET pos = ? WHERE id = ?", (pos, msg_id))
-            self._touch(dialogue_id, time.time())
+            v, now = row[_MSG_COLS.index("version")], time.time()
+            self._x("UPDATE messages SET pos = ?, version = ?, updated = ? WHERE n = ?",
+                    (pos, v + 1, now, row[-1]))
+            op = f"move:{old + 1}:{index + 1}"
+            self._x("INSERT INTO versions(dialogue_id, message_id, version, op, at, state, author, "
+                    "cause) SELECT dialogue_id, message_id, ?, ?, ?, state, ?, ? FROM versions "
+                    "WHERE message_id = ? AND version = ?", (v + 1, op, now, *_ACTOR.get(),
+                                                             msg_id, v))
+            if not self.conn.changes():  # no stored version to copy (not written by us)
+                m = self._msg_from_row(row[:-1])
+                self._write_version(dialogue_id, msg_id, v + 1, op, m.state(), now)
+            self._touch(dialogue_id, now)
         return self.get_message(msg_id)
+
+    def changed_since(self, msg_id: str, version: int) -> bool:
+        """Whether message `msg_id` has a version after `version` that is not a move: a move
+        changes only the message's place, so an edit (or delete) based on the version before
+        it is not stale. A version from the future counts as changed."""
+        cur = self._one("SELECT version FROM messages WHERE id = ?", (msg_id,))
+        if cur is None or version > cur[0]:
+            return True
+        return self._one("SELECT 1 FROM versions WHERE message_id = ? AND version > ? AND "
+                         "op NOT LIKE 'move:%' LIMIT 1", (msg_id, version)) is not None
 
     def move_by(self, msg_id: str, delta: int) -> Message:
         """Move up (negative) or down (positive) by `delta` places."""
@@ -1824,7 +1848,8 @@ class Store:
         with self.tx():
             row = self._msg_row(msg_id)
             m = self._msg_from_row(row[:-1])
-            if base_version is not None and base_version != m.version:
+            if base_version is not None and base_version != m.version and \
+                    self.changed_since(msg_id, base_version):
                 raise ConflictError(f"message {msg_id}", base_version, m.version)
             now = time.time()
             dialogue_id = row[_MSG_COLS.index("dialogue_id")]
@@ -1944,16 +1969,16 @@ class Store:
         """The row number of the newest version (0: none): `caused_since` reads from there."""
         return self._one("SELECT max(n) FROM versions")[0] or 0
 
-    def caused_since(self, n: int, cause: str) -> list[tuple[str, int, bool]]:
+    def caused_since(self, n: int, cause: str) -> list[tuple[str, int, bool, bool]]:
         """The messages changed by versions after row `n` whose cause is message `cause` (a cell
         scripting its dialogue through dialogue.here, in whatever process): (message id, the
-        first such version, deleted now), oldest change first. A range of the row numbers, so
-        only the versions written since are read."""
-        rows = self._x("SELECT v.message_id, min(v.version), m.deleted IS NOT NULL, min(v.n) "
-                       "FROM versions v JOIN messages m ON m.id = v.message_id "
-                       "WHERE v.n > ? AND v.cause = ? AND v.message_id != '' "
-                       "GROUP BY v.message_id ORDER BY 4", (n, cause))
-        return [(mid, first, bool(gone)) for mid, first, gone, _ in rows]
+        first such version, deleted now, moved), oldest change first. A range of the row
+        numbers, so only the versions written since are read."""
+        rows = self._x("SELECT v.message_id, min(v.version), m.deleted IS NOT NULL, min(v.n), "
+                       "max(v.op LIKE 'move:%') FROM versions v JOIN messages m "
+                       "ON m.id = v.message_id WHERE v.n > ? AND v.cause = ? AND "
+                       "v.message_id != '' GROUP BY v.message_id ORDER BY 4", (n, cause))
+        return [(mid, first, bool(gone), bool(mv)) for mid, first, gone, _, mv in rows]
 
     def history(self, msg_id: str) -> list[Version]:
         """Every version of a message, oldest first (a dialogue id lists the dialogue's own

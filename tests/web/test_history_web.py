@@ -33,3 +33,19 @@ def test_history_panel_groups_steps_and_shows_diffs(client, db):
     got = db.message(d.id, m.id)
     assert got.source == "total = sum(range(10))\ntotal"
     assert got.outputs[0]["data"]["text/plain"] == "45"
+
+
+def test_history_panel_shows_a_move_and_says_restore_keeps_the_place(client, db):
+    d = db.create("Moves")
+    a = db.add(d.id, "note", "a")
+    db.add(d.id, "note", "b")
+    r = client.post(f"/d/{d.id}/m/{a.id}/move", data={"by": "1"}, headers=HX)
+    assert r.status_code == 200
+    h = client.get(f"/d/{d.id}/m/{a.id}/history", headers=HX)
+    assert "created · moved from 1 to 2" in h.text
+    assert "v2 move:1:2 · user" in h.text
+    assert Tags(h.text).find("p", **{"class": "hint move-note"})
+    assert "brings back its content, not its place" in h.text
+    # a message never moved gets no such note
+    b = db.messages(d.id)[0]
+    assert "move-note" not in client.get(f"/d/{d.id}/m/{b.id}/history", headers=HX).text

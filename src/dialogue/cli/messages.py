@@ -161,14 +161,16 @@ def cmd_history(svc: DialogueService, a: argparse.Namespace) -> None:
         return
     if not a.versions:
         _print_steps(svc.history_steps(a.name, a.msg), a.name, a.msg)
-        return
-    t = Table("version", "op", "by", "when", "kind", "flags", "source", box=None)
-    for v in vs:
-        s = v.state
-        first = (s["source"].strip().splitlines() or [""])[0]
-        t.add_row(str(v.version), plain(v.op), plain(svc.who(v)), when(v.at), plain(s["kind"]),
-                  " ".join(f for f in FLAGS if s.get(f)), plain(first[:60]))
-    out.print(t)
+    else:
+        t = Table("version", "op", "by", "when", "kind", "flags", "source", box=None)
+        for v in vs:
+            s = v.state
+            first = (s["source"].strip().splitlines() or [""])[0]
+            t.add_row(str(v.version), plain(v.op), plain(svc.who(v)), when(v.at),
+                      plain(s["kind"]), " ".join(f for f in FLAGS if s.get(f)), plain(first[:60]))
+        out.print(t)
+    if note := svc.history_note(vs):
+        out.print(plain(note, style="dim"))
 
 
 def _print_steps(steps: list[Any], name: str, msg: str) -> None:
