@@ -1354,6 +1354,11 @@ def _who(v: Any) -> str:
     return DialogueService.who(v)
 
 
+def _history_note(steps: list[Any]) -> str:
+    from ..service import DialogueService
+    return DialogueService.history_note([v for st in steps for v in st.versions])
+
+
 def history_modal(did: str, m: Message, steps: list[Any]) -> Any:
     """A message's history as steps (`history.Step`: an edit with its run and result), newest
     first: what happened, the diff of the source against the step before, what it produced, and
@@ -1401,6 +1406,7 @@ def history_modal(did: str, m: Message, steps: list[Any]) -> Any:
                         "an edit and its run are one step, shown as a diff from the step before. "
                         "Restoring brings a step's source back with its own outputs, as a new "
                         "version; nothing is erased.", cls="hint"),
+                      P(note, cls="hint move-note") if (note := _history_note(steps)) else "",
                       Ul(*rows, cls="history"), cls="modal-body"),
                   open=True, id="history", cls="modal")
 
