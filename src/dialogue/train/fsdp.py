@@ -160,7 +160,9 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     meta = torch.empty_like(t, device="meta")
     if type(t).__name__ == "Params4bit":  # keep bitsandbytes' class; its quant state is small and travels
         import bitsandbytes as bnb
-        return bnb.nn.Params4bit(meta, requires_grad=False, quant_state=t.quant_state, blocksize=t.blocksize,
+        qs = copy.deepcopy(t.quant_state)
+        qs.to("cpu")  # pickled to the other ranks: a CUDA tensor would land on rank 0's GPU (`materialize` moves it)
+        return bnb.nn.Params4bit(meta, requires_grad=False, quant_state=qs, blocksize=t.blocksize,
                                  compress_statistics=t.compress_statistics, quant_type=t.quant_type,
                                  quant_storage=t.quant_storage, module=None, bnb_quantized=True)
     return nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
@@ -222,6 +224,9 @@ def materialize(model: nn.Module, full: dict[str, torch.Tensor], device: torch.d
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     if is_meta(model):
         model.to_empty(device=device)
+        for m in model.modules():  # bitsandbytes' quant states came as CPU tensors (`skeleton`)
+            if getattr(m, "quant_state", None) is not None:
+                m.quant_state.to(device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                                strict=False))
     with torch.no_grad():

@@ -470,7 +470,7 @@ def train(model: nn.Module, sampler: MixSampler, config: TrainConfig | None = No
         # every rank reads the checkpoint rank 0 wrote: --out must be one folder all nodes see
         from .fsdp import same_everywhere
         same_everywhere(f"the checkpoint in {out} (is --out on a path all nodes share?)",
-                        f"{ckpt.stat().st_size}:{ckpt.stat().st_mtime_ns}" if ckpt.exists() else "none")
+                        f"{ckpt.stat().st_size}:{int(ckpt.stat().st_mtime)}" if ckpt.exists() else "none")
     if resume and ckpt is not None and ckpt.exists():
         start, losses = _load(ckpt, model, opt, sampler, meta)
     else:
