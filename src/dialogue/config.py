@@ -75,6 +75,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`dialogue serve`: one JSON line per request on stderr (`--access-log` wins)"),
     Setting("vision_models", "DIALOGUE_VISION_MODELS", str, "none",
             "openai-compatible models that can see images (full names; * matches any text)"),
+    Setting("context_window", "DIALOGUE_CONTEXT_WINDOW", str, "none",
+            "hosted models' context in tokens: PATTERN=TOKENS entries (the full model name, * "
+            "matches any text), or TOKENS for any model whose window is not known"),
     Setting("sse_ping", "DIALOGUE_SSE_PING", float, "15",
             "`dialogue serve`: seconds between keep-alive comments on a quiet event stream"),
     Setting("mcp_config", "DIALOGUE_MCP_CONFIG", str, "mcp.json beside config.toml",

@@ -9,10 +9,10 @@ import os
 import re
 from fnmatch import fnmatchcase
 
-from .base import ModelInfo, register_models
+from .base import ModelInfo, ProviderError, register_models
 
 __all__ = ["ANTHROPIC_MODELS", "OPENAI_MODELS", "COMPATIBLE", "anthropic_models", "openai_models",
-           "VISION_ENV", "sees_images"]
+           "VISION_ENV", "sees_images", "CONTEXT_ENV", "context_window"]
 
 ANTHROPIC_MODELS = ("claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5")
 OPENAI_MODELS = ("gpt-5", "gpt-5-mini", "gpt-4.1", "gpt-4.1-mini", "o4-mini")
@@ -37,6 +37,54 @@ def sees_images(model: str) -> bool:
         return model != "gpt-4" and not model.startswith(_OPENAI_TEXT_ONLY)
     pats = [p for p in re.split(r"[\s,]+", os.environ.get(VISION_ENV, "")) if p]
     return any(fnmatchcase(model, p) for p in pats)
+
+
+CONTEXT_ENV = "DIALOGUE_CONTEXT_WINDOW"
+# Hosted models' context windows in tokens (input and output together), as their makers document
+# them: the longest matching prefix wins. Claude: 200,000 for every model since Claude 2.1 (the
+# 1M-token beta needs a header we do not send). OpenAI per family; a name none matches is unknown.
+_WINDOWS: dict[str, int] = {
+    "claude-": 200_000, "claude-2.0": 100_000, "claude-instant": 100_000,
+    "gpt-5": 400_000, "gpt-4.1": 1_047_576, "gpt-4o": 128_000, "chatgpt-4o": 128_000,
+    "gpt-4-turbo": 128_000, "gpt-4-0125": 128_000, "gpt-4-1106": 128_000, "gpt-4-32k": 32_768,
+    "gpt-4": 8_192, "gpt-3.5-turbo": 16_385, "o1": 200_000, "o1-mini": 128_000,
+    "o1-preview": 128_000, "o3": 200_000, "o4-mini": 200_000,
+}
+
+
+def _window_setting(model: str) -> tuple[int | None, int | None]:
+    """`CONTEXT_ENV` read for `model`: (the first PATTERN=TOKENS entry whose fnmatch pattern
+    matches the full name, a bare TOKENS entry), either None. Entries are separated by commas or
+    white space; one that is not a positive whole number of tokens is an error naming it (a
+    setting the user wrote is never silently ignored)."""
+    match = bare = None
+    for entry in (e for e in re.split(r"[\s,]+", os.environ.get(CONTEXT_ENV, "")) if e):
+        pat, eq, n = entry.rpartition("=")
+        if not n.replace("_", "").isdigit() or int(n) <= 0 or (eq and not pat):
+            raise ProviderError(f"{CONTEXT_ENV}: cannot read {entry!r}: write TOKENS (for every "
+                             "model whose window is not known) or MODEL_PATTERN=TOKENS, e.g. "
+                             "'openai-compatible:http://gpu-box:8000/v1#*=32768'")
+        if not eq:
+            bare = bare or int(n)
+        elif match is None and fnmatchcase(model, pat):
+            match = int(n)
+    return match, bare
+
+
+def context_window(model: str) -> int | None:
+    """The context window of a hosted `model` in tokens, or None when it is not known (then no
+    budget applies: nothing is dropped or cut to fit). The user's `CONTEXT_ENV` wins (a
+    ``PATTERN=TOKENS`` entry: a compatible server's ``--max-model-len``, or a smaller budget for
+    a Claude model); then the table of Claude and OpenAI families; then a bare ``TOKENS`` entry
+    (any other model). A compatible server is not asked: what it reports differs by server (vLLM's
+    /v1/models has ``max_model_len``, others nothing), and a window read over the network on every
+    request is a slow, failing dependency of building one."""
+    match, bare = _window_setting(model)
+    if match is not None:
+        return match
+    name = "" if model.startswith(COMPATIBLE) else model
+    known = max((p for p in _WINDOWS if name.startswith(p)), key=len, default=None)
+    return _WINDOWS[known] if known else bare
 
 
 def _installed(sdk: str) -> bool:

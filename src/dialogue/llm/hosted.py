@@ -93,6 +93,13 @@ class HostedProvider:
 
     model: str
 
+    @property
+    def context_window(self) -> int | None:
+        """The model's context in tokens (`catalog.context_window`: the user's setting, else the
+        table of known models), None when unknown: the service budgets requests by it."""
+        from .catalog import context_window
+        return context_window(getattr(self, "full_name", self.model))
+
     def count_tokens(self, text: str) -> int | None:
         # Hosted tokenizers are not available offline (Claude's is not public; tiktoken downloads
         # its tables at run time; compatible servers serve arbitrary models): the context builder
