@@ -114,7 +114,7 @@ def test_kernel_lists_and_chooses(env, envs):
     r = cli(env, "kernel", "k", "nosuch")
     assert r.returncode == 1 and "no Jupyter kernel named 'nosuch'" in r.stderr
     r = cli(env, "kernel", "k", "otherpy", "--default")
-    assert r.returncode == 1 and "one of SPEC, --python PATH or --default" in r.stderr
+    assert r.returncode == 1 and "one of SPEC, --python PATH, --gateway SPEC or --default" in r.stderr
     r = cli(env, "kernel", "k", "--python", good)
     assert r.returncode == 0 and f"kernel Python: {good}" in r.stdout
     r = cli(env, "kernel", "k", "--default")

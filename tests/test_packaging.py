@@ -22,7 +22,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 
 # imported only inside a guard that says what to install, and declared in that extra
-GUARDED = {"huggingface_hub": "hub", "safetensors": "train"}
+GUARDED = {"huggingface_hub": "hub", "safetensors": "train", "websockets": "remote"}
 # imported inside a guard, from no extra of ours: Liger's CUDA kernel (train/loop.py uses it when
 # present), httpx2 (the SDKs' transport, which comes with them: llm/hosted.py)
 UNDECLARED_OK = {"liger_kernel", "httpx2"}

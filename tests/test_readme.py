@@ -29,10 +29,14 @@ SKIP = {
     "dialogue train": "needs the [train] extra and minutes of CPU (tests/train runs the trainer); "
                       "its adapter.gguf is put in place instead",
     "CMAKE_ARGS=": "rebuilds llama-cpp-python for a GPU",
+    "jupyter kernelgateway": "starts a server on another machine (tests/test_remote_kernel.py "
+                             "starts a real one on 127.0.0.1)",
     "llama-server ": "starts llama.cpp's server (tests/test_llama_server.py starts a real one)",
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING=": "starts vLLM, which needs a GPU (tests/test_engines.py "
                                          "checks the protocol against a local server)",
     "DIALOGUE_VLLM_MAX_LORA_RANK=": "names a vLLM server on another machine",
+    "DIALOGUE_GATEWAY_URL=": "needs that gateway; tests/test_remote_kernel.py runs these commands "
+                             "against a real one",
 }
 
 pytestmark = pytest.mark.slow

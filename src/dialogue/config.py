@@ -63,6 +63,11 @@ SETTINGS: tuple[Setting, ...] = (
             "track a kernel's processes with a subreaper even where a cgroup would work"),
     Setting("kernel_iopub_hwm", "DIALOGUE_KERNEL_IOPUB_HWM", int, "100000",
             "messages a kernel queues for a slow reader before ZeroMQ drops its output"),
+    Setting("gateway_url", "DIALOGUE_GATEWAY_URL", str, "none",
+            "a Jupyter Server or Kernel Gateway whose kernels dialogues may choose "
+            "(`dialogue kernel NAME --gateway SPEC`)"),
+    Setting("gateway_token", "DIALOGUE_GATEWAY_TOKEN", str, "none",
+            "the token that gateway asks for (sent as `Authorization: token ...`)"),
     Setting("dialogue", "DIALOGUE_DIALOGUE", str, "set in each dialogue's kernel to its id",
             "the dialogue `dialogue.here` reads and edits (with `DIALOGUE_DB`, its database)"),
     Setting("vllm_max_lora_rank", "DIALOGUE_VLLM_MAX_LORA_RANK", int, "16",

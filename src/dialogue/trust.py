@@ -195,8 +195,9 @@ def vet_import(doc: Dialogue, *, default_model: str, trust: bool = False) -> Vet
 
 
 def _vet_kernel(meta: dict[str, Any], record: dict[str, Any], warnings: list[str]) -> None:
-    """A file never picks what runs its code: our own kernel setting in it (an interpreter's path
-    or a kernelspec name) is set aside; its Jupyter `kernelspec` may name an installed kernel,
+    """A file never picks what runs its code: our own kernel setting in it (an interpreter's path,
+    a kernelspec name, or a gateway's kernel: the gateway's URL is only ever the config's) is set
+    aside; its Jupyter `kernelspec` may name an installed kernel,
     which the dialogue then uses (Jupyter's plain `python3` means the default kernel). The
     file's kernelspec and language_info stay in meta as they were, and export rewrites them."""
     from .kernel.specs import KEY, PYTHON_SPEC, installed

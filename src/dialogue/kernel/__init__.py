@@ -6,6 +6,7 @@
 - `process`: launching a kernel in a private IPC directory under `supervisor`, the process that
   ends everything the kernel starts; the exit hooks that end kernels with the app.
 - `pool`: KernelPool, kernels by dialogue id.
+- `remote`: RemoteKernel, a Kernel on a Jupyter Server or Kernel Gateway (REST + websocket).
 - `inside/`: code that runs inside the kernel, as real files read and sent as text.
 
 The names below load their module on first use: `outputs` needs only the standard library,
@@ -21,12 +22,14 @@ if TYPE_CHECKING:
                          KernelStartError, KernelTimeout, RunResult, Status)
     from .outputs import DEFAULT_OUTPUT_CAP, fold_output
     from .pool import KernelPool
+    from .remote import Gateway, GatewayError, RemoteKernel
 
 _HOME = {
     "Kernel": "kernel", "Execution": "kernel", "RunResult": "kernel", "Status": "kernel",
     "KernelError": "kernel", "KernelStartError": "kernel", "KernelDied": "kernel",
     "KernelTimeout": "kernel", "ExecutionError": "kernel",
     "KernelPool": "pool",
+    "RemoteKernel": "remote", "Gateway": "remote", "GatewayError": "remote",
     "DEFAULT_OUTPUT_CAP": "outputs", "fold_output": "outputs",
 }
 

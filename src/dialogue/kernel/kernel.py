@@ -253,6 +253,17 @@ class Kernel:
             return
         if self._km is not None:  # a dead kernel: clear it away first
             await self._stop_locked(now=True)
+        await self._launch()
+        self._stop_reason = None
+        self._modules = {}
+        self.generation += 1
+        self.last_used = time.monotonic()
+        if self.is_python:
+            await self._install_inside(_HELPERS, "helpers")
+
+    async def _launch(self) -> None:
+        """Start the kernel process and connect to it; ready when this returns, with its
+        `language_info` (`remote.RemoteKernel` starts one on a gateway instead)."""
         install_hooks()
         t0 = time.monotonic()
         d = private_dir()
@@ -308,15 +319,9 @@ class Kernel:
             await self._stop_locked(now=True)
             raise KernelStartError(f"could not start the kernel {self.label}: "
                                    f"{tree.info['error']}")
-        self._stop_reason = None
-        self._modules = {}
-        self.generation += 1
-        self.last_used = time.monotonic()
         log.info("kernel %s started (pid %s) in %.2f s", self.label, tree.proc.pid,
                  time.monotonic() - t0)
         await self._kernel_info()
-        if self.is_python:
-            await self._install_inside(_HELPERS, "helpers")
 
     async def _kernel_info(self) -> None:
         """Ask the new kernel what it runs (language_info: exported notebooks say it)."""
@@ -458,6 +463,22 @@ class Kernel:
             await ex.interrupt()
             raise
 
+    def _stdin_poller(self, kc: Any) -> Any:
+        """What `_iopub_loop` waits on while a cell may ask for input: `await poll(ms)` gives
+        the ready ones of ``kc.iopub_channel.socket`` and ``kc.stdin_channel.socket`` (a
+        ZeroMQ poller here; `remote.RemoteKernel` waits on its websocket's queues)."""
+        import zmq
+        import zmq.asyncio
+        poller = zmq.asyncio.Poller()
+        poller.register(kc.iopub_channel.socket, zmq.POLLIN)
+        poller.register(kc.stdin_channel.socket, zmq.POLLIN)
+        return poller
+
+    async def _kill(self, tree: Tree | None) -> None:
+        """End the kernel now, whatever it is doing (a cell that ignores the interrupt)."""
+        if tree is not None:
+            await end_tree(tree)
+
     async def _execute(self, code: str, timeout: float | None, ex: "Execution") -> RunResult:
         t0 = time.monotonic()
         try:
@@ -498,13 +519,8 @@ class Kernel:
             msg_id = kc.execute(code, store_history=True, allow_stdin=ex.allow_stdin,
                                 stop_on_error=False)
         self._current_msg = ex.msg_id = msg_id
-        poller = None
-        if ex.allow_stdin:  # wait on the outputs and on the kernel's questions at once
-            import zmq
-            import zmq.asyncio
-            poller = zmq.asyncio.Poller()
-            poller.register(kc.iopub_channel.socket, zmq.POLLIN)
-            poller.register(kc.stdin_channel.socket, zmq.POLLIN)
+        # wait on the outputs and on the kernel's questions at once
+        poller = self._stdin_poller(kc) if ex.allow_stdin else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
         # The run ends with its execute_reply (shell) and its `status: idle` (IOPub), in either
@@ -591,7 +607,7 @@ class Kernel:
             if (replied_at is None and st.timed_out_at is not None
                     and now >= st.timed_out_at + self.interrupt_grace):
                 # The cell ignores SIGINT (e.g. stuck in C code): stop the kernel.
-                await end_tree(tree)
+                await self._kill(tree)
                 st.killed = True
                 st.died = (f"The cell timed out after {timeout:g} s and did not stop when "
                            f"interrupted; the kernel was stopped, its variables are lost. "
@@ -708,7 +724,7 @@ class Kernel:
             try:
                 await self._reply(msg_id, loop.time() + self.interrupt_grace)
             except KernelTimeout:
-                await end_tree(tree)
+                await self._kill(tree)
                 raise KernelTimeout(f"no answer from the kernel within {timeout:g} s; it did not "
                                     "stop when interrupted and was stopped") from None
             raise KernelTimeout(f"no answer from the kernel within {timeout:g} s; interrupted") from None

@@ -52,7 +52,12 @@ class KernelPool:
                 await k.shutdown()
                 k = None
             if k is None:
-                k = Kernel(name=dialogue_id, **{**self.kernel_options, **options})
+                opts = {**self.kernel_options, **options}
+                cls = Kernel
+                if getattr(opts.get("choice"), "gateway", None):  # a kernel on the gateway
+                    from .remote import RemoteKernel
+                    cls = RemoteKernel
+                k = cls(name=dialogue_id, **opts)
                 self._kernels[dialogue_id] = k
             self._start_reaper()
         await k.start()

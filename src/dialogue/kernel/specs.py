@@ -1,8 +1,10 @@
 """Which kernel a dialogue runs in: the app's own interpreter (the default), an installed Jupyter
 kernelspec (`jupyter kernelspec list`), or a Python interpreter given by its path.
 
-A dialogue stores its choice in its meta under `KEY` as ``{"spec": NAME}`` or ``{"python":
-PATH}``; no key means the default. `Choice.from_meta` reads it, `check` refuses a choice that
+A dialogue stores its choice in its meta under `KEY` as ``{"spec": NAME}``, ``{"python":
+PATH}`` or ``{"gateway": NAME}`` (the kernelspec NAME of the gateway the config names: see
+`remote`; the gateway's URL and token come only from the config, never from a dialogue); no key
+means the default. `Choice.from_meta` reads it, `check` refuses a choice that
 cannot run here (no such kernelspec; an interpreter that is missing or lacks ipykernel, with how to
 install it). The kernelspecs listed are jupyter_client's own `KernelSpecManager` (the
 directories of `jupyter --paths`, JUPYTER_PATH and JUPYTER_DATA_DIR included).
@@ -37,31 +39,36 @@ class KernelChoiceError(ValueError):
 
 @dataclass(frozen=True)
 class Choice:
-    """A dialogue's kernel: `spec` (an installed kernelspec's name) or `python` (an
-    interpreter's path), or neither: the app's own interpreter."""
+    """A dialogue's kernel: `spec` (an installed kernelspec's name), `python` (an
+    interpreter's path) or `gateway` (a kernelspec of the configured gateway, run there), or
+    none: the app's own interpreter."""
 
     spec: str | None = None
     python: str | None = None
+    gateway: str | None = None
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any] | None) -> "Choice":
         k = (meta or {}).get(KEY)
         if not isinstance(k, dict):
             return cls()
-        spec, python = k.get("spec"), k.get("python")
+        spec, python, gateway = k.get("spec"), k.get("python"), k.get("gateway")
         return cls(spec if isinstance(spec, str) and spec else None,
-                   python if isinstance(python, str) and python else None)
+                   python if isinstance(python, str) and python else None,
+                   gateway if isinstance(gateway, str) and gateway else None)
 
     def to_meta(self) -> dict[str, str] | None:
         if self.spec:
             return {"spec": self.spec}
         if self.python:
             return {"python": self.python}
+        if self.gateway:
+            return {"gateway": self.gateway}
         return None
 
     @property
     def is_default(self) -> bool:
-        return not (self.spec or self.python)
+        return not (self.spec or self.python or self.gateway)
 
     def label(self) -> str:
         """How a page or the CLI names it."""
@@ -72,6 +79,8 @@ class Choice:
                 return f"{self.spec} (not installed)"
         if self.python:
             return f"Python: {self.python}"
+        if self.gateway:
+            return f"{self.gateway} (gateway)"
         return DEFAULT_LABEL
 
     def kernelspec(self) -> dict[str, str]:
@@ -83,6 +92,8 @@ class Choice:
                         "language": ks.language or ""}
             except KernelChoiceError:
                 return {"name": self.spec, "display_name": self.spec, "language": ""}
+        if self.gateway:  # the same kernelspec name opens it in the gateway's Jupyter
+            return {"name": self.gateway, "display_name": self.gateway, "language": ""}
         return dict(PYTHON_SPEC)
 
     def language(self) -> str:
@@ -91,6 +102,8 @@ class Choice:
                 return kernelspec_of(self.spec).language or ""
             except KernelChoiceError:
                 return ""
+        if self.gateway:  # not known here before the remote kernel says (kernel_info)
+            return ""
         return "python"
 
 

@@ -443,15 +443,20 @@ def restart_confirm(did: str, status: str) -> Any:
 PYTHON_CHOICE = "python:"  # the picker's "Python interpreter…" entry
 
 
-def kernel_picker(d: Dialogue, specs: dict[str, str], label: str, oob: bool = False) -> Any:
+def kernel_picker(d: Dialogue, specs: dict[str, str], label: str, oob: bool = False, *,
+                  gateway: dict[str, str] | None = None) -> Any:
     """Which kernel runs the dialogue's code: the app's own Python, an installed Jupyter
-    kernelspec, or a Python interpreter by path (asked for in `python_dialog`)."""
+    kernelspec, a kernel of the configured gateway ({name: display name}: `gateway`), or a
+    Python interpreter by path (asked for in `python_dialog`)."""
     current = d.meta.get("kernel") if isinstance(d.meta.get("kernel"), dict) else {}
     value = (f"spec:{current['spec']}" if current.get("spec") else
-             f"python:{current['python']}" if current.get("python") else "")
+             f"python:{current['python']}" if current.get("python") else
+             f"gateway:{current['gateway']}" if current.get("gateway") else "")
     opts = [Option("Python 3 (dialogue)", value="", selected=value == "")]
     opts += [Option(name_, value=f"spec:{n}", selected=value == f"spec:{n}")
              for n, name_ in specs.items()]
+    opts += [Option(f"{name_} (gateway)", value=f"gateway:{n}", selected=value == f"gateway:{n}")
+             for n, name_ in (gateway or {}).items()]
     if value and not any(o.value == value for o in opts):  # a path, or a spec since removed
         opts.append(Option(label, value=value, selected=True))
     opts.append(Option("Python interpreter…", value=PYTHON_CHOICE))
@@ -789,10 +794,11 @@ def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str
                   running: set[str], live: dict[str, LiveState] | None = None, *,
                   adapters: "AdapterView | None" = None, run_all: Any = None,
                   kernels: tuple[dict[str, str], str] = ({}, "Python 3 (dialogue)"),
-                  folder: str = "", folder_notes: Iterable[Any] = ()) -> tuple:
+                  gateway_kernels: dict[str, str] | None = None, folder: str = "", folder_notes: Iterable[Any] = ()) -> tuple:
     """`adapters`: the dialogue's adapter set as the picker shows it; `run_all`: the progress of a
     Run all in flight (see `run_all_control`); `kernels`: the installed kernelspecs {name:
-    display name} and the label of the dialogue's kernel (see `kernel_picker`); `folder`: the
+    display name} and the label of the dialogue's kernel (see `kernel_picker`), and
+    `gateway_kernels` the configured gateway's; `folder`: the
     path of its folder, `folder_notes` the notes sent first (`service.folder_context`)."""
     live = live or {}
     cells = [cell(d.id, m, running=m.id in running, live=live.get(m.id)) for m in d.messages]
@@ -801,7 +807,7 @@ def dialogue_page(d: Dialogue, models: list[tuple[str, str]], kernel_status: str
                    right=[model_picker(d, models),
                           adapters_control(d, adapters or AdapterView()),
                           run_all_control(d.id, run_all),
-                          kernel_picker(d, *kernels),
+                          kernel_picker(d, *kernels, gateway=gateway_kernels),
                           kernel_badge(d.id, kernel_status), totals(d),
                           export_menu(d.id),
                           Button("?", title="Keyboard shortcuts (?)", data_act="help",

@@ -210,6 +210,7 @@ async def dialogue(did: str, req: Request) -> Any:
                            adapters=svc.adapter_view(d),
                            run_all=job.progress() if job is not None else None,
                            kernels=(svc.kernel_specs(), svc.kernel_choice(d).label()),
+                           gateway_kernels=await asyncio.to_thread(svc.gateway_specs, True),
                            folder=svc.folder(d.folder).path if d.folder else "",
                            folder_notes=svc.folder_context(d))
     notice = import_notice(d) if req.query_params.get("imported") else None

@@ -221,7 +221,8 @@ async def kernel_restart(did: str, req: Request) -> Any:
 
 def kernel_controls(svc: Any, d: Dialogue) -> tuple:
     """The kernel picker and badge, swapped out of band, and the modal closed."""
-    return (V.kernel_picker(d, svc.kernel_specs(), svc.kernel_choice(d).label(), oob=True),
+    return (V.kernel_picker(d, svc.kernel_specs(), svc.kernel_choice(d).label(), oob=True,
+                            gateway=svc.gateway_specs(quiet=True)),
             oob(V.kernel_badge(d.id, svc.kernel_status(d.id))), Div(id="modal", hx_swap_oob="true"))
 
 
@@ -234,7 +235,8 @@ async def kernel_choice_view(did: str, req: Request) -> Any:
 
 @rt(paths.kernel_choice, methods=["post"])
 async def kernel_choice(did: str, req: Request) -> Any:
-    """Choose the dialogue's kernel: "" (the app's own Python), "spec:NAME", or "python:" with
+    """Choose the dialogue's kernel: "" (the app's own Python), "spec:NAME", "gateway:NAME"
+    (a kernel of the configured gateway), or "python:" with
     a `python` path (without one: ask for it). The running kernel is shut down; the next run
     starts the chosen one. A bad choice is refused in one line and nothing changes."""
     svc = site(req).service
@@ -247,6 +249,8 @@ async def kernel_choice(did: str, req: Request) -> Any:
         return (HtmxResponseHeaders(retarget="#modal", reswap="innerHTML"), V.python_dialog(d.id))
     if value.startswith("spec:"):
         d = await svc.use_kernel(d.id, value.removeprefix("spec:"), base_version=base)
+    elif value.startswith("gateway:"):
+        d = await svc.use_kernel(d.id, gateway=value.removeprefix("gateway:"), base_version=base)
     elif value.startswith("python:"):
         d = await svc.use_kernel(d.id, python=python or value.removeprefix("python:"),
                                  base_version=base)
