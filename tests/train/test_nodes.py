@@ -123,3 +123,29 @@ def test_nodes_with_different_data_or_separate_out_folders_stop_with_a_clear_err
                              "--rdzv-endpoint", f"127.0.0.1:{port}", "--out", str(tmp_path / "ab"[i])])
     assert all(r.returncode != 0 for r in runs)
     assert all("is --out on a path all nodes share?" in r.stderr for r in runs), [r.stderr[-2000:] for r in runs]
+
+
+def test_the_skeleton_other_ranks_receive_holds_no_weights(tiny_chat):
+    """What rank 0 broadcasts to the others under --load-on-rank0: the module tree on the meta
+    device with bitsandbytes' quant states (small, on the CPU), not the packed weights."""
+    import pickle
+
+    from dialogue.train.fsdp import is_meta, skeleton
+    from dialogue.train.quant import load_base
+    b = load_base(tiny_chat / "model", quant="nf4", quant_storage=torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in b.model.parameters())
+    blob = pickle.dumps(skeleton(b.model))
+    assert len(blob) < weights / 20
+    s = pickle.loads(blob)
+    assert is_meta(s) and all(t.is_meta for t in [*s.parameters(), *s.buffers()])
+    assert [n for n, _ in s.named_parameters()] == [n for n, _ in b.model.named_parameters()]
+    four = [m for m in s.modules() if type(m).__name__ == "Linear4bit"]
+    assert four and all(m.quant_state is m.weight.quant_state and m.quant_state.absmax.device.type == "cpu"
+                        for m in four)
+    assert not is_meta(b.model)  # rank 0's own model is untouched
+
+
+def test_served_gguf_weights_are_not_broadcast_in_shards(smol):
+    from dialogue.train.fsdp import skeleton
+    with pytest.raises(ValueError, match="served GGUF weights are buffers"):
+        skeleton(smol.model)

@@ -172,15 +172,13 @@ def skeleton(model: nn.Module) -> nn.Module:
     """A copy of `model` whose parameters and buffers are on the meta device (no memory): the
     module tree, shapes, dtypes, ties and bitsandbytes' quant states, without the weights."""
     from .quant import GGUFLinear
-    memo: dict[int, Any] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        memo[id(t)] = _meta_like(t)
     for m in model.modules():
         if isinstance(m, GGUFLinear):
             raise ValueError("the served GGUF weights are buffers FSDP does not shard, so every process would "
                              "hold them whole anyway: use --quant nf4 (or none) with --load-on-rank0")
         if type(m).__name__ == "HQQLinear":
             raise ValueError("HQQ layers cannot be sharded by FSDP; use --quant nf4")
+    memo: dict[int, Any] = {id(t): _meta_like(t) for t in [*model.parameters(), *model.buffers()]}
     out = copy.deepcopy(model, memo)
     for m in out.modules():
         w = getattr(m, "weight", None)
