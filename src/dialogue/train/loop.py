@@ -812,7 +812,7 @@ def finetune(model: str | Path = "local:default", *, dialogues: Iterable[Any] = 
         full = full_state(m) if on_rank0 else None  # rank 0's weights and initial adapters
         shard(m, offload=offload)
         if full is not None:
-            materialize(m, full, dev)
+            materialize(m, full, torch.device("cpu") if offload else dev)  # offloaded shards live on the CPU
             del full
         params = list(m.parameters())
         fsdp_info = {"params": len(params), "sharded": sum(1 for p in params if hasattr(p, "full_tensor")),
