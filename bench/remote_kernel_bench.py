@@ -25,16 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 import gateways  # noqa: E402
+from kernel_bench import pct, time_it as timed  # noqa: E402  (bench/ is the script's dir)
 from dialogue.kernel import Kernel  # noqa: E402
 from dialogue.kernel.remote import Gateway, RemoteKernel  # noqa: E402
 from dialogue.kernel.specs import Choice  # noqa: E402
 
 STREAM = "for i in range(20_000): print(i)"
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 async def bare_round_trip(ws, session: str, code: str) -> None:
@@ -54,17 +50,6 @@ async def bare_round_trip(ws, session: str, code: str) -> None:
             replied = True
         elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
             idle = True
-
-
-async def timed(fn, runs: int, warm: int = 20) -> list[float]:
-    for _ in range(warm):
-        await fn()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        await fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def line(name: str, xs: list[float]) -> str:
@@ -104,9 +89,9 @@ async def main(runs: int) -> None:
             print(f"RemoteKernel / bare websocket: {statistics.median(remote) / statistics.median(bare):.2f}x; "
                   f"RemoteKernel / local: {statistics.median(remote) / statistics.median(local):.2f}x")
             n = max(3, runs // 40)
-            sb = await timed(lambda: bare_round_trip(ws, session, STREAM), n, warm=1)
-            sr = await timed(lambda: rk.run(STREAM), n, warm=1)
-            sl = await timed(lambda: lk.run(STREAM), n, warm=1)
+            sb = await timed(lambda: bare_round_trip(ws, session, STREAM), n, warmup=1)
+            sr = await timed(lambda: rk.run(STREAM), n, warmup=1)
+            sl = await timed(lambda: lk.run(STREAM), n, warmup=1)
             print(f"\nstreaming 20,000 printed lines, {n} runs")
             print(line("bare websocket", sb))
             print(line("RemoteKernel", sr))
