@@ -5,7 +5,8 @@
 
 Tools: `add` (read-only), `echo`, `big` (n characters), `picture`, `doc` (resources) (text and an image), `env` (a variable of its
 environment), `header` (a header of the HTTP request that called it), `crash` (the process
-exits), `hang` (never answers), `fail` (the tool raises). `--name NAME` renames the server.
+exits), `hang` (never answers), `fail` (the tool raises). `--name NAME` renames the server;
+`--instructions TEXT` gives it instructions (its initialize result's, for the model).
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from mcp.types import EmbeddedResource, ResourceLink, TextResourceContents, Tool
 ap = argparse.ArgumentParser()
 ap.add_argument("--http", type=int, default=0)
 ap.add_argument("--name", default="testserver")
+ap.add_argument("--instructions", default=None, help="what its initialize result tells clients")
 opts = ap.parse_args()
 
-app = MCPServer(opts.name)
+app = MCPServer(opts.name, instructions=opts.instructions)
 
 # a 1x1 transparent PNG
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA"

@@ -445,3 +445,47 @@ async def test_a_server_that_died_while_idle_is_started_again_by_the_next_answer
     box = await toolbox(svc, "idle")  # the next answer's start pings it, and starts it again
     assert await box.call("calc__add", {"a": 1, "b": 1}) == ("2", False)
     assert conn.starts == 2
+
+
+async def test_a_servers_instructions_reach_the_model_and_the_request_view(svc, mcp_file,
+                                                                           monkeypatch):
+    """What an enabled server's initialize result says to clients (`instructions`) is sent in
+    the context after the attached items, and listed as an "mcp" part of the recorded request
+    (the web's Request panel too); a dialogue that does not enable the server gets none of it."""
+    from fasthtml.common import to_xml
+
+    from dialogue.web.routes.requests import panel
+    said = "Use calc__add for every sum; never add numbers in your head."
+    mcp_file({"calc": stdio("--instructions", said), "plain": stdio("--name", "plain")})
+    with ReplayServer() as srv:
+        m = claude_prompt(svc, "ins", ["calc", "plain"], "What is 2 + 40?", monkeypatch, srv)
+        svc.attach("ins", "glossary", "sum: the result of adding")
+        srv.push(sse(anthropic_events(["42."])))
+        final = await svc.run("ins", m.id)
+        body = srv.last.json
+        other = claude_prompt(svc, "without", ["plain"], "What is 2 + 40?", monkeypatch, srv)
+        srv.push(sse(anthropic_events(["42."])))
+        await svc.run("without", other.id)
+        body_without = srv.last.json
+    assert final.response == "42." and not final.meta.get("error")
+    ctx = body["system"][-1]["text"]
+    assert f'<context mcp_server="calc">\n{said}\n</context>' in ctx
+    assert ctx.index("sum: the result of adding") < ctx.index(said)  # after the attachments
+    assert "mcp_server" not in json.dumps(body_without["system"])  # plain has none; calc is off
+    rec = svc.sent_request("ins", m.id)
+    entries = rec["context"]["entries"]
+    assert [(e["kind"], e["name"]) for e in entries] == [("text", "glossary"), ("mcp", "calc")]
+    mcp = entries[1]
+    assert mcp["source"] == " ".join([sys.executable, SERVER, "--instructions", said])
+    assert mcp["tokens"] > 10 and rec["context"]["tokens"] >= mcp["tokens"] + entries[0]["tokens"]
+    html = to_xml(panel(rec))
+    assert "context: mcp calc" in html and said in html
+    # a server's instructions are capped: the rest is said to be cut
+    from dialogue.llm.base import Request
+    conn = svc.mcp.connection(mcptools.servers_for(svc.open("ins"))[0])
+    conn.instructions = "y" * (mcptools.MAX_INSTRUCTIONS + 50)
+    req = Request(model="claude-sonnet-4-5", messages=[], meta={"tokens": 5})
+    mcptools.add_instructions(req, [conn])
+    assert req.context.count("y") == mcptools.MAX_INSTRUCTIONS
+    assert f"{mcptools.MAX_INSTRUCTIONS + 50:,} characters" in req.context
+    assert req.meta["tokens"] == 5 + req.meta["context"][0]["tokens"]

@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)  # dialogue.mcptools
 
 __all__ = ["MCPConfigError", "MCPServerError", "ServerConfig", "parse_servers", "global_path",
            "global_servers", "dialogue_servers", "enabled_names", "servers_for", "with_mcp",
-           "MCPPool", "MCPTools", "offer", "META_KEY", "DEFAULT_START_TIMEOUT",
-           "DEFAULT_CALL_TIMEOUT"]
+           "MCPPool", "MCPTools", "offer", "add_instructions", "MAX_INSTRUCTIONS", "META_KEY",
+           "DEFAULT_START_TIMEOUT", "DEFAULT_CALL_TIMEOUT"]
 
 META_KEY = "mcp"  # dialogue meta: {"servers": {name: entry}, "enabled": [name, ...]}
 DEFAULT_START_TIMEOUT = 30.0
@@ -326,6 +326,7 @@ class Connection:
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._tools: list[ToolInfo] | None = None
+        self.instructions = ""  # what its initialize result told clients, "" for nothing
         self._errlog: Any = None
         self.starts = 0  # how many times it was started (tests, the settings page)
 
@@ -423,6 +424,7 @@ class Connection:
             async with asyncio.timeout(self.start_timeout):
                 client = await asyncio.shield(ready)
                 self._client = client
+                self.instructions = (getattr(client, "instructions", None) or "").strip()
                 self._tools = await self._list(client)
         except TimeoutError:
             await self._shutdown()
@@ -672,10 +674,54 @@ async def specs_of(pool: MCPPool, servers: list[ServerConfig]) -> tuple[MCPTools
     return source, specs
 
 
-async def offer(pool: MCPPool, d: "Dialogue", box: Any) -> None:
-    """Add the tools of the MCP servers `d` enables to the answer's Toolbox `box`."""
+# A server's instructions past this many characters are cut (and say so): they are the server's
+# text, sent with every prompt of the dialogues that enable it
+MAX_INSTRUCTIONS = 8_000
+
+
+async def offer(pool: MCPPool, d: "Dialogue", box: Any, req: Any = None,
+                count: Any = None) -> None:
+    """Add the tools of the MCP servers `d` enables to the answer's Toolbox `box`, and with
+    `req` (the answer's Request) what those servers' initialize results say to clients
+    (`instructions`) to its context (`add_instructions`; `count` counts tokens)."""
     servers = servers_for(d)
     if not servers:
         return
     source, specs = await specs_of(pool, servers)
     box.add(source, specs)
+    if req is not None:
+        add_instructions(req, [pool.connection(s) for s in servers], count)
+
+
+def add_instructions(req: Any, conns: list[Connection], count: Any = None) -> None:
+    """Append each server's instructions to `req.context` after the attached context, as a
+    ``<context mcp_server="NAME">`` block (so they sit in the cached prefix, and the model can
+    tell whose they are), and list each in `req.meta["context"]` (kind "mcp", the server's name
+    and how it runs, its tokens) for the request view; the request's token figures grow by
+    them. `count`: a token counter (None or a None result: the builder's estimate)."""
+    import html
+    from .context import estimate_tokens
+    blocks, entries = [], []
+    for c in conns:
+        text = c.instructions
+        if not text:
+            continue
+        if len(text) > MAX_INSTRUCTIONS:
+            text = (text[:MAX_INSTRUCTIONS] + f"\n[cut: the server's instructions are "
+                    f"{len(c.instructions):,} characters; the first {MAX_INSTRUCTIONS:,} are sent]")
+        block = f'<context mcp_server="{html.escape(c.cfg.name)}">\n{text}\n</context>'
+        n = count(block) if count is not None else None
+        n = estimate_tokens(block) if n is None else int(n)
+        blocks.append(block)
+        entries.append({"kind": "mcp", "name": c.cfg.name, "source": c.cfg.describe(),
+                        "tokens": n})
+    if not blocks:
+        return
+    req.context = "\n\n".join(x for x in (req.context, *blocks) if x)
+    req.meta["context"] = [*(req.meta.get("context") or []), *entries]
+    added = sum(e["tokens"] for e in entries)
+    by_part = req.meta.get("tokens_by_part")
+    if isinstance(by_part, dict) and by_part.get("context") is not None:
+        by_part["context"] += added
+    if req.meta.get("tokens") is not None:
+        req.meta["tokens"] += added

@@ -564,7 +564,7 @@ class Runs:
             tools = self.toolbox(d, m, kernel, req) if offer_tools else None
             if tools is not None and getattr(self.host, "mcp", None) is not None:
                 from .mcptools import offer  # the MCP servers it enables (started on first use)
-                await offer(self.host.mcp, d, tools)
+                await offer(self.host.mcp, d, tools, req, getattr(provider, "count_tokens", None))
             if not offer_tools:
                 req.tools = []  # --no-tools: none offered, so none called
             if tools:
