@@ -11,7 +11,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 5001
 
-.PHONY: serve test bench clean system-deps
+.PHONY: serve test bench clean system-deps llama-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,13 @@ system-deps:
 	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 
-test: $(VENV)/.installed-test system-deps
+# llama.cpp's server, for the tests against a real one: built once from the sources the installed
+# llama-cpp-python vendors, kept in ~/.cache/dialogue/llama-server/ (outside the clone). Without a
+# compiler those tests skip and say why.
+llama-server: $(VENV)/.installed
+	@scripts/build-llama-server $(BIN)/python >/dev/null || [ $$? = 3 ]
+
+test: $(VENV)/.installed-test system-deps llama-server
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-test

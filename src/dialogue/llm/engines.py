@@ -11,7 +11,8 @@ server holds (the ones not in the set at scale 0: the server keeps the previous 
 for a request that lists none), matched to the server's list (`GET /lora-adapters`) by file
 content hash (`gguf.models.model_hash`) where the server's file can be read from here, else by
 file name, said in the error when an adapter is missing. ``cache_prompt`` keeps llama.cpp's
-prompt cache (a change of adapter set clears the slot's cache: the server's rule).
+prompt cache (a change of adapter set clears the slot's cache: the server's rule). Without a
+temperature the answer is greedy, as a local model's is (the server's own default samples).
 
 ``vllm:<url>#<base model id>`` — vLLM (SGLang has the same endpoints): one adapter per request, by
 name. A set becomes one adapter: the exact linear merge of its files with their scales
@@ -160,6 +161,13 @@ class LlamaServerProvider(_Engine):
                 f"{', '.join(missing)} (it was started with: {has}); start it with "
                 f"--lora <file> for each adapter of the set")
         return [{"id": i, "scale": s} for i, s in sorted(scales.items())]
+
+    def build_body(self, request: Request) -> dict[str, Any]:
+        body = super().build_body(request)
+        if request.temperature is None:
+            # greedy, as the local provider answers by default (llama-server samples at 0.8)
+            body["temperature"] = 0.0
+        return body
 
     async def stream(self, request: Request) -> AsyncIterator[Event]:
         if self._model_id is None:
