@@ -337,6 +337,7 @@ BUILTIN_PREFIXES: dict[str, str] = {
     "claude-": "anthropic",
     "gpt-": "openai", "o1": "openai", "o3": "openai", "o4": "openai", "chatgpt-": "openai",
     "openai-compatible:": "openai",
+    "llama-server:": "engines", "vllm:": "engines",
     "local:": "local",
 }
 _tried: set[str] = set()
