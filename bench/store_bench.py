@@ -148,6 +148,21 @@ class Plain:
         self.con.execute("UPDATE dialogues SET updated = ? WHERE id = ?", (now, did))
         self.con.execute("COMMIT")
 
+    def move(self, did: str, mid: str, index: int) -> None:
+        """Move a message to list index `index`: the midpoint of its new neighbours' positions
+        (read through the (dialogue, position) index), the row, the dialogue's time."""
+        now = time.time()
+        self.con.execute("BEGIN IMMEDIATE")
+        near = [p for (p,) in self.con.execute(
+            "SELECT pos FROM messages WHERE dialogue_id = ? AND deleted IS NULL AND id != ? "
+            "ORDER BY pos LIMIT 2 OFFSET ?", (did, mid, max(0, index - 1)))]
+        pos = (near[0] - 1 if index == 0 else (near[0] + near[1]) / 2 if len(near) == 2
+               else near[0] + 1)
+        self.con.execute("UPDATE messages SET pos = ?, version = version + 1, updated = ? "
+                         "WHERE id = ?", (pos, now, mid))
+        self.con.execute("UPDATE dialogues SET updated = ? WHERE id = ?", (now, did))
+        self.con.execute("COMMIT")
+
     def open(self, did: str) -> list[tuple]:
         return self.con.execute(f"SELECT {FIELDS} FROM messages WHERE dialogue_id = ? AND "
                                 "deleted IS NULL ORDER BY pos", (did,)).fetchall()
@@ -226,6 +241,22 @@ def main() -> None:
                 plain.edit(i, "edited")
         rows.append((f"app: edit {len(ids):,} messages, one transaction each",
                      *side_by_side(edit_ours, edit_plain, rounds, total=True)))
+
+        # a move is a version of the message in ours (who moved it, from where to where); the
+        # same moves on both sides: message k of each round to place 10 * k + r
+        moves = max(rounds, a.n // 100)
+        move_ids = [m.id for m in ours.messages(d.id)][-moves:]
+        plain_move_ids = plain.ids("bench")[-moves:]
+
+        def move_ours(r):
+            for k, i in enumerate(move_ids[r::rounds]):
+                ours.move_message(i, 10 * k + r)
+
+        def move_plain(r):
+            for k, i in enumerate(plain_move_ids[r::rounds]):
+                plain.move("bench", i, 10 * k + r)
+        rows.append((f"app: move {moves:,} messages of {a.n:,}, one transaction each",
+                     *side_by_side(move_ours, move_plain, rounds, total=True)))
 
         # An import as `dialogue import` does it: a new connection, then one transaction; then
         # the same through the open connections (the store's quick_check already done). The

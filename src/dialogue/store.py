@@ -1449,16 +1449,20 @@ class Store:
                        "ORDER BY pos", (dialogue_id,))
 
     def _pos_at(self, dialogue_id: str, index: int, exclude: str | None = None) -> float:
-        """A position that puts a message at list index `index` (0 = first, len = last)."""
-        ps = [p for i, p in self._positions(dialogue_id) if i != exclude]
-        index = max(0, min(index, len(ps)))
-        if not ps:
-            return 1.0
-        if index == len(ps):
-            return ps[-1] + 1.0
+        """A position that puts a message at list index `index` (0 = first, len = last; more is
+        last). Only the two neighbours are read (through the (dialogue, position) index), not
+        the whole dialogue."""
+        index = max(0, index)
+        live = "FROM messages WHERE dialogue_id = ? AND deleted IS NULL AND id != ?"
+        near = [p for (p,) in self._x(f"SELECT pos {live} ORDER BY pos LIMIT 2 OFFSET ?",
+                                      (dialogue_id, exclude or "", max(0, index - 1)))]
         if index == 0:
-            return ps[0] - 1.0
-        lo, hi = ps[index - 1], ps[index]
+            return near[0] - 1.0 if near else 1.0
+        if len(near) < 2:  # at or past the end
+            last = near[-1] if near else self._one(f"SELECT max(pos) {live}",
+                                                   (dialogue_id, exclude or ""))[0]
+            return 1.0 if last is None else last + 1.0
+        lo, hi = near
         mid = (lo + hi) / 2
         if not lo < mid < hi or hi - lo < 1e-9:
             self._renumber(dialogue_id)
@@ -1806,11 +1810,12 @@ class Store:
         with self.tx():
             row = self._msg_row(msg_id)
             dialogue_id = row[_MSG_COLS.index("dialogue_id")]
-            ids = [i for i, _ in self._positions(dialogue_id)]
+            count, old = self._one("SELECT count(*), sum(pos < ?) FROM messages WHERE "
+                                   "dialogue_id = ? AND deleted IS NULL",
+                                   (row[_MSG_COLS.index("pos")], dialogue_id))
             if index < 0:
-                index += len(ids)
-            index = max(0, min(index, len(ids) - 1))
-            old = ids.index(msg_id)
+                index += count
+            index = max(0, min(index, count - 1))
             if index == old:
                 return self.get_message(msg_id)
             pos = self._pos_at(dialogue_id, index, exclude=msg_id)
@@ -1840,8 +1845,11 @@ class Store:
 
     def move_by(self, msg_id: str, delta: int) -> Message:
         """Move up (negative) or down (positive) by `delta` places."""
-        dialogue_id = self.message_dialogue(msg_id)
-        return self.move_message(msg_id, max(0, self._index_of(dialogue_id, msg_id) + delta))
+        row = self._msg_row(msg_id)
+        old = self._one("SELECT count(*) FROM messages WHERE dialogue_id = ? AND deleted IS NULL "
+                        "AND pos < ?", (row[_MSG_COLS.index("dialogue_id")],
+                                        row[_MSG_COLS.index("pos")]))[0]
+        return self.move_message(msg_id, max(0, old + delta))
 
     def delete_message(self, msg_id: str, *, base_version: int | None = None) -> None:
         """Move a message to the trash (it keeps its place for a restore)."""
