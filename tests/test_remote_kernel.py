@@ -4,6 +4,7 @@ driving its kernels as a dialogue's."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -225,6 +226,16 @@ async def test_no_gateway_configured(tmp_path, monkeypatch):
         assert svc.gateway_specs() == {}
         with pytest.raises(GatewayError, match="no kernel gateway is configured.*gateway_url"):
             svc.set_kernel(d.id, gateway="python3")
+        # chosen while one was configured, run after it was taken out of the config: the run
+        # says so (as a kernel that cannot start does), nothing raises
+        from dialogue.document import Kind
+        from dialogue.kernel.specs import KEY
+        svc.store.update_dialogue(d.id, base_version=d.version, op="kernel",
+                                  meta={**d.meta, KEY: {"gateway": "python3"}})
+        m = svc.add(d.id, Kind.code, "1 + 1")
+        done = await svc.run(d.id, m.id)
+        assert svc.run_status(done) != "ok"
+        assert "no kernel gateway is configured" in json.dumps(done.outputs) + json.dumps(done.meta)
     finally:
         await svc.aclose()
 

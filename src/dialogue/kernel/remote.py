@@ -397,9 +397,17 @@ class RemoteKernel(Kernel):
         super().__init__(**options)
         if self.choice is None or not getattr(self.choice, "gateway", None):
             raise ValueError("a RemoteKernel needs a choice with a gateway kernelspec")
-        self.gateway = gateway or Gateway.configured()
+        # None: the config's, read at each start (a run then says when none is configured)
+        self._gateway = gateway
+        self._started_on: Gateway | None = None
         self.spec_name: str = self.choice.gateway
         self.kernel_id: str | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        """The gateway the kernel runs (or will next start) on; GatewayError when none is
+        configured."""
+        return self._started_on or self._gateway or Gateway.configured()
 
     @property
     def _proc(self) -> Any:
@@ -415,7 +423,10 @@ class RemoteKernel(Kernel):
 
     @property
     def label(self) -> str:
-        return f"{self.spec_name} on {self.gateway.url}"
+        try:
+            return f"{self.spec_name} on {self.gateway.url}"
+        except GatewayError:
+            return f"{self.spec_name} (gateway)"
 
     def _stdin_poller(self, kc: Any) -> Any:
         return _QueuePoller(kc)
@@ -439,8 +450,8 @@ class RemoteKernel(Kernel):
             raise KernelStartError("a kernel on a gateway needs the websockets package: "
                                    "pip install 'dialogue[remote]'") from None
         t0 = time.monotonic()
-        gw = self.gateway
         try:
+            gw = self._gateway or Gateway.configured()
             kid = await gw.start_kernel(self.spec_name)
         except GatewayError as e:
             raise KernelStartError(f"could not start the kernel {self.label}: {e}") from None
@@ -455,6 +466,7 @@ class RemoteKernel(Kernel):
         self._stop_reason = None
         kc = _Client(ws, self._gone)
         self._km, self._kc, self.kernel_id = _Manager(gw, kid), kc, kid
+        self._started_on = gw
         reply = await self._wait_ready(kc)
         if reply is None:
             why = kc.gone or f"no answer within {self.startup_timeout:g} s"
@@ -504,5 +516,5 @@ class RemoteKernel(Kernel):
         if kc is not None:
             await kc.close()
         self._km = self._kc = None
-        self.kernel_id = None
+        self.kernel_id = self._started_on = None
         self._modules = {}
