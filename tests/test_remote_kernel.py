@@ -300,3 +300,26 @@ async def test_a_jupyter_server_works_as_the_gateway(jupyter_server, tmp_path):
     finally:
         await k.shutdown()
     assert kid not in [x["id"] for x in _remote_kernels(gw)]
+
+
+async def test_the_python_api_chooses_a_gateway_kernel(gateway, tmp_path, monkeypatch):
+    """`Dialogue.set_kernel(gateway=...)` in a plain script (its own thread here, as a script
+    has no event loop): the code runs on the gateway."""
+    gw, _ = gateway
+    from dialogue import Dialogue, api
+    monkeypatch.setenv("DIALOGUE_GATEWAY_URL", gw.url)
+    monkeypatch.setenv("DIALOGUE_GATEWAY_TOKEN", TOKEN)
+
+    def script():
+        try:
+            d = Dialogue.create("far", db=tmp_path / "a.db")
+            d.set_kernel(gateway="python3")
+            assert d.kernel == {"gateway": "python3"}
+            done = d.run(d.add_code("import os; print(os.getpid())"))
+            assert int(done.outputs[0]["text"]) != os.getpid()
+            assert len(_remote_kernels(gw)) == 1
+        finally:
+            api.shutdown()
+
+    await asyncio.to_thread(script)
+    assert _remote_kernels(gw) == []

@@ -420,14 +420,17 @@ class Dialogue:
     @property
     def kernel(self) -> dict[str, str] | None:
         """The kernel that runs this dialogue's code: {"spec": name} (an installed Jupyter
-        kernelspec), {"python": path}, or None (this interpreter, the default)."""
+        kernelspec), {"python": path}, {"gateway": name} (a kernel of the configured gateway),
+        or None (this interpreter, the default)."""
         return self._svc.kernel_choice(self.id).to_meta()
 
-    def set_kernel(self, spec: str | None = None, *, python: str | None = None) -> None:
-        """Choose the kernel: an installed kernelspec's name (`jupyter kernelspec list`), or a
-        Python interpreter's path (it needs ipykernel), or neither for the default. Checked now;
-        the next run starts it."""
-        self._svc.set_kernel(self.id, spec, python=python)
+    def set_kernel(self, spec: str | None = None, *, python: str | None = None,
+                   gateway: str | None = None) -> None:
+        """Choose the kernel: an installed kernelspec's name (`jupyter kernelspec list`), a
+        Python interpreter's path (it needs ipykernel), a kernelspec of the gateway the config
+        names (`gateway`: it runs there), or none for the default. Checked now; the next run
+        starts it."""
+        self._svc.set_kernel(self.id, spec, python=python, gateway=gateway)
 
     def restart_kernel(self) -> None:
         """Restart the dialogue's kernel: its variables are gone."""
