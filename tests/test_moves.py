@@ -127,3 +127,31 @@ def test_cli_mv_then_history_shows_the_move_and_what_restore_does(tmp_path):
     assert "restoring a version brings back its content, not its" in " ".join(shown.split())
     raw = ok(db, "history", "s", "3", "--versions")
     assert "move:1:3" in raw and "user" in raw
+
+
+async def test_a_cells_move_through_dialogue_here_is_the_kernels_and_reaches_the_page(svc):
+    """A real kernel cell moves a message with dialogue.here: the move version is the kernel's,
+    caused by the cell; the run tells its listeners it was a move (so the page re-places the
+    cell); and an edit the cell bases on what it read before the user moved the message again is
+    not refused as stale."""
+    d = svc.create("k")
+    note = svc.add(d.id, "note", "# Title")
+    code = svc.add(d.id, "code", "x = 1")
+    first = svc.add(d.id, "code", f"from dialogue.here import move, read, replace\n"
+                                  f"m = read({note.id!r})\nmove(m.id, 3)")
+    svc.start(d.id, first.id)
+    events = [ev async for ev in svc.subscribe(first.id)]
+    ran = svc.message(d.id, first.id)
+    assert ran.meta["run"]["status"] == "ok", ran.outputs
+    assert [m.id for m in svc.messages(d.id)] == [code.id, first.id, note.id]
+    v = svc.history(d.id, note.id)[-1]
+    assert (v.op, v.author, v.cause) == ("move:1:3", "kernel", first.id)
+    assert svc.history_steps(d.id, note.id)[-1].summary() == \
+        f"created · moved from 1 to 3 by kernel, in cell {first.id}"
+    assert [ev.data for ev in events if ev.type == "doc"] == [{"op": "move", "id": note.id}]
+    svc.move(d.id, note.id, to=0)  # the user moves it back: not a change of its content
+    second = svc.add(d.id, "code", 'replace(m.id, "Title", "Moved title")')
+    ran = await svc.run(d.id, second.id)
+    assert ran.meta["run"]["status"] == "ok", ran.outputs
+    assert svc.message(d.id, note.id).source == "# Moved title"
+    await svc.shutdown_kernels()
