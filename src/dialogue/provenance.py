@@ -19,10 +19,10 @@ milliseconds for a model of hundreds of MB.
 """
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any, Mapping
 
+from .history import source_diff
 from .llm.base import Request
 
 __all__ = ["produced_by", "finish", "compare", "replay_settings"]
@@ -30,19 +30,12 @@ __all__ = ["produced_by", "finish", "compare", "replay_settings"]
 _SETTINGS = ("max_tokens", "temperature", "seed", "sampling")
 
 
-def _hash(path: str) -> str | None:
-    from .gguf.models import model_hash
-    try:
-        return model_hash(path)
-    except OSError:
-        return None
-
-
 def produced_by(request: Request, provider: Any, adapters: Mapping[str, Any] | None = None
                 ) -> dict[str, Any]:
     """The provenance of the answer `request` is about to produce (see the module docstring).
     Reads two small samples of each model and adapter file: call it off the event loop."""
     from . import __version__
+    from .gguf.models import model_hash_or_none as _hash
     out: dict[str, Any] = {"model": request.model, "dialogue_version": __version__}
     spec = getattr(provider, "spec", None)
     path = getattr(spec, "path", None)
@@ -112,7 +105,6 @@ def compare(stored: str, replayed: str, then: Mapping[str, Any] | None,
     if temp not in (None, 0, 0.0) and (now.get("sampling") or {}).get("seed") is None:
         notes.append(f"sampled at temperature {temp} without a seed: a different answer is expected")
     same = stored == replayed
-    diff = "" if same else "\n".join(difflib.unified_diff(
-        stored.splitlines(), replayed.splitlines(), "stored", "replayed", lineterm=""))
+    diff = source_diff(stored, replayed, old="stored", new="replayed")
     return {"same": same, "diff": diff, "stored": stored, "replayed": replayed,
             "changes": changes, "notes": notes}

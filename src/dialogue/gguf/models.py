@@ -29,7 +29,7 @@ from .files import is_gguf
 from .templates import CHAT_FORMATS
 
 __all__ = [
-    "ModelSpec", "ModelNotInstalledError", "BUNDLED_NAMES", "data_dir", "registry_path",
+    "ModelSpec", "ModelNotInstalledError", "model_hash_or_none", "BUNDLED_NAMES", "data_dir", "registry_path",
     "bundled_model_path", "resolve", "list_models", "add", "remove", "add_from_hub", "model_hash",
     "registry_lock",
 ]
@@ -284,6 +284,14 @@ _HASH_BLOCK = 1 << 20  # head and tail
 _SAMPLE = 64 << 10     # each of the samples spread over the middle
 _SAMPLES = 32
 _hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def model_hash_or_none(path: str | os.PathLike[str]) -> str | None:
+    """`model_hash`, or None for a file that cannot be read (gone, not ours to read)."""
+    try:
+        return model_hash(path)
+    except OSError:
+        return None
 
 
 def model_hash(path: str | os.PathLike[str]) -> str:

@@ -70,11 +70,8 @@ def parse_engine(model: str) -> tuple[str, str, str]:
 
 
 def _hash(path: str) -> str | None:
-    from ..gguf.models import model_hash
-    try:
-        return model_hash(path)
-    except OSError:
-        return None
+    from ..gguf.models import model_hash_or_none
+    return model_hash_or_none(path)
 
 
 def set_name(files: dict[str, float]) -> str:
@@ -125,9 +122,9 @@ class LlamaServerProvider(_Engine):
         super().__init__(model)
         self._model_id: str | None = None
 
-    async def server_adapters(self) -> list[dict[str, Any]]:
+    async def server_adapters(self, hashes: bool = True) -> list[dict[str, Any]]:
         """The server's adapters: [{id, path, scale, hash (None when its file is not readable
-        here)}]."""
+        here, or not asked for)}]."""
         got = await self._get("/lora-adapters")
         if not isinstance(got, list):
             raise ProviderError(f"llama-server at {self.root}: /lora-adapters is not a list")
@@ -135,7 +132,7 @@ class LlamaServerProvider(_Engine):
         for a in got:
             p = str(a.get("path", ""))
             out.append({"id": int(a.get("id", len(out))), "path": p, "scale": a.get("scale"),
-                        "hash": await asyncio.to_thread(_hash, p) if p else None})
+                        "hash": await asyncio.to_thread(_hash, p) if p and hashes else None})
         return out
 
     async def lora_field(self, files: dict[str, float]) -> list[dict[str, Any]]:
@@ -178,7 +175,7 @@ class LlamaServerProvider(_Engine):
         files = dict(request.meta.get("adapters") or {})
         held = None if not files else await self.lora_field(files)
         if held is None:  # no set: every adapter the server holds at 0, not the last request's
-            held = [{"id": a["id"], "scale": 0.0} for a in await self.server_adapters()]
+            held = [{"id": a["id"], "scale": 0.0} for a in await self.server_adapters(hashes=False)]
         self.extra = {"cache_prompt": True, **({"lora": held} if held else {})}
         async for ev in super().stream(request):
             yield ev

@@ -1127,8 +1127,7 @@ def approval_box(did: str, mid: str, pending: list[dict[str, Any]]) -> list[Any]
         pv = p.get("preview") if isinstance(p.get("preview"), dict) else None
         kind = str(pv.get("kind", "")) if pv else ""
         if pv and kind == "diff":
-            body = Pre(*[Span(line + "\n", cls=_diff_class(line))
-                         for line in str(pv.get("text", "")).splitlines()], cls="hist-diff")
+            body = diff_pre(str(pv.get("text", "")))
         elif pv and kind == "code":
             body = Pre(Code(str(pv.get("text", ""))), cls="approval-code")
         else:
@@ -1375,8 +1374,7 @@ def history_modal(did: str, m: Message, steps: list[Any]) -> Any:
         current = any(v.version == m.version for v in st.versions)
         flags = [f for f in ("hidden", "pinned", "collapsed", "exported") if state.get(f)]
         if st.diff:
-            body = Pre(*[Span(line + "\n", cls=_diff_class(line))
-                         for line in st.diff.splitlines()], cls="hist-diff")
+            body = diff_pre(st.diff)
         else:
             src = st.source
             body = Pre(src[:600] + ("…" if len(src) > 600 else ""), cls="hist-src")
@@ -1415,6 +1413,11 @@ def history_modal(did: str, m: Message, steps: list[Any]) -> Any:
                       P(note, cls="hint move-note") if (note := _history_note(steps)) else "",
                       Ul(*rows, cls="history"), cls="modal-body"),
                   open=True, id="history", cls="modal")
+
+
+def diff_pre(diff: str, cls: str = "hist-diff") -> Any:
+    """A unified diff as lines classed by what they are (file, hunk, added, removed, context)."""
+    return Pre(*[Span(line + "\n", cls=_diff_class(line)) for line in diff.splitlines()], cls=cls)
 
 
 def _diff_class(line: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fasthtml.common import APIRouter, Div, Li, Pre, Small, Span, Strong, Ul
+from fasthtml.common import APIRouter, Div, Li, Small, Strong, Ul
 from starlette.requests import Request
 
 from ...service import NotFoundError, ProviderError, RunError, StoreError
@@ -43,8 +43,7 @@ def verdict(res: dict[str, Any]) -> Any:
     for n in res["notes"]:
         items.append(Div(Small(n), cls="hint"))
     if not res["same"]:
-        items.append(Pre(*[Span(line + "\n", cls=V._diff_class(line))
-                           for line in res["diff"].splitlines()], cls="diff"))
+        items.append(V.diff_pre(res["diff"]))
     return Div(*items, cls="replay-box", data_same="1" if res["same"] else "0")
 
 
