@@ -369,3 +369,37 @@ def test_tool_calls_replay_as_text_when_no_tools_are_offered():
                                        'result: (no result: the answer ended before this call ran)]'
                                        '\n\nTotal 2.')
     assert len(req.meta["turn_messages"]) == len(req.messages)
+
+
+async def test_a_request_without_tools_sends_earlier_calls_as_text(svc, srv):
+    """A dialogue whose earlier answer called a kernel function (&`bump`): a run with tools off,
+    a trial and a replay send no tools, so they send that call as text, never as tool_use and
+    tool_result blocks (Anthropic's API refuses those in a request without tools)."""
+    p = await dialogue_with_bump(svc)
+    srv.push(tool_turn("toolu_1"), sse(anthropic_events(["2."])))
+    m = await svc.run("t", p, approve=True)
+    assert m.tool_calls[0]["result"] == "2"
+    later = svc.add("t", "prompt", "And now?").id
+
+    def sent(body) -> tuple[list[str], bool, bool]:
+        blocks = [b["type"] for t in body["messages"] if isinstance(t["content"], list)
+                  for b in t["content"] if b["type"] in ("tool_use", "tool_result")]
+        texts = [b.get("text", "") for t in body["messages"] for b in (
+            t["content"] if isinstance(t["content"], list) else [{"text": t["content"]}])]
+        return blocks, "tools" in body, any('[called bump({"n": 2}); result: 2]' in x for x in texts)
+
+    srv.push(sse(anthropic_events(["With tools."])))  # &`bump` is visible: still offered
+    await svc.run("t", later, approve=True)
+    assert sent(srv.last.json) == (["tool_use", "tool_result"], True, False)
+    srv.push(sse(anthropic_events(["Off."])))
+    await svc.run("t", later, tools=False)
+    assert sent(srv.last.json) == ([], False, True)
+    srv.push(sse(anthropic_events(["Tried."])))
+    async for _ in svc.trial("t", "A trial?", adapters=None):
+        pass
+    assert sent(srv.last.json) == ([], False, True)
+    srv.push(sse(anthropic_events(["Replayed."])))
+    out = await svc.replay("t", later)
+    assert not out["error"] and out["replayed"] == "Replayed."
+    assert sent(srv.last.json) == ([], False, True)
+    await svc.shutdown_kernels()

@@ -546,3 +546,39 @@ replace(read(m.id).id, "prnt(", "print(")
     assert fixed.source == (BROKEN + "# the user's line\n").replace("prnt(", "print(")
     assert svc.history("t", code)[-1].cause == second.id
     await svc.shutdown_kernels()
+
+
+def tool_use_blocks(body) -> list[dict]:
+    return [b for m in body["messages"] if isinstance(m["content"], list)
+            for b in m["content"] if b["type"] in ("tool_use", "tool_result")]
+
+
+async def test_earlier_tool_calls_are_tool_turns_exactly_when_tools_are_offered(svc, monkeypatch):
+    """An answer that called document tools is replayed to Claude as tool_use/tool_result turns
+    while the dialogue offers tools (document tools count, though they join the toolbox after the
+    request is built), and as text when the request offers none (a run with tools off):
+    Anthropic's API refuses tool_use blocks in a request without tools."""
+    with ReplayServer() as srv:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.base_url)
+        did, (note, code, prompt) = filled(svc)
+        svc.set_doc_tools("t", "all")
+        srv.push(claude_call("c1", "list_messages", {}), sse(anthropic_events(["Three."])))
+        first = await svc.run("t", prompt)
+        assert [c["name"] for c in first.tool_calls] == ["list_messages"]
+        second = svc.add("t", "prompt", "And now?").id
+
+        def sent_calls(body) -> tuple[list[str], bool, bool]:
+            text = json.dumps(body["messages"])
+            return ([b["type"] for b in tool_use_blocks(body)], bool(body.get("tools")),
+                    "[called list_messages({}); result:" in text)
+
+        srv.push(sse(anthropic_events(["Still three."])))
+        await svc.run("t", second)
+        assert sent_calls(srv.last.json) == (["tool_use", "tool_result"], True, False)
+
+        srv.push(sse(anthropic_events(["Off."])))
+        await svc.run("t", second, tools=False)
+        assert sent_calls(srv.last.json) == ([], False, True)
+        assert srv.replies_left == 0  # (trial and replay: test_approvals, with a kernel tool)
+    await svc.shutdown_kernels()

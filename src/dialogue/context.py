@@ -594,7 +594,7 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
           count_tokens: Callable[[str], int | None] | None = None, resolved: Resolved | None = None,
           model: str | None = None, system: str | None = None, max_tokens: int = 1024,
           temperature: float | None = None, images: bool = True, output_limit: Any = "dialogue",
-          folders: Sequence[ContextItem] = ()) -> Request:
+          folders: Sequence[ContextItem] = (), tools_offered: bool | None = None) -> Request:
     """The request for answering prompt `upto` (an id or the message itself).
 
     `budget` caps the input tokens (system, context, tools and turns); over it, the oldest
@@ -608,6 +608,10 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     shortens long code outputs; by default the dialogue's setting, `meta["output_limit"]`.
     `folders`: the context notes of the folders the dialogue is in, outermost first (kind
     "folder", named by the folder's path), sent before the attached context.
+    `tools_offered`: whether the request will offer tools when sent (by default whether
+    `resolved` has any; a caller that adds tools after the build, or clears them, says so). Earlier
+    tool calls are replayed as tool turns only then, and otherwise written into the answers' text
+    (an API refuses tool calls in the history of a request that offers no tools).
     Pinned messages are cut too: pinning keeps a message in the context, it does not make a
     900-line log worth its tokens (a note, never cut, is the way to keep a long text whole).
 
@@ -637,6 +641,8 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
         raise ContextError(f"the dialogue refers to {', '.join(missing)}, which need a kernel to "
                            "evaluate: use build_async(..., kernel=...)")
     count = _Counter(count_tokens)
+    if tools_offered is None:
+        tools_offered = bool(resolved.tools)
     if output_limit == "dialogue":
         try:
             limit = output_limit_of(dialogue)
@@ -656,7 +662,7 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
         if m.kind == Kind.prompt:
             user = _prompt_parts(m, m.meta.get("refs", "") if isinstance(m.meta, dict) else "", images)
             answer, calls = m.response, replayed_calls(m)
-            if calls and not resolved.tools:  # as text: no tools offered, so no tool turns
+            if calls and not tools_offered:  # as text: no tools offered, so no tool turns
                 answer, calls = calls_text(calls) + answer, []
         else:
             user, answer = _message_parts(m, images=images, limit=limit, cuts=cuts), ""

@@ -552,7 +552,8 @@ class Runs:
             # building the request inside the stream: its errors end the answer like the model's
             nonlocal provider, req
             provider = get_provider(d.model)
-            kernel, req = await self.request(d, m, provider, d.meta.get("adapters"))
+            kernel, req = await self.request(d, m, provider, d.meta.get("adapters"),
+                                             tools_offered=None if offer_tools else False)
             req.prefill = prefill
             meta["refs"] = req.meta.get("refs", "")
             meta.pop("dropped", None)  # not a previous run's figures
@@ -662,19 +663,27 @@ class Runs:
         return box
 
     async def request(self, d: Dialogue, m: Message, provider: Any,
-                      adapters: Any, *, estimate: bool = False) -> tuple[Any, Any]:
+                      adapters: Any, *, estimate: bool = False,
+                      tools_offered: bool | None = None) -> tuple[Any, Any]:
         """The request answering prompt `m` of `d` (which must contain it), with `adapters` (a set
         {name or path: scale}, or None) resolved into `req.meta["adapters"]`. A kernel is started
         only when the prompt has references or the dialogue offers tools. `estimate`: the request
         as it would be sent, for counting, evaluating nothing (no kernel is started: $`x` may be
         slow and !`cmd` has effects), so references count without their values and tools by
-        name only."""
+        name only. `tools_offered`: whether the request will be sent with tools (False: the
+        caller clears them); by default whether the answer's toolbox will offer any (the kernel
+        functions referenced, the document tools, the MCP servers it enables), so earlier tool
+        calls are replayed as tool turns exactly when tools are offered (see `context.build`)."""
         from . import context
+        from .mcptools import enabled_names
+        if tools_offered is None and (d.meta.get("doc_tools") or enabled_names(d)):
+            tools_offered = True  # added to the toolbox after the build (`toolbox`, mcptools.offer)
         window = getattr(provider, "context_window", None)
         max_tokens = int(d.meta.get("max_tokens", getattr(provider, "default_max_tokens", 1024)))
         kw = dict(budget=(window - max_tokens) if window else None, max_tokens=max_tokens,
                   count_tokens=getattr(provider, "count_tokens", None),
-                  folders=self.host.folder_context(d))  # its folders' notes, outermost first
+                  folders=self.host.folder_context(d),  # its folders' notes, outermost first
+                  tools_offered=tools_offered)
         _check_images(d, m, provider)
         needs_kernel = bool(context.references(m.source)) or bool(context.tool_names(d, m.id))
         if estimate:
@@ -714,7 +723,7 @@ class Runs:
         probe = Message(kind=Kind.prompt, source=source)
         d.messages = [*d.messages, probe]
         provider = get_provider(d.model)
-        _, req = await self.request(d, probe, provider, adapters)
+        _, req = await self.request(d, probe, provider, adapters, tools_offered=False)
         req.tools = []
         if max_tokens is not None:
             req.max_tokens = int(max_tokens)
@@ -736,7 +745,7 @@ class Runs:
             d.model = then.get("model") or d.model
         adapters = ((then.get("adapters") or {}).get("set") if then else d.meta.get("adapters"))
         provider = get_provider(d.model)
-        _, req = await self.request(d, m, provider, adapters)
+        _, req = await self.request(d, m, provider, adapters, tools_offered=False)
         req.tools = []
         if then:
             s = replay_settings(then)
