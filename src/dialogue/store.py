@@ -1301,12 +1301,14 @@ class Store:
         raise NotFoundError(f"no folder {path!r} (`dialogue folder list` shows them)")
 
     def folder_chain(self, folder_id: str) -> list[Folder]:
-        """The folder and the folders above it, outermost first ([] for the top level)."""
+        """The folder and the folders above it, outermost first ([] for the top level); their
+        `dialogues` counts are left at 0 (read on every prompt build: get_folder counts)."""
         chain: list[Folder] = []
+        paths = self._folder_paths() if folder_id else {}
         while folder_id and len(chain) < 1000:
-            f = self.get_folder(folder_id)
-            chain.append(f)
-            folder_id = f.parent
+            row = self._folder_row(folder_id)
+            chain.append(Folder(*row[:3], paths.get(folder_id, row[1]), *row[3:]))
+            folder_id = row[2]
         return chain[::-1]
 
     def create_folder(self, path: str, *, exist_ok: bool = False) -> Folder:
