@@ -220,38 +220,49 @@ class DialogueService:
     def rename(self, ref: str, new_name: str, *, base_version: int | None = None) -> Dialogue:
         return self.update(ref, base_version=base_version, name=new_name)
 
-    def update(self, ref: str, *, base_version: int | None = None, **settings: Any) -> Dialogue:
+    def update(self, ref: str | Dialogue, *, base_version: int | None = None, op: str = "edit",
+               **settings: Any) -> Dialogue:
         """Change name, model, system, attached context, meta, `mode` / `mode_prompt` (see
         `set_mode`), or `output_limit` (how much of
         long code outputs the model sees, kept in meta: see context.parse_output_limit; a bad
         value is refused now, not at the next prompt). Without `base_version` the current
         version is used: fine for a one-shot CLI command, while a long-lived surface (a browser
-        tab) passes the version it showed the user. A new model is checked (`check_model`)."""
+        tab) passes the version it showed the user. A new model is checked (`check_model`).
+        `ref` may be the dialogue as just read (a setter computing its new settings from it):
+        it is not read again, and its version is the default base. `op` names the change in the
+        dialogue's history ("edit" by default)."""
         did = self.dialogue_id(ref)
+        cur = ref if isinstance(ref, Dialogue) else None
+
+        def current() -> Dialogue:  # the dialogue's settings, read at most once
+            nonlocal cur
+            if cur is None:
+                cur = self.store.get_dialogue(did, with_messages=False)
+            return cur
         if "model" in settings:
             self.check_model(settings["model"])
         gen = {k: settings.pop(k) for k in ("max_tokens", "sampling") if k in settings}
         if gen or {"max_tokens", "sampling"} & set(settings.get("meta") or {}):
             meta = settings.get("meta")
             if meta is None:
-                meta = self.store.get_dialogue(did, with_messages=False).meta
+                meta = current().meta
             settings["meta"] = with_generation(meta, **gen)
         if "output_limit" in settings or "output_limit" in (settings.get("meta") or {}):
             from .context import with_output_limit
             meta = settings.get("meta")
             if meta is None:
-                meta = self.store.get_dialogue(did, with_messages=False).meta
+                meta = current().meta
             settings["meta"] = with_output_limit(
                 meta, settings.pop("output_limit", meta.get("output_limit", "default")))
         if "mode" in settings or "mode_prompt" in settings:  # see set_mode
             meta = settings.get("meta")
             if meta is None:
-                meta = self.store.get_dialogue(did, with_messages=False).meta
+                meta = current().meta
             name = settings.pop("mode", None) or mode_of(meta)[0]
             settings["meta"] = with_mode(meta, name, settings.pop("mode_prompt", None))
         if base_version is None:
-            base_version = self.store.get_dialogue(did, with_messages=False).version
-        return self.store.update_dialogue(did, base_version=base_version, **settings)
+            base_version = current().version
+        return self.store.update_dialogue(did, base_version=base_version, op=op, **settings)
 
     def attach(self, ref: str, name: str, content: str, *, kind: str = "text",
                source: str = "", base_version: int | None = None) -> Dialogue:
@@ -266,8 +277,7 @@ class DialogueService:
         # a replaced item keeps its place: the model reads attached items in order
         items = [new if c.name == name else c for c in d.context] \
             if any(c.name == name for c in d.context) else [*d.context, new]
-        return self.store.update_dialogue(
-            d.id, base_version=d.version if base_version is None else base_version, context=items)
+        return self.update(d, base_version=base_version, context=items)
 
     def attach_file(self, ref: str, path: str | os.PathLike, *, name: str | None = None,
                     base_version: int | None = None) -> Dialogue:
@@ -328,9 +338,7 @@ class DialogueService:
             report.append({"name": c.name, "changed": loaded.content != c.content,
                            "before": len(c.content), "after": len(loaded.content)})
         if any(r.get("changed") for r in report):
-            d = self.store.update_dialogue(
-                d.id, base_version=d.version if base_version is None else base_version,
-                context=items)
+            d = self.update(d, base_version=base_version, context=items)
         return d, report
 
     def context_status(self, ref: str) -> list[dict[str, Any]]:
@@ -402,9 +410,8 @@ class DialogueService:
             there = ", ".join(repr(c.name) for c in d.context) or "none"
             raise NotFoundError(f"no attached item {name!r} in dialogue {d.name!r} "
                                 f"(attached: {there})")
-        return self.store.update_dialogue(
-            d.id, base_version=d.version if base_version is None else base_version,
-            context=[c for c in d.context if c.name != name])
+        return self.update(d, base_version=base_version,
+                           context=[c for c in d.context if c.name != name])
 
     def import_dialogue(self, doc: Dialogue, *, name: str | None = None,
                         trust: bool = False, on_progress: OnProgress | None = None,
@@ -512,11 +519,8 @@ class DialogueService:
 
     def move_to(self, ref: str, folder: str, *, base_version: int | None = None) -> Dialogue:
         """Move a dialogue into a folder (a path or id; "" or "/" for the top level)."""
-        did = self.dialogue_id(ref)
-        if base_version is None:
-            base_version = self.store.get_dialogue(did, with_messages=False).version
-        return self.store.update_dialogue(did, base_version=base_version, op="move",
-                                          folder=self.folder_id(folder))
+        return self.update(ref, base_version=base_version, op="move",
+                           folder=self.folder_id(folder))
 
     def folder_context(self, d: Dialogue) -> list[ContextItem]:
         """The context notes a dialogue sees first: its folder's and those above it, outermost
@@ -536,9 +540,8 @@ class DialogueService:
         """Put a dialogue in mode `name` (learning, concise, standard): its preset text, or
         `prompt` (an edited text), is appended to the system prompt of every request."""
         d = self.open(ref, messages=False)
-        return self.store.update_dialogue(
-            d.id, base_version=d.version if base_version is None else base_version, op="mode",
-            meta=with_mode(d.meta, name, prompt))
+        return self.update(d, base_version=base_version, op="mode",
+                           meta=with_mode(d.meta, name, prompt))
 
     # -- document tools: the model reads and edits its own dialogue (doc_tools) ---------------
 
@@ -578,9 +581,7 @@ class DialogueService:
         meta = {k: v for k, v in d.meta.items() if k != "doc_tools"}
         if names:
             meta["doc_tools"] = "all" if names == list(TOOLS) else names
-        return self.store.update_dialogue(
-            d.id, base_version=d.version if base_version is None else base_version,
-            op="doc tools", meta=meta)
+        return self.update(d, base_version=base_version, op="doc tools", meta=meta)
 
     def restore(self, ref: str) -> Dialogue:
         """Bring back a trashed dialogue by id or by name (the most recently deleted of that name)."""
@@ -688,9 +689,7 @@ class DialogueService:
             raise mcptools.MCPConfigError(
                 f"MCP server(s) {', '.join(map(repr, missing))} are configured nowhere (global "
                 f"file {mcptools.global_path()}, or the dialogue's own: dialogue mcp add)")
-        return self.store.update_dialogue(
-            d.id, base_version=d.version if base_version is None else base_version,
-            op="mcp", meta=meta)
+        return self.update(d, base_version=base_version, op="mcp", meta=meta)
 
     # ------------------------------------------------------------ messages
 
@@ -988,9 +987,7 @@ class DialogueService:
             meta[KEY] = choice.to_meta()
         if meta == d.meta:
             return d
-        return self.store.update_dialogue(
-            did, base_version=d.version if base_version is None else base_version, op="kernel",
-            meta=meta)
+        return self.update(d, base_version=base_version, op="kernel", meta=meta)
 
     async def use_kernel(self, ref: str, spec: str | None = None, *, python: str | None = None,
                          gateway: str | None = None, base_version: int | None = None) -> Dialogue:
@@ -1108,10 +1105,8 @@ class DialogueService:
         """Always allow tool `name` in this dialogue (or stop: `allow=False`), as a new version of
         its settings."""
         from .approvals import with_always
-        did = self.dialogue_id(ref)
-        d = self.store.get_dialogue(did, with_messages=False)
-        return self.store.update_dialogue(did, base_version=d.version,
-                                          meta=with_always(d.meta, name, allow))
+        d = self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
+        return self.update(d, meta=with_always(d.meta, name, allow))
 
     def set_approvals(self, ref: str, *, always: "Iterable[str] | None" = None,
                       ask_reads: bool | None = None, base_version: int | None = None) -> Dialogue:
@@ -1119,15 +1114,13 @@ class DialogueService:
         asking, and whether tools that only read ask too (`ask_reads`; by default they do not).
         One new version of its settings."""
         from .approvals import settings_of
-        did = self.dialogue_id(ref)
-        d = self.store.get_dialogue(did, with_messages=False)
+        d = self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
         s = settings_of(d.meta)
         if always is not None:
             s["always"] = list(dict.fromkeys(str(n) for n in always))
         if ask_reads is not None:
             s["ask_reads"] = bool(ask_reads)
-        return self.store.update_dialogue(did, base_version=d.version if base_version is None
-                                          else base_version, meta={**d.meta, "approvals": s})
+        return self.update(d, base_version=base_version, meta={**d.meta, "approvals": s})
 
     def reply_input(self, msg_id: str, text: str) -> None:
         """Answer the input() that the running code message `msg_id` waits on (RunError if it
@@ -1414,10 +1407,7 @@ class DialogueService:
         model with a non-empty set ProviderError. A scale of 0 keeps an adapter listed but off.
         None or {} clears the set. A versioned settings change like a model change; a stale
         `base_version` raises ConflictError."""
-        did = self.dialogue_id(ref)
-        d = self.store.get_dialogue(did, with_messages=False)
-        if base_version is None:
-            base_version = d.version
+        d = self.store.get_dialogue(self.dialogue_id(ref), with_messages=False)
         clean: dict[str, float] = {}
         if adapters:
             if not hasattr(adapters, "items"):
@@ -1433,7 +1423,7 @@ class DialogueService:
             meta["adapters"] = clean
         else:
             meta.pop("adapters", None)
-        return self.store.update_dialogue(did, base_version=base_version, op="adapters", meta=meta)
+        return self.update(d, base_version=base_version, op="adapters", meta=meta)
 
     def adapter_choices(self, ref: str) -> list[Any]:
         """Registered adapters (AdapterInfo) that fit the dialogue's local model; [] for any other
