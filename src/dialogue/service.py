@@ -31,7 +31,7 @@ from .sent import context_words, entry_words, turn_text, turn_title, turn_tokens
 
 if TYPE_CHECKING:
     from .kernel import Kernel, KernelPool
-    from .mcptools import MCPPool
+    from .mcptools import MCPPool, ServerConfig
 
 __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "Answer", "follow",
            "AdapterView", "import_record",
@@ -618,18 +618,21 @@ class DialogueService:
         from .mcptools import global_path
         return global_path()
 
-    def mcp_servers(self, ref: str | Dialogue | None = None) -> list[dict[str, Any]]:
+    def mcp_servers(self, ref: str | Dialogue | None = None, *,
+                    known: "dict[str, ServerConfig] | None" = None) -> list[dict[str, Any]]:
         """The MCP servers configured (globally, and `ref`'s own), each as {"name", "origin"
         ("global" or "dialogue"), "transport", "runs" (command line or URL), "enabled" (by
         `ref`), "running"}; a name `ref` enables that is configured nowhere (taken out of the
         global file since) comes last with origin "missing", so it can be seen and disabled. A
-        bad config file raises MCPConfigError (a ValueError)."""
+        bad config file raises MCPConfigError (a ValueError). `known`: `mcptools.configured`'s
+        answer for `ref`, where the caller has it."""
         from . import mcptools
         d = None if ref is None else (ref if isinstance(ref, Dialogue)
                                       else self.open(ref, messages=False))
         on = mcptools.enabled_names(d) if d is not None else []
         out = []
-        known = mcptools.configured(d)
+        if known is None:
+            known = mcptools.configured(d)
         for name, cfg in known.items():
             conn = self._mcp.peek(cfg) if self._mcp is not None else None
             out.append({"name": name, "origin": cfg.origin, "transport": cfg.transport,
@@ -645,15 +648,15 @@ class DialogueService:
         "reads_only", "parameters"}) or, for one that cannot start, its "error". Starts the
         servers it lists (all, or the one `name`d) in parallel."""
         from . import mcptools
-        servers = self.mcp_servers(ref)
+        d = None if ref is None else (ref if isinstance(ref, Dialogue)
+                                      else self.open(ref, messages=False))
+        cfgs = mcptools.configured(d)
+        servers = self.mcp_servers(d, known=cfgs)
         if name is not None:
             servers = [s for s in servers if s["name"] == name]
             if not servers:
                 raise NotFoundError(f"no MCP server {name!r} is configured (global file "
                                     f"{mcptools.global_path()}, or the dialogue's own)")
-        d = None if ref is None else (ref if isinstance(ref, Dialogue)
-                                      else self.open(ref, messages=False))
-        cfgs = mcptools.configured(d)
 
         async def one(s: dict[str, Any]) -> dict[str, Any]:
             if s["name"] not in cfgs:
