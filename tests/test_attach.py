@@ -82,6 +82,24 @@ def test_attach_each_kind_of_source_and_refresh(svc: DialogueService, tmp_path: 
         assert {c.name: c.content for c in d2.context}["notes.md"] == "walrus: 3.5 m\n"
 
 
+def test_refresh_skips_by_kind_of_error_not_by_its_words(svc: DialogueService, tmp_path: Path
+                                                          ) -> None:
+    """An item with nothing to read again is skipped; a file that is gone is an error, even
+    where its path holds the words the skip's message uses ("uploaded", "no source")."""
+    svc.create("r", model="claude-sonnet-4-5")
+    gone = tmp_path / "uploaded" / "no source.md"
+    gone.parent.mkdir()
+    gone.write_text("kept\n")
+    svc.attach_source("r", path=gone)
+    svc.attach("r", "pasted", "typed in")
+    svc.attach("r", "upload", "sent from a browser", kind="file")  # no path: uploaded
+    gone.unlink()
+    _, report = svc.refresh("r")
+    by = {r["name"]: r for r in report}
+    assert "no such file" in by["no source.md"]["error"] and "skipped" not in by["no source.md"]
+    assert "no source" in by["pasted"]["skipped"] and "uploaded" in by["upload"]["skipped"]
+
+
 def test_status_counts_tokens_and_a_hosted_model_has_no_cache_state(svc: DialogueService) -> None:
     svc.create("h", model="claude-sonnet-4-5")
     svc.attach("h", "rules", "x" * 400)

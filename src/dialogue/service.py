@@ -331,7 +331,7 @@ class DialogueService:
             except sources.SourceError as e:
                 if item is not None:
                     raise StoreError(f"cannot refresh {c.name!r}: {e}") from e
-                report.append({"name": c.name, ("skipped" if "no source" in str(e) or "uploaded" in str(e)
+                report.append({"name": c.name, ("skipped" if isinstance(e, sources.NoSourceError)
                                                 else "error"): str(e)})
                 continue
             items[i] = ContextItem(c.name, loaded.content, loaded.kind, loaded.source)

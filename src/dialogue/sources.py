@@ -57,6 +57,10 @@ class SourceError(ValueError):
     says which and why."""
 
 
+class NoSourceError(SourceError):
+    """An item with nothing to read again (uploaded, or text typed in): refresh skips it."""
+
+
 @dataclass
 class Loaded:
     """What a source read gave: the text to attach, its kind and source (how to read it again),
@@ -321,10 +325,11 @@ def read_source(kind: str, source: str, name: str) -> Loaded:
     """Read an attached item again from where it came from (refresh)."""
     if kind in ("file", "directory"):
         if not source or not os.path.isabs(source):
-            raise SourceError(f"{name!r} was uploaded, not read from a path here: attach it again")
+            raise NoSourceError(f"{name!r} was uploaded, not read from a path here: attach it "
+                                "again")
         return read_path(source, name=name)
     if kind == "package":
         return read_package(source, name=name)
     if kind == "url":
         return read_url(source, name=name)
-    raise SourceError(f"{name!r} is {kind} text with no source to read again")
+    raise NoSourceError(f"{name!r} is {kind} text with no source to read again")
