@@ -1028,6 +1028,13 @@ class Store:
         d["meta"] = json.loads(d["meta"])
         return Dialogue(**d)
 
+    def _put_blob(self, text: str, h: str | None = None) -> str:
+        """Store `text` once in `blobs` (keyed by its sha256, `h` where already computed);
+        returns the key."""
+        h = h or hashlib.sha256(text.encode()).hexdigest()
+        self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, text))
+        return h
+
     def _state_json(self, state: dict[str, Any]) -> str:
         """A version's state as stored, with a large `outputs` list, and large `attachments` (a
         note's pasted images), stored once in `blobs`: an edit of a note holding a screenshot
@@ -1035,14 +1042,10 @@ class Store:
         (["$blob", hash]), which no attachments value can be."""
         out = _dumps(state["outputs"]) if "outputs" in state else ""
         if len(out) >= _BLOB_MIN:
-            h = hashlib.sha256(out.encode()).hexdigest()
-            self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, out))
-            state = {**state, "outputs": {"$blob": h}}
+            state = {**state, "outputs": {"$blob": self._put_blob(out)}}
         atts = _dumps(state["attachments"]) if state.get("attachments") else ""
         if len(atts) >= _BLOB_MIN:
-            h = hashlib.sha256(atts.encode()).hexdigest()
-            self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, atts))
-            state = {**state, "attachments": ["$blob", h]}
+            state = {**state, "attachments": ["$blob", self._put_blob(atts)]}
         return _dumps(state)
 
     def _state_load(self, s: str, message: bool = True) -> dict[str, Any]:
@@ -1802,20 +1805,23 @@ class Store:
 
     # ------------------------------------------------------------ order, delete, restore
 
-    def move_message(self, msg_id: str, index: int) -> Message:
+    def move_message(self, msg_id: str, index: int, *, relative: bool = False) -> Message:
         """Move a message to list index `index` among its dialogue's live messages (negative counts
         from the end). One message row changes, and the move is a version of the message (op
         "move:FROM:TO", 1-based places), recorded with its author and cause (`acting`) like any
         change. Its state is the previous version's, copied as stored (a move changes no content,
         and copying encodes nothing); a move does not make an edit based on the version before
-        it stale (`changed_since`)."""
+        it stale (`changed_since`). `relative`: `index` is a number of places to move by
+        (negative: up; see `move_by`)."""
         with self.tx():
             row = self._msg_row(msg_id)
             dialogue_id = row[_MSG_COLS.index("dialogue_id")]
             count, old = self._one("SELECT count(*), sum(pos < ?) FROM messages WHERE "
                                    "dialogue_id = ? AND deleted IS NULL",
                                    (row[_MSG_COLS.index("pos")], dialogue_id))
-            if index < 0:
+            if relative:
+                index = max(0, old + index)
+            elif index < 0:
                 index += count
             index = max(0, min(index, count - 1))
             if index == old:
@@ -1847,11 +1853,7 @@ class Store:
 
     def move_by(self, msg_id: str, delta: int) -> Message:
         """Move up (negative) or down (positive) by `delta` places."""
-        row = self._msg_row(msg_id)
-        old = self._one("SELECT count(*) FROM messages WHERE dialogue_id = ? AND deleted IS NULL "
-                        "AND pos < ?", (row[_MSG_COLS.index("dialogue_id")],
-                                        row[_MSG_COLS.index("pos")]))[0]
-        return self.move_message(msg_id, max(0, old + delta))
+        return self.move_message(msg_id, delta, relative=True)
 
     def delete_message(self, msg_id: str, *, base_version: int | None = None) -> None:
         """Move a message to the trash (it keeps its place for a restore)."""
@@ -1913,9 +1915,7 @@ class Store:
         Every string of at least `_REQUEST_BLOB_MIN` characters under a "text" key is a blob of
         its own too, so a turn edited and sent again still shares its unchanged texts."""
         def put(text: str) -> dict[str, str]:
-            h = hashlib.sha256(text.encode()).hexdigest()
-            self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, text))
-            return {"$blob": h}
+            return {"$blob": self._put_blob(text)}
 
         def chain(items: list[Any]) -> str:
             nodes, prev = [], ""
@@ -1929,7 +1929,7 @@ class Store:
             while i and self._one("SELECT 1 FROM blobs WHERE hash = ?", (nodes[i - 1][0],)) is None:
                 i -= 1
             for h, node in nodes[i:]:
-                self._x("INSERT OR IGNORE INTO blobs(hash, data) VALUES (?, ?)", (h, node))
+                self._put_blob(node, h)
             return prev
 
         with self.tx():
