@@ -16,14 +16,20 @@ that way (adapters start as the identity): the report ends with it per base mode
 hqq), on the same batch, with its difference from served. Ratios are against `peft-lora-nf4`, in
 the same run.
 
-Logits table (`--logits`): peak memory and step time of one training step at several sequence
+Memory table (`--logits`): peak memory and step time of one training step at several sequence
 lengths, each configuration in its own process (its own peak RSS): `before` (the LM head and loss
-over the whole sequence at once, as the trainer did), `after` (the checkpointed loss chunks), both
-on the served GGUF weights with our LoRA, and `peft-bnb` (plain PEFT + bitsandbytes NF4 with the
-whole-sequence loss, what users run elsewhere); `compiled` adds `after` with torch.compile'd
-adapters. `step MB` is the peak over the RSS after loading, i.e. what the step itself needed:
+over the whole sequence at once, no checkpointing: the trainer before issue 18), `chunked` (the
+chunked loss alone, no checkpointing), `default` (what `dialogue train` does with no options: the
+chunked loss, and gradient checkpointing as `loop.choose_checkpointing` decides for this batch;
+the table says what it chose and the reasons follow), all on the served GGUF weights with our LoRA,
+and `peft-bnb` (plain PEFT + bitsandbytes NF4 with the whole-sequence loss, what users run
+elsewhere); `compiled` adds `default` with torch.compile'd adapters. `default` against `chunked`
+is checkpointing's step-time cost where it was chosen. `step MB` is the peak over the RSS after
+loading, i.e. what the step itself needed. Run a long row on its own (`--seqs 2048`): `before`
+needs ~14 GB there:
 
-    python bench/train_bench.py --logits --model local:gemma3-270m --seqs 512 1024 2048 [--compile] [--checkpointing]
+    python bench/train_bench.py --logits --model local:gemma3-270m --seqs 512 1024 [--compile]
+    python bench/train_bench.py --logits --model local:gemma3-270m --seqs 2048
 
 GPU mode, a Llama-3-8B-shaped model with random weights (nothing downloaded), quantized to NF4
 layer by layer as it is built, reporting tokens/s, peak memory and model FLOPs utilisation against
@@ -105,7 +111,10 @@ def _step_loop(model, batch: dict, steps: int, precision: str, device: torch.dev
 # ---------------------------------------------------------------- CPU
 
 def _cpu_batch(tok, batch: int, seq: int) -> dict:
-    text = (ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else ""
+    # English prose that never changes under a running benchmark (README.md did: rows of one run
+    # read different batches while it was being edited): Python's own reference topics
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:200_000]
     text += " The capital of the planet Zorblax is Quimby, a city of canals and bridges." * 200
     # with the tokenizer's own special tokens: Gemma without its <bos> is far off its distribution
     # (first-batch loss ~7.6 instead of ~3); SmolLM2's tokenizer adds none
@@ -248,11 +257,13 @@ def first_batch_loss_by_mode(rows: dict) -> dict[str, float]:
 # ---------------------------------------------------------------- logits table
 
 LOGITS_CONFIGS = {
-    # name: (quant, impl, loss_chunk (None: automatic chunks, 0: whole sequence), compile)
-    "before": ("served", "ours", 0, False),
-    "after": ("served", "ours", None, False),
-    "peft-bnb": ("nf4", "peft", 0, False),
-    "compiled": ("served", "ours", None, True),
+    # name: (quant, impl, loss_chunk (None: automatic chunks, 0: whole sequence), compile,
+    #        checkpointing (None: the trainer's default choice))
+    "before": ("served", "ours", 0, False, False),
+    "chunked": ("served", "ours", None, False, False),
+    "default": ("served", "ours", None, False, None),
+    "peft-bnb": ("nf4", "peft", 0, False, False),
+    "compiled": ("served", "ours", None, True, None),
 }
 
 
@@ -265,53 +276,66 @@ def _rss_mb() -> float:
 
 def run_one_logits(name: str, args: argparse.Namespace) -> dict:
     """One configuration of the logits table, in this (fresh) process."""
-    from dialogue.train.lora import AdapterSpec, add_adapters, compile_adapters
+    from dialogue.train.lora import AdapterSpec, add_adapters, compile_adapters, enable_checkpointing
+    from dialogue.train.loop import choose_checkpointing
     from dialogue.train.quant import load_base
-    quant, impl, chunk, compiled = LOGITS_CONFIGS[name]
+    quant, impl, chunk, compiled, ckpt = LOGITS_CONFIGS[name]
     b = load_base(args.model, quant=quant)
     m = add_adapters(b.model, AdapterSpec(method="lora", r=args.r, impl=impl, seed=0))
+    t = time.perf_counter()
+    choice = choose_checkpointing(m, args.batch, args.seq, requested=ckpt, precision="fp32")  # finetune's call
+    choose_s = time.perf_counter() - t
     if compiled:
         compile_adapters(m, dynamic=False)
-    if args.checkpointing:
-        from dialogue.train.lora import enable_checkpointing
+    if choice.on:
         enable_checkpointing(m)
     batch = _cpu_batch(b.tokenizer, args.batch, args.seq)
     loaded = _rss_mb()
     res = _step_loop(m, batch, args.steps, "fp32", torch.device("cpu"), loss_chunk=chunk)
     peak = _peak_rss_mb()
-    res.update(name=name, seq=args.seq, peak_rss_mb=peak, loaded_rss_mb=loaded, step_mb=peak - loaded)
+    res.update(name=name, seq=args.seq, peak_rss_mb=peak, loaded_rss_mb=loaded, step_mb=peak - loaded,
+               checkpointing=choice.on, checkpointing_reason=f"{choice.chosen_by}: {choice.reason}",
+               choose_s=choose_s)
     return res
 
 
 def logits_main(args: argparse.Namespace) -> None:
-    names = args.rows or (["before", "after", "peft-bnb"] + (["compiled"] if args.compile else []))
+    names = args.rows or (["before", "chunked", "default", "peft-bnb"] + (["compiled"] if args.compile else []))
     rows = []
     for seq in args.seqs:
         for n in names:
             cmd = [sys.executable, __file__, "--one-logits", n, "--steps", str(args.steps), "--batch",
                    str(args.batch), "--seq", str(seq), "--r", str(args.r), "--model", args.model]
-            if args.checkpointing:
-                cmd.append("--checkpointing")
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{n} at {seq}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(r)
-            print(f"  done {n:9s} seq {seq:5d}: {r['s_per_step']:.1f} s/step, peak {r['peak_rss_mb']:.0f} MB",
-                  file=sys.stderr, flush=True)
+            print(f"  done {n:9s} seq {seq:5d}: {r['s_per_step']:.1f} s/step, peak {r['peak_rss_mb']:.0f} MB, "
+                  f"checkpointing {'on' if r['checkpointing'] else 'off'}; {json.dumps(r)}", file=sys.stderr, flush=True)
     print(f"CPU, {args.model}, batch {args.batch}, r={args.r}, all linears; mean of {args.steps} step(s) after a "
-          f"warm-up; one process per row; {torch.get_num_threads()} threads"
-          f"{'; gradient checkpointing' if args.checkpointing else ''}")
-    print(f"{'seq':>5s} {'config':9s} {'s/step':>7s} {'tok/s':>7s} {'peak MB':>8s} {'step MB':>8s} "
-          f"{'vs before':>9s} {'1st loss':>9s}")
+          f"warm-up; one process per row; {torch.get_num_threads()} threads; ckpt: gradient checkpointing")
+    print(f"{'seq':>5s} {'config':9s} {'ckpt':>4s} {'s/step':>7s} {'tok/s':>7s} {'peak MB':>8s} {'step MB':>8s} "
+          f"{'vs before':>9s} {'vs peft':>8s} {'1st loss':>9s}")
     for seq in args.seqs:
         by = {r["name"]: r for r in rows if r["seq"] == seq}
-        ref = by.get("before")
+        ref, peft = by.get("before"), by.get("peft-bnb")
         for n, r in by.items():
             ratio = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:8.2f}x" if ref else "      n/a"
-            print(f"{seq:5d} {n:9s} {r['s_per_step']:7.2f} {r['tokens_per_s']:7.1f} {r['peak_rss_mb']:8.0f} "
-                  f"{r['step_mb']:8.0f} {ratio} {r['first_batch_loss']:9.4f}")
+            vs_peft = f"{r['peak_rss_mb'] / peft['peak_rss_mb']:7.2f}x" if peft else "     n/a"
+            print(f"{seq:5d} {n:9s} {'on' if r['checkpointing'] else 'off':>4s} {r['s_per_step']:7.2f} "
+                  f"{r['tokens_per_s']:7.1f} {r['peak_rss_mb']:8.0f} {r['step_mb']:8.0f} {ratio} {vs_peft} "
+                  f"{r['first_batch_loss']:9.4f}")
+        if "default" in by and "chunked" in by and by["default"]["checkpointing"]:
+            cost = by["default"]["s_per_step"] / by["chunked"]["s_per_step"]
+            print(f"      checkpointing's step time at {seq}: {cost:.2f}x the chunked row's")
+    print("the default's choice (loop.choose_checkpointing, as `dialogue train` makes it; its probe took "
+          "the seconds given):")
+    for r in rows:
+        if r["name"] in ("default", "compiled"):
+            print(f"  {r['seq']:5d} {r['name']}: {'on' if r['checkpointing'] else 'off'} "
+                  f"({r['checkpointing_reason']}; {r['choose_s']:.1f} s)")
     if args.json:
         print(json.dumps(rows))
 
@@ -448,7 +472,7 @@ def gpu_main(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = bench_parser(__doc__)
     p.add_argument("--configs", nargs="+", choices=list(CPU_CONFIGS))
-    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--checkpointing", action="store_true", help="CPU comparison: gradient checkpointing in every row (--logits rows set their own)")
     p.add_argument("--logits", action="store_true", help="the logits table (see above)")
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--compile", action="store_true", help="--logits: add a row with torch.compile'd adapters; --gpu: compile the ours-* adapters")
