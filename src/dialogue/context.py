@@ -60,7 +60,7 @@ __all__ = [
     "build", "build_async", "references", "resolve", "Refs", "Resolved", "ContextError",
     "DEFAULT_SYSTEM", "estimate_tokens", "tool_names", "render_outputs", "IMAGE_TOKENS", "CHARS_PER_TOKEN",
     "OutputLimit", "parse_output_limit", "output_limit_of", "with_output_limit", "terminal_text",
-    "cut_text", "attached_images",
+    "cut_text", "attached_images", "Counter", "tools_tokens",
 ]
 
 DEFAULT_SYSTEM = (
@@ -526,7 +526,10 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-class _Counter:
+class Counter:
+    """Tokens of a text by `count_tokens` (a model's tokenizer), else estimated (~4 characters a
+    token, `estimate_tokens`); `exact` turns False once an estimate was used."""
+
     def __init__(self, count_tokens: Callable[[str], int | None] | None):
         self.fn = count_tokens
         self.exact = count_tokens is not None
@@ -543,6 +546,13 @@ class _Counter:
 
     def parts(self, parts: Sequence[Part]) -> int:
         return sum(IMAGE_TOKENS if p.type == "image" else self(p.text) for p in parts)
+
+
+def tools_tokens(tools: Sequence[ToolSpec], count: Callable[[str], int]) -> int:
+    """The tokens tools take in a request, as the builder counts them: name, description and
+    parameter schema of each."""
+    return sum(count(t.name) + count(t.description) + count(json.dumps(t.parameters))
+               for t in tools)
 
 
 # ---------------------------------------------------------------- build
@@ -640,7 +650,7 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     if missing:
         raise ContextError(f"the dialogue refers to {', '.join(missing)}, which need a kernel to "
                            "evaluate: use build_async(..., kernel=...)")
-    count = _Counter(count_tokens)
+    count = Counter(count_tokens)
     if tools_offered is None:
         tools_offered = bool(resolved.tools)
     if output_limit == "dialogue":
@@ -696,8 +706,7 @@ def build(dialogue: Dialogue, upto: str | Message, *, budget: int | None = None,
     ctx = _context_text(parts)
     tools = list(resolved.tools)
     by_part = {"system": count(sys_text), "context": count(ctx), "prompt": count.parts(last),
-               "tools": sum(count(t.name) + count(t.description) + count(json.dumps(t.parameters))
-                            for t in tools)}
+               "tools": tools_tokens(tools, count)}
     fixed = sum(by_part.values())
     total = fixed + sum(it.tokens for it in items)
 

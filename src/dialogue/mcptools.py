@@ -700,7 +700,8 @@ def add_instructions(req: Any, conns: list[Connection], count: Any = None) -> No
     and how it runs, its tokens) for the request view; the request's token figures grow by
     them. `count`: a token counter (None or a None result: the builder's estimate)."""
     import html
-    from .context import estimate_tokens
+    from .context import Counter
+    counter = Counter(count)
     blocks, entries = [], []
     for c in conns:
         text = c.instructions
@@ -710,11 +711,9 @@ def add_instructions(req: Any, conns: list[Connection], count: Any = None) -> No
             text = (text[:MAX_INSTRUCTIONS] + f"\n[cut: the server's instructions are "
                     f"{len(c.instructions):,} characters; the first {MAX_INSTRUCTIONS:,} are sent]")
         block = f'<context mcp_server="{html.escape(c.cfg.name)}">\n{text}\n</context>'
-        n = count(block) if count is not None else None
-        n = estimate_tokens(block) if n is None else int(n)
         blocks.append(block)
         entries.append({"kind": "mcp", "name": c.cfg.name, "source": c.cfg.describe(),
-                        "tokens": n})
+                        "tokens": counter(block)})
     if not blocks:
         return
     req.context = "\n\n".join(x for x in (req.context, *blocks) if x)

@@ -25,12 +25,12 @@ nothing known).
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
 from typing import Any, Callable, Sequence
 
+from .images import decoded_size
 from .llm.base import Request, Turn
 
 __all__ = ["record", "cache_plan", "estimate", "entry_words", "context_words", "turn_text", "turn_title", "turn_tokens",
@@ -42,12 +42,8 @@ CLAUDE_CACHE_TTL = 300.0
 
 
 def _part(p: Any) -> dict[str, Any]:
-    if p.type == "image":
-        try:
-            size = len(base64.b64decode(p.data, validate=False))
-        except ValueError:
-            size = len(p.data) * 3 // 4
-        return {"type": "image", "mime": p.mime, "bytes": size}
+    if p.type == "image":  # measured, not decoded
+        return {"type": "image", "mime": p.mime, "bytes": decoded_size(p.data)}
     return {"type": "text", "text": p.text}
 
 
@@ -127,18 +123,12 @@ def tool_tokens(request: Request, provider: Any = None) -> tuple[int | None, int
     counts the kernel functions it was given; the run then offers the whole toolbox (document
     tools, MCP servers' tools), so the tools are counted again here, as the builder counts them
     (the provider's tokenizer, else ~4 characters a token), and the total follows."""
-    from .context import estimate_tokens
+    from .context import Counter, tools_tokens
     by_part = request.meta.get("tokens_by_part") or {}
     tokens, counted = request.meta.get("tokens"), by_part.get("tools")
     if tokens is None or counted is None:
         return tokens, counted
-    fn = getattr(provider, "count_tokens", None)
-
-    def count(text: str) -> int:
-        n = fn(text) if fn is not None and text else None
-        return estimate_tokens(text) if n is None else int(n)
-    actual = sum(count(t.name) + count(t.description) + count(json.dumps(t.parameters))
-                 for t in request.tools)
+    actual = tools_tokens(request.tools, Counter(getattr(provider, "count_tokens", None)))
     return int(tokens) - int(counted) + actual, actual
 
 
@@ -197,8 +187,7 @@ def record(request: Request, provider: Any = None, *, at: float | None = None) -
         "system": {"text": request.system, "tokens": by_part.get("system")},
         "context": {"text": request.context, "tokens": by_part.get("context"),
                     "entries": [dict(e) for e in meta.get("context") or [] if isinstance(e, dict)]},
-        "tools": [{"name": t.name, "description": t.description, "parameters": t.parameters}
-                  for t in request.tools],
+        "tools": _tools(request),
         "tools_tokens": by_part.get("tools"),
         "prompt_tokens": by_part.get("prompt"),
         "turns": [_turn(t, i, ids) for i, t in enumerate(request.messages)],
@@ -212,15 +201,31 @@ def record(request: Request, provider: Any = None, *, at: float | None = None) -
     }
 
 
-def _digest(rec: dict[str, Any], upto: int) -> str:
-    """A hash of the part of a record a prompt cache keys on: tools, system, context and the
-    first `upto` turns."""
+def _tools(request: Request) -> list[dict[str, Any]]:
+    return [{"name": t.name, "description": t.description, "parameters": t.parameters}
+            for t in request.tools]
+
+
+def _digest(tools: Any, system: str, context: str, turns: list[tuple[str, Any]]) -> str:
+    """A hash of the part of a request a prompt cache keys on: tools, system, context and turns
+    (role and parts as a record keeps them, not their breakpoint marks)."""
     h = hashlib.sha256()
-    turns = [(t["role"], t["parts"]) for t in rec["turns"][:upto]]  # not its breakpoint marks
-    for x in (rec.get("tools"), rec["system"]["text"], rec["context"]["text"], turns):
+    for x in (tools, system, context, turns):
         h.update(repr(x).encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def _record_digest(rec: dict[str, Any], upto: int) -> str:
+    """`_digest` of a stored record's first `upto` turns."""
+    return _digest(rec.get("tools"), rec["system"]["text"], rec["context"]["text"],
+                   [(t["role"], t["parts"]) for t in rec["turns"][:upto]])
+
+
+def _request_digest(request: Request, upto: int) -> str:
+    """`_digest` of a request's first `upto` turns, as its record would give (not building it)."""
+    return _digest(_tools(request), request.system, request.context,
+                   [(t.role, [_part(p) for p in t.parts()]) for t in request.messages[:upto]])
 
 
 def estimate(request: Request, *, provider: Any = None, previous: dict[str, Any] | None = None,
@@ -282,9 +287,8 @@ def _claude_cached(request: Request, provider: Any, previous: dict[str, Any] | N
     age = now - float(previous.get("at") or 0)
     if age > CLAUDE_CACHE_TTL:
         return 0, f"Claude's prompt cache from the last answer has expired ({round(age / 60)} min ago; it lasts 5)"
-    current = record(request, provider, at=now)
     k = len(previous["turns"])
-    if k > len(current["turns"]) or _digest(previous, k) != _digest(current, k):
+    if k > len(request.messages) or _record_digest(previous, k) != _request_digest(request, k):
         return 0, "the dialogue changed above the last answer: Claude's prompt cache will not match"
     n = int(usage.get("input") or 0) + int(usage.get("cache_read") or 0) + int(usage.get("cache_write") or 0)
     return n, f"Claude's prompt cache, written by the last answer {round(age)} s ago; it lasts 5 min"
