@@ -215,3 +215,22 @@ async def test_unusable_arguments_go_back_to_the_model(fresh_calls: Kernel):
     assert isinstance(events[-2], Usage) and events[-1] == Done("end")
     assert any(isinstance(ev, TextDelta) and ev.text == "sorry" for ev in events)
     assert await k.eval("calls") == "[]"
+
+
+@in_module_loop
+async def test_a_prefill_begins_the_first_round_only(fresh_calls: Kernel):
+    """The answer's prefill is sent once, as the start of the first round; after a tool call it
+    is part of that round's assistant turn, and the next round continues after the results
+    (re-sending it would make the model start its answer over, and call the tool again)."""
+    k = fresh_calls
+    with ReplayServer() as srv:
+        srv.push(recorded("openai_tool_calls.sse"), sse(openai_chunks(["Done."])))
+        req = await offered(k, "run_python", "list_files")
+        req.prefill = "Let me look."
+        events = [ev async for ev in tool_loop(provider(srv), req, k)]
+        assert events[-1] == Done("end")
+        first, second = (r.json["messages"] for r in srv.requests)
+        assert first[-1] == {"role": "assistant", "content": "Let me look."}
+        assert [m["role"] for m in second] == ["system", "user", "assistant", "tool", "tool"]
+        assert second[2]["content"].startswith("Let me look.") and second[2]["tool_calls"]
+        assert req.prefill == "Let me look."  # the caller's request is untouched

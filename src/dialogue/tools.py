@@ -225,8 +225,10 @@ async def tool_loop(provider: Provider, request: Request, tools: "Toolbox | Kern
         if not calls:
             yield done
             return
-        req.messages.append(Turn(role="assistant", content="".join(text), tool_calls=[
+        # the prefill began this round's answer: it is part of that turn now, not the next one's
+        req.messages.append(Turn(role="assistant", content=req.prefill + "".join(text), tool_calls=[
             ToolCallReq(id=c.id, name=c.name, arguments=c.arguments) for c in calls]))
+        req.prefill = ""
         over = rounds >= max_steps
         for c in calls:
             res = await _answer(c, tools, offered, approve, over, max_steps)
