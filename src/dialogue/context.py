@@ -816,10 +816,11 @@ def _fit_attached(items: Sequence[ContextItem], room: int | None, count: Callabl
     for c, f in zip(items, fit([(c.name, c.content) for c in items], room, query, count)):
         e: dict[str, Any] = {"kind": c.kind, "name": c.name, "source": c.source, "tokens": f.tokens}
         if f.retrieved is not None:
-            c = replace(c, content=(
-                f"[retrieved: the {len(f.retrieved)} of {f.of} chunks of {c.name!r} that best match "
-                "the prompt; the rest is left out to fit the context]\n\n" + f.text))
-            e.update(tokens=count(c.content), retrieved=f.retrieved, of=f.of)
+            header = (f"[retrieved: the {len(f.retrieved)} of {f.of} chunks of {c.name!r} that best "
+                      "match the prompt; the rest is left out to fit the context]\n\n")
+            c = replace(c, content=header + f.text)
+            # the chunks were counted by fit: only the header is new
+            e.update(tokens=f.tokens + count(header), retrieved=f.retrieved, of=f.of)
         out.append(c)
         meta.append(e)
     return out, meta

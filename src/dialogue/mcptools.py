@@ -631,6 +631,7 @@ class MCPTools:
 
     routes: dict[str, tuple[Connection, str]] = field(default_factory=dict)
     limit: int = 20_000
+    conns: list[Connection] = field(default_factory=list)  # every server's, tools or none
 
     async def call(self, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
         if name not in self.routes:
@@ -662,7 +663,7 @@ async def specs_of(pool: MCPPool, servers: list[ServerConfig]) -> tuple[MCPTools
     errors = [str(x) for x in listed if isinstance(x, BaseException)]
     if errors:
         raise MCPServerError("; ".join(errors))
-    source, specs = MCPTools(), []
+    source, specs = MCPTools(conns=conns), []
     for conn, tools in zip(conns, listed):
         for t in tools:  # type: ignore[union-attr]
             n = tool_name(conn.cfg.name, t.name)
@@ -690,7 +691,7 @@ async def offer(pool: MCPPool, d: "Dialogue", box: Any, req: Any = None,
     source, specs = await specs_of(pool, servers)
     box.add(source, specs)
     if req is not None:
-        add_instructions(req, [pool.connection(s) for s in servers], count)
+        add_instructions(req, source.conns, count)  # the connections that listed the tools
 
 
 def add_instructions(req: Any, conns: list[Connection], count: Any = None) -> None:
