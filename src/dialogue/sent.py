@@ -34,6 +34,7 @@ from .images import decoded_size
 from .llm.base import Request, Turn
 
 __all__ = ["record", "cache_plan", "estimate", "entry_words", "context_words", "turn_text", "turn_title", "turn_tokens",
+           "system_marked", "mode_name",
            "RECORD_VERSION", "CLAUDE_CACHE_TTL"]
 
 RECORD_VERSION = 1
@@ -93,6 +94,17 @@ def turn_title(i: int, turn: dict[str, Any]) -> str:
     """"turn 3: tool result of add (a1b2c3d4)": which turn, whose, from which messages."""
     role = f"tool result of {turn.get('name') or '?'}" if turn["role"] == "tool" else turn["role"]
     return f"turn {i}: {role} ({', '.join(turn.get('messages') or []) or '-'})"
+
+
+def system_marked(rec: dict[str, Any]) -> bool:
+    """Whether a recorded request's system block carries a cache breakpoint."""
+    return any(b.get("at") == "system" for b in (rec.get("cache") or {}).get("breakpoints", []))
+
+
+def mode_name(rec: dict[str, Any]) -> str | None:
+    """The answering mode whose text ends a recorded request's system prompt (None: none)."""
+    mode = rec.get("mode") or {}
+    return mode.get("name") if mode.get("chars") else None
 
 
 def context_words(entry: dict[str, Any]) -> str:

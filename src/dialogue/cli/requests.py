@@ -10,8 +10,8 @@ from typing import Any
 from rich.panel import Panel
 from rich.table import Table
 
-from ..service import (DialogueService, NotFoundError, context_words, entry_words, turn_text,
-                       turn_title, turn_tokens)
+from ..service import (DialogueService, NotFoundError, context_words, entry_words, mode_name,
+                       system_marked, turn_text, turn_title, turn_tokens)
 from ..terminal import plain
 from .common import UserError, emit_json, out, when
 
@@ -20,14 +20,12 @@ def _n(v: Any) -> str:
     return "?" if v is None else f"{v:,}"
 
 
-def _marks(rec: dict[str, Any]) -> tuple[bool, list[str]]:
-    """Whether the system block carries a cache breakpoint, and a line per breakpoint."""
+def _marks(rec: dict[str, Any]) -> list[str]:
+    """A line per cache breakpoint."""
     plan = rec.get("cache") or {}
-    system = any(b.get("at") == "system" for b in plan.get("breakpoints", []))
-    words = [f"after turn {b['turn'] + 1}" if b.get("at") == "turn"
+    return [f"after turn {b['turn'] + 1}" if b.get("at") == "turn"
              else f"after message {b['message'] + 1} of the body" if b.get("at") == "message"
              else "after the system prompt and context" for b in plan.get("breakpoints", [])]
-    return system, words
 
 
 def print_request(rec: dict[str, Any]) -> None:
@@ -39,13 +37,13 @@ def print_request(rec: dict[str, Any]) -> None:
         out.print(plain(f"recorded for message {rec['copied_from']}, which this one was copied from"))
     out.print(plain(f"model {rec['model']} · max_tokens {rec['max_tokens']} · {_n(rec.get('tokens'))} "
                     f"tokens in ({rec.get('token_count', '')})"))
-    system_mark, marks = _marks(rec)
+    marks = _marks(rec)
     plan = rec.get("cache") or {}
     out.print(plain(f"cache: {plan.get('about', 'none')}" + (f"; breakpoints {', '.join(marks)}"
                                                                 if marks else "")))
-    mode = (rec.get("mode") or {}).get("name") if (rec.get("mode") or {}).get("chars") else None
+    mode = mode_name(rec)
     sys_title = f"system · {_n(rec['system'].get('tokens'))} tokens" + (f" · mode {mode}" if mode else "") + (
-        " · cache breakpoint after the context" if system_mark else "")
+        " · cache breakpoint after the context" if system_marked(rec) else "")
     out.print(Panel(plain(rec["system"]["text"]), title=plain(sys_title), title_align="left",
                     border_style="dim"))
     ctx = rec["context"]

@@ -13,7 +13,8 @@ from fasthtml.common import (APIRouter, Code, Details, Div, Li, Pre, Small, Span
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ...service import NotFoundError, context_words, entry_words, turn_text, turn_title, turn_tokens
+from ...service import (NotFoundError, context_words, entry_words, mode_name, system_marked,
+                        turn_text, turn_title, turn_tokens)
 from .. import paths
 from ..common import form, site, text
 
@@ -28,16 +29,10 @@ def _flag(word: str, why: str = "") -> Any:
     return Span(word, cls="rq-flag", title=why or None)
 
 
-def _breakpoints(rec: dict[str, Any]) -> tuple[bool, str]:
-    plan = rec.get("cache") or {}
-    system = any(b.get("at") == "system" for b in plan.get("breakpoints", []))
-    return system, str(plan.get("about") or "")
-
-
 def panel(rec: dict[str, Any]) -> Any:
     """The request as a table of its parts (tokens and flags), each part's text one click away,
     then every message up to the prompt and what became of it."""
-    system_mark, cache_about = _breakpoints(rec)
+    cache_about = str((rec.get("cache") or {}).get("about") or "")
     head = Div(Strong(rec["model"]), f" · max_tokens {rec['max_tokens']:,} · ",
                Span(f"{_n(rec.get('tokens'))} tokens in", title=str(rec.get("token_count") or "")),
                f" ({rec.get('token_count', '')}) · answer version {rec['answer_version']}",
@@ -50,17 +45,19 @@ def panel(rec: dict[str, Any]) -> Any:
         rows.append(Tr(Td(part), Td(_n(tokens), cls="num"), Td(*flags),
                        Td(Details(Summary("show"), body) if body is not None else "")))
 
-    mode = (rec.get("mode") or {}).get("name") if (rec.get("mode") or {}).get("chars") else None
+    mode = mode_name(rec)
     row("system prompt", rec["system"].get("tokens"),
         ([_flag(f"mode: {mode}", "the mode's text ends the system prompt")] if mode else []) +
-        ([_flag("cache breakpoint", "Claude caches everything up to here")] if system_mark else []),
+        ([_flag("cache breakpoint", "Claude caches everything up to here")]
+         if system_marked(rec) else []),
         Pre(rec["system"]["text"], cls="rq-text"))
     ctx = rec["context"]
     for e in ctx.get("entries") or []:
+        words = context_words(e)
         row(f"context: {e.get('kind', '')} {e.get('name', '')}".strip(), e.get("tokens"),
             [_flag("retrieved", "a document too large for the context: only its chunks that "
                    "best match the prompt were sent")] if e.get("retrieved") is not None else [],
-            Small(context_words(e)) if context_words(e) else None)
+            Small(words) if words else None)
     if ctx.get("text"):
         row("context (as sent)", ctx.get("tokens"), [], Pre(ctx["text"], cls="rq-text"))
     if rec["tools"]:
