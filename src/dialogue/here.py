@@ -71,14 +71,10 @@ def _tools() -> Any:
     return tools
 
 
-def _svc() -> DialogueService:
-    return _tools().host
-
-
 def messages() -> list[Message]:
     """Every live message of the dialogue, in order (as stored now)."""
     t = _tools()
-    ms = _svc().messages(t.did)
+    ms = t.host.messages(t.did)
     for m in ms:
         t.seen[m.id] = m.version
     return ms
@@ -87,7 +83,7 @@ def messages() -> list[Message]:
 def read(ref: str | int) -> Message:
     """One message by id, id prefix or 1-based position (-1: the last)."""
     t = _tools()
-    m = _svc().message(t.did, str(ref))
+    m = t.resolve(str(ref))
     t.seen[m.id] = m.version
     return m
 
@@ -95,8 +91,8 @@ def read(ref: str | int) -> Message:
 def find(query: str, limit: int = 20) -> list[Message]:
     """The dialogue's messages matching `query` (full-text, every word), best first."""
     t = _tools()
-    return [_svc().message(t.did, h.message_id)
-            for h in _svc().search(query, dialogue=t.did, limit=limit)]
+    return [t.host.store.get_message(h.message_id)
+            for h in t.host.search(query, dialogue=t.did, limit=limit)]
 
 
 def add(source: str, kind: str | Kind = "code", after: str | int | None = None) -> Message:
@@ -104,11 +100,11 @@ def add(source: str, kind: str | Kind = "code", after: str | int | None = None) 
     running cell (at the end outside a run)."""
     t = _tools()
     if after is None:
-        ms = _svc().messages(t.did)
+        ms = t.host.messages(t.did)
         after = t.cause or (ms[-1].id if ms else 0)
     kind = Kind(kind).value
     t.add_message(str(after), kind, source)
-    return _svc().message(t.did, t.added)
+    return t.host.store.get_message(t.added)
 
 
 def edit(ref: str | int, source: str) -> Message:
@@ -116,7 +112,7 @@ def edit(ref: str | int, source: str) -> Message:
     t = _tools()
     m = t.resolve(str(ref))
     t.edit_message(m.id, source)
-    return _svc().message(t.did, m.id)
+    return t.host.store.get_message(m.id)
 
 
 def replace(ref: str | int, old: str, new: str) -> Message:
@@ -125,7 +121,7 @@ def replace(ref: str | int, old: str, new: str) -> Message:
     t = _tools()
     m = t.resolve(str(ref))
     t.replace_text(m.id, old, new)
-    return _svc().message(t.did, m.id)
+    return t.host.store.get_message(m.id)
 
 
 def delete(ref: str | int) -> None:
@@ -139,7 +135,7 @@ def move(ref: str | int, to: int) -> Message:
     t = _tools()
     m = t.resolve(str(ref))
     t.move_message(m.id, to)
-    return _svc().message(t.did, m.id)
+    return t.host.store.get_message(m.id)
 
 
 def run(ref: str | int) -> None:
