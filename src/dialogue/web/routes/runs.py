@@ -145,11 +145,11 @@ async def cell_stream(did: str, mid: str, req: Request) -> Response:
 def doc_change(svc: Any, did: str, data: dict[str, Any]) -> list[Any]:
     """The cells to swap in for a change the model's document tools made (views.doc_change)."""
     op, mid = data.get("op", ""), data.get("id", "")
-    ids = [x.id for x in svc.messages(did)]
-    if mid not in ids:  # deleted (or gone since)
+    ms = svc.messages(did)
+    i = next((k for k, x in enumerate(ms) if x.id == mid), None)
+    if i is None:  # deleted (or gone since)
         return V.doc_change(did, "delete", mid, None, None)
-    i = ids.index(mid)
-    return V.doc_change(did, op, mid, svc.message(did, mid), ids[i - 1] if i else None,
+    return V.doc_change(did, op, mid, ms[i], ms[i - 1].id if i else None,
                         live=svc.live(mid) if op == "run" else None)
 
 
