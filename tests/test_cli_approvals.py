@@ -94,7 +94,8 @@ def test_run_no_tools_offers_none(setup):
 
 
 @pytest.mark.parametrize("answer,result,always", [("a", "2", ["bump"]), ("y", "2", None),
-                                                  ("n", "denied by the user", None)])
+                                                  ("n", "denied by the user", None),
+                                                  ("maybe\nalways", "2", ["bump"])])
 def test_run_on_a_terminal_asks(setup, answer, result, always):
     srv, env, db, pid = setup
     push_call(srv)
@@ -109,7 +110,9 @@ def test_run_on_a_terminal_asks(setup, answer, result, always):
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         os.close(master)
-    assert "Allow? [y]es once, [a]lways in this dialogue, [n]o: " in stdout
+    # a word that is no answer is asked again
+    assert stdout.count("Allow? [y]es once, [a]lways in this dialogue, [n]o: ") == \
+        1 + answer.count("\n")
     assert 'The model wants to call bump({"n": 2})' in stderr
     m, d = stored(db, pid)
     assert m.tool_calls[0]["result"] == result

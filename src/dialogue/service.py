@@ -26,7 +26,7 @@ from .modes import MODES, ModeError, is_edited, mode_of, with_mode
 from .trust import import_record
 from . import images as _images
 from .images import ImageError
-from .approvals import ApprovalError, describe_call, settings_of as approval_settings
+from .approvals import ApprovalError, decision_of, describe_call, settings_of as approval_settings
 from .sent import (context_words, entry_words, mode_name, system_marked, turn_text, turn_title,
                    turn_tokens)
 
@@ -43,6 +43,7 @@ __all__ = ["DialogueService", "RunEvent", "RunError", "LiveState", "RunAll", "An
            "HIT_START", "HIT_END", "SearchHit", "TrashItem", "Version", "ModelInfo", "Progress",
            "TextDelta", "Usage", "default_db_path", "Step", "OnProgress", "ImageError",
            "Folder", "MODES", "ModeError", "mode_of", "is_edited", "ApprovalError", "describe_call",
+           "decision_of",
            "approval_settings", "entry_words", "context_words", "system_marked", "mode_name",
            "turn_text", "turn_title", "turn_tokens"]
 

@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from ..document import Kind, Message, output_text
-from ..service import DialogueService, Progress, ProviderError, describe_call
+from ..service import (ApprovalError, DialogueService, Progress, ProviderError, decision_of,
+                       describe_call)
 from ..terminal import StreamWriter, markup, plain, visible
 from .common import EXIT_ERROR, emit_json, err, text_arg
 
@@ -83,8 +84,10 @@ def terminal_approval(yes: bool, pause: Any = None) -> Any:
                     got = input("Allow? [y]es once, [a]lways in this dialogue, [n]o: ")
                 except (EOFError, KeyboardInterrupt):
                     return "deny"
-                if got.strip().lower() in ("y", "yes", "a", "always", "n", "no"):
-                    return got
+                try:
+                    return decision_of(got)  # y/yes, a/always, n/no (the service's words)
+                except ApprovalError:
+                    continue  # anything else: asked again
         finally:
             if pause is not None:
                 pause.start()
