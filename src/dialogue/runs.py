@@ -566,11 +566,10 @@ class Runs:
             if tools is not None and getattr(self.host, "mcp", None) is not None:
                 from .mcptools import offer  # the MCP servers it enables (started on first use)
                 await offer(self.host.mcp, d, tools, req, getattr(provider, "count_tokens", None))
-            if not offer_tools:
-                req.tools = []  # --no-tools: none offered, so none called
+            # what the toolbox holds is what is offered (none: --no-tools, or nothing to offer)
+            req.tools = list(tools.specs) if tools else []
             if tools:
                 from .tools import tool_loop
-                req.tools = list(tools.specs)
                 run.gate = self._gate(run, did, tools, approve, meta)
                 inner = tool_loop(provider, req, tools, approve=run.gate)
             else:

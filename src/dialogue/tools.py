@@ -195,8 +195,8 @@ async def tool_loop(provider: Provider, request: Request, tools: "Toolbox | Kern
     Yields the provider's TextDelta, ToolCall and Usage events, a ToolResult after each call,
     and a single Done at the end: the model's own last stop reason, or "max_steps" when the
     model still wanted tools after `max_steps` rounds of calls (those calls are answered with an
-    error result and not run). A call to a tool the request did not offer is refused without
-    running anything; `approve(call)` returning False (or a text: the reason the model is told)
+    error result and not run). A call to a tool the Toolbox does not hold (for a kernel: one the
+    request did not offer) is refused without running anything; `approve(call)` returning False (or a text: the reason the model is told)
     denies a call. `request` is not modified.
     Closing the iterator closes the provider's stream."""
     if max_steps < 0:
@@ -205,7 +205,6 @@ async def tool_loop(provider: Provider, request: Request, tools: "Toolbox | Kern
         box = Toolbox()
         box.add(KernelTools(tools, timeout=timeout, limit=limit), request.tools)
         tools = box
-    offered = {t.name for t in request.tools}
     req = replace(request, messages=list(request.messages))
     rounds = 0
     while True:
@@ -231,7 +230,7 @@ async def tool_loop(provider: Provider, request: Request, tools: "Toolbox | Kern
         req.prefill = ""
         over = rounds >= max_steps
         for c in calls:
-            res = await _answer(c, tools, offered, approve, over, max_steps)
+            res = await _answer(c, tools, approve, over, max_steps)
             yield res
             req.messages.append(Turn(role="tool", content=res.result, tool_call_id=c.id, name=c.name))
         if over:
@@ -240,13 +239,13 @@ async def tool_loop(provider: Provider, request: Request, tools: "Toolbox | Kern
         rounds += 1
 
 
-async def _answer(c: ToolCall, tools: Toolbox, offered: set[str], approve: Approve | None,
-                  over: bool, max_steps: int) -> ToolResult:
+async def _answer(c: ToolCall, tools: Toolbox, approve: Approve | None, over: bool,
+                  max_steps: int) -> ToolResult:
     def result(text: str, error: bool) -> ToolResult:
         return ToolResult(id=c.id, name=c.name, arguments=c.arguments, result=text, error=error)
 
-    if c.name not in offered or c.name not in tools:
-        avail = ", ".join(sorted(offered)) or "none"
+    if c.name not in tools:
+        avail = ", ".join(sorted(s.name for s in tools.specs)) or "none"
         return result(f"there is no tool named {c.name!r} (tools offered: {avail}); it was not run", True)
     if getattr(c, "error", ""):
         return result(c.error, True)
