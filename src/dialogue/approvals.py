@@ -93,19 +93,17 @@ def decision_of(value: Any) -> str:
     raise ApprovalError(f"an approval is one of {', '.join(DECISIONS)}, not {value!r}")
 
 
-def settle_pending(meta: dict[str, Any], tool_calls: list[dict[str, Any]], reason: str = ENDED
+def settle_pending(meta: dict[str, Any], tool_calls: list[dict[str, Any]], reason: str = ENDED,
+                   *, pending: list[dict[str, Any]] | None = None
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(meta, tool_calls) with every pending call stored as denied (`reason`) and no pending
-    left: what an answer that ended before the user decided keeps."""
-    pending = meta.get("pending") or []
-    if not pending:
-        return {k: v for k, v in meta.items() if k != "pending"}, tool_calls
+    left: what an answer that ended before the user decided keeps. `pending`: the calls still
+    waiting (by default the ones `meta["pending"]` lists)."""
+    if pending is None:
+        pending = meta.get("pending") or []
     ids = {p.get("id") for p in pending if isinstance(p, dict)}
-    calls = []
-    for c in tool_calls:
-        if c.get("id") in ids and c.get("result") is None:
-            c = {**c, "result": reason, "error": True, "denied": True}
-        calls.append(c)
+    calls = [{**c, "result": reason, "error": True, "denied": True}
+             if c.get("id") in ids and c.get("result") is None else c for c in tool_calls]
     return {k: v for k, v in meta.items() if k != "pending"}, calls
 
 

@@ -599,8 +599,8 @@ class Runs:
                 meta["error"] = answer.error
                 run.publish(RunEvent("error", m.id, answer.error))
             # a call still waiting for the user (Stop, a closed server) is stored as denied
-            meta, answer.tool_calls = settle_pending({**meta, "pending": run.state.pending},
-                                                     answer.tool_calls)
+            meta, answer.tool_calls = settle_pending(meta, answer.tool_calls,
+                                                     pending=run.state.pending)
             usage = answer.usage or Usage()
             estimated = False
             if answer.stop_reason == "cancelled" and req is not None \
