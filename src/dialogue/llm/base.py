@@ -341,11 +341,11 @@ BUILTIN_PREFIXES: dict[str, str] = {
     "local:": "local",
 }
 _tried: set[str] = set()
-
 # Held while an adapter module is imported: a second thread resolving a model meanwhile (the web
 # app resolves in worker threads) waits for the import instead of finding the module marked tried
 # but not yet registered, and refusing the model as unknown.
 _loading = threading.RLock()
+
 
 def _builtin_module(model: str) -> str | None:
     """The built-in adapter module (its short name) that serves `model`, by the longest prefix."""
