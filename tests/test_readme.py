@@ -52,7 +52,7 @@ def commands(block: str, home: Path) -> list[list[str]]:
     """Each command of a shell block: comments dropped, `;` separating commands, `~` expanded
     to `home` as the shell would."""
     out: list[list[str]] = []
-    for line in block.splitlines():
+    for line in block.replace("\\\n", " ").splitlines():  # a trailing backslash continues the line
         argv: list[str] = []
         for tok in shlex.split(line, comments=True) + [";"]:
             if tok == ";":
