@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.browser]
 PROGRESS = ("import time\n"
             "for i in range(40):\n"
             "    print(f'\\rstep {i:2d} of 40', end='', flush=True)\n"
-            "    time.sleep(0.05)\n"
+            "    time.sleep(0.1)\n"
             "print(' done')")
 
 
@@ -48,6 +48,9 @@ def test_a_progress_bar_is_one_line_while_it_runs_and_after(page: Page, server) 
     run(page, mid)
     out = page.locator(f"#o-{mid}")
     seen: list[str] = []
+    # the loop below watches while the cell runs: first see it running (on a loaded machine the
+    # page may not show that yet when run() returns)
+    expect(page.locator(f"#m-{mid} .result.running")).to_have_count(1, timeout=60_000)
     deadline = page.evaluate("Date.now()") + 60_000
     while page.locator(f"#m-{mid} .result.running").count() and page.evaluate("Date.now()") < deadline:
         texts = out.all_inner_texts()  # no waiting: the element goes when the run ends

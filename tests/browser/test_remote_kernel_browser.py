@@ -51,6 +51,8 @@ def test_the_picker_chooses_a_gateway_kernel(page: Page, server) -> None:
     assert stored(server, did).meta["kernel"] == {"gateway": "python3"}
     page.keyboard.press("Escape")
     page.locator("[data-act=append-code]").click()
+    # type only once the new cell's editor is open (keys pressed before it exists are lost)
+    expect(page.locator("#cells > .cell").nth(0)).to_have_class(re.compile(r"\bediting\b"))
     page.keyboard.type("import os; print('pid', os.getpid())")
     page.keyboard.press("Control+Enter")
     out = page.locator("#cells > .cell").nth(0).locator(".outputs")
@@ -69,6 +71,7 @@ def test_the_picker_chooses_a_gateway_kernel(page: Page, server) -> None:
     expect(page.locator("#toast")).to_contain_text("Kernel: python3 (gateway)")
     page.keyboard.press("Escape")
     page.locator("[data-act=append-code]").click()
+    expect(page.locator("#cells > .cell").nth(1)).to_have_class(re.compile(r"\bediting\b"))
     page.keyboard.type("print('there', os.getpid() == %d)" % pid)
     page.keyboard.press("Control+Enter")
     # a fresh kernel on the gateway: `os` is not imported there any more
